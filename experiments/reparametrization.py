@@ -1,0 +1,242 @@
+"""Dinh et al. (2017): sharp minima can be made flat (and flat ones sharp) without changing the function.
+
+Claim: the alpha-scale transform T_alpha(theta_1, theta_2) = (alpha theta_1, theta_2 / alpha) of a
+ReLU network leaves its predictions unchanged, while its Hessian becomes D^-1 H D^-1 (D = alpha on
+layer 1, 1/alpha on layer 2's kernel): the diagonal blocks scale as alpha^-2 and alpha^2, so
+lambda_max, the Hessian trace, epsilon-sharpness and average sharpness move by orders of magnitude;
+a scale-invariant (adaptive) sharpness does not move.
+
+Setup: a bias-carrying ReLU MLP (``lsgeo.models.MLP``) trained with full-batch Adam on a subset of
+scikit-learn digits (softmax cross-entropy), one network per seed (``lsgeo.train.sweep``). For every
+alpha in ``alphas`` (1e-3 .. 1e3) the transformed parameters ``lsgeo.sharpness.alpha_scale(w, 0, 1,
+alpha)`` (layer Dense_0 kernel and bias times alpha, Dense_1 kernel over alpha) are compared to w:
+
+- max |f - f_alpha| over the training inputs and outputs, relative to max |f| (float32 rounding);
+- the train loss;
+- the exact dense Hessian (``lsgeo.curvature.hessian``, m ~ 1.5k parameters): its trace, its
+  largest eigenvalue, the Frobenius norms of the Dense_0 and Dense_1-kernel diagonal blocks, and the
+  relative error ||H(T w) - D^-1 H(w) D^-1||_F / ||D^-1 H(w) D^-1||_F of Dinh et al.'s identity;
+- lambda_max by Lanczos (``lsgeo.curvature.top_eigenvalues``), checked against the dense value;
+- epsilon-sharpness (Keskar et al., radius rho), average sharpness (Gaussian, sigma) and adaptive
+  sharpness (Kwon et al., radius rho_adaptive, eta = 0) from ``lsgeo.sharpness``.
+
+The invariance is exact in real arithmetic because f(T_alpha w) = f(w) for every w, hence
+R(D w) = R(w) and D^2 R(D w) = D^-1 D^2 R(w) D^-1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import _runner
+from lsgeo import curvature, models, sharpness, train
+from lsgeo import tree as tree_lib
+from lsgeo.data import load_dataset
+from lsgeo.losses import softmax_cross_entropy
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A small ReLU MLP on digits, transformed by T_alpha; the defaults run in about a minute on a CPU."""
+
+    alphas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
+    seeds: tuple[int, ...] = (0, 1)
+    n_train: int = 256  # digits training points
+    widths: tuple[int, ...] = (16, 16)
+    steps: int = 500  # full-batch Adam steps
+    lr: float = 1e-2
+    rho: float = 0.05  # epsilon-sharpness radius (l2 ball)
+    sigma: float = 0.01  # average-sharpness noise std
+    rho_adaptive: float = 0.05  # adaptive-sharpness radius (ball in |w|-relative coordinates)
+    sharpness_steps: int = 10  # projected gradient-ascent steps of the sharpness maxima
+    sharpness_samples: int = 32  # Monte Carlo samples of the average sharpness
+    lanczos_iters: int = 40
+    function_rtol: float = 1e-4  # max |f - f_alpha| / max |f| below this counts as unchanged
+    hessian_rtol: float = 1e-3  # Dinh's Hessian identity and block scalings hold to this
+    moved: float = 100.0  # a measure "moves by orders of magnitude" when max/min over alpha exceeds this
+    invariant_rtol: float = 1e-2  # the adaptive measure counts as unchanged within this
+
+
+PAPER = Config(seeds=tuple(range(5)), n_train=1300, widths=(32, 32), steps=3000, sharpness_steps=20,
+               sharpness_samples=128)
+
+
+def prepare(cfg: Config):
+    ds = load_dataset("digits", n_train=cfg.n_train, seed=0)
+    return jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+
+
+def make_model(cfg: Config) -> models.MLP:
+    return models.MLP(widths=cfg.widths, num_outputs=10, activation="relu")
+
+
+def make_objective(model: models.MLP):
+    """R(w) = softmax cross-entropy of ``model`` on ``batch = (x, y)``."""
+
+    def objective(params, batch):
+        x, y = batch
+        return softmax_cross_entropy(model.apply({"params": params}, x), y)
+
+    return objective
+
+
+def train_networks(cfg: Config, batch, seeds):
+    """One trained network per seed (full-batch Adam), vmapped; returns params with a leading seed axis."""
+    model = make_model(cfg)
+    objective = make_objective(model)
+    result = train.sweep(
+        objective, lambda _, __: optax.adam(cfg.lr), lambda k: model.init(k, batch[0][:1])["params"],
+        batch, sigmas=[0.0], seeds=list(seeds), num_steps=cfg.steps,
+    )
+    return jax.tree_util.tree_map(lambda a: a[0], result.params), result.history["train_loss"][0, :, -1]
+
+
+def scaling_diagonal(params, alpha):
+    """The diagonal of D (flattened): alpha on layer 0, 1/alpha on layer 1's kernel, 1 elsewhere."""
+    ones = jax.tree_util.tree_map(jnp.ones_like, params)
+    return tree_lib.ravel(sharpness.alpha_scale(ones, 0, 1, alpha))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "predict", "cfg"))
+def measures(objective, predict, cfg: Config, params, batch, alpha, hessian_ref, key):
+    """Every measure of the module docstring at T_alpha(params) (``hessian_ref`` = H at alpha = 1)."""
+    x, _ = batch
+    scaled = sharpness.alpha_scale(params, 0, 1, alpha)
+    f, f_alpha = predict(params, x), predict(scaled, x)
+    h = curvature.hessian(objective, scaled, batch)
+    d_inv = 1.0 / scaling_diagonal(params, alpha)
+    predicted = d_inv[:, None] * hessian_ref * d_inv[None, :]
+    pattern = scaling_diagonal(params, 2.0)
+    block_0, block_1 = pattern == 2.0, pattern == 0.5
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+
+    def block_norm(mask):
+        return jnp.sqrt(jnp.sum(jnp.where(mask[:, None] & mask[None, :], h * h, 0.0)))
+
+    return dict(
+        max_abs_diff=jnp.max(jnp.abs(f - f_alpha)),
+        rel_max_diff=jnp.max(jnp.abs(f - f_alpha)) / jnp.max(jnp.abs(f)),
+        train_loss=objective(scaled, batch),
+        lambda_max=curvature.top_eigenvalues(objective, scaled, batch, k1, k=1, num_iters=cfg.lanczos_iters)[0],
+        lambda_max_dense=jnp.linalg.eigvalsh(h)[-1],
+        hessian_trace=jnp.trace(h),
+        block_0_norm=block_norm(block_0),
+        block_1_kernel_norm=block_norm(block_1),
+        hessian_identity_rel_err=jnp.linalg.norm(h - predicted) / jnp.linalg.norm(predicted),
+        epsilon_sharpness=sharpness.epsilon_sharpness(objective, scaled, batch, cfg.rho, steps=cfg.sharpness_steps),
+        average_sharpness=sharpness.average_sharpness(objective, scaled, batch, cfg.sigma, k2,
+                                                      num_samples=cfg.sharpness_samples),
+        adaptive_sharpness=sharpness.adaptive_sharpness(objective, scaled, batch, cfg.rho_adaptive,
+                                                        steps=cfg.sharpness_steps),
+    )
+
+
+def cells(cfg: Config):
+    return [dict(seed=s) for s in cfg.seeds]
+
+
+def run(cfg: Config, batch, group):
+    model = make_model(cfg)
+    objective = make_objective(model)
+    predict = models.make_predict(model)
+    trained, losses = train_networks(cfg, batch, [c["seed"] for c in group])
+    out = []
+    for i, c in enumerate(group):
+        params = jax.tree_util.tree_map(lambda a: a[i], trained)
+        hessian_ref = curvature.hessian(objective, params, batch)
+        key = jax.random.key(c["seed"])
+        rows = []
+        for alpha in cfg.alphas:
+            m = measures(objective, predict, cfg, params, batch, jnp.float32(alpha), hessian_ref, key)
+            rows.append(dict(alpha=alpha, **{k: float(v) for k, v in m.items()}))
+        out.append(rows)
+    return out
+
+
+def _span(values) -> float:
+    values = np.abs(np.asarray(values, dtype=float))
+    return float(values.max() / values.min())
+
+
+def _block_scaling_err(cfg: Config, rows) -> float:
+    """max over alpha of |(||H_00(alpha)|| / ||H_00(1)||) alpha^2 - 1| and the same with alpha^-2 for H_11."""
+    ref = _runner.select(rows, alpha=1.0)[0]
+    errs = []
+    for r in rows:
+        a = r["alpha"]
+        errs.append(abs(r["block_0_norm"] / ref["block_0_norm"] * a**2 - 1.0))
+        errs.append(abs(r["block_1_kernel_norm"] / ref["block_1_kernel_norm"] / a**2 - 1.0))
+    return max(errs)
+
+
+def summarize(cfg: Config, rows):
+    per_seed = [_runner.select(rows, seed=s) for s in cfg.seeds]
+    spans = {k: min(_span([r[k] for r in rs]) for rs in per_seed)
+             for k in ("lambda_max", "hessian_trace", "epsilon_sharpness", "average_sharpness")}
+    adaptive_dev = max(_span([r["adaptive_sharpness"] for r in rs]) - 1.0 for rs in per_seed)
+    figures = {
+        "max_rel_function_change": max(r["rel_max_diff"] for r in rows),
+        "max_abs_function_change": max(r["max_abs_diff"] for r in rows),
+        "max_train_loss_change": max(abs(r["train_loss"] - _runner.select(rows, seed=r["seed"], alpha=1.0)[0]["train_loss"])
+                                     for r in rows),
+        "max_hessian_identity_rel_err": max(r["hessian_identity_rel_err"] for r in rows),
+        "max_block_scaling_rel_err": max(_block_scaling_err(cfg, rs) for rs in per_seed),
+        "max_lanczos_vs_dense_rel_err": max(abs(r["lambda_max"] / r["lambda_max_dense"] - 1.0) for r in rows),
+        **{f"{k}_span": v for k, v in spans.items()},
+        "adaptive_sharpness_rel_span": adaptive_dev,
+    }
+    supported = (
+        figures["max_rel_function_change"] <= cfg.function_rtol
+        and figures["max_hessian_identity_rel_err"] <= cfg.hessian_rtol
+        and figures["max_block_scaling_rel_err"] <= cfg.hessian_rtol
+        and min(spans["lambda_max"], spans["epsilon_sharpness"], spans["average_sharpness"]) >= cfg.moved
+        and adaptive_dev <= cfg.invariant_rtol
+    )
+    columns = ("alpha", "rel_max_diff", "train_loss", "lambda_max", "hessian_trace", "block_0_norm",
+               "block_1_kernel_norm", "epsilon_sharpness", "average_sharpness", "adaptive_sharpness")
+    table = [{k: r[k] for k in columns} for r in _runner.select(rows, seed=cfg.seeds[0])]
+    return _runner.Verdict(supported=supported, figures=figures, table=table)
+
+
+def plot(cfg: Config, rows, out_dir):
+    rows = _runner.select(rows, seed=cfg.seeds[0])
+    alphas = np.array([r["alpha"] for r in rows])
+    fig, axes = _runner.plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("lambda_max", "hessian_trace", "epsilon_sharpness", "average_sharpness", "adaptive_sharpness"):
+        axes[0].plot(alphas, [abs(r[key]) for r in rows], "o-", label=key)
+    axes[0].set(xscale="log", yscale="log", xlabel="alpha", title="T_alpha: same function, different sharpness")
+    axes[0].legend(fontsize=8)
+    ref = _runner.select(rows, alpha=1.0)[0]
+    axes[1].plot(alphas, [r["block_0_norm"] / ref["block_0_norm"] for r in rows], "o", label="||H_00|| / ||H_00(1)||")
+    axes[1].plot(alphas, [r["block_1_kernel_norm"] / ref["block_1_kernel_norm"] for r in rows], "s",
+                 label="||H_11|| / ||H_11(1)||")
+    axes[1].plot(alphas, alphas**-2.0, "k--", lw=1, label="alpha^-2")
+    axes[1].plot(alphas, alphas**2.0, "k:", lw=1, label="alpha^2")
+    axes[1].set(xscale="log", yscale="log", xlabel="alpha", title="Hessian diagonal blocks (Dinh et al.)")
+    axes[1].legend(fontsize=8)
+    _runner.save_figure(fig, out_dir / "reparametrization.png")
+
+
+EXPERIMENT = _runner.Experiment(
+    name="reparametrization",
+    claim=("Dinh et al.'s alpha-scale transform leaves a ReLU network's function unchanged while scaling its Hessian "
+           "blocks by alpha^-2 and alpha^2, so lambda_max, epsilon-sharpness and average sharpness move by orders of "
+           "magnitude and only a scale-invariant (adaptive) sharpness stays put."),
+    config=Config,
+    presets={"paper": PAPER},
+    cells=cells,
+    run=run,
+    summarize=summarize,
+    plot=plot,
+    prepare=prepare,
+    batch_over=("seed",),
+)
+
+if __name__ == "__main__":
+    _runner.main(EXPERIMENT)

@@ -1,0 +1,450 @@
+"""Tests of lsgeo.curvature against dense autodiff (jax.hessian, jax.jacobian) and dense eigh.
+
+Comparisons at 1e-10 run in float64 through the ``x64`` fixture. Objectives are module-level
+functions, so the jitted primitives (``f`` is a static argument) compile once per shape.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lsgeo import curvature, losses
+from lsgeo import tree as tree_lib
+
+# ----------------------------------------------------------------------------------------------
+# tiny models: a plain function, a flax linen module and an flax NNX module (all tanh MLPs),
+# plus a small CNN written with lax.conv_general_dilated.
+
+
+def mlp_init(key, sizes):
+    params = []
+    for d_in, d_out in zip(sizes[:-1], sizes[1:]):
+        key, k_w, k_b = jax.random.split(key, 3)
+        params.append(
+            {
+                "w": jax.random.normal(k_w, (d_in, d_out), jnp.float64) / np.sqrt(d_in),
+                "b": 0.1 * jax.random.normal(k_b, (d_out,), jnp.float64),
+            }
+        )
+    return params
+
+
+def mlp_apply(params, x):
+    for i, layer in enumerate(params):
+        x = x @ layer["w"] + layer["b"]
+        if i < len(params) - 1:
+            x = jnp.tanh(x)
+    return x
+
+
+class LinenMLP(nn.Module):
+    hidden: int
+    outputs: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.tanh(nn.Dense(self.hidden, param_dtype=jnp.float64)(x))
+        return nn.Dense(self.outputs, param_dtype=jnp.float64)(x)
+
+
+class NNXMLP(nnx.Module):
+    def __init__(self, d_in, hidden, outputs, *, rngs):
+        self.hidden = nnx.Linear(d_in, hidden, param_dtype=jnp.float64, rngs=rngs)
+        self.out = nnx.Linear(hidden, outputs, param_dtype=jnp.float64, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(jnp.tanh(self.hidden(x)))
+
+
+def cnn_init(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "conv": {"w": jax.random.normal(k1, (3, 3, 1, 3), jnp.float64) / 3.0, "b": jnp.full((3,), 0.1)},
+        "dense": {"w": jax.random.normal(k2, (48, 3), jnp.float64) / 7.0, "b": 0.1 * jax.random.normal(k3, (3,))},
+    }
+
+
+def cnn_apply(params, x):  # x: [n, 6, 6, 1] -> conv 3x3 stride 1 valid -> [n, 4, 4, 3] -> dense -> [n, 3]
+    h = jax.lax.conv_general_dilated(
+        x, params["conv"]["w"], window_strides=(1, 1), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    h = jnp.tanh(h + params["conv"]["b"]).reshape(x.shape[0], -1)
+    return h @ params["dense"]["w"] + params["dense"]["b"]
+
+
+def _sq_objective(predict):
+    def f(params, batch):
+        x, y = batch
+        return losses.squared_loss(predict(params, x), y)
+
+    return f
+
+
+def _ce_objective(predict):
+    def f(params, batch):
+        x, y = batch
+        return losses.softmax_cross_entropy(predict(params, x), y)
+
+    return f
+
+
+F_MLP = _sq_objective(mlp_apply)
+F_CNN = _ce_objective(cnn_apply)
+D_IN, HIDDEN, K_OUT, N = 4, 6, 3, 24  # the model-kind MLPs: 4 -> 6 -> 3, m = 51
+
+
+def regression_batch(key, n, d_in, k_out):
+    kx, ky = jax.random.split(key)
+    return jax.random.normal(kx, (n, d_in), jnp.float64), jax.random.normal(ky, (n, k_out), jnp.float64)
+
+
+def make_model(kind):
+    """(predict, params) for a 4 -> 6 -> 3 tanh MLP written as a plain function, linen or NNX."""
+    key = jax.random.key(0)
+    if kind == "plain":
+        return mlp_apply, mlp_init(key, (D_IN, HIDDEN, K_OUT))
+    if kind == "linen":
+        model = LinenMLP(HIDDEN, K_OUT)
+        params = model.init(key, jnp.zeros((1, D_IN), jnp.float64))["params"]
+        return (lambda p, x: model.apply({"params": p}, x)), params
+    model = NNXMLP(D_IN, HIDDEN, K_OUT, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    return (lambda s, x: nnx.merge(graphdef, s)(x)), state
+
+
+def dense_hessian(f, params, batch):
+    flat, unravel = tree_lib.ravel(params)
+    return jax.hessian(lambda w: f(unravel(w), batch))(flat)
+
+
+def random_tree(key, params):
+    return tree_lib.normal_like(key, params)
+
+
+def flat(t):
+    return tree_lib.ravel(t)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# products
+
+
+def test_hvp_matches_dense_hessian_mlp(x64):
+    params = mlp_init(jax.random.key(0), (5, 8, 8, 3))
+    batch = regression_batch(jax.random.key(1), 20, 5, 3)
+    v = random_tree(jax.random.key(2), params)
+    hv = jax.jit(curvature.hvp, static_argnums=0)(F_MLP, params, batch, v)
+    expected = dense_hessian(F_MLP, params, batch) @ flat(v)
+    np.testing.assert_allclose(flat(hv), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_hvp_matches_dense_hessian_cnn(x64):
+    params = cnn_init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (10, 6, 6, 1), jnp.float64)
+    y = jax.random.randint(jax.random.key(2), (10,), 0, 3)
+    v = random_tree(jax.random.key(3), params)
+    hv = curvature.hvp(F_CNN, params, (x, y), v)
+    expected = dense_hessian(F_CNN, params, (x, y)) @ flat(v)
+    np.testing.assert_allclose(flat(hv), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["squared", "cross_entropy", "logistic"])
+def test_gnvp_matches_dense_jacobians(x64, loss):
+    n = 12
+    k_out = 1 if loss == "logistic" else 3
+    params = mlp_init(jax.random.key(0), (4, 7, k_out))
+    x = jax.random.normal(jax.random.key(1), (n, 4), jnp.float64)
+    if loss == "squared":
+        loss_fn, y = losses.squared_loss, jax.random.normal(jax.random.key(2), (n, k_out), jnp.float64)
+        predict = mlp_apply
+    elif loss == "cross_entropy":
+        loss_fn, y = losses.softmax_cross_entropy, jax.random.randint(jax.random.key(2), (n,), 0, k_out)
+        predict = mlp_apply
+    else:  # scalar outputs [n]
+        loss_fn, y = losses.logistic_loss, jnp.sign(jax.random.normal(jax.random.key(2), (n,), jnp.float64))
+        predict = lambda p, x: mlp_apply(p, x)[:, 0]  # noqa: E731
+    v = random_tree(jax.random.key(3), params)
+    gv = curvature.gnvp(predict, loss_fn, params, (x, y), v)
+
+    w, unravel = tree_lib.ravel(params)
+    outputs = losses.as_matrix(predict(params, x))
+    jac = jax.jacobian(lambda w: losses.as_matrix(predict(unravel(w), x)))(w).reshape(n * outputs.shape[1], -1)
+    blocks = losses.output_hessians(loss_fn, predict(params, x), y) / n  # D2L = blockdiag(H_i) / n
+    d2l = jax.scipy.linalg.block_diag(*blocks)
+    np.testing.assert_allclose(flat(gv), jac.T @ d2l @ jac @ flat(v), rtol=1e-10, atol=1e-13)
+    # the operator form agrees with the pytree form
+    gmv = curvature.gauss_newton_operator(predict, loss_fn, params, (x, y))
+    np.testing.assert_allclose(gmv(flat(v)), flat(gv), rtol=1e-12, atol=1e-14)
+
+
+def test_hessian_dense_matches_jax_hessian(x64):
+    params = mlp_init(jax.random.key(0), (3, 5, 2))
+    batch = regression_batch(jax.random.key(1), 10, 3, 2)
+    h = curvature.hessian(F_MLP, params, batch, chunk_size=8)  # m = 32: 4 chunks of 8
+    np.testing.assert_allclose(h, dense_hessian(F_MLP, params, batch), rtol=1e-10, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------------------------
+# trace
+
+
+def test_hessian_trace_within_three_standard_errors(x64):
+    params = mlp_init(jax.random.key(0), (5, 8, 8, 3))
+    batch = regression_batch(jax.random.key(1), 20, 5, 3)
+    exact = jnp.trace(dense_hessian(F_MLP, params, batch))
+    est, se = curvature.hessian_trace(
+        F_MLP, params, batch, jax.random.key(4), num_probes=2000, chunk_size=100, return_stderr=True
+    )
+    assert se > 0
+    assert abs(est - exact) < 3 * se, (est, exact, se)
+    assert se < 0.05 * abs(exact)
+
+
+def _quadratic(w, a):
+    return 0.5 * w @ (a @ w)
+
+
+def test_hutchpp_beats_hutchinson_on_decaying_spectrum(x64):
+    m, num_probes, num_seeds = 120, 30, 24
+    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (m, m), jnp.float64))
+    a = (q * (1.0 / jnp.arange(1, m + 1) ** 2)) @ q.T  # eigenvalues 1 / i^2
+    w = jnp.zeros(m, jnp.float64)
+    exact = jnp.trace(a)
+    keys = jax.random.split(jax.random.key(1), num_seeds)
+
+    def errors(method):
+        est = jax.vmap(
+            lambda k: curvature.hessian_trace(_quadratic, w, a, k, num_probes=num_probes, method=method)
+        )(keys)
+        return jnp.abs(est - exact)
+
+    err_h, err_pp = errors("hutchinson"), errors("hutch++")
+    assert jnp.mean(err_pp) < 0.5 * jnp.mean(err_h), (jnp.mean(err_pp), jnp.mean(err_h))
+
+
+# ----------------------------------------------------------------------------------------------
+# Lanczos, eigenvalues, densities, saddle index
+
+
+def test_lanczos_basis_orthonormal_and_exact_at_full_dimension(x64):
+    m = 30
+    a = jax.random.normal(jax.random.key(0), (m, m), jnp.float64)
+    a = a + a.T
+    alphas, betas, basis = jax.jit(
+        lambda v: curvature.lanczos(lambda u: a @ u, v, m, return_vectors=True)
+    )(jnp.ones(m, jnp.float64))
+    assert alphas.shape == (m,) and betas.shape == (m - 1,) and basis.shape == (m, m)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(m), atol=1e-12)
+    theta, _ = curvature.tridiagonal_eigh(alphas, betas)
+    np.testing.assert_allclose(theta, jnp.linalg.eigvalsh(a), atol=1e-10)
+
+
+def test_lanczos_breakdown_is_graceful(x64):
+    # three distinct eigenvalues: the Krylov space of any start is 3-dimensional, beta_3 = 0
+    m = 12
+    d = jnp.array([1.0, 2.0, 5.0] * 4, jnp.float64)
+    alphas, betas, basis = curvature.lanczos(lambda u: d * u, jnp.ones(m, jnp.float64), 6, return_vectors=True)
+    assert np.all(np.isfinite(alphas)) and np.all(np.isfinite(betas))
+    assert abs(betas[2]) < 1e-12
+    np.testing.assert_allclose(basis @ basis.T, np.eye(6), atol=1e-12)
+    theta, u = curvature.tridiagonal_eigh(alphas, betas)
+    # every Ritz value is an eigenvalue of A; the Gauss weights seen from v0 ignore the restart block
+    assert np.min(np.abs(theta[:, None] - np.array([1.0, 2.0, 5.0])[None]), axis=1).max() < 1e-10
+    np.testing.assert_allclose(np.sum(u[0] ** 2 * theta), np.mean(d), rtol=1e-12)
+    # the zero operator: all-zero tridiagonal, no NaN
+    alphas, betas = curvature.lanczos(lambda u: 0.0 * u, jnp.ones(m, jnp.float64), 4)
+    np.testing.assert_array_equal(alphas, 0.0)
+    np.testing.assert_array_equal(betas, 0.0)
+
+
+@pytest.fixture(scope="module")
+def mlp5k():
+    """A ~5k-parameter tanh MLP (16 -> 64 -> 48 -> 10) with cross-entropy on random data."""
+    with jax.enable_x64(True):
+        params = mlp_init(jax.random.key(0), (16, 64, 48, 10))
+        x = jax.random.normal(jax.random.key(1), (256, 16), jnp.float64)
+        y = jax.random.randint(jax.random.key(2), (256,), 0, 10)
+    return params, (x, y)
+
+
+F_CE_MLP = _ce_objective(mlp_apply)
+
+
+def test_top_eigenvalues_5k_mlp_40_iterations(x64, mlp5k):
+    scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
+    params, batch = mlp5k
+    m = tree_lib.num_params(params)
+    assert 4000 <= m <= 6000
+    top = curvature.top_eigenvalues(F_CE_MLP, params, batch, jax.random.key(3), k=5, num_iters=40)
+    # reference: ARPACK (implicitly restarted Lanczos) to 1e-14 on the same HVP operator
+    matvec = jax.jit(lambda u, b: curvature.hessian_operator(F_CE_MLP, params, b)(u))
+    op = scipy_linalg.LinearOperator(
+        (m, m), matvec=lambda u: np.asarray(matvec(jnp.asarray(u), batch)), dtype=np.float64
+    )
+    ref = np.sort(scipy_linalg.eigsh(op, k=5, which="LA", tol=1e-14)[0])[::-1]
+    np.testing.assert_allclose(top, ref, rtol=1e-6)
+    assert np.all(np.diff(top) <= 0)
+
+
+@pytest.mark.slow
+def test_top_eigenvalues_5k_mlp_matches_dense_eigh(x64, mlp5k):
+    params, batch = mlp5k
+    top = curvature.top_eigenvalues(F_CE_MLP, params, batch, jax.random.key(3), k=5, num_iters=40)
+    eigs = np.linalg.eigvalsh(np.asarray(curvature.hessian(F_CE_MLP, params, batch)))
+    np.testing.assert_allclose(top, eigs[::-1][:5], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def saddle_mlp():
+    """A tanh MLP (6 -> 12 -> 12 -> 2, m = 266) at a random point with random targets: indefinite H."""
+    with jax.enable_x64(True):
+        params = mlp_init(jax.random.key(5), (6, 12, 12, 2))
+        batch = regression_batch(jax.random.key(6), 64, 6, 2)
+        eigs = np.linalg.eigvalsh(np.asarray(dense_hessian(F_MLP, params, batch)))
+    return params, batch, eigs
+
+
+def test_spectral_density_integrates_to_one_and_mass_below_zero(x64, saddle_mlp):
+    params, batch, eigs = saddle_mlp
+    exact_index = np.mean(eigs < 0)
+    assert 0.1 < exact_index < 0.9  # a genuine saddle
+    width = 0.002 * (eigs[-1] - eigs[0])
+    grid, density = curvature.spectral_density(
+        F_MLP, params, batch, jax.random.key(7), num_iters=80, num_runs=16, width=width
+    )
+    assert grid.shape == density.shape == (1000,)
+    assert np.all(density >= 0)
+    np.testing.assert_allclose(jnp.trapezoid(density, grid), 1.0, rtol=1e-8)
+    below = grid <= 0
+    mass_below = jnp.trapezoid(jnp.where(below, density, 0.0), grid)
+    assert abs(mass_below - exact_index) < 0.05, (mass_below, exact_index)
+    # the zero-width limit, as used by saddle_index(method="slq")
+    slq = curvature.saddle_index(F_MLP, params, batch, jax.random.key(7), method="slq", num_iters=80, num_runs=16)
+    assert abs(slq - exact_index) < 0.05, (slq, exact_index)
+    # exact path (m <= max_dense) is the dense count
+    np.testing.assert_allclose(curvature.saddle_index(F_MLP, params, batch), exact_index, atol=1e-7)
+    # a user grid
+    user_grid = jnp.linspace(eigs[0] - 1.0, eigs[-1] + 1.0, 500)
+    g2, d2 = curvature.spectral_density(
+        F_MLP, params, batch, jax.random.key(7), num_iters=80, num_runs=16, grid=user_grid, width=width
+    )
+    np.testing.assert_array_equal(g2, user_grid)
+    np.testing.assert_allclose(jnp.trapezoid(d2, g2), 1.0, rtol=1e-8)
+
+
+def test_min_eigenvalue_and_eigenpairs(x64, saddle_mlp):
+    params, batch, eigs = saddle_mlp
+    lam, u = curvature.min_eigenvalue(F_MLP, params, batch, jax.random.key(8), num_iters=80)
+    np.testing.assert_allclose(lam, eigs[0], rtol=1e-8)
+    tree_lib.check_same_structure(params, u, "u")
+    np.testing.assert_allclose(tree_lib.norm(u), 1.0, rtol=1e-10)
+    np.testing.assert_allclose(flat(curvature.hvp(F_MLP, params, batch, u)), lam * flat(u), atol=1e-6)
+    values, vectors = curvature.eigenpairs(F_MLP, params, batch, jax.random.key(8), k=3, num_iters=80)
+    np.testing.assert_allclose(values, eigs[::-1][:3], rtol=1e-8)
+    vmat = jax.vmap(flat)(vectors)
+    np.testing.assert_allclose(vmat @ vmat.T, np.eye(3), atol=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------
+# every primitive on the three kinds of model
+
+
+@pytest.mark.parametrize("kind", ["plain", "linen", "nnx"])
+def test_primitives_work_with_every_model_kind(x64, kind):
+    predict, params = make_model(kind)
+    f = _sq_objective(predict)
+    batch = regression_batch(jax.random.key(1), N, D_IN, K_OUT)
+    m = tree_lib.num_params(params)
+    assert m == D_IN * HIDDEN + HIDDEN + HIDDEN * K_OUT + K_OUT
+    h = dense_hessian(f, params, batch)
+    eigs = np.linalg.eigvalsh(np.asarray(h))
+    key = jax.random.key(2)
+    v = random_tree(key, params)
+
+    np.testing.assert_allclose(flat(curvature.hvp(f, params, batch, v)), h @ flat(v), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(curvature.hessian(f, params, batch), h, rtol=1e-10, atol=1e-12)
+
+    w, unravel = tree_lib.ravel(params)
+    jac = jax.jacobian(lambda w: predict(unravel(w), batch[0]))(w).reshape(N * K_OUT, m)
+    gv = curvature.gnvp(predict, losses.squared_loss, params, batch, v)
+    np.testing.assert_allclose(flat(gv), jac.T @ (jac @ flat(v)) / N, rtol=1e-10, atol=1e-12)
+
+    # Hutch++ with N / 3 >= m sketches the whole space: the trace is exact
+    tr = curvature.hessian_trace(f, params, batch, key, num_probes=3 * m, method="hutch++", chunk_size=64)
+    np.testing.assert_allclose(tr, np.trace(h), rtol=1e-9)
+    tr_h, se = curvature.hessian_trace(f, params, batch, key, num_probes=256, return_stderr=True)
+    assert abs(tr_h - np.trace(h)) < 4 * se
+
+    np.testing.assert_allclose(curvature.top_eigenvalues(f, params, batch, key, k=3), eigs[::-1][:3], rtol=1e-8)
+    np.testing.assert_allclose(curvature.min_eigenvalue(f, params, batch, key)[0], eigs[0], rtol=1e-8)
+
+    grid, density = curvature.spectral_density(f, params, batch, key, num_iters=m, num_runs=4)
+    np.testing.assert_allclose(jnp.trapezoid(density, grid), 1.0, rtol=1e-8)
+    # with a full Krylov space the SLQ nodes are the eigenvalues
+    assert grid[0] < eigs[0] and grid[-1] > eigs[-1]
+
+    exact_index = curvature.saddle_index(f, params, batch)
+    np.testing.assert_allclose(exact_index, np.mean(eigs < 0), atol=1e-7)
+    slq_index = curvature.saddle_index(f, params, batch, key, method="slq", num_iters=m, num_runs=4)
+    assert abs(slq_index - exact_index) < 0.2
+
+
+def test_iterative_primitives_are_jit_and_vmap_compatible(x64, saddle_mlp):
+    params, batch, eigs = saddle_mlp
+    keys = jax.random.split(jax.random.key(0), 2)
+
+    @jax.jit
+    def run(params, batch, keys):
+        return jax.vmap(lambda k: curvature.top_eigenvalues(F_MLP, params, batch, k, k=2, num_iters=80))(keys)
+
+    tops = run(params, batch, keys)
+    np.testing.assert_allclose(tops, np.tile(eigs[::-1][:2], (2, 1)), rtol=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_input_raises_value_error_naming_the_argument():
+    params = {"a": jnp.ones((3,)), "b": jnp.ones((2, 2))}
+    batch = jnp.ones(())
+
+    def f(p, b):
+        return b * (jnp.sum(p["a"] ** 2) + jnp.sum(p["b"] ** 3))
+
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="v must have the same pytree structure"):
+        curvature.hvp(f, params, batch, {"a": jnp.ones((3,))})
+    with pytest.raises(ValueError, match=r"v leaf .*'b'.* has shape"):
+        curvature.hvp(f, params, batch, {"a": jnp.ones((3,)), "b": jnp.ones((4,))})
+    with pytest.raises(ValueError, match="v must have the same pytree structure"):
+        curvature.gnvp(lambda p, x: x * p["a"][0], losses.squared_loss, params, (jnp.ones(2), jnp.ones(2)), [1.0])
+    with pytest.raises(ValueError, match="method must be one of"):
+        curvature.hessian_trace(f, params, batch, key, method="hutch+")
+    with pytest.raises(ValueError, match="num_probes must be a positive integer"):
+        curvature.hessian_trace(f, params, batch, key, num_probes=-4)
+    with pytest.raises(ValueError, match="num_probes must be >= 3"):
+        curvature.hessian_trace(f, params, batch, key, num_probes=2, method="hutch++")
+    with pytest.raises(ValueError, match="k must be <= the number of parameters m=7"):
+        curvature.top_eigenvalues(f, params, batch, key, k=8)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        curvature.eigenpairs(f, params, batch, key, k=0)
+    with pytest.raises(ValueError, match="num_iters must be >= k"):
+        curvature.top_eigenvalues(f, params, batch, key, k=3, num_iters=2)
+    with pytest.raises(ValueError, match="which must be one of"):
+        curvature.eigenpairs(f, params, batch, key, which="middle")
+    with pytest.raises(ValueError, match="num_iters must be <= the dimension"):
+        curvature.lanczos(lambda u: u, jnp.ones(4), 5)
+    with pytest.raises(ValueError, match="v0 must be a flat vector"):
+        curvature.lanczos(lambda u: u, jnp.ones((2, 2)), 2)
+    with pytest.raises(ValueError, match="method must be one of"):
+        curvature.saddle_index(f, params, batch, method="dense")
+    with pytest.raises(ValueError, match="key must be a PRNG key"):
+        curvature.saddle_index(f, params, batch, method="slq")
+    with pytest.raises(ValueError, match="num_runs must be a positive integer"):
+        curvature.spectral_density(f, params, batch, key, num_runs=0)
+    with pytest.raises(ValueError, match="grid must be a 1-D array"):
+        curvature.spectral_density(f, params, batch, key, grid=jnp.zeros((2, 2)))

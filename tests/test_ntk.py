@@ -1,0 +1,104 @@
+"""Empirical NTK, its per-example diagonal blocks and its trace (total and by layer)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from lsgeo import ntk
+
+N = 5
+
+
+def _f64(tree):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def plain_predict(params, x):
+    return jnp.tanh(x @ params["l1"]["w"] + params["l1"]["b"]) @ params["l2"]["w"]
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.tanh(nn.Dense(5)(x)))
+
+
+class NNXMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(4, 5, rngs=rngs)
+        self.l2 = nnx.Linear(5, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jnp.tanh(self.l1(x)))
+
+
+def _model(kind):
+    if kind == "plain":
+        k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+        params = {"l1": {"w": jax.random.normal(k1, (4, 5)) / 2, "b": 0.1 * jax.random.normal(k2, (5,))},
+                  "l2": {"w": jax.random.normal(k3, (5, 3)) / 2}}
+        return plain_predict, params
+    if kind == "linen":
+        model = LinenMLP()
+        return (lambda p, x: model.apply({"params": p}, x)), model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))["params"]
+    graphdef, state = nnx.split(NNXMLP(nnx.Rngs(0)))
+    return (lambda s, x: nnx.merge(graphdef, s)(x)), state
+
+
+def _x(n, seed=1):
+    return jax.random.normal(jax.random.PRNGKey(seed), (n, 4))
+
+
+def dense_jacobian(predict, params, x):
+    flat, unravel = ravel_pytree(params)
+    jac = jax.jit(jax.jacobian(lambda f, x: predict(unravel(f), x)))(flat, x)
+    return jac.reshape(x.shape[0], -1, flat.shape[0])
+
+
+@pytest.mark.parametrize("kind", ["plain", "linen", "nnx"])
+def test_trace_identities(kind, x64):
+    predict, params = _model(kind)
+    params, x = _f64(params), _f64(_x(N))
+    jac = dense_jacobian(predict, params, x)
+    sq_norms = jnp.sum(jnp.square(jac))  # sum over examples and outputs of ||d phi_ic / dw||^2
+    kernel = ntk.empirical_ntk(predict, params, x)
+    total = ntk.ntk_trace(predict, params, x)
+    np.testing.assert_allclose(total, jnp.trace(kernel), rtol=1e-10)
+    np.testing.assert_allclose(total, sq_norms, rtol=1e-10)
+    np.testing.assert_allclose(ntk.ntk_trace(predict, params, x, method="generic"), sq_norms, rtol=1e-10)
+    by_layer = ntk.ntk_trace(predict, params, x, by_layer=True)
+    assert len(by_layer) == 2
+    np.testing.assert_allclose(sum(by_layer.values()), total, rtol=1e-10)
+    by_leaf = ntk.ntk_trace(predict, params, x, by_layer=True, groups="leaf")
+    np.testing.assert_allclose(sum(by_leaf.values()), total, rtol=1e-10)
+    blocks = ntk.ntk_diagonal_blocks(predict, params, x, chunk_size=2)
+    np.testing.assert_allclose(blocks, jnp.einsum("ikm,ilm->ikl", jac, jac), rtol=1e-10, atol=1e-12)
+
+
+def test_empirical_ntk_full_against_dense(x64):
+    predict, params = _model("plain")
+    params = _f64(params)
+    x1, x2 = _f64(_x(N, 1)), _f64(_x(3, 2))
+    j1, j2 = dense_jacobian(predict, params, x1), dense_jacobian(predict, params, x2)
+    full = ntk.empirical_ntk(predict, params, x1, x2, trace_outputs=False, chunk_size=2)
+    np.testing.assert_allclose(full, jnp.einsum("ikm,jlm->ijkl", j1, j2), rtol=1e-10, atol=1e-12)
+    traced = ntk.empirical_ntk(predict, params, x1, x2)
+    np.testing.assert_allclose(traced, jnp.einsum("ikm,jkm->ij", j1, j2), rtol=1e-10, atol=1e-12)
+    blocks = ntk.ntk_diagonal_blocks(predict, params, x1)
+    kernel = ntk.empirical_ntk(predict, params, x1, trace_outputs=False)
+    np.testing.assert_allclose(blocks, kernel[jnp.arange(N), jnp.arange(N)], rtol=1e-10, atol=1e-12)
+
+
+def test_by_layer_group_callable_and_bad_groups():
+    predict, params = _model("linen")
+    x = _x(N)
+    one = ntk.ntk_trace(predict, params, x, by_layer=True, groups=lambda path: "all")
+    np.testing.assert_allclose(one["all"], ntk.ntk_trace(predict, params, x), rtol=1e-5)
+    with pytest.raises(ValueError, match="groups"):
+        ntk.ntk_trace(predict, params, x, by_layer=True, groups="module")
+    with pytest.raises(ValueError, match="chunk_size"):
+        ntk.empirical_ntk(predict, params, x, chunk_size=0)

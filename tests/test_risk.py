@@ -1,0 +1,210 @@
+"""R, R_sigma, the Gauss-Newton trace tr(D2L(Phi) DPhi DPhi^T) and R_sigma^(eff) (Orvieto et al. 2023)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from lsgeo import losses, ntk
+from lsgeo import risk as risk_lib
+
+N = 8
+
+
+def _f64(tree):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def plain_predict(params, x):
+    h = jnp.tanh(x @ params["l1"]["w"] + params["l1"]["b"])
+    return h @ params["l2"]["w"] + params["l2"]["b"]
+
+
+def _plain(key, k):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    return {
+        "l1": {"w": jax.random.normal(k1, (4, 5)) / 2, "b": 0.1 * jax.random.normal(k2, (5,))},
+        "l2": {"w": jax.random.normal(k3, (5, k)) / 2, "b": 0.1 * jax.random.normal(k4, (k,))},
+    }
+
+
+class LinenMLP(nn.Module):
+    k: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.k)(nn.tanh(nn.Dense(5)(x)))
+
+
+class NNXMLP(nnx.Module):
+    def __init__(self, k, rngs):
+        self.l1 = nnx.Linear(4, 5, rngs=rngs)
+        self.l2 = nnx.Linear(5, k, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jnp.tanh(self.l1(x)))
+
+
+def _data(loss, k):
+    kx, ky = jax.random.split(jax.random.PRNGKey(1))
+    x = jax.random.normal(kx, (N, 4))
+    if loss is losses.softmax_cross_entropy:
+        y = jax.random.randint(ky, (N,), 0, k)
+    elif loss is losses.logistic_loss:
+        y = jnp.sign(jax.random.normal(ky, (N,)))
+    else:
+        y = jax.random.normal(ky, (N, k))
+    return x, y
+
+
+LOSSES = {"squared": (losses.squared_loss, 3), "logistic": (losses.logistic_loss, 1),
+          "cross_entropy": (losses.softmax_cross_entropy, 3)}
+
+
+def _model(kind, k):
+    if kind == "plain":
+        return plain_predict, _plain(jax.random.PRNGKey(0), k)
+    x = jnp.zeros((1, 4))
+    if kind == "linen":
+        model = LinenMLP(k)
+        return (lambda p, x: model.apply({"params": p}, x)), model.init(jax.random.PRNGKey(0), x)["params"]
+    graphdef, state = nnx.split(NNXMLP(k, nnx.Rngs(0)))
+    return (lambda s, x: nnx.merge(graphdef, s)(x)), state
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def dense_gn_trace(predict, loss, params, batch):
+    """tr(D2L J J^T) from the dense [nk, m] Jacobian and the dense [nk, nk] Hessian of L."""
+    x, y = batch
+    flat, unravel = ravel_pytree(params)
+    out = predict(params, x)
+    jac = jax.jacobian(lambda f: predict(unravel(f), x).reshape(-1))(flat)
+    hess = jax.hessian(lambda o: loss(o.reshape(out.shape), y))(out.reshape(-1))
+    return jnp.trace(hess @ jac @ jac.T)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_exact_gn_trace_matches_dense(name, x64):
+    loss, k = LOSSES[name]
+    predict, params = _model("plain", k)
+    params = _f64(params)
+    batch = _f64(_data(loss, k)) if loss is not losses.softmax_cross_entropy else (_f64(_data(loss, k)[0]), _data(loss, k)[1])
+    if loss is losses.logistic_loss:
+        predict = lambda p, x: plain_predict(p, x)[:, 0]  # noqa: E731  scalar outputs [n]
+    expected = dense_gn_trace(predict, loss, params, batch)
+    for method in ("fast", "generic"):
+        got = risk_lib.gauss_newton_trace(predict, loss, params, batch, method=method)
+        np.testing.assert_allclose(got, expected, rtol=1e-10)
+
+
+def test_exact_gn_trace_generic_loss(x64):
+    """A loss outside the closed forms (indefinite output Hessian): vmap(hessian) path, and the probe
+    estimate with signed factors."""
+
+    def wavy(outputs, y):
+        return jnp.mean(jnp.sum(jnp.cos(outputs) * y, axis=-1))
+
+    predict, params = _model("plain", 3)
+    params = _f64(params)
+    batch = _f64(_data(losses.squared_loss, 3))
+    expected = dense_gn_trace(predict, wavy, params, batch)
+    np.testing.assert_allclose(risk_lib.gauss_newton_trace(predict, wavy, params, batch), expected, rtol=1e-10)
+    estimate = risk_lib.gauss_newton_trace(predict, wavy, params, batch, key=jax.random.PRNGKey(0), num_probes=4000)
+    assert abs(estimate - expected) < 0.1 * abs(expected) + 0.1
+
+
+def test_squared_loss_gn_trace_is_ntk_trace_over_n(x64):
+    predict, params = _model("plain", 3)
+    params = _f64(params)
+    x, y = _f64(_data(losses.squared_loss, 3))
+    gn = risk_lib.gauss_newton_trace(predict, losses.squared_loss, params, (x, y))
+    np.testing.assert_allclose(gn, ntk.ntk_trace(predict, params, x) / N, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "logistic"])
+def test_probe_estimate_is_unbiased(name, x64):
+    loss, k = LOSSES[name]
+    predict, params = _model("plain", k)
+    params = _f64(params)
+    x, y = _data(loss, k)
+    x = _f64(x)
+    if loss is losses.logistic_loss:
+        predict = lambda p, x: plain_predict(p, x)[:, 0]  # noqa: E731
+    exact = risk_lib.gauss_newton_trace(predict, loss, params, (x, y))
+    keys = jax.random.split(jax.random.PRNGKey(42), 4000)
+    one = jax.jit(jax.vmap(lambda kk: risk_lib.gauss_newton_trace(predict, loss, params, (x, y), key=kk, num_probes=1)))
+    estimates = one(keys)
+    mean, se = jnp.mean(estimates), jnp.std(estimates) / np.sqrt(len(keys))
+    assert abs(mean - exact) < 3 * se, (mean, exact, se)
+    assert float(jnp.std(estimates)) > 0
+
+
+@pytest.mark.parametrize("kind", ["plain", "linen", "nnx"])
+def test_by_layer_sums_to_total_and_effective_risk(kind):
+    loss, k = LOSSES["cross_entropy"]
+    predict, params = _model(kind, k)
+    batch = _data(loss, k)
+    total = risk_lib.gauss_newton_trace(predict, loss, params, batch)
+    by_layer = risk_lib.gauss_newton_trace_by_layer(predict, loss, params, batch)
+    assert len(by_layer) == 2
+    np.testing.assert_allclose(sum(by_layer.values()), total, rtol=1e-5)
+    by_leaf = risk_lib.gauss_newton_trace_by_layer(predict, loss, params, batch, groups="leaf")
+    assert len(by_leaf) == 4
+    np.testing.assert_allclose(sum(by_leaf.values()), total, rtol=1e-5)
+    np.testing.assert_allclose(
+        risk_lib.gauss_newton_trace(predict, loss, params, batch, method="generic"), total, rtol=1e-5
+    )
+    sigma = 0.3
+    r = risk_lib.risk(predict, loss, params, batch)
+    eff = jax.jit(lambda p, b: risk_lib.effective_risk(predict, loss, p, b, sigma))(params, batch)
+    np.testing.assert_allclose(eff, r + sigma**2 / 2 * total, rtol=1e-5)
+    eff_probe = risk_lib.effective_risk(predict, loss, params, batch, sigma, key=jax.random.PRNGKey(0), num_probes=8)
+    assert np.isfinite(eff_probe) and eff_probe > r
+
+
+def test_perturbed_risk_small_sigma_matches_effective_risk(x64):
+    """R_sigma = R_eff + O(sigma^2 <DL, D2Phi>) + O(sigma^4): at a near-interpolating squared-loss fit the
+    Monte Carlo R_sigma and R_eff agree; sigma = 0 gives R exactly."""
+    predict, params = _model("plain", 3)
+    params = _f64(params)
+    x = _f64(_data(losses.squared_loss, 3)[0])
+    y = predict(params, x) + 1e-3  # near interpolation: the <DL, D2Phi> term is negligible
+    batch = (x, y)
+    r = risk_lib.risk(predict, losses.squared_loss, params, batch)
+    np.testing.assert_allclose(
+        risk_lib.perturbed_risk(predict, losses.squared_loss, params, batch, 0.0, jax.random.PRNGKey(0)), r
+    )
+    sigma = 0.02
+    mc = risk_lib.perturbed_risk(predict, losses.squared_loss, params, batch, sigma, jax.random.PRNGKey(1),
+                                 num_samples=4000, chunk_size=500)
+    eff = risk_lib.effective_risk(predict, losses.squared_loss, params, batch, sigma)
+    np.testing.assert_allclose(mc - r, eff - r, rtol=0.1)
+    lw = risk_lib.perturbed_risk(predict, losses.squared_loss, params, batch, sigma, jax.random.PRNGKey(2),
+                                 num_samples=2000, mode="layerwise", chunk_size=500)
+    np.testing.assert_allclose(lw - r, eff - r, rtol=0.1)
+
+
+def test_bad_input_raises():
+    loss, k = LOSSES["cross_entropy"]
+    predict, params = _model("plain", k)
+    batch = _data(loss, k)
+    with pytest.raises(ValueError, match="num_probes"):
+        risk_lib.gauss_newton_trace(predict, loss, params, batch, key=jax.random.PRNGKey(0), num_probes=-1)
+    with pytest.raises(ValueError, match="key"):
+        risk_lib.gauss_newton_trace(predict, loss, params, batch, num_probes=4)
+    with pytest.raises(ValueError, match="key"):
+        risk_lib.effective_risk(predict, loss, params, batch, 0.1, num_probes=4)
+    for sigma in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sigma"):
+            risk_lib.effective_risk(predict, loss, params, batch, sigma)
+    with pytest.raises(ValueError, match="groups"):
+        risk_lib.gauss_newton_trace_by_layer(predict, loss, params, batch, groups="layer")
+    with pytest.raises(ValueError, match="method"):
+        risk_lib.gauss_newton_trace(predict, loss, params, batch, method="backpack")
+    with pytest.raises(ValueError, match="chunk_size"):
+        risk_lib.gauss_newton_trace(predict, loss, params, batch, chunk_size=-2)
