@@ -13,13 +13,13 @@ evaluated at the clean iterate w_t. ``gd`` has the single cell sigma = 0.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lsgeo import optim, train
+from lsgeo import losses, models, optim, risk, train
 
 METHODS = ("gd", "noise", "layer")
 LABELS = {"gd": "GD", "noise": "GD+noise", "layer": "GD+noise (layer)"}
@@ -38,6 +38,40 @@ def method_cells(methods, sigmas, seeds, **fixed) -> list[dict]:
         for s in ((0.0,) if m == "gd" else sigmas)
         for k in seeds
     ]
+
+
+class Task(NamedTuple):
+    """A classification problem in the form ``lsgeo.train.sweep`` takes."""
+
+    objective: Callable  # (params, (x, y)) -> mean cross-entropy
+    init_params: Callable  # key -> params
+    data: tuple  # (x_train, y_train)
+    eval_fn: Callable  # (params, eval_data) -> {test_acc, test_loss[, gn_trace]}
+    eval_data: dict
+
+
+def classification_task(model, ds, *, gn_trace: bool = False) -> Task:
+    """Cross-entropy training of a flax ``model`` on a ``lsgeo.data.Dataset``, evaluated on its test
+    split; ``gn_trace``: also the Gauss-Newton trace tr(D2L DPhi DPhi^T) on the training data (exact,
+    ``lsgeo.risk.gauss_newton_trace``), the regulariser that noise injection adds (times sigma^2/2)."""
+    predict = models.make_predict(model)
+
+    def objective(params, batch):
+        return losses.softmax_cross_entropy(predict(params, batch[0]), batch[1])
+
+    def eval_fn(params, eval_data):
+        x, y = eval_data["test"]
+        logits = predict(params, x)
+        out = {"test_acc": losses.accuracy(logits, y), "test_loss": losses.softmax_cross_entropy(logits, y)}
+        if gn_trace:
+            out["gn_trace"] = risk.gauss_newton_trace(predict, losses.softmax_cross_entropy, params, eval_data["train"])
+        return out
+
+    data = (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
+    eval_data = {"test": (jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))}
+    if gn_trace:
+        eval_data["train"] = data
+    return Task(objective, init_params(model, ds.x_train), data, eval_fn, eval_data)
 
 
 def init_params(model, x_example) -> Callable:
@@ -74,13 +108,14 @@ def train_cells(objective, init_params, data, cells, *, inner, num_steps, eval_e
         num_steps=num_steps, eval_every=eval_every, batch_size=batch_size, eval_fn=eval_fn, eval_data=eval_data,
         model_state=model_state, members_per_chunk=members_per_chunk,
     )  # fmt: skip
-    history = {k: np.asarray(v) for k, v in result.history.items()}
-    out = []
-    for c in cells:
-        i, j = sigmas.index(c["sigma"]), seeds.index(c["seed"])
-        steps = history["step"][i, j]
-        out.append([
-            {"step": int(t), **{k: float(v[i, j, e]) for k, v in history.items() if k != "step"}}
-            for e, t in enumerate(steps)
-        ])  # fmt: skip
-    return out
+    return [history_rows(result.history, (sigmas.index(c["sigma"]), seeds.index(c["seed"]))) for c in cells]
+
+
+def history_rows(history: dict, index: tuple = ()) -> list[dict]:
+    """Rows ``{step, train_loss, ...}`` of one run of a ``lsgeo.train`` history (``index`` picks the
+    member of a sweep's ``[num_sigmas, num_seeds]`` axes)."""
+    history = {k: np.asarray(v)[index] for k, v in history.items()}
+    return [
+        {"step": int(t), **{k: float(v[e]) for k, v in history.items() if k != "step"}}
+        for e, t in enumerate(history["step"])
+    ]

@@ -25,13 +25,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from experiments import _methods, _runner
 from lsgeo import data as data_lib
-from lsgeo import losses, models
+from lsgeo import models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,19 +64,10 @@ def cells(cfg: Config) -> list[dict]:
 
 def run(cfg: Config, ds, group: list[dict]) -> list[list[dict]]:
     model = models.MLP(widths=(cfg.width, cfg.width), num_outputs=ds.num_classes)
-    predict = models.make_predict(model)
-
-    def objective(params, batch):
-        return losses.softmax_cross_entropy(predict(params, batch[0]), batch[1])
-
-    def eval_fn(params, test):
-        logits = predict(params, test[0])
-        return {"test_acc": losses.accuracy(logits, test[1]), "test_loss": losses.softmax_cross_entropy(logits, test[1])}
-
+    task = _methods.classification_task(model, ds)
     return _methods.train_cells(
-        objective, _methods.init_params(model, ds.x_train), (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)), group, inner=optax.sgd(cfg.lr),
-        num_steps=cfg.steps, eval_every=cfg.eval_every, eval_fn=eval_fn,
-        eval_data=(jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)),
+        task.objective, task.init_params, task.data, group, inner=optax.sgd(cfg.lr), num_steps=cfg.steps,
+        eval_every=cfg.eval_every, eval_fn=task.eval_fn, eval_data=task.eval_data,
     )  # fmt: skip
 
 

@@ -56,7 +56,7 @@ from jax.extend import core as jex_core
 from lsgeo import tree as tree_lib
 from lsgeo._checks import check_choice, check_positive_int
 
-__all__ = ["gram_blocks", "sq_grad_norms", "fast_path_plan", "METHODS"]
+__all__ = ["gram_blocks", "sq_grad_norms", "per_example_grams", "fast_path_plan", "METHODS"]
 
 METHODS = ("fast", "generic")
 
@@ -117,9 +117,10 @@ class _Site:
     side: int  # operand index of the leaf
     eqn: Any
     chain: tuple
+    path: tuple  # indices of the equation (through inlined calls)
 
 
-def _analyze(jaxpr, in_infos, path, uses, sites_eqns, top):
+def _analyze(jaxpr, in_infos, path, uses, top):
     env = {}
     for v, info in zip(jaxpr.invars, in_infos):
         env[v] = info
@@ -132,7 +133,7 @@ def _analyze(jaxpr, in_infos, path, uses, sites_eqns, top):
         ins = [read(a) for a in eqn.invars]
         name = eqn.primitive.name
         if name in _CALL_PRIMS and isinstance(eqn.params.get("jaxpr"), jex_core.ClosedJaxpr):
-            outs = _analyze(eqn.params["jaxpr"].jaxpr, ins, p, uses, sites_eqns, False)
+            outs = _analyze(eqn.params["jaxpr"].jaxpr, ins, p, uses, False)
             for v, o in zip(eqn.outvars, outs):
                 env[v] = o
             continue
@@ -156,9 +157,7 @@ def _analyze(jaxpr, in_infos, path, uses, sites_eqns, top):
                 else:
                     ok = (not same_leaf) and _broadcastable(eqn.invars[s].aval.shape, eqn.outvars[0].aval.shape)
                     kind = "elt"
-                uses[a.leaf].append(_Site(a.leaf, kind, s, eqn, a.chain) if ok else None)
-                if ok:
-                    sites_eqns[p] = eqn
+                uses[a.leaf].append(_Site(a.leaf, kind, s, eqn, a.chain, p) if ok else None)
             continue
         for a in ins:
             if a is not None:
@@ -205,38 +204,23 @@ def _make_plan(single, leaves, x_leaves, method) -> _Plan:
     jaxpr = closed.jaxpr
     uses = {j: [] for j in range(num)}
     in_infos = [_Alias(j, (), True) for j in range(num)] + [None] * len(x_leaves)
-    _analyze(jaxpr, in_infos, (), uses, {}, True)
-    # map site equations to paths (by identity, found by a second walk)
+    _analyze(jaxpr, in_infos, (), uses, True)
+    # sites are keyed by their path of equation indices (an inner jaxpr shared by two calls of one
+    # jitted helper holds the same equation objects at two paths)
     sites: dict = {}
     status, fallback = [], []
-    chosen = {}
     for j in range(num):
         u = uses[j]
         if not u:
             status.append("unused")
         elif len(u) == 1 and u[0] is not None:
             status.append("dense" if u[0].kind == "dot" else "elementwise")
-            chosen[id(u[0].eqn), u[0].side] = u[0]
+            sites.setdefault(u[0].path, []).append(u[0])
         else:
             status.append("generic")
             fallback.append(j)
-    prefixes = set()
-
-    def walk(jx, path):
-        for idx, eqn in enumerate(jx.eqns):
-            p = path + (idx,)
-            if eqn.primitive.name in _CALL_PRIMS and isinstance(eqn.params.get("jaxpr"), jex_core.ClosedJaxpr):
-                if walk(eqn.params["jaxpr"].jaxpr, p):
-                    prefixes.add(p)
-                continue
-            for s in (0, 1):
-                site = chosen.get((id(eqn), s))
-                if site is not None:
-                    sites.setdefault(p, []).append(site)
-        return any(q[: len(path)] == path for q in sites)
-
-    walk(jaxpr, ())
-    return _Plan(closed, sites, fallback, status, frozenset(prefixes))
+    prefixes = frozenset(p[:i] for p in sites for i in range(1, len(p)))
+    return _Plan(closed, sites, fallback, status, prefixes)
 
 
 def _eval_tapped(jaxpr, consts, args, path, plan, taps, caps):

@@ -14,8 +14,8 @@ inputs).
   volume eps-flatness (Hochreiter & Schmidhuber 1997; Dinh et al. 2017, Def. 1)
                                            radii r_k of the set {f < f(w) + eps} along random rays
 
-Dinh et al. (2017) show that for ReLU networks the first three definitions of flatness that they
-study (volume, Hessian, epsilon-sharpness) can be changed arbitrarily without changing the function
+Dinh et al. (2017) show that for ReLU networks all three definitions of flatness that they study
+(volume epsilon-flatness, Hessian-based curvature, epsilon-sharpness) can be changed arbitrarily without changing the function
 the network computes, by the alpha-scale transform ``alpha_scale``:
 T_alpha(theta_i, theta_j) = (alpha theta_i, theta_j / alpha). Adaptive sharpness with ``eta = 0`` is
 invariant under it (the perturbation is measured relative to |w|), which ``tests/test_sharpness.py``

@@ -35,7 +35,7 @@ History: a dict of numpy arrays ``[num_evals]`` with ``num_evals = num_steps // 
   every key of ``eval_fn(params, eval_data)`` (or ``eval_fn(params, model_state, eval_data)``);
   with SWA, the same keys prefixed ``swa_`` at the averaged parameters.
 
-Divergence: a step whose loss or gradient is non-finite freezes the run (the state stays at the last
+Divergence: a step whose loss, gradient or updated parameters are non-finite freezes the run (the state stays at the last
 finite step, so no NaNs propagate); ``train`` then raises :class:`TrainingDiverged` with the step,
 the quantity and the history up to the last finite evaluation. A non-finite evaluated metric raises
 the same error. ``sweep`` does not raise: it returns ``diverged_step`` and NaN history entries after it.
@@ -64,7 +64,7 @@ PyTree = Any
 
 __all__ = ["TrainResult", "SweepResult", "TrainingDiverged", "train", "sweep", "split_key", "epoch_permutation"]
 
-_QUANTITIES = {1: "loss", 2: "gradient"}
+_QUANTITIES = {1: "loss", 2: "gradient", 3: "params"}
 
 
 class TrainingDiverged(FloatingPointError):
@@ -202,6 +202,11 @@ def _get_batch(cfg: _Config, carry: _Carry, data):
     return perm, _constrain(cfg, _take(data, idx))
 
 
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def _select(ok, new, old):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
 
@@ -232,8 +237,10 @@ def _step(objective, optimizer, cfg: _Config, carry: _Carry, data) -> _Carry:
         swa_count = swa_count + take.astype(swa_count.dtype)
 
     loss_ok = jnp.isfinite(loss)
-    grad_ok = jnp.isfinite(tree_lib.sq_norm(grads))
-    ok = loss_ok & grad_ok & (carry.diverged_at < 0)
+    grad_ok = _all_finite(grads)
+    params_ok = _all_finite(params)
+    finite = loss_ok & grad_ok & params_ok
+    ok = finite & (carry.diverged_at < 0)
     new = _Carry(
         params=params,
         opt_state=opt_state,
@@ -247,10 +254,11 @@ def _step(objective, optimizer, cfg: _Config, carry: _Carry, data) -> _Carry:
         diverged_at=carry.diverged_at,
         diverged_what=carry.diverged_what,
     )
-    first_bad = (~(loss_ok & grad_ok)) & (carry.diverged_at < 0)
+    first_bad = (~finite) & (carry.diverged_at < 0)
+    what = jnp.where(~loss_ok, 1, jnp.where(~grad_ok, 2, 3))
     frozen = carry._replace(
         diverged_at=jnp.where(first_bad, carry.step, carry.diverged_at),
-        diverged_what=jnp.where(first_bad, jnp.where(loss_ok, 2, 1), carry.diverged_what).astype(jnp.int32),
+        diverged_what=jnp.where(first_bad, what, carry.diverged_what).astype(jnp.int32),
     )
     return _select(ok, new, frozen)
 

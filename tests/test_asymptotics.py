@@ -74,13 +74,18 @@ def test_diagonal_network_full_noise(x64):
 
 
 def _relu_data(rng, n, d0, d1, d2, margin):
-    """Every pre-activation satisfies |(W1 X^T)_{ji}| >= margin ||x_i|| (rejection sampling of rows of X)."""
-    W1 = rng.normal(size=(d1, d0)) / np.sqrt(d0)
+    """Unit-norm rows of W1 and rows of X with |cos(w_j, x_i)| >= margin for all j (rejection sampling):
+    every pre-activation satisfies |(W1 X^T)_{ji}| >= margin ||x_i||."""
+    W1 = rng.normal(size=(d1, d0))
+    W1 /= np.linalg.norm(W1, axis=1, keepdims=True)
     rows = []
-    while len(rows) < n:
+    for _ in range(100_000):
         x = rng.normal(size=d0)
         if np.min(np.abs(W1 @ x)) >= margin * np.linalg.norm(x):
             rows.append(x)
+        if len(rows) == n:
+            break
+    assert len(rows) == n, "margin too large for rejection sampling"
     W2 = rng.normal(size=(d2, d1)) / np.sqrt(d1)
     return (jnp.asarray(np.stack(rows)), jnp.asarray(rng.normal(size=(n, d2))), jnp.asarray(W1), jnp.asarray(W2))
 

@@ -4,11 +4,14 @@ Comparisons at 1e-10 run in float64 through the ``x64`` fixture. Objectives are 
 functions, so the jitted primitives (``f`` is a static argument) compile once per shape.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.linalg
 from flax import nnx
 
 from lsgeo import curvature, losses
@@ -19,17 +22,13 @@ from lsgeo import tree as tree_lib
 # plus a small CNN written with lax.conv_general_dilated.
 
 
-def mlp_init(key, sizes):
-    params = []
-    for d_in, d_out in zip(sizes[:-1], sizes[1:]):
-        key, k_w, k_b = jax.random.split(key, 3)
-        params.append(
-            {
-                "w": jax.random.normal(k_w, (d_in, d_out), jnp.float64) / np.sqrt(d_in),
-                "b": 0.1 * jax.random.normal(k_b, (d_out,), jnp.float64),
-            }
-        )
-    return params
+def mlp_init(seed, sizes):
+    """Parameters of a tanh MLP as a list of {"w", "b"} dicts (numpy float64: no eager JAX ops)."""
+    rng = np.random.default_rng(seed)
+    return [
+        {"w": rng.standard_normal((d_in, d_out)) / np.sqrt(d_in), "b": 0.1 * rng.standard_normal(d_out)}
+        for d_in, d_out in zip(sizes[:-1], sizes[1:])
+    ]
 
 
 def mlp_apply(params, x):
@@ -59,11 +58,11 @@ class NNXMLP(nnx.Module):
         return self.out(jnp.tanh(self.hidden(x)))
 
 
-def cnn_init(key):
-    k1, k2, k3 = jax.random.split(key, 3)
+def cnn_init(seed):
+    rng = np.random.default_rng(seed)
     return {
-        "conv": {"w": jax.random.normal(k1, (3, 3, 1, 3), jnp.float64) / 3.0, "b": jnp.full((3,), 0.1)},
-        "dense": {"w": jax.random.normal(k2, (48, 3), jnp.float64) / 7.0, "b": 0.1 * jax.random.normal(k3, (3,))},
+        "conv": {"w": rng.standard_normal((3, 3, 1, 3)) / 3.0, "b": np.full((3,), 0.1)},
+        "dense": {"w": rng.standard_normal((48, 3)) / 7.0, "b": 0.1 * rng.standard_normal(3)},
     }
 
 
@@ -91,41 +90,58 @@ def _ce_objective(predict):
     return f
 
 
+def _first_output(params, x):
+    return mlp_apply(params, x)[:, 0]
+
+
 F_MLP = _sq_objective(mlp_apply)
+HVP = jax.jit(curvature.hvp, static_argnums=0)
+GNVP = jax.jit(curvature.gnvp, static_argnums=(0, 1))
 F_CNN = _ce_objective(cnn_apply)
 D_IN, HIDDEN, K_OUT, N = 4, 6, 3, 24  # the model-kind MLPs: 4 -> 6 -> 3, m = 51
 
 
-def regression_batch(key, n, d_in, k_out):
-    kx, ky = jax.random.split(key)
-    return jax.random.normal(kx, (n, d_in), jnp.float64), jax.random.normal(ky, (n, k_out), jnp.float64)
+def regression_batch(seed, n, d_in, k_out):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d_in)), rng.standard_normal((n, k_out))
 
 
 def make_model(kind):
     """(predict, params) for a 4 -> 6 -> 3 tanh MLP written as a plain function, linen or NNX."""
-    key = jax.random.key(0)
     if kind == "plain":
-        return mlp_apply, mlp_init(key, (D_IN, HIDDEN, K_OUT))
+        return mlp_apply, mlp_init(0, (D_IN, HIDDEN, K_OUT))
     if kind == "linen":
         model = LinenMLP(HIDDEN, K_OUT)
-        params = model.init(key, jnp.zeros((1, D_IN), jnp.float64))["params"]
+        params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, D_IN), jnp.float64))["params"]
         return (lambda p, x: model.apply({"params": p}, x)), params
     model = NNXMLP(D_IN, HIDDEN, K_OUT, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     return (lambda s, x: nnx.merge(graphdef, s)(x)), state
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def dense_hessian(f, params, batch):
-    flat, unravel = tree_lib.ravel(params)
-    return jax.hessian(lambda w: f(unravel(w), batch))(flat)
+    """The reference: jax.hessian of f on the flattened parameters."""
+    w, unravel = tree_lib.ravel(params)
+    return jax.hessian(lambda w: f(unravel(w), batch))(w)
 
 
-def random_tree(key, params):
-    return tree_lib.normal_like(key, params)
+@functools.partial(jax.jit, static_argnums=0)
+def dense_jacobian(predict, params, x):
+    """The reference Jacobian of the outputs as [n k, m]."""
+    w, unravel = tree_lib.ravel(params)
+    jac = jax.jacobian(lambda w: losses.as_matrix(predict(unravel(w), x)))(w)
+    return jac.reshape(-1, w.shape[0])
+
+
+def random_tree(seed, params):
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda a: rng.standard_normal(np.shape(a)), params)
 
 
 def flat(t):
-    return tree_lib.ravel(t)[0]
+    """Flattened leaves, in the order of lsgeo.tree.ravel (jax.tree_util flattening order)."""
+    return np.concatenate([np.ravel(np.asarray(a)) for a in jax.tree_util.tree_leaves(t)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,20 +149,20 @@ def flat(t):
 
 
 def test_hvp_matches_dense_hessian_mlp(x64):
-    params = mlp_init(jax.random.key(0), (5, 8, 8, 3))
-    batch = regression_batch(jax.random.key(1), 20, 5, 3)
-    v = random_tree(jax.random.key(2), params)
-    hv = jax.jit(curvature.hvp, static_argnums=0)(F_MLP, params, batch, v)
+    params = mlp_init(0, (5, 8, 8, 3))
+    batch = regression_batch(1, 20, 5, 3)
+    v = random_tree(2, params)
+    hv = HVP(F_MLP, params, batch, v)
     expected = dense_hessian(F_MLP, params, batch) @ flat(v)
     np.testing.assert_allclose(flat(hv), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_hvp_matches_dense_hessian_cnn(x64):
-    params = cnn_init(jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (10, 6, 6, 1), jnp.float64)
-    y = jax.random.randint(jax.random.key(2), (10,), 0, 3)
-    v = random_tree(jax.random.key(3), params)
-    hv = curvature.hvp(F_CNN, params, (x, y), v)
+    params = cnn_init(0)
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((10, 6, 6, 1)), rng.integers(0, 3, size=10)
+    v = random_tree(3, params)
+    hv = HVP(F_CNN, params, (x, y), v)
     expected = dense_hessian(F_CNN, params, (x, y)) @ flat(v)
     np.testing.assert_allclose(flat(hv), expected, rtol=1e-10, atol=1e-12)
 
@@ -155,34 +171,35 @@ def test_hvp_matches_dense_hessian_cnn(x64):
 def test_gnvp_matches_dense_jacobians(x64, loss):
     n = 12
     k_out = 1 if loss == "logistic" else 3
-    params = mlp_init(jax.random.key(0), (4, 7, k_out))
-    x = jax.random.normal(jax.random.key(1), (n, 4), jnp.float64)
+    params = mlp_init(0, (4, 7, k_out))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, 4))
     if loss == "squared":
-        loss_fn, y = losses.squared_loss, jax.random.normal(jax.random.key(2), (n, k_out), jnp.float64)
-        predict = mlp_apply
+        loss_fn, y, predict = losses.squared_loss, rng.standard_normal((n, k_out)), mlp_apply
     elif loss == "cross_entropy":
-        loss_fn, y = losses.softmax_cross_entropy, jax.random.randint(jax.random.key(2), (n,), 0, k_out)
-        predict = mlp_apply
-    else:  # scalar outputs [n]
-        loss_fn, y = losses.logistic_loss, jnp.sign(jax.random.normal(jax.random.key(2), (n,), jnp.float64))
-        predict = lambda p, x: mlp_apply(p, x)[:, 0]  # noqa: E731
-    v = random_tree(jax.random.key(3), params)
-    gv = curvature.gnvp(predict, loss_fn, params, (x, y), v)
+        loss_fn, y, predict = losses.softmax_cross_entropy, rng.integers(0, k_out, size=n), mlp_apply
+    else:  # scalar outputs [n], labels in {-1, +1}
+        loss_fn, y, predict = losses.logistic_loss, rng.choice([-1.0, 1.0], size=n), _first_output
+    v = random_tree(3, params)
 
-    w, unravel = tree_lib.ravel(params)
-    outputs = losses.as_matrix(predict(params, x))
-    jac = jax.jacobian(lambda w: losses.as_matrix(predict(unravel(w), x)))(w).reshape(n * outputs.shape[1], -1)
-    blocks = losses.output_hessians(loss_fn, predict(params, x), y) / n  # D2L = blockdiag(H_i) / n
-    d2l = jax.scipy.linalg.block_diag(*blocks)
+    @jax.jit
+    def products(params, batch, v, u):
+        gmv = curvature.gauss_newton_operator(predict, loss_fn, params, batch)
+        x, y = batch
+        blocks = losses.output_hessians(loss_fn, predict(params, x), y)
+        return curvature.gnvp(predict, loss_fn, params, batch, v), gmv(u), blocks
+
+    gv, gu, blocks = products(params, (x, y), v, flat(v))
+    jac = np.asarray(dense_jacobian(predict, params, x))  # [n k, m]
+    d2l = scipy.linalg.block_diag(*np.asarray(blocks)) / n  # D2L = blockdiag(H_i) / n
     np.testing.assert_allclose(flat(gv), jac.T @ d2l @ jac @ flat(v), rtol=1e-10, atol=1e-13)
     # the operator form agrees with the pytree form
-    gmv = curvature.gauss_newton_operator(predict, loss_fn, params, (x, y))
-    np.testing.assert_allclose(gmv(flat(v)), flat(gv), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(gu, flat(gv), rtol=1e-12, atol=1e-14)
 
 
 def test_hessian_dense_matches_jax_hessian(x64):
-    params = mlp_init(jax.random.key(0), (3, 5, 2))
-    batch = regression_batch(jax.random.key(1), 10, 3, 2)
+    params = mlp_init(0, (3, 5, 2))
+    batch = regression_batch(1, 10, 3, 2)
     h = curvature.hessian(F_MLP, params, batch, chunk_size=8)  # m = 32: 4 chunks of 8
     np.testing.assert_allclose(h, dense_hessian(F_MLP, params, batch), rtol=1e-10, atol=1e-13)
 
@@ -192,9 +209,9 @@ def test_hessian_dense_matches_jax_hessian(x64):
 
 
 def test_hessian_trace_within_three_standard_errors(x64):
-    params = mlp_init(jax.random.key(0), (5, 8, 8, 3))
-    batch = regression_batch(jax.random.key(1), 20, 5, 3)
-    exact = jnp.trace(dense_hessian(F_MLP, params, batch))
+    params = mlp_init(0, (5, 8, 8, 3))
+    batch = regression_batch(1, 20, 5, 3)
+    exact = np.trace(dense_hessian(F_MLP, params, batch))
     est, se = curvature.hessian_trace(
         F_MLP, params, batch, jax.random.key(4), num_probes=2000, chunk_size=100, return_stderr=True
     )
@@ -209,20 +226,24 @@ def _quadratic(w, a):
 
 def test_hutchpp_beats_hutchinson_on_decaying_spectrum(x64):
     m, num_probes, num_seeds = 120, 30, 24
-    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (m, m), jnp.float64))
-    a = (q * (1.0 / jnp.arange(1, m + 1) ** 2)) @ q.T  # eigenvalues 1 / i^2
-    w = jnp.zeros(m, jnp.float64)
-    exact = jnp.trace(a)
-    keys = jax.random.split(jax.random.key(1), num_seeds)
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((m, m)))
+    a = (q * (1.0 / np.arange(1, m + 1) ** 2)) @ q.T  # eigenvalues 1 / i^2
+    w = np.zeros(m)
+    exact = np.trace(a)
 
-    def errors(method):
-        est = jax.vmap(
-            lambda k: curvature.hessian_trace(_quadratic, w, a, k, num_probes=num_probes, method=method)
-        )(keys)
-        return jnp.abs(est - exact)
+    @jax.jit
+    def estimates(w, a, keys):  # one estimate per seed, the seeds vmapped
+        def one(k):
+            return [
+                curvature.hessian_trace(_quadratic, w, a, k, num_probes=num_probes, method=method)
+                for method in ("hutchinson", "hutch++")
+            ]
 
-    err_h, err_pp = errors("hutchinson"), errors("hutch++")
-    assert jnp.mean(err_pp) < 0.5 * jnp.mean(err_h), (jnp.mean(err_pp), jnp.mean(err_h))
+        return jax.vmap(one)(keys)
+
+    est_h, est_pp = estimates(w, a, jax.random.split(jax.random.key(1), num_seeds))
+    err_h, err_pp = np.mean(np.abs(est_h - exact)), np.mean(np.abs(est_pp - exact))
+    assert err_pp < 0.5 * err_h, (err_pp, err_h)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,31 +252,39 @@ def test_hutchpp_beats_hutchinson_on_decaying_spectrum(x64):
 
 def test_lanczos_basis_orthonormal_and_exact_at_full_dimension(x64):
     m = 30
-    a = jax.random.normal(jax.random.key(0), (m, m), jnp.float64)
+    a = np.random.default_rng(0).standard_normal((m, m))
     a = a + a.T
-    alphas, betas, basis = jax.jit(
-        lambda v: curvature.lanczos(lambda u: a @ u, v, m, return_vectors=True)
-    )(jnp.ones(m, jnp.float64))
+
+    @jax.jit
+    def run(a, v):
+        alphas, betas, basis = curvature.lanczos(lambda u: a @ u, v, m, return_vectors=True)
+        return alphas, betas, basis, curvature.tridiagonal_eigh(alphas, betas)[0]
+
+    alphas, betas, basis, theta = run(a, np.ones(m))
     assert alphas.shape == (m,) and betas.shape == (m - 1,) and basis.shape == (m, m)
     np.testing.assert_allclose(basis @ basis.T, np.eye(m), atol=1e-12)
-    theta, _ = curvature.tridiagonal_eigh(alphas, betas)
-    np.testing.assert_allclose(theta, jnp.linalg.eigvalsh(a), atol=1e-10)
+    np.testing.assert_allclose(theta, np.linalg.eigvalsh(a), atol=1e-10)
 
 
 def test_lanczos_breakdown_is_graceful(x64):
     # three distinct eigenvalues: the Krylov space of any start is 3-dimensional, beta_3 = 0
     m = 12
-    d = jnp.array([1.0, 2.0, 5.0] * 4, jnp.float64)
-    alphas, betas, basis = curvature.lanczos(lambda u: d * u, jnp.ones(m, jnp.float64), 6, return_vectors=True)
+    d = np.array([1.0, 2.0, 5.0] * 4)
+
+    @jax.jit
+    def run(d, v):
+        alphas, betas, basis = curvature.lanczos(lambda u: d * u, v, 6, return_vectors=True)
+        return alphas, betas, basis, curvature.tridiagonal_eigh(alphas, betas)
+
+    alphas, betas, basis, (theta, u) = run(d, np.ones(m))
     assert np.all(np.isfinite(alphas)) and np.all(np.isfinite(betas))
     assert abs(betas[2]) < 1e-12
     np.testing.assert_allclose(basis @ basis.T, np.eye(6), atol=1e-12)
-    theta, u = curvature.tridiagonal_eigh(alphas, betas)
     # every Ritz value is an eigenvalue of A; the Gauss weights seen from v0 ignore the restart block
     assert np.min(np.abs(theta[:, None] - np.array([1.0, 2.0, 5.0])[None]), axis=1).max() < 1e-10
     np.testing.assert_allclose(np.sum(u[0] ** 2 * theta), np.mean(d), rtol=1e-12)
-    # the zero operator: all-zero tridiagonal, no NaN
-    alphas, betas = curvature.lanczos(lambda u: 0.0 * u, jnp.ones(m, jnp.float64), 4)
+    # the zero operator: an all-zero tridiagonal, no NaN
+    alphas, betas, _, _ = run(np.zeros(m), np.ones(m))
     np.testing.assert_array_equal(alphas, 0.0)
     np.testing.assert_array_equal(betas, 0.0)
 
@@ -264,9 +293,9 @@ def test_lanczos_breakdown_is_graceful(x64):
 def mlp5k():
     """A ~5k-parameter tanh MLP (16 -> 64 -> 48 -> 10) with cross-entropy on random data."""
     with jax.enable_x64(True):
-        params = mlp_init(jax.random.key(0), (16, 64, 48, 10))
-        x = jax.random.normal(jax.random.key(1), (256, 16), jnp.float64)
-        y = jax.random.randint(jax.random.key(2), (256,), 0, 10)
+        params = mlp_init(0, (16, 64, 48, 10))
+        rng = np.random.default_rng(1)
+        x, y = rng.standard_normal((256, 16)), rng.integers(0, 10, size=256)
     return params, (x, y)
 
 
@@ -301,9 +330,9 @@ def test_top_eigenvalues_5k_mlp_matches_dense_eigh(x64, mlp5k):
 def saddle_mlp():
     """A tanh MLP (6 -> 12 -> 12 -> 2, m = 266) at a random point with random targets: indefinite H."""
     with jax.enable_x64(True):
-        params = mlp_init(jax.random.key(5), (6, 12, 12, 2))
-        batch = regression_batch(jax.random.key(6), 64, 6, 2)
-        eigs = np.linalg.eigvalsh(np.asarray(dense_hessian(F_MLP, params, batch)))
+        params = mlp_init(5, (6, 12, 12, 2))
+        batch = regression_batch(6, 64, 6, 2)
+        eigs = np.linalg.eigvalsh(np.asarray(curvature.hessian(F_MLP, params, batch)))  # checked above
     return params, batch, eigs
 
 
@@ -321,7 +350,7 @@ def test_spectral_density_integrates_to_one_and_mass_below_zero(x64, saddle_mlp)
     below = grid <= 0
     mass_below = jnp.trapezoid(jnp.where(below, density, 0.0), grid)
     assert abs(mass_below - exact_index) < 0.05, (mass_below, exact_index)
-    # the zero-width limit, as used by saddle_index(method="slq")
+    # saddle_index(method="slq"): the same nodes, broadened by its default (robust) width
     slq = curvature.saddle_index(F_MLP, params, batch, jax.random.key(7), method="slq", num_iters=80, num_runs=16)
     assert abs(slq - exact_index) < 0.05, (slq, exact_index)
     # exact path (m <= max_dense) is the dense count
@@ -341,10 +370,10 @@ def test_min_eigenvalue_and_eigenpairs(x64, saddle_mlp):
     np.testing.assert_allclose(lam, eigs[0], rtol=1e-8)
     tree_lib.check_same_structure(params, u, "u")
     np.testing.assert_allclose(tree_lib.norm(u), 1.0, rtol=1e-10)
-    np.testing.assert_allclose(flat(curvature.hvp(F_MLP, params, batch, u)), lam * flat(u), atol=1e-6)
+    np.testing.assert_allclose(flat(HVP(F_MLP, params, batch, u)), lam * flat(u), atol=1e-6)
     values, vectors = curvature.eigenpairs(F_MLP, params, batch, jax.random.key(8), k=3, num_iters=80)
     np.testing.assert_allclose(values, eigs[::-1][:3], rtol=1e-8)
-    vmat = jax.vmap(flat)(vectors)
+    vmat = np.stack([flat(jax.tree_util.tree_map(lambda a: a[i], vectors)) for i in range(3)])
     np.testing.assert_allclose(vmat @ vmat.T, np.eye(3), atol=1e-8)
 
 
@@ -356,52 +385,49 @@ def test_min_eigenvalue_and_eigenpairs(x64, saddle_mlp):
 def test_primitives_work_with_every_model_kind(x64, kind):
     predict, params = make_model(kind)
     f = _sq_objective(predict)
-    batch = regression_batch(jax.random.key(1), N, D_IN, K_OUT)
+    batch = regression_batch(1, N, D_IN, K_OUT)
     m = tree_lib.num_params(params)
     assert m == D_IN * HIDDEN + HIDDEN + HIDDEN * K_OUT + K_OUT
-    h = dense_hessian(f, params, batch)
-    eigs = np.linalg.eigvalsh(np.asarray(h))
-    key = jax.random.key(2)
-    v = random_tree(key, params)
+    v, key = random_tree(2, params), jax.random.key(3)
+    h, jac = np.asarray(dense_hessian(f, params, batch)), np.asarray(dense_jacobian(predict, params, batch[0]))
+    eigs = np.linalg.eigvalsh(h)
 
-    np.testing.assert_allclose(flat(curvature.hvp(f, params, batch, v)), h @ flat(v), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(curvature.hessian(f, params, batch), h, rtol=1e-10, atol=1e-12)
-
-    w, unravel = tree_lib.ravel(params)
-    jac = jax.jacobian(lambda w: predict(unravel(w), batch[0]))(w).reshape(N * K_OUT, m)
-    gv = curvature.gnvp(predict, losses.squared_loss, params, batch, v)
+    hv = HVP(f, params, batch, v)
+    tree_lib.check_same_structure(params, hv, "hvp")
+    np.testing.assert_allclose(flat(hv), h @ flat(v), rtol=1e-10, atol=1e-12)
+    gv = GNVP(predict, losses.squared_loss, params, batch, v)
     np.testing.assert_allclose(flat(gv), jac.T @ (jac @ flat(v)) / N, rtol=1e-10, atol=1e-12)
-
+    np.testing.assert_allclose(curvature.hessian(f, params, batch), h, rtol=1e-10, atol=1e-12)
     # Hutch++ with N / 3 >= m sketches the whole space: the trace is exact
-    tr = curvature.hessian_trace(f, params, batch, key, num_probes=3 * m, method="hutch++", chunk_size=64)
-    np.testing.assert_allclose(tr, np.trace(h), rtol=1e-9)
-    tr_h, se = curvature.hessian_trace(f, params, batch, key, num_probes=256, return_stderr=True)
-    assert abs(tr_h - np.trace(h)) < 4 * se
-
+    trace = curvature.hessian_trace(f, params, batch, key, num_probes=3 * m, method="hutch++")
+    np.testing.assert_allclose(trace, np.trace(h), rtol=1e-9)
     np.testing.assert_allclose(curvature.top_eigenvalues(f, params, batch, key, k=3), eigs[::-1][:3], rtol=1e-8)
+    values, vectors = curvature.eigenpairs(f, params, batch, key, k=2)
+    np.testing.assert_allclose(values, eigs[::-1][:2], rtol=1e-8)
     np.testing.assert_allclose(curvature.min_eigenvalue(f, params, batch, key)[0], eigs[0], rtol=1e-8)
-
     grid, density = curvature.spectral_density(f, params, batch, key, num_iters=m, num_runs=4)
     np.testing.assert_allclose(jnp.trapezoid(density, grid), 1.0, rtol=1e-8)
-    # with a full Krylov space the SLQ nodes are the eigenvalues
-    assert grid[0] < eigs[0] and grid[-1] > eigs[-1]
-
+    assert grid[0] < eigs[0] and grid[-1] > eigs[-1]  # with K = m the nodes are eigenvalues
     exact_index = curvature.saddle_index(f, params, batch)
     np.testing.assert_allclose(exact_index, np.mean(eigs < 0), atol=1e-7)
     slq_index = curvature.saddle_index(f, params, batch, key, method="slq", num_iters=m, num_runs=4)
     assert abs(slq_index - exact_index) < 0.2
 
 
-def test_iterative_primitives_are_jit_and_vmap_compatible(x64, saddle_mlp):
-    params, batch, eigs = saddle_mlp
-    keys = jax.random.split(jax.random.key(0), 2)
+def test_iterative_primitives_compose_with_jit_and_vmap(x64):
+    predict, params = make_model("plain")
+    f = _sq_objective(predict)
+    batch = regression_batch(1, N, D_IN, K_OUT)
+    eigs = np.linalg.eigvalsh(np.asarray(dense_hessian(f, params, batch)))
 
     @jax.jit
-    def run(params, batch, keys):
-        return jax.vmap(lambda k: curvature.top_eigenvalues(F_MLP, params, batch, k, k=2, num_iters=80))(keys)
+    def run(params, batch, keys):  # data as arguments; one Lanczos run per key, vmapped
+        tops = jax.vmap(lambda k: curvature.top_eigenvalues(f, params, batch, k, k=2))(keys)
+        return tops, curvature.saddle_index(f, params, batch)
 
-    tops = run(params, batch, keys)
+    tops, index = run(params, batch, jax.random.split(jax.random.key(0), 2))
     np.testing.assert_allclose(tops, np.tile(eigs[::-1][:2], (2, 1)), rtol=1e-8)
+    np.testing.assert_allclose(index, np.mean(eigs < 0), atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -199,6 +199,7 @@ def test_cifar10_malformed_files_named(tmp_path):
 
 
 def test_mnist1d_deterministic_and_cached(tmp_path, monkeypatch):
+    pytest.importorskip("mnist1d")
     np.random.seed(123)
     before = np.random.get_state()[1].copy()
     a = data.mnist1d(num_samples=60, generation_seed=7, cache_dir=tmp_path / "a")

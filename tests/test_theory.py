@@ -212,13 +212,18 @@ def test_deep_linear_layerwise_risk_last_layer_uses_output_width(x64):
 
 
 def relu_data(rng, n, d0, d1, d2, margin=0.0):
-    """Data with every pre-activation |(W1 X^T)_{ji}| >= margin ||x_i|| (rejection sampling of rows of X)."""
-    W1 = rng.normal(size=(d1, d0)) / np.sqrt(d0)
+    """Unit-norm rows of W1 and rows of X with |cos(w_j, x_i)| >= margin for all j (rejection sampling),
+    so that every pre-activation satisfies |(W1 X^T)_{ji}| >= margin ||x_i|| and none is 0."""
+    W1 = rng.normal(size=(d1, d0))
+    W1 /= np.linalg.norm(W1, axis=1, keepdims=True)
     rows = []
-    while len(rows) < n:
+    for _ in range(100_000):
         x = rng.normal(size=d0)
-        if np.min(np.abs(W1 @ x)) >= margin * np.linalg.norm(x) and np.min(np.abs(W1 @ x)) > 1e-8:
+        if np.min(np.abs(W1 @ x)) >= max(margin * np.linalg.norm(x), 1e-8):
             rows.append(x)
+        if len(rows) == n:
+            break
+    assert len(rows) == n, "margin too large for rejection sampling"
     X = np.stack(rows)
     W2 = rng.normal(size=(d2, d1)) / np.sqrt(d1)
     Y = rng.normal(size=(n, d2))

@@ -1,0 +1,198 @@
+"""Nguyen & Hein (2017): with one layer at least N - 1 wide, training reaches a global minimum.
+
+Claim (Theorem 3.8, seed 002): for squared loss, an analytic strictly increasing activation and a
+layer k of width n_k >= N - 1 followed by a pyramidal structure (n_k >= n_{k+1} >= ... >= n_L), every
+critical point at which the feature matrix F_k = [f_k(x_1), ..., f_k(x_N)]^T has full rank N (and
+the later weight matrices full column rank) is a global minimum, so gradient training of such a
+network ends at zero training loss from (almost) every initialisation; a narrow network does not.
+
+Setup: N distinct inputs x_i ~ N(0, I_d) with random targets y_i ~ N(0, 1) (the theorem holds for any
+targets; random ones make the narrow net's failure certain: with fewer parameters than N the set of
+outputs it can produce has dimension below N and misses almost every target vector). Softplus MLPs
+(``lsgeo.models.MLP``, biases, LeCun init), squared loss 1/(2N) sum_i (f(x_i) - y_i)^2:
+- wide:   hidden widths ``wide``   (first layer >= N - 1, then non-increasing: pyramidal);
+- narrow: hidden widths ``narrow`` (fewer parameters than N).
+From ``seeds`` random initialisations each (vmapped, ``lsgeo.train.sweep``) full-batch Adam with a
+cosine-decayed step runs ``steps`` steps to a stationary point (the final gradient norm is reported).
+A run "reaches a global minimum" when its train loss is below ``threshold`` (the global minimum is 0
+for the wide net). At the end, F_k at the wide layer k (the first hidden layer of both nets) is
+examined: its singular values, numerical rank (singular values above N eps_32 s_max) and smallest
+singular value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import _runner
+from lsgeo import models, train
+from lsgeo import tree as tree_lib
+from lsgeo.losses import squared_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """N random-target points, wide vs narrow softplus MLPs; the defaults run in about a minute on a CPU."""
+
+    n_points: int = 48  # N
+    input_dim: int = 16  # d (N > d + 1: the inputs are not linearly independent, Theorem 3.4 does not apply)
+    wide: tuple[int, ...] = (48, 16)  # first hidden layer >= N - 1, then pyramidal
+    narrow: tuple[int, ...] = (2, 2)  # fewer parameters (43) than N
+    activation: str = "softplus"  # analytic and strictly increasing: "softplus" or "tanh"
+    seeds: tuple[int, ...] = tuple(range(32))
+    steps: int = 4000
+    lr: float = 1e-2  # Adam peak step (cosine decay to 0)
+    threshold: float = 1e-4  # train loss below this counts as a global minimum (initial loss ~0.5)
+    min_fraction: float = 0.9  # the wide net must reach a global minimum from at least this fraction
+    max_narrow_fraction: float = 0.1  # and the narrow one from at most this fraction
+    data_seed: int = 0
+
+
+PAPER = Config(n_points=100, input_dim=16, wide=(100, 32, 8), narrow=(4, 2), seeds=tuple(range(100)), steps=20_000)
+
+ARCHITECTURES = ("wide", "narrow")
+
+
+def prepare(cfg: Config):
+    if cfg.wide[0] < cfg.n_points - 1 or list(cfg.wide) != sorted(cfg.wide, reverse=True):
+        raise ValueError(f"wide={cfg.wide} must start with a layer >= N - 1 = {cfg.n_points - 1} and be non-increasing")
+    rng = np.random.default_rng(cfg.data_seed)
+    x = rng.normal(size=(cfg.n_points, cfg.input_dim)).astype(np.float32)
+    y = rng.normal(size=(cfg.n_points, 1)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+def make_model(cfg: Config, arch: str) -> models.MLP:
+    return models.MLP(widths=getattr(cfg, arch), num_outputs=1, activation=cfg.activation)
+
+
+def make_objective(model: models.MLP):
+    def objective(params, batch):
+        x, y = batch
+        return squared_loss(model.apply({"params": params}, x), y)
+
+    return objective
+
+
+def features(params, x, activation: str, k: int = 1):
+    """F_k = [f_k(x_1), ..., f_k(x_N)]^T, the outputs of hidden layer k (1-based) of an ``MLP``, ``[N, n_k]``."""
+    act = models.ACTIVATIONS[activation]
+    h = x
+    for i in range(k):
+        layer = params[f"Dense_{i}"]
+        h = act(h @ layer["kernel"] + layer["bias"])
+    return h
+
+
+def feature_spectrum(params, x, activation: str):
+    """(numerical rank, smallest singular value, smallest / largest) of F_1 (vmappable).
+
+    The rank counts singular values above max(N, n_1) eps s_max in the dtype of ``params``."""
+    f = features(params, x, activation)
+    s = jnp.linalg.svd(f, compute_uv=False)  # descending, min(N, n_1) values
+    n = x.shape[0]
+    tol = max(f.shape) * jnp.finfo(s.dtype).eps * s[0]
+    s_min = s[-1] if s.shape[0] >= n else jnp.zeros((), s.dtype)  # fewer columns than N: rank-deficient
+    return jnp.sum(s > tol), s_min, s_min / s[0]
+
+
+def train_from_seeds(cfg: Config, arch: str, batch, seeds):
+    """Trains ``arch`` from every seed (one vmapped sweep); returns the final params and train losses."""
+    model = make_model(cfg, arch)
+    schedule = optax.cosine_decay_schedule(cfg.lr, cfg.steps)
+    result = train.sweep(
+        make_objective(model), lambda _, __: optax.adam(schedule), lambda k: model.init(k, batch[0][:1])["params"],
+        batch, sigmas=[0.0], seeds=list(seeds), num_steps=cfg.steps,
+    )
+    return jax.tree_util.tree_map(lambda a: a[0], result.params), result.history["train_loss"][0, :, -1]
+
+
+def cells(cfg: Config):
+    return [dict(arch=a, seed=s) for a in ARCHITECTURES for s in cfg.seeds]
+
+
+def run(cfg: Config, batch, group):
+    arch = group[0]["arch"]
+    model = make_model(cfg, arch)
+    objective = make_objective(model)
+    params, losses = train_from_seeds(cfg, arch, batch, [c["seed"] for c in group])
+    grad_norms = jax.vmap(lambda p: tree_lib.norm(jax.grad(objective)(p, batch)))(params)
+    with jax.enable_x64(True):  # F_1 of the trained float32 weights, formed and factored in float64
+        to64 = lambda a: jnp.asarray(a, jnp.float64)  # noqa: E731
+        rank, s_min, s_rel = jax.vmap(lambda p: feature_spectrum(p, to64(batch[0]), cfg.activation))(
+            jax.tree_util.tree_map(to64, params))
+    num_params = tree_lib.num_params(jax.tree_util.tree_map(lambda a: a[0], params))
+    return [
+        [dict(num_params=num_params, width_k=getattr(cfg, arch)[0], train_loss=float(losses[i]),
+              grad_norm=float(grad_norms[i]), global_min=bool(losses[i] < cfg.threshold), rank_F=int(rank[i]),
+              sigma_min_F=float(s_min[i]), sigma_min_rel_F=float(s_rel[i]))]
+        for i in range(len(group))
+    ]
+
+
+def _arch_summary(cfg: Config, rows, arch: str) -> dict:
+    sel = _runner.select(rows, arch=arch)
+    losses = np.array([r["train_loss"] for r in sel])
+    return dict(
+        arch=arch, widths=str(getattr(cfg, arch)), num_params=sel[0]["num_params"], runs=len(sel),
+        fraction_global_min=float(np.mean([r["global_min"] for r in sel])),
+        median_loss=float(np.median(losses)), min_loss=float(losses.min()), max_loss=float(losses.max()),
+        median_grad_norm=float(np.median([r["grad_norm"] for r in sel])),
+        min_rank_F=min(r["rank_F"] for r in sel), min_sigma_min_F=min(r["sigma_min_F"] for r in sel),
+    )
+
+
+def summarize(cfg: Config, rows):
+    wide, narrow = (_arch_summary(cfg, rows, a) for a in ARCHITECTURES)
+    figures = {f"{s['arch']}_{k}": s[k] for s in (wide, narrow)
+               for k in ("fraction_global_min", "median_loss", "min_loss", "median_grad_norm", "min_rank_F",
+                         "min_sigma_min_F", "num_params")}
+    figures["n_points"] = cfg.n_points
+    supported = (
+        wide["fraction_global_min"] >= cfg.min_fraction
+        and wide["min_rank_F"] == cfg.n_points
+        and narrow["fraction_global_min"] <= cfg.max_narrow_fraction
+    )
+    if len(cfg.seeds) < 5:
+        supported = None  # too few initialisations to speak of "nearly every" one
+    return _runner.Verdict(supported=supported, figures=figures, table=[wide, narrow])
+
+
+def plot(cfg: Config, rows, out_dir):
+    fig, axes = _runner.plt.subplots(1, 2, figsize=(11, 4))
+    for i, arch in enumerate(ARCHITECTURES):
+        sel = _runner.select(rows, arch=arch)
+        losses = np.maximum([r["train_loss"] for r in sel], 1e-12)
+        axes[0].hist(np.log10(losses), bins=20, alpha=0.6, color=f"C{i}", label=f"{arch} {getattr(cfg, arch)}")
+        axes[1].scatter([r["sigma_min_rel_F"] for r in sel], losses, color=f"C{i}", s=12, label=arch)
+    axes[0].axvline(np.log10(cfg.threshold), color="k", ls=":", label="threshold")
+    axes[0].set(xlabel="log10 final train loss", ylabel="initialisations", title=f"N = {cfg.n_points} points")
+    axes[0].legend()
+    axes[1].set(xscale="symlog", yscale="log", xlabel="sigma_min(F_1) / sigma_max(F_1)  (0: rank < N)",
+                ylabel="final train loss", title="feature matrix at the wide layer")
+    axes[1].legend()
+    _runner.save_figure(fig, out_dir / "wide_networks.png")
+
+
+EXPERIMENT = _runner.Experiment(
+    name="wide_networks",
+    claim=("With squared loss, an analytic increasing activation and a first hidden layer of width >= N - 1 followed "
+           "by a pyramidal structure, training reaches a global minimum (zero loss) from nearly every initialisation "
+           "with a full-rank feature matrix F_k, while a narrow network does not (Nguyen & Hein 2017)."),
+    config=Config,
+    presets={"paper": PAPER},
+    cells=cells,
+    run=run,
+    summarize=summarize,
+    plot=plot,
+    prepare=prepare,
+    batch_over=("seed",),
+)
+
+if __name__ == "__main__":
+    _runner.main(EXPERIMENT)

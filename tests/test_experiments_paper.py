@@ -1,0 +1,94 @@
+"""End-to-end smoke runs of the noise-injection paper's experiments (tiny configs, seconds each).
+
+Each run must write config.json, metrics.csv, summary.json (the common keys) and its figures; the
+sigma sweep is also interrupted inside a cell and resumed without recomputing finished cells, and
+rerun to check that its metrics reproduce exactly.
+"""
+
+import csv
+import dataclasses
+import json
+
+import pytest
+
+from experiments import _runner, cnn, deep_mlp, geometry_report, lasso, nuclear_norm, regularized_loss, resnet, sigma_sweep
+
+SUMMARY_KEYS = {"experiment", "config", "claim", "supported", "figures", "runtime_s", "devices"}
+
+SMOKE = {
+    "regularized_loss": (regularized_loss, dict(widths=(8,), n_train=16, steps=20, eval_every=10, methods=("noise", "layer"), seeds=(0,))),
+    "lasso": (lasso, dict(n_train=6, d=12, num_nonzero=2, sigmas=(0.3,), steps=20, eval_every=10, seeds=(0,))),
+    "nuclear_norm": (nuclear_norm, dict(n_train=12, d_in=6, d_out=6, rank=1, width=5, steps=20, eval_every=10,
+                                        prox_iters=2, methods=("layer",), seeds=(0,))),
+    "deep_mlp": (deep_mlp, dict(n_train=32, n_test=32, depth=2, widths=(8,), lrs=(0.1,), steps=4, eval_every=2,
+                                methods=("layer",), seeds=(0,))),
+    "cnn": (cnn, dict(n_train=32, n_test=32, archs=("toy",), batch_size=16, steps=2, eval_every=2, trace_examples=8,
+                      trace_probes=1, methods=("layer",), seeds=(0,))),
+    "resnet": (resnet, dict(n_train=16, n_test=16, width=2, batch_size=8, epochs=2, noise_off_epoch=1, evals=1,
+                            trace_examples=4, trace_probes=1, methods=("layer",), seeds=(0,))),
+    "geometry_report": (geometry_report, dict(widths=(4,), steps=2, sigmas=(0.05,), mc_samples=4, trace_probes=3)),
+}
+SIGMA_SWEEP = dict(n_train=32, n_test=32, width=8, steps=4, eval_every=2, sigmas=(0.05,), methods=("gd", "layer"),
+                   seeds=(0, 1))
+
+
+def _check_outputs(run_dir, summary, name):
+    for f in ("config.json", "metrics.csv", "summary.json"):
+        assert (run_dir / f).is_file(), f
+    assert not list(run_dir.rglob("*.tmp"))
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert set(saved) == SUMMARY_KEYS and saved["experiment"] == name
+    assert saved["supported"] in (True, False, None) and saved["claim"].endswith(")") or saved["claim"].endswith(".")
+    assert saved["figures"] and all(isinstance(v, (int, float)) for v in saved["figures"].values())
+    assert json.loads((run_dir / "config.json").read_text()) == saved["config"]
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert rows and "step" in rows[0] or "name" in rows[0]
+    return rows
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE))
+def test_experiment_smoke(name, tmp_path):
+    module, overrides = SMOKE[name]
+    exp = module.EXPERIMENT
+    assert exp.name == name and module.__name__ == f"experiments.{name}"
+    run_dir, summary = _runner.run_experiment(exp, exp.config(**overrides), out=tmp_path, progress=False, verbose=False)
+    _check_outputs(run_dir, summary, name)
+    if exp.plot is not None:
+        assert list(run_dir.glob("*.png"))
+    assert set(exp.presets) <= {"paper"} and all(isinstance(p, exp.config) for p in exp.presets.values())
+
+
+def test_sigma_sweep_resume_and_reproducibility(tmp_path):
+    calls = []
+
+    def interrupted(cfg, data, group):
+        calls.append([(c["method"], c["seed"]) for c in group])
+        if group[0]["method"] == "layer":
+            raise KeyboardInterrupt("simulated interruption")
+        return sigma_sweep.run(cfg, data, group)
+
+    cfg = sigma_sweep.Config(**SIGMA_SWEEP)
+    exp = dataclasses.replace(sigma_sweep.EXPERIMENT, run=interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _runner.run_experiment(exp, cfg, out=tmp_path / "a", progress=False, verbose=False)
+    (run_dir,) = (tmp_path / "a" / "sigma_sweep").iterdir()
+    assert sorted(p.stem for p in (run_dir / "cells").glob("*.json")) == [
+        "method=gd,sigma=0.0,seed=0", "method=gd,sigma=0.0,seed=1"]
+
+    calls.clear()
+    resumed = dataclasses.replace(sigma_sweep.EXPERIMENT, run=lambda c, d, g: calls.append(g) or sigma_sweep.run(c, d, g))
+    _, summary = _runner.run_experiment(resumed, resume=run_dir, progress=False, verbose=False)
+    assert [[c["method"] for c in g] for g in calls] == [["layer", "layer"]]
+    rows = _check_outputs(run_dir, summary, "sigma_sweep")
+    assert len(rows) == 4 * 3 and (run_dir / "accuracy_vs_sigma.png").is_file()
+
+    fresh_dir, fresh = _runner.main(sigma_sweep.EXPERIMENT, ["--out", str(tmp_path / "b"), *_flags(SIGMA_SWEEP)])
+    assert (fresh_dir / "metrics.csv").read_text() == (run_dir / "metrics.csv").read_text()
+    assert fresh["figures"] == summary["figures"]
+
+
+def _flags(overrides: dict) -> list[str]:
+    out = []
+    for k, v in overrides.items():
+        out += [f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, tuple) else (v,))]
+    return out
