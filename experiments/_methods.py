@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -93,12 +94,15 @@ def optimizer_fn(method: str, inner: optax.GradientTransformation, *, noise_unti
 
 
 def train_cells(objective, init_params, data, cells, *, inner, num_steps, eval_every, eval_fn, eval_data,
-                batch_size=None, model_state=None, noise_until=None, members_per_chunk=None) -> list[list[dict]]:
+                batch_size=None, model_state=None, noise_until=None, members_per_chunk=None,
+                final_fn=None) -> list[list[dict]]:
     """Trains the cells of one method (same ``method`` field) with one ``lsgeo.train.sweep``.
 
     The sweep runs the grid of the cells' distinct sigmas x seeds (on a resume, possibly a few
     finished cells again) and returns, per cell, its history as rows ``{step, train_loss, ...}``.
     A diverged run has NaN rows after its divergence (``lsgeo.train.sweep`` semantics).
+    ``final_fn(params, model_state) -> dict`` adds measurements at the final clean parameters of each
+    run to its last row, outside the vmapped training program (which it would make larger to compile).
     """
     (method,) = {c["method"] for c in cells}
     sigmas = sorted({c["sigma"] for c in cells})
@@ -108,7 +112,15 @@ def train_cells(objective, init_params, data, cells, *, inner, num_steps, eval_e
         num_steps=num_steps, eval_every=eval_every, batch_size=batch_size, eval_fn=eval_fn, eval_data=eval_data,
         model_state=model_state, members_per_chunk=members_per_chunk,
     )  # fmt: skip
-    return [history_rows(result.history, (sigmas.index(c["sigma"]), seeds.index(c["seed"]))) for c in cells]
+    out = []
+    for c in cells:
+        index = (sigmas.index(c["sigma"]), seeds.index(c["seed"]))
+        rows = history_rows(result.history, index)
+        if final_fn is not None:
+            member = jax.tree_util.tree_map(lambda a: a[index], (result.params, result.model_state))
+            rows[-1].update({k: float(v) for k, v in final_fn(*member).items()})
+        out.append(rows)
+    return out
 
 
 def history_rows(history: dict, index: tuple = ()) -> list[dict]:

@@ -8,7 +8,7 @@ connections has a flatter, smoother landscape around its minimum than the same n
 
 Setup: scikit-learn digits (or MNIST-1D), softmax cross-entropy, ``lsgeo.models.MLP`` (ReLU). Five
 trained networks ("variants"), each from every seed (one vmapped ``lsgeo.train.sweep`` per variant),
-all with plain SGD steps of size ``lr`` for ``steps`` steps:
+all with plain SGD steps of size ``lr`` (base MLP) or ``deep_lr`` (deep MLPs) for ``steps`` steps:
 
 - ``small_batch``: the base MLP, minibatch SGD with ``small_batch`` examples per step;
 - ``large_batch``: the base MLP, full-batch GD (also the reference of ``noise``);
@@ -26,9 +26,15 @@ training loss on ``num_alphas`` points of [-radius, radius] (``slice_1d``); the 
   the points with |alpha| <= ``fit_radius``, averaged over the directions (lower = flatter);
 - ``area``: the fraction of the 2-D grid whose loss is within ``level`` of the loss at w (higher = flatter).
 
+The residual MLP has no normalisation layer (Li et al.'s ResNets have BatchNorm): its hidden scale
+grows with depth, and at ``deep_lr = 0.1`` it trains at the edge of stability and ends *sharper* than
+the plain net (seen: curvature 50 vs 15 at depth 10, width 32); at 0.05 it ends flatter (14 vs 27).
+The skip comparison is therefore sensitive to the step size at this size; at depth 20 the plain net
+does not train and the residual one diverges at 0.1.
+
 Verdict: a comparison (small_batch < large_batch, noise < large_batch, deep_skip < deep_plain, in
 curvature) holds when it holds for every seed and fails when it is reversed for every seed;
-supported is true when all three hold, false when any fails, null otherwise (mixed seeds).
+supported is true when all of ``comparisons`` hold, false when any fails, null otherwise (mixed seeds).
 """
 
 from __future__ import annotations
@@ -61,7 +67,8 @@ class Config:
     deep_width: int = 32  # deep MLP (deep_plain, deep_skip)
     deep_depth: int = 10  # hidden layers of the deep MLP
     steps: int = 2000  # SGD steps of every variant
-    lr: float = 0.1
+    lr: float = 0.1  # SGD step of the base MLP
+    deep_lr: float = 0.05  # SGD step of both deep MLPs (see the module docstring)
     small_batch: int = 32  # examples per step of small_batch (the others are full-batch)
     sigma: float = 0.05  # layer-wise noise level of ``noise``
     num_directions: int = 4  # filter-normalised directions per minimum (the first two span the surface)
@@ -70,6 +77,7 @@ class Config:
     grid: int = 25  # points per axis of the 2-D surface
     fit_radius: float = 0.2  # the parabola of the curvature is fitted on |alpha| <= fit_radius
     level: float = 0.1  # the area counts grid points within this loss of the minimum's
+    comparisons: tuple[str, ...] = ("batch", "noise", "skip")  # which comparisons (and so which variants) to run
     seeds: tuple[int, ...] = (0, 1)  # initialisation, data order, noise and directions
 
 
@@ -82,6 +90,14 @@ def prepare(cfg: Config):
     return (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)), (jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
 
 
+def variants(cfg: Config) -> list[str]:
+    """The variants that ``cfg.comparisons`` needs, in the order of ``VARIANTS``."""
+    for c in cfg.comparisons:
+        if c not in COMPARISONS:
+            raise ValueError(f"comparisons must be among {tuple(COMPARISONS)}, got {c!r}")
+    return [v for v in VARIANTS if any(v in COMPARISONS[c] for c in cfg.comparisons)]
+
+
 def make_model(cfg: Config, variant: str) -> models.MLP:
     if variant.startswith("deep"):
         return models.MLP(widths=(cfg.deep_width,) * cfg.deep_depth, num_outputs=10,
@@ -89,20 +105,25 @@ def make_model(cfg: Config, variant: str) -> models.MLP:
     return models.MLP(widths=cfg.widths, num_outputs=10)
 
 
-def make_objective(model: models.MLP):
-    """The training objective ``f(params, batch)``: softmax cross-entropy of ``model``."""
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """``f(params, batch)`` of the classifier ``model``: softmax cross-entropy (``metric="loss"``) or accuracy.
+    Hashable by value, so the jit-compiled library functions (``f`` static) compile once per architecture."""
 
-    def objective(params, batch):
-        return losses.softmax_cross_entropy(model.apply({"params": params}, batch[0]), batch[1])
+    model: models.MLP
+    metric: str = "loss"  # "loss" or "accuracy"
 
-    return objective
+    def __call__(self, params, batch):
+        logits = self.model.apply({"params": params}, batch[0])
+        return (losses.softmax_cross_entropy if self.metric == "loss" else losses.accuracy)(logits, batch[1])
 
 
 def optimizer_fn(cfg: Config, variant: str):
     """``(sigma, seed) -> optimizer`` of ``variant`` for ``lsgeo.train.sweep``."""
+    sgd = optax.sgd(cfg.deep_lr if variant.startswith("deep") else cfg.lr)
     if variant == "noise":
-        return lambda sigma, seed: optim.noise_injection(optax.sgd(cfg.lr), sigma, mode="layerwise", seed=seed)
-    return lambda sigma, seed: optax.sgd(cfg.lr)
+        return lambda sigma, seed: optim.noise_injection(sgd, sigma, mode="layerwise", seed=seed)
+    return lambda sigma, seed: sgd
 
 
 def curvature_at_zero(alphas: np.ndarray, values: np.ndarray, fit_radius: float) -> float:
@@ -112,13 +133,13 @@ def curvature_at_zero(alphas: np.ndarray, values: np.ndarray, fit_radius: float)
 
 
 def cells(cfg: Config) -> list[dict]:
-    return [dict(variant=v, seed=s) for v in VARIANTS for s in cfg.seeds]
+    return [dict(variant=v, seed=s) for v in variants(cfg) for s in cfg.seeds]
 
 
 def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     (train_batch, test_batch), variant = data, group[0]["variant"]
     model = make_model(cfg, variant)
-    objective = make_objective(model)
+    objective = Objective(model)
     result = train.sweep(
         objective, optimizer_fn(cfg, variant), lambda k: model.init(k, train_batch[0][:1])["params"], train_batch,
         sigmas=[cfg.sigma if variant == "noise" else 0.0], seeds=[c["seed"] for c in group], num_steps=cfg.steps,
@@ -126,17 +147,18 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     )  # fmt: skip
     alphas = np.linspace(-cfg.radius, cfg.radius, cfg.num_alphas)
     grid = np.linspace(-cfg.radius, cfg.radius, cfg.grid)
+    evaluate = jax.jit(lambda w, train_data, test_data: (
+        objective(w, train_data), Objective(model, "accuracy")(w, test_data), objective(w, test_data)))
+    params = jax.tree_util.tree_map(np.asarray, result.params)
     out = []
     for i, c in enumerate(group):
-        w = jax.tree_util.tree_map(lambda p: p[0, i], result.params)
+        w = jax.tree_util.tree_map(lambda p: p[0, i], params)
         keys = jax.random.split(jax.random.key(c["seed"]), cfg.num_directions)
         directions = [landscape.random_direction(w, k, normalization="filter") for k in keys]
         slices = np.stack([np.asarray(landscape.slice_1d(objective, w, train_batch, d, alphas)) for d in directions])
         surface = np.asarray(landscape.slice_2d(objective, w, train_batch, directions[0], directions[1], grid, grid))
-        center = float(objective(w, train_batch))
-        logits = model.apply({"params": w}, test_batch[0])
-        rows = [dict(kind="minimum", train_loss=center, test_acc=float(losses.accuracy(logits, test_batch[1])),
-                     test_loss=float(losses.softmax_cross_entropy(logits, test_batch[1])),
+        center, test_acc, test_loss = (float(v) for v in evaluate(w, train_batch, test_batch))
+        rows = [dict(kind="minimum", train_loss=center, test_acc=test_acc, test_loss=test_loss,
                      curvature=float(np.mean([curvature_at_zero(alphas, s, cfg.fit_radius) for s in slices])),
                      area=float(np.mean(surface <= center + cfg.level)))]
         rows += [dict(kind="slice", direction=j, alpha=float(a), loss=float(slices[j, k]))
@@ -153,17 +175,18 @@ def minimum(rows: list[dict], variant: str, seed: int) -> dict:
 
 def summarize(cfg: Config, rows: list[dict]) -> _runner.Verdict:
     table, figures = [], {}
-    for v in VARIANTS:
+    for v in variants(cfg):
         ms = [minimum(rows, v, s) for s in cfg.seeds]
         entry = dict(variant=v, **{k: float(np.mean([m[k] for m in ms]))
                                    for k in ("train_loss", "test_acc", "curvature", "area")})
         table.append(entry)
         figures.update({f"{v}_{k}": entry[k] for k in ("curvature", "area", "train_loss", "test_acc")})
     verdicts = []
-    for name, (flat, sharp) in COMPARISONS.items():
+    for name in cfg.comparisons:
+        flat, sharp = COMPARISONS[name]
         flatter = [minimum(rows, flat, s)["curvature"] < minimum(rows, sharp, s)["curvature"] for s in cfg.seeds]
-        figures[f"{name}_curvature_ratio"] = figures[f"{sharp}_curvature"] / figures[f"{flat}_curvature"]
-        figures[f"{name}_area_ratio"] = figures[f"{flat}_area"] / max(figures[f"{sharp}_area"], 1e-12)
+        figures[f"{name}_curvature_ratio"] = float(np.divide(figures[f"{sharp}_curvature"], figures[f"{flat}_curvature"]))
+        figures[f"{name}_area_ratio"] = float(np.divide(figures[f"{flat}_area"], figures[f"{sharp}_area"]))
         figures[f"{name}_holds"] = float(all(flatter))
         verdicts.append(True if all(flatter) else (False if not any(flatter) else None))
     supported = False if False in verdicts else (True if all(verdicts) else None)
@@ -172,25 +195,28 @@ def summarize(cfg: Config, rows: list[dict]) -> _runner.Verdict:
 
 def plot(cfg: Config, rows: list[dict], out_dir: Path) -> None:
     plt, seed = _runner.plt, cfg.seeds[0]
-    fig, axes = plt.subplots(1, len(VARIANTS), figsize=(4 * len(VARIANTS), 3.8))
-    levels = None
-    for ax, v in zip(axes, VARIANTS):
+    surfaces = {}
+    for v in variants(cfg):
         sel = _runner.select(rows, variant=v, seed=seed, kind="surface")
-        a = np.array(sorted({r["alpha"] for r in sel}))
-        z = np.array([r["loss"] for r in sel]).reshape(a.size, a.size)
-        if levels is None:
-            levels = np.linspace(0.0, np.quantile(z, 0.9), 20)
-        cs = ax.contour(a, a, z, levels=levels, cmap="viridis")
-        ax.clabel(cs, cs.levels[::4], fontsize=6)
+        grid = np.array(sorted({r["alpha"] for r in sel}))
+        surfaces[v] = np.log10(np.maximum([r["loss"] for r in sel], 1e-12)).reshape(grid.size, grid.size)
+    low, high = min(z.min() for z in surfaces.values()), max(z.max() for z in surfaces.values())
+    levels = np.linspace(low, high, 25)  # shared by every panel: equal spacing = equal flatness
+    fig, axes = plt.subplots(1, len(surfaces), figsize=(4.2 * len(surfaces), 4.2), squeeze=False)
+    axes = axes[0]
+    for ax, v in zip(axes, surfaces):
+        cs = ax.contour(grid, grid, surfaces[v], levels=levels, cmap="viridis")
+        ax.clabel(cs, cs.levels[::4], fontsize=6, fmt="%.1f")
         ax.plot(0, 0, "r*")
         m = minimum(rows, v, seed)
-        ax.set(title=f"{v}\ncurv {m['curvature']:.3g}, area {m['area']:.2f}", xlabel="beta (d2)", ylabel="alpha (d1)",
-               aspect="equal")
-    fig.suptitle(f"filter-normalised training-loss surfaces (seed {seed})")
+        ax.set(title=f"{v}\ncurv {m['curvature']:.3g}, area {m['area']:.2f}", xlabel="beta (d2)", aspect="equal")
+    axes[0].set_ylabel("alpha (d1)")
+    fig.suptitle(f"log10 training loss on filter-normalised planes (seed {seed})", y=1.02)
     _runner.save_figure(fig, out_dir / "surfaces.png")
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, (name, pair) in zip(axes, COMPARISONS.items()):
+    fig, axes = plt.subplots(1, len(cfg.comparisons), figsize=(5 * len(cfg.comparisons), 4), squeeze=False)
+    for ax, name in zip(axes[0], cfg.comparisons):
+        pair = COMPARISONS[name]
         for v, color in zip(pair, ("tab:blue", "tab:red")):
             for s in cfg.seeds:
                 for j in range(cfg.num_directions):
@@ -202,12 +228,12 @@ def plot(cfg: Config, rows: list[dict], out_dir: Path) -> None:
     _runner.save_figure(fig, out_dir / "slices.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, v in enumerate(VARIANTS):
+    for i, v in enumerate(surfaces):
         curv = [minimum(rows, v, s)["curvature"] for s in cfg.seeds]
         ax.scatter([i] * len(curv), curv, color=f"C{i}")
         ax.bar(i, np.mean(curv), color=f"C{i}", alpha=0.4)
-    ax.set_xticks(range(len(VARIANTS)), VARIANTS)
-    ax.set(yscale="log", ylabel="curvature of the 1-D slices at 0 (lower = flatter)", title="flatness per minimum")
+    ax.set_xticks(range(len(surfaces)), list(surfaces))
+    ax.set(yscale="symlog", ylabel="curvature of the 1-D slices at 0 (lower = flatter)", title="flatness per minimum")
     _runner.save_figure(fig, out_dir / "flatness.png")
 
 

@@ -9,9 +9,10 @@ Setup: a ReLU MLP (``lsgeo.models.MLP``) on scikit-learn digits (or MNIST-1D), s
 cross-entropy. Pair s trains two minima a, b from the initialisation seeds 2s and 2s + 1 with
 full-batch Adam (both in one vmapped ``lsgeo.train.sweep``). The control point theta of the curve
 phi(t) = (1-t)^2 a + 2t(1-t) theta + t^2 b is fitted by Adam on E_{t~U(0,1)} R(phi(t)) over the whole
-training set (``lsgeo.landscape.fit_bezier``, starting at the midpoint of the line). Along both paths,
-on ``num_points`` equally spaced t in [0, 1] (``lsgeo.landscape.path_losses``): training loss, test
-loss and test accuracy.
+training set (``lsgeo.landscape.fit_bezier``, starting at the midpoint of the line). Along both paths
+on ``num_points`` equally spaced t in [0, 1] (``lsgeo.landscape.path_losses``; the line is evaluated
+as the Bezier curve bent at the midpoint (a + b) / 2, which it equals): training loss, test loss and
+test accuracy.
 
 Barrier (``lsgeo.landscape.barrier_height``, reference "max"): max_t R(path(t)) - max(R(a), R(b)) on
 the training loss; it is computed from the stored path, i.e. on the same grid of t.
@@ -70,16 +71,17 @@ def make_model(cfg: Config) -> models.MLP:
     return models.MLP(widths=cfg.widths, num_outputs=10)
 
 
-def make_metrics(model: models.MLP):
-    """``(loss, accuracy)``: functions ``f(params, batch) -> scalar`` of ``model`` (cross-entropy, accuracy)."""
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """``f(params, batch)`` of the classifier ``model``: softmax cross-entropy (``metric="loss"``) or accuracy.
+    Hashable by value, so the jit-compiled library functions (``f`` static) compile once per architecture."""
 
-    def loss(params, batch):
-        return losses.softmax_cross_entropy(model.apply({"params": params}, batch[0]), batch[1])
+    model: models.MLP
+    metric: str = "loss"  # "loss" or "accuracy"
 
-    def accuracy(params, batch):
-        return losses.accuracy(model.apply({"params": params}, batch[0]), batch[1])
-
-    return loss, accuracy
+    def __call__(self, params, batch):
+        logits = self.model.apply({"params": params}, batch[0])
+        return (losses.softmax_cross_entropy if self.metric == "loss" else losses.accuracy)(logits, batch[1])
 
 
 def cells(cfg: Config) -> list[dict]:
@@ -89,12 +91,13 @@ def cells(cfg: Config) -> list[dict]:
 def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     train_batch, test_batch = data
     model = make_model(cfg)
-    loss, accuracy = make_metrics(model)
+    loss, accuracy = Objective(model), Objective(model, "accuracy")
     init_seeds = [k for c in group for k in (2 * c["seed"], 2 * c["seed"] + 1)]
     minima = train.sweep(
         loss, lambda _, __: optax.adam(cfg.lr), lambda k: model.init(k, train_batch[0][:1])["params"],
         train_batch, sigmas=[0.0], seeds=init_seeds, num_steps=cfg.steps,
     ).params  # fmt: skip
+    minima = jax.tree_util.tree_map(np.asarray, minima)
     ts = jnp.linspace(0.0, 1.0, cfg.num_points)
     out = []
     for i, c in enumerate(group):
@@ -103,7 +106,8 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
                                        optimizer=optax.adam(cfg.curve_lr), num_steps=cfg.curve_steps,
                                        num_t=cfg.curve_num_t)
         rows = []
-        for path, path_bend in (("line", None), ("curve", bend)):
+        # the line is the Bezier curve bent at the midpoint: one compiled path program serves both paths
+        for path, path_bend in (("line", landscape.interpolate(a, b, 0.5)), ("curve", bend)):
             values = {
                 name: np.asarray(landscape.path_losses(f, a, b, batch, ts, bend=path_bend))
                 for name, f, batch in (("train_loss", loss, train_batch), ("test_loss", loss, test_batch),

@@ -18,7 +18,8 @@ of batch 64, noise off after epoch 5, one sigma, one seed. It is too small to ju
 (``supported`` is null with a single seed).
 
 The Hessian trace is a Hutchinson estimate (``lsgeo.curvature.hessian_trace``) of the training loss in
-evaluation mode (BatchNorm running averages), on ``trace_examples`` training points.
+evaluation mode (BatchNorm running averages), on ``trace_examples`` training points, at the end of
+training (as in Figure 6).
 Verdict: layer gain = acc(layer, best sigma) - acc(SGD); supported if > 2 SE, false if <= 0,
 null otherwise or with a single seed.
 """
@@ -91,12 +92,13 @@ def run(cfg: Config, prep, group: list[dict]) -> list[list[dict]]:
         model_state, x, y = batch
         return losses.softmax_cross_entropy(models.make_predict(model, model_state)(params, x), y)
 
-    def eval_fn(params, model_state, eval_data):
-        x, y = eval_data["test"]
-        logits = models.make_predict(model, model_state)(params, x)
-        trace = curvature.hessian_trace(eval_loss, params, (model_state, *eval_data["trace"]), jax.random.key(0),
-                                        num_probes=cfg.trace_probes)
-        return {"test_acc": losses.accuracy(logits, y), "hessian_trace": trace}
+    def eval_fn(params, model_state, test):
+        return {"test_acc": losses.accuracy(models.make_predict(model, model_state)(params, test[0]), test[1])}
+
+    @jax.jit
+    def hessian_trace(params, model_state, batch):
+        return curvature.hessian_trace(eval_loss, params, (model_state, *batch), jax.random.key(0),
+                                       num_probes=cfg.trace_probes)
 
     def init_state(key):
         return {k: v for k, v in model.init(key, x1, train=False).items() if k != "params"}
@@ -106,11 +108,12 @@ def run(cfg: Config, prep, group: list[dict]) -> list[list[dict]]:
         optax.sgd(optax.cosine_decay_schedule(cfg.lr, steps), momentum=cfg.momentum),
     )
     data = (ds.x_train, ds.y_train)
+    trace_batch = (ds.x_train[: cfg.trace_examples], ds.y_train[: cfg.trace_examples])
     return _methods.train_cells(
         objective, _methods.init_params(model, x1), data, group, inner=inner, num_steps=steps,
-        eval_every=steps // cfg.evals, batch_size=cfg.batch_size, eval_fn=eval_fn, model_state=init_state,
-        eval_data={"test": (ds.x_test, ds.y_test), "trace": (ds.x_train[: cfg.trace_examples], ds.y_train[: cfg.trace_examples])},
-        noise_until=cfg.noise_off_epoch * steps_per_epoch,
+        eval_every=steps // cfg.evals, batch_size=cfg.batch_size, eval_fn=eval_fn, eval_data=(ds.x_test, ds.y_test),
+        model_state=init_state, noise_until=cfg.noise_off_epoch * steps_per_epoch,
+        final_fn=lambda params, model_state: {"hessian_trace": hessian_trace(params, model_state, trace_batch)},
     )  # fmt: skip
 
 

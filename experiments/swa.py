@@ -72,6 +72,19 @@ def make_model(cfg: Config) -> models.MLP:
     return models.MLP(widths=cfg.widths, num_outputs=10)
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """``f(params, batch)`` of the classifier ``model``: softmax cross-entropy (``metric="loss"``) or accuracy.
+    Hashable by value, so the jit-compiled library functions (``f`` static) compile once per architecture."""
+
+    model: models.MLP
+    metric: str = "loss"  # "loss" or "accuracy"
+
+    def __call__(self, params, batch):
+        logits = self.model.apply({"params": params}, batch[0])
+        return (losses.softmax_cross_entropy if self.metric == "loss" else losses.accuracy)(logits, batch[1])
+
+
 def swa_start_step(cfg: Config, steps_per_epoch: int) -> int:
     """The first averaged step: the fraction ``swa_start`` of the budget, rounded down to an epoch end."""
     return int(cfg.swa_start * cfg.steps) // steps_per_epoch * steps_per_epoch
@@ -93,12 +106,10 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     (train_batch, test_batch), method = data, group[0]["method"]
     model = make_model(cfg)
 
-    def objective(params, batch):
-        return losses.softmax_cross_entropy(model.apply({"params": params}, batch[0]), batch[1])
+    objective = Objective(model)
 
     def eval_fn(params, test):
-        logits = model.apply({"params": params}, test[0])
-        return {"test_acc": losses.accuracy(logits, test[1]), "test_loss": losses.softmax_cross_entropy(logits, test[1])}
+        return {"test_acc": Objective(model, "accuracy")(params, test), "test_loss": objective(params, test)}
 
     steps_per_epoch = train_batch[0].shape[0] // cfg.batch_size
     swa_start = swa_start_step(cfg, steps_per_epoch)
@@ -109,20 +120,21 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
         sigmas=[0.0], seeds=[c["seed"] for c in group], num_steps=cfg.steps, eval_every=cfg.eval_every,
         batch_size=cfg.batch_size, eval_fn=eval_fn, eval_data=test_batch, **swa,
     )  # fmt: skip
-    final = jax.tree_util.tree_map(lambda p: p[0], result.swa_params if method == "swa" else result.params)
-    keys = jax.vmap(jax.random.key)(jnp.asarray([c["seed"] for c in group]))
+    final = jax.tree_util.tree_map(lambda p: np.asarray(p)[0], result.swa_params if method == "swa" else result.params)
 
-    def measures(params, key):
-        k1, k2 = jax.random.split(key)
+    def measures(params, seed, train_data, test_data):
+        k1, k2 = jax.random.split(jax.random.key(seed))
         return dict(
-            lambda_max=curvature.top_eigenvalues(objective, params, train_batch, k1, num_iters=cfg.lanczos_iters)[0],
-            hessian_trace=curvature.hessian_trace(objective, params, train_batch, k2, num_probes=cfg.trace_probes,
+            lambda_max=curvature.top_eigenvalues(objective, params, train_data, k1, num_iters=cfg.lanczos_iters)[0],
+            hessian_trace=curvature.hessian_trace(objective, params, train_data, k2, num_probes=cfg.trace_probes,
                                                   method="hutch++"),
-            train_loss=objective(params, train_batch),
-            **eval_fn(params, test_batch),
+            train_loss=objective(params, train_data),
+            **eval_fn(params, test_data),
         )
 
-    final_measures = {k: np.asarray(v) for k, v in jax.vmap(measures)(final, keys).items()}
+    seeds = np.asarray([c["seed"] for c in group])
+    final_measures = jax.jit(jax.vmap(measures, in_axes=(0, 0, None, None)))(final, seeds, train_batch, test_batch)
+    final_measures = {k: np.asarray(v) for k, v in final_measures.items()}
     prefix = "swa_" if method == "swa" else ""
     history = {k: np.asarray(result.history[prefix + k][0]) for k in ("train_loss", "test_acc", "test_loss")}
     out = []
@@ -150,10 +162,10 @@ def summarize(cfg: Config, rows: list[dict]) -> _runner.Verdict:
         table.append({k: v for k, v in entry.items() if not k.endswith("_se") or k == "test_acc_se"})
     gains = [a["test_acc"] - b["test_acc"] for a, b in zip(final["swa"], final["sgd"])]
     gain, gain_se = _runner.mean_se(gains)
-    figures.update(acc_gain=gain, acc_gain_se=gain_se,
-                   lambda_max_ratio=figures["swa_lambda_max"] / figures["sgd_lambda_max"],
-                   trace_ratio=figures["swa_hessian_trace"] / figures["sgd_hessian_trace"])
-    flatter = figures["lambda_max_ratio"] < 1 and figures["trace_ratio"] < 1
+    figures.update(acc_gain=gain, acc_gain_se=gain_se)
+    for k in ("lambda_max", "hessian_trace"):
+        figures[f"{k}_ratio"] = float(np.divide(figures[f"swa_{k}"], figures[f"sgd_{k}"]))
+    flatter = all(figures[f"swa_{k}"] < figures[f"sgd_{k}"] for k in ("lambda_max", "hessian_trace"))
     supported = bool(flatter and gain >= -2 * gain_se)
     return _runner.Verdict(supported=supported, figures=figures, table=table)
 

@@ -1,12 +1,46 @@
 """lsgeo: loss-surface geometry in JAX.
 
 Pure functions for the risk R(w) = L(Phi(w)), its noise-injected versions and the effective
-regularised risk of Orvieto et al. (AISTATS 2023), curvature (HVPs, Lanczos, spectra), NTK traces,
-sharpness and landscapes, plus optax transformations for noise injection.
+regularised risk of Orvieto et al. (AISTATS 2023) (``lsgeo.risk``, ``lsgeo.theory``), curvature
+(``lsgeo.curvature``: HVPs, Lanczos, spectra), NTK traces (``lsgeo.ntk``), sharpness and landscapes
+(``lsgeo.sharpness``, ``lsgeo.landscape``), optax transformations for noise injection
+(``lsgeo.optim``), a lax.scan training engine (``lsgeo.train``), flax models and data sets.
+
+The most used functions are re-exported here; ``lsgeo.risk`` stays the module (R itself is
+``lsgeo.risk.risk``).
 """
 
-from lsgeo import losses, perturbation, risk, tree
-from lsgeo.losses import accuracy, logistic_loss, output_hessians, softmax_cross_entropy, squared_loss
-from lsgeo.risk import perturbed_risk, risk as risk_fn
+from lsgeo import (
+    curvature,
+    data,
+    landscape,
+    losses,
+    models,
+    ntk,
+    optim,
+    per_example,
+    perturbation,
+    risk,
+    sharpness,
+    theory,
+    train,
+    tree,
+)
+from lsgeo.curvature import (
+    gnvp,
+    hessian,
+    hessian_trace,
+    hvp,
+    lanczos,
+    saddle_index,
+    spectral_density,
+    top_eigenvalues,
+)
+from lsgeo.landscape import bezier, interpolate, random_direction, slice_1d, slice_2d
+from lsgeo.losses import accuracy, logistic_loss, softmax_cross_entropy, squared_loss
+from lsgeo.ntk import empirical_ntk, ntk_diagonal_blocks, ntk_trace
+from lsgeo.optim import clean_params, noise_injection
+from lsgeo.risk import effective_risk, gauss_newton_trace, gauss_newton_trace_by_layer, perturbed_risk
+from lsgeo.sharpness import alpha_scale, average_sharpness, epsilon_sharpness
 
 __version__ = "0.1.0"

@@ -64,7 +64,9 @@ METHODS = ("fast", "generic")
 _CHUNK_BUDGET = 2**26
 
 _CALL_PRIMS = frozenset({"jit", "pjit", "closed_call", "core_call"})
-_ISO_PRIMS = frozenset({"convert_element_type", "reshape", "transpose", "squeeze", "expand_dims", "copy", "copy_p"})
+_ISO_PRIMS = frozenset(
+    {"convert_element_type", "reshape", "transpose", "squeeze", "expand_dims", "copy", "copy_p", "neg"}
+)
 _BROADCAST_PRIMS = frozenset({"broadcast_in_dim"})
 _ELT_PRIMS = frozenset({"add", "sub", "mul"})
 

@@ -183,7 +183,7 @@ def _gn_trace_and_outputs(predict, loss, params, batch, key, num_probes, chunk_s
 def gauss_newton_trace(
     predict, loss, params, batch, *, key=None, num_probes=0, chunk_size=None, method="fast", probe_chunk=8
 ):
-    """tr(D2L(Phi(w)) DPhi(w) DPhi(w)^T), the Gauss-Newton part of tr(D2R) (Orvieto et al. 2023, Eq. 5).
+    """tr(D2L(Phi(w)) DPhi(w) DPhi(w)^T), the Gauss-Newton part of tr(D2R) (Orvieto et al. 2023, Section 2).
 
     With D2L = blockdiag(H_i) / n (a mean loss) this is 1/n sum_i tr(H_i J_i J_i^T).
 
@@ -231,7 +231,7 @@ def gauss_newton_trace_by_layer(predict, loss, params, batch, *, groups=None, ch
 def effective_risk(
     predict, loss, params, batch, sigma, *, key=None, num_probes=0, chunk_size=None, method="fast", probe_chunk=8
 ):
-    """R_sigma^(eff)(w) = R(w) + sigma^2/2 tr(D2L(Phi) DPhi DPhi^T) (Orvieto et al. 2023, Section 2.2).
+    """R_sigma^(eff)(w) = R(w) + sigma^2/2 tr(D2L(Phi) DPhi DPhi^T) (Orvieto et al. 2023, Section 2).
 
     The second-order expansion of R_sigma when L is (locally) quadratic in Phi, dropping the term
     sigma^2/2 <DL, tr D2Phi> that vanishes in expectation at interpolation. The Gauss-Newton trace is

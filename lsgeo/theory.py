@@ -31,6 +31,7 @@ non-finite; checked when concrete) raise ``ValueError`` naming the argument.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -180,9 +181,8 @@ def diagonal_net_full_noise_risk(w1, w2, X, y, sigma) -> jax.Array:
     its coordinates e1_k^2 - e2_k^2 are independent with variance 4, so it adds
     sigma^4 * 4 ||X||_F^2 / (2n). Useful for exact second-order-accuracy checks (Theorem 1).
     """
-    n = np.shape(X)[0] if np.ndim(X) == 2 else None
-    base = diagonal_net_effective_risk(w1, w2, X, y, sigma)
-    return base + 2.0 * sigma**4 * _sq(X) / n
+    base = diagonal_net_effective_risk(w1, w2, X, y, sigma)  # validates the arguments
+    return base + 2.0 * sigma**4 * _sq(X) / np.shape(X)[0]
 
 
 # ----------------------------------------------------------------------------- linear nets (Sections 2.4, 3.1, 3.2, 4)
@@ -397,6 +397,23 @@ def nuclear_norm_objective(M, X, Y, sigma) -> jax.Array:
     return fit + sigma**2 / n * np.sqrt(d2) * jnp.sqrt(_sq(X)) * nuclear_norm(P)
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _balanced_factorization(M, X, d1):
+    d2, d0 = M.shape
+    n = X.shape[0]
+    P = M @ X.T
+    U, S, Vt = jnp.linalg.svd(P, full_matrices=False)
+    k = min(d1, S.shape[0])
+    c = (d2 / _sq(X)) ** 0.25
+    root = jnp.sqrt(S[:k])
+    W2 = jnp.zeros((d2, d1), P.dtype).at[:, :k].set(c * U[:, :k] * root)
+    Z = jnp.zeros((d1, n), P.dtype).at[:k].set(root[:, None] * Vt[:k] / c)
+    XT_pinv = jnp.linalg.pinv(X.T)  # [n, d0]
+    null = jnp.eye(d0, dtype=P.dtype) - X.T @ XT_pinv
+    W1 = Z @ XT_pinv + jnp.linalg.pinv(W2) @ M @ null
+    return W1, W2, S
+
+
 def balanced_factorization(M, X, d1: int) -> tuple[jax.Array, jax.Array]:
     """A factorisation W2 W1 = M (W1 ``[d1, d0]``, W2 ``[d2, d1]``) attaining the minimum of the
     Eq. (9) penalty d2 ||W1 X^T||_F^2 + ||W2||_F^2 ||X||_F^2, i.e. 2 sqrt(d2) ||X||_F ||M X^T||_*.
@@ -409,29 +426,18 @@ def balanced_factorization(M, X, d1: int) -> tuple[jax.Array, jax.Array]:
     d1 >= rank(M X^T), and the columns of M (I - P_X) in the range of M X^T (true e.g. when X has full
     column rank, or when M X^T has rank d2).
     """
-    n, d0 = _check_X(X)
+    _, d0 = _check_X(X)
     _ndim(M, 2, "M")
     if np.shape(M)[1] != d0:
         raise ValueError(f"M must have {d0} columns (d0 of X), got shape {np.shape(M)}")
     if isinstance(d1, bool) or not isinstance(d1, (int, np.integer)) or d1 <= 0:
         raise ValueError(f"d1 must be a positive integer, got {d1!r}")
-    d2 = np.shape(M)[0]
-    P = M @ X.T
-    U, S, Vt = jnp.linalg.svd(P, full_matrices=False)
-    k = min(d1, S.shape[0])
-    if is_concrete(S) and S.shape[0] > k:
+    W1, W2, S = _balanced_factorization(M, X, int(d1))
+    if is_concrete(S):
         S_np = np.asarray(S)
-        if S_np[k] > 1e-10 * max(S_np[0], 1e-300):
+        if S_np.shape[0] > d1 and S_np[d1] > 1e-10 * max(S_np[0], 1e-300):
             raise ValueError(f"d1 must be >= rank(M X^T) = {int(np.sum(S_np > 1e-10 * S_np[0]))}, got {d1}")
-    c = (d2 / _sq(X)) ** 0.25
-    root = jnp.sqrt(S[:k])
-    W2 = jnp.zeros((d2, d1), P.dtype).at[:, :k].set(c * U[:, :k] * root)
-    Z = jnp.zeros((d1, n), P.dtype).at[:k].set(root[:, None] * Vt[:k] / c)
-    XT_pinv = jnp.linalg.pinv(X.T)  # [n, d0]
-    null = jnp.eye(d0, dtype=P.dtype) - X.T @ XT_pinv
-    W1 = Z @ XT_pinv + jnp.linalg.pinv(W2) @ M @ null
-    if is_concrete(W1):
-        err = float(np.max(np.abs(np.asarray(W2 @ W1 - M)), initial=0.0))
+        err = float(np.max(np.abs(np.asarray(W2) @ np.asarray(W1) - np.asarray(M)), initial=0.0))
         if err > 1e-6 * (1.0 + float(np.max(np.abs(np.asarray(M)), initial=0.0))):
             raise ValueError(
                 "M has a component outside the row space of X that the range of M X^T does not contain; "

@@ -200,7 +200,7 @@ def test_gnvp_matches_dense_jacobians(x64, loss):
 def test_hessian_dense_matches_jax_hessian(x64):
     params = mlp_init(0, (3, 5, 2))
     batch = regression_batch(1, 10, 3, 2)
-    h = curvature.hessian(F_MLP, params, batch, chunk_size=8)  # m = 32: 4 chunks of 8
+    h = curvature.hessian(F_MLP, params, batch, chunk_size=10)  # m = 32: 4 chunks of 10, the last padded
     np.testing.assert_allclose(h, dense_hessian(F_MLP, params, batch), rtol=1e-10, atol=1e-13)
 
 
@@ -364,24 +364,37 @@ def test_spectral_density_integrates_to_one_and_mass_below_zero(x64, saddle_mlp)
     np.testing.assert_allclose(jnp.trapezoid(d2, g2), 1.0, rtol=1e-8)
 
 
-def test_min_eigenvalue_and_eigenpairs(x64, saddle_mlp):
+def test_min_eigenvalue_and_eigenpairs_under_jit_and_vmap(x64, saddle_mlp):
     params, batch, eigs = saddle_mlp
-    lam, u = curvature.min_eigenvalue(F_MLP, params, batch, jax.random.key(8), num_iters=80)
-    np.testing.assert_allclose(lam, eigs[0], rtol=1e-8)
-    tree_lib.check_same_structure(params, u, "u")
-    np.testing.assert_allclose(tree_lib.norm(u), 1.0, rtol=1e-10)
-    np.testing.assert_allclose(flat(HVP(F_MLP, params, batch, u)), lam * flat(u), atol=1e-6)
-    values, vectors = curvature.eigenpairs(F_MLP, params, batch, jax.random.key(8), k=3, num_iters=80)
-    np.testing.assert_allclose(values, eigs[::-1][:3], rtol=1e-8)
-    vmat = np.stack([flat(jax.tree_util.tree_map(lambda a: a[i], vectors)) for i in range(3)])
-    np.testing.assert_allclose(vmat @ vmat.T, np.eye(3), atol=1e-8)
+
+    @jax.jit
+    def run(params, batch, keys):  # data as arguments; one Lanczos run per key, vmapped
+        def one(key):
+            lam, u = curvature.min_eigenvalue(F_MLP, params, batch, key, num_iters=80)
+            values, vectors = curvature.eigenpairs(F_MLP, params, batch, key, k=3, num_iters=80)
+            return lam, u, values, vectors, curvature.hvp(F_MLP, params, batch, u)
+
+        return jax.vmap(one)(keys)
+
+    lams, us, values, vectors, hus = run(params, batch, jax.random.split(jax.random.key(8), 2))
+    for i in range(2):
+        u, hu = (jax.tree_util.tree_map(lambda a: a[i], t) for t in (us, hus))
+        np.testing.assert_allclose(lams[i], eigs[0], rtol=1e-8)
+        tree_lib.check_same_structure(params, u, "u")
+        np.testing.assert_allclose(np.linalg.norm(flat(u)), 1.0, rtol=1e-10)
+        np.testing.assert_allclose(flat(hu), lams[i] * flat(u), atol=1e-6)  # an eigenvector
+        np.testing.assert_allclose(values[i], eigs[::-1][:3], rtol=1e-8)
+        vmat = np.stack([flat(jax.tree_util.tree_map(lambda a: a[i, j], vectors)) for j in range(3)])
+        np.testing.assert_allclose(vmat @ vmat.T, np.eye(3), atol=1e-8)
 
 
 # ----------------------------------------------------------------------------------------------
 # every primitive on the three kinds of model
 
 
-@pytest.mark.parametrize("kind", ["plain", "linen", "nnx"])
+# Every other test in this file uses plain-function models, so "plain" here repeats their coverage in
+# one place; it is marked slow to keep the default run short (each kind compiles every primitive).
+@pytest.mark.parametrize("kind", [pytest.param("plain", marks=pytest.mark.slow), "linen", "nnx"])
 def test_primitives_work_with_every_model_kind(x64, kind):
     predict, params = make_model(kind)
     f = _sq_objective(predict)
@@ -412,22 +425,6 @@ def test_primitives_work_with_every_model_kind(x64, kind):
     np.testing.assert_allclose(exact_index, np.mean(eigs < 0), atol=1e-7)
     slq_index = curvature.saddle_index(f, params, batch, key, method="slq", num_iters=m, num_runs=4)
     assert abs(slq_index - exact_index) < 0.2
-
-
-def test_iterative_primitives_compose_with_jit_and_vmap(x64):
-    predict, params = make_model("plain")
-    f = _sq_objective(predict)
-    batch = regression_batch(1, N, D_IN, K_OUT)
-    eigs = np.linalg.eigvalsh(np.asarray(dense_hessian(f, params, batch)))
-
-    @jax.jit
-    def run(params, batch, keys):  # data as arguments; one Lanczos run per key, vmapped
-        tops = jax.vmap(lambda k: curvature.top_eigenvalues(f, params, batch, k, k=2))(keys)
-        return tops, curvature.saddle_index(f, params, batch)
-
-    tops, index = run(params, batch, jax.random.split(jax.random.key(0), 2))
-    np.testing.assert_allclose(tops, np.tile(eigs[::-1][:2], (2, 1)), rtol=1e-8)
-    np.testing.assert_allclose(index, np.mean(eigs < 0), atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------

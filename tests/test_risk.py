@@ -201,3 +201,21 @@ def test_bad_input_raises():
         risk_lib.gauss_newton_trace(predict, loss, params, batch, method="backpack")
     with pytest.raises(ValueError, match="chunk_size"):
         risk_lib.gauss_newton_trace(predict, loss, params, batch, chunk_size=-2)
+
+
+def test_linear_net_closed_form(x64):
+    """Two-layer linear net, squared loss: tr(D2L J J^T) = (d2 ||W1 X^T||_F^2 + ||W2||_F^2 ||X||_F^2) / n
+    (the regulariser of Orvieto et al. 2023, Section 2.4, derived independently)."""
+    k = jax.random.split(jax.random.PRNGKey(3), 4)
+    d0, d1, d2 = 4, 5, 3
+    params = {"W1": jax.random.normal(k[0], (d1, d0)), "W2": jax.random.normal(k[1], (d2, d1))}
+    x, y = jax.random.normal(k[2], (N, d0)), jax.random.normal(k[3], (N, d2))
+
+    def predict(p, x):
+        return x @ p["W1"].T @ p["W2"].T
+
+    expected = (d2 * jnp.sum(jnp.square(x @ params["W1"].T)) + jnp.sum(jnp.square(params["W2"])) * jnp.sum(
+        jnp.square(x))) / N
+    got = risk_lib.gauss_newton_trace_by_layer(predict, losses.squared_loss, params, (x, y))
+    np.testing.assert_allclose(got["W1"], jnp.sum(jnp.square(params["W2"])) * jnp.sum(jnp.square(x)) / N, rtol=1e-10)
+    np.testing.assert_allclose(got["W1"] + got["W2"], expected, rtol=1e-10)

@@ -1,0 +1,222 @@
+"""The Hessian spectrum during training, and full-batch GD at the edge of stability.
+
+Claim (seed 000, stability lr < 2 / lambda_max; Cohen et al. 2021, "edge of stability"): under
+full-batch gradient descent with step lr the sharpness lambda_max of the training-loss Hessian is
+driven to the stability edge 2 / lr and hovers there while the loss keeps decreasing; GD does not
+train with lambda_max far above 2 / lr. Here every lr starts above its edge (lambda_max at
+initialisation > 2 / lr), so the sharpness must fall to the edge (self-stabilisation; progressive
+sharpening towards the edge from below takes far longer than a CPU budget at this size). Alongside,
+(seed 001) the spectral density, the top eigenvalues and the saddle index (the fraction of negative
+eigenvalues) are reported at initialisation, mid-training and the end (not judged).
+
+Setup: a two-hidden-layer ReLU MLP (``lsgeo.models.MLP``, 1482 parameters) on a subset of
+scikit-learn digits (pixels in [0, 1], not standardised), squared loss on one-hot targets (the MSE
+setting of Cohen et al.), full-batch GD (``optax.sgd``).
+- Spectrum: one run at ``spectrum_lr`` (``lsgeo.train.train``, resumed at the midpoint) gives the
+  parameters at initialisation, mid-training and the end; at each, the SLQ spectral density
+  (``lsgeo.curvature.spectral_density``), the top-k eigenvalues (``top_eigenvalues``) and the exact
+  saddle index (``saddle_index``, dense Hessian, eigenvalues below -tol lambda_max count as negative).
+- Edge of stability: GD at every lr in ``lrs`` from the same initialisation (``lsgeo.train.sweep``;
+  the learning rate rides on the sweep's traced ``sigma`` axis, one compilation for all of them),
+  with lambda_max measured by Lanczos every ``eval_every`` steps and compared to 2 / lr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import _runner
+from lsgeo import curvature, models, train
+from lsgeo.data import load_dataset
+from lsgeo.losses import squared_loss
+
+PHASES = ("init", "mid", "end")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Digits, a small ReLU MLP, full-batch GD; the defaults run in a few minutes on a CPU."""
+
+    seeds: tuple[int, ...] = (0,)
+    n_train: int = 256
+    widths: tuple[int, ...] = (16, 16)  # m = 1482 parameters: the dense Hessian is cheap
+    activation: str = "relu"
+    lrs: tuple[float, ...] = (0.25, 0.3, 0.4)  # 2 / lr = 8, 6.7, 5, all below lambda_max at initialisation (~10)
+    steps: int = 1500
+    eval_every: int = 50
+    spectrum_lr: float = 0.3
+    lanczos_iters: int = 20  # per lambda_max measurement along training
+    top_k: int = 10
+    slq_iters: int = 80
+    slq_runs: int = 4
+    density_points: int = 200
+    saddle_tol: float = 1e-4  # eigenvalues below -saddle_tol * lambda_max count as negative
+    edge_low: float = 0.8  # supported if lambda_max / (2 / lr) over the last half lies in [edge_low, edge_high]
+    edge_high: float = 1.25
+
+
+PAPER = Config(seeds=(0, 1, 2), n_train=1300, widths=(32, 32), lrs=(0.05, 0.1, 0.15, 0.2, 0.3), steps=10_000,
+               spectrum_lr=0.1, slq_iters=120, slq_runs=8)
+
+
+def prepare(cfg: Config):
+    ds = load_dataset("digits", n_train=cfg.n_train, seed=0, standardize=False)
+    return jnp.asarray(ds.x_train), jax.nn.one_hot(ds.y_train, 10)
+
+
+def make_model(cfg: Config) -> models.MLP:
+    return models.MLP(widths=cfg.widths, num_outputs=10, activation=cfg.activation)
+
+
+def make_objective(model: models.MLP):
+    def objective(params, batch):
+        x, y = batch
+        return squared_loss(model.apply({"params": params}, x), y)
+
+    return objective
+
+
+def sharpness_eval(objective, num_iters: int):
+    """``eval_fn`` of the training loops: lambda_max by ``num_iters`` Lanczos steps."""
+
+    def eval_fn(params, batch):
+        lam = curvature.top_eigenvalues(objective, params, batch, jax.random.key(0), k=1, num_iters=num_iters)[0]
+        return dict(lambda_max=lam)
+
+    return eval_fn
+
+
+def cells(cfg: Config):
+    return [dict(part="spectrum", seed=s) for s in cfg.seeds] + [
+        dict(part="eos", lr=lr, seed=s) for lr in cfg.lrs for s in cfg.seeds
+    ]
+
+
+def run(cfg: Config, batch, group):
+    model = make_model(cfg)
+    objective = make_objective(model)
+    if group[0]["part"] == "spectrum":
+        return [spectrum_run(cfg, model, objective, batch, c["seed"]) for c in group]
+    return eos_run(cfg, model, objective, batch, group)
+
+
+def spectrum_at(cfg: Config, objective, params, batch, key):
+    """Top-k eigenvalues, exact saddle index and the SLQ density (on its own grid) at ``params``."""
+    k1, k2 = jax.random.split(key)
+    top = curvature.top_eigenvalues(objective, params, batch, k1, k=cfg.top_k, num_iters=max(2 * cfg.top_k + 20, 40))
+    index = curvature.saddle_index(objective, params, batch, method="exact", tol=cfg.saddle_tol * float(top[0]))
+    grid, density = curvature.spectral_density(objective, params, batch, k2, num_iters=cfg.slq_iters,
+                                               num_runs=cfg.slq_runs, num_points=cfg.density_points)
+    return np.asarray(top), float(index), np.asarray(grid), np.asarray(density)
+
+
+def spectrum_run(cfg: Config, model, objective, batch, seed: int):
+    """GD at ``spectrum_lr``: the spectrum at initialisation, after steps/2 and after steps."""
+    params = model.init(train.split_key(seed)[0], batch[0][:1])["params"]  # the initialisation the sweep uses
+    optimizer = optax.sgd(cfg.spectrum_lr)
+    half = cfg.steps // 2
+    snapshots, opt_state, step = {"init": (params, float(objective(params, batch)))}, None, 0
+    for phase in ("mid", "end"):
+        result = train.train(objective, optimizer, params, batch, num_steps=half, eval_every=half, key=seed,
+                             opt_state=opt_state, start_step=step)
+        params, opt_state, step = result.params, result.opt_state, result.steps
+        snapshots[phase] = (params, float(result.history["train_loss"][-1]))
+    rows = []
+    for i, phase in enumerate(PHASES):
+        params, loss = snapshots[phase]
+        top, index, grid, density = spectrum_at(cfg, objective, params, batch, jax.random.key(seed))
+        rows.append(dict(kind="snapshot", phase=phase, step=i * half, train_loss=loss, saddle_index=index,
+                         **{f"top_{j + 1}": float(v) for j, v in enumerate(top)}))
+        rows += [dict(kind="density", phase=phase, eigenvalue=float(g), density=float(d)) for g, d in zip(grid, density)]
+    return rows
+
+
+def eos_run(cfg: Config, model, objective, batch, group):
+    """Full-batch GD at every lr of the group (the sweep's sigma axis), lambda_max every eval_every steps."""
+    lrs = sorted({c["lr"] for c in group})
+    seeds = sorted({c["seed"] for c in group})
+    result = train.sweep(
+        objective, lambda lr, _: optax.sgd(lr), lambda k: model.init(k, batch[0][:1])["params"], batch,
+        sigmas=lrs, seeds=seeds, num_steps=cfg.steps, eval_every=cfg.eval_every,
+        eval_fn=sharpness_eval(objective, cfg.lanczos_iters), eval_data=batch,
+    )
+    h = {k: np.asarray(v) for k, v in result.history.items()}
+    out = []
+    for c in group:
+        i, j = lrs.index(c["lr"]), seeds.index(c["seed"])
+        out.append([dict(kind="eos", step=int(h["step"][i, j, t]), train_loss=float(h["train_loss"][i, j, t]),
+                         lambda_max=float(h["lambda_max"][i, j, t]), two_over_lr=2.0 / c["lr"])
+                    for t in range(h["step"].shape[-1])])
+    return out
+
+
+def _edge_ratios(cfg: Config, rows, lr: float):
+    """lambda_max / (2 / lr) over the last half of training, pooled over seeds (NaN after divergence)."""
+    sel = [r for r in _runner.select(rows, part="eos", lr=lr) if r["step"] >= cfg.steps // 2]
+    return np.array([r["lambda_max"] * lr / 2.0 for r in sel])
+
+
+def summarize(cfg: Config, rows):
+    table, figures, ok = [], {}, True
+    for lr in cfg.lrs:
+        ratios = _edge_ratios(cfg, rows, lr)
+        start = [r["lambda_max"] for r in _runner.select(rows, part="eos", lr=lr, step=0)]
+        entry = dict(lr=lr, two_over_lr=2.0 / lr, lambda_max_init=float(np.mean(start)),
+                     ratio_median_last_half=float(np.nanmedian(ratios)), ratio_max_last_half=float(np.nanmax(ratios)),
+                     final_loss=float(np.mean([r["train_loss"] for r in _runner.select(rows, part="eos", lr=lr,
+                                                                                        step=cfg.steps)])))
+        table.append(entry)
+        figures[f"lr_{lr:g}_lambda_max_over_edge_median"] = entry["ratio_median_last_half"]
+        figures[f"lr_{lr:g}_lambda_max_over_edge_max"] = entry["ratio_max_last_half"]
+        ok = ok and np.all(np.isfinite(ratios)) and cfg.edge_low <= entry["ratio_median_last_half"] <= cfg.edge_high
+    snaps = [r for r in rows if r.get("kind") == "snapshot"]
+    for phase in PHASES:
+        sel = [r for r in snaps if r["phase"] == phase]
+        entry = dict(phase=phase, step=sel[0]["step"], train_loss=float(np.mean([r["train_loss"] for r in sel])),
+                     saddle_index=float(np.mean([r["saddle_index"] for r in sel])),
+                     **{f"top_{j}": float(np.mean([r[f"top_{j}"] for r in sel])) for j in (1, 2, cfg.top_k)})
+        table.append(entry)
+        figures[f"{phase}_saddle_index"] = entry["saddle_index"]
+        figures[f"{phase}_lambda_max"] = entry["top_1"]
+        figures[f"{phase}_train_loss"] = entry["train_loss"]
+    return _runner.Verdict(supported=bool(ok), figures=figures, table=table)
+
+
+def plot(cfg: Config, rows, out_dir):
+    fig, axes = _runner.plt.subplots(1, 2, figsize=(12, 4))
+    for i, lr in enumerate(cfg.lrs):
+        sel = _runner.select(rows, part="eos", lr=lr, seed=cfg.seeds[0])
+        axes[0].plot([r["step"] for r in sel], [r["lambda_max"] for r in sel], color=f"C{i}", label=f"lr = {lr:g}")
+        axes[0].axhline(2.0 / lr, color=f"C{i}", ls="--", lw=1)
+    axes[0].set(xlabel="GD step", ylabel="lambda_max", yscale="log", title="sharpness vs 2 / lr (dashed)")
+    axes[0].legend()
+    for i, phase in enumerate(PHASES):
+        sel = [r for r in rows if r.get("kind") == "density" and r["phase"] == phase and r["seed"] == cfg.seeds[0]]
+        axes[1].plot([r["eigenvalue"] for r in sel], [max(r["density"], 1e-8) for r in sel], color=f"C{i}", label=phase)
+    axes[1].set(yscale="log", ylim=(1e-6, None), xlabel="eigenvalue", ylabel="density (SLQ)",
+                title=f"Hessian spectrum, GD lr = {cfg.spectrum_lr:g}")
+    axes[1].legend()
+    _runner.save_figure(fig, out_dir / "hessian_spectrum.png")
+
+
+EXPERIMENT = _runner.Experiment(
+    name="hessian_spectrum",
+    claim=("Under full-batch GD the sharpness lambda_max is driven to the stability edge 2/lr and hovers there while "
+           "the loss keeps falling (edge of stability, Cohen et al. 2021)."),
+    config=Config,
+    presets={"paper": PAPER},
+    cells=cells,
+    run=run,
+    summarize=summarize,
+    plot=plot,
+    prepare=prepare,
+    batch_over=("lr", "seed"),
+)
+
+if __name__ == "__main__":
+    _runner.main(EXPERIMENT)
