@@ -233,10 +233,9 @@ def plot(cfg: Config, rows, out_dir):
     gammas = np.array([t["gamma"] for t in table])
     fine = np.concatenate([np.geomspace(min(gammas), 0.97, 100), np.geomspace(1.03, max(gammas), 100)])
     fig, axes = _runner.plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, formula in (
-        (axes[0], "test_error", cfg.noise**2 + asymptotic_bias(fine, cfg.signal) + asymptotic_variance(fine, cfg.noise)),
-        (axes[1], "variance", asymptotic_variance(fine, cfg.noise)),
-    ):
+    variance = asymptotic_variance(fine, cfg.noise)
+    test_error = cfg.noise**2 + asymptotic_bias(fine, cfg.signal) + variance
+    for ax, key, formula in ((axes[0], "test_error", test_error), (axes[1], "variance", variance)):
         ax.plot(fine[fine < 1], formula[fine < 1], "k-", lw=1, label="asymptotic formula")
         ax.plot(fine[fine > 1], formula[fine > 1], "k-", lw=1)
         ax.plot(gammas, [t[key] for t in table], "o", color="C0", label=f"measured (n={cfg.n})")

@@ -132,7 +132,8 @@ def spectrum_run(cfg: Config, model, objective, batch, seed: int):
         top, index, grid, density = spectrum_at(cfg, objective, params, batch, jax.random.key(seed))
         rows.append(dict(kind="snapshot", phase=phase, step=i * half, train_loss=loss, saddle_index=index,
                          **{f"top_{j + 1}": float(v) for j, v in enumerate(top)}))
-        rows += [dict(kind="density", phase=phase, eigenvalue=float(g), density=float(d)) for g, d in zip(grid, density)]
+        rows += [dict(kind="density", phase=phase, eigenvalue=float(g), density=float(d))
+                 for g, d in zip(grid, density)]
     return rows
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -130,7 +129,10 @@ def run(cfg: Config, batch, group):
     method = group[0]["method"]
     model = models.LinearNet(d1=cfg.hidden, d_out=cfg.d_out)
     objective = make_objective(model)
-    init = lambda k: tree_lib.scale(cfg.init_scale, tree_lib.normal_like(k, model.init(k, batch[0][:1])["params"]))  # noqa: E731
+
+    def init(key):  # w_0 = delta * eps, the same for every method at a given seed
+        return tree_lib.scale(cfg.init_scale, tree_lib.normal_like(key, model.init(key, batch[0][:1])["params"]))
+
     result = train.sweep(
         objective, optimizer_fn(cfg, method), init, batch, sigmas=[cfg.sigma], seeds=[c["seed"] for c in group],
         num_steps=cfg.steps, eval_every=cfg.eval_every, batch_size=cfg.batch_size if method == "sgd" else None,
@@ -199,7 +201,9 @@ def plot(cfg: Config, rows, out_dir):
         steps = [r["step"] for r in runs[0]]
         for ax, key in zip(axes, ("train_loss", "lambda_min", "saddle_index")):
             values = np.median([[r[key] for r in run] for run in runs], axis=0)
-            ax.plot(steps, values - (r_star if key == "train_loss" else 0.0), color=f"C{i}", label=m)
+            if key == "train_loss":
+                values = np.maximum(values - r_star, 1e-12)  # log scale; R* is reached to rounding
+            ax.plot(steps, values, color=f"C{i}", label=m)
     axes[0].axhline((1 - cfg.escape_fraction) * (r0 - r_star), color="k", ls=":", lw=1, label="escaped")
     axes[0].set(yscale="log", xlabel="step", ylabel="R(w_t) - R*", title="loss (median over seeds)")
     axes[1].set(xlabel="step", ylabel="lambda_min(H)", title="most negative Hessian eigenvalue")
@@ -211,7 +215,8 @@ def plot(cfg: Config, rows, out_dir):
 EXPERIMENT = _runner.Experiment(
     name="saddle_escape",
     claim=("Started next to a strict saddle, every method leaves it, GD only at the rate set by the most negative "
-           "Hessian eigenvalue, while noise injection (full and layer-wise), momentum and Adam leave it in fewer steps."),
+           "Hessian eigenvalue, while noise injection (full and layer-wise), momentum and Adam leave it in fewer "
+           "steps."),
     config=Config,
     presets={"paper": PAPER},
     cells=cells,

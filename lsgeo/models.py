@@ -381,14 +381,15 @@ def init_model(model: nn.Module, key: jax.Array, x_example, *, fast_compile: boo
     BatchNorm models, ``{}`` otherwise).
 
     The initialiser runs as one compiled program. ``fast_compile`` (default: on when the backend is
-    CPU) compiles it with XLA backend optimisation level 0: the program runs once, and compiling
+    CPU and the inputs are concrete) compiles it with XLA backend optimisation level 0: the program runs once, and compiling
     the many random-number generators at full optimisation costs seconds on CPU (ResNet-18: ~4 s
     vs ~0.7 s). Values equal ``model.init``'s up to float rounding (~1 ulp).
     """
     x_example = jnp.asarray(x_example)
     init = jax.jit(functools.partial(model.init, train=False))
-    if fast_compile is None:
-        fast_compile = jax.default_backend() == "cpu"
+    if fast_compile is None:  # ahead-of-time compilation needs concrete inputs (not under jit/vmap)
+        traced = any(isinstance(a, jax.core.Tracer) for a in (key, x_example))
+        fast_compile = jax.default_backend() == "cpu" and not traced
     variables = None
     if fast_compile:
         lowered = init.lower(key, x_example)
