@@ -13,19 +13,43 @@ evaluated at the clean iterate w_t. ``gd`` has the single cell sigma = 0.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lsgeo import data as data_lib
 from lsgeo import losses, models, optim, risk, train
 
 METHODS = ("gd", "noise", "layer")
 LABELS = {"gd": "GD", "noise": "GD+noise", "layer": "GD+noise (layer)"}
 COLORS = {"gd": "black", "noise": "tab:blue", "layer": "tab:red"}
 _MODES = {"noise": "full", "layer": "layerwise"}
+
+
+_METRICS = {"loss": losses.softmax_cross_entropy, "accuracy": losses.accuracy, "squared_loss": losses.squared_loss}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """``f(params, batch)`` of the flax ``model`` on ``batch = (x, y)``: softmax cross-entropy
+    (``metric="loss"``), accuracy (``"accuracy"``) or the squared loss (``"squared_loss"``).
+    Hashable by value, so the jit-compiled library functions (``f`` static) compile once per architecture."""
+
+    model: Any
+    metric: str = "loss"  # "loss", "accuracy" or "squared_loss"
+
+    def __call__(self, params, batch):
+        return _METRICS[self.metric](self.model.apply({"params": params}, batch[0]), batch[1])
+
+
+def flat_data(dataset: str, n_train: int | None):
+    """``(train, test)`` batches ``(x, y)`` of jax arrays of a ``lsgeo.data`` set, inputs flattened (for MLPs)."""
+    ds = data_lib.load_dataset(dataset, n_train=n_train, seed=0, flatten=True)
+    return (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)), (jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
 
 
 def method_cells(methods, sigmas, seeds, **fixed) -> list[dict]:
@@ -120,6 +144,26 @@ def train_cells(objective, init_params, data, cells, *, inner, num_steps, eval_e
             member = jax.tree_util.tree_map(lambda a: a[index], (result.params, result.model_state))
             rows[-1].update({k: float(v) for k, v in final_fn(*member).items()})
         out.append(rows)
+    return out
+
+
+def train_methods(objective, init_params, data, cells, **kwargs) -> list[list[dict]]:
+    """``train_cells`` for cells of several methods, with one compiled program per noise mode.
+
+    The ``gd`` cells join the sweep of a noise method in ``cells`` (``noise`` if present, else ``layer``)
+    as its members at sigma = 0: the noise xi = 0 * eps is exactly zero, so the iterates are those of
+    plain (S)GD bit for bit, and the (S)GD program is not compiled separately. ``kwargs``: those of
+    ``train_cells``. Returns the rows of each cell, in the order of ``cells``."""
+    methods = {c["method"] for c in cells}
+    host = next((m for m in ("noise", "layer") if m in methods), "gd")
+    programs: dict[str, list[int]] = {}
+    for i, c in enumerate(cells):
+        programs.setdefault(host if c["method"] == "gd" else c["method"], []).append(i)
+    out: list = [None] * len(cells)
+    for method, index in programs.items():
+        group = [dict(cells[i], method=method) for i in index]
+        for i, rows in zip(index, train_cells(objective, init_params, data, group, **kwargs)):
+            out[i] = rows
     return out
 
 

@@ -28,13 +28,11 @@ import dataclasses
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _runner
-from lsgeo import curvature, losses, models, sharpness, train
-from lsgeo import data as data_lib
+from experiments import _methods, _runner
+from lsgeo import curvature, models, sharpness, train
 from lsgeo import tree as tree_lib
 
 BATCHES = ("small", "large")
@@ -66,25 +64,12 @@ PAPER = Config(dataset="mnist1d", n_train=4000, widths=(512, 512), small_batch=2
 
 
 def prepare(cfg: Config):
-    ds = data_lib.load_dataset(cfg.dataset, n_train=cfg.n_train, seed=0, flatten=True)
-    return (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)), (jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
+    return _methods.flat_data(cfg.dataset, cfg.n_train)
 
 
 def make_model(cfg: Config) -> models.MLP:
     return models.MLP(widths=cfg.widths, num_outputs=10)
 
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """``f(params, batch)`` of the classifier ``model``: softmax cross-entropy (``metric="loss"``) or accuracy.
-    Hashable by value, so the jit-compiled library functions (``f`` static) compile once per architecture."""
-
-    model: models.MLP
-    metric: str = "loss"  # "loss" or "accuracy"
-
-    def __call__(self, params, batch):
-        logits = self.model.apply({"params": params}, batch[0])
-        return (losses.softmax_cross_entropy if self.metric == "loss" else losses.accuracy)(logits, batch[1])
 
 
 def train_to_target(cfg: Config, objective, init, data, batch_size: int, seed: int):
@@ -111,7 +96,7 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     n = train_batch[0].shape[0]
     batch_size = cfg.small_batch if which == "small" else (cfg.large_batch or n)
 
-    objective = Objective(model)
+    objective = _methods.Objective(model)
 
     def init(key):
         return model.init(key, train_batch[0][:1])["params"]
@@ -123,7 +108,7 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
         k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
         return dict(
             train_loss=objective(w, train_data),
-            test_acc=Objective(model, "accuracy")(w, test_data),
+            test_acc=_methods.Objective(model, "accuracy")(w, test_data),
             test_loss=objective(w, test_data),
             lambda_max=curvature.top_eigenvalues(objective, w, train_data, k1, num_iters=cfg.lanczos_iters)[0],
             hessian_trace=curvature.hessian_trace(objective, w, train_data, k2, num_probes=cfg.trace_probes,

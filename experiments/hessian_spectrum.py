@@ -30,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _runner
+from experiments import _methods, _runner
 from lsgeo import curvature, models, train
 from lsgeo.data import load_dataset
-from lsgeo.losses import squared_loss
 
 PHASES = ("init", "mid", "end")
 
@@ -73,13 +72,6 @@ def make_model(cfg: Config) -> models.MLP:
     return models.MLP(widths=cfg.widths, num_outputs=10, activation=cfg.activation)
 
 
-def make_objective(model: models.MLP):
-    def objective(params, batch):
-        x, y = batch
-        return squared_loss(model.apply({"params": params}, x), y)
-
-    return objective
-
 
 def sharpness_eval(objective, num_iters: int):
     """``eval_fn`` of the training loops: lambda_max by ``num_iters`` Lanczos steps."""
@@ -99,7 +91,7 @@ def cells(cfg: Config):
 
 def run(cfg: Config, batch, group):
     model = make_model(cfg)
-    objective = make_objective(model)
+    objective = _methods.Objective(model, "squared_loss")
     if group[0]["part"] == "spectrum":
         return [spectrum_run(cfg, model, objective, batch, c["seed"]) for c in group]
     return eos_run(cfg, model, objective, batch, group)

@@ -43,13 +43,11 @@ import dataclasses
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _runner
-from lsgeo import data as data_lib
-from lsgeo import landscape, losses, models, optim, train
+from experiments import _methods, _runner
+from lsgeo import landscape, models, optim, train
 
 VARIANTS = ("small_batch", "large_batch", "noise", "deep_plain", "deep_skip")
 # comparison -> (variant expected flatter, variant expected sharper)
@@ -86,8 +84,7 @@ PAPER = Config(dataset="mnist1d", n_train=4000, widths=(256, 256), deep_width=64
 
 
 def prepare(cfg: Config):
-    ds = data_lib.load_dataset(cfg.dataset, n_train=cfg.n_train, seed=0, flatten=True)
-    return (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)), (jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
+    return _methods.flat_data(cfg.dataset, cfg.n_train)
 
 
 def variants(cfg: Config) -> list[str]:
@@ -104,18 +101,6 @@ def make_model(cfg: Config, variant: str) -> models.MLP:
                           skip_connections=variant == "deep_skip")
     return models.MLP(widths=cfg.widths, num_outputs=10)
 
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """``f(params, batch)`` of the classifier ``model``: softmax cross-entropy (``metric="loss"``) or accuracy.
-    Hashable by value, so the jit-compiled library functions (``f`` static) compile once per architecture."""
-
-    model: models.MLP
-    metric: str = "loss"  # "loss" or "accuracy"
-
-    def __call__(self, params, batch):
-        logits = self.model.apply({"params": params}, batch[0])
-        return (losses.softmax_cross_entropy if self.metric == "loss" else losses.accuracy)(logits, batch[1])
 
 
 def optimizer_fn(cfg: Config, variant: str):
@@ -139,7 +124,7 @@ def cells(cfg: Config) -> list[dict]:
 def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     (train_batch, test_batch), variant = data, group[0]["variant"]
     model = make_model(cfg, variant)
-    objective = Objective(model)
+    objective = _methods.Objective(model)
     result = train.sweep(
         objective, optimizer_fn(cfg, variant), lambda k: model.init(k, train_batch[0][:1])["params"], train_batch,
         sigmas=[cfg.sigma if variant == "noise" else 0.0], seeds=[c["seed"] for c in group], num_steps=cfg.steps,
@@ -148,7 +133,7 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     alphas = np.linspace(-cfg.radius, cfg.radius, cfg.num_alphas)
     grid = np.linspace(-cfg.radius, cfg.radius, cfg.grid)
     evaluate = jax.jit(lambda w, train_data, test_data: (
-        objective(w, train_data), Objective(model, "accuracy")(w, test_data), objective(w, test_data)))
+        objective(w, train_data), _methods.Objective(model, "accuracy")(w, test_data), objective(w, test_data)))
     params = jax.tree_util.tree_map(np.asarray, result.params)
     out = []
     for i, c in enumerate(group):

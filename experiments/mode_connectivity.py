@@ -32,9 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _runner
-from lsgeo import data as data_lib
-from lsgeo import landscape, losses, models, train
+from experiments import _methods, _runner
+from lsgeo import landscape, models, train
 
 PATHS = ("line", "curve")
 COLORS = {"line": "tab:red", "curve": "tab:blue"}
@@ -63,25 +62,12 @@ PAPER = Config(dataset="mnist1d", n_train=4000, widths=(256, 256), steps=5000, c
 
 
 def prepare(cfg: Config):
-    ds = data_lib.load_dataset(cfg.dataset, n_train=cfg.n_train, seed=0, flatten=True)
-    return (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)), (jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
+    return _methods.flat_data(cfg.dataset, cfg.n_train)
 
 
 def make_model(cfg: Config) -> models.MLP:
     return models.MLP(widths=cfg.widths, num_outputs=10)
 
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """``f(params, batch)`` of the classifier ``model``: softmax cross-entropy (``metric="loss"``) or accuracy.
-    Hashable by value, so the jit-compiled library functions (``f`` static) compile once per architecture."""
-
-    model: models.MLP
-    metric: str = "loss"  # "loss" or "accuracy"
-
-    def __call__(self, params, batch):
-        logits = self.model.apply({"params": params}, batch[0])
-        return (losses.softmax_cross_entropy if self.metric == "loss" else losses.accuracy)(logits, batch[1])
 
 
 def cells(cfg: Config) -> list[dict]:
@@ -91,7 +77,7 @@ def cells(cfg: Config) -> list[dict]:
 def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     train_batch, test_batch = data
     model = make_model(cfg)
-    loss, accuracy = Objective(model), Objective(model, "accuracy")
+    loss, accuracy = _methods.Objective(model), _methods.Objective(model, "accuracy")
     init_seeds = [k for c in group for k in (2 * c["seed"], 2 * c["seed"] + 1)]
     minima = train.sweep(
         loss, lambda _, __: optax.adam(cfg.lr), lambda k: model.init(k, train_batch[0][:1])["params"],

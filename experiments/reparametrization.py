@@ -34,11 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _runner
+from experiments import _methods, _runner
 from lsgeo import curvature, models, sharpness, train
 from lsgeo import tree as tree_lib
 from lsgeo.data import load_dataset
-from lsgeo.losses import softmax_cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,20 +77,11 @@ def make_model(cfg: Config) -> models.MLP:
     return models.MLP(widths=cfg.widths, num_outputs=10, activation="relu")
 
 
-def make_objective(model: models.MLP):
-    """R(w) = softmax cross-entropy of ``model`` on ``batch = (x, y)``."""
-
-    def objective(params, batch):
-        x, y = batch
-        return softmax_cross_entropy(model.apply({"params": params}, x), y)
-
-    return objective
-
 
 def train_networks(cfg: Config, batch, seeds):
     """One trained network per seed (full-batch Adam), vmapped; returns params with a leading seed axis."""
     model = make_model(cfg)
-    objective = make_objective(model)
+    objective = _methods.Objective(model)
     result = train.sweep(
         objective, lambda _, __: optax.adam(cfg.lr), lambda k: model.init(k, batch[0][:1])["params"],
         batch, sigmas=[0.0], seeds=list(seeds), num_steps=cfg.steps,
@@ -145,7 +135,7 @@ def cells(cfg: Config):
 
 def run(cfg: Config, batch, group):
     model = make_model(cfg)
-    objective = make_objective(model)
+    objective = _methods.Objective(model)
     predict = models.make_predict(model)
     trained = train_networks(cfg, batch, [c["seed"] for c in group])
     out = []

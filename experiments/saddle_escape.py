@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _runner
+from experiments import _methods, _runner
 from lsgeo import curvature, models, optim, train
 from lsgeo import tree as tree_lib
 from lsgeo.data import low_rank_regression
@@ -75,13 +75,6 @@ def prepare(cfg: Config):
     ds = low_rank_regression(n_train=cfg.n_train, n_test=1, d_in=cfg.d_in, d_out=cfg.d_out, rank=cfg.rank, seed=0)
     return jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
 
-
-def make_objective(model: models.LinearNet):
-    def objective(params, batch):
-        x, y = batch
-        return squared_loss(model.apply({"params": params}, x), y)
-
-    return objective
 
 
 def landmarks(batch):
@@ -128,7 +121,7 @@ def cells(cfg: Config):
 def run(cfg: Config, batch, group):
     method = group[0]["method"]
     model = models.LinearNet(d1=cfg.hidden, d_out=cfg.d_out)
-    objective = make_objective(model)
+    objective = _methods.Objective(model, "squared_loss")
 
     def init(key):  # w_0 = delta * eps, the same for every method at a given seed
         return tree_lib.scale(cfg.init_scale, tree_lib.normal_like(key, model.init(key, batch[0][:1])["params"]))

@@ -29,13 +29,11 @@ import dataclasses
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _runner
-from lsgeo import curvature, losses, models, train
-from lsgeo import data as data_lib
+from experiments import _methods, _runner
+from lsgeo import curvature, models, train
 
 METHODS = ("sgd", "swa")
 COLORS = {"sgd": "black", "swa": "tab:green"}
@@ -64,25 +62,12 @@ PAPER = Config(dataset="mnist1d", n_train=4000, widths=(256, 256), batch_size=12
 
 
 def prepare(cfg: Config):
-    ds = data_lib.load_dataset(cfg.dataset, n_train=cfg.n_train, seed=0, flatten=True)
-    return (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)), (jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
+    return _methods.flat_data(cfg.dataset, cfg.n_train)
 
 
 def make_model(cfg: Config) -> models.MLP:
     return models.MLP(widths=cfg.widths, num_outputs=10)
 
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """``f(params, batch)`` of the classifier ``model``: softmax cross-entropy (``metric="loss"``) or accuracy.
-    Hashable by value, so the jit-compiled library functions (``f`` static) compile once per architecture."""
-
-    model: models.MLP
-    metric: str = "loss"  # "loss" or "accuracy"
-
-    def __call__(self, params, batch):
-        logits = self.model.apply({"params": params}, batch[0])
-        return (losses.softmax_cross_entropy if self.metric == "loss" else losses.accuracy)(logits, batch[1])
 
 
 def swa_start_step(cfg: Config, steps_per_epoch: int) -> int:
@@ -106,10 +91,10 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     (train_batch, test_batch), method = data, group[0]["method"]
     model = make_model(cfg)
 
-    objective = Objective(model)
+    objective = _methods.Objective(model)
 
     def eval_fn(params, test):
-        return {"test_acc": Objective(model, "accuracy")(params, test), "test_loss": objective(params, test)}
+        return {"test_acc": _methods.Objective(model, "accuracy")(params, test), "test_loss": objective(params, test)}
 
     steps_per_epoch = train_batch[0].shape[0] // cfg.batch_size
     swa_start = swa_start_step(cfg, steps_per_epoch)

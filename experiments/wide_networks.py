@@ -29,10 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _runner
+from experiments import _methods, _runner
 from lsgeo import models, train
 from lsgeo import tree as tree_lib
-from lsgeo.losses import squared_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +70,6 @@ def make_model(cfg: Config, arch: str) -> models.MLP:
     return models.MLP(widths=getattr(cfg, arch), num_outputs=1, activation=cfg.activation)
 
 
-def make_objective(model: models.MLP):
-    def objective(params, batch):
-        x, y = batch
-        return squared_loss(model.apply({"params": params}, x), y)
-
-    return objective
-
 
 def features(params, x, activation: str, k: int = 1):
     """F_k = [f_k(x_1), ..., f_k(x_N)]^T, the outputs of hidden layer k (1-based) of an ``MLP``, ``[N, n_k]``."""
@@ -106,7 +98,7 @@ def train_from_seeds(cfg: Config, arch: str, batch, seeds):
     model = make_model(cfg, arch)
     schedule = optax.cosine_decay_schedule(cfg.lr, cfg.steps)
     result = train.sweep(
-        make_objective(model), lambda _, __: optax.adam(schedule), lambda k: model.init(k, batch[0][:1])["params"],
+        _methods.Objective(model, "squared_loss"), lambda _, __: optax.adam(schedule), lambda k: model.init(k, batch[0][:1])["params"],
         batch, sigmas=[0.0], seeds=list(seeds), num_steps=cfg.steps,
     )
     return jax.tree_util.tree_map(lambda a: a[0], result.params), result.history["train_loss"][0, :, -1]
@@ -119,7 +111,7 @@ def cells(cfg: Config):
 def run(cfg: Config, batch, group):
     arch = group[0]["arch"]
     model = make_model(cfg, arch)
-    objective = make_objective(model)
+    objective = _methods.Objective(model, "squared_loss")
     params, losses = train_from_seeds(cfg, arch, batch, [c["seed"] for c in group])
     grad_norms = jax.vmap(lambda p: tree_lib.norm(jax.grad(objective)(p, batch)))(params)
     with jax.enable_x64(True):  # F_1 of the trained float32 weights, formed and factored in float64
