@@ -69,7 +69,7 @@ import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-__all__ = ["Experiment", "Verdict", "main", "run_experiment", "save_figure", "plt", "mean_se", "select"]
+__all__ = ["Experiment", "Verdict", "main", "fast_cpu_compile", "run_experiment", "save_figure", "plt", "mean_se", "select"]
 
 C = TypeVar("C")
 Cell = dict[str, Any]
@@ -191,6 +191,33 @@ def _devices() -> list[str]:
     import jax
 
     return [f"{d.platform}:{d.device_kind}" for d in jax.devices()]
+
+
+def fast_cpu_compile() -> bool:
+    """Compiles at XLA backend optimisation level 0 when jax will run on the CPU only (no accelerator
+    plugin installed, or ``JAX_PLATFORMS=cpu``), for CLI runs whose cost is compilation (a ResNet under
+    ``lax.scan``: about half the compile time; elementwise code runs slower). Call it before jax
+    initialises its backend (first in ``__main__``); it does nothing once the backend is initialised or
+    when ``XLA_FLAGS`` already sets the level. Returns whether it set the level."""
+    import importlib.metadata
+    import importlib.util
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    try:  # private jax API: if it moves, leave the flags alone
+        from jax._src import xla_bridge
+
+        initialised = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):
+        return False
+    if "xla_backend_optimization_level" in flags or initialised:
+        return False
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms.strip().lower() != "cpu":
+        plugins = importlib.util.find_spec("jax_plugins") is not None or importlib.util.find_spec("libtpu") is not None
+        if plugins or importlib.metadata.entry_points(group="jax_plugins"):
+            return False
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true".strip()
+    return True
 
 
 def _groups(exp: Experiment, cells: list[Cell]) -> list[list[Cell]]:

@@ -13,13 +13,16 @@ the preset uses the usual CIFAR values (momentum 0.9, weight decay 5e-4 on the c
 preset needs a GPU (33 ResNet-18 runs of 150 epochs: days on one GPU; run subsets via --sigmas/--seeds).
 
 Default: a smoke configuration that exercises BatchNorm, full and layer-wise noise with a noise
-schedule, and the Hessian trace on a 2-core CPU in about a minute: 256 of scikit-learn's 8x8 digits
-upsampled to 32x32x1 images (CIFAR-sized; ``--dataset cifar10 --n-train 512`` for a CIFAR-10 subset if
-its files are present), a ResNet of width 4 with one BasicBlock per stage (ResNet-18 has two), 6 epochs
-of batch 64, noise off after epoch 5, one sigma, one seed. Its cost is XLA compilation, so the (S)GD
-runs share the compiled program of full noise (as its sigma = 0 members, ``_methods.train_methods``)
-and all methods are trained in one ``run`` call (one compiled Hessian trace). It is too small to
-judge the claim (``supported`` is null with a single seed).
+schedule, and the Hessian trace on a 2-core CPU in about a minute: 256 of scikit-learn's 8x8 digits as
+8x8x1 images (``--dataset cifar10 --n-train 512`` for a CIFAR-10 subset if its files are present), a
+ResNet of width 4 with one BasicBlock per stage (ResNet-18 has two), 6 epochs of batch 64, noise off
+after epoch 5, one sigma, one seed. Its cost is XLA compilation, so on a CPU-only machine the CLI
+compiles at XLA backend optimisation level 0 (``_runner.fast_cpu_compile``), the (S)GD runs share the
+compiled program of full noise (as its sigma = 0 members, ``_methods.train_methods``), all methods are
+trained in one ``run`` call (one compiled Hessian trace), and the runs of a sweep go one at a time
+(``members_per_chunk=1``: XLA:CPU runs the grouped convolutions of vmapped kernels slowly). Upsampled
+32x32 digits cost about three times as long at that optimisation level. It is too small to judge the
+claim (``supported`` is null with a single seed).
 
 The Hessian trace is a Hutchinson estimate (``lsgeo.curvature.hessian_trace``) of the training loss in
 evaluation mode (BatchNorm running averages), on ``trace_examples`` training points, at the end of
@@ -50,7 +53,6 @@ class Config:
     dataset: str = "digits"  # "cifar10" (paper) or any image set of lsgeo.data
     n_train: int | None = 256  # training points (None: all)
     n_test: int | None = None  # test points (None: all)
-    image_size: int | None = 32  # smaller images are upsampled to this size (None: as loaded)
     width: int = 4  # ResNet-18 base width (paper: 64)
     stage_sizes: tuple[int, ...] = (1, 1, 1, 1)  # BasicBlocks per stage (ResNet-18, the paper: 2, 2, 2, 2)
     batch_size: int = 64  # SGD batch (paper: 128)
@@ -69,26 +71,16 @@ class Config:
     seeds: tuple[int, ...] = (0,)  # initialisation, batch order and noise seeds
 
 
-PAPER = Config(dataset="cifar10", n_train=None, image_size=None, width=64, stage_sizes=(2, 2, 2, 2), members_per_chunk=None, batch_size=128, lr=0.01, epochs=150, noise_off_epoch=135,
-               evals=15, sigmas=(0.01, 0.025, 0.05, 0.1, 0.2), trace_examples=1000, trace_probes=32, seeds=(0, 1, 2))
+PAPER = Config(dataset="cifar10", n_train=None, width=64, stage_sizes=(2, 2, 2, 2), batch_size=128, lr=0.01, epochs=150,
+               noise_off_epoch=135, evals=15, members_per_chunk=None, sigmas=(0.01, 0.025, 0.05, 0.1, 0.2), trace_examples=1000, trace_probes=32, seeds=(0, 1, 2))
 
 
 def prepare(cfg: Config):
     ds = data_lib.load_dataset(cfg.dataset, n_train=cfg.n_train, n_test=cfg.n_test, seed=0, flatten=False)
-    if cfg.image_size is not None:
-        ds = ds._replace(x_train=_upsample(ds.x_train, cfg.image_size), x_test=_upsample(ds.x_test, cfg.image_size))
     steps_per_epoch = len(ds.x_train) // cfg.batch_size
     if cfg.epochs * steps_per_epoch % cfg.evals:
         raise ValueError(f"evals={cfg.evals} must divide the {cfg.epochs * steps_per_epoch} training steps")
     return ds, steps_per_epoch
-
-
-def _upsample(x: np.ndarray, size: int) -> np.ndarray:
-    """NHWC images of side h <= size, repeated ``size // h`` times along each axis (nearest neighbour)."""
-    factor = size // x.shape[1]
-    if factor <= 1:
-        return x
-    return np.repeat(np.repeat(x, factor, axis=1), factor, axis=2)
 
 
 def cells(cfg: Config) -> list[dict]:
@@ -199,4 +191,5 @@ EXPERIMENT = _runner.Experiment(
 )
 
 if __name__ == "__main__":
+    _runner.fast_cpu_compile()
     _runner.main(EXPERIMENT)

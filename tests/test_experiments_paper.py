@@ -24,8 +24,8 @@ SMOKE = {
                                 methods=("layer",), seeds=(0,))),
     "cnn": (cnn, dict(n_train=32, n_test=32, archs=("toy",), batch_size=16, steps=2, eval_every=2, trace_examples=8,
                       trace_probes=1, methods=("gd",), seeds=(0,))),
-    "resnet": (resnet, dict(n_train=16, n_test=16, width=2, batch_size=8, epochs=2, noise_off_epoch=1, evals=1,
-                            trace_examples=4, trace_probes=1, methods=("noise",), seeds=(0,))),
+    "resnet": (resnet, dict(n_train=16, n_test=16, width=2, stage_sizes=(1,), batch_size=8, epochs=2, noise_off_epoch=1,
+                            evals=1, trace_examples=4, trace_probes=1, methods=("gd", "noise"), seeds=(0,))),
     "geometry_report": (geometry_report, dict(widths=(4,), steps=2, sigmas=(0.05,), mc_samples=4, trace_probes=3)),
 }
 SIGMA_SWEEP = dict(n_train=32, n_test=32, width=8, steps=4, eval_every=2, sigmas=(0.05,), methods=("gd", "layer"),
