@@ -51,7 +51,7 @@ plus three elementwise passes over them; memory: one extra copy of the parameter
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

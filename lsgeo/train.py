@@ -56,7 +56,6 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lsgeo import tree as tree_lib
 from lsgeo._checks import check_positive_int, check_nonnegative_int
 from lsgeo.optim import clean_params, perturbed_params
 

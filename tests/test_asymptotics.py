@@ -7,36 +7,15 @@ control (a wrong effective risk, or the seed's transcription) to show the slope 
 """
 
 import functools
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lsgeo import risk as risk_lib
-from lsgeo import theory
 from lsgeo.losses import squared_loss
 
-JITTED = [
-    "lasso_weights",
-    "lasso_objective",
-    "diagonal_net_effective_risk",
-    "diagonal_net_full_noise_risk",
-    "linear_net_risk",
-    "linear_net_effective_risk",
-    "linear_net_full_noise_risk",
-    "deep_linear_risk",
-    "deep_linear_layerwise_risk",
-    "relu_net_risk",
-    "relu_net_layerwise_risk",
-    "relu_net_layerwise_risk_exact",
-    "relu_net_layerwise_remainder",
-    "nuclear_norm_objective",
-]
-
-# The closed forms are compiled once per shape (eager execution compiles every primitive separately and
-# costs several times more); argument checking on concrete values is tested eagerly at the end.
-jitted = types.SimpleNamespace(**{name: jax.jit(getattr(theory, name)) for name in JITTED})
+from _jitted_theory import jitted  # noqa: E402  (tests/ is on sys.path under pytest)
 
 SIGMAS = np.array([1e-1, 3e-2, 1e-2])
 

@@ -9,7 +9,7 @@ import pytest
 
 from lsgeo import theory
 from lsgeo import tree as tree_lib
-from lsgeo.optim import NoiseInjectionState, clean_params, noise_injection, noise_states, perturbed_params
+from lsgeo.optim import clean_params, noise_injection, perturbed_params
 from lsgeo.perturbation import perturbation
 
 # --------------------------------------------------------------------------------------------------
