@@ -176,20 +176,8 @@ def sparse_regression(n_train: int = 100, n_test: int = 1000, *, d: int = 10, nu
     support, eps ~ N(0, 1). Targets are ``[n, 1]`` (the ``[n, k]`` outputs of an MLP/LinearNet
     with one output and the paper's Y in R^{n x d_M}). extras: ``beta_star [d]``.
     """
-    _check_int(n_train, "n_train")
-    _check_int(n_test, "n_test")
-    _check_int(d, "d")
-    _check_int(num_nonzero, "num_nonzero", minimum=0)
-    if num_nonzero > d:
-        raise ValueError(f"num_nonzero={num_nonzero} exceeds d={d}")
-    _check_nonneg_float(noise, "noise")
-    rng = np.random.default_rng(seed)
-    beta = _sparse_vector(rng, d, num_nonzero)
-    x = rng.normal(size=(n_train + n_test, d))
-    y = x @ beta + noise * rng.normal(size=n_train + n_test)
-    x, y = x.astype(np.float32), y[:, None].astype(np.float32)
-    return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], None,
-                   {"beta_star": beta.astype(np.float32)})
+    ds = sparse_linear(n_train, n_test, d=d, num_nonzero=num_nonzero, noise=noise, seed=seed)
+    return ds._replace(y_train=ds.y_train[:, None], y_test=ds.y_test[:, None])
 
 
 def sparse_linear(n_train: int = 40, n_test: int = 1000, *, d: int = 100, num_nonzero: int = 5,
