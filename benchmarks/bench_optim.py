@@ -6,6 +6,8 @@
    1024 examples (64 inputs, 10 outputs), for ``mode="full"`` and ``mode="layerwise"`` (target <= 1.10).
    Timed: one compiled chunk of ``--steps`` steps of ``lsgeo.train`` (lax.scan) plus its evaluation
    (one forward pass), the same loop for both; jit, warm-up, block_until_ready, median of repeats.
+   Also: one draw of as many normals as the MLP has parameters, ``lsgeo.gaussian.normal`` vs
+   ``jax.random.normal`` (the same numbers), alone and inside a noise-injection update.
 2. A vmapped ``lsgeo.train.sweep`` over 8 sigma values vs the 8 runs one after another with
    ``lsgeo.train.train`` (same work, both compiled before timing; target >= 2x faster), on a small MLP
    (2x64, 256 examples) where one run does not fill the machine, and on the 2x1024 MLP for reference.
@@ -18,9 +20,11 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lsgeo import gaussian
 from lsgeo.optim import noise_injection
 from lsgeo.train import _Config, _Fixed, _chunk_jit, _init_jit, sweep, train
 
@@ -53,17 +57,26 @@ def problem(width, n, seed=0):
     return mlp_params(rng, (64, width, width, 10)), (x, y)
 
 
-def median_time(fn, repeats):
-    jax.block_until_ready(fn())  # warm-up (compiles)
-    times = []
+def interleaved_times(fns, repeats):
+    """Median seconds of each of ``fns`` (a dict of thunks), timed in turn in every round so that a
+    machine whose speed drifts (a shared VM) slows all of them alike; also the median per-round
+    ratio of each to the first."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())  # warm-up (compiles)
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    first = times[next(iter(fns))]
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    ratios = {name: statistics.median(a / b for a, b in zip(t, first)) for name, t in times.items()}
+    return medians, ratios
 
 
-def step_time(optimizer, params, data, steps, repeats):
+def train_chunk(optimizer, params, data, steps):
+    """One compiled chunk of ``steps`` training steps of ``lsgeo.train`` (a thunk)."""
     n = len(jax.tree_util.tree_leaves(data)[0])
     cfg = _Config(steps, None, n, False, None, 1, None, False)
     static = dict(objective=mlp_loss, make_opt=_Fixed(optimizer), eval_fn=None, cfg=cfg)
@@ -71,7 +84,22 @@ def step_time(optimizer, params, data, steps, repeats):
         init_fns=(None, None), params=params, model_state=None, hyper=(), key=0, opt_state=None,
         start_step=0, data=data, eval_data=None, **static,
     )  # fmt: skip
-    return median_time(lambda: _chunk_jit(carry=carry, hyper=(), data=data, eval_data=None, **static), repeats) / steps
+    return lambda: _chunk_jit(carry=carry, hyper=(), data=data, eval_data=None, **static)
+
+
+def draw_times(params, repeats):
+    """ms for one draw of m normals, and for a full-noise update (draw + update + stored noise)."""
+    m = sum(np.size(v) for v in jax.tree_util.tree_leaves(params))
+    key = jax.random.key(0)
+    z, xi, g = (jnp.full((m,), v, jnp.float32) for v in (1.0, 2.0, 3.0))
+    fns = {}
+    for name, draw in (("lsgeo.gaussian.normal", gaussian.normal), ("jax.random.normal", jax.random.normal)):
+        alone = jax.jit(lambda k, draw=draw: draw(k, (m,)))
+        update = jax.jit(lambda k, z, xi, g, draw=draw: ((new := 0.01 * draw(k, (m,))), z - 0.05 * g + new - xi))
+        fns[name, "alone"] = lambda alone=alone: alone(key)
+        fns[name, "update"] = lambda update=update: update(key, z, xi, g)
+    medians, _ = interleaved_times(fns, repeats)
+    return m, {name: (medians[name, "alone"], medians[name, "update"]) for name in ("lsgeo.gaussian.normal", "jax.random.normal")}
 
 
 def sweep_vs_sequential(width, n, steps, repeats):
@@ -82,16 +110,16 @@ def sweep_vs_sequential(width, n, steps, repeats):
         return noise_injection(optax.sgd(0.05), sigma, mode="layerwise", seed=seed)
 
     kw = dict(num_steps=steps, eval_every=steps)
-    t_sweep = median_time(lambda: sweep(mlp_loss, make, params, data, sigmas, [0], **kw).history["train_loss"], repeats)
     opts = [make(float(s), 0) for s in sigmas]  # built once, so each run's compilation is cached
 
     def sequential():
         return [train(mlp_loss, o, params, data, key=0, **kw).history["train_loss"] for o in opts]
 
-    for o in opts:  # compile all 8 before timing
-        train(mlp_loss, o, params, data, key=0, **kw)
-    t_seq = median_time(sequential, repeats)
-    return t_seq, t_sweep
+    def vmapped():
+        return sweep(mlp_loss, make, params, data, sigmas, [0], **kw).history["train_loss"]
+
+    medians, ratios = interleaved_times({"sequential": sequential, "sweep": vmapped}, repeats)
+    return medians["sequential"], medians["sweep"], 1.0 / ratios["sweep"]
 
 
 def main():
@@ -102,17 +130,26 @@ def main():
     print(f"devices: {jax.devices()}  (jax {jax.__version__})")
 
     params, data = problem(1024, 1024)
-    base = step_time(optax.sgd(0.05), params, data, args.steps, args.repeats)
-    print(f"[step] 2x1024 ReLU MLP, full-batch GD, n=1024: plain sgd {base * 1e3:.1f} ms/step")
+    chunks = {"plain": train_chunk(optax.sgd(0.05), params, data, args.steps)}
     for mode in ("full", "layerwise"):
-        t = step_time(noise_injection(optax.sgd(0.05), 0.01, mode=mode), params, data, args.steps, args.repeats)
-        print(f"[step] noise_injection(mode={mode!r}): {t * 1e3:.1f} ms/step  ratio {t / base:.3f}  (target <= 1.10)")
+        chunks[mode] = train_chunk(noise_injection(optax.sgd(0.05), 0.01, mode=mode), params, data, args.steps)
+    medians, ratios = interleaved_times(chunks, args.repeats)
+    print(f"[step] 2x1024 ReLU MLP, full-batch GD, n=1024: plain sgd {medians['plain'] / args.steps * 1e3:.1f} ms/step")
+    for mode in ("full", "layerwise"):
+        print(
+            f"[step] noise_injection(mode={mode!r}): {medians[mode] / args.steps * 1e3:.1f} ms/step  "
+            f"ratio {ratios[mode]:.3f}  (target <= 1.10; median of per-round ratios)"
+        )
+
+    m, draws = draw_times(params, 4 * args.repeats)
+    for name, (alone, update) in draws.items():
+        print(f"[draw] {m} normals with {name}: {alone * 1e3:.2f} ms alone, {update * 1e3:.2f} ms in a full-noise update")
 
     for width, n, steps in ((64, 256, 50), (1024, 1024, args.steps)):
-        t_seq, t_sweep = sweep_vs_sequential(width, n, steps, max(3, args.repeats // 2))
+        t_seq, t_sweep, speedup = sweep_vs_sequential(width, n, steps, max(3, args.repeats // 2))
         print(
             f"[sweep] 8 sigmas, 2x{width} MLP, n={n}, {steps} steps: 8 runs one after another {t_seq:.3f} s, "
-            f"vmapped sweep {t_sweep:.3f} s, speed-up {t_seq / t_sweep:.2f}x  (target >= 2x)"
+            f"vmapped sweep {t_sweep:.3f} s, speed-up {speedup:.2f}x  (target >= 2x)"
         )
 
 

@@ -13,6 +13,7 @@ The most used functions are re-exported here; ``lsgeo.risk`` stays the module (R
 from lsgeo import (
     curvature,
     data,
+    gaussian,
     landscape,
     losses,
     models,

@@ -45,8 +45,10 @@ For step t (t = 0 at ``init``):
 
 with sigma_t = sigma(t) for an optax schedule, else sigma. ``sigma`` and ``seed`` may be traced
 (jax arrays), so a whole training run can be ``vmap``ped over sigma values and seeds
-(see ``lsgeo.train.sweep``). Cost per step: one Gaussian draw of the size of the parameters
-plus three elementwise passes over them; memory: one extra copy of the parameters (xi_t).
+(see ``lsgeo.train.sweep``). Cost per step: one Gaussian draw (``lsgeo.gaussian.normal``) of the
+size of the parameters (``"full"``) or of the chosen group (``"layerwise"`` on CPU; on accelerators
+all normals are drawn and masked, which avoids a host-synchronised conditional), plus three
+elementwise passes over the parameters; memory: one extra copy of the parameters (xi_t).
 """
 
 from __future__ import annotations
@@ -193,12 +195,26 @@ def noise_injection(
 
 
 def _one_group_noise(key, params, ids, num_groups, group, std):
-    """``perturbation(key, params, sigma, mode="layerwise", group=group, ...)``, bit for bit, drawing
-    only the chosen group's normals (``lax.switch``; under ``vmap`` all branches run).
+    """``perturbation(key, params, sigma, mode="layerwise", group=group, ...)``, bit for bit.
 
-    The leaves outside group j are replaced by empty arrays, so ``perturbation(mode="full")`` splits
-    the key into the same per-leaf keys and draws the same numbers for the group's leaves.
+    On CPU only the chosen group's normals are drawn (:func:`_switched_group_noise`). Elsewhere
+    (GPU, TPU) a conditional costs a host round trip per step while a draw is cheap, so all
+    normals are drawn and masked (:func:`_masked_group_noise`).
     """
+    static = dict(params=params, ids=ids, num_groups=num_groups)
+    return jax.lax.platform_dependent(
+        key,
+        group,
+        std,
+        cpu=lambda key, group, std: _switched_group_noise(key, group=group, std=std, **static),
+        default=lambda key, group, std: _masked_group_noise(key, group=group, std=std, **static),
+    )
+
+
+def _switched_group_noise(key, *, params, ids, num_groups, group, std):
+    """Draws only group j's normals with ``lax.switch``: the leaves outside j become empty arrays,
+    so ``perturbation(mode="full")`` splits the key into the same per-leaf keys and draws the same
+    numbers for j's leaves. Under ``vmap`` every branch runs: one full draw in total."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     gids = jax.tree_util.tree_leaves(ids)
 
@@ -215,6 +231,15 @@ def _one_group_noise(key, params, ids, num_groups, group, std):
     if num_groups == 1:
         return branch(0)(key, std)
     return jax.lax.switch(group, [branch(j) for j in range(num_groups)], key, std)
+
+
+def _masked_group_noise(key, *, params, ids, num_groups, group, std):
+    """Draws every normal and keeps group j's (no conditional)."""
+    del num_groups
+    eps = tree_lib.normal_like(key, params)
+    return jax.tree_util.tree_map(
+        lambda e, g: jnp.where(g == group, std * e, jnp.zeros_like(e)).astype(e.dtype), eps, ids
+    )
 
 
 def _is_wrapper_state(x) -> bool:

@@ -25,6 +25,8 @@ import numpy as np
 import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
+from lsgeo import gaussian
+
 PyTree = Any
 GroupSpec = None | str | Callable[[tuple[str, ...]], Any]
 
@@ -99,8 +101,12 @@ def num_params(tree: PyTree) -> int:
 
 
 def normal_like(key: jax.Array, tree: PyTree) -> PyTree:
-    """A tree of independent standard normals shaped like ``tree``, one key per leaf."""
-    return otu.tree_random_like(key, tree, jax.random.normal)
+    """A tree of independent standard normals shaped like ``tree``, one key per leaf.
+
+    Leaf i is ``jax.random.normal(k_i, shape_i, dtype_i)`` with k_i the i-th key of
+    ``optax.tree_utils.tree_split_key_like``; drawn by ``lsgeo.gaussian.normal`` (same numbers).
+    """
+    return otu.tree_random_like(key, tree, gaussian.normal)
 
 
 def check_same_structure(reference: PyTree, other: PyTree, name: str, reference_name: str = "params") -> None:

@@ -198,6 +198,24 @@ def test_layerwise_one_group_std_and_uniform_selection():
     assert np.all(np.abs(counts - T * p) <= 4 * np.sqrt(T * p * (1 - p))), counts
 
 
+@pytest.mark.parametrize("draw", ["_switched_group_noise", "_masked_group_noise"])
+def test_both_layerwise_draws_equal_perturbation(draw):
+    """The CPU draw (lax.switch, only the chosen group) and the accelerator draw (all, masked)."""
+    from lsgeo import optim
+
+    params = _group_leaf_params()
+    ids, names = tree_lib.group_ids(params, None)
+    key, sigma = jax.random.key(2), 0.3
+    fn = jax.jit(
+        lambda k, j, s: getattr(optim, draw)(
+            k, params=params, ids=ids, num_groups=len(names), group=j, std=s * jnp.sqrt(float(len(names)))
+        )
+    )
+    ref = jax.jit(lambda k, j, s: perturbation(k, params, s, mode="layerwise", group=j))
+    for j in range(len(names)):
+        chex.assert_trees_all_equal(fn(key, j, sigma), ref(key, j, sigma))
+
+
 def test_cyclic_order_and_unscaled():
     params = _group_leaf_params()
     xi, groups = _noise_stream(
