@@ -13,7 +13,6 @@ The most used functions are re-exported here; ``lsgeo.risk`` stays the module (R
 from lsgeo import (
     curvature,
     data,
-    gaussian,
     landscape,
     losses,
     models,
@@ -24,6 +23,7 @@ from lsgeo import (
     risk,
     sharpness,
     theory,
+    threefry,
     train,
     tree,
 )

@@ -43,9 +43,10 @@ For step t (t = 0 at ``init``):
     xi_t = lsgeo.perturbation.perturbation(k_noise, w, sigma_t, mode=mode, group=j_t,
                                            groups=groups, scale_by_num_groups=scale_by_num_groups)
 
-with sigma_t = sigma(t) for an optax schedule, else sigma. ``sigma`` and ``seed`` may be traced
+with sigma_t = sigma(t) for an optax schedule, else sigma. (``lsgeo.threefry`` computes these
+``jax.random`` functions, bit for bit, without jax's rolled CPU loop.) ``sigma`` and ``seed`` may be traced
 (jax arrays), so a whole training run can be ``vmap``ped over sigma values and seeds
-(see ``lsgeo.train.sweep``). Cost per step: one Gaussian draw (``lsgeo.gaussian.normal``) of the
+(see ``lsgeo.train.sweep``). Cost per step: one Gaussian draw (``lsgeo.threefry.normal``) of the
 size of the parameters (``"full"``) or of the chosen group (``"layerwise"`` on CPU; on accelerators
 all normals are drawn and masked, which avoids a host-synchronised conditional), plus three
 elementwise passes over the parameters; memory: one extra copy of the parameters (xi_t).
@@ -60,6 +61,7 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import SAMState
 
+from lsgeo import threefry
 from lsgeo import tree as tree_lib
 from lsgeo._checks import check_choice, check_sigma
 from lsgeo.perturbation import MODES, perturbation
@@ -158,14 +160,14 @@ def noise_injection(
     inner = optax.with_extra_args_support(inner)
 
     def sample(key_data, count, params):
-        k_select, k_noise = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(key_data), count))
+        k_select, k_noise = threefry.split(threefry.fold_in(jax.random.wrap_key_data(key_data), count))
         sigma_t = _sigma_at(sigma, count)
         if mode == "full":
             return jnp.asarray(-1, jnp.int32), perturbation(k_noise, params, sigma_t, mode="full")
         ids, names = tree_lib.group_ids(params, groups)
         num_groups = len(names)
         if selection == "random":
-            group = jax.random.randint(k_select, (), 0, num_groups, dtype=jnp.int32)
+            group = threefry.randint(k_select, (), 0, num_groups, dtype=jnp.int32)
         else:
             group = (count % num_groups).astype(jnp.int32)
         std = sigma_t * jnp.sqrt(float(num_groups)) if scale_by_num_groups else sigma_t

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsgeo import gaussian
+from lsgeo import threefry
 from lsgeo import tree as tree_lib
 from lsgeo._checks import check_choice, check_nonnegative_int, check_positive_int, check_sigma, is_concrete
 
@@ -89,7 +89,7 @@ def _normal_like(key, template: PyTree) -> PyTree:
     """N(0, I) shaped like ``template`` from one flat draw (one threefry call instead of one per leaf:
     much cheaper to compile on CPU than ``lsgeo.tree.normal_like``)."""
     flat, unravel = tree_lib.ravel(template)
-    return unravel(gaussian.normal(key, flat.shape, flat.dtype))
+    return unravel(threefry.normal(key, flat.shape, flat.dtype))
 
 
 def _uniform_like(key, template: PyTree) -> PyTree:

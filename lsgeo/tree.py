@@ -25,7 +25,7 @@ import numpy as np
 import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
-from lsgeo import gaussian
+from lsgeo import threefry
 
 PyTree = Any
 GroupSpec = None | str | Callable[[tuple[str, ...]], Any]
@@ -103,10 +103,15 @@ def num_params(tree: PyTree) -> int:
 def normal_like(key: jax.Array, tree: PyTree) -> PyTree:
     """A tree of independent standard normals shaped like ``tree``, one key per leaf.
 
-    Leaf i is ``jax.random.normal(k_i, shape_i, dtype_i)`` with k_i the i-th key of
-    ``optax.tree_utils.tree_split_key_like``; drawn by ``lsgeo.gaussian.normal`` (same numbers).
+    Leaf i is ``jax.random.normal(k_i, shape_i, dtype_i)`` with k_i = ``jax.random.split(key, L)[i]``
+    (as ``optax.tree_utils.tree_random_like(key, tree, jax.random.normal)``), computed by
+    ``lsgeo.threefry`` (the same numbers, faster on CPU).
     """
-    return otu.tree_random_like(key, tree, gaussian.normal)
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = threefry.split(key, len(leaves)) if leaves else []
+    return jax.tree_util.tree_unflatten(
+        treedef, [threefry.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
+    )
 
 
 def check_same_structure(reference: PyTree, other: PyTree, name: str, reference_name: str = "params") -> None:

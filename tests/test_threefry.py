@@ -1,11 +1,11 @@
-"""lsgeo.gaussian: the same numbers as jax.random.normal, and Threefry's published answers."""
+"""lsgeo.threefry: the same keys, bits and numbers as jax.random, and Threefry's published answers."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsgeo.gaussian import normal, threefry2x32
+from lsgeo.threefry import bits, fold_in, normal, randint, split, threefry2x32
 
 # Random123's known-answer vectors for Threefry-2x32-20 (kat_vectors): (key, counter) -> output.
 KNOWN_ANSWERS = [
@@ -63,3 +63,49 @@ def test_moments_of_a_large_draw():
     assert abs(z.mean()) < 5 * se
     assert abs(z.var() - 1.0) < 5 * np.sqrt(2.0) * se
     assert abs(np.mean(np.abs(z) > 1.96) - 0.05) < 5 * np.sqrt(0.05 * 0.95) * se
+
+
+def _data(key):
+    return np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345])
+def test_key_functions_equal_jax_random(seed):
+    key = jax.random.key(seed)
+    for data in (0, 1, 7, 2**31 + 5, 2**32 - 1):
+        np.testing.assert_array_equal(_data(fold_in(key, data)), _data(jax.random.fold_in(key, data)))
+    traced = jax.jit(lambda k, d: jax.random.key_data(fold_in(k, d)))(key, jnp.int32(41))
+    np.testing.assert_array_equal(np.asarray(traced), _data(jax.random.fold_in(key, 41)))
+    for num in (1, 2, 3, 6):
+        np.testing.assert_array_equal(_data(split(key, num)), _data(jax.random.split(key, num)))
+    for shape in [(), (5,), (2, 3)]:
+        np.testing.assert_array_equal(np.asarray(bits(key, shape)), np.asarray(jax.random.bits(key, shape)))
+    for lo, hi in [(0, 1), (0, 2), (0, 3), (0, 7), (-5, 12), (0, 100_000), (3, 3), (0, 2**31 - 1)]:
+        for shape in [(), (4,)]:
+            np.testing.assert_array_equal(
+                np.asarray(randint(key, shape, lo, hi)), np.asarray(jax.random.randint(key, shape, lo, hi))
+            )
+
+
+def test_key_functions_keep_raw_keys_raw_and_work_under_vmap():
+    raw = jax.random.PRNGKey(9)
+    assert split(raw, 3).dtype == jnp.uint32 and split(raw, 3).shape == (3, 2)
+    np.testing.assert_array_equal(np.asarray(fold_in(raw, 4)), np.asarray(jax.random.fold_in(raw, 4)))
+    keys = jax.random.split(jax.random.key(1), 6)
+    counts = jnp.arange(6)
+    ours = jax.jit(jax.vmap(lambda k, t: randint(split(fold_in(k, t))[0], (), 0, 5)))(keys, counts)
+    ref = jax.vmap(lambda k, t: jax.random.randint(jax.random.split(jax.random.fold_in(k, t))[0], (), 0, 5))(keys, counts)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+
+
+def test_tree_normal_like_equals_optax_tree_random_like():
+    import optax.tree_utils as otu
+
+    from lsgeo.tree import normal_like
+
+    tree = {"a": jnp.zeros((3, 4)), "b": [jnp.zeros(5), jnp.zeros((2, 2, 2))], "c": jnp.zeros(())}
+    key = jax.random.key(8)
+    ours = jax.jit(normal_like)(key, tree)
+    ref = otu.tree_random_like(key, tree, jax.random.normal)
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
