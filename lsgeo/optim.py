@@ -171,7 +171,7 @@ def noise_injection(
         else:
             group = (count % num_groups).astype(jnp.int32)
         std = sigma_t * jnp.sqrt(float(num_groups)) if scale_by_num_groups else sigma_t
-        return group, _one_group_noise(k_noise, params, ids, num_groups, group, std)
+        return group, _one_group_noise(k_noise, params, ids, num_groups, groups, group, std)
 
     def init_fn(params):
         tree_lib.group_ids(params, groups)  # validates ``groups`` early
@@ -196,14 +196,14 @@ def noise_injection(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _one_group_noise(key, params, ids, num_groups, group, std):
+def _one_group_noise(key, params, ids, num_groups, groups, group, std):
     """``perturbation(key, params, sigma, mode="layerwise", group=group, ...)``, bit for bit.
 
     On CPU only the chosen group's normals are drawn (:func:`_switched_group_noise`). Elsewhere
     (GPU, TPU) a conditional costs a host round trip per step while a draw is cheap, so all
     normals are drawn and masked (:func:`_masked_group_noise`).
     """
-    static = dict(params=params, ids=ids, num_groups=num_groups)
+    static = dict(params=params, ids=ids, num_groups=num_groups, groups=groups)
     return jax.lax.platform_dependent(
         key,
         group,
@@ -213,10 +213,11 @@ def _one_group_noise(key, params, ids, num_groups, group, std):
     )
 
 
-def _switched_group_noise(key, *, params, ids, num_groups, group, std):
+def _switched_group_noise(key, *, params, ids, num_groups, groups, group, std):
     """Draws only group j's normals with ``lax.switch``: the leaves outside j become empty arrays,
     so ``perturbation(mode="full")`` splits the key into the same per-leaf keys and draws the same
     numbers for j's leaves. Under ``vmap`` every branch runs: one full draw in total."""
+    del groups
     leaves, treedef = jax.tree_util.tree_flatten(params)
     gids = jax.tree_util.tree_leaves(ids)
 
@@ -235,13 +236,11 @@ def _switched_group_noise(key, *, params, ids, num_groups, group, std):
     return jax.lax.switch(group, [branch(j) for j in range(num_groups)], key, std)
 
 
-def _masked_group_noise(key, *, params, ids, num_groups, group, std):
-    """Draws every normal and keeps group j's (no conditional)."""
-    del num_groups
-    eps = tree_lib.normal_like(key, params)
-    return jax.tree_util.tree_map(
-        lambda e, g: jnp.where(g == group, std * e, jnp.zeros_like(e)).astype(e.dtype), eps, ids
-    )
+def _masked_group_noise(key, *, params, ids, num_groups, groups, group, std):
+    """Draws every normal and keeps group j's (no conditional): ``perturbation`` itself, with the
+    std already scaled."""
+    del ids, num_groups
+    return perturbation(key, params, std, mode="layerwise", group=group, groups=groups, scale_by_num_groups=False)
 
 
 def _is_wrapper_state(x) -> bool:

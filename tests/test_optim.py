@@ -208,7 +208,7 @@ def test_both_layerwise_draws_equal_perturbation(draw):
     key, sigma = jax.random.key(2), 0.3
     fn = jax.jit(
         lambda k, j, s: getattr(optim, draw)(
-            k, params=params, ids=ids, num_groups=len(names), group=j, std=s * jnp.sqrt(float(len(names)))
+            k, params=params, ids=ids, num_groups=len(names), groups=None, group=j, std=s * jnp.sqrt(float(len(names)))
         )
     )
     ref = jax.jit(lambda k, j, s: perturbation(k, params, s, mode="layerwise", group=j))
