@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 from lsgeo import curvature, losses  # noqa: E402
-from lsgeo import tree as tree_lib  # noqa: E402
 
 
 def median_time(fn, *args, repeats=7):
@@ -104,14 +104,14 @@ def objective(predict):
 def bench_hvp(name, f, params, batch, repeats):
     grad = jax.jit(jax.grad(f))
     hvp = jax.jit(lambda p, b, v: curvature.hvp(f, p, b, v))
-    v = tree_lib.normal_like(jax.random.key(0), params)
+    v = optax.tree.random_like(jax.random.key(0), params, jax.random.normal)
     t_grad = median_time(grad, params, batch, repeats=repeats)
     t_hvp = median_time(hvp, params, batch, v, repeats=repeats)
     # amortised HVP inside Lanczos: top_eigenvalues with K steps linearises the gradient once
     steps = 5
     lanczos = jax.jit(lambda p, b, k: curvature.top_eigenvalues(f, p, b, k, k=1, num_iters=steps))
     t_lanczos = median_time(lanczos, params, batch, jax.random.key(1), repeats=max(2, repeats // 2))
-    m = tree_lib.num_params(params)
+    m = optax.tree.size(params)
     print(
         f"{name:<34} m={m:>7}  grad {1e3 * t_grad:7.1f} ms  hvp {1e3 * t_hvp:7.1f} ms  "
         f"HVP/grad = {t_hvp / t_grad:4.2f}  (in Lanczos, per HVP: {t_lanczos / steps / t_grad:4.2f} x grad)"
@@ -125,7 +125,7 @@ def bench_top_eigenvalues():
         params = mlp_init(2, (64, 128, 128, 10), dtype=np.float64)
         batch = (x.astype(np.float64), y)
         f = objective(lambda p, x: mlp_apply(p, x, act=jnp.tanh))
-        m = tree_lib.num_params(params)
+        m = optax.tree.size(params)
         key = jax.random.key(3)
         t0 = time.perf_counter()
         ref = np.asarray(curvature.top_eigenvalues(f, params, batch, key, k=5, num_iters=150))

@@ -6,8 +6,6 @@
    1024 examples (64 inputs, 10 outputs), for ``mode="full"`` and ``mode="layerwise"`` (target <= 1.10).
    Timed: one compiled chunk of ``--steps`` steps of ``lsgeo.train`` (lax.scan) plus its evaluation
    (one forward pass), the same loop for both; jit, warm-up, block_until_ready, median of repeats.
-   Also: one draw of as many normals as the MLP has parameters, ``lsgeo.threefry.normal`` vs
-   ``jax.random.normal`` (the same numbers), alone and inside a noise-injection update.
 2. A vmapped ``lsgeo.train.sweep`` over 8 sigma values vs the 8 runs one after another with
    ``lsgeo.train.train`` (same work, both compiled before timing; target >= 2x faster), layer-wise
    noise, on MLPs from tiny (2x8, 32 examples: one run is all per-step overhead) to the 2x1024 MLP
@@ -25,9 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lsgeo import threefry
 from lsgeo.optim import noise_injection
-from lsgeo.train import _Config, _Fixed, _chunk_jit, _init_jit, sweep, train
+from lsgeo.train import _chunk_jit, _Config, _Fixed, _init_jit, sweep, train
 
 
 def mlp_params(rng, sizes):
@@ -88,21 +85,6 @@ def train_chunk(optimizer, params, data, steps):
     return lambda: _chunk_jit(carry=carry, hyper=(), data=data, eval_data=None, **static)
 
 
-def draw_times(params, repeats):
-    """ms for one draw of m normals, and for a full-noise update (draw + update + stored noise)."""
-    m = sum(np.size(v) for v in jax.tree_util.tree_leaves(params))
-    key = jax.random.key(0)
-    z, xi, g = (jnp.full((m,), v, jnp.float32) for v in (1.0, 2.0, 3.0))
-    fns = {}
-    for name, draw in (("lsgeo.threefry.normal", threefry.normal), ("jax.random.normal", jax.random.normal)):
-        alone = jax.jit(lambda k, draw=draw: draw(k, (m,)))
-        update = jax.jit(lambda k, z, xi, g, draw=draw: ((new := 0.01 * draw(k, (m,))), z - 0.05 * g + new - xi))
-        fns[name, "alone"] = lambda alone=alone: alone(key)
-        fns[name, "update"] = lambda update=update: update(key, z, xi, g)
-    medians, _ = interleaved_times(fns, repeats)
-    return m, {name: (medians[name, "alone"], medians[name, "update"]) for name in ("lsgeo.threefry.normal", "jax.random.normal")}
-
-
 def sweep_vs_sequential(width, n, steps, repeats):
     params, data = problem(width, n)
     sigmas = np.linspace(0.0, 0.07, 8)
@@ -141,10 +123,6 @@ def main():
             f"[step] noise_injection(mode={mode!r}): {medians[mode] / args.steps * 1e3:.1f} ms/step  "
             f"ratio {ratios[mode]:.3f}  (target <= 1.10; median of per-round ratios)"
         )
-
-    m, draws = draw_times(params, 4 * args.repeats)
-    for name, (alone, update) in draws.items():
-        print(f"[draw] {m} normals with {name}: {alone * 1e3:.2f} ms alone, {update * 1e3:.2f} ms in a full-noise update")
 
     for width, n, steps in ((8, 32, 500), (16, 64, 200), (64, 256, 50), (1024, 1024, args.steps)):
         t_seq, t_sweep, speedup = sweep_vs_sequential(width, n, steps, max(3, args.repeats // 2))

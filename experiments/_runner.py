@@ -59,7 +59,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Generic, Mapping, NamedTuple, Sequence, TypeVar
+from typing import (
+    Annotated,
+    Any,
+    Callable,
+    Generic,
+    Mapping,
+    NamedTuple,
+    Sequence,
+    TypeVar,
+)
 
 import matplotlib
 
@@ -196,20 +205,14 @@ def _devices() -> list[str]:
 def fast_cpu_compile() -> bool:
     """Compiles at XLA backend optimisation level 0 when jax will run on the CPU only (no accelerator
     plugin installed, or ``JAX_PLATFORMS=cpu``), for CLI runs whose cost is compilation (a ResNet under
-    ``lax.scan``: about half the compile time; elementwise code runs slower). Call it before jax
-    initialises its backend (first in ``__main__``); it does nothing once the backend is initialised or
-    when ``XLA_FLAGS`` already sets the level. Returns whether it set the level."""
+    ``lax.scan``: about half the compile time; elementwise code runs slower). XLA reads ``XLA_FLAGS``
+    when jax initialises its backend, so call it first in ``__main__``, before any computation; it
+    does nothing when ``XLA_FLAGS`` already sets the level. Returns whether it set the level."""
     import importlib.metadata
     import importlib.util
 
     flags = os.environ.get("XLA_FLAGS", "")
-    try:  # private jax API: if it moves, leave the flags alone
-        from jax._src import xla_bridge
-
-        initialised = xla_bridge.backends_are_initialized()
-    except (ImportError, AttributeError):
-        return False
-    if "xla_backend_optimization_level" in flags or initialised:
+    if "xla_backend_optimization_level" in flags:
         return False
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms.strip().lower() != "cpu":

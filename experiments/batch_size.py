@@ -33,7 +33,6 @@ import optax
 
 from experiments import _methods, _runner
 from lsgeo import curvature, models, sharpness, train
-from lsgeo import tree as tree_lib
 
 BATCHES = ("small", "large")
 COLORS = {"small": "tab:blue", "large": "tab:red"}
@@ -115,7 +114,7 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
                                                   method="hutch++"),
             epsilon_sharpness=sharpness.epsilon_sharpness(objective, w, train_data, cfg.rho, key=k3,
                                                           steps=cfg.sharpness_steps),
-            weight_norm=tree_lib.norm(w),
+            weight_norm=optax.tree.norm(w),
         )
 
     seeds = np.asarray([c["seed"] for c in group])

@@ -27,9 +27,8 @@ import numpy as np
 import optax
 
 from experiments import _methods, _runner
-from lsgeo import curvature
+from lsgeo import curvature, models
 from lsgeo import data as data_lib
-from lsgeo import models
 
 ARCHS = ("toy", "wide")
 

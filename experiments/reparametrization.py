@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from experiments import _methods, _runner
 from lsgeo import curvature, models, sharpness, train
-from lsgeo import tree as tree_lib
 from lsgeo.data import load_dataset
 
 
@@ -92,7 +92,7 @@ def train_networks(cfg: Config, batch, seeds):
 def scaling_diagonal(params, alpha):
     """The diagonal of D (flattened): alpha on layer 0, 1/alpha on layer 1's kernel, 1 elsewhere."""
     ones = jax.tree_util.tree_map(jnp.ones_like, params)
-    return tree_lib.ravel(sharpness.alpha_scale(ones, 0, 1, alpha))[0]
+    return ravel_pytree(sharpness.alpha_scale(ones, 0, 1, alpha))[0]
 
 
 @functools.partial(jax.jit, static_argnames=("objective", "predict", "cfg"))

@@ -41,9 +41,8 @@ import numpy as np
 import optax
 
 from experiments import _methods, _runner
-from lsgeo import curvature
+from lsgeo import curvature, losses, models
 from lsgeo import data as data_lib
-from lsgeo import losses, models
 
 
 @dataclasses.dataclass(frozen=True)

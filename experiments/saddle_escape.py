@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from experiments import _methods, _runner
 from lsgeo import curvature, models, optim, train
-from lsgeo import tree as tree_lib
 from lsgeo.data import low_rank_regression
 from lsgeo.losses import squared_loss
 
@@ -124,7 +124,7 @@ def run(cfg: Config, batch, group):
     objective = _methods.Objective(model, "squared_loss")
 
     def init(key):  # w_0 = delta * eps, the same for every method at a given seed
-        return tree_lib.scale(cfg.init_scale, tree_lib.normal_like(key, model.init(key, batch[0][:1])["params"]))
+        return optax.tree.scale(cfg.init_scale, optax.tree.random_like(key, model.init(key, batch[0][:1])["params"], jax.random.normal))
 
     result = train.sweep(
         objective, optimizer_fn(cfg, method), init, batch, sigmas=[cfg.sigma], seeds=[c["seed"] for c in group],

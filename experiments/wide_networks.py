@@ -31,7 +31,6 @@ import optax
 
 from experiments import _methods, _runner
 from lsgeo import models, train
-from lsgeo import tree as tree_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,12 +112,12 @@ def run(cfg: Config, batch, group):
     model = make_model(cfg, arch)
     objective = _methods.Objective(model, "squared_loss")
     params, losses = train_from_seeds(cfg, arch, batch, [c["seed"] for c in group])
-    grad_norms = jax.vmap(lambda p: tree_lib.norm(jax.grad(objective)(p, batch)))(params)
+    grad_norms = jax.vmap(lambda p: optax.tree.norm(jax.grad(objective)(p, batch)))(params)
     with jax.enable_x64(True):  # F_1 of the trained float32 weights, formed and factored in float64
         to64 = lambda a: jnp.asarray(a, jnp.float64)  # noqa: E731
         rank, s_min, s_rel = jax.vmap(lambda p: feature_spectrum(p, to64(batch[0]), cfg.activation))(
             jax.tree_util.tree_map(to64, params))
-    num_params = tree_lib.num_params(jax.tree_util.tree_map(lambda a: a[0], params))
+    num_params = optax.tree.size(jax.tree_util.tree_map(lambda a: a[0], params))
     return [
         [dict(num_params=num_params, width_k=getattr(cfg, arch)[0], train_loss=float(losses[i]),
               grad_norm=float(grad_norms[i]), global_min=bool(losses[i] < cfg.threshold), rank_F=int(rank[i]),

@@ -13,6 +13,7 @@ The most used functions are re-exported here; ``lsgeo.risk`` stays the module (R
 from lsgeo import (
     curvature,
     data,
+    groups,
     landscape,
     losses,
     models,
@@ -23,9 +24,8 @@ from lsgeo import (
     risk,
     sharpness,
     theory,
-    threefry,
     train,
-    tree,
+    validation,
 )
 from lsgeo.curvature import (
     gnvp,
@@ -41,7 +41,12 @@ from lsgeo.landscape import bezier, interpolate, random_direction, slice_1d, sli
 from lsgeo.losses import accuracy, logistic_loss, softmax_cross_entropy, squared_loss
 from lsgeo.ntk import empirical_ntk, ntk_diagonal_blocks, ntk_trace
 from lsgeo.optim import clean_params, noise_injection
-from lsgeo.risk import effective_risk, gauss_newton_trace, gauss_newton_trace_by_layer, perturbed_risk
+from lsgeo.risk import (
+    effective_risk,
+    gauss_newton_trace,
+    gauss_newton_trace_by_layer,
+    perturbed_risk,
+)
 from lsgeo.sharpness import alpha_scale, average_sharpness, epsilon_sharpness
 
 __version__ = "0.1.0"

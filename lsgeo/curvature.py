@@ -9,7 +9,7 @@ indefinite away from minima (a saddle), and its spectrum is the object of Ghorba
 
 Every function takes ``params`` as any pytree (flax linen ``variables['params']``, an ``nnx.split``
 state, a tuple of arrays) and the data ``batch`` as an explicit argument. Iterative methods act
-on flat vectors ``[m]`` (``lsgeo.tree.ravel``) through a matrix-free operator
+on flat vectors ``[m]`` (``jax.flatten_util.ravel_pytree``) through a matrix-free operator
 (``hessian_operator``, ``gauss_newton_operator``), so any operator can be passed to ``lanczos``.
 
 Costs are counted in Hessian-vector products (HVPs). One HVP by forward-over-reverse costs about
@@ -44,9 +44,11 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.stats
 import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
 
-from lsgeo import tree as tree_lib
-from lsgeo._checks import check_choice, check_nonnegative_int, check_positive_int
+from lsgeo import validation
+from lsgeo.validation import check_choice, check_nonnegative_int, check_positive_int
 
 PyTree = Any
 Objective = Callable[[PyTree, Any], jax.Array]
@@ -100,7 +102,7 @@ def hvp(f: Objective, params: PyTree, batch, v: PyTree) -> PyTree:
     Raises:
       ValueError: if ``v`` does not match the structure of ``params``.
     """
-    tree_lib.check_same_structure(params, v, "v")
+    validation.check_same_structure(params, v, "v")
     return jax.jvp(lambda p: jax.grad(f)(p, batch), (params,), (v,))[1]
 
 
@@ -129,7 +131,7 @@ def gnvp(predict, loss, params: PyTree, batch, v: PyTree) -> PyTree:
     Raises:
       ValueError: if ``v`` does not match the structure of ``params``.
     """
-    tree_lib.check_same_structure(params, v, "v")
+    validation.check_same_structure(params, v, "v")
     x, y = batch
     outputs, jvp_fn = jax.linearize(lambda p: predict(p, x), params)
     jv = jvp_fn(v)
@@ -146,11 +148,11 @@ def hessian_operator(f: Objective, params: PyTree, batch) -> MatVec:
     1-2 gradient evaluations) and the primal forward/backward pass is shared by all calls.
     ``matvec`` may be ``vmap``-ed over a batch of vectors. Memory: the residuals of one backward pass.
     """
-    _, unravel = tree_lib.ravel(params)
+    _, unravel = ravel_pytree(params)
     _, jvp_fn = jax.linearize(lambda p: jax.grad(f)(p, batch), params)
 
     def matvec(u):
-        return tree_lib.ravel(jvp_fn(unravel(u)))[0]
+        return ravel_pytree(jvp_fn(unravel(u)))[0]
 
     return matvec
 
@@ -163,14 +165,14 @@ def gauss_newton_operator(predict, loss, params: PyTree, batch) -> MatVec:
     Memory: one linearisation of ``predict``.
     """
     x, y = batch
-    _, unravel = tree_lib.ravel(params)
+    _, unravel = ravel_pytree(params)
     outputs, jvp_fn = jax.linearize(lambda p: predict(p, x), params)
     vjp_fn = jax.linear_transpose(jvp_fn, params)
     _, loss_hvp = jax.linearize(jax.grad(lambda o: loss(o, y)), outputs)
 
     def matvec(u):
         (gu,) = vjp_fn(loss_hvp(jvp_fn(unravel(u))))
-        return tree_lib.ravel(gu)[0]
+        return ravel_pytree(gu)[0]
 
     return matvec
 
@@ -183,13 +185,13 @@ def gauss_newton_operator(predict, loss, params: PyTree, batch) -> MatVec:
 def hessian(f: Objective, params: PyTree, batch, *, chunk_size: int = 256) -> jax.Array:
     """Dense Hessian ``H = D^2_w f(w, batch)`` of the flattened parameters, shape ``[m, m]``.
 
-    Row ``i`` is ``H e_i`` (``lsgeo.tree.ravel`` order); the rows are computed ``chunk_size`` at a time
+    Row ``i`` is ``H e_i`` (``jax.flatten_util.ravel_pytree`` order); the rows are computed ``chunk_size`` at a time
     with ``lax.map``. Small models only.
 
     Cost: ``m`` HVPs. Memory: ``O(m^2)`` for the result plus ``chunk_size`` tangents of one backward pass.
     """
     check_positive_int(chunk_size, "chunk_size")
-    flat, _ = tree_lib.ravel(params)
+    flat, _ = ravel_pytree(params)
     m = flat.shape[0]
     matvec = hessian_operator(f, params, batch)
     return _chunked_map(lambda i: matvec(jax.nn.one_hot(i, m, dtype=flat.dtype)), jnp.arange(m), chunk_size)
@@ -209,7 +211,7 @@ def _chunked_map(fn, xs, chunk_size):
 
 
 def _flat_dtype(params):
-    flat, _ = tree_lib.ravel(params)
+    flat, _ = ravel_pytree(params)
     dtype = flat.dtype if jnp.issubdtype(flat.dtype, jnp.inexact) else jnp.result_type(float)
     return flat.shape[0], dtype
 
@@ -421,7 +423,7 @@ def _ritz_pairs(params, theta, u, basis, *, k, which):
     num_iters = theta.shape[0]
     idx = jnp.arange(num_iters - 1, num_iters - 1 - k, -1) if which == "largest" else jnp.arange(k)
     vectors = jnp.matmul(u[:, idx].T, basis, precision=_HIGHEST)  # [k, m], V^T u_j
-    _, unravel = tree_lib.ravel(params)
+    _, unravel = ravel_pytree(params)
     return theta[idx], jax.vmap(unravel)(vectors)
 
 
@@ -446,7 +448,7 @@ def top_eigenvalues(
     Raises:
       ValueError: ``k`` not in ``[1, m]`` or ``num_iters < k``.
     """
-    m = tree_lib.num_params(params)
+    m = optax.tree.size(params)
     _check_k(k, m)
     num_iters = _resolve_num_iters(num_iters, k, m)
     theta, _, _ = _hessian_lanczos(f, params, batch, key, num_iters=num_iters)
@@ -480,7 +482,7 @@ def eigenpairs(
       ValueError: ``k`` not in ``[1, m]``, ``num_iters < k``, unknown ``which``.
     """
     check_choice(which, "which", WHICH)
-    m = tree_lib.num_params(params)
+    m = optax.tree.size(params)
     _check_k(k, m)
     num_iters = _resolve_num_iters(num_iters, k, m)
     theta, u, basis = _hessian_lanczos(f, params, batch, key, num_iters=num_iters)
@@ -662,7 +664,7 @@ def saddle_index(
     """
     check_choice(method, "method", SADDLE_METHODS)
     check_nonnegative_int(max_dense, "max_dense")
-    m = tree_lib.num_params(params)
+    m = optax.tree.size(params)
     exact = method == "exact" or (method == "auto" and m <= max_dense)
     if exact:
         eigs = jnp.linalg.eigvalsh(hessian(f, params, batch))

@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
-from lsgeo import tree as tree_lib
-from lsgeo._checks import check_choice, check_positive_int
+from lsgeo import validation
+from lsgeo.validation import check_choice, check_positive_int
 
 PyTree = Any
 Objective = Callable[[PyTree, Any], jax.Array]
@@ -72,7 +73,7 @@ def normalize_direction(direction: PyTree, params: PyTree, *, normalization="fil
                         eps: float = 1e-10) -> PyTree:
     """Rescales ``direction`` to the scale of ``params`` (Li et al. 2018, Section 4); see ``random_direction``."""
     check_choice(normalization, "normalization", NORMALIZATIONS)
-    tree_lib.check_same_structure(params, direction, "direction")
+    validation.check_same_structure(params, direction, "direction")
     return jax.tree_util.tree_map(
         lambda d, w: _normalize_leaf(d, w, normalization, ignore_1d, eps), direction, params
     )
@@ -103,7 +104,7 @@ def random_direction(params: PyTree, key, *, normalization="filter", ignore_1d: 
 
 @partial(jax.jit, static_argnames=("normalization", "ignore_1d"))
 def _random_direction(params, key, *, normalization, ignore_1d):
-    flat, unravel = tree_lib.ravel(params)  # one flat draw: one threefry call, cheap to compile
+    flat, unravel = ravel_pytree(params)  # one flat draw: one generator, cheap to compile
     d = unravel(jax.random.normal(key, flat.shape, flat.dtype))
     return normalize_direction(d, params, normalization=normalization, ignore_1d=ignore_1d)
 
@@ -131,7 +132,7 @@ def slice_1d(f: Objective, params: PyTree, batch, direction: PyTree, alphas, *, 
 
     Cost: len(alphas) evaluations of f, ``chunk_size`` at a time (``lax.map``).
     """
-    tree_lib.check_same_structure(params, direction, "direction")
+    validation.check_same_structure(params, direction, "direction")
     alphas = _as_grid(alphas, "alphas")
     return _slice_1d(f, params, batch, direction, alphas, chunk_size=_chunk(chunk_size, alphas.shape[0]))
 
@@ -139,7 +140,7 @@ def slice_1d(f: Objective, params: PyTree, batch, direction: PyTree, alphas, *, 
 @partial(jax.jit, static_argnames=("f", "chunk_size"))
 def _slice_1d(f, params, batch, direction, alphas, *, chunk_size):
     def one(a):
-        return f(tree_lib.axpy(a, direction, params), batch)
+        return f(optax.tree.add_scale(params, a, direction), batch)
 
     return jax.lax.map(one, alphas, batch_size=chunk_size)
 
@@ -153,8 +154,8 @@ def slice_2d(
     alpha on the vertical axis). Cost: len(alphas) * len(betas) evaluations of f over the flattened
     grid, ``chunk_size`` at a time (``lax.map``); memory of ``chunk_size`` parameter copies.
     """
-    tree_lib.check_same_structure(params, d1, "d1")
-    tree_lib.check_same_structure(params, d2, "d2")
+    validation.check_same_structure(params, d1, "d1")
+    validation.check_same_structure(params, d2, "d2")
     alphas = _as_grid(alphas, "alphas")
     betas = _as_grid(betas, "betas")
     chunk = _chunk(chunk_size, alphas.shape[0] * betas.shape[0])
@@ -167,7 +168,7 @@ def _slice_2d(f, params, batch, d1, d2, alphas, betas, *, chunk_size):
 
     def one(ab):
         a, b = ab
-        return f(tree_lib.axpy(b, d2, tree_lib.axpy(a, d1, params)), batch)
+        return f(optax.tree.add_scale(optax.tree.add_scale(params, a, d1), b, d2), batch)
 
     values = jax.lax.map(one, (aa.reshape(-1), bb.reshape(-1)), batch_size=chunk_size)
     return values.reshape(aa.shape)
@@ -179,7 +180,7 @@ def _slice_2d(f, params, batch, d1, d2, alphas, betas, *, chunk_size):
 
 def interpolate(params_a: PyTree, params_b: PyTree, t) -> PyTree:
     """The straight line (1 - t) a + t b (Goodfellow et al. 2015); ``t`` a scalar (vmap for many)."""
-    tree_lib.check_same_structure(params_a, params_b, "params_b", "params_a")
+    validation.check_same_structure(params_a, params_b, "params_b", "params_a")
     return jax.tree_util.tree_map(lambda a, b: ((1 - t) * a + t * b).astype(jnp.result_type(a)), params_a, params_b)
 
 
@@ -189,8 +190,8 @@ def bezier(params_a: PyTree, bend: PyTree, params_b: PyTree, t) -> PyTree:
     It passes through a at t = 0 and b at t = 1; ``bend`` is its control point (the curve passes
     through (a + 2 bend + b) / 4 at t = 1/2). ``t`` a scalar (vmap for many).
     """
-    tree_lib.check_same_structure(params_a, bend, "bend", "params_a")
-    tree_lib.check_same_structure(params_a, params_b, "params_b", "params_a")
+    validation.check_same_structure(params_a, bend, "bend", "params_a")
+    validation.check_same_structure(params_a, params_b, "params_b", "params_a")
     c0, c1, c2 = (1 - t) ** 2, 2 * t * (1 - t), t**2
     return jax.tree_util.tree_map(
         lambda a, m, b: (c0 * a + c1 * m + c2 * b).astype(jnp.result_type(a)), params_a, bend, params_b
@@ -206,9 +207,9 @@ def path_losses(
 ) -> jax.Array:
     """[f(path(t), batch) for t in ts] along the line a -> b (``bend=None``) or the Bezier curve
     through ``bend``. Shape ``[len(ts)]``. Cost: len(ts) evaluations of f, ``chunk_size`` at a time."""
-    tree_lib.check_same_structure(params_a, params_b, "params_b", "params_a")
+    validation.check_same_structure(params_a, params_b, "params_b", "params_a")
     if bend is not None:
-        tree_lib.check_same_structure(params_a, bend, "bend", "params_a")
+        validation.check_same_structure(params_a, bend, "bend", "params_a")
     ts = _as_grid(ts, "ts")
     return _path_losses(f, params_a, params_b, bend, batch, ts, chunk_size=_chunk(chunk_size, ts.shape[0]))
 
@@ -291,11 +292,11 @@ def fit_bezier(
     """
     check_positive_int(num_steps, "num_steps")
     check_positive_int(num_t, "num_t")
-    tree_lib.check_same_structure(params_a, params_b, "params_b", "params_a")
+    validation.check_same_structure(params_a, params_b, "params_b", "params_a")
     if init_bend is None:
         init_bend = interpolate(params_a, params_b, 0.5)
     else:
-        tree_lib.check_same_structure(params_a, init_bend, "init_bend", "params_a")
+        validation.check_same_structure(params_a, init_bend, "init_bend", "params_a")
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
     return _fit_bezier(f, params_a, params_b, batch, key, init_bend, optimizer=optimizer, num_steps=num_steps,
@@ -375,9 +376,9 @@ def trajectory_pca(snapshots: PyTree, final_params: PyTree, *, num_components: i
     if len(lengths) != 1:
         raise ValueError(f"snapshots leaves must share the leading [T] axis, got lengths {sorted(lengths)}")
     (num_snapshots,) = lengths
-    if num_components > min(num_snapshots, tree_lib.num_params(final_params)):
+    if num_components > min(num_snapshots, optax.tree.size(final_params)):
         raise ValueError(
-            f"num_components must be <= min(T, m) = {min(num_snapshots, tree_lib.num_params(final_params))}, "
+            f"num_components must be <= min(T, m) = {min(num_snapshots, optax.tree.size(final_params))}, "
             f"got {num_components}"
         )
 
@@ -386,8 +387,8 @@ def trajectory_pca(snapshots: PyTree, final_params: PyTree, *, num_components: i
 
 @partial(jax.jit, static_argnames=("num_components", "center"))
 def _trajectory_pca(snapshots, final_params, *, num_components, center):
-    flat_final, unravel = tree_lib.ravel(final_params)
-    offsets = jax.vmap(lambda s: tree_lib.ravel(s)[0])(snapshots) - flat_final  # [T, m]
+    flat_final, unravel = ravel_pytree(final_params)
+    offsets = jax.vmap(lambda s: ravel_pytree(s)[0])(snapshots) - flat_final  # [T, m]
     data = offsets - jnp.mean(offsets, axis=0) if center else offsets
     _, s, vt = jnp.linalg.svd(data, full_matrices=False)
     components = vt[:num_components]  # [k, m]

@@ -1,4 +1,5 @@
-"""Losses L(phi) on the n predictions, each the mean of a per-example loss l(phi_i, y_i).
+"""Losses L(phi) on the n predictions, each the mean of a per-example loss l(phi_i, y_i), and their
+output-space curvature.
 
 The paper's L (Orvieto et al. 2023, Section 2):
   squared:   L(phi) = 1/(2n) sum_i ||y_i - phi_i||^2
@@ -6,17 +7,35 @@ The paper's L (Orvieto et al. 2023, Section 2):
   softmax cross-entropy with integer labels: L(phi) = 1/n sum_i (logsumexp(phi_i) - phi_i[y_i]).
 
 Because L is a mean, its Hessian is block diagonal: D2L(phi) = blockdiag(H_1, ..., H_n) / n with
-H_i the k x k Hessian of l at phi_i. ``output_hessians`` returns the H_i (closed forms for the
-three losses above, ``vmap(hessian)`` of the one-example loss for any other mean loss).
+H_i the k x k Hessian of l at phi_i. :func:`output_hessians` returns the H_i and
+:func:`output_hessian_factors` a factorisation H_i = B_i diag(s_i) B_i^T (s_i = +-1). Both read one
+registry, keyed by the loss function (wrappers made with ``functools.wraps``, e.g. ``jax.jit``, are
+looked through): closed forms for the three losses above, registered here, and for any other mean
+loss ``vmap(jax.hessian)`` of the one-example loss (and its ``eigh``). Register the closed form of a
+loss of your own with :func:`register_output_curvature`.
+
+Labels are checked when they are concrete (outside ``jit``): a class label outside ``[0, k)`` or a
+logistic label outside {-1, +1} is a ValueError, not a silent NaN or a wrong class.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from lsgeo import losses
+  >>> logits, labels = jnp.array([[2.0, 0.0], [0.0, 1.0]]), jnp.array([0, 1])
+  >>> float(losses.accuracy(logits, labels))
+  1.0
+  >>> losses.output_hessians(losses.softmax_cross_entropy, logits, labels).shape
+  (2, 2, 2)
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from lsgeo.validation import check_class_labels, check_sign_labels
 
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -24,9 +43,12 @@ __all__ = [
     "squared_loss",
     "logistic_loss",
     "softmax_cross_entropy",
-    "output_hessians",
     "accuracy",
     "as_matrix",
+    "OutputCurvature",
+    "register_output_curvature",
+    "output_hessians",
+    "output_hessian_factors",
 ]
 
 
@@ -45,14 +67,16 @@ def squared_loss(outputs: jax.Array, targets: jax.Array) -> jax.Array:
 
 def logistic_loss(outputs: jax.Array, labels: jax.Array) -> jax.Array:
     """1/n sum_i log(1 + exp(-y_i phi_i)) with labels y_i in {-1, +1}; outputs ``[n]`` or ``[n, 1]``."""
+    check_sign_labels(labels)
     phi = outputs.reshape(outputs.shape[0])
     return jnp.mean(jax.nn.softplus(-labels.reshape(phi.shape) * phi))
 
 
 def softmax_cross_entropy(outputs: jax.Array, labels: jax.Array) -> jax.Array:
-    """1/n sum_i (logsumexp(phi_i) - phi_i[y_i]) with integer labels ``[n]``; outputs ``[n, k]``."""
+    """1/n sum_i (logsumexp(phi_i) - phi_i[y_i]) with integer labels ``[n]`` in ``[0, k)``; outputs ``[n, k]``."""
     if labels.ndim != 1 or labels.shape[0] != outputs.shape[0]:
         raise ValueError(f"labels must be integers of shape ({outputs.shape[0]},), got {labels.shape}")
+    check_class_labels(labels, outputs.shape[-1])
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, labels))
 
 
@@ -65,7 +89,46 @@ def accuracy(outputs: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(jnp.sign(phi) == jnp.sign(labels.reshape(phi.shape)))
 
 
-def _squared_hessians(phi, targets):
+class OutputCurvature(NamedTuple):
+    """Closed forms of the per-example output Hessians of one loss.
+
+    Attributes:
+      hessians: ``(phi [n, k], targets) -> H [n, k, k]``.
+      factors: ``(phi [n, k], targets) -> B [n, k, r]`` with H_i = B_i B_i^T (positive semidefinite H_i).
+    """
+
+    hessians: Callable[[jax.Array, jax.Array], jax.Array]
+    factors: Callable[[jax.Array, jax.Array], jax.Array]
+
+
+_REGISTRY: dict[Callable, OutputCurvature] = {}
+
+
+def register_output_curvature(loss: Loss, *, hessians, factors) -> Loss:
+    """Registers the closed-form output Hessians H_i and factors B_i (H_i = B_i B_i^T) of ``loss``.
+
+    Both functions take the predictions as ``[n, k]`` and the targets. Returns ``loss``. The generic
+    fallback (``vmap(jax.hessian)``) gives the same values; this is for speed (O(n k^2) instead of k
+    backward passes per example) and for losses that do not trace cheaply.
+    """
+    _REGISTRY[loss] = OutputCurvature(hessians, factors)
+    return loss
+
+
+def _closed_form(loss: Loss) -> OutputCurvature | None:
+    seen = set()
+    while loss is not None and id(loss) not in seen:
+        seen.add(id(loss))
+        try:
+            if loss in _REGISTRY:
+                return _REGISTRY[loss]
+        except TypeError:  # unhashable callable
+            return None
+        loss = getattr(loss, "__wrapped__", None)
+    return None
+
+
+def _identity_blocks(phi, targets):
     n, k = phi.shape
     return jnp.broadcast_to(jnp.eye(k, dtype=phi.dtype), (n, k, k))
 
@@ -75,29 +138,36 @@ def _logistic_hessians(phi, labels):
     return (s * (1.0 - s))[:, None, None]
 
 
+def _logistic_factors(phi, labels):
+    return jnp.sqrt(_logistic_hessians(phi, labels))
+
+
 def _cross_entropy_hessians(phi, labels):
     p = jax.nn.softmax(phi, axis=-1)
     return jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
 
 
-_CLOSED_FORMS = {
-    squared_loss: _squared_hessians,
-    logistic_loss: _logistic_hessians,
-    softmax_cross_entropy: _cross_entropy_hessians,
-}
+def _cross_entropy_factors(phi, labels):
+    p = jax.nn.softmax(phi, axis=-1)
+    q = jnp.sqrt(p)
+    return jax.vmap(jnp.diag)(q) - p[:, :, None] * q[:, None, :]  # B B^T = diag(p) - p p^T
+
+
+register_output_curvature(squared_loss, hessians=_identity_blocks, factors=_identity_blocks)
+register_output_curvature(logistic_loss, hessians=_logistic_hessians, factors=_logistic_factors)
+register_output_curvature(softmax_cross_entropy, hessians=_cross_entropy_hessians, factors=_cross_entropy_factors)
 
 
 def output_hessians(loss: Loss, outputs: jax.Array, targets: jax.Array) -> jax.Array:
     """Per-example Hessians H_i = d^2 l(phi_i, y_i) / d phi_i^2, shape ``[n, k, k]``.
 
-    ``D2L(phi) = blockdiag(H_i) / n``. Closed forms for the losses of this module (cost O(n k^2));
-    for any other mean-over-examples ``loss``, ``vmap`` of ``jax.hessian`` of ``loss`` evaluated on
-    one example (cost O(n k^2) autodiff).
+    ``D2L(phi) = blockdiag(H_i) / n``. The registered closed form (cost O(n k^2)); for any other
+    mean-over-examples ``loss``, ``vmap`` of ``jax.hessian`` of ``loss`` evaluated on one example.
     """
     phi = as_matrix(outputs)
-    closed = _CLOSED_FORMS.get(loss)
+    closed = _closed_form(loss)
     if closed is not None:
-        return closed(phi, targets)
+        return closed.hessians(phi, targets)
     scalar = outputs.ndim == 1
 
     def one(phi_i, y_i):
@@ -105,3 +175,19 @@ def output_hessians(loss: Loss, outputs: jax.Array, targets: jax.Array) -> jax.A
         return loss(o, y_i[None])
 
     return jax.vmap(jax.hessian(one))(phi, targets)
+
+
+def output_hessian_factors(loss: Loss, outputs: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """``(B, signs)`` with H_i = B_i diag(signs_i) B_i^T, shapes ``[n, k, r]`` and ``[n, r]``.
+
+    ``signs`` is None when every H_i is positive semidefinite (the registered closed forms: convex
+    losses); otherwise ``B_i`` and ``signs_i`` come from ``eigh(H_i)`` (B = U sqrt|lambda|).
+    Used by the probe estimate of the Gauss-Newton trace, E ||J^T B z||^2 = tr(J^T H J).
+    """
+    phi = as_matrix(outputs)
+    closed = _closed_form(loss)
+    if closed is not None:
+        return closed.factors(phi, targets), None
+    h = output_hessians(loss, outputs, targets)
+    evals, evecs = jnp.linalg.eigh(0.5 * (h + jnp.swapaxes(h, -1, -2)))
+    return evecs * jnp.sqrt(jnp.abs(evals))[:, None, :], jnp.sign(evals)

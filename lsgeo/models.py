@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsgeo._checks import check_choice, check_positive_int
+from lsgeo.validation import check_choice, check_positive_int
 
 __all__ = [
     "ACTIVATIONS",
@@ -139,7 +139,7 @@ class MLP(nn.Module):
       squeeze_output: return ``[n]`` instead of ``[n, 1]`` when num_outputs == 1.
 
     Parameter tree: ``{'Dense_0': {'kernel': [d_0, d_1], 'bias': [d_1]}, ...}``, one top-level
-    module per layer, so the default "layers" of ``lsgeo.tree`` are the paper's layers.
+    module per layer, so the default "layers" of ``lsgeo.groups`` are the paper's layers.
     Input ``x`` is ``[n, d_0]`` (further dimensions are flattened).
     """
 
@@ -372,40 +372,30 @@ class ResNet18(nn.Module):
         return nn.Dense(self.num_classes, name="head")(x)
 
 
-def init_model(model: nn.Module, key: jax.Array, x_example, *, fast_compile: bool | None = None
-               ) -> tuple[PyTree, dict]:
+def init_model(model: nn.Module, key: jax.Array, x_example) -> tuple[PyTree, dict]:
     """Initialise ``model`` on an example batch ``x_example`` (one example suffices).
 
     Returns ``(params, model_state)``: ``params = variables['params']`` (what noise, gradients and
     curvature act on) and ``model_state`` the other collections (``{'batch_stats': ...}`` for
-    BatchNorm models, ``{}`` otherwise).
+    BatchNorm models, ``{}`` otherwise). The initialiser runs as one compiled program
+    (``jax.jit(model.init)``); traceable, so it can be ``vmap``-ed over keys.
 
-    The initialiser runs as one compiled program. ``fast_compile`` (default: on when the backend is
-    CPU and the inputs are concrete) compiles it with XLA backend optimisation level 0: the program runs once, and compiling
-    the many random-number generators at full optimisation costs seconds on CPU (ResNet-18: ~4 s
-    vs ~0.7 s). Values equal ``model.init``'s up to float rounding (~1 ulp).
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> params, state = init_model(MLP(widths=(4,), num_outputs=2), jax.random.key(0), jnp.ones((1, 3)))
+      >>> jax.tree.map(jnp.shape, params)["Dense_0"]["kernel"], state
+      ((3, 4), {})
     """
-    x_example = jnp.asarray(x_example)
-    init = jax.jit(functools.partial(model.init, train=False))
-    if fast_compile is None:  # ahead-of-time compilation needs concrete inputs (not under jit/vmap)
-        traced = any(isinstance(a, jax.core.Tracer) for a in (key, x_example))
-        fast_compile = jax.default_backend() == "cpu" and not traced
-    variables = None
-    if fast_compile:
-        lowered = init.lower(key, x_example)
-        try:
-            compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
-        except Exception:  # noqa: BLE001 - an XLA build without the option: compile normally
-            compiled = None
-        if compiled is not None:
-            variables = compiled(key, x_example)
-    if variables is None:
-        variables = init(key, x_example)
-    variables = dict(variables)
+    variables = dict(_jit_init(model, key, jnp.asarray(x_example)))
     if "params" not in variables:
         raise ValueError(f"model {type(model).__name__} has no parameters")
     params = variables.pop("params")
     return params, variables
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_init(model, key, x_example):
+    return model.init(key, x_example, train=False)
 
 
 def _apply_eval(model, model_state, params, x):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsgeo import per_example
-from lsgeo._checks import check_positive_int
+from lsgeo.validation import check_positive_int
 
 __all__ = ["empirical_ntk", "ntk_diagonal_blocks", "ntk_trace"]
 

@@ -61,10 +61,10 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import SAMState
 
-from lsgeo import threefry
-from lsgeo import tree as tree_lib
-from lsgeo._checks import check_choice, check_sigma
+from lsgeo import groups as groups_lib
+from lsgeo import validation
 from lsgeo.perturbation import MODES, perturbation
+from lsgeo.validation import check_choice, check_sigma
 
 PyTree = Any
 
@@ -160,21 +160,21 @@ def noise_injection(
     inner = optax.with_extra_args_support(inner)
 
     def sample(key_data, count, params):
-        k_select, k_noise = threefry.split(threefry.fold_in(jax.random.wrap_key_data(key_data), count))
+        k_select, k_noise = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(key_data), count))
         sigma_t = _sigma_at(sigma, count)
         if mode == "full":
             return jnp.asarray(-1, jnp.int32), perturbation(k_noise, params, sigma_t, mode="full")
-        ids, names = tree_lib.group_ids(params, groups)
+        ids, names = groups_lib.group_ids(params, groups)
         num_groups = len(names)
         if selection == "random":
-            group = threefry.randint(k_select, (), 0, num_groups, dtype=jnp.int32)
+            group = jax.random.randint(k_select, (), 0, num_groups, dtype=jnp.int32)
         else:
             group = (count % num_groups).astype(jnp.int32)
         std = sigma_t * jnp.sqrt(float(num_groups)) if scale_by_num_groups else sigma_t
         return group, _one_group_noise(k_noise, params, ids, num_groups, groups, group, std)
 
     def init_fn(params):
-        tree_lib.group_ids(params, groups)  # validates ``groups`` early
+        groups_lib.group_ids(params, groups)  # validates ``groups`` early
         key_data = noise_key(seed)
         count = jnp.zeros((), jnp.int32)
         group, xi = sample(key_data, count, params)
@@ -183,8 +183,8 @@ def noise_injection(
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError("params (the perturbed point z_t the loop holds) must be passed to update")
-        tree_lib.check_same_structure(params, state.xi, "params", "the noise state xi")
-        clean = tree_lib.sub(params, state.xi)
+        validation.check_same_structure(params, state.xi, "params", "the noise state xi")
+        clean = optax.tree.sub(params, state.xi)
         inner_updates, inner_state = inner.update(updates, state.inner_state, clean, **extra_args)
         count = optax.safe_increment(state.count)
         group, xi = sample(state.key, count, clean)
@@ -273,15 +273,15 @@ def clean_params(params: PyTree, opt_state) -> PyTree:
     Raises ValueError if ``params`` does not match the parameters the state was built for.
     """
     for state in noise_states(opt_state):
-        tree_lib.check_same_structure(state.xi, params, "params", "the noise state xi")
-        params = tree_lib.sub(params, state.xi)
+        validation.check_same_structure(state.xi, params, "params", "the noise state xi")
+        params = optax.tree.sub(params, state.xi)
     sams = [
         s
         for s in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_wrapper_state)
         if isinstance(s, SAMState) and s.cache is not None
     ]
     for state in sams:
-        tree_lib.check_same_structure(state.cache, params, "params", "the SAM cache")
+        validation.check_same_structure(state.cache, params, "params", "the SAM cache")
         params = _select_cache(params, state)
     return params
 
@@ -293,6 +293,6 @@ def perturbed_params(params: PyTree, opt_state) -> PyTree:
     :func:`clean_params` for noise states. Raises ValueError on mismatched pytrees.
     """
     for state in noise_states(opt_state):
-        tree_lib.check_same_structure(state.xi, params, "params", "the noise state xi")
-        params = tree_lib.add(params, state.xi)
+        validation.check_same_structure(state.xi, params, "params", "the noise state xi")
+        params = optax.tree.add(params, state.xi)
     return params

@@ -53,8 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from lsgeo import tree as tree_lib
-from lsgeo._checks import check_choice, check_positive_int
+from lsgeo import groups as groups_lib
+from lsgeo.validation import check_choice, check_positive_int
 
 __all__ = ["gram_blocks", "sq_grad_norms", "per_example_grams", "fast_path_plan", "METHODS"]
 
@@ -362,7 +362,7 @@ def per_example_grams(
       aux: pytree with leading axis n passed to ``cotangent_fn`` (e.g. targets); may be None.
       num_cotangents: r (needed to size chunks when ``cotangent_fn`` is given; defaults to k).
       diag: return only the diagonal ||J_i^T v_ic||^2.
-      groups: parameter groups (see :mod:`lsgeo.tree`).
+      groups: parameter groups (see :mod:`lsgeo.groups`).
       method: ``"fast"`` or ``"generic"`` (see the module docstring).
       chunk_size: examples per chunk; ``None`` picks one for ~256 MB of float32 intermediates.
 
@@ -374,7 +374,7 @@ def per_example_grams(
     if chunk_size is not None:
         check_positive_int(chunk_size, "chunk_size")
     _example_count(x)
-    _, names = tree_lib.group_ids(params, groups)
+    _, names = groups_lib.group_ids(params, groups)
     grams, phi = _grams_jit(predict, cotangent_fn, num_cotangents, diag, groups, method, chunk_size, params, x, aux)
     return grams, names, phi
 
@@ -385,7 +385,7 @@ def _grams_jit(predict, cotangent_fn, num_cotangents, diag, groups, method, chun
     p_leaves, treedef = jax.tree_util.tree_flatten(params)
     x_leaves, x_def = jax.tree_util.tree_flatten(x)
     n = _example_count(x)
-    ids, names = tree_lib.group_ids(params, groups)
+    ids, names = groups_lib.group_ids(params, groups)
     gid = jax.tree_util.tree_leaves(ids)
     num_groups = len(names)
     single = _one_example_fn(predict, treedef, x_def)
@@ -456,7 +456,7 @@ def gram_blocks(predict, params, x, *, by_group=False, groups=None, method="fast
       params: parameter pytree.
       x: inputs with leading example axis n (array or pytree).
       by_group: if True return ``{group name: [n, k, k]}`` with G_i^(g) = J_{i,g} J_{i,g}^T (they sum to G_i).
-      groups: ``None`` (top-level modules), ``"leaf"`` or a callable on the leaf path; see :mod:`lsgeo.tree`.
+      groups: ``None`` (top-level modules), ``"leaf"`` or a callable on the leaf path; see :mod:`lsgeo.groups`.
       method: ``"fast"`` (structured ghost-norm path with generic fallback) or ``"generic"``.
       chunk_size: examples per chunk (``None``: automatic, ~256 MB of intermediates).
 
@@ -522,4 +522,4 @@ def fast_path_plan(predict, params, x) -> dict[str, str]:
     x_leaves, x_def = jax.tree_util.tree_flatten(x)
     _example_count(x)
     plan = _make_plan(_one_example_fn(predict, treedef, x_def), p_leaves, x_leaves, "fast")
-    return {"/".join(p): s for p, s in zip(tree_lib.leaf_paths(params), plan.status)}
+    return {"/".join(p): s for p, s in zip(groups_lib.leaf_paths(params), plan.status)}

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from lsgeo import tree as tree_lib
-from lsgeo._checks import check_choice, check_sigma
+from lsgeo import groups as groups_lib
+from lsgeo.validation import check_choice, check_sigma
 
 MODES = ("full", "layerwise")
 
@@ -29,17 +30,17 @@ def perturbation(key, params, sigma, *, mode="full", group=None, groups=None, sc
       sigma: noise scale, a scalar >= 0 (may be traced).
       mode: ``"full"`` or ``"layerwise"``.
       group: index of the perturbed group for ``"layerwise"`` (int or traced int). Required there.
-      groups: group specification (see ``lsgeo.tree``).
+      groups: group specification (see ``lsgeo.groups``).
       scale_by_num_groups: multiply the layer-wise noise by sqrt(M).
     """
     check_choice(mode, "mode", MODES)
     check_sigma(sigma)
-    eps = tree_lib.normal_like(key, params)
+    eps = optax.tree.random_like(key, params, jax.random.normal)
     if mode == "full":
         return jax.tree_util.tree_map(lambda e: (sigma * e).astype(e.dtype), eps)
     if group is None:
         raise ValueError("group must be given (an int in [0, M)) when mode='layerwise'")
-    ids, names = tree_lib.group_ids(params, groups)
+    ids, names = groups_lib.group_ids(params, groups)
     std = sigma * jnp.sqrt(float(len(names))) if scale_by_num_groups else sigma
     return jax.tree_util.tree_map(
         lambda e, gid: jnp.where(gid == group, std * e, jnp.zeros_like(e)).astype(e.dtype), eps, ids

@@ -19,12 +19,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import optax
 
+from lsgeo import groups as groups_lib
 from lsgeo import losses as losses_lib
 from lsgeo import per_example
-from lsgeo import tree as tree_lib
-from lsgeo._checks import check_choice, check_nonnegative_int, check_positive_int, check_sigma
 from lsgeo.perturbation import MODES, perturbation
+from lsgeo.validation import (
+    check_choice,
+    check_nonnegative_int,
+    check_positive_int,
+    check_sigma,
+)
 
 __all__ = ["risk", "perturbed_risk", "gauss_newton_trace", "gauss_newton_trace_by_layer", "effective_risk"]
 
@@ -68,12 +74,12 @@ def perturbed_risk(
 
         def one(k):
             xi = perturbation(k, params, sigma, mode="full")
-            return loss(predict(tree_lib.add(params, xi), x), y)
+            return loss(predict(optax.tree.add(params, xi), x), y)
 
         values = jax.lax.map(one, keys, batch_size=min(chunk_size, num_samples))
         return jnp.mean(values)
 
-    num_groups = len(tree_lib.group_names(params, groups))
+    num_groups = len(groups_lib.group_names(params, groups))
     group_index = jnp.tile(jnp.arange(num_groups), num_samples)
     draw_keys = jnp.repeat(keys, num_groups, axis=0)
 
@@ -82,7 +88,7 @@ def perturbed_risk(
         xi = perturbation(
             k, params, sigma, mode="layerwise", group=j, groups=groups, scale_by_num_groups=scale_by_num_groups
         )
-        return loss(predict(tree_lib.add(params, xi), x), y)
+        return loss(predict(optax.tree.add(params, xi), x), y)
 
     values = jax.lax.map(one_group, (draw_keys, group_index), batch_size=min(chunk_size, num_samples * num_groups))
     return jnp.mean(values)
@@ -96,7 +102,7 @@ def _exact_gn(predict, loss, params, batch, groups, method, chunk_size):
     """Exact per-group 1/n sum_i tr(H_i J_{i,g} J_{i,g}^T) and the predictions. Returns (dict, outputs)."""
     if chunk_size is not None:
         check_positive_int(chunk_size, "chunk_size")
-    _, names = tree_lib.group_ids(params, groups)
+    _, names = groups_lib.group_ids(params, groups)
     per_group, outputs = _exact_gn_jit(predict, loss, groups, method, chunk_size, params, batch)
     return {name: per_group[g] for g, name in enumerate(names)}, outputs
 
@@ -117,28 +123,6 @@ def _scalar_outputs(predict, params, x) -> bool:
     return len(jax.eval_shape(predict, params, x).shape) == 1
 
 
-def _sqrt_cross_entropy_hessian(phi, labels):
-    p = jax.nn.softmax(phi, axis=-1)
-    q = jnp.sqrt(p)
-    return jax.vmap(jnp.diag)(q) - p[:, :, None] * q[:, None, :]  # B B^T = diag(p) - p p^T
-
-
-def _hessian_factors(loss, outputs, y):
-    """(B, signs) with H_i = B_i diag(signs_i) B_i^T, shapes [n, k, k] and [n, k] (signs None if all +1)."""
-    phi = losses_lib.as_matrix(outputs)
-    if loss is losses_lib.squared_loss:
-        n, k = phi.shape
-        return jnp.broadcast_to(jnp.eye(k, dtype=phi.dtype), (n, k, k)), None
-    if loss is losses_lib.logistic_loss:
-        s = jax.nn.sigmoid(y.reshape(phi.shape[0]) * phi[:, 0])
-        return jnp.sqrt(s * (1.0 - s))[:, None, None], None
-    if loss is losses_lib.softmax_cross_entropy:
-        return _sqrt_cross_entropy_hessian(phi, y), None
-    h = losses_lib.output_hessians(loss, outputs, y)
-    evals, evecs = jnp.linalg.eigh(0.5 * (h + jnp.swapaxes(h, -1, -2)))
-    return evecs * jnp.sqrt(jnp.abs(evals))[:, None, :], jnp.sign(evals)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1, 5, 6))
 def _probe_gn(predict, loss, params, batch, key, num_probes, probe_chunk):
     """Unbiased estimate of tr(D2L J J^T): E_z ||J^T D2L^{1/2} z||^2 with z ~ N(0, I_{nk})."""
@@ -146,7 +130,7 @@ def _probe_gn(predict, loss, params, batch, key, num_probes, probe_chunk):
     outputs, vjp_fn = jax.vjp(lambda p: predict(p, x), params)
     phi = losses_lib.as_matrix(outputs)
     n, k = phi.shape
-    factors, signs = _hessian_factors(loss, outputs, y)
+    factors, signs = losses_lib.output_hessian_factors(loss, outputs, y)
     factors = factors.astype(phi.dtype)
 
     def one(kp):
@@ -154,11 +138,11 @@ def _probe_gn(predict, loss, params, batch, key, num_probes, probe_chunk):
         u = jnp.einsum("nkl,nl->nk", factors, z)
         if signs is None:
             (g,) = vjp_fn(u.reshape(outputs.shape))
-            return tree_lib.sq_norm(g)
+            return optax.tree.norm(g, squared=True)
         us = jnp.einsum("nkl,nl->nk", factors, signs.astype(phi.dtype) * z)
         (g,) = vjp_fn(u.reshape(outputs.shape))
         (gs,) = vjp_fn(us.reshape(outputs.shape))
-        return tree_lib.dot(g, gs)
+        return optax.tree.vdot(g, gs)
 
     keys = jax.random.split(key, num_probes)
     values = jax.lax.map(one, keys, batch_size=min(probe_chunk, num_probes))

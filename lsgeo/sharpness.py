@@ -31,10 +31,17 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
 
-from lsgeo import threefry
-from lsgeo import tree as tree_lib
-from lsgeo._checks import check_choice, check_nonnegative_int, check_positive_int, check_sigma, is_concrete
+from lsgeo import groups as groups_lib
+from lsgeo.validation import (
+    check_choice,
+    check_nonnegative_int,
+    check_positive_int,
+    check_sigma,
+    is_concrete,
+)
 
 PyTree = Any
 Objective = Callable[[PyTree, Any], jax.Array]
@@ -60,41 +67,41 @@ def _ascent_direction(g: PyTree, norm: str) -> PyTree:
     """Steepest-ascent unit direction for the ball's norm: g / ||g||_2 (l2) or sign(g) (linf)."""
     if norm == "linf":
         return jax.tree_util.tree_map(jnp.sign, g)
-    g_norm = tree_lib.norm(g)
+    g_norm = optax.tree.norm(g)
     inv = jnp.where(g_norm > 0, 1.0 / jnp.where(g_norm > 0, g_norm, 1.0), 0.0)
-    return tree_lib.scale(inv, g)
+    return optax.tree.scale(inv, g)
 
 
 def _project(u: PyTree, rho, norm: str) -> PyTree:
     """Euclidean projection onto {||u|| <= rho} (l2: radial shrink; linf: clipping)."""
     if norm == "linf":
         return jax.tree_util.tree_map(lambda x: jnp.clip(x, -rho, rho), u)
-    u_norm = tree_lib.norm(u)
+    u_norm = optax.tree.norm(u)
     factor = jnp.minimum(1.0, rho / jnp.where(u_norm > 0, u_norm, 1.0))
-    return tree_lib.scale(factor, u)
+    return optax.tree.scale(factor, u)
 
 
 def _uniform_in_ball(key, template: PyTree, rho, norm: str) -> PyTree:
     """A point drawn uniformly from the rho-ball of the given norm, shaped like ``template``."""
     if norm == "linf":
-        return tree_lib.scale(rho, _uniform_like(key, template))
+        return optax.tree.scale(rho, _uniform_like(key, template))
     k_dir, k_rad = jax.random.split(key)
     direction = _normal_like(k_dir, template)
-    m = tree_lib.num_params(template)
+    m = optax.tree.size(template)
     radius = rho * jnp.exp(jnp.log(jax.random.uniform(k_rad)) / m)  # r = rho U^(1/m)
-    return tree_lib.scale(radius / tree_lib.norm(direction), direction)
+    return optax.tree.scale(radius / optax.tree.norm(direction), direction)
 
 
 def _normal_like(key, template: PyTree) -> PyTree:
-    """N(0, I) shaped like ``template`` from one flat draw (one threefry call instead of one per leaf:
-    much cheaper to compile on CPU than ``lsgeo.tree.normal_like``)."""
-    flat, unravel = tree_lib.ravel(template)
-    return unravel(threefry.normal(key, flat.shape, flat.dtype))
+    """N(0, I) shaped like ``template`` from one flat draw (one random-number generator instead of one
+    per leaf: much cheaper to compile on CPU than ``optax.tree.random_like``)."""
+    flat, unravel = ravel_pytree(template)
+    return unravel(jax.random.normal(key, flat.shape, flat.dtype))
 
 
 def _uniform_like(key, template: PyTree) -> PyTree:
     """U[-1, 1] entries shaped like ``template`` from one flat draw."""
-    flat, unravel = tree_lib.ravel(template)
+    flat, unravel = ravel_pytree(template)
     return unravel(jax.random.uniform(key, flat.shape, flat.dtype, -1.0, 1.0))
 
 
@@ -106,11 +113,11 @@ def _maximize_in_ball(g, template: PyTree, rho, *, key, steps: int, norm: str, s
     included, so the result is >= g(0). Cost: ``steps`` gradient evaluations of g (+1 without key),
     plus two evaluations of g.
     """
-    zero = tree_lib.zeros_like(template)
+    zero = optax.tree.zeros_like(template)
     value_and_grad = jax.value_and_grad(g)
     if key is None:
         g0, grad0 = value_and_grad(zero)
-        u0 = tree_lib.scale(rho, _ascent_direction(grad0, norm))
+        u0 = optax.tree.scale(rho, _ascent_direction(grad0, norm))
     else:
         g0 = g(zero)
         u0 = _uniform_in_ball(key, template, rho, norm)
@@ -120,7 +127,7 @@ def _maximize_in_ball(g, template: PyTree, rho, *, key, steps: int, norm: str, s
         u, best = carry
         value, grad = value_and_grad(u)
         best = jnp.maximum(best, value)
-        u = _project(tree_lib.axpy(step_size, _ascent_direction(grad, norm), u), rho, norm)
+        u = _project(optax.tree.add_scale(u, step_size, _ascent_direction(grad, norm)), rho, norm)
         return (u, best), value
 
     (u_final, best), _ = jax.lax.scan(step, (u0, g0), None, length=steps)
@@ -185,7 +192,7 @@ def _epsilon_sharpness(f, params, batch, rho, key, step_size, *, steps, norm, re
     eta = rho if step_size is None else step_size
 
     def g(delta):
-        return f(tree_lib.add(params, delta), batch)
+        return f(optax.tree.add(params, delta), batch)
 
     base, top = _maximize_in_ball(g, params, rho, key=key, steps=steps, norm=norm, step_size=eta)
     rise = top - base
@@ -236,7 +243,7 @@ def _adaptive_sharpness(f, params, batch, rho, key, eta, step_size, *, steps, no
 
     def g(u):
         delta = jax.tree_util.tree_map(jnp.multiply, scales, u)
-        return f(tree_lib.add(params, delta), batch)
+        return f(optax.tree.add(params, delta), batch)
 
     base, top = _maximize_in_ball(g, params, rho, key=key, steps=steps, norm=norm, step_size=step)
     rise = top - base
@@ -276,7 +283,7 @@ def _average_sharpness(f, params, batch, sigma, key, *, num_samples, chunk_size)
 
     def one(k):
         eps = _normal_like(k, params)
-        return f(tree_lib.axpy(sigma, eps, params), batch)
+        return f(optax.tree.add_scale(params, sigma, eps), batch)
 
     values = jax.lax.map(one, keys, batch_size=min(chunk_size, num_samples))
     return jnp.mean(values) - base
@@ -351,11 +358,11 @@ def _volume_flatness(f, params, batch, epsilon, key, max_radius, *, num_directio
     grid = max_radius * jnp.arange(1, num_grid + 1) / num_grid
 
     def excess(r, d):
-        return f(tree_lib.axpy(r, d, params), batch) - base - epsilon
+        return f(optax.tree.add_scale(params, r, d), batch) - base - epsilon
 
     def radius(k):
         n = _normal_like(k, params)
-        d = tree_lib.scale(1.0 / tree_lib.norm(n), n)
+        d = optax.tree.scale(1.0 / optax.tree.norm(n), n)
         above = jax.vmap(lambda r: excess(r, d))(grid) > 0
         crosses = jnp.any(above)
         first = jnp.argmax(above)
@@ -372,7 +379,7 @@ def _volume_flatness(f, params, batch, epsilon, key, max_radius, *, num_directio
         return jnp.where(crosses, lo, jnp.asarray(max_radius, hi.dtype))
 
     radii = jax.lax.map(radius, keys, batch_size=min(chunk_size, num_directions))
-    m = tree_lib.num_params(params)
+    m = optax.tree.size(params)
     log_unit_ball = 0.5 * m * math.log(math.pi) - math.lgamma(0.5 * m + 1.0)
     log_r = jnp.log(jnp.maximum(radii, jnp.finfo(radii.dtype).tiny))
     log_volume = log_unit_ball + jax.scipy.special.logsumexp(m * log_r) - math.log(num_directions)
@@ -413,13 +420,13 @@ def alpha_scale(params: PyTree, i, j, alpha, *, groups=None) -> PyTree:
         (a flax ``kernel``; layer j's bias is added after the product and stays as it is);
       * all other leaves unchanged.
 
-    ``i`` and ``j`` are group indices in ``lsgeo.tree.group_ids(params, groups)`` order (negative
-    indices count from the end) or group names (e.g. ``"Dense_0"``). ``groups`` as in ``lsgeo.tree``
+    ``i`` and ``j`` are group indices in ``lsgeo.groups.group_ids(params, groups)`` order (negative
+    indices count from the end) or group names (e.g. ``"Dense_0"``). ``groups`` as in ``lsgeo.groups``
     (default: one group per top-level module). ``alpha`` must be > 0 (checked when concrete; may be
     traced, e.g. vmapped). The function is unchanged only when layer j directly follows layer i through
     a positively homogeneous activation (ReLU, leaky ReLU, identity) with no normalisation in between.
     """
-    ids, names = tree_lib.group_ids(params, groups)
+    ids, names = groups_lib.group_ids(params, groups)
     gi = _resolve_group(i, names, "i")
     gj = _resolve_group(j, names, "j")
     if gi == gj:
@@ -428,7 +435,7 @@ def alpha_scale(params: PyTree, i, j, alpha, *, groups=None) -> PyTree:
         value = np.asarray(alpha)
         if value.ndim != 0 or not np.isfinite(value) or value <= 0:
             raise ValueError(f"alpha must be a finite scalar > 0, got {alpha!r}")
-    paths = tree_lib.leaf_paths(params)
+    paths = groups_lib.leaf_paths(params)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     out = []
     for leaf, gid, path in zip(leaves, jax.tree_util.tree_leaves(ids), paths):

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtr
 
-from lsgeo._checks import check_sigma, is_concrete
+from lsgeo.validation import check_sigma, is_concrete
 
 __all__ = [
     "lasso_weights",

@@ -54,10 +54,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from lsgeo._checks import check_positive_int, check_nonnegative_int
 from lsgeo.optim import clean_params, perturbed_params
+from lsgeo.validation import check_nonnegative_int, check_positive_int
 
 PyTree = Any
 

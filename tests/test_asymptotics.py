@@ -11,11 +11,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _jitted_theory import jitted  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from lsgeo import risk as risk_lib
 from lsgeo.losses import squared_loss
-
-from _jitted_theory import jitted  # noqa: E402  (tests/ is on sys.path under pytest)
 
 SIGMAS = np.array([1e-1, 3e-2, 1e-2])
 

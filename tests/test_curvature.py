@@ -10,12 +10,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import scipy.linalg
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 
-from lsgeo import curvature, losses
-from lsgeo import tree as tree_lib
+from lsgeo import curvature, losses, validation
 
 # ----------------------------------------------------------------------------------------------
 # tiny models: a plain function, a flax linen module and an flax NNX module (all tanh MLPs),
@@ -122,14 +123,14 @@ def make_model(kind):
 @functools.partial(jax.jit, static_argnums=0)
 def dense_hessian(f, params, batch):
     """The reference: jax.hessian of f on the flattened parameters."""
-    w, unravel = tree_lib.ravel(params)
+    w, unravel = ravel_pytree(params)
     return jax.hessian(lambda w: f(unravel(w), batch))(w)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def dense_jacobian(predict, params, x):
     """The reference Jacobian of the outputs as [n k, m]."""
-    w, unravel = tree_lib.ravel(params)
+    w, unravel = ravel_pytree(params)
     jac = jax.jacobian(lambda w: losses.as_matrix(predict(unravel(w), x)))(w)
     return jac.reshape(-1, w.shape[0])
 
@@ -140,7 +141,7 @@ def random_tree(seed, params):
 
 
 def flat(t):
-    """Flattened leaves, in the order of lsgeo.tree.ravel (jax.tree_util flattening order)."""
+    """Flattened leaves, in the order of jax.flatten_util.ravel_pytree (jax.tree_util flattening order)."""
     return np.concatenate([np.ravel(np.asarray(a)) for a in jax.tree_util.tree_leaves(t)])
 
 
@@ -305,7 +306,7 @@ F_CE_MLP = _ce_objective(mlp_apply)
 def test_top_eigenvalues_5k_mlp_40_iterations(x64, mlp5k):
     scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
     params, batch = mlp5k
-    m = tree_lib.num_params(params)
+    m = optax.tree.size(params)
     assert 4000 <= m <= 6000
     top = curvature.top_eigenvalues(F_CE_MLP, params, batch, jax.random.key(3), k=5, num_iters=40)
     # reference: ARPACK (implicitly restarted Lanczos) to 1e-14 on the same HVP operator
@@ -380,7 +381,7 @@ def test_min_eigenvalue_and_eigenpairs_under_jit_and_vmap(x64, saddle_mlp):
     for i in range(2):
         u, hu = (jax.tree_util.tree_map(lambda a: a[i], t) for t in (us, hus))
         np.testing.assert_allclose(lams[i], eigs[0], rtol=1e-8)
-        tree_lib.check_same_structure(params, u, "u")
+        validation.check_same_structure(params, u, "u")
         np.testing.assert_allclose(np.linalg.norm(flat(u)), 1.0, rtol=1e-10)
         np.testing.assert_allclose(flat(hu), lams[i] * flat(u), atol=1e-6)  # an eigenvector
         np.testing.assert_allclose(values[i], eigs[::-1][:3], rtol=1e-8)
@@ -399,14 +400,14 @@ def test_primitives_work_with_every_model_kind(x64, kind):
     predict, params = make_model(kind)
     f = _sq_objective(predict)
     batch = regression_batch(1, N, D_IN, K_OUT)
-    m = tree_lib.num_params(params)
+    m = optax.tree.size(params)
     assert m == D_IN * HIDDEN + HIDDEN + HIDDEN * K_OUT + K_OUT
     v, key = random_tree(2, params), jax.random.key(3)
     h, jac = np.asarray(dense_hessian(f, params, batch)), np.asarray(dense_jacobian(predict, params, batch[0]))
     eigs = np.linalg.eigvalsh(h)
 
     hv = HVP(f, params, batch, v)
-    tree_lib.check_same_structure(params, hv, "hvp")
+    validation.check_same_structure(params, hv, "hvp")
     np.testing.assert_allclose(flat(hv), h @ flat(v), rtol=1e-10, atol=1e-12)
     gv = GNVP(predict, losses.squared_loss, params, batch, v)
     np.testing.assert_allclose(flat(gv), jac.T @ (jac @ flat(v)) / N, rtol=1e-10, atol=1e-12)

@@ -11,8 +11,14 @@ import json
 
 import pytest
 
-from experiments import double_descent, hessian_spectrum, reparametrization, saddle_escape, wide_networks
-from experiments import _runner
+from experiments import (
+    _runner,
+    double_descent,
+    hessian_spectrum,
+    reparametrization,
+    saddle_escape,
+    wide_networks,
+)
 
 SUMMARY_KEYS = {"experiment", "config", "claim", "supported", "figures", "runtime_s", "devices"}
 

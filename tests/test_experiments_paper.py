@@ -11,7 +11,17 @@ import json
 
 import pytest
 
-from experiments import _runner, cnn, deep_mlp, geometry_report, lasso, nuclear_norm, regularized_loss, resnet, sigma_sweep
+from experiments import (
+    _runner,
+    cnn,
+    deep_mlp,
+    geometry_report,
+    lasso,
+    nuclear_norm,
+    regularized_loss,
+    resnet,
+    sigma_sweep,
+)
 
 SUMMARY_KEYS = {"experiment", "config", "claim", "supported", "figures", "runtime_s", "devices"}
 

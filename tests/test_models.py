@@ -120,14 +120,6 @@ def test_predict_without_batch_stats_is_a_clear_error():
         jax.eval_shape(make_predict(model), params, jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32))
 
 
-def test_init_model_fast_compile_matches_model_init():
-    model = MLP((16,), 3)
-    x = jnp.ones((1, 5))
-    fast, _ = init_model(model, KEY, x, fast_compile=True)
-    ref, _ = init_model(model, KEY, x, fast_compile=False)  # = jax.jit(model.init)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), fast, ref)
-
-
 def test_models_without_state_train_apply_is_predict():
     model = MLP((8,), 2)
     params, state = init_model(model, KEY, jnp.ones((1, 3)))

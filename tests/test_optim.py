@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
+from lsgeo import groups as groups_lib
 from lsgeo import theory
-from lsgeo import tree as tree_lib
 from lsgeo.optim import clean_params, noise_injection, perturbed_params
 from lsgeo.perturbation import perturbation
 
@@ -67,7 +67,7 @@ def _run_wrapper(opt, w0, batch, num_steps):
 def _run_reference(inner, w0, batch, num_steps, sigma, mode, selection, groups=None, seed=0, feed_perturbed=False):
     """The paper's step written out: gradient at w_t + xi_t, inner update applied to w_t."""
     base = jax.random.key(seed)
-    num_groups = len(tree_lib.group_names(w0, groups))
+    num_groups = len(groups_lib.group_names(w0, groups))
 
     def xi_at(w, t):
         k_select, k_noise = jax.random.split(jax.random.fold_in(base, t))
@@ -79,7 +79,7 @@ def _run_reference(inner, w0, batch, num_steps, sigma, mode, selection, groups=N
     @jax.jit
     def step(w, state, t, feed_perturbed):
         xi = xi_at(w, t)
-        z = tree_lib.add(w, xi)
+        z = optax.tree.add(w, xi)
         g = jax.grad(_mlp_loss)(z, batch)
         seen = jax.tree_util.tree_map(lambda a, b: jnp.where(feed_perturbed, a, b), z, w)
         updates, state = inner.update(g, state, seen)
@@ -91,7 +91,7 @@ def _run_reference(inner, w0, batch, num_steps, sigma, mode, selection, groups=N
         if t < num_steps:
             w = w_next
             traj.append(w)
-    return tree_lib.stack_leaves(traj), xi
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *traj), xi
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def _noise_stream(opt, params, num_steps):
 
         def body(state, _):
             out = (state.xi, state.group)
-            _, state = opt.update(tree_lib.zeros_like(params), state, perturbed_params(params, state))
+            _, state = opt.update(optax.tree.zeros_like(params), state, perturbed_params(params, state))
             return state, out
 
         return jax.lax.scan(body, state, None, length=num_steps)[1]
@@ -204,7 +204,7 @@ def test_both_layerwise_draws_equal_perturbation(draw):
     from lsgeo import optim
 
     params = _group_leaf_params()
-    ids, names = tree_lib.group_ids(params, None)
+    ids, names = groups_lib.group_ids(params, None)
     key, sigma = jax.random.key(2), 0.3
     fn = jax.jit(
         lambda k, j, s: getattr(optim, draw)(
@@ -278,7 +278,7 @@ def test_perturbed_gradient_is_unbiased_for_exact_risk(mode):
     def draws(seeds):
         def one(seed):
             xi = noise_injection(optax.sgd(0.0), sigma, mode=mode, seed=seed).init(w).xi
-            z = tree_lib.add(w, xi)
+            z = optax.tree.add(w, xi)
             return risk(z), jax.grad(risk)(z)
 
         return jax.vmap(one)(seeds)

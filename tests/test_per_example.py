@@ -8,8 +8,8 @@ from flax import linen as nn
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+from lsgeo import groups as groups_lib
 from lsgeo import per_example as pe
-from lsgeo import tree as tree_lib
 
 N = 6
 
@@ -111,7 +111,7 @@ def dense_jacobian(predict, params, x):
 
 def group_columns(params, groups=None):
     """{group name: boolean mask over the raveled parameter vector}."""
-    ids, names = tree_lib.group_ids(params, groups)
+    ids, names = groups_lib.group_ids(params, groups)
     col = np.concatenate([np.full(np.size(l), i) for l, i in zip(jax.tree_util.tree_leaves(params),
                                                                    jax.tree_util.tree_leaves(ids))])
     return {name: col == g for g, name in enumerate(names)}

@@ -12,7 +12,6 @@ from jax.flatten_util import ravel_pytree
 from lsgeo import sharpness
 from lsgeo.losses import squared_loss
 
-
 # ----------------------------------------------------------------------------------------------
 # Fixtures: a two-parameter quadratic and a tiny ReLU MLP (data always passed as `batch`)
 

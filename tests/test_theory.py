@@ -9,17 +9,15 @@ to the generic code.
 
 import functools
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _jitted_theory import jitted  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from lsgeo import risk as risk_lib
 from lsgeo import theory
 from lsgeo.losses import squared_loss
-
-from _jitted_theory import jitted  # noqa: E402  (tests/ is on sys.path under pytest)
 
 TIGHT = dict(rtol=1e-11, atol=1e-12)
 
