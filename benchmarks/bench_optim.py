@@ -19,12 +19,11 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from lsgeo.optim import noise_injection
-from lsgeo.train import _chunk_jit, _Config, _Fixed, _init_jit, sweep, train
+from lsgeo.train import init_state, sweep, train, train_step
 
 
 def mlp_params(rng, sizes):
@@ -74,15 +73,16 @@ def interleaved_times(fns, repeats):
 
 
 def train_chunk(optimizer, params, data, steps):
-    """One compiled chunk of ``steps`` training steps of ``lsgeo.train`` (a thunk)."""
-    n = len(jax.tree_util.tree_leaves(data)[0])
-    cfg = _Config(steps, None, n, False, None, 1, None, False)
-    static = dict(objective=mlp_loss, make_opt=_Fixed(optimizer), eval_fn=None, cfg=cfg)
-    carry, _ = _init_jit(
-        init_fns=(None, None), params=params, model_state=None, hyper=(), key=0, opt_state=None,
-        start_step=0, data=data, eval_data=None, **static,
-    )  # fmt: skip
-    return lambda: _chunk_jit(carry=carry, hyper=(), data=data, eval_data=None, **static)
+    """``steps`` training steps of ``lsgeo.train.train_step`` under one compiled ``lax.scan``, plus one
+    forward pass (the evaluation), the same loop for every optimizer (a thunk)."""
+
+    @jax.jit
+    def chunk(state, data):
+        state, _ = jax.lax.scan(lambda s, _: train_step(mlp_loss, optimizer, s, data), state, None, length=steps)
+        return state, mlp_loss(state.params, data)
+
+    state = init_state(params, optimizer)
+    return lambda: chunk(state, data)
 
 
 def sweep_vs_sequential(width, n, steps, repeats):
@@ -99,7 +99,7 @@ def sweep_vs_sequential(width, n, steps, repeats):
         return [train(mlp_loss, o, params, data, key=0, **kw).history["train_loss"] for o in opts]
 
     def vmapped():
-        return sweep(mlp_loss, make, params, data, sigmas, [0], **kw).history["train_loss"]
+        return sweep(mlp_loss, make, params, data, {"sigma": sigmas}, [0], **kw).history["train_loss"]
 
     medians, ratios = interleaved_times({"sequential": sequential, "sweep": vmapped}, repeats)
     return medians["sequential"], medians["sweep"], 1.0 / ratios["sweep"]

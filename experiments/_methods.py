@@ -132,7 +132,7 @@ def train_cells(objective, init_params, data, cells, *, inner, num_steps, eval_e
     sigmas = sorted({c["sigma"] for c in cells})
     seeds = sorted({c["seed"] for c in cells})
     result = train.sweep(
-        objective, optimizer_fn(method, inner, noise_until=noise_until), init_params, data, sigmas, seeds,
+        objective, optimizer_fn(method, inner, noise_until=noise_until), init_params, data, {"sigma": sigmas}, seeds,
         num_steps=num_steps, eval_every=eval_every, batch_size=batch_size, eval_fn=eval_fn, eval_data=eval_data,
         model_state=model_state, members_per_chunk=members_per_chunk,
     )  # fmt: skip

@@ -74,15 +74,14 @@ def make_model(cfg: Config) -> models.MLP:
 def train_to_target(cfg: Config, objective, init, data, batch_size: int, seed: int):
     """SGD from ``init(key)`` until the training loss is <= ``target_loss``; returns (params, steps, history)."""
     optimizer = optax.sgd(cfg.lr)
-    params, opt_state, steps, history = init, None, 0, []
+    start, key, steps, history = init, seed, 0, []
     while steps < cfg.max_steps:
-        result = train.train(objective, optimizer, params, data, num_steps=cfg.check_every, batch_size=batch_size,
-                             key=seed, opt_state=opt_state, start_step=steps)
-        params, opt_state, steps = result.params, result.opt_state, result.steps
+        result = train.train(objective, optimizer, start, data, num_steps=cfg.check_every, batch_size=batch_size, key=key)
+        start, key, steps = result.state, None, result.steps  # resume from the state: the same run, checked
         history.append((steps, float(result.history["train_loss"][-1])))
         if history[-1][1] <= cfg.target_loss:
             break
-    return params, steps, history
+    return result.params, steps, history
 
 
 def cells(cfg: Config) -> list[dict]:

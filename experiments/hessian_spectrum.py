@@ -112,12 +112,11 @@ def spectrum_run(cfg: Config, model, objective, batch, seed: int):
     params = model.init(train.split_key(seed)[0], batch[0][:1])["params"]  # the initialisation the sweep uses
     optimizer = optax.sgd(cfg.spectrum_lr)
     half = cfg.steps // 2
-    snapshots, opt_state, step = {"init": (params, float(objective(params, batch)))}, None, 0
+    snapshots, start, key = {"init": (params, float(objective(params, batch)))}, params, seed
     for phase in ("mid", "end"):
-        result = train.train(objective, optimizer, params, batch, num_steps=half, eval_every=half, key=seed,
-                             opt_state=opt_state, start_step=step)
-        params, opt_state, step = result.params, result.opt_state, result.steps
-        snapshots[phase] = (params, float(result.history["train_loss"][-1]))
+        result = train.train(objective, optimizer, start, batch, num_steps=half, eval_every=half, key=key)
+        start, key = result.state, None  # the second half resumes the first
+        snapshots[phase] = (result.params, float(result.history["train_loss"][-1]))
     rows = []
     for i, phase in enumerate(PHASES):
         params, loss = snapshots[phase]
@@ -134,8 +133,8 @@ def eos_run(cfg: Config, model, objective, batch, group):
     lrs = sorted({c["lr"] for c in group})
     seeds = sorted({c["seed"] for c in group})
     result = train.sweep(
-        objective, lambda lr, _: optax.sgd(lr), lambda k: model.init(k, batch[0][:1])["params"], batch,
-        sigmas=lrs, seeds=seeds, num_steps=cfg.steps, eval_every=cfg.eval_every,
+        objective, lambda lr, seed: optax.sgd(lr), lambda k: model.init(k, batch[0][:1])["params"], batch,
+        {"lr": lrs}, seeds, num_steps=cfg.steps, eval_every=cfg.eval_every,
         eval_fn=sharpness_eval(objective, cfg.lanczos_iters), eval_data=batch,
     )
     h = {k: np.asarray(v) for k, v in result.history.items()}

@@ -108,7 +108,7 @@ def optimizer_fn(cfg: Config, variant: str):
     sgd = optax.sgd(cfg.deep_lr if variant.startswith("deep") else cfg.lr)
     if variant == "noise":
         return lambda sigma, seed: optim.noise_injection(sgd, sigma, mode="layerwise", seed=seed)
-    return lambda sigma, seed: sgd
+    return lambda sigma, seed: sgd  # sigma = 0: plain SGD
 
 
 def curvature_at_zero(alphas: np.ndarray, values: np.ndarray, fit_radius: float) -> float:
@@ -127,7 +127,7 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     objective = _methods.Objective(model)
     result = train.sweep(
         objective, optimizer_fn(cfg, variant), lambda k: model.init(k, train_batch[0][:1])["params"], train_batch,
-        sigmas=[cfg.sigma if variant == "noise" else 0.0], seeds=[c["seed"] for c in group], num_steps=cfg.steps,
+        {"sigma": [cfg.sigma if variant == "noise" else 0.0]}, [c["seed"] for c in group], num_steps=cfg.steps,
         batch_size=cfg.small_batch if variant == "small_batch" else None,
     )  # fmt: skip
     alphas = np.linspace(-cfg.radius, cfg.radius, cfg.num_alphas)

@@ -119,7 +119,7 @@ def run(cfg: Config, prep, group: list[dict]) -> list[list[dict]]:
 
     seeds = [c["seed"] for c in group]
     schedule = optax.cosine_decay_schedule(cfg.lr, cfg.steps)
-    result = train.sweep(objective, _methods.optimizer_fn("noise", optax.sgd(schedule)), w0, (X, y), [sigma], seeds,
+    result = train.sweep(objective, _methods.optimizer_fn("noise", optax.sgd(schedule)), w0, (X, y), {"sigma": [sigma]}, seeds,
                          **common)
     return [
         _methods.history_rows(result.history, (0, j))

@@ -80,8 +80,8 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     loss, accuracy = _methods.Objective(model), _methods.Objective(model, "accuracy")
     init_seeds = [k for c in group for k in (2 * c["seed"], 2 * c["seed"] + 1)]
     minima = train.sweep(
-        loss, lambda _, __: optax.adam(cfg.lr), lambda k: model.init(k, train_batch[0][:1])["params"],
-        train_batch, sigmas=[0.0], seeds=init_seeds, num_steps=cfg.steps,
+        loss, lambda seed: optax.adam(cfg.lr), lambda k: model.init(k, train_batch[0][:1])["params"],
+        train_batch, {}, init_seeds, num_steps=cfg.steps,
     ).params  # fmt: skip
     minima = jax.tree_util.tree_map(np.asarray, minima)
     ts = jnp.linspace(0.0, 1.0, cfg.num_points)

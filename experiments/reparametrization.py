@@ -83,8 +83,8 @@ def train_networks(cfg: Config, batch, seeds):
     model = make_model(cfg)
     objective = _methods.Objective(model)
     result = train.sweep(
-        objective, lambda _, __: optax.adam(cfg.lr), lambda k: model.init(k, batch[0][:1])["params"],
-        batch, sigmas=[0.0], seeds=list(seeds), num_steps=cfg.steps,
+        objective, lambda seed: optax.adam(cfg.lr), lambda k: model.init(k, batch[0][:1])["params"],
+        batch, {}, list(seeds), num_steps=cfg.steps,
     )
     return jax.tree_util.tree_map(lambda a: a[0], result.params)
 

@@ -127,7 +127,7 @@ def run(cfg: Config, batch, group):
         return optax.tree.scale(cfg.init_scale, optax.tree.random_like(key, model.init(key, batch[0][:1])["params"], jax.random.normal))
 
     result = train.sweep(
-        objective, optimizer_fn(cfg, method), init, batch, sigmas=[cfg.sigma], seeds=[c["seed"] for c in group],
+        objective, optimizer_fn(cfg, method), init, batch, {"sigma": [cfg.sigma]}, [c["seed"] for c in group],
         num_steps=cfg.steps, eval_every=cfg.eval_every, batch_size=cfg.batch_size if method == "sgd" else None,
         eval_fn=curvature_metrics(objective, cfg.eigen_tol), eval_data=batch,
     )

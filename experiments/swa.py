@@ -101,8 +101,8 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     swa = dict(swa_start=swa_start, swa_every=steps_per_epoch) if method == "swa" else {}
     lr = schedule(cfg, method, swa_start)
     result = train.sweep(
-        objective, lambda _, __: optax.sgd(lr), lambda k: model.init(k, train_batch[0][:1])["params"], train_batch,
-        sigmas=[0.0], seeds=[c["seed"] for c in group], num_steps=cfg.steps, eval_every=cfg.eval_every,
+        objective, lambda seed: optax.sgd(lr), lambda k: model.init(k, train_batch[0][:1])["params"], train_batch,
+        {}, [c["seed"] for c in group], num_steps=cfg.steps, eval_every=cfg.eval_every,
         batch_size=cfg.batch_size, eval_fn=eval_fn, eval_data=test_batch, **swa,
     )  # fmt: skip
     final = jax.tree_util.tree_map(lambda p: np.asarray(p)[0], result.swa_params if method == "swa" else result.params)

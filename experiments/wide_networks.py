@@ -97,8 +97,8 @@ def train_from_seeds(cfg: Config, arch: str, batch, seeds):
     model = make_model(cfg, arch)
     schedule = optax.cosine_decay_schedule(cfg.lr, cfg.steps)
     result = train.sweep(
-        _methods.Objective(model, "squared_loss"), lambda _, __: optax.adam(schedule), lambda k: model.init(k, batch[0][:1])["params"],
-        batch, sigmas=[0.0], seeds=list(seeds), num_steps=cfg.steps,
+        _methods.Objective(model, "squared_loss"), lambda seed: optax.adam(schedule), lambda k: model.init(k, batch[0][:1])["params"],
+        batch, {}, list(seeds), num_steps=cfg.steps,
     )
     return jax.tree_util.tree_map(lambda a: a[0], result.params), result.history["train_loss"][0, :, -1]
 

@@ -6,50 +6,53 @@ The step the paper runs is
 
 with xi_t Gaussian: ``mode="full"`` perturbs every parameter by sigma * eps (Section 3.1);
 ``mode="layerwise"`` perturbs one group ("layer") j_t by sigma * sqrt(M) * eps and leaves the other
-M - 1 groups alone (Sections 3.2 and 4), with j_t uniform at random (``selection="random"``) or
-t mod M (``selection="cyclic"``). Both have E[xi xi^T] = sigma^2 I; the layer-wise one avoids the
+M - 1 groups alone (Sections 3.2 and 4), with j_t uniform at random (``selection="random"``) or in
+turn (``selection="cyclic"``). Both have E[xi xi^T] = sigma^2 I; the layer-wise one avoids the
 sigma^4 cross terms that explode with width.
 
-How it costs no extra gradient
-------------------------------
-The parameters the training loop holds are the *perturbed* point z_t = w_t + xi_t, so the
-gradient the loop computes anyway is grad R(w_t + xi_t). The optimizer state stores xi_t;
-``update(g, state, params=z_t)`` recovers w_t = z_t - xi_t, passes w_t to the inner optimizer
-(so weight decay, e.g. ``optax.adamw``, sees the clean weights), draws xi_{t+1} and returns
+The perturbed-point trick (as ``optax.contrib.sam``): the parameters the training loop holds are
+z_t = w_t + xi_t, so the gradient the loop computes anyway is grad R(w_t + xi_t). The state stores
+xi_t; ``update(g, state, params=z_t)`` recovers w_t = z_t - xi_t, passes w_t to the inner optimizer
+(weight decay sees the clean weights), draws xi_{t+1} and returns
 
     inner_update(g; w_t) + xi_{t+1} - xi_t,
 
-so that z_{t+1} = z_t + update = w_{t+1} + xi_{t+1}. A training loop therefore reads::
+so that z_{t+1} = w_{t+1} + xi_{t+1}. ``init`` applies no perturbation (xi_0 = 0): the ordinary loop
+that starts at w_0 runs the paper's step from its first update on (the first gradient is at w_0,
+every later one at a perturbed point), with no helper to call first:
 
-    opt = noise_injection(optax.sgd(0.1), sigma=0.05, mode="layerwise", seed=0)
-    opt_state = opt.init(w0)                      # stores xi_0
-    z = perturbed_params(w0, opt_state)           # z_0 = w_0 + xi_0
-    for batch in batches:                         # (lax.scan in lsgeo.train)
-        g = jax.grad(f)(z, batch)                 # = grad R(w_t + xi_t)
-        updates, opt_state = opt.update(g, opt_state, z)
-        z = optax.apply_updates(z, updates)
-    w = clean_params(z, opt_state)                # w_T, for evaluation
+    >>> import jax, jax.numpy as jnp, optax
+    >>> f = lambda w: jnp.sum(w ** 2)
+    >>> opt = noise_injection(optax.sgd(0.1), sigma=0.05, mode="full", seed=0)
+    >>> params = jnp.array([1.0, 2.0])
+    >>> state = opt.init(params)                       # xi_0 = 0: params is w_0
+    >>> for _ in range(3):
+    ...     updates, state = opt.update(jax.grad(f)(params), state, params)
+    ...     params = optax.apply_updates(params, updates)   # z_{t+1} = w_{t+1} + xi_{t+1}
+    >>> print(clean_params(params, state).round(3))    # w_3, for evaluation
+    [0.527 1.032]
 
-``noise_injection`` must be the outermost transformation (it wraps the whole optimizer): anything
-applied after it would rescale xi_{t+1} - xi_t. With sigma = 0 it reproduces ``inner`` exactly.
+A flax ``TrainState(tx=noise_injection(...))`` or an ``nnx.Optimizer`` works the same way.
+``noise_injection`` must be the OUTERMOST transformation: anything chained after it
+(``optax.chain(noise_injection(...), optax.scale(0.5))``) would rescale xi_{t+1} - xi_t and the
+loop's point would drift away from w_t + xi_t. Transformations of the gradient go inside ``inner`` or
+before it (``optax.chain(optax.clip_by_global_norm(1.0), noise_injection(...))`` is fine).
+:func:`clean_params` (and ``lsgeo.train``) raise ValueError when they find a noise-injection state
+with a transformation chained after it. With sigma = 0 it reproduces ``inner`` exactly.
 
-Randomness (deterministic, reproducible with ``lsgeo.perturbation``)
--------------------------------------------------------------------
-``seed`` (an int, possibly traced, or a PRNG key) gives the base key k = ``jax.random.key(seed)``.
-For step t (t = 0 at ``init``):
+Randomness (deterministic, reproducible with ``lsgeo.perturbation``): ``seed`` (an int, possibly
+traced, or a PRNG key) gives the base key k. For step t >= 1,
 
     k_t = fold_in(k, t);  k_select, k_noise = split(k_t)
-    j_t = randint(k_select, (), 0, M)      (random)      or  t mod M   (cyclic)
-    xi_t = lsgeo.perturbation.perturbation(k_noise, w, sigma_t, mode=mode, group=j_t,
-                                           groups=groups, scale_by_num_groups=scale_by_num_groups)
+    j_t = randint(k_select, (), 0, M)   (random)   or   (t - 1) mod M   (cyclic)
+    xi_t = lsgeo.perturbation.perturbation(k_noise, w_t, sigma_t, mode=mode, group=j_t, groups=groups,
+                                           scale_by_num_groups=scale_by_num_groups)
 
-with sigma_t = sigma(t) for an optax schedule, else sigma. (``lsgeo.threefry`` computes these
-``jax.random`` functions, bit for bit, without jax's rolled CPU loop.) ``sigma`` and ``seed`` may be traced
-(jax arrays), so a whole training run can be ``vmap``ped over sigma values and seeds
-(see ``lsgeo.train.sweep``). Cost per step: one Gaussian draw (``lsgeo.threefry.normal``) of the
-size of the parameters (``"full"``) or of the chosen group (``"layerwise"`` on CPU; on accelerators
-all normals are drawn and masked, which avoids a host-synchronised conditional), plus three
-elementwise passes over the parameters; memory: one extra copy of the parameters (xi_t).
+with sigma_t = sigma(t) for an optax schedule, else sigma. ``sigma`` and ``seed`` may be traced, so a
+whole training run can be ``vmap``-ped over sigma values and seeds (``lsgeo.train.sweep``).
+Cost per step: one Gaussian draw of the size of the parameters (``optax.tree.random_like``; layer-wise
+noise keeps the chosen group's part) plus three elementwise passes; memory: one extra copy of the
+parameters (xi_t).
 """
 
 from __future__ import annotations
@@ -62,9 +65,8 @@ import optax
 from optax.contrib import SAMState
 
 from lsgeo import groups as groups_lib
-from lsgeo import validation
 from lsgeo.perturbation import MODES, perturbation
-from lsgeo.validation import check_choice, check_sigma
+from lsgeo.validation import check_choice, check_same_structure, check_sigma
 
 PyTree = Any
 
@@ -75,6 +77,7 @@ __all__ = [
     "clean_params",
     "perturbed_params",
     "noise_states",
+    "check_outermost",
     "SELECTIONS",
 ]
 
@@ -85,10 +88,10 @@ class NoiseInjectionState(NamedTuple):
     """State of :func:`noise_injection`.
 
     Attributes:
-      count: number of updates t done so far (int32); xi_t was drawn for this t.
+      count: number of updates t done so far (int32); xi_t belongs to this t.
       key: raw key data (``jax.random.key_data``) of the base key; vmaps like any array.
-      group: the perturbed group j_t (int32), -1 for ``mode="full"``.
-      xi: the perturbation xi_t currently added to the parameters the loop holds.
+      group: the group j_t perturbed by xi_t (int32); -1 for ``mode="full"`` and at t = 0.
+      xi: the perturbation xi_t currently added to the parameters the loop holds (zero at t = 0).
       inner_state: state of the wrapped optimizer.
     """
 
@@ -102,20 +105,18 @@ class NoiseInjectionState(NamedTuple):
 def noise_key(seed) -> jax.Array:
     """Raw key data of the base key of :func:`noise_injection` for ``seed``.
 
-    ``seed``: a Python/jax integer (may be traced), a new-style typed key, or raw uint32 key data.
+    ``seed``: a Python/jax integer (may be traced), a typed PRNG key, or raw uint32 key data.
     """
     if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(seed)
+    if isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, a PRNG key or raw key data; got {seed!r}")
     arr = jnp.asarray(seed)
     if arr.dtype == jnp.uint32 and arr.ndim == 1:
         return arr
     if arr.ndim != 0 or not jnp.issubdtype(arr.dtype, jnp.integer):
         raise ValueError(f"seed must be an integer, a PRNG key or raw key data; got {seed!r}")
     return jax.random.key_data(jax.random.key(arr))
-
-
-def _sigma_at(sigma, count):
-    return sigma(count) if callable(sigma) else sigma
 
 
 def noise_injection(
@@ -131,116 +132,75 @@ def noise_injection(
     """Wraps ``inner`` so that gradients are taken at w_t + xi_t (Orvieto et al. 2023, Section 5).
 
     The paper's step w_{t+1} = w_t - lr grad R(w_t + xi_t) at no extra gradient: the loop holds
-    z_t = w_t + xi_t (start it at :func:`perturbed_params` of the clean w_0), the update passes
+    z_t = w_t + xi_t (z_0 = w_0: no perturbation before the first update), the update passes
     w_t = z_t - xi_t to ``inner`` and returns ``inner_update + xi_{t+1} - xi_t``. Evaluate at
-    :func:`clean_params`. See the module docstring for the key derivation.
+    :func:`clean_params`. Must be the outermost transformation. See the module docstring.
 
     Args:
-      inner: the optimizer to wrap (e.g. ``optax.sgd(lr)``, ``optax.adamw(lr, weight_decay=...)``).
-        Extra update arguments (e.g. ``grad_fn``) are forwarded to it.
+      inner: the optimizer to wrap (e.g. ``optax.sgd(lr)``, ``optax.adamw(lr, weight_decay=...)``,
+        ``optax.inject_hyperparams(optax.sgd)(learning_rate=lr)``). Extra update arguments (e.g.
+        ``grad_fn``) are forwarded to it.
       sigma: noise scale: a float >= 0, a (possibly traced) jax scalar, or an optax schedule
         ``count -> sigma_t`` (e.g. ``optax.piecewise_constant_schedule(0.1, {T: 0.0})`` turns the
         noise off from step T on).
       mode: ``"layerwise"`` (one group, std sigma sqrt(M)) or ``"full"`` (all parameters, std sigma).
-      selection: ``"random"`` (j_t uniform) or ``"cyclic"`` (j_t = t mod M); layer-wise only.
+      selection: ``"random"`` (j_t uniform) or ``"cyclic"`` (j_t = (t - 1) mod M); layer-wise only.
       groups: group specification (``None``: top-level modules; ``"leaf"``; callable on the path).
       scale_by_num_groups: multiply the layer-wise noise by sqrt(M).
       seed: int (may be traced), PRNG key or raw key data.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`NoiseInjectionState`.
-      ``update`` requires ``params`` (the perturbed point z_t).
+      ``update`` requires ``params`` (the point z_t the loop holds).
     """
     check_choice(mode, "mode", MODES)
     check_choice(selection, "selection", SELECTIONS)
-    if not callable(sigma):
-        check_sigma(sigma)
+    check_sigma(sigma)
     if not isinstance(inner, optax.GradientTransformation):
         raise ValueError(f"inner must be an optax.GradientTransformation, got {type(inner).__name__}")
     inner = optax.with_extra_args_support(inner)
+    noise_key(seed)  # validates seed early
 
-    def sample(key_data, count, params):
+    def draw(key_data, count, params):
+        """(j_t, xi_t) for step t = count >= 1."""
         k_select, k_noise = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(key_data), count))
-        sigma_t = _sigma_at(sigma, count)
+        sigma_t = sigma(count) if callable(sigma) else sigma
         if mode == "full":
             return jnp.asarray(-1, jnp.int32), perturbation(k_noise, params, sigma_t, mode="full")
-        ids, names = groups_lib.group_ids(params, groups)
-        num_groups = len(names)
+        num_groups = len(groups_lib.group_names(params, groups))
         if selection == "random":
             group = jax.random.randint(k_select, (), 0, num_groups, dtype=jnp.int32)
         else:
-            group = (count % num_groups).astype(jnp.int32)
-        std = sigma_t * jnp.sqrt(float(num_groups)) if scale_by_num_groups else sigma_t
-        return group, _one_group_noise(k_noise, params, ids, num_groups, groups, group, std)
+            group = ((count - 1) % num_groups).astype(jnp.int32)
+        xi = perturbation(
+            k_noise, params, sigma_t, mode="layerwise", group=group, groups=groups, scale_by_num_groups=scale_by_num_groups
+        )
+        return group, xi
 
     def init_fn(params):
         groups_lib.group_ids(params, groups)  # validates ``groups`` early
-        key_data = noise_key(seed)
-        count = jnp.zeros((), jnp.int32)
-        group, xi = sample(key_data, count, params)
-        return NoiseInjectionState(count=count, key=key_data, group=group, xi=xi, inner_state=inner.init(params))
+        return NoiseInjectionState(
+            count=jnp.zeros((), jnp.int32),
+            key=noise_key(seed),
+            group=jnp.asarray(-1, jnp.int32),
+            xi=optax.tree.zeros_like(params),
+            inner_state=inner.init(params),
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
-            raise ValueError("params (the perturbed point z_t the loop holds) must be passed to update")
-        validation.check_same_structure(params, state.xi, "params", "the noise state xi")
+            raise ValueError("params (the point z_t the loop holds) must be passed to update")
+        check_same_structure(params, state.xi, "params", "the noise state xi")
         clean = optax.tree.sub(params, state.xi)
         inner_updates, inner_state = inner.update(updates, state.inner_state, clean, **extra_args)
         count = optax.safe_increment(state.count)
-        group, xi = sample(state.key, count, clean)
+        group, xi = draw(state.key, count, clean)
         new_updates = jax.tree_util.tree_map(
             lambda u, new, old: (u + (new - old)).astype(u.dtype), inner_updates, xi, state.xi
         )
         return new_updates, NoiseInjectionState(count=count, key=state.key, group=group, xi=xi, inner_state=inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _one_group_noise(key, params, ids, num_groups, groups, group, std):
-    """``perturbation(key, params, sigma, mode="layerwise", group=group, ...)``, bit for bit.
-
-    On CPU only the chosen group's normals are drawn (:func:`_switched_group_noise`). Elsewhere
-    (GPU, TPU) a conditional costs a host round trip per step while a draw is cheap, so all
-    normals are drawn and masked (:func:`_masked_group_noise`).
-    """
-    static = dict(params=params, ids=ids, num_groups=num_groups, groups=groups)
-    return jax.lax.platform_dependent(
-        key,
-        group,
-        std,
-        cpu=lambda key, group, std: _switched_group_noise(key, group=group, std=std, **static),
-        default=lambda key, group, std: _masked_group_noise(key, group=group, std=std, **static),
-    )
-
-
-def _switched_group_noise(key, *, params, ids, num_groups, groups, group, std):
-    """Draws only group j's normals with ``lax.switch``: the leaves outside j become empty arrays,
-    so ``perturbation(mode="full")`` splits the key into the same per-leaf keys and draws the same
-    numbers for j's leaves. Under ``vmap`` every branch runs: one full draw in total."""
-    del groups
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    gids = jax.tree_util.tree_leaves(ids)
-
-    def branch(j):
-        def draw(key, std):
-            masked = [x if g == j else jnp.zeros((0,), x.dtype) for x, g in zip(leaves, gids)]
-            xi = jax.tree_util.tree_leaves(perturbation(key, jax.tree_util.tree_unflatten(treedef, masked), std))
-            return jax.tree_util.tree_unflatten(
-                treedef, [e if g == j else jnp.zeros(jnp.shape(x), x.dtype) for e, x, g in zip(xi, leaves, gids)]
-            )
-
-        return draw
-
-    if num_groups == 1:
-        return branch(0)(key, std)
-    return jax.lax.switch(group, [branch(j) for j in range(num_groups)], key, std)
-
-
-def _masked_group_noise(key, *, params, ids, num_groups, groups, group, std):
-    """Draws every normal and keeps group j's (no conditional): ``perturbation`` itself, with the
-    std already scaled."""
-    del ids, num_groups
-    return perturbation(key, params, std, mode="layerwise", group=group, groups=groups, scale_by_num_groups=False)
 
 
 def _is_wrapper_state(x) -> bool:
@@ -251,6 +211,32 @@ def noise_states(opt_state) -> list[NoiseInjectionState]:
     """All :class:`NoiseInjectionState` found in ``opt_state`` (outermost first)."""
     found = jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, NoiseInjectionState))
     return [s for s in found if isinstance(s, NoiseInjectionState)]
+
+
+def check_outermost(opt_state) -> None:
+    """Raises ValueError when a transformation is chained after ``noise_injection`` in ``opt_state``.
+
+    ``optax.chain`` keeps its states in a plain tuple, in order: a :class:`NoiseInjectionState` (at
+    any depth) followed by another entry of the same chain means that transformation rescales or
+    shifts xi_{t+1} - xi_t. Wrappers that pass the updates through (``optax.inject_hyperparams``,
+    ``optax.apply_if_finite``) are fine. Static: costs nothing under ``jit``.
+    """
+
+    def visit(node, where: str) -> None:
+        if type(node) is tuple:  # an optax.chain state
+            for i, part in enumerate(node[:-1]):
+                if noise_states(part):
+                    raise ValueError(
+                        f"noise_injection must be the outermost transformation: its state is entry {i} of an "
+                        f"optax.chain state ({where}) with {len(node) - 1 - i} transformation(s) chained after it, "
+                        f"which would rescale the noise xi_(t+1) - xi_t; put them inside noise_injection(inner)"
+                    )
+        children = jax.tree_util.tree_leaves(node, is_leaf=lambda x: x is not node)  # one level down
+        for i, child in enumerate(children):
+            if child is not node and noise_states(child):
+                visit(child, f"{where}/{i}")
+
+    visit(opt_state, "opt_state")
 
 
 def _select_cache(params, state: SAMState):
@@ -270,10 +256,14 @@ def clean_params(params: PyTree, opt_state) -> PyTree:
     Subtracts xi_t of every :class:`NoiseInjectionState` in ``opt_state``; for transparent-mode
     ``optax.contrib.sam`` between synchronisations, returns the cached outer iterate instead of the
     adversarial point. Any other state: ``params`` unchanged. Works on stacked (vmapped) states.
-    Raises ValueError if ``params`` does not match the parameters the state was built for.
+
+    Raises:
+      ValueError: ``params`` does not match the parameters the state was built for, or a
+        transformation is chained after ``noise_injection`` (see :func:`check_outermost`).
     """
+    check_outermost(opt_state)
     for state in noise_states(opt_state):
-        validation.check_same_structure(state.xi, params, "params", "the noise state xi")
+        check_same_structure(state.xi, params, "params", "the noise state xi")
         params = optax.tree.sub(params, state.xi)
     sams = [
         s
@@ -281,7 +271,7 @@ def clean_params(params: PyTree, opt_state) -> PyTree:
         if isinstance(s, SAMState) and s.cache is not None
     ]
     for state in sams:
-        validation.check_same_structure(state.cache, params, "params", "the SAM cache")
+        check_same_structure(state.cache, params, "params", "the SAM cache")
         params = _select_cache(params, state)
     return params
 
@@ -289,10 +279,11 @@ def clean_params(params: PyTree, opt_state) -> PyTree:
 def perturbed_params(params: PyTree, opt_state) -> PyTree:
     """The point z_t = w_t + xi_t a training loop holds, from the clean ``params`` w_t.
 
-    Call it once after ``opt.init(w0)`` to start the loop at z_0 = w_0 + xi_0. Inverse of
-    :func:`clean_params` for noise states. Raises ValueError on mismatched pytrees.
+    The inverse of :func:`clean_params` for noise states. Not needed to start a loop (``init`` has
+    xi_0 = 0, so z_0 = w_0); useful to rebuild the loop's point from a saved w_t and state.
+    Raises ValueError on mismatched pytrees.
     """
     for state in noise_states(opt_state):
-        validation.check_same_structure(state.xi, params, "params", "the noise state xi")
+        check_same_structure(state.xi, params, "params", "the noise state xi")
         params = optax.tree.add(params, state.xi)
     return params

@@ -181,6 +181,33 @@ def test_cifar10_missing_files_named(tmp_path):
         read_cifar10(data_dir=tmp_path)
 
 
+@pytest.mark.parametrize("split, bad", [("y_train", 200), ("y_test", 10)])
+def test_fashion_mnist_rejects_bad_labels(tmp_path, split, bad):
+    arrays = _write_fashion(tmp_path)
+    labels = arrays[split].copy()
+    labels[1] = bad
+    name = FASHION_MNIST_FILES[split]
+    (tmp_path / name).write_bytes(gzip.compress(_idx_bytes(labels)))
+    with pytest.raises(ValueError, match=rf"{name}: Fashion-MNIST labels must be in \[0, 10\).*\[{bad}\]"):
+        read_fashion_mnist(tmp_path)
+    with pytest.raises(ValueError, match=name):
+        load_dataset("fashion_mnist", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("where, batch, bad", [("folder", "data_batch_2", 42), ("folder", "test_batch", -1),
+                                               ("archive", "data_batch_5", 42), ("folder", "data_batch_1", 3.0)])
+def test_cifar10_rejects_bad_labels(tmp_path, where, batch, bad):
+    batches = _cifar_batches()
+    batches[batch][b"labels"][0] = bad
+    if where == "folder":
+        _write_cifar_folder(tmp_path / "cifar-10-batches-py", batches)
+    else:
+        _write_cifar_tar(tmp_path / "cifar-10-python.tar.gz", batches)
+    expected = "must be integer class indices" if isinstance(bad, float) else rf"must be in \[0, 10\).*\[{bad}\]"
+    with pytest.raises(ValueError, match=rf"{batch}: CIFAR-10 labels {expected}"):
+        read_cifar10(tmp_path)
+
+
 def test_cifar10_malformed_files_named(tmp_path):
     batches = _cifar_batches()
     _write_cifar_folder(tmp_path / "cifar-10-batches-py", batches)
@@ -215,7 +242,7 @@ def test_mnist1d_deterministic_and_cached(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("regenerated although cached")
 
-    monkeypatch.setattr(data, "_generate_mnist1d", fail)
+    monkeypatch.setattr(data.embedded, "_generate_mnist1d", fail)
     c = load_dataset("mnist1d", cache_dir=tmp_path / "a", num_samples=60, generation_seed=7,
                      standardize=False)
     np.testing.assert_array_equal(c.x_train, a.x_train)

@@ -1,4 +1,5 @@
-"""Tests for lsgeo.optim.noise_injection (Orvieto et al. 2023, Sections 3.2, 4, 5)."""
+"""Tests for lsgeo.optim.noise_injection (Orvieto et al. 2023, Sections 3.2, 4, 5): the paper's step
+w_{t+1} = w_t - lr grad R(w_t + xi_t) written out by hand, in the loops people already have."""
 
 import chex
 import jax
@@ -12,11 +13,16 @@ from lsgeo import theory
 from lsgeo.optim import clean_params, noise_injection, perturbed_params
 from lsgeo.perturbation import perturbation
 
+
 # --------------------------------------------------------------------------------------------------
 # a tiny 3-layer MLP without biases (3 groups, one leaf each: XLA compile time grows with the leaves)
 
 
 # test inputs are built with numpy: every eager jax op would compile a kernel per shape
+
+
+def _at(tree, i):
+    return jax.tree_util.tree_map(lambda a: a[i], tree)
 
 
 def _mlp_params(seed, sizes=(3, 5, 4, 2), dtype=np.float32):
@@ -49,7 +55,7 @@ def _run_wrapper(opt, w0, batch, num_steps):
     @jax.jit
     def run(w0, batch):
         state = opt.init(w0)
-        z = perturbed_params(w0, state)
+        z = w0  # xi_0 = 0: the ordinary optax loop, no helper
 
         def body(carry, _):
             z, state = carry
@@ -65,16 +71,20 @@ def _run_wrapper(opt, w0, batch, num_steps):
 
 
 def _run_reference(inner, w0, batch, num_steps, sigma, mode, selection, groups=None, seed=0, feed_perturbed=False):
-    """The paper's step written out: gradient at w_t + xi_t, inner update applied to w_t."""
+    """The paper's step written out: gradient at w_t + xi_t, inner update applied to w_t; xi_0 = 0 and
+    xi_t (t >= 1) from the documented key derivation."""
     base = jax.random.key(seed)
     num_groups = len(groups_lib.group_names(w0, groups))
 
-    def xi_at(w, t):
+    def draw(w, t):
         k_select, k_noise = jax.random.split(jax.random.fold_in(base, t))
         if mode == "full":
             return perturbation(k_noise, w, sigma, mode="full")
-        j = jax.random.randint(k_select, (), 0, num_groups, dtype=jnp.int32) if selection == "random" else t % num_groups
+        j = jax.random.randint(k_select, (), 0, num_groups, dtype=jnp.int32) if selection == "random" else (t - 1) % num_groups
         return perturbation(k_noise, w, sigma, mode="layerwise", group=j, groups=groups)
+
+    def xi_at(w, t):
+        return jax.tree_util.tree_map(lambda a: jnp.where(t == 0, jnp.zeros_like(a), a), draw(w, jnp.maximum(t, 1)))
 
     @jax.jit
     def step(w, state, t, feed_perturbed):
@@ -106,7 +116,7 @@ def _stepwise_loop(opt, w0, batch, num_steps):
     is compiled per optimizer, so identical arithmetic gives identical bits."""
     update = jax.jit(opt.update)
     state = opt.init(w0)
-    z, traj = perturbed_params(w0, state), []
+    z, traj = w0, []
     for _ in range(num_steps):
         updates, state = update(_grad(z, batch), state, z)
         z = _apply(z, updates)
@@ -157,16 +167,15 @@ def test_adamw_weight_decay_sees_clean_weights(x64):
 
 
 def _noise_stream(opt, params, num_steps):
-    """xi_t and j_t for t = 0..num_steps-1 from the transformation itself (zero gradients)."""
+    """xi_t and j_t for t = 1..num_steps from the transformation itself (zero gradients)."""
 
     @jax.jit
     def run(params):
         state = opt.init(params)
 
         def body(state, _):
-            out = (state.xi, state.group)
             _, state = opt.update(optax.tree.zeros_like(params), state, perturbed_params(params, state))
-            return state, out
+            return state, (state.xi, state.group)
 
         return jax.lax.scan(body, state, None, length=num_steps)[1]
 
@@ -196,24 +205,6 @@ def test_layerwise_one_group_std_and_uniform_selection():
     counts = np.bincount(groups, minlength=M)
     p = 1.0 / M
     assert np.all(np.abs(counts - T * p) <= 4 * np.sqrt(T * p * (1 - p))), counts
-
-
-@pytest.mark.parametrize("draw", ["_switched_group_noise", "_masked_group_noise"])
-def test_both_layerwise_draws_equal_perturbation(draw):
-    """The CPU draw (lax.switch, only the chosen group) and the accelerator draw (all, masked)."""
-    from lsgeo import optim
-
-    params = _group_leaf_params()
-    ids, names = groups_lib.group_ids(params, None)
-    key, sigma = jax.random.key(2), 0.3
-    fn = jax.jit(
-        lambda k, j, s: getattr(optim, draw)(
-            k, params=params, ids=ids, num_groups=len(names), groups=None, group=j, std=s * jnp.sqrt(float(len(names)))
-        )
-    )
-    ref = jax.jit(lambda k, j, s: perturbation(k, params, s, mode="layerwise", group=j))
-    for j in range(len(names)):
-        chex.assert_trees_all_equal(fn(key, j, sigma), ref(key, j, sigma))
 
 
 def test_cyclic_order_and_unscaled():
@@ -277,7 +268,8 @@ def test_perturbed_gradient_is_unbiased_for_exact_risk(mode):
     @jax.jit
     def draws(seeds):
         def one(seed):
-            xi = noise_injection(optax.sgd(0.0), sigma, mode=mode, seed=seed).init(w).xi
+            opt = noise_injection(optax.sgd(0.0), sigma, mode=mode, seed=seed)
+            xi = opt.update(optax.tree.zeros_like(w), opt.init(w), w)[1].xi  # xi_1
             z = optax.tree.add(w, xi)
             return risk(z), jax.grad(risk)(z)
 
@@ -310,9 +302,9 @@ def test_perturbed_gradient_is_unbiased_for_exact_risk(mode):
 def test_piecewise_constant_schedule_turns_noise_off():
     params = _group_leaf_params()
     sched = optax.piecewise_constant_schedule(0.1, {5: 0.0})
-    xi, _ = _noise_stream(noise_injection(optax.sgd(0.0), sched, mode="full"), params, 10)
+    xi, _ = _noise_stream(noise_injection(optax.sgd(0.0), sched, mode="full"), params, 10)  # xi_1..xi_10
     norms = sum(np.sum(np.asarray(v).reshape(10, -1) ** 2, axis=1) for v in jax.tree_util.tree_leaves(xi))
-    assert np.all(norms[:5] > 0) and np.all(norms[5:] == 0)
+    assert np.all(norms[:4] > 0) and np.all(norms[4:] == 0)  # sigma_t = 0 from t = 5 on
 
 
 def test_bad_arguments_raise_value_error_naming_them():
@@ -338,3 +330,93 @@ def test_bad_arguments_raise_value_error_naming_them():
     # a state without noise injection leaves params alone
     p = {"a": np.ones(2)}
     assert clean_params(p, optax.sgd(0.1).init(p)) is p
+
+
+# --------------------------------------------------------------------------------------------------
+# a drop-in transformation: the loops people already have, with no helper called first
+
+
+def _mlp_grad(params, batch):
+    return jax.grad(_mlp_loss)(params, batch)
+
+
+@pytest.mark.parametrize("mode", ["full", "layerwise"])
+def test_ordinary_optax_loop_with_zero_lr_keeps_w0(mode):
+    w0, batch = _mlp_params(0), _data(1)
+    opt = noise_injection(optax.sgd(0.0), 0.1, mode=mode, seed=2)
+
+    @jax.jit
+    def run(w0):
+        state, params = opt.init(w0), w0
+        for _ in range(5):
+            updates, state = opt.update(_mlp_grad(params, batch), state, params)
+            params = optax.apply_updates(params, updates)
+        return params, state
+
+    params, state = run(w0)
+    chex.assert_trees_all_close(clean_params(params, state), w0, atol=1e-6, rtol=0)  # up to rounding of (w + xi) - xi
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(w0))) > 1e-3
+
+
+def test_each_step_is_w_minus_lr_grad_at_the_perturbed_point(x64):
+    """w_{t+1} = w_t - lr grad R(w_t + xi_t), with w_t and xi_t read from the state of an ordinary loop."""
+    w0, batch = _mlp_params(0, dtype=np.float64), _data(1, dtype=np.float64)
+    lr = 0.3
+    opt = noise_injection(optax.sgd(lr), 0.2, mode="layerwise", seed=5)
+    update = jax.jit(opt.update)
+    state, params = opt.init(w0), w0
+    chex.assert_trees_all_equal(state.xi, optax.tree.zeros_like(w0))  # xi_0 = 0
+    for _ in range(4):
+        w_t = clean_params(params, state)
+        chex.assert_trees_all_close(params, optax.tree.add(w_t, state.xi), atol=1e-12)  # the loop holds w_t + xi_t
+        g = _mlp_grad(params, batch)
+        updates, state = update(g, state, params)
+        params = optax.apply_updates(params, updates)
+        chex.assert_trees_all_close(clean_params(params, state), optax.tree.add_scale(w_t, -lr, g), atol=1e-12)
+
+
+def test_flax_train_state_and_nnx_optimizer_run_the_papers_step():
+    from flax import nnx
+    from flax.training import train_state
+
+    w0, batch = _mlp_params(0), _data(1)
+    opt = noise_injection(optax.sgd(0.2), 0.1, mode="layerwise", seed=3)
+    reference, _, _ = _run_wrapper(opt, w0, batch, 4)  # the documented optax loop
+
+    ts = train_state.TrainState.create(apply_fn=None, params=w0, tx=opt)
+    for _ in range(4):
+        ts = ts.apply_gradients(grads=_mlp_grad(ts.params, batch))
+    chex.assert_trees_all_close(clean_params(ts.params, ts.opt_state), _at(reference, -1), atol=1e-6)
+
+    zero = noise_injection(optax.sgd(0.0), 0.1, mode="full", seed=3)
+    ts = train_state.TrainState.create(apply_fn=None, params=w0, tx=zero)
+    for _ in range(3):
+        ts = ts.apply_gradients(grads=_mlp_grad(ts.params, batch))
+    chex.assert_trees_all_close(clean_params(ts.params, ts.opt_state), w0, atol=1e-6, rtol=0)
+
+    class Model(nnx.Module):
+        def __init__(self):
+            self.params = nnx.Param(jax.tree.map(jnp.asarray, w0))
+
+    model = Model()
+    optimizer = nnx.Optimizer(model, opt, wrt=nnx.Param)
+    for _ in range(4):
+        grads = nnx.grad(lambda m: _mlp_loss(m.params.value, batch))(model)
+        optimizer.update(model, grads)
+    xi = optimizer.opt_state.xi["params"].value  # the NoiseInjectionState, its leaves as nnx variables
+    clean = optax.tree.sub(model.params.value, xi)
+    chex.assert_trees_all_close(jax.tree.leaves(clean), jax.tree.leaves(_at(reference, -1)), atol=1e-6)
+
+
+def test_compositions_chain_and_inject_hyperparams():
+    w0, batch = _mlp_params(0), _data(1)
+    ref, _, _ = _run_wrapper(noise_injection(optax.sgd(0.1), 0.1, seed=1), w0, batch, 3)
+    injected = noise_injection(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), 0.1, seed=1)
+    traj, _, _ = _run_wrapper(injected, w0, batch, 3)
+    chex.assert_trees_all_close(traj, ref, atol=1e-6)
+    clipped = optax.chain(optax.clip_by_global_norm(1e6), noise_injection(optax.sgd(0.1), 0.1, seed=1))
+    traj, _, _ = _run_wrapper(clipped, w0, batch, 3)  # clipping the gradient first is fine
+    chex.assert_trees_all_close(traj, ref, atol=1e-6)
+    after = optax.chain(noise_injection(optax.sgd(0.1), 0.1), optax.scale(0.5))
+    with pytest.raises(ValueError, match="outermost"):
+        clean_params(w0, after.init(w0))

@@ -1,5 +1,7 @@
 """Per-example Jacobian Gram blocks: structured fast path == generic path == dense Jacobians."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +22,7 @@ def _f64(tree):
 
 def _mlp_params(key, sizes, bias=True):
     params = {}
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         key, k1, k2 = jax.random.split(key, 3)
         layer = {"w": jax.random.normal(k1, (a, b)) / np.sqrt(a)}
         if bias:
@@ -221,3 +223,13 @@ def test_jitted_helper_called_twice(x64):
     assert set(pe.fast_path_plan(predict, params, x).values()) == {"dense", "elementwise"}
     jac = dense_jacobian(predict, params, x)
     np.testing.assert_allclose(pe.gram_blocks(predict, params, x), jnp.einsum("ikm,ilm->ikl", jac, jac), rtol=1e-10)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from lsgeo.per_example import ghost, grams
+
+    for module in (grams, ghost):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, (module.__name__, result)

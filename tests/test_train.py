@@ -1,4 +1,6 @@
-"""Tests for lsgeo.train: the lax.scan training engine, SWA, SAM, divergence, sweeps, devices."""
+"""lsgeo.train: the lax.scan training engine against hand-written loops (the independent reference):
+histories at the clean iterate, SWA, SAM, minibatch order, bit-for-bit resume, divergence, sweeps,
+several devices."""
 
 import os
 import subprocess
@@ -12,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from lsgeo.optim import clean_params, noise_injection, perturbed_params
-from lsgeo.train import TrainingDiverged, epoch_permutation, split_key, sweep, train
+from lsgeo.optim import clean_params, noise_injection
+from lsgeo.train import TrainingDiverged, TrainState, epoch_permutation, init_state, split_key, sweep, train
 
 # inputs are built with numpy (eager jax ops would compile a kernel per shape)
 _RNG = np.random.default_rng(0)
@@ -32,26 +34,32 @@ def eval_fn(params, batch):
 
 
 def _manual(opt, w0, batch_at, num_steps):
-    """A hand-written loop with the documented contract; returns the clean iterates w_1..w_T."""
+    """The ordinary optax loop (no lsgeo code but clean_params); returns the clean iterates w_1..w_T."""
 
     @jax.jit
     def run(w0):
-        state = opt.init(w0)
-        z = perturbed_params(w0, state)
-
         def body(carry, t):
             z, state = carry
             updates, state = opt.update(jax.grad(loss)(z, batch_at(t)), state, z)
             z = optax.apply_updates(z, updates)
             return (z, state), clean_params(z, state)
 
-        return jax.lax.scan(body, (z, state), jnp.arange(num_steps))[1]
+        return jax.lax.scan(body, (w0, opt.init(w0)), jnp.arange(num_steps))[1]
 
     return run(w0)
 
 
 def _at(tree, i):
     return jax.tree_util.tree_map(lambda a: a[i], tree)
+
+
+def _minibatches(key, batch_size, num_epochs):
+    """The batch of every step, from the documented order: epoch e visits epoch_permutation(data_key, e)."""
+    _, data_key = split_key(key)
+    perms = np.stack([np.asarray(epoch_permutation(data_key, e, 16)) for e in range(num_epochs)])
+    assert all(sorted(p) == list(range(16)) for p in perms)
+    idx = jnp.asarray(perms[:, : 16 // batch_size * batch_size].reshape(-1, batch_size))
+    return lambda t: (jnp.asarray(X)[idx[t]], jnp.asarray(Y)[idx[t]])
 
 
 def test_full_batch_noise_injection_history_and_swa():
@@ -65,39 +73,38 @@ def test_full_batch_noise_injection_history_and_swa():
     clean_losses = jax.jit(jax.vmap(loss, in_axes=(0, None)))(traj, (X, Y))
     np.testing.assert_allclose(res.history["train_loss"][1:], np.asarray(clean_losses)[[3, 7, 11]], rtol=1e-5)
     np.testing.assert_allclose(res.history["test_loss"], res.history["train_loss"], rtol=1e-6)
-    assert set(res.history) >= {"batch_loss", "w_norm", "swa_train_loss", "swa_test_loss"}
-    # SWA: mean of w_6, w_8, w_10, w_12
+    # SWA: mean of w_6, w_8, w_10, w_12; no SWA value before the first iterate is averaged in
     swa = jax.tree_util.tree_map(lambda a: np.mean(np.asarray(a)[[5, 7, 9, 11]], axis=0), traj)
     chex.assert_trees_all_close(res.swa_params, swa, atol=1e-6)
+    assert np.all(np.isnan(res.history["swa_train_loss"][:2])) and np.all(np.isfinite(res.history["swa_test_loss"][2:]))
 
 
 def test_minibatch_sgd_per_epoch_shuffling():
     opt = optax.sgd(0.05, momentum=0.5)
     res = train(loss, opt, W0, (X, Y), num_steps=12, eval_every=6, batch_size=4, key=5)
-    _, data_key = split_key(5)
-    perms = np.stack([np.asarray(epoch_permutation(data_key, e, 16)) for e in range(3)])
-    assert all(sorted(p) == list(range(16)) for p in perms)
-    idx = jnp.asarray(perms.reshape(-1, 4))  # step t uses batch t of the epoch-ordered permutations
-    traj = _manual(opt, W0, lambda t: (jnp.asarray(X)[idx[t]], jnp.asarray(Y)[idx[t]]), 12)
+    traj = _manual(opt, W0, _minibatches(5, 4, 3), 12)
     chex.assert_trees_all_close(res.params, _at(traj, -1), atol=1e-6)
 
 
-def test_model_state_updated_at_perturbed_point_and_never_perturbed():
+def test_model_state_updated_at_the_point_the_loop_holds():
     def objective(params, state, batch):
         x, y = batch
         h = jnp.tanh(x @ params["l1"]["w"])
         new_state = {"mean": 0.5 * state["mean"] + 0.5 * jnp.mean(h, axis=0)}
         return 0.5 * jnp.mean((h @ params["l2"]["w"] - y) ** 2), new_state
 
-    def ev(params, state, batch):
-        return {"state_norm": jnp.sum(state["mean"] ** 2)}
-
     opt = noise_injection(optax.sgd(0.1), 0.3, mode="full", seed=1)
     ms0 = {"mean": np.zeros(4, np.float32)}
-    res = train(objective, opt, W0, (X, Y), num_steps=1, model_state=ms0, eval_fn=ev, eval_data=None)
-    z0 = jax.jit(lambda w: perturbed_params(w, opt.init(w)))(W0)
-    expected = 0.5 * np.mean(np.tanh(X @ np.asarray(z0["l1"]["w"])), axis=0)
-    np.testing.assert_allclose(res.model_state["mean"], expected, rtol=1e-5)
+    res = train(objective, opt, W0, (X, Y), num_steps=2, model_state=ms0,
+                eval_fn=lambda p, s, b: {"state_norm": jnp.sum(s["mean"] ** 2)}, eval_data=None)
+    # by hand: the statistics follow the loop's points z_0 = w_0 and z_1 = w_1 + xi_1; params never carry them
+    z, state, ms = jnp.asarray(0), opt.init(W0), ms0
+    z = W0
+    for _ in range(2):
+        (_, ms), g = jax.value_and_grad(lambda p: objective(p, ms, (X, Y)), has_aux=True)(z)
+        updates, state = opt.update(g, state, z)
+        z = optax.apply_updates(z, updates)
+    np.testing.assert_allclose(res.model_state["mean"], ms["mean"], rtol=1e-5)
     assert "state_norm" in res.history
     assert jax.tree_util.tree_structure(res.opt_state.xi) == jax.tree_util.tree_structure(W0)
 
@@ -112,28 +119,64 @@ def _manual_sam(w, lr, rho, num_steps):
     return w
 
 
+def _sam(opaque):
+    adv = optax.chain(optax.contrib.normalize(), optax.sgd(0.05))
+    return optax.contrib.sam(optax.sgd(0.1), adv, opaque_mode=opaque)
+
+
 def test_sam_opaque_and_transparent():
-    lr, rho = 0.1, 0.05
-    ref = jax.jit(lambda w: _manual_sam(w, lr, rho, 3))(W0)
-    adv = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
-    opaque = train(loss, optax.contrib.sam(optax.sgd(lr), adv, opaque_mode=True), W0, (X, Y), num_steps=3)
+    ref = jax.jit(lambda w: _manual_sam(w, 0.1, 0.05, 3))(W0)
+    opaque = train(loss, _sam(True), W0, (X, Y), num_steps=3)
     chex.assert_trees_all_close(opaque.params, ref, atol=1e-6)
-    transparent = train(loss, optax.contrib.sam(optax.sgd(lr), adv), W0, (X, Y), num_steps=6, eval_every=1)
+    transparent = train(loss, _sam(False), W0, (X, Y), num_steps=6, eval_every=1)
     chex.assert_trees_all_close(transparent.params, ref, atol=1e-6)
     # between syncs the loop holds the adversarial point; evaluation uses the outer iterate
     tl = transparent.history["train_loss"]
     np.testing.assert_allclose(tl[1], tl[0], rtol=1e-6)
 
 
-def test_divergence_names_step_and_quantity_and_keeps_history():
+RESUME_CASES = {
+    "minibatch SGD mid-epoch": (lambda: optax.sgd(0.05, momentum=0.9), dict(batch_size=3), 7),
+    "noise injection": (lambda: noise_injection(optax.adam(0.01), 0.1, seed=2), dict(batch_size=4), 5),
+    "transparent SAM mid-cycle": (lambda: _sam(False), {}, 3),
+    "SWA": (lambda: noise_injection(optax.sgd(0.1), 0.05), dict(swa_start=2, swa_every=2), 5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_equals_the_uninterrupted_run_bit_for_bit(case):
+    make, kw, split = RESUME_CASES[case]
+    opt = make()
+    whole = train(loss, opt, W0, (X, Y), num_steps=12, eval_every=1, key=3, **kw)
+    first = train(loss, opt, W0, (X, Y), num_steps=split, eval_every=1, key=3, **kw)
+    rest = train(loss, opt, first.state, (X, Y), num_steps=12 - split, eval_every=1, **kw)
+    chex.assert_trees_all_equal(rest.state, whole.state)
+    for k, v in whole.history.items():  # the resumed run's first row is its start (batch_loss = train_loss there)
+        start = {"batch_loss": rest.history["train_loss"][0]}.get(k, v[split])
+        np.testing.assert_array_equal(rest.history[k], np.concatenate([[start], v[split + 1:]]), err_msg=k)
+
+
+def test_divergence_names_step_and_quantity_and_keeps_the_last_finite_state():
     with pytest.raises(TrainingDiverged) as info:
         train(loss, optax.sgd(300.0), W0, (X, Y), num_steps=200, eval_every=2)
     err = info.value
     assert err.quantity in ("loss", "gradient", "params", "train_loss") and err.step > 0
     assert f"step {err.step}" in str(err) and err.quantity in str(err)
     h = err.history
-    assert len(h["step"]) >= 1 and h["step"][-1] <= err.step
-    assert np.all(np.isfinite(h["train_loss"]))
+    assert len(h["step"]) >= 1 and h["step"][-1] < err.step and np.all(np.isfinite(h["train_loss"]))
+    # the state is frozen at the last finite step, which the hand-written loop reaches too
+    assert int(err.state.step) == err.step and all(np.all(np.isfinite(a)) for a in jax.tree.leaves(err.params))
+    reference = _at(_manual(optax.sgd(300.0), W0, lambda t: (X, Y), err.step), -1)
+    chex.assert_trees_all_close(err.params, reference, rtol=1e-5)
+
+
+def test_non_finite_start_names_the_real_quantity():
+    bad = jax.tree.map(lambda a: np.full_like(a, np.nan), W0)
+    with pytest.raises(TrainingDiverged, match="step 0: train_loss") as info:
+        train(loss, optax.sgd(0.1), bad, (X, Y), num_steps=2)
+    assert info.value.history == {}
+    with pytest.raises(TrainingDiverged, match="step 0: w_norm"):
+        train(loss, optax.sgd(0.1), W0, (X, Y), num_steps=2, eval_fn=lambda p, b: {"w_norm": jnp.nan}, eval_data=None)
 
 
 def test_sweep_matches_separate_runs_and_compiles_once():
@@ -148,15 +191,14 @@ def test_sweep_matches_separate_runs_and_compiles_once():
         return noise_injection(optax.sgd(0.1), sigma, mode="layerwise", seed=seed)
 
     kw = dict(num_steps=10, eval_every=5)
-    res = sweep(counted_loss, make, W0, (X, Y), sigmas, [4], members_per_chunk=4, **kw)
+    res = sweep(counted_loss, make, W0, (X, Y), {"sigma": sigmas}, [4], members_per_chunk=4, **kw)
     first = len(traces)
-    assert first <= 4  # init + chunk (step and evaluation); independent of the 8 sigmas
-    res2 = sweep(counted_loss, make, W0, (X, Y), sigmas[::-1], [4], members_per_chunk=4, **kw)
+    assert first <= 4  # start + chunk (step and evaluation); independent of the 8 sigmas
+    res2 = sweep(counted_loss, make, W0, (X, Y), {"sigma": sigmas[::-1]}, [4], members_per_chunk=4, **kw)
     assert len(traces) == first  # new sigma values: no retrace, no recompilation
-    assert res.history["train_loss"].shape == (8, 1, 3)
+    assert res.history["train_loss"].shape == (8, 1, 3) and res.history["step"][3, 0].tolist() == [0, 5, 10]
     np.testing.assert_array_equal(res.diverged_step, -1)
-    # the 8 runs one after another, not vmapped (one compilation, sigma traced)
-    run = jax.jit(lambda s: _manual(make(s, 4), W0, lambda t: (X, Y), 10))
+    run = jax.jit(lambda s: _manual(make(s, 4), W0, lambda t: (X, Y), 10))  # the 8 runs one after another
     for i, s in enumerate(sigmas):
         traj = run(jnp.float32(s))
         chex.assert_trees_all_close(_at(_at(res.params, i), 0), _at(traj, -1), atol=2e-6, rtol=1e-5)
@@ -165,15 +207,63 @@ def test_sweep_matches_separate_runs_and_compiles_once():
     chex.assert_trees_all_close(_at(_at(res2.params, 7), 0), _at(_at(res.params, 0), 0), atol=2e-6)
 
 
-def test_bad_arguments():
-    with pytest.raises(ValueError, match="eval_every"):
-        train(loss, optax.sgd(0.1), W0, (X, Y), num_steps=10, eval_every=3)
-    with pytest.raises(ValueError, match="batch_size"):
-        train(loss, optax.sgd(0.1), W0, (X, Y), num_steps=10, batch_size=100)
-    with pytest.raises(ValueError, match="data"):
-        train(loss, optax.sgd(0.1), W0, (X, Y[:5]), num_steps=10)
-    with pytest.raises(ValueError, match="sigmas"):
-        sweep(loss, lambda s, k: optax.sgd(0.1), W0, (X, Y), [-1.0], [0], num_steps=2)
+def test_sweep_over_learning_rate_and_a_diverging_member():
+    """Any hyperparameter of the factory; a member that diverges has NaN history after its step, the
+    others equal single runs."""
+    lrs = [0.05, 0.2, 400.0]
+
+    def make(learning_rate, seed):
+        return optax.sgd(learning_rate, momentum=0.5)
+
+    res = sweep(loss, make, W0, (X, Y), {"learning_rate": lrs}, [0, 1], num_steps=12, eval_every=3, batch_size=8)
+    assert np.all(res.diverged_step[:2] == -1) and np.all(res.diverged_step[2] >= 0)
+    for j, seed in enumerate([0, 1]):
+        step = res.diverged_step[2, j]
+        after = res.history["step"][2, j] > step
+        assert np.all(np.isnan(res.history["train_loss"][2, j][after]))
+        assert np.all(np.isnan(res.history["batch_loss"][2, j][after]))
+        assert np.all(np.isfinite(res.history["train_loss"][2, j][~after]))
+        for i in range(2):
+            single = train(loss, make(lrs[i], seed), W0, (X, Y), num_steps=12, eval_every=3, batch_size=8, key=seed)
+            np.testing.assert_allclose(res.history["train_loss"][i, j], single.history["train_loss"], rtol=1e-5)
+
+
+def test_train_step_and_init_state_compose_a_loop_of_your_own():
+    from lsgeo.train import train_step
+
+    opt = noise_injection(optax.sgd(0.1), 0.05, seed=3)
+    state = init_state(W0, opt)
+    step = jax.jit(train_step, static_argnums=(0, 1))
+    for _ in range(4):
+        state, _ = step(loss, opt, state, (X, Y))
+    chex.assert_trees_all_close(clean_params(state.params, state.opt_state), _at(_manual(opt, W0, lambda t: (X, Y), 4), -1), atol=1e-6)
+    assert isinstance(state, TrainState) and int(state.step) == 4
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: train(loss, optax.sgd(0.1), W0, (X, Y), num_steps=10, eval_every=3), "eval_every"),
+        (lambda: train(loss, optax.sgd(0.1), W0, (X, Y), num_steps=10, batch_size=100), "batch_size"),
+        (lambda: train(loss, optax.sgd(0.1), W0, (X, Y[:5]), num_steps=10), "data leaves"),
+        (lambda: train(loss, optax.sgd(0.1), W0, (X[:0], Y[:0]), num_steps=10), "data is empty"),
+        (lambda: train(loss, optax.sgd(0.1), W0, (X, Y), num_steps=0), "num_steps"),
+        (lambda: train(None, optax.sgd(0.1), W0, (X, Y), num_steps=1), "objective must be a callable"),
+        (lambda: train(loss, optax.sgd, W0, (X, Y), num_steps=1), "optimizer must be an optax"),
+        (lambda: train(loss, optax.chain(noise_injection(optax.sgd(0.1), 0.1), optax.scale(2.0)), W0, (X, Y), num_steps=1),
+         "outermost"),
+        (lambda: train(loss, optax.sgd(0.1), init_state(W0, optax.sgd(0.1)), (X, Y), num_steps=1, key=1), "key and model_state"),
+        (lambda: train(loss, optax.sgd(0.1), init_state(W0, optax.sgd(0.1)), (X, Y), num_steps=1, swa_start=0), "swa_start"),
+        (lambda: sweep(loss, lambda sigma, seed: optax.sgd(0.1), W0, (X, Y), {"sigma": [-1.0]}, [0], num_steps=2), "sigma"),
+        (lambda: sweep(loss, lambda sigma, seed: optax.sgd(0.1), W0, (X, Y), [0.1], [0], num_steps=2), "hyperparams must be"),
+        (lambda: sweep(loss, lambda a, b, seed: optax.sgd(0.1), W0, (X, Y), {"a": [1.0], "b": [1.0, 2.0]}, [0], num_steps=2),
+         "same length"),
+        (lambda: sweep(loss, lambda sigma, seed: optax.sgd(0.1), W0, (X, Y), {"sigma": [0.1]}, [0.5], num_steps=2), "seeds"),
+    ],
+)
+def test_bad_arguments_raise_naming_them(call, match):
+    with pytest.raises(ValueError if "callable" not in match else TypeError, match=match):
+        call()
 
 
 _MULTI_DEVICE = textwrap.dedent(
@@ -187,8 +277,8 @@ _MULTI_DEVICE = textwrap.dedent(
     W0 = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(4, 1)).astype(np.float32)}
     def loss(p, b):
         x, y = b
-        return 0.5 * ((np.float32(1) * jax.numpy.tanh(x @ p["a"]) @ p["b"] - y) ** 2).mean()
-    make = lambda s, k: noise_injection(optax.sgd(0.1), s, seed=k)
+        return 0.5 * ((jax.numpy.tanh(x @ p["a"]) @ p["b"] - y) ** 2).mean()
+    make = lambda sigma, seed: noise_injection(optax.sgd(0.1), sigma, seed=seed)
     one = [jax.devices()[0]]
     bs = int(sys.argv[1]) if len(sys.argv) > 1 else None
     a = train(loss, make(0.1, 1), W0, (X, Y), num_steps=6, eval_every=3, batch_size=bs)
@@ -197,8 +287,9 @@ _MULTI_DEVICE = textwrap.dedent(
     np.testing.assert_allclose(a.history["train_loss"], b.history["train_loss"], rtol=1e-5)
     for k in W0:
         np.testing.assert_allclose(a.params[k], b.params[k], atol=1e-5)
-    s4 = sweep(loss, make, W0, (X, Y), [0.0, 0.1], [0, 1], num_steps=4, eval_every=2)
-    s1 = sweep(loss, make, W0, (X, Y), [0.0, 0.1], [0, 1], num_steps=4, eval_every=2, devices=one)
+    grid = {"sigma": [0.0, 0.1]}
+    s4 = sweep(loss, make, W0, (X, Y), grid, [0, 1], num_steps=4, eval_every=2)
+    s1 = sweep(loss, make, W0, (X, Y), grid, [0, 1], num_steps=4, eval_every=2, devices=one)
     np.testing.assert_allclose(s4.history["train_loss"], s1.history["train_loss"], rtol=1e-5)
     print("OK")
     """
