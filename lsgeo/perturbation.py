@@ -8,7 +8,12 @@
 
 eps is ``optax.tree.random_like(key, params, jax.random.normal)`` (one key per leaf, split from
 ``key``), so the layer-wise xi equals the full one restricted to group j and rescaled.
-Cost: one Gaussian draw of the size of ``params``. ``group`` may be a traced integer (jit/scan safe).
+Cost: full noise, one Gaussian draw of the size of ``params``. Layer-wise noise draws only group j's
+normals when ``group`` is a Python int, and on CPU when it is traced (``lax.switch`` over the groups:
+the leaves outside j become empty, so the per-leaf keys and j's numbers are unchanged); on
+accelerators a traced ``group`` draws every normal and masks, since a conditional costs more there
+than a draw. Under ``vmap`` over ``group`` every branch runs: one full draw in total. ``group`` may be a
+traced integer (jit/scan safe).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -20,8 +25,11 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lsgeo import groups as groups_lib
@@ -56,8 +64,31 @@ def perturbation(key, params, sigma, *, mode="full", group=None, groups=None, sc
         raise ValueError("group must be given (an int in [0, M)) when mode='layerwise'")
     ids, names = groups_lib.group_ids(params, groups)
     groups_lib.check_group_index(group, len(names))
-    group = jnp.asarray(group) % len(names)
     std = sigma * jnp.sqrt(float(len(names))) if scale_by_num_groups else sigma
-    return jax.tree_util.tree_map(
-        lambda e, gid: jnp.where(gid == group, std * e, jnp.zeros_like(e)).astype(e.dtype), eps, ids
-    )
+    ids = jax.tree_util.tree_leaves(ids)
+    if isinstance(group, (int, np.integer)):
+        return _one_group(key, std, params=params, ids=ids, group=int(group) % len(names))
+    group = jnp.asarray(group) % len(names)
+    branches = [functools.partial(_one_group, params=params, ids=ids, group=j) for j in range(len(names))]  # (key, std)
+    return jax.lax.platform_dependent(
+        key, group, std,
+        cpu=lambda key, group, std: jax.lax.switch(group, branches, key, std),
+        default=lambda key, group, std: _masked(key, params, ids, group, std),
+    )  # fmt: skip
+
+
+def _one_group(key, std, *, params, ids, group: int):
+    """Only group ``group``'s normals: the other leaves are drawn as empty arrays (same per-leaf keys)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    shells = [x if g == group else jnp.zeros((0,), jnp.result_type(x)) for x, g in zip(leaves, ids)]
+    eps = jax.tree_util.tree_leaves(optax.tree.random_like(key, jax.tree_util.tree_unflatten(treedef, shells)))
+    xi = [(std * e).astype(e.dtype) if g == group else jnp.zeros(jnp.shape(x), jnp.result_type(x))
+          for e, x, g in zip(eps, leaves, ids)]
+    return jax.tree_util.tree_unflatten(treedef, xi)
+
+
+def _masked(key, params, ids, group, std):
+    """Every normal drawn, group ``group``'s kept (no conditional)."""
+    eps, treedef = jax.tree_util.tree_flatten(optax.tree.random_like(key, params, jax.random.normal))
+    xi = [jnp.where(g == group, std * e, jnp.zeros_like(e)).astype(e.dtype) for e, g in zip(eps, ids)]
+    return jax.tree_util.tree_unflatten(treedef, xi)

@@ -63,7 +63,6 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------- shape checks
 
 
 def _ndim(x, ndim: int, name: str) -> None:
@@ -105,7 +104,6 @@ def _sq(a) -> jax.Array:
     return jnp.sum(jnp.square(a))
 
 
-# ----------------------------------------------------------------------------- diagonal nets (Section 2.3)
 
 
 def lasso_weights(X, sigma) -> jax.Array:
@@ -185,7 +183,6 @@ def diagonal_net_full_noise_risk(w1, w2, X, y, sigma) -> jax.Array:
     return base + 2.0 * sigma**4 * _sq(X) / np.shape(X)[0]
 
 
-# ----------------------------------------------------------------------------- linear nets (Sections 2.4, 3.1, 3.2, 4)
 
 
 def linear_net_risk(W1, W2, X, Y) -> jax.Array:
@@ -271,7 +268,6 @@ def deep_linear_layerwise_risk(Ws: Sequence, X, Y, sigma) -> jax.Array:
     return 0.5 * _sq(Y.T - Phi) / n + 0.5 * sigma**2 / n * penalty
 
 
-# ----------------------------------------------------------------------------- one hidden ReLU layer (Section 3.3)
 
 
 def relu_net_risk(W1, W2, X, Y) -> jax.Array:
@@ -364,7 +360,6 @@ def relu_net_layerwise_risk_exact(W1, W2, X, Y, sigma) -> jax.Array:
     return relu_net_layerwise_risk(W1, W2, X, Y, sigma) + relu_net_layerwise_remainder(W1, W2, X, Y, sigma)
 
 
-# ----------------------------------------------------------------------------- nuclear norm (Section 2.4)
 
 
 def nuclear_norm(A) -> jax.Array:

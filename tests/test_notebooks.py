@@ -74,7 +74,7 @@ async def _execute(path: Path, workdir: Path, ksm: KernelSpecManager) -> None:
 def executed(request, tmp_path_factory) -> dict[str, BaseException | None]:
     """Runs the notebooks selected in this session concurrently; {name: exception or None}."""
     selected = {item.callspec.params["path"].name for item in request.session.items
-                if item.originalname == "test_notebook_runs" and hasattr(item, "callspec")}
+                if getattr(item, "originalname", None) == "test_notebook_runs" and hasattr(item, "callspec")}
     paths = [p for p in NOTEBOOKS if p.name in selected]
     base = tmp_path_factory.mktemp("notebooks")
     ksm = _kernel_spec_manager(base)

@@ -43,7 +43,7 @@ import optax
 from lsgeo.optim import clean_params
 from lsgeo.train.chunk import Schedule, evaluate_start, run_chunk
 from lsgeo.train.devices import data_mesh, replicate, shard_examples
-from lsgeo.train.state import TrainState, init_state, split_key
+from lsgeo.train.state import TrainState, init_state, split_key, with_state_views
 from lsgeo.validation import (
     check_batch,
     check_callable,
@@ -79,6 +79,7 @@ class TrainingDiverged(FloatingPointError):
         return None if self.state is None else clean_params(self.state.params, self.state.opt_state)
 
 
+@with_state_views
 class TrainResult(NamedTuple):
     """Result of :func:`train`.
 
@@ -92,17 +93,6 @@ class TrainResult(NamedTuple):
     history: dict
     state: TrainState
 
-    @property
-    def opt_state(self):
-        return self.state.opt_state
-
-    @property
-    def model_state(self):
-        return self.state.model_state
-
-    @property
-    def swa_params(self):
-        return None if self.state.swa is None else self.state.swa.params
 
     @property
     def steps(self) -> int:

@@ -23,7 +23,7 @@ import optax
 
 PyTree = Any
 
-__all__ = ["TrainState", "SWAState", "Divergence", "init_state", "split_key"]
+__all__ = ["TrainState", "SWAState", "Divergence", "init_state", "split_key", "with_state_views"]
 
 
 class SWAState(NamedTuple):
@@ -120,3 +120,14 @@ def init_state(
         swa=SWAState(params, jnp.zeros((), jnp.int32)) if swa else None,
         divergence=Divergence(jnp.asarray(-1, jnp.int32), *(jnp.asarray(False),) * 3),
     )
+
+
+def with_state_views(cls):
+    """Class decorator for results holding a ``state`` field: read-only ``opt_state``, ``model_state``
+    and ``swa_params`` (None without SWA) views of it."""
+    cls.opt_state = property(lambda self: self.state.opt_state, doc="The optax state of ``state``.")
+    cls.model_state = property(lambda self: self.state.model_state, doc="The model state of ``state``.")
+    cls.swa_params = property(
+        lambda self: None if self.state.swa is None else self.state.swa.params, doc="The SWA mean (None without SWA)."
+    )
+    return cls

@@ -35,7 +35,7 @@ from lsgeo.optim import clean_params
 from lsgeo.train.chunk import Schedule, evaluate_start, run_chunk
 from lsgeo.train.devices import data_mesh, replicate
 from lsgeo.train.loop import check_schedule, initial_values, split_init_fns, stack_history, to_numpy
-from lsgeo.train.state import TrainState, init_state
+from lsgeo.train.state import TrainState, init_state, with_state_views
 from lsgeo.validation import check_batch, check_callable, check_positive_int
 
 PyTree = Any
@@ -43,6 +43,7 @@ PyTree = Any
 __all__ = ["sweep", "SweepResult"]
 
 
+@with_state_views
 class SweepResult(NamedTuple):
     """Result of :func:`sweep`: every leaf has leading axes ``[S, R]`` (value tuples, seeds).
 
@@ -62,17 +63,6 @@ class SweepResult(NamedTuple):
     hyperparams: dict
     seeds: np.ndarray
 
-    @property
-    def opt_state(self):
-        return self.state.opt_state
-
-    @property
-    def model_state(self):
-        return self.state.model_state
-
-    @property
-    def swa_params(self):
-        return None if self.state.swa is None else self.state.swa.params
 
 
 def _check_grid(hyperparams, seeds) -> tuple[dict, np.ndarray]:

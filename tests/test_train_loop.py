@@ -1,6 +1,5 @@
-"""lsgeo.train: the lax.scan training engine against hand-written loops (the independent reference):
-histories at the clean iterate, SWA, SAM, minibatch order, bit-for-bit resume, divergence, sweeps,
-several devices."""
+"""lsgeo.train.train against the ordinary optax loop written by hand: histories at the clean iterate, SWA,
+SAM, minibatch order, bit-for-bit resume, divergence, bad arguments, several devices."""
 
 import os
 import subprocess
@@ -13,53 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _train_problem import W0, X, Y, _at, _manual, _minibatches, eval_fn, loss
 
-from lsgeo.optim import clean_params, noise_injection
-from lsgeo.train import TrainingDiverged, TrainState, epoch_permutation, init_state, split_key, sweep, train
-
-# inputs are built with numpy (eager jax ops would compile a kernel per shape)
-_RNG = np.random.default_rng(0)
-X = _RNG.normal(size=(16, 3)).astype(np.float32)
-Y = (X @ np.array([[1.0], [-2.0], [0.5]], np.float32) + 0.1 * _RNG.normal(size=(16, 1))).astype(np.float32)
-W0 = {"l1": {"w": (0.5 * _RNG.normal(size=(3, 4))).astype(np.float32)}, "l2": {"w": (0.5 * _RNG.normal(size=(4, 1))).astype(np.float32)}}
-
-
-def loss(params, batch):
-    x, y = batch
-    return 0.5 * jnp.mean((jnp.tanh(x @ params["l1"]["w"]) @ params["l2"]["w"] - y) ** 2)
-
-
-def eval_fn(params, batch):
-    return {"test_loss": loss(params, batch), "w_norm": jnp.sum(params["l2"]["w"] ** 2)}
-
-
-def _manual(opt, w0, batch_at, num_steps):
-    """The ordinary optax loop (no lsgeo code but clean_params); returns the clean iterates w_1..w_T."""
-
-    @jax.jit
-    def run(w0):
-        def body(carry, t):
-            z, state = carry
-            updates, state = opt.update(jax.grad(loss)(z, batch_at(t)), state, z)
-            z = optax.apply_updates(z, updates)
-            return (z, state), clean_params(z, state)
-
-        return jax.lax.scan(body, (w0, opt.init(w0)), jnp.arange(num_steps))[1]
-
-    return run(w0)
-
-
-def _at(tree, i):
-    return jax.tree_util.tree_map(lambda a: a[i], tree)
-
-
-def _minibatches(key, batch_size, num_epochs):
-    """The batch of every step, from the documented order: epoch e visits epoch_permutation(data_key, e)."""
-    _, data_key = split_key(key)
-    perms = np.stack([np.asarray(epoch_permutation(data_key, e, 16)) for e in range(num_epochs)])
-    assert all(sorted(p) == list(range(16)) for p in perms)
-    idx = jnp.asarray(perms[:, : 16 // batch_size * batch_size].reshape(-1, batch_size))
-    return lambda t: (jnp.asarray(X)[idx[t]], jnp.asarray(Y)[idx[t]])
+from lsgeo.optim import noise_injection
+from lsgeo.train import TrainingDiverged, init_state, sweep, train
 
 
 def test_full_batch_noise_injection_history_and_swa():
@@ -177,67 +133,6 @@ def test_non_finite_start_names_the_real_quantity():
     assert info.value.history == {}
     with pytest.raises(TrainingDiverged, match="step 0: w_norm"):
         train(loss, optax.sgd(0.1), W0, (X, Y), num_steps=2, eval_fn=lambda p, b: {"w_norm": jnp.nan}, eval_data=None)
-
-
-def test_sweep_matches_separate_runs_and_compiles_once():
-    sigmas = np.linspace(0.0, 0.35, 8)
-    traces = []
-
-    def counted_loss(params, batch):
-        traces.append(1)
-        return loss(params, batch)
-
-    def make(sigma, seed):
-        return noise_injection(optax.sgd(0.1), sigma, mode="layerwise", seed=seed)
-
-    kw = dict(num_steps=10, eval_every=5)
-    res = sweep(counted_loss, make, W0, (X, Y), {"sigma": sigmas}, [4], members_per_chunk=4, **kw)
-    first = len(traces)
-    assert first <= 4  # start + chunk (step and evaluation); independent of the 8 sigmas
-    res2 = sweep(counted_loss, make, W0, (X, Y), {"sigma": sigmas[::-1]}, [4], members_per_chunk=4, **kw)
-    assert len(traces) == first  # new sigma values: no retrace, no recompilation
-    assert res.history["train_loss"].shape == (8, 1, 3) and res.history["step"][3, 0].tolist() == [0, 5, 10]
-    np.testing.assert_array_equal(res.diverged_step, -1)
-    run = jax.jit(lambda s: _manual(make(s, 4), W0, lambda t: (X, Y), 10))  # the 8 runs one after another
-    for i, s in enumerate(sigmas):
-        traj = run(jnp.float32(s))
-        chex.assert_trees_all_close(_at(_at(res.params, i), 0), _at(traj, -1), atol=2e-6, rtol=1e-5)
-        losses = [float(loss(_at(traj, k), (X, Y))) for k in (4, 9)]
-        np.testing.assert_allclose(res.history["train_loss"][i, 0, 1:], losses, rtol=1e-5)
-    chex.assert_trees_all_close(_at(_at(res2.params, 7), 0), _at(_at(res.params, 0), 0), atol=2e-6)
-
-
-def test_sweep_over_learning_rate_and_a_diverging_member():
-    """Any hyperparameter of the factory; a member that diverges has NaN history after its step, the
-    others equal single runs."""
-    lrs = [0.05, 0.2, 400.0]
-
-    def make(learning_rate, seed):
-        return optax.sgd(learning_rate, momentum=0.5)
-
-    res = sweep(loss, make, W0, (X, Y), {"learning_rate": lrs}, [0, 1], num_steps=12, eval_every=3, batch_size=8)
-    assert np.all(res.diverged_step[:2] == -1) and np.all(res.diverged_step[2] >= 0)
-    for j, seed in enumerate([0, 1]):
-        step = res.diverged_step[2, j]
-        after = res.history["step"][2, j] > step
-        assert np.all(np.isnan(res.history["train_loss"][2, j][after]))
-        assert np.all(np.isnan(res.history["batch_loss"][2, j][after]))
-        assert np.all(np.isfinite(res.history["train_loss"][2, j][~after]))
-        for i in range(2):
-            single = train(loss, make(lrs[i], seed), W0, (X, Y), num_steps=12, eval_every=3, batch_size=8, key=seed)
-            np.testing.assert_allclose(res.history["train_loss"][i, j], single.history["train_loss"], rtol=1e-5)
-
-
-def test_train_step_and_init_state_compose_a_loop_of_your_own():
-    from lsgeo.train import train_step
-
-    opt = noise_injection(optax.sgd(0.1), 0.05, seed=3)
-    state = init_state(W0, opt)
-    step = jax.jit(train_step, static_argnums=(0, 1))
-    for _ in range(4):
-        state, _ = step(loss, opt, state, (X, Y))
-    chex.assert_trees_all_close(clean_params(state.params, state.opt_state), _at(_manual(opt, W0, lambda t: (X, Y), 4), -1), atol=1e-6)
-    assert isinstance(state, TrainState) and int(state.step) == 4
 
 
 @pytest.mark.parametrize(
