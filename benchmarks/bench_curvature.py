@@ -8,8 +8,8 @@ and how many HVPs Lanczos needs for the top of the Hessian spectrum.
    (b) a small CNN (two 3x3 convolutions, 8 and 16 channels, average pooling, dense head) on
        512 28x28 images.
    Both jitted, warmed up, median of several repeats, ``block_until_ready``. Also the amortised cost
-   of one HVP inside a short Lanczos run (``hessian_operator`` linearises the gradient once; the
-   figure includes that linearisation and the reorthogonalisation, spread over 5 steps).
+   of one HVP inside a short Lanczos run (``top_eigenvalues``: one forward-over-reverse product per
+   step inside a ``while_loop``; the figure includes the reorthogonalisation, spread over 5 steps).
 2. Top-5 eigenvalues with ``top_eigenvalues`` at 40 and 60 Lanczos steps (= HVPs) from three random
    starts against a converged reference (a 150-step float64 Lanczos run, itself checked against a
    120-step run from another start) on a 64-128-128-10 tanh MLP (~26k parameters) with
@@ -107,7 +107,7 @@ def bench_hvp(name, f, params, batch, repeats):
     v = optax.tree.random_like(jax.random.key(0), params, jax.random.normal)
     t_grad = median_time(grad, params, batch, repeats=repeats)
     t_hvp = median_time(hvp, params, batch, v, repeats=repeats)
-    # amortised HVP inside Lanczos: top_eigenvalues with K steps linearises the gradient once
+    # amortised HVP inside Lanczos: top_eigenvalues with K steps, one product per step
     steps = 5
     lanczos = jax.jit(lambda p, b, k: curvature.top_eigenvalues(f, p, b, k, k=1, num_iters=steps))
     t_lanczos = median_time(lanczos, params, batch, jax.random.key(1), repeats=max(2, repeats // 2))

@@ -30,6 +30,7 @@ from lsgeo import (
 from lsgeo.curvature import (
     gnvp,
     hessian,
+    hessian_diagonal,
     hessian_trace,
     hvp,
     lanczos,
@@ -43,6 +44,7 @@ from lsgeo.ntk import empirical_ntk, ntk_diagonal_blocks, ntk_trace
 from lsgeo.optim import clean_params, noise_injection
 from lsgeo.risk import (
     effective_risk,
+    gauss_newton_diagonal,
     gauss_newton_trace,
     gauss_newton_trace_by_layer,
     perturbed_risk,

@@ -13,12 +13,16 @@ Every function that evaluates the objective takes ``f(params, batch) -> scalar``
 ``chunk_size`` points are vmapped together, so memory is that of ``chunk_size`` forward passes.
 Arguments are validated eagerly; the computation then runs as one ``jax.jit``-compiled program with
 ``f`` (and ``optimizer``) static, so repeated calls with the same ``f`` object and shapes reuse it.
+With ``microbatch_size`` every evaluation of ``f`` is the data-set value, the example-weighted mean over
+microbatches of the batch (and gradients likewise, for ``fit_bezier``), in the memory of one microbatch
+and sharded over ``devices`` (:mod:`lsgeo.microbatch`; ``f`` must be a mean over examples).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +30,8 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from lsgeo import validation
-from lsgeo.validation import check_choice, check_positive_int
+from lsgeo import microbatch, validation
+from lsgeo.validation import check_callable, check_choice, check_float_params, check_positive_int
 
 PyTree = Any
 Objective = Callable[[PyTree, Any], jax.Array]
@@ -48,10 +52,6 @@ __all__ = [
 ]
 
 NORMALIZATIONS = ("filter", "layer", None)
-
-
-# ---------------------------------------------------------------------------------------------
-# Directions
 
 
 def _normalize_leaf(d: jax.Array, w: jax.Array, normalization, ignore_1d: bool, eps: float) -> jax.Array:
@@ -98,6 +98,7 @@ def random_direction(params: PyTree, key, *, normalization="filter", ignore_1d: 
 
     Cost: one Gaussian draw and O(m) arithmetic.
     """
+    check_float_params(params)
     check_choice(normalization, "normalization", NORMALIZATIONS)
     return _random_direction(params, key, normalization=normalization, ignore_1d=ignore_1d)
 
@@ -109,8 +110,11 @@ def _random_direction(params, key, *, normalization, ignore_1d):
     return normalize_direction(d, params, normalization=normalization, ignore_1d=ignore_1d)
 
 
-# ---------------------------------------------------------------------------------------------
-# Slices
+def _check_objective(f, params, batch, microbatch_size, devices, name="params"):
+    """``f`` callable, ``params`` floating point, ``batch`` not empty; returns the microbatch plan."""
+    check_callable(f, "f")
+    check_float_params(params, name)
+    return microbatch.make_plan(batch, microbatch_size, devices=devices)
 
 
 def _chunk(chunk_size: int, n: int) -> int:
@@ -127,18 +131,33 @@ def _as_grid(values, name: str) -> jax.Array:
     return arr
 
 
-def slice_1d(f: Objective, params: PyTree, batch, direction: PyTree, alphas, *, chunk_size: int = 32) -> jax.Array:
+def slice_1d(
+    f: Objective,
+    params: PyTree,
+    batch,
+    direction: PyTree,
+    alphas,
+    *,
+    chunk_size: int = 32,
+    microbatch_size: int | None = None,
+    devices: Sequence | None = None,
+) -> jax.Array:
     """The 1-D slice [f(w + a d, batch) for a in alphas] (Li et al. 2018, Section 3), shape ``[len(alphas)]``.
 
-    Cost: len(alphas) evaluations of f, ``chunk_size`` at a time (``lax.map``).
+    Cost: len(alphas) evaluations of f, ``chunk_size`` at a time (``lax.map``); ``microbatch_size``: each
+    evaluation is the data-set value by microbatches.
     """
+    plan = _check_objective(f, params, batch, microbatch_size, devices)
+    params, batch, direction = microbatch.place(plan, params, batch, direction)
     validation.check_same_structure(params, direction, "direction")
     alphas = _as_grid(alphas, "alphas")
-    return _slice_1d(f, params, batch, direction, alphas, chunk_size=_chunk(chunk_size, alphas.shape[0]))
+    return _slice_1d(f, params, batch, direction, alphas, chunk_size=_chunk(chunk_size, alphas.shape[0]), plan=plan)
 
 
-@partial(jax.jit, static_argnames=("f", "chunk_size"))
-def _slice_1d(f, params, batch, direction, alphas, *, chunk_size):
+@partial(jax.jit, static_argnames=("f", "chunk_size", "plan"))
+def _slice_1d(f, params, batch, direction, alphas, *, chunk_size, plan):
+    f = microbatch.objective(f, plan)
+
     def one(a):
         return f(optax.tree.add_scale(params, a, direction), batch)
 
@@ -146,24 +165,38 @@ def _slice_1d(f, params, batch, direction, alphas, *, chunk_size):
 
 
 def slice_2d(
-    f: Objective, params: PyTree, batch, d1: PyTree, d2: PyTree, alphas, betas, *, chunk_size: int = 32
+    f: Objective,
+    params: PyTree,
+    batch,
+    d1: PyTree,
+    d2: PyTree,
+    alphas,
+    betas,
+    *,
+    chunk_size: int = 32,
+    microbatch_size: int | None = None,
+    devices: Sequence | None = None,
 ) -> jax.Array:
     """The 2-D slice F[i, j] = f(w + alphas[i] d1 + betas[j] d2, batch) (Li et al. 2018, Section 4).
 
     Returns ``[len(alphas), len(betas)]`` (``matplotlib.contour(betas, alphas, F)`` plots it with
     alpha on the vertical axis). Cost: len(alphas) * len(betas) evaluations of f over the flattened
-    grid, ``chunk_size`` at a time (``lax.map``); memory of ``chunk_size`` parameter copies.
+    grid, ``chunk_size`` at a time (``lax.map``); memory of ``chunk_size`` parameter copies (times one
+    microbatch with ``microbatch_size``).
     """
+    plan = _check_objective(f, params, batch, microbatch_size, devices)
+    params, batch, d1, d2 = microbatch.place(plan, params, batch, d1, d2)
     validation.check_same_structure(params, d1, "d1")
     validation.check_same_structure(params, d2, "d2")
     alphas = _as_grid(alphas, "alphas")
     betas = _as_grid(betas, "betas")
     chunk = _chunk(chunk_size, alphas.shape[0] * betas.shape[0])
-    return _slice_2d(f, params, batch, d1, d2, alphas, betas, chunk_size=chunk)
+    return _slice_2d(f, params, batch, d1, d2, alphas, betas, chunk_size=chunk, plan=plan)
 
 
-@partial(jax.jit, static_argnames=("f", "chunk_size"))
-def _slice_2d(f, params, batch, d1, d2, alphas, betas, *, chunk_size):
+@partial(jax.jit, static_argnames=("f", "chunk_size", "plan"))
+def _slice_2d(f, params, batch, d1, d2, alphas, betas, *, chunk_size, plan):
+    f = microbatch.objective(f, plan)
     aa, bb = jnp.meshgrid(alphas, betas, indexing="ij")
 
     def one(ab):
@@ -172,10 +205,6 @@ def _slice_2d(f, params, batch, d1, d2, alphas, betas, *, chunk_size):
 
     values = jax.lax.map(one, (aa.reshape(-1), bb.reshape(-1)), batch_size=chunk_size)
     return values.reshape(aa.shape)
-
-
-# ---------------------------------------------------------------------------------------------
-# Paths between two minima
 
 
 def interpolate(params_a: PyTree, params_b: PyTree, t) -> PyTree:
@@ -203,19 +232,32 @@ def _path_point(params_a, params_b, bend, t):
 
 
 def path_losses(
-    f: Objective, params_a: PyTree, params_b: PyTree, batch, ts, *, bend: PyTree | None = None, chunk_size: int = 32
+    f: Objective,
+    params_a: PyTree,
+    params_b: PyTree,
+    batch,
+    ts,
+    *,
+    bend: PyTree | None = None,
+    chunk_size: int = 32,
+    microbatch_size: int | None = None,
+    devices: Sequence | None = None,
 ) -> jax.Array:
     """[f(path(t), batch) for t in ts] along the line a -> b (``bend=None``) or the Bezier curve
-    through ``bend``. Shape ``[len(ts)]``. Cost: len(ts) evaluations of f, ``chunk_size`` at a time."""
+    through ``bend``. Shape ``[len(ts)]``. Cost: len(ts) evaluations of f, ``chunk_size`` at a time
+    (each the data-set value by microbatches with ``microbatch_size``)."""
+    plan = _check_objective(f, params_a, batch, microbatch_size, devices, "params_a")
+    params_a, params_b, batch, bend = microbatch.place(plan, params_a, params_b, batch, bend)
     validation.check_same_structure(params_a, params_b, "params_b", "params_a")
     if bend is not None:
         validation.check_same_structure(params_a, bend, "bend", "params_a")
     ts = _as_grid(ts, "ts")
-    return _path_losses(f, params_a, params_b, bend, batch, ts, chunk_size=_chunk(chunk_size, ts.shape[0]))
+    return _path_losses(f, params_a, params_b, bend, batch, ts, chunk_size=_chunk(chunk_size, ts.shape[0]), plan=plan)
 
 
-@partial(jax.jit, static_argnames=("f", "chunk_size"))
-def _path_losses(f, params_a, params_b, bend, batch, ts, *, chunk_size):
+@partial(jax.jit, static_argnames=("f", "chunk_size", "plan"))
+def _path_losses(f, params_a, params_b, bend, batch, ts, *, chunk_size, plan):
+    f = microbatch.objective(f, plan)
     def one(t):
         return f(_path_point(params_a, params_b, bend, t), batch)
 
@@ -235,6 +277,8 @@ def barrier_height(
     num_points: int = 25,
     reference: str = "max",
     chunk_size: int = 32,
+    microbatch_size: int | None = None,
+    devices: Sequence | None = None,
 ) -> jax.Array:
     """Height of the loss barrier on the path a -> b (line, or Bezier curve through ``bend``).
 
@@ -246,14 +290,15 @@ def barrier_height(
 
     t runs over ``num_points`` equally spaced points of [0, 1], end points included, so both forms
     are >= 0; a barrier narrower than the grid spacing can be missed.
-    Cost: ``num_points`` evaluations of f.
+    Cost: ``num_points`` evaluations of f (each the data-set value with ``microbatch_size``).
     """
     check_choice(reference, "reference", BARRIER_REFERENCES)
     check_positive_int(num_points, "num_points")
     if num_points < 2:
         raise ValueError(f"num_points must be >= 2 (the path's end points), got {num_points}")
     ts = jnp.linspace(0.0, 1.0, num_points)
-    losses = path_losses(f, params_a, params_b, batch, ts, bend=bend, chunk_size=chunk_size)
+    losses = path_losses(f, params_a, params_b, batch, ts, bend=bend, chunk_size=chunk_size,
+                         microbatch_size=microbatch_size, devices=devices)
     f_a, f_b = losses[0], losses[-1]
     if reference == "max":
         return jnp.max(losses) - jnp.maximum(f_a, f_b)
@@ -271,6 +316,8 @@ def fit_bezier(
     num_steps: int,
     init_bend: PyTree | None = None,
     num_t: int = 8,
+    microbatch_size: int | None = None,
+    devices: Sequence | None = None,
 ) -> tuple[PyTree, jax.Array]:
     """Fits the bend of a quadratic Bezier curve between two minima (Garipov et al. 2018, Section 3).
 
@@ -288,8 +335,11 @@ def fit_bezier(
     restarts in that case).
 
     Returns ``(bend, losses)`` with ``losses[s]`` the step-s estimate of l (before the update).
-    Cost: ``num_steps * num_t`` gradients of f; memory of one gradient per t (vmapped).
+    Cost: ``num_steps * num_t`` gradients of f; memory of one gradient per t (vmapped). With
+    ``microbatch_size`` each gradient is the data-set gradient, one microbatch at a time.
     """
+    plan = _check_objective(f, params_a, batch, microbatch_size, devices, "params_a")
+    params_a, params_b, batch, key, init_bend = microbatch.place(plan, params_a, params_b, batch, key, init_bend)
     check_positive_int(num_steps, "num_steps")
     check_positive_int(num_t, "num_t")
     validation.check_same_structure(params_a, params_b, "params_b", "params_a")
@@ -300,11 +350,12 @@ def fit_bezier(
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
     return _fit_bezier(f, params_a, params_b, batch, key, init_bend, optimizer=optimizer, num_steps=num_steps,
-                       num_t=num_t)
+                       num_t=num_t, plan=plan)
 
 
-@partial(jax.jit, static_argnames=("f", "optimizer", "num_steps", "num_t"))
-def _fit_bezier(f, params_a, params_b, batch, key, init_bend, *, optimizer, num_steps, num_t):
+@partial(jax.jit, static_argnames=("f", "optimizer", "num_steps", "num_t", "plan"))
+def _fit_bezier(f, params_a, params_b, batch, key, init_bend, *, optimizer, num_steps, num_t, plan):
+    f = microbatch.objective(f, plan)
     def curve_loss(bend, ts):
         return jnp.mean(jax.vmap(lambda t: f(bezier(params_a, bend, params_b, t), batch))(ts))
 
@@ -320,10 +371,6 @@ def _fit_bezier(f, params_a, params_b, batch, key, init_bend, *, optimizer, num_
     keys = jax.random.split(key, num_steps)
     (bend, _), losses = jax.lax.scan(step, (init_bend, optimizer.init(init_bend)), keys)
     return bend, losses
-
-
-# ---------------------------------------------------------------------------------------------
-# PCA of an optimisation trajectory
 
 
 class TrajectoryPCA(NamedTuple):

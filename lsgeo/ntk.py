@@ -16,15 +16,26 @@ Reference: A. Jacot, F. Gabriel, C. Hongler, "Neural Tangent Kernel", NeurIPS 20
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsgeo import per_example
-from lsgeo.validation import check_positive_int
+from lsgeo import groups as groups_lib
+from lsgeo import microbatch, per_example
+from lsgeo.validation import check_batch, check_callable, check_choice, check_float_params, check_positive_int
 
 __all__ = ["empirical_ntk", "ntk_diagonal_blocks", "ntk_trace"]
+
+# floats of per-example rows per chunk that the automatic chunk size of empirical_ntk aims for (~256 MB)
+_CHUNK_BUDGET = 2**26
+
+
+def _check(predict, params, x, name="x"):
+    check_callable(predict, "predict")
+    check_float_params(params)
+    check_batch(x, name, common_axis=True)
 
 
 def empirical_ntk(predict, params, x1, x2=None, *, trace_outputs=True, chunk_size=None):
@@ -46,10 +57,10 @@ def empirical_ntk(predict, params, x1, x2=None, *, trace_outputs=True, chunk_siz
       ``[n1, n2]`` or ``[n1, n2, k, k]``. Cost: n2 k JVPs over ``x1`` (n1 n2 k one-example forward
       passes) plus n2 k one-example VJPs. Memory: chunk_size k (m + n1 k) plus one linearisation on x1.
     """
+    _check(predict, params, x1, "x1")
     if x2 is None:
         x2 = x1
-    per_example._example_count(x1)
-    per_example._example_count(x2)
+    check_batch(x2, "x2", common_axis=True)
     if chunk_size is not None:
         check_positive_int(chunk_size, "chunk_size")
     return _empirical_ntk_jit(predict, bool(trace_outputs), chunk_size, params, x1, x2)
@@ -57,33 +68,30 @@ def empirical_ntk(predict, params, x1, x2=None, *, trace_outputs=True, chunk_siz
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _empirical_ntk_jit(predict, trace_outputs, chunk_size, params, x1, x2):
-    n1 = per_example._example_count(x1)
-    n2 = per_example._example_count(x2)
-    p_leaves, treedef = jax.tree_util.tree_flatten(params)
-    x_leaves, x_def = jax.tree_util.tree_flatten(x2)
-    single = per_example._one_example_fn(predict, treedef, x_def)
-    k = int(np.prod(jax.eval_shape(single, p_leaves, [a[0] for a in x_leaves]).shape))
-    m = sum(int(np.size(l)) for l in p_leaves)
+    n1 = jax.tree_util.tree_leaves(x1)[0].shape[0]
+    n2 = jax.tree_util.tree_leaves(x2)[0].shape[0]
+    single = microbatch.single_example(predict)
+    k = int(np.prod(jax.eval_shape(single, params, jax.tree_util.tree_map(lambda a: a[0], x2)).shape))
+    m = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
     if chunk_size is None:
-        chunk = int(max(1, min(n2, per_example._CHUNK_BUDGET // max(1, k * (m + n1 * k)))))
+        chunk = int(max(1, min(n2, _CHUNK_BUDGET // max(1, k * (m + n1 * k)))))
     else:
         chunk = int(min(chunk_size, n2))
 
-    def f1(leaves):
-        out = predict(jax.tree_util.tree_unflatten(treedef, leaves), x1)
-        return out.reshape(n1, -1)
+    def f1(p):
+        return predict(p, x1).reshape(n1, -1)
 
-    _, jvp1 = jax.linearize(f1, p_leaves)
+    _, jvp1 = jax.linearize(f1, params)
 
     def one(xj):
-        phi, vjp_fn = jax.vjp(lambda leaves: single(leaves, xj), p_leaves)
+        phi, vjp_fn = jax.vjp(lambda p: single(p, xj), params)
         (rows,) = jax.vmap(vjp_fn)(jnp.eye(phi.shape[0], dtype=phi.dtype))  # J_j^T e_c, leaves [k, ...]
         cols = jax.vmap(jvp1)(rows)  # [k (of x2), n1, k (of x1)]
         if trace_outputs:
             return jnp.einsum("cic->i", cols)
         return jnp.transpose(cols, (1, 2, 0))  # [n1, k1, k2]
 
-    out = jax.lax.map(one, x_leaves, batch_size=chunk)  # [n2, n1, ...]
+    out = jax.lax.map(one, x2, batch_size=chunk)  # [n2, n1, ...]
     return jnp.swapaxes(out, 0, 1)
 
 
@@ -93,10 +101,22 @@ def ntk_diagonal_blocks(predict, params, x, *, chunk_size=None, method="fast"):
     See :func:`lsgeo.per_example.gram_blocks`: cost about k backward passes of the one-example model
     per example, ghost norms for dense layers (``method="fast"``), per-example VJPs otherwise.
     """
+    _check(predict, params, x)
     return per_example.gram_blocks(predict, params, x, chunk_size=chunk_size, method=method)
 
 
-def ntk_trace(predict, params, x, *, by_layer=False, groups=None, chunk_size=None, method="fast"):
+def ntk_trace(
+    predict,
+    params,
+    x,
+    *,
+    by_layer=False,
+    groups=None,
+    chunk_size=None,
+    method="fast",
+    microbatch_size: int | None = None,
+    devices: Sequence | None = None,
+):
     """tr Theta(x, x) = sum_i tr(J_i J_i^T) = sum_{i, c} ||d phi_ic / dw||^2, exact.
 
     Args:
@@ -105,16 +125,41 @@ def ntk_trace(predict, params, x, *, by_layer=False, groups=None, chunk_size=Non
       groups: ``None`` (top-level modules), ``"leaf"`` or a callable on the leaf path.
       chunk_size: examples per chunk (``None``: automatic).
       method: ``"fast"`` (ghost norms for dense layers, generic fallback) or ``"generic"``.
+      microbatch_size: ``None`` or examples per microbatch: the trace over all of ``x`` as the sum of the
+        traces of its microbatches, computed in a ``lax.scan`` in the memory of one microbatch and
+        sharded over ``devices`` (default ``jax.devices()``); see :mod:`lsgeo.microbatch`.
 
     Returns:
       A scalar or a dict of scalars. Cost: k backward passes of the one-example model per example
       (batched), i.e. about k full-batch backward passes; memory O(chunk_size k width) on the fast
       path, O(chunk_size k m) for leaves on the generic path.
+
+    Raises:
+      TypeError: ``predict`` not callable. ValueError: integer ``params``, an empty ``x`` or leaves of
+      ``x`` that disagree on n, a bad ``chunk_size``/``microbatch_size``/``method``/``groups``.
     """
-    grams, names, _ = per_example.per_example_grams(
-        predict, params, x, diag=True, groups=groups, method=method, chunk_size=chunk_size
-    )
-    per_group = jnp.sum(grams, axis=(0, 2))
+    _check(predict, params, x)
+    if chunk_size is not None:
+        check_positive_int(chunk_size, "chunk_size")
+    check_choice(method, "method", per_example.METHODS)
+    _, names = groups_lib.group_ids(params, groups)
+    plan = microbatch.make_plan(x, microbatch_size, devices=devices, name="x")
+    params, x = microbatch.place(plan, params, x)
+    per_group = _ntk_trace(predict, groups, method, chunk_size, plan, params, x)
     if by_layer:
         return {name: per_group[g] for g, name in enumerate(names)}
     return jnp.sum(per_group)
+
+
+def _per_group_trace(predict, groups, method, chunk_size, params, x):
+    grams, _, _ = per_example.per_example_grams(
+        predict, params, x, diag=True, groups=groups, method=method, chunk_size=chunk_size
+    )
+    return jnp.sum(grams, axis=(0, 2))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _ntk_trace(predict, groups, method, chunk_size, plan, params, x):
+    return microbatch.reduce(
+        lambda p, mb: _per_group_trace(predict, groups, method, chunk_size, p, mb), params, x, plan, mean=False
+    )

@@ -6,7 +6,9 @@ eagerly, then the computation runs as one ``jax.jit``-compiled program with ``f`
 options static: calling again with the same ``f`` object and shapes reuses the compilation (a fresh
 ``lambda`` per call recompiles). All measures can also be used inside the caller's own ``jit``/``vmap``
 (``rho``, ``sigma``, ``epsilon``, ``alpha`` may be traced; value checks then apply only to concrete
-inputs).
+inputs). With ``microbatch_size`` the objective is the data-set value of ``f``, the example-weighted
+mean over microbatches (values and gradients in the memory of one microbatch, sharded over ``devices``;
+:mod:`lsgeo.microbatch`): ``f`` must then be a mean over examples, BatchNorm in evaluation mode.
 
   epsilon-sharpness (Keskar et al. 2017)   [max_{||delta|| <= rho} f(w + delta) - f(w)] / (1 + f(w))
   average sharpness                        E_eps[f(w + sigma eps)] - f(w),  eps ~ N(0, I)
@@ -25,8 +27,9 @@ checks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +38,11 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from lsgeo import groups as groups_lib
+from lsgeo import microbatch
 from lsgeo.validation import (
+    check_callable,
     check_choice,
+    check_float_params,
     check_nonnegative_int,
     check_positive_int,
     check_sigma,
@@ -57,10 +63,6 @@ __all__ = [
 ]
 
 NORMS = ("l2", "linf")
-
-
-# ---------------------------------------------------------------------------------------------
-# Projected gradient ascent over a norm ball (shared by epsilon- and adaptive sharpness)
 
 
 def _ascent_direction(g: PyTree, norm: str) -> PyTree:
@@ -134,6 +136,13 @@ def _maximize_in_ball(g, template: PyTree, rho, *, key, steps: int, norm: str, s
     return g0, jnp.maximum(best, g(u_final))
 
 
+def _check_objective(f, params, batch, microbatch_size, devices):
+    """``f`` callable, ``params`` floating point, ``batch`` not empty; returns the microbatch plan."""
+    check_callable(f, "f")
+    check_float_params(params)
+    return microbatch.make_plan(batch, microbatch_size, devices=devices)
+
+
 def _check_ball_args(rho, steps, norm, step_size):
     check_sigma(rho, "rho")
     check_nonnegative_int(steps, "steps")
@@ -153,6 +162,8 @@ def epsilon_sharpness(
     norm: str = "l2",
     step_size=None,
     relative: bool = True,
+    microbatch_size: int | None = None,
+    devices: Sequence | None = None,
 ) -> jax.Array:
     """Keskar et al.'s (2017) epsilon-sharpness, estimated by projected gradient ascent.
 
@@ -180,15 +191,22 @@ def epsilon_sharpness(
       step_size: ascent step length; default ``rho`` (each step may move one radius; the projection
         keeps the iterate feasible).
       relative: divide by 1 + f(w) (Keskar's definition); ``False`` gives the absolute rise.
+      microbatch_size: ``None`` or examples per microbatch: f is then the data-set objective, its values
+        and gradients the example-weighted means over microbatches, in the memory of one microbatch
+        (:mod:`lsgeo.microbatch`; f must be a mean over examples). ``devices``: where they are sharded.
 
     Cost: ``steps`` (+1 without ``key``) gradients of f, plus two evaluations; memory of one gradient.
     """
+    plan = _check_objective(f, params, batch, microbatch_size, devices)
+    params, batch, key = microbatch.place(plan, params, batch, key)
     _check_ball_args(rho, steps, norm, step_size)
-    return _epsilon_sharpness(f, params, batch, rho, key, step_size, steps=steps, norm=norm, relative=relative)
+    return _epsilon_sharpness(f, params, batch, rho, key, step_size, steps=steps, norm=norm, relative=relative,
+                              plan=plan)
 
 
-@partial(jax.jit, static_argnames=("f", "steps", "norm", "relative"))
-def _epsilon_sharpness(f, params, batch, rho, key, step_size, *, steps, norm, relative):
+@partial(jax.jit, static_argnames=("f", "steps", "norm", "relative", "plan"))
+def _epsilon_sharpness(f, params, batch, rho, key, step_size, *, steps, norm, relative, plan):
+    f = microbatch.objective(f, plan)
     eta = rho if step_size is None else step_size
 
     def g(delta):
@@ -211,6 +229,8 @@ def adaptive_sharpness(
     norm: str = "l2",
     step_size=None,
     relative: bool = False,
+    microbatch_size: int | None = None,
+    devices: Sequence | None = None,
 ) -> jax.Array:
     """Adaptive (scale-invariant) sharpness of Kwon et al. (2021, ASAM, Definition 3).
 
@@ -226,18 +246,23 @@ def adaptive_sharpness(
     network (``alpha_scale``): f(D(w + |w| u)) = f(w + |w| u) for every u. With ``eta > 0`` the
     invariance is approximate (ASAM uses eta = 0.01 so that zero weights can move).
 
-    Args mirror ``epsilon_sharpness``; ``eta`` >= 0 is the offset in T_w. ``relative=True`` divides by
-    1 + f(w) as Keskar does (ASAM's definition has no denominator; the default).
+    Args mirror ``epsilon_sharpness`` (``microbatch_size`` included); ``eta`` >= 0 is the offset in T_w.
+    ``relative=True`` divides by 1 + f(w) as Keskar does (ASAM's definition has no denominator; the
+    default).
 
     Cost: ``steps`` (+1 without ``key``) gradients of f, plus two evaluations.
     """
+    plan = _check_objective(f, params, batch, microbatch_size, devices)
+    params, batch, key = microbatch.place(plan, params, batch, key)
     _check_ball_args(rho, steps, norm, step_size)
     check_sigma(eta, "eta")
-    return _adaptive_sharpness(f, params, batch, rho, key, eta, step_size, steps=steps, norm=norm, relative=relative)
+    return _adaptive_sharpness(f, params, batch, rho, key, eta, step_size, steps=steps, norm=norm, relative=relative,
+                               plan=plan)
 
 
-@partial(jax.jit, static_argnames=("f", "steps", "norm", "relative"))
-def _adaptive_sharpness(f, params, batch, rho, key, eta, step_size, *, steps, norm, relative):
+@partial(jax.jit, static_argnames=("f", "steps", "norm", "relative", "plan"))
+def _adaptive_sharpness(f, params, batch, rho, key, eta, step_size, *, steps, norm, relative, plan):
+    f = microbatch.objective(f, plan)
     step = rho if step_size is None else step_size
     scales = jax.tree_util.tree_map(lambda w: jnp.abs(w) + eta, params)
 
@@ -259,6 +284,8 @@ def average_sharpness(
     *,
     num_samples: int = 16,
     chunk_size: int = 16,
+    microbatch_size: int | None = None,
+    devices: Sequence | None = None,
 ) -> jax.Array:
     """Average (Gaussian) sharpness: E_eps[f(w + sigma eps)] - f(w), eps ~ N(0, I).
 
@@ -268,16 +295,21 @@ def average_sharpness(
     measure). It equals R_sigma(w) - R(w) of ``lsgeo.risk.perturbed_risk`` with full noise.
 
     Cost: ``num_samples + 1`` evaluations of f, ``chunk_size`` at a time (``lax.map``), memory of
-    ``chunk_size`` parameter copies.
+    ``chunk_size`` parameter copies. ``microbatch_size``: the data-set objective by microbatches, as in
+    ``epsilon_sharpness``.
     """
+    plan = _check_objective(f, params, batch, microbatch_size, devices)
+    params, batch, key = microbatch.place(plan, params, batch, key)
     check_sigma(sigma, "sigma")
     check_positive_int(num_samples, "num_samples")
     check_positive_int(chunk_size, "chunk_size")
-    return _average_sharpness(f, params, batch, sigma, key, num_samples=num_samples, chunk_size=chunk_size)
+    return _average_sharpness(f, params, batch, sigma, key, num_samples=num_samples, chunk_size=chunk_size,
+                              plan=plan)
 
 
-@partial(jax.jit, static_argnames=("f", "num_samples", "chunk_size"))
-def _average_sharpness(f, params, batch, sigma, key, *, num_samples, chunk_size):
+@partial(jax.jit, static_argnames=("f", "num_samples", "chunk_size", "plan"))
+def _average_sharpness(f, params, batch, sigma, key, *, num_samples, chunk_size, plan):
+    f = microbatch.objective(f, plan)
     base = f(params, batch)
     keys = jax.random.split(key, num_samples)
 
@@ -317,6 +349,8 @@ def volume_flatness(
     num_grid: int = 8,
     iters: int = 20,
     chunk_size: int = 16,
+    microbatch_size: int | None = None,
+    devices: Sequence | None = None,
 ) -> VolumeFlatness:
     """Volume epsilon-flatness along random directions (Hochreiter & Schmidhuber 1997; Dinh et al. 2017).
 
@@ -336,7 +370,10 @@ def volume_flatness(
     Returns ``VolumeFlatness(radii [K], mean_radius, log_volume)``.
 
     Cost: K * (num_grid + iters) + 1 evaluations of f, directions ``chunk_size`` at a time.
+    ``microbatch_size``: the data-set objective by microbatches, as in ``epsilon_sharpness``.
     """
+    plan = _check_objective(f, params, batch, microbatch_size, devices)
+    params, batch, key = microbatch.place(plan, params, batch, key)
     check_sigma(epsilon, "epsilon")
     check_positive_int(num_directions, "num_directions")
     check_positive_int(num_grid, "num_grid")
@@ -347,12 +384,14 @@ def volume_flatness(
         raise ValueError(f"max_radius must be > 0, got {max_radius!r}")
     return _volume_flatness(
         f, params, batch, epsilon, key, max_radius,
-        num_directions=num_directions, num_grid=num_grid, iters=iters, chunk_size=chunk_size,
+        num_directions=num_directions, num_grid=num_grid, iters=iters, chunk_size=chunk_size, plan=plan,
     )
 
 
-@partial(jax.jit, static_argnames=("f", "num_directions", "num_grid", "iters", "chunk_size"))
-def _volume_flatness(f, params, batch, epsilon, key, max_radius, *, num_directions, num_grid, iters, chunk_size):
+@partial(jax.jit, static_argnames=("f", "num_directions", "num_grid", "iters", "chunk_size", "plan"))
+def _volume_flatness(f, params, batch, epsilon, key, max_radius, *, num_directions, num_grid, iters, chunk_size,
+                     plan):
+    f = microbatch.objective(f, plan)
     base = f(params, batch)
     keys = jax.random.split(key, num_directions)
     grid = max_radius * jnp.arange(1, num_grid + 1) / num_grid
@@ -384,10 +423,6 @@ def _volume_flatness(f, params, batch, epsilon, key, max_radius, *, num_directio
     log_r = jnp.log(jnp.maximum(radii, jnp.finfo(radii.dtype).tiny))
     log_volume = log_unit_ball + jax.scipy.special.logsumexp(m * log_r) - math.log(num_directions)
     return VolumeFlatness(radii=radii, mean_radius=jnp.mean(radii), log_volume=log_volume)
-
-
-# ---------------------------------------------------------------------------------------------
-# Dinh et al.'s alpha-scale transform
 
 
 def _resolve_group(index, names: list[str], name: str) -> int:

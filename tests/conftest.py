@@ -20,3 +20,107 @@ import pytest  # noqa: E402
 def x64():
     with jax.enable_x64(True):
         yield
+
+
+# Tiny models shared by the curvature, risk, NTK and microbatching tests: a tanh MLP (a list of
+# {"w", "b"} dicts) and a small CNN (lax.conv_general_dilated), with numpy float64 parameters (no eager
+# JAX work at import; cast with jnp.asarray(..., jnp.float32) where float32 is wanted), and the dense
+# references they are compared with. Import them with `from conftest import ...`.
+
+import functools  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
+
+
+def mlp_init(seed, sizes):
+    """Parameters of a tanh MLP as a list of {"w", "b"} dicts (numpy float64)."""
+    rng = np.random.default_rng(seed)
+    return [
+        {"w": rng.standard_normal((d_in, d_out)) / np.sqrt(d_in), "b": 0.1 * rng.standard_normal(d_out)}
+        for d_in, d_out in zip(sizes[:-1], sizes[1:])
+    ]
+
+
+def mlp_apply(params, x):
+    for i, layer in enumerate(params):
+        x = x @ layer["w"] + layer["b"]
+        if i < len(params) - 1:
+            x = jnp.tanh(x)
+    return x
+
+
+def cnn_init(seed, channels=3, classes=3):
+    """A 3x3 conv (1 -> ``channels``, valid) + tanh + dense head on [n, 6, 6, 1] images (numpy float64)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "conv": {"w": rng.standard_normal((3, 3, 1, channels)) / 3.0, "b": np.full((channels,), 0.1)},
+        "dense": {"w": rng.standard_normal((16 * channels, classes)) / 7.0, "b": 0.1 * rng.standard_normal(classes)},
+    }
+
+
+def cnn_apply(params, x):  # x: [n, 6, 6, 1] -> conv 3x3 stride 1 valid -> [n, 4, 4, c] -> dense -> [n, k]
+    h = jax.lax.conv_general_dilated(
+        x, params["conv"]["w"], window_strides=(1, 1), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    h = jnp.tanh(h + params["conv"]["b"]).reshape(x.shape[0], -1)
+    return h @ params["dense"]["w"] + params["dense"]["b"]
+
+
+def sq_objective(predict):
+    """f(params, (x, y)) = squared loss of ``predict``."""
+    from lsgeo import losses
+
+    def f(params, batch):
+        x, y = batch
+        return losses.squared_loss(predict(params, x), y)
+
+    return f
+
+
+def ce_objective(predict):
+    """f(params, (x, y)) = softmax cross-entropy of ``predict``."""
+    from lsgeo import losses
+
+    def f(params, batch):
+        x, y = batch
+        return losses.softmax_cross_entropy(predict(params, x), y)
+
+    return f
+
+
+def regression_batch(seed, n, d_in, k_out):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d_in)), rng.standard_normal((n, k_out))
+
+
+def image_batch(seed, n, classes=3):
+    """[n, 6, 6, 1] images and integer labels for ``cnn_apply``."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 6, 6, 1)), rng.integers(0, classes, size=n)
+
+
+def random_tree(seed, params):
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda a: rng.standard_normal(np.shape(a)), params)
+
+
+def flat(tree):
+    """Flattened leaves, in the order of jax.flatten_util.ravel_pytree (jax.tree_util flattening order)."""
+    return np.concatenate([np.ravel(np.asarray(a)) for a in jax.tree_util.tree_leaves(tree)])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def dense_hessian(f, params, batch):
+    """The reference: jax.hessian of f on the flattened parameters."""
+    w, unravel = ravel_pytree(params)
+    return jax.hessian(lambda w: f(unravel(w), batch))(w)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def dense_jacobian(predict, params, x):
+    """The reference Jacobian of the outputs as [n k, m]."""
+    w, unravel = ravel_pytree(params)
+    jac = jax.jacobian(lambda w: jnp.reshape(predict(unravel(w), x), (x.shape[0], -1)))(w)
+    return jac.reshape(-1, w.shape[0])

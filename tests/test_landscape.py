@@ -1,5 +1,7 @@
 """lsgeo.landscape: filter-normalised directions, slices, paths and Bezier mode connectivity, trajectory PCA."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,3 +201,43 @@ def test_bad_input_raises_value_error_naming_the_argument():
         landscape.fit_bezier(quartic, params, params, batch, key, optimizer=optax.sgd(0.1), num_steps=0)
     with pytest.raises(ValueError, match="snapshots"):
         landscape.trajectory_pca(params, params)
+
+
+def test_microbatched_slices_and_paths_equal_single_batch():
+    """7 examples in microbatches of 3 (the last uneven): every evaluation is the data-set mean."""
+    params, batch, d1, d2 = _slice_problem()
+    alphas = jnp.linspace(-1.0, 1.0, 4)
+    checks = [
+        (landscape.slice_1d, (quartic, params, batch, d1, alphas), {}),
+        (landscape.slice_2d, (quartic, params, batch, d1, d2, alphas[:2], alphas), {}),
+        (landscape.path_losses, (quartic, params, landscape.interpolate(params, d1, 1.0), batch, alphas), {"bend": d2}),
+        (landscape.barrier_height, (quartic, params, d1, batch), {"num_points": 5}),
+    ]
+    for fn, args, kwargs in checks:
+        np.testing.assert_allclose(fn(*args, **kwargs, microbatch_size=3), fn(*args, **kwargs), rtol=1e-5, atol=1e-6)
+    fit = functools.partial(landscape.fit_bezier, quartic, params, d1, batch, jax.random.PRNGKey(0),
+                            optimizer=optax.sgd(0.01), num_steps=3, num_t=2)
+    (bend_one, losses_one), (bend_many, losses_many) = fit(), fit(microbatch_size=3)
+    np.testing.assert_allclose(losses_many, losses_one, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(bend_many), jax.tree_util.tree_leaves(bend_one)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda p, b, d: landscape.slice_1d(None, p, b, d, jnp.zeros(2)), TypeError, "f must be a callable"),
+        (lambda p, b, d: landscape.slice_1d(quartic, p, (b[0][:0], b[1][:0]), d, jnp.zeros(2)), ValueError,
+         "batch is empty"),
+        (lambda p, b, d: landscape.path_losses(quartic, jax.tree_util.tree_map(jnp.int32, p), p, b, jnp.zeros(2)),
+         ValueError, "params_a leaf .* dtype int32"),
+        (lambda p, b, d: landscape.slice_2d(quartic, p, b, d, d, jnp.zeros(2), jnp.zeros(2), microbatch_size=True),
+         ValueError, "microbatch_size must be a positive integer"),
+        (lambda p, b, d: landscape.random_direction(jax.tree_util.tree_map(jnp.int32, p), jax.random.PRNGKey(0)),
+         ValueError, "parameters must be floating point"),
+    ],
+)
+def test_more_bad_input_names_the_argument(call, error, message):
+    params, batch, d1, _ = _slice_problem()
+    with pytest.raises(error, match=message):
+        call(params, batch, d1)

@@ -104,3 +104,43 @@ def test_by_layer_group_callable_and_bad_groups():
         ntk.ntk_trace(predict, params, x, by_layer=True, groups="module")
     with pytest.raises(ValueError, match="chunk_size"):
         ntk.empirical_ntk(predict, params, x, chunk_size=0)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_microbatched_ntk_trace_equals_single_batch(model, x64):
+    """The trace is a sum over examples: by microbatches of 4 (21 examples, the last microbatch uneven)
+    the total and the per-group values equal the single-batch ones."""
+    from conftest import cnn_apply, cnn_init, image_batch, mlp_apply, mlp_init, regression_batch
+
+    if model == "mlp":
+        predict, params, x = mlp_apply, mlp_init(0, (5, 8, 8, 3)), regression_batch(1, 21, 5, 3)[0]
+    else:
+        predict, params, x = cnn_apply, cnn_init(0), image_batch(1, 21)[0]
+    one = ntk.ntk_trace(predict, params, x, by_layer=True, groups="leaf")
+    many = ntk.ntk_trace(predict, params, x, by_layer=True, groups="leaf", microbatch_size=4)
+    assert one.keys() == many.keys()
+    for name in one:
+        np.testing.assert_allclose(many[name], one[name], rtol=1e-10)
+    np.testing.assert_allclose(ntk.ntk_trace(predict, params, x, microbatch_size=4), ntk.ntk_trace(predict, params, x),
+                               rtol=1e-10)
+
+
+BAD_NTK_INPUTS = [
+    (lambda p, x: ntk.ntk_trace("f", p, x), TypeError, "predict must be a callable"),
+    (lambda p, x: ntk.ntk_trace(plain_predict, jax.tree_util.tree_map(jnp.int32, p), x), ValueError,
+     "parameters must be floating point"),
+    (lambda p, x: ntk.ntk_trace(plain_predict, p, x[:0]), ValueError, "x is empty"),
+    (lambda p, x: ntk.ntk_trace(plain_predict, p, x, chunk_size=0), ValueError, "chunk_size must be a positive"),
+    (lambda p, x: ntk.ntk_trace(plain_predict, p, x, microbatch_size=-3), ValueError, "microbatch_size must be a"),
+    (lambda p, x: ntk.ntk_trace(plain_predict, p, x, method="backpack"), ValueError, "method must be one of"),
+    (lambda p, x: ntk.ntk_diagonal_blocks(plain_predict, p, x[:0]), ValueError, "x is empty"),
+    (lambda p, x: ntk.empirical_ntk(plain_predict, p, x, x[:0]), ValueError, "x2 is empty"),
+    (lambda p, x: ntk.empirical_ntk(plain_predict, p, {"a": x, "b": x[:2]}), ValueError, "x1 leaves must share"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", BAD_NTK_INPUTS, ids=[str(i) for i in range(len(BAD_NTK_INPUTS))])
+def test_bad_input_names_the_argument(call, error, message):
+    _, params = _model("plain")
+    with pytest.raises(error, match=message):
+        call(params, _x(N))

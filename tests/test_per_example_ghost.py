@@ -11,6 +11,7 @@ import pytest
 from flax import linen as nn
 from jax.flatten_util import ravel_pytree
 
+from lsgeo import jaxpr_interpreter as interp
 from lsgeo import per_example as pe
 from lsgeo.per_example import ghost
 
@@ -107,7 +108,7 @@ def _broken(*args, **kwargs):
 
 def test_machinery_failure_falls_back_whole(monkeypatch, x64):
     """A failure inside the interpretation (here: building a sub-jaxpr) makes every leaf generic, with a warning."""
-    monkeypatch.setattr(ghost, "_JAXPR", _broken)
+    monkeypatch.setattr(interp, "_JAXPR", _broken)
 
     def predict(p, x):
         return jnp_mlp(p, x)
@@ -123,7 +124,7 @@ def test_machinery_failure_falls_back_whole(monkeypatch, x64):
 def test_trace_time_failure_falls_back(monkeypatch, x64):
     """A failure that only shows when the plan is traced for real (no dry run) still gives the generic numbers."""
     monkeypatch.setattr(ghost, "_dry_run", lambda *args: None)
-    monkeypatch.setattr(ghost, "_JAXPR", _broken)
+    monkeypatch.setattr(interp, "_JAXPR", _broken)
 
     def predict(p, x):
         return jnp_mlp(p, x)

@@ -274,3 +274,36 @@ def test_bad_input_raises_value_error_naming_the_argument():
         sharpness.volume_flatness(quadratic, w, batch, -1.0, key)
     with pytest.raises(ValueError, match="max_radius"):
         sharpness.volume_flatness(quadratic, w, batch, 0.1, key, max_radius=0.0)
+
+
+def test_microbatched_measures_equal_single_batch(x64):
+    """With microbatch_size the objective is the data-set mean by microbatches (12 examples in microbatches
+    of 5: the last uneven), its gradient from the per-microbatch gradients: the same numbers."""
+    _, f, params, batch = _mlp_problem()
+    key = jax.random.PRNGKey(3)
+    for fn, args, kwargs in [
+        (sharpness.epsilon_sharpness, (0.05,), {"key": key, "steps": 3}),  # values and gradients
+        (sharpness.average_sharpness, (0.1, key), {"num_samples": 4}),  # values under lax.map
+    ]:
+        one = fn(f, params, batch, *args, **kwargs)
+        np.testing.assert_allclose(fn(f, params, batch, *args, **kwargs, microbatch_size=5), one, rtol=1e-10)
+
+
+BAD_INPUTS = [
+    (lambda w, b, k: sharpness.epsilon_sharpness("f", w, b, 0.1), TypeError, "f must be a callable"),
+    (lambda w, b, k: sharpness.average_sharpness(quadratic, {"w": jnp.zeros(2, jnp.int32)}, b, 0.1, k), ValueError,
+     "parameters must be floating point"),
+    (lambda w, b, k: sharpness.adaptive_sharpness(quadratic, w, (jnp.zeros((0, 2)), b[1]), 0.1), ValueError,
+     "batch is empty"),
+    (lambda w, b, k: sharpness.volume_flatness(quadratic, w, b, 0.1, k, chunk_size=0), ValueError, "chunk_size"),
+    (lambda w, b, k: sharpness.epsilon_sharpness(quadratic, w, b, 0.1, microbatch_size=0), ValueError,
+     "microbatch_size must be a positive integer"),
+    (lambda w, b, k: sharpness.epsilon_sharpness(quadratic, w, (b[0], b[1][:1]), 0.1, microbatch_size=1), ValueError,
+     "batch leaves must share a leading example axis"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", BAD_INPUTS, ids=[str(i) for i in range(len(BAD_INPUTS))])
+def test_more_bad_input_names_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call({"w": jnp.zeros(2)}, _quadratic_batch(jnp.float32), jax.random.PRNGKey(0))

@@ -143,6 +143,8 @@ def test_non_finite_start_names_the_real_quantity():
         (lambda: train(loss, optax.sgd(0.1), W0, (X, Y[:5]), num_steps=10), "data leaves"),
         (lambda: train(loss, optax.sgd(0.1), W0, (X[:0], Y[:0]), num_steps=10), "data is empty"),
         (lambda: train(loss, optax.sgd(0.1), W0, (X, Y), num_steps=0), "num_steps"),
+        (lambda: train(loss, optax.sgd(0.1), jax.tree.map(lambda a: a.astype(np.int32), W0), (X, Y), num_steps=1),
+         "params leaf .* has dtype int32"),
         (lambda: train(None, optax.sgd(0.1), W0, (X, Y), num_steps=1), "objective must be a callable"),
         (lambda: train(loss, optax.sgd, W0, (X, Y), num_steps=1), "optimizer must be an optax"),
         (lambda: train(loss, optax.chain(noise_injection(optax.sgd(0.1), 0.1), optax.scale(2.0)), W0, (X, Y), num_steps=1),

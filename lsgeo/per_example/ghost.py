@@ -70,10 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-try:
-    from jax.extend import core as _jex_core
-except ImportError:  # pragma: no cover - a JAX without jax.extend.core: the generic path only
-    _jex_core = None
+from lsgeo import jaxpr_interpreter as interp
 
 __all__ = ["FastPathFallbackWarning", "Plan", "generic_plan", "make_plan"]
 
@@ -82,51 +79,15 @@ class FastPathFallbackWarning(RuntimeWarning):
     """The ghost-norm tracer could not run on this JAX or this model: the generic path was used."""
 
 
-def _lookup(module, *names):
-    return tuple(p for p in (getattr(module, n, None) for n in names) if p is not None)
-
-
-_PRIMS = getattr(_jex_core, "primitives", None)
-_DOT = _lookup(_PRIMS, "dot_general_p")
-_ELEMENTWISE = _lookup(_PRIMS, "add_p", "sub_p", "mul_p")
-_ISOMETRIES = _lookup(_PRIMS, "reshape_p", "transpose_p", "squeeze_p", "convert_element_type_p", "copy_p", "neg_p")
-_VIEWS = _ISOMETRIES + _lookup(_PRIMS, "broadcast_in_dim_p")
-_CALLS = _lookup(_PRIMS, "jit_p", "pjit_p", "closed_call_p")
-_LITERAL = getattr(_jex_core, "Literal", ())
-_DROPVAR = getattr(_jex_core, "DropVar", ())
-_CLOSED_JAXPR = getattr(_jex_core, "ClosedJaxpr", None)
-_JAXPR = getattr(_jex_core, "Jaxpr", None)
-
-
-def _eval_closed(closed, args):
-    as_fun = getattr(_jex_core, "jaxpr_as_fun", None)
-    if as_fun is not None:
-        return as_fun(closed)(*args)
-    return jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *args)
+_DOT = interp.primitives("dot_general_p")
+_ELEMENTWISE = interp.primitives("add_p", "sub_p", "mul_p")
+_ISOMETRIES = interp.primitives("reshape_p", "transpose_p", "squeeze_p", "convert_element_type_p", "copy_p", "neg_p")
+_VIEWS = _ISOMETRIES + interp.primitives("broadcast_in_dim_p")
 
 
 def _missing_surface() -> str | None:
     """The name of a missing piece of the JAX surface this module needs, or None."""
-    needed = {"jax.extend.core": _jex_core, "primitives.dot_general_p": _DOT, "Jaxpr": _JAXPR,
-              "ClosedJaxpr": _CLOSED_JAXPR, "Literal": _LITERAL or None}
-    for name, value in needed.items():
-        if not value:
-            return name
-    if getattr(_jex_core, "jaxpr_as_fun", None) is None and getattr(jax.core, "eval_jaxpr", None) is None:
-        return "jaxpr_as_fun"
-    return None
-
-
-def _call_body(eqn):
-    """The ``ClosedJaxpr`` body of a call equation that can be entered (jit / closed_call), else None."""
-    if eqn.primitive not in _CALLS:
-        return None
-    for key in ("jaxpr", "call_jaxpr"):
-        body = eqn.params.get(key)
-        if (isinstance(body, _CLOSED_JAXPR) and len(body.jaxpr.invars) == len(eqn.invars)
-                and len(body.jaxpr.outvars) == len(eqn.outvars)):
-            return body
-    return None
+    return "primitives.dot_general_p" if not _DOT else interp.missing_surface()
 
 
 def _dimension_numbers(eqn):
@@ -171,7 +132,7 @@ def _dense_site(eqn, s, ins, path, leaf_alias):
     other = ins[1 - s]
     if dims is None or dims[1] != ((), ()) or not leaf_alias.iso:
         return None
-    if (other is not None and other.leaf == leaf_alias.leaf) or isinstance(eqn.outvars[0], _DROPVAR):
+    if (other is not None and other.leaf == leaf_alias.leaf) or isinstance(eqn.outvars[0], interp.DROPVAR):
         return None
     other_aval = eqn.invars[1 - s].aval
     out_aval = eqn.outvars[0].aval
@@ -185,7 +146,7 @@ def _analyze(jaxpr, in_infos, path, uses, top):
     env = dict(zip(jaxpr.invars, in_infos))
 
     def read(a):
-        return None if isinstance(a, _LITERAL) else env.get(a)
+        return None if isinstance(a, interp.LITERAL) else env.get(a)
 
     for idx, eqn in enumerate(jaxpr.eqns):
         p = path + (idx,)
@@ -193,7 +154,7 @@ def _analyze(jaxpr, in_infos, path, uses, top):
         if all(i is None for i in ins):
             continue
         prim = eqn.primitive
-        body = _call_body(eqn)
+        body = interp.call_body(eqn)
         if body is not None:
             env.update(zip(eqn.outvars, _analyze(body.jaxpr, ins, p, uses, False)))
         elif prim in _VIEWS and len(eqn.invars) == 1:
@@ -266,66 +227,22 @@ def generic_plan(num_leaves: int, reason: str | None = None) -> Plan:
     return Plan(("generic",) * num_leaves, {}, frozenset(), None, reason)
 
 
-def _last_reads(jaxpr) -> dict:
-    """For every variable, the index of the last equation reading it (len(eqns) for an output)."""
-    last = {}
-    for idx, eqn in enumerate(jaxpr.eqns):
-        for a in eqn.invars:
-            if not isinstance(a, _LITERAL):
-                last[a] = idx
-    for a in jaxpr.outvars:
-        if not isinstance(a, _LITERAL):
-            last[a] = len(jaxpr.eqns)
-    return last
-
-
-def _eval_segment(eqns, start, stop, env, last, keep=()):
-    """Runs ``eqns[start:stop]`` as one sub-jaxpr through JAX's evaluator; writes into ``env`` the
-    variables read after ``stop`` (and those in ``keep``)."""
-    if start >= stop:
-        return
-    seg = eqns[start:stop]
-    defined, invars = set(), {}
-    for eqn in seg:
-        for a in eqn.invars:
-            if not isinstance(a, _LITERAL) and a not in defined:
-                invars.setdefault(a, None)
-        defined.update(eqn.outvars)
-    outvars = [v for eqn in seg for v in eqn.outvars
-               if not isinstance(v, _DROPVAR) and (last.get(v, -1) >= stop or v in keep)]
-    effects = frozenset().union(*(eqn.effects for eqn in seg))
-    sub = _JAXPR([], list(invars), outvars, list(seg), effects)
-    outs = _eval_closed(_CLOSED_JAXPR(sub, []), [env[v] for v in invars])
-    env.update(zip(outvars, outs))
-
-
 def _run(jaxpr, consts, args, path, plan, taps, caps):
     """Evaluates ``jaxpr`` with the taps added at the dense sites, recording their other operands."""
-    env = dict(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
-    last = _last_reads(jaxpr)
 
-    def read(a):
-        return a.val if isinstance(a, _LITERAL) else env[a]
+    def select(idx, eqn):
+        return path + (idx,) in plan.prefixes or path + (idx,) in plan.sites
 
-    start = 0
-    for idx, eqn in enumerate(jaxpr.eqns):
+    def handle(idx, eqn, invals):
         p = path + (idx,)
-        if p not in plan.prefixes and p not in plan.sites:
-            continue
-        _eval_segment(jaxpr.eqns, start, idx, env, last)
-        start = idx + 1
         if p in plan.prefixes:
-            body = _call_body(eqn)
-            outs = _run(body.jaxpr, body.consts, [read(a) for a in eqn.invars], p, plan, taps, caps)
-            env.update(zip(eqn.outvars, outs))
-        else:
-            (out,) = eqn.outvars
-            _eval_segment(jaxpr.eqns, idx, idx + 1, env, last, keep=(out,))
-            caps[p] = tuple(read(eqn.invars[1 - site.side]) for site in plan.sites[p])
-            env[out] = env[out] + taps[p]
-    _eval_segment(jaxpr.eqns, start, len(jaxpr.eqns), env, last)
-    return [read(a) for a in jaxpr.outvars]
+            body = interp.call_body(eqn)
+            return _run(body.jaxpr, body.consts, invals, p, plan, taps, caps)
+        (out,) = interp.apply(eqn, invals)
+        caps[p] = tuple(invals[1 - site.side] for site in plan.sites[p])
+        return [out + taps[p]]
+
+    return interp.evaluate(jaxpr, consts, args, select=select, handle=handle)
 
 
 def gram_of_rows(g, diag):

@@ -47,6 +47,7 @@ from lsgeo.train.state import TrainState, init_state, split_key, with_state_view
 from lsgeo.validation import (
     check_batch,
     check_callable,
+    check_float_params,
     check_nonnegative_int,
     check_positive_int,
 )
@@ -224,6 +225,8 @@ def train(
     n = check_batch(data, "data", common_axis=True)
     eval_every = check_schedule(num_steps, eval_every, batch_size, n, swa_start, swa_every)
     resume = isinstance(params, TrainState)
+    if not resume and not callable(params):
+        check_float_params(params)
     if resume:
         if key is not None or model_state is not None:
             raise ValueError("key and model_state come from the TrainState when resuming; pass None")

@@ -36,7 +36,7 @@ from lsgeo.train.chunk import Schedule, evaluate_start, run_chunk
 from lsgeo.train.devices import data_mesh, replicate
 from lsgeo.train.loop import check_schedule, initial_values, split_init_fns, stack_history, to_numpy
 from lsgeo.train.state import TrainState, init_state, with_state_views
-from lsgeo.validation import check_batch, check_callable, check_positive_int
+from lsgeo.validation import check_batch, check_callable, check_float_params, check_positive_int
 
 PyTree = Any
 
@@ -172,6 +172,8 @@ def sweep(
     n = check_batch(data, "data", common_axis=True)
     eval_every = check_schedule(num_steps, eval_every, batch_size, n, swa_start, swa_every)
     grid, seeds_np = _check_grid(hyperparams, seeds)
+    if not callable(params):
+        check_float_params(params)
     S, R = next(iter(grid.values())).size if grid else 1, seeds_np.size
     G = S * R
     mesh = data_mesh(devices)

@@ -1,0 +1,311 @@
+"""The Hessian's spectral density by stochastic Lanczos quadrature, and the saddle index.
+
+References: S. Ubaru, J. Chen, Y. Saad, Fast estimation of tr(f(A)) via stochastic Lanczos quadrature,
+SIMAX 2017; B. Ghorbani, S. Krishnan, Y. Xiao, An investigation into neural net optimization via Hessian
+eigenvalue density, ICML 2019; Y. Dauphin et al., Identifying and attacking the saddle point problem in
+high-dimensional non-convex optimization, NeurIPS 2014 (the saddle index).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.stats
+import numpy as np
+import optax
+
+from lsgeo import microbatch
+from lsgeo.curvature import chunking, products
+from lsgeo.curvature.dense import hessian
+from lsgeo.curvature.krylov import lanczos, tridiagonal_eigh
+from lsgeo.validation import check_choice, check_nonnegative_int, check_positive_int, check_sigma, is_concrete
+
+__all__ = ["slq_nodes", "spectral_density", "saddle_index", "SADDLE_METHODS", "DEFAULT_SADDLE_RTOL"]
+
+SADDLE_METHODS = ("auto", "exact", "slq")
+DEFAULT_SADDLE_RTOL = 1e-3
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def slq_nodes(
+    f,
+    params,
+    batch,
+    key: jax.Array,
+    *,
+    num_iters: int = 80,
+    num_runs: int = 4,
+    chunk_size: int | None = None,
+    microbatch_size: int | None = None,
+    devices: Sequence | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Stochastic Lanczos quadrature nodes and weights of the Hessian spectral measure.
+
+    For each of ``num_runs`` normalised Rademacher probes ``v``, ``num_iters`` Lanczos steps give
+    ``T = U diag(theta) U^T``; the Gauss quadrature ``v^T g(H) v ~ sum_j (U_1j)^2 g(theta_j)`` is exact
+    for polynomials of degree ``< 2 num_iters``. Averaged over probes (``E[v v^T] = I / m``),
+    ``tr(g(H)) / m ~ 1/R sum_r sum_j tau_rj g(theta_rj)`` (Ubaru, Chen, Saad 2017): the empirical
+    spectral measure ``1/m sum_i delta_{lambda_i}`` is approximated by the nodes ``theta`` with
+    weights ``tau = (U_1j)^2 / R`` (which sum to 1).
+
+    Args:
+      f, params, batch, key: objective (a mean over examples), parameters, data, the probes' PRNG key.
+      num_iters: Lanczos steps per run (capped at ``m``).
+      num_runs: independent probes ``R``.
+      chunk_size: runs vmapped together (``None``: as many as fit in a memory budget that counts each
+        run's basis and tangents; one at a time on a large model).
+      microbatch_size, devices: the exact data-set Hessian by microbatches (``lsgeo.microbatch``).
+
+    Returns:
+      ``(nodes [num_runs, K], weights [num_runs, K])`` with ``K = min(num_iters, m)`` (at least float32).
+
+    Cost: ``num_runs * K`` HVPs. Memory: ``chunk_size (K + 1) m`` plus the products.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from lsgeo import curvature
+      >>> f = lambda w, b: 0.5 * jnp.sum(b * w**2)  # H = diag(b), m = 3: exact nodes
+      >>> nodes, weights = curvature.slq_nodes(f, jnp.ones(3), jnp.array([1.0, 2.0, 3.0]), jax.random.key(0))
+      >>> nodes.shape, round(float(weights.sum()), 6)
+      ((4, 3), 1.0)
+    """
+    products.check_objective(f, params)
+    check_positive_int(num_iters, "num_iters")
+    check_positive_int(num_runs, "num_runs")
+    chunking.check_chunk_size(chunk_size)
+    plan = microbatch.make_plan(batch, microbatch_size, devices=devices)
+    params, batch, key = microbatch.place(plan, params, batch, key)
+    m, _, work, _ = products.flat_spec(params)
+    num_iters = min(num_iters, m)
+    if chunk_size is None:
+        basis_bytes = (num_iters + 1) * m * np.dtype(work).itemsize
+        chunk_size = chunking.auto_chunk(f, params, batch, plan, num_runs, state_bytes_per_vector=basis_bytes)
+    return _slq_nodes(f, num_iters, num_runs, chunk_size, plan, params, batch, key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _slq_nodes(f, num_iters, num_runs, chunk, plan, params, batch, key):
+    m, _, dtype, _ = products.flat_spec(params)
+    matvec = products.hessian_matvec(f, params, batch, plan)
+
+    def run(k):
+        z = jax.random.rademacher(k, (m,), dtype=dtype)
+        alphas, betas = lanczos(matvec, z, num_iters)
+        theta, u = tridiagonal_eigh(alphas, betas)
+        return theta, jnp.square(u[0]) / num_runs
+
+    return chunking.chunked_map(run, jax.random.split(key, num_runs), chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("num_points",))
+def _broaden(nodes, weights, grid, width, *, num_points):
+    nodes, weights = nodes.reshape(-1), weights.reshape(-1)
+    lo, hi = jnp.min(nodes), jnp.max(nodes)
+    if width is None:
+        width = 0.01 * jnp.maximum(hi - lo, 1e-6 * (1.0 + jnp.max(jnp.abs(nodes))))
+    width = jnp.asarray(width, nodes.dtype)
+    if grid is None:
+        grid = jnp.linspace(lo - 5 * width, hi + 5 * width, num_points, dtype=nodes.dtype)
+    grid = jnp.asarray(grid, nodes.dtype)
+    kernel = jnp.exp(-0.5 * jnp.square((grid[None, :] - nodes[:, None]) / width))
+    mass = jnp.trapezoid(kernel, grid, axis=-1)
+    kernel = jnp.where(mass[:, None] > 0, kernel / jnp.where(mass > 0, mass, 1.0)[:, None], 0.0)
+    return grid, jnp.matmul(weights, kernel, precision=_HIGHEST)
+
+
+def _check_width(width, *, allow_zero: bool):
+    if width is None:
+        return
+    check_sigma(width, "width")
+    if not allow_zero and is_concrete(width) and not float(width) > 0:
+        raise ValueError(f"width must be None or a broadening > 0 (a standard deviation), got {width!r}")
+
+
+def spectral_density(
+    f,
+    params,
+    batch,
+    key: jax.Array,
+    *,
+    num_iters: int = 80,
+    num_runs: int = 4,
+    grid: jax.Array | None = None,
+    width=None,
+    num_points: int = 1000,
+    chunk_size: int | None = None,
+    microbatch_size: int | None = None,
+    devices: Sequence | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Hessian eigenvalue density by stochastic Lanczos quadrature with Gaussian broadening.
+
+    ``phi(t) = sum_{r,j} tau_rj N(t; theta_rj, width^2)`` with the nodes and weights of ``slq_nodes``
+    (Ghorbani, Krishnan, Xiao 2019; Ubaru et al. 2017): a smoothed version of the spectral measure
+    ``1/m sum_i delta(t - lambda_i)``. Each Gaussian is normalised on the grid (trapezoid rule), so
+    ``trapezoid(density, grid) = 1`` whenever the grid covers the Ritz values; a Gaussian entirely
+    off the grid contributes nothing.
+
+    Args:
+      f, params, batch, key: objective, parameters, data and the probes' PRNG key.
+      num_iters: Lanczos steps per run (capped at ``m``).
+      num_runs: independent probes.
+      grid: 1-D evaluation points. Default: ``num_points`` points spanning the Ritz values with a
+        margin of ``5 width`` on either side.
+      width: standard deviation of the broadening, > 0. Default: 1% of the span of the Ritz values.
+        Network Hessians have a few large outliers, so the bulk needs a smaller ``width`` to be resolved.
+      num_points: size of the default grid.
+      chunk_size, microbatch_size, devices: as in ``slq_nodes``.
+
+    Returns:
+      ``(grid [P], density [P])``.
+
+    Cost: ``num_runs * num_iters`` HVPs plus ``O(num_runs num_iters P)`` for the broadening.
+    Memory: ``chunk_size (num_iters + 1) m``.
+
+    Raises:
+      ValueError: ``width <= 0``, a grid that is not 1-D with >= 2 points, bad counts.
+    """
+    check_positive_int(num_points, "num_points")
+    _check_width(width, allow_zero=False)
+    if grid is not None and (np.ndim(grid) != 1 or np.shape(grid)[0] < 2):
+        raise ValueError(f"grid must be a 1-D array of at least 2 points, got shape {np.shape(grid)}")
+    nodes, weights = slq_nodes(
+        f, params, batch, key, num_iters=num_iters, num_runs=num_runs, chunk_size=chunk_size,
+        microbatch_size=microbatch_size, devices=devices,
+    )
+    return _broaden(nodes, weights, grid, width, num_points=num_points)
+
+
+def _robust_width(nodes, weights, fraction=0.01):
+    """``fraction`` times the 5%-95% inter-quantile range of the SLQ measure (outliers, which carry
+    weight ~1/m, do not inflate it), floored at a tiny multiple of the node scale."""
+    nodes, weights = nodes.reshape(-1), weights.reshape(-1)
+    order = jnp.argsort(nodes)
+    cdf = jnp.cumsum(weights[order]) / jnp.sum(weights)
+    sorted_nodes = nodes[order]
+    lo = sorted_nodes[jnp.clip(jnp.searchsorted(cdf, 0.05), 0, nodes.shape[0] - 1)]
+    hi = sorted_nodes[jnp.clip(jnp.searchsorted(cdf, 0.95), 0, nodes.shape[0] - 1)]
+    floor = 1e-6 * (1.0 + jnp.max(jnp.abs(nodes)))
+    return fraction * jnp.maximum(hi - lo, floor)
+
+
+def _threshold(values, tol, rtol):
+    """``max(tol, rtol * max|values|)``: eigenvalues below minus this count as negative."""
+    scale = jnp.max(jnp.abs(values))
+    return jnp.maximum(jnp.asarray(tol, values.dtype), jnp.asarray(rtol, values.dtype) * scale)
+
+
+def _resolve_tolerances(tol, rtol):
+    for value, name in ((tol, "tol"), (rtol, "rtol")):
+        if value is not None:
+            check_sigma(value, name)
+    if tol is None and rtol is None:
+        return 0.0, DEFAULT_SADDLE_RTOL
+    return (0.0 if tol is None else tol), (0.0 if rtol is None else rtol)
+
+
+def saddle_index(
+    f,
+    params,
+    batch,
+    key: jax.Array | None = None,
+    *,
+    method: str = "auto",
+    max_dense: int = 2000,
+    tol=None,
+    rtol=None,
+    num_iters: int = 80,
+    num_runs: int = 16,
+    width=None,
+    chunk_size: int | None = None,
+    microbatch_size: int | None = None,
+    devices: Sequence | None = None,
+) -> jax.Array:
+    """Saddle index: the fraction of clearly negative Hessian eigenvalues, ``#{i: lambda_i < -t} / m``.
+
+    0 at a strict local minimum, 1 at a strict local maximum, in between at a saddle (lecture 001,
+    Section 1; Dauphin et al. 2014). The threshold is ``t = max(tol, rtol * max_i |lambda_i|)``: network
+    Hessians have many eigenvalues at (numerical) zero whose signs are noise, so by default (``tol`` and
+    ``rtol`` both None) ``rtol = 1e-3``: an eigenvalue counts as negative when it lies below
+    ``-1e-3 * max|lambda|`` (the spectral radius, ``lambda_max`` at a point with a dominant positive
+    outlier). Passing ``tol`` alone keeps a purely absolute threshold (``tol=0.0``: every negative
+    eigenvalue, the textbook count); passing both takes the larger.
+
+    ``method="exact"`` counts the eigenvalues of the dense Hessian (``eigvalsh``; ``max|lambda|`` exact).
+    ``method="slq"`` estimates the count as the mass below ``-t`` of the Gaussian-broadened SLQ spectral
+    measure (``spectral_density``), ``sum_{r,j} tau_rj Phi((-t - theta_rj) / width)`` with ``Phi`` the
+    standard normal CDF, and ``max|lambda|`` the largest ``|node|`` (Lanczos finds the extremes first).
+    Broadening matters: Gauss quadrature of a step function placed inside the dense bulk of a network
+    Hessian is biased by up to the weight of the nodes next to the step, a bias that more runs do not
+    remove; smoothing over ~``width`` removes most of it. ``width`` defaults to 1% of the 5%-95%
+    inter-quantile range of the measure (insensitive to outlier eigenvalues); ``width=0`` counts the
+    nodes below ``-t`` (the zero-width limit). ``method="auto"`` is exact when ``m <= max_dense``,
+    SLQ otherwise.
+
+    Args:
+      f, params, batch: objective, parameters and data.
+      key: PRNG key for the SLQ probes; required unless the exact path is taken.
+      method: ``"auto"``, ``"exact"`` or ``"slq"``.
+      max_dense: largest ``m`` for which ``"auto"`` forms the dense Hessian.
+      tol: absolute threshold >= 0 (see above).
+      rtol: threshold relative to ``max|lambda|``, >= 0 (see above).
+      num_iters, num_runs, chunk_size: SLQ settings (see ``slq_nodes``).
+      width: SLQ broadening (standard deviation, >= 0); ``None`` for the default above.
+      microbatch_size, devices: the exact data-set Hessian by microbatches (``lsgeo.microbatch``).
+
+    Cost: exact, ``m`` HVPs plus an ``O(m^3)`` ``eigvalsh`` and ``O(m^2)`` memory; SLQ,
+    ``num_runs * num_iters`` HVPs and ``chunk_size (num_iters + 1) m`` memory. The eigenproblems run in
+    at least float32.
+
+    Raises:
+      ValueError: unknown ``method``, ``tol``/``rtol``/``width`` negative or not finite, or ``key``
+        missing when the SLQ estimate is needed.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from lsgeo import curvature
+      >>> f = lambda w, b: 0.5 * jnp.sum(b * w**2)  # H = diag(b)
+      >>> b = jnp.array([-2.0, -1e-5, 1.0, 3.0])
+      >>> float(curvature.saddle_index(f, jnp.ones(4), b)), float(curvature.saddle_index(f, jnp.ones(4), b, tol=0.0))
+      (0.25, 0.5)
+    """
+    check_choice(method, "method", SADDLE_METHODS)
+    check_nonnegative_int(max_dense, "max_dense")
+    tol, rtol = _resolve_tolerances(tol, rtol)
+    _check_width(width, allow_zero=True)
+    products.check_objective(f, params)
+    m = optax.tree.size(params)
+    exact = method == "exact" or (method == "auto" and m <= max_dense)
+    if exact:
+        h = hessian(f, params, batch, microbatch_size=microbatch_size, devices=devices)
+        return _exact_index(h, tol, rtol)
+    if key is None:
+        raise ValueError(
+            f"key must be a PRNG key for the SLQ estimate of the saddle index "
+            f"(method={method!r}, m={m} > max_dense={max_dense}); got None"
+        )
+    nodes, weights = slq_nodes(
+        f, params, batch, key, num_iters=num_iters, num_runs=num_runs, chunk_size=chunk_size,
+        microbatch_size=microbatch_size, devices=devices,
+    )
+    return _mass_below(nodes, weights, tol, rtol, width)
+
+
+@jax.jit
+def _exact_index(h, tol, rtol):
+    dtype = jnp.promote_types(h.dtype, jnp.float32)
+    eigs = jnp.linalg.eigvalsh(h.astype(dtype))
+    return jnp.mean(eigs < -_threshold(eigs, tol, rtol))
+
+
+@jax.jit
+def _mass_below(nodes, weights, tol, rtol, width):
+    threshold = _threshold(nodes, tol, rtol)
+    if width is None:
+        width = _robust_width(nodes, weights)
+    width = jnp.asarray(width, nodes.dtype)
+    z = (-threshold - nodes) / jnp.where(width > 0, width, 1.0)
+    below = jnp.where(width > 0, jax.scipy.stats.norm.cdf(z), (nodes < -threshold).astype(nodes.dtype))
+    return jnp.sum(weights * below)

@@ -1,0 +1,282 @@
+"""Data-set-level evaluation in the memory of one microbatch, on one device or several.
+
+Every objective of lsgeo is a mean over examples, f(w, B) = 1/n sum_{i in B} l(w, z_i), and so is each
+of its derivatives. Cut the batch B (a pytree whose array leaves share a leading example axis n) into
+``J = ceil(n / s)`` consecutive microbatches B_j of ``s = microbatch_size`` examples (the last one holds
+the remaining ``n - (J - 1) s``); then exactly
+
+    f(w, B) = sum_j (n_j / n) f(w, B_j),     D^p f(w, B)[v, ...] = sum_j (n_j / n) D^p f(w, B_j)[v, ...],
+
+so the value, the gradient, a Hessian-vector product or a Gauss-Newton trace over a whole training set
+is an example-weighted mean of the same quantity over microbatches, and only one microbatch is live at
+a time. This holds only when ``f`` really is a mean over independent examples: a BatchNorm layer must be
+in evaluation mode (its running statistics bound into ``predict``, e.g. ``lsgeo.models.make_predict(model,
+model_state)``), since batch statistics couple the examples of a microbatch.
+
+``reduce`` evaluates ``sum_j c_j fn(operands, B_j)`` (``c_j = n_j / n``, or 1 for sums) with a
+``lax.scan`` over the full microbatches (one compiled body, whatever J is) plus one evaluation of the
+uneven last microbatch (a second body of another shape; choose ``s`` dividing ``n`` to avoid it). With
+several devices the full microbatches are sharded over a 1-D mesh (``jax.shard_map``): each device
+scans its share and one ``psum`` (an all-reduce) combines them, so the result equals the one-device
+value up to the order of the summation. The number of full microbatches is padded to a multiple of the
+number of devices with copies that carry weight 0 (at most ``devices - 1`` wasted microbatches). The
+public functions first ``place`` their arguments (arrays committed to another device are replicated over
+the mesh). On CPU, ``fn``'s convolutions are put in XLA:CPU's canonical layout (``lsgeo.cpu_convolutions``).
+
+Cost: that of ``fn`` on every microbatch, ``ceil(n / s)`` evaluations. Memory: ``fn`` on one
+microbatch (per device) plus the accumulated result.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from lsgeo import microbatch
+  >>> batch = (jnp.arange(10.0), jnp.ones(10))
+  >>> plan = microbatch.make_plan(batch, 4, devices=[jax.devices()[0]])
+  >>> plan.size, plan.num_full, plan.remainder
+  (4, 2, 2)
+  >>> mean_x = microbatch.reduce(lambda ops, b: jnp.mean(b[0]), (), batch, plan)
+  >>> float(mean_x)
+  4.5
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lsgeo.cpu_convolutions import canonicalize_convolutions
+from lsgeo.validation import check_batch, check_positive_int, is_concrete
+
+PyTree = Any
+
+__all__ = ["MicrobatchPlan", "make_plan", "place", "reduce", "objective", "microbatch_struct", "single_example"]
+
+AXIS = "microbatches"
+
+
+class MicrobatchPlan(NamedTuple):
+    """How a batch of ``num_examples`` is cut (static, hashable: a ``jit`` static argument).
+
+    size:       examples per microbatch ``s``.
+    num_full:   number of full microbatches, ``n // s``.
+    remainder:  examples in the uneven last microbatch, ``n % s`` (0: none).
+    devices:    the devices the full microbatches are sharded over (one: no sharding).
+    """
+
+    num_examples: int
+    size: int
+    num_full: int
+    remainder: int
+    devices: tuple
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.num_full + (1 if self.remainder else 0)
+
+
+def _resolve_devices(devices) -> tuple:
+    if devices is None:
+        return tuple(jax.devices())
+    if isinstance(devices, jax.Device):
+        devices = [devices]
+    try:
+        devices = tuple(devices)
+    except TypeError:
+        raise ValueError(f"devices must be a sequence of jax devices, got {type(devices).__name__}") from None
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise ValueError(f"devices must be a non-empty sequence of jax devices (e.g. jax.devices()), got {devices!r}")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices must not repeat a device, got {devices!r}")
+    return devices
+
+
+def make_plan(batch, microbatch_size: int | None, *, devices: Sequence | None = None, name: str = "batch"):
+    """Validates ``batch`` and ``microbatch_size`` and returns the ``MicrobatchPlan`` (``None`` when
+    ``microbatch_size`` is None: the batch is used whole, on the default device).
+
+    Args:
+      batch: pytree of arrays; with microbatches every leaf needs the leading example axis n.
+      microbatch_size: ``None`` or a positive int ``s`` (capped at n).
+      devices: devices to shard the microbatches over (default ``jax.devices()``); used only with
+        ``microbatch_size``.
+      name: the name of the batch argument in error messages.
+
+    Raises:
+      ValueError: an empty batch (naming ``name``), leaves that disagree on n, a leaf without a leading
+        axis, ``microbatch_size`` not a positive int, or ``devices`` not a sequence of devices.
+    """
+    if microbatch_size is None:
+        check_batch(batch, name)
+        if devices is not None:
+            _resolve_devices(devices)
+        return None
+    check_positive_int(microbatch_size, "microbatch_size")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
+        if np.ndim(leaf) == 0:
+            raise ValueError(
+                f"{name} leaf {jax.tree_util.keystr(path) or '(root)'} has no leading example axis (shape "
+                f"{np.shape(leaf)}); with microbatch_size every leaf of {name} must be an array [n, ...] "
+                f"(bind constants such as BatchNorm statistics into the function instead)"
+            )
+    n = check_batch(batch, name, common_axis=True)
+    devices = _resolve_devices(devices)
+    size = min(int(microbatch_size), n)
+    num_full, remainder = divmod(n, size)
+    return MicrobatchPlan(n, size, num_full, remainder, devices[: max(1, min(len(devices), num_full))])
+
+
+def place(plan: MicrobatchPlan | None, *trees):
+    """``trees`` with every concrete ``jax.Array`` that is not on exactly the plan's devices replicated over
+    them (``jax.device_put`` with a replicated ``NamedSharding``); unchanged with one device. A computation
+    sharded over several devices cannot take an argument committed to one device (``jax.device_put(x, d)``):
+    the public functions call this first. Tracers (a call inside the caller's own ``jit``) pass unchanged."""
+    if plan is None or len(plan.devices) == 1:
+        return trees
+    devices = set(plan.devices)
+    sharding = NamedSharding(Mesh(np.asarray(plan.devices), (AXIS,)), PartitionSpec())
+
+    def put(a):
+        if isinstance(a, jax.Array) and is_concrete(a) and a.sharding.device_set != devices:
+            return jax.device_put(a, sharding)
+        return a
+
+    return tuple(jax.tree_util.tree_map(put, t) for t in trees)
+
+
+def microbatch_struct(batch, plan: MicrobatchPlan | None):
+    """``jax.ShapeDtypeStruct`` pytree of one full microbatch (of the whole batch when ``plan`` is None)."""
+    if plan is None:
+        return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), batch)
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct((plan.size, *np.shape(a)[1:]), jnp.result_type(a)), batch
+    )
+
+
+def reduce(fn: Callable, operands: PyTree, batch, plan: MicrobatchPlan | None, *, mean: bool = True) -> PyTree:
+    """``sum_j c_j fn(operands, B_j)`` over the microbatches B_j of ``plan``; ``fn(operands, batch)`` if
+    ``plan`` is None.
+
+    ``c_j = n_j / n`` (``mean=True``: the exact data-set value of a mean over examples) or 1 (``mean=False``:
+    a sum over examples, e.g. an NTK trace). ``fn`` returns a pytree of floating arrays; ``operands`` (the
+    parameters, a tangent, a key) are passed unchanged to every call and replicated over the devices.
+    Traceable: call it inside ``jit``; one compiled body of ``fn`` runs every full microbatch. On CPU the
+    convolutions of ``fn`` are put in XLA:CPU's canonical layout first (``lsgeo.cpu_convolutions``: inside
+    a loop body XLA:CPU would otherwise run the kernel-gradient convolutions of a conv net 10-45x slower).
+    """
+    fn = canonicalize_convolutions(fn, plan.devices[0].platform if plan is not None else None)
+    if plan is None:
+        return fn(operands, batch)
+    n, s, q, r = plan.num_examples, plan.size, plan.num_full, plan.remainder
+    full_weight = s / n if mean else 1.0
+    if len(plan.devices) > 1:
+        total = _sharded_sum(fn, operands, batch, plan)
+    else:
+        total = _scan_sum(fn, operands, batch, plan)
+    total = jax.tree_util.tree_map(lambda t: t * jnp.asarray(full_weight, t.dtype), total)
+    if r:
+        rest = fn(operands, jax.tree_util.tree_map(lambda a: a[q * s :], batch))
+        rest_weight = r / n if mean else 1.0
+        total = jax.tree_util.tree_map(lambda t, o: t + o * jnp.asarray(rest_weight, o.dtype), total, rest)
+    return total
+
+
+def _output_struct(fn, operands, batch, plan):
+    return jax.eval_shape(fn, operands, microbatch_struct(batch, plan))
+
+
+def _zeros(struct):
+    return jax.tree_util.tree_map(lambda sd: jnp.zeros(sd.shape, sd.dtype), struct)
+
+
+def _scan_sum(fn, operands, batch, plan):
+    """One device: ``lax.scan`` over the full microbatches, each sliced in place (no copy of the batch)."""
+    s = plan.size
+
+    def body(acc, j):
+        mb = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, j * s, s, axis=0), batch)
+        return jax.tree_util.tree_map(jnp.add, acc, fn(operands, mb)), None
+
+    init = _zeros(_output_struct(fn, operands, batch, plan))
+    total, _ = jax.lax.scan(body, init, jnp.arange(plan.num_full))
+    return total
+
+
+def _sharded_sum(fn, operands, batch, plan):
+    """Several devices: the full microbatches ``[q_pad, s, ...]`` sharded over a 1-D mesh, a ``lax.scan``
+    on each device over its share (padding copies masked out), one ``psum``."""
+    s, q, num_devices = plan.size, plan.num_full, len(plan.devices)
+    q_pad = -(-q // num_devices) * num_devices
+
+    def stack(a):
+        a = a[: q * s].reshape(q, s, *a.shape[1:])
+        if q_pad > q:
+            a = jnp.concatenate([a, a[: q_pad - q]])
+        return a
+
+    full = jax.tree_util.tree_map(stack, batch)
+    weights = jnp.asarray(np.arange(q_pad) < q)
+    struct = _output_struct(fn, operands, batch, plan)
+
+    def local(operands, full, weights):
+        def body(acc, xs):
+            mb, w = xs
+            out = fn(operands, mb)
+            return jax.tree_util.tree_map(lambda t, o: t + jnp.where(w, o, jnp.zeros_like(o)), acc, out), None
+
+        total, _ = jax.lax.scan(body, _zeros(struct), (full, weights))
+        return jax.lax.psum(total, AXIS)
+
+    mesh = Mesh(np.asarray(plan.devices), (AXIS,))
+    sharded = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), PartitionSpec(AXIS), PartitionSpec(AXIS)),
+        out_specs=PartitionSpec(),
+        check_vma=False,
+    )
+    return sharded(operands, full, weights)
+
+
+def objective(f: Callable, plan: MicrobatchPlan | None) -> Callable:
+    """``F(params, batch) = sum_j (n_j / n) f(params, B_j)``, the data-set objective, with a
+    memory-bounded gradient (``f`` itself when ``plan`` is None).
+
+    ``F`` is a ``jax.custom_vjp``: its value is one ``reduce`` of ``f``; under ``jax.grad`` /
+    ``value_and_grad`` the forward pass runs ``jax.value_and_grad(f)`` on each microbatch inside the same
+    scan and keeps only the accumulated gradient (differentiating through the scan itself would store
+    the activations of every microbatch). Reverse mode with respect to ``params`` only; no forward-mode
+    derivatives (use ``lsgeo.curvature`` for curvature). Cost of a gradient: one gradient per microbatch.
+    """
+    if plan is None:
+        return f
+
+    @jax.custom_vjp
+    def dataset_objective(params, batch):
+        return reduce(lambda p, mb: f(p, mb), params, batch, plan)
+
+    def fwd(params, batch):
+        value, grad = reduce(lambda p, mb: jax.value_and_grad(f)(p, mb), params, batch, plan)
+        return value, grad
+
+    def bwd(grad, g):
+        return jax.tree_util.tree_map(lambda x: (g * x).astype(x.dtype), grad), None
+
+    dataset_objective.defvjp(fwd, bwd)
+    return dataset_objective
+
+
+def single_example(predict: Callable) -> Callable:
+    """``phi_i(params, x_i) = predict(params, x_i[None])`` flattened to ``[k]``: the predictor on one
+    example (``x_i`` a pytree slice without the example axis), for per-example Jacobians."""
+
+    @functools.wraps(predict)
+    def one(params, xi):
+        out = predict(params, jax.tree_util.tree_map(lambda a: a[None], xi))
+        return jnp.reshape(out, (-1,))
+
+    return one
