@@ -9,8 +9,11 @@ compilation included, and a second, compiled call):
   exact Gauss-Newton trace) and the Monte Carlo R_sigma = E L(Phi(w + sigma eps))
   (``lsgeo.risk.perturbed_risk``, ``mc_samples`` draws) it approximates;
 - the Hessian trace (Hutch++, ``lsgeo.curvature.hessian_trace``), the top-5 Hessian eigenvalues
-  (Lanczos, ``top_eigenvalues``), the saddle index (``saddle_index``: exact below 2000 parameters,
-  else stochastic Lanczos quadrature) and the NTK trace (``lsgeo.ntk.ntk_trace``).
+  (Lanczos, ``top_eigenvalues``), the most negative one (``min_eigenvalue``), the spectral density
+  (stochastic Lanczos quadrature, ``spectral_density``), the saddle index (``saddle_index``: the
+  fraction of eigenvalues below -``saddle_rtol`` max|lambda|, relative to the spectrum's scale since
+  a trained network's Hessian has a bulk of near-zero eigenvalues of either sign; exact below
+  ``max_dense`` parameters, else SLQ) and the NTK trace (``lsgeo.ntk.ntk_trace``).
 
 Claim tested (Orvieto et al., AISTATS 2023, Sections 2.1-2.2 and Theorem 1): for a ReLU network
 D2Phi[I] = 0 almost everywhere, so R_sigma = R_sigma^(eff) + O(sigma^3): the second-order term
@@ -31,11 +34,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _methods, _runner
+from experiments import common, runner
 from lsgeo import curvature, losses, models, ntk, risk, train
-from lsgeo import data as data_lib
 
-QUANTITIES = ("R", "R_eff", "R_sigma_mc", "hessian_trace", "top_eigenvalues", "saddle_index", "ntk_trace")
+QUANTITIES = (
+    "R",
+    "R_eff",
+    "R_sigma_mc",
+    "hessian_trace",
+    "top_eigenvalues",
+    "min_eigenvalue",
+    "spectral_density",
+    "saddle_index",
+    "ntk_trace",
+)
+
+CLAIM = (
+    "For a ReLU network, R_sigma^(eff) = R + sigma^2/2 tr(D2L DPhi DPhi^T) accounts for the effect of small "
+    "Gaussian weight noise on the risk, R_sigma = R_sigma^(eff) + O(sigma^3) (Sections 2.1-2.2)."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,25 +65,33 @@ class Config:
     sigmas: tuple[float, ...] = (0.01, 0.03, 0.05, 0.1)  # noise levels for R_sigma^(eff) and R_sigma
     mc_samples: int = 256  # Monte Carlo draws for R_sigma
     trace_probes: int = 60  # Hutch++ matrix-vector products
-    saddle_tol: float = 1e-5  # eigenvalues below -tol count as negative
-    slq_runs: int = 4  # stochastic Lanczos quadrature probes of the saddle index (above 2000 parameters)
+    saddle_rtol: float = 1e-3  # eigenvalues below -saddle_rtol * max|lambda| count as negative
+    max_dense: int = 4000  # the saddle index is exact (dense Hessian) up to this many parameters, else SLQ
+    slq_runs: int = 4  # stochastic Lanczos quadrature probes (density; saddle index above max_dense)
     seeds: tuple[int, ...] = (0,)  # initialisation and probe seeds
-
-
-def prepare(cfg: Config):
-    ds = data_lib.load_dataset("digits")
-    model = models.MLP(widths=cfg.widths, num_outputs=ds.num_classes)
-    task = _methods.classification_task(model, ds)
-    trained = {}
-    for seed in cfg.seeds:
-        result = train.train(task.objective, optax.sgd(cfg.lr), task.init_params, task.data, num_steps=cfg.steps,
-                             eval_fn=task.eval_fn, eval_data=task.eval_data, key=seed)
-        trained[seed] = (result.params, {k: float(v[-1]) for k, v in result.history.items()})
-    return models.make_predict(model), task, trained
 
 
 def cells(cfg: Config) -> list[dict]:
     return [dict(quantity=q, seed=s) for s in cfg.seeds for q in QUANTITIES]
+
+
+def prepare(cfg: Config):
+    data = common.splits("digits", n_train=None, flatten=True)
+    model = models.MLP(widths=cfg.widths, num_outputs=data.num_classes)
+    trained = {}
+    for seed in cfg.seeds:
+        result = train.train(
+            common.Objective(model),
+            optax.sgd(cfg.lr),
+            common.init_fn(model, data.train[0]),
+            data.train,
+            num_steps=cfg.steps,
+            eval_fn=common.Evaluate(model),
+            eval_data={"test": data.test},
+            key=seed,
+        )
+        trained[seed] = (result.params, {k: float(v[-1]) for k, v in result.history.items()})
+    return model, data, trained
 
 
 def _timed(fn):
@@ -79,86 +104,153 @@ def _timed(fn):
     return value, times[0], times[1]
 
 
+def _row(name, value, t, t_warm, **extra):
+    return {"name": name, "value": float(value), "time_s": t, "time_warm_s": t_warm, **extra}
+
+
+def _saddle_name(cfg: Config, m: int) -> str:
+    how = "exact" if m <= cfg.max_dense else f"SLQ, {cfg.slq_runs} probes"
+    return f"saddle index ({how}; eigenvalues < -{cfg.saddle_rtol:g} max|lambda|)"
+
+
 def run(cfg: Config, prep, group: list[dict]) -> list[list[dict]]:
-    predict, task, trained = prep
+    model, data, trained = prep
     ((quantity, seed),) = {(c["quantity"], c["seed"]) for c in group}
     params, final = trained[seed]
-    batch = task.data
-    loss = losses.softmax_cross_entropy
-    key = jax.random.key(seed)
-    f = task.objective
-
-    def row(name, value, t, t_warm, **extra):
-        return {"name": name, "value": float(value), "time_s": t, "time_warm_s": t_warm, **extra}
-
+    predict, loss, batch, key = (
+        models.make_predict(model),
+        losses.softmax_cross_entropy,
+        data.train,
+        jax.random.key(seed),
+    )
+    f = common.Objective(model)
     if quantity == "R":
         value, t, tw = _timed(lambda: jax.jit(risk.risk, static_argnums=(0, 1))(predict, loss, params, batch))
-        return [[row("R", value, t, tw, test_acc=final["test_acc"])]]
-    if quantity == "R_eff":
-        fn = jax.jit(risk.effective_risk, static_argnums=(0, 1))
+        return [[_row("R", value, t, tw, test_acc=final["test_acc"])]]
+    if quantity in ("R_eff", "R_sigma_mc"):
+        if quantity == "R_eff":
+            fn = jax.jit(lambda p, b, s: risk.effective_risk(predict, loss, p, b, s))
+        else:
+            draws = jax.jit(
+                jax.vmap(
+                    lambda p, b, s, k: risk.perturbed_risk(predict, loss, p, b, s, k), in_axes=(None, None, None, 0)
+                )
+            )
+            fn = lambda p, b, s: draws(p, b, s, jax.random.split(key, cfg.mc_samples))
         out = []
         for s in cfg.sigmas:
-            value, t, tw = _timed(lambda: fn(predict, loss, params, batch, jnp.float32(s)))
-            out.append(row(f"R_eff sigma={s:g}", value, t, tw, sigma=s))
-        return [out]
-    if quantity == "R_sigma_mc":
-        draws = jax.jit(jax.vmap(lambda p, b, s, k: risk.perturbed_risk(predict, loss, p, b, s, k),
-                                 in_axes=(None, None, None, 0)))
-        keys = jax.random.split(key, cfg.mc_samples)
-        out = []
-        for s in cfg.sigmas:
-            values, t, tw = _timed(lambda: draws(params, batch, jnp.float32(s), keys))
-            mean, se = _runner.mean_se(np.asarray(values))
-            out.append(row(f"R_sigma (Monte Carlo) sigma={s:g}", mean, t, tw, sigma=s, mc_se=se))
+            values, t, tw = _timed(lambda: fn(params, batch, jnp.float32(s)))
+            mean, se = common.mean_se(np.atleast_1d(np.asarray(values)))
+            out.append(_row(f"{quantity} sigma={s:g}", mean, t, tw, sigma=s, **({"mc_se": se} if values.ndim else {})))
         return [out]
     if quantity == "hessian_trace":
-        value, t, tw = _timed(lambda: curvature.hessian_trace(f, params, batch, key, num_probes=cfg.trace_probes,
-                                                              method="hutch++"))
-        return [[row("Hessian trace (Hutch++)", value, t, tw)]]
+        value, t, tw = _timed(
+            lambda: curvature.hessian_trace(f, params, batch, key, num_probes=cfg.trace_probes, method="hutch++")
+        )
+        return [[_row("Hessian trace (Hutch++)", value, t, tw)]]
     if quantity == "top_eigenvalues":
         values, t, tw = _timed(lambda: curvature.top_eigenvalues(f, params, batch, key, k=5))
-        return [[row(f"Hessian eigenvalue {i + 1}", v, t, tw) for i, v in enumerate(np.asarray(values))]]
+        return [[_row(f"Hessian eigenvalue {i + 1}", v, t, tw) for i, v in enumerate(np.asarray(values))]]
+    if quantity == "min_eigenvalue":
+        value, t, tw = _timed(lambda: curvature.min_eigenvalue(f, params, batch, key)[0])
+        return [[_row("smallest Hessian eigenvalue (Lanczos)", value, t, tw)]]
+    if quantity == "spectral_density":
+        (grid, density), t, tw = _timed(
+            lambda: curvature.spectral_density(f, params, batch, key, num_runs=cfg.slq_runs, num_points=400)
+        )
+        return [
+            [
+                _row("spectral density", d, t, tw, eigenvalue=float(g))
+                for g, d in zip(np.asarray(grid), np.asarray(density))
+            ]
+        ]
     if quantity == "saddle_index":
-        value, t, tw = _timed(lambda: curvature.saddle_index(f, params, batch, key, tol=cfg.saddle_tol,
-                                                                     num_runs=cfg.slq_runs))
-        return [[row("saddle index", value, t, tw)]]
+        value, t, tw = _timed(
+            lambda: curvature.saddle_index(
+                f, params, batch, key, rtol=cfg.saddle_rtol, max_dense=cfg.max_dense, num_runs=cfg.slq_runs
+            )
+        )
+        return [[_row(_saddle_name(cfg, optax.tree.size(params)), value, t, tw, rtol=cfg.saddle_rtol)]]
     value, t, tw = _timed(lambda: jax.jit(ntk.ntk_trace, static_argnums=0)(predict, params, batch[0]))
-    return [[row("NTK trace", value, t, tw)]]
+    return [[_row("NTK trace", value, t, tw)]]
 
 
-def summarize(cfg: Config, rows: list[dict]) -> _runner.Verdict:
-    seed = cfg.seeds[0]
-    by_name = {r["name"]: r for r in rows if r["seed"] == seed}
+def ratios(cfg: Config, rows: list[dict]) -> list[tuple[float, float, float, float]]:
+    """Per sigma (ascending): (sigma, R_sigma - R, its 2 s.e., R_eff - R) of the first seed."""
+    by_name = {r["name"]: r for r in rows if r["seed"] == cfg.seeds[0]}
     R = by_name["R"]["value"]
-    figures = {"R": R, "test_acc": by_name["R"]["test_acc"]}
-    errors = []
+    out = []
     for s in sorted(cfg.sigmas):
-        eff, mc = by_name[f"R_eff sigma={s:g}"], by_name[f"R_sigma (Monte Carlo) sigma={s:g}"]
-        ratio = (mc["value"] - R) / (eff["value"] - R)
-        figures[f"ratio_sigma={s:g}"] = ratio
-        figures[f"R_eff_minus_R_sigma={s:g}"] = eff["value"] - R
-        figures[f"R_sigma_mc_minus_R_sigma={s:g}"] = mc["value"] - R
-        errors.append((abs(ratio - 1.0), 2 * mc["mc_se"] / abs(eff["value"] - R)))
+        mc, eff = by_name[f"R_sigma_mc sigma={s:g}"], by_name[f"R_eff sigma={s:g}"]
+        out.append((s, mc["value"] - R, 2 * mc["mc_se"], eff["value"] - R))
+    return out
+
+
+def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
+    first = [r for r in rows if r["seed"] == cfg.seeds[0] and r["name"] != "spectral density"]
+    by_name = {r["name"]: r for r in first}
+    figures = {"R": by_name["R"]["value"], "test_acc": by_name["R"]["test_acc"]}
+    errors = []
+    for s, mc, mc_tol, eff in ratios(cfg, rows):
+        figures[f"ratio_sigma={s:g}"] = mc / eff
+        figures[f"R_eff_minus_R_sigma={s:g}"] = eff
+        figures[f"R_sigma_mc_minus_R_sigma={s:g}"] = mc
+        errors.append((abs(mc / eff - 1.0), mc_tol / abs(eff)))
     monotone = all(small <= large + tol for (small, tol), (large, _) in zip(errors, errors[1:]))
     ok = errors[0][0] < 0.25 and monotone
-    for r in rows:
-        if r["seed"] == seed and not r["name"].startswith("R"):
-            figures[r["name"].replace(" ", "_")] = r["value"]
-    table = [{"quantity": r["name"], "value": r["value"], "time_s": r["time_s"], "time_warm_s": r["time_warm_s"]}
-             for r in rows if r["seed"] == seed]
-    return _runner.Verdict(bool(ok), figures, table)
+    for r in first:
+        if not r["name"].startswith("R"):
+            figures[r["name"].split(" (")[0].replace(" ", "_")] = r["value"]
+    table = [
+        {"quantity": r["name"], "value": r["value"], "time_s": r["time_s"], "time_warm_s": r["time_warm_s"]}
+        for r in first
+    ]
+    smallest = min(cfg.sigmas)
+    reason = (
+        f"(R_sigma - R)/(R_eff - R) = {figures[f'ratio_sigma={smallest:g}']:.3g} at sigma {smallest:g} (needs "
+        f"1 ± 0.25); |ratio - 1| {'does not grow' if monotone else 'grows'} as sigma decreases"
+    )
+    return runner.Verdict(bool(ok), figures, table, reason)
 
 
-EXPERIMENT = _runner.Experiment(
-    name="geometry_report",
-    claim="For a ReLU network, R_sigma^(eff) = R + sigma^2/2 tr(D2L DPhi DPhi^T) accounts for the effect of small "
-    "Gaussian weight noise on the risk, R_sigma = R_sigma^(eff) + O(sigma^3) (Sections 2.1-2.2).",
-    config=Config,
-    prepare=prepare,
-    cells=cells,
-    run=run,
-    summarize=summarize,
-)
+def plot(cfg: Config, rows: list[dict]) -> dict:
+    fig, (ax, ax_r) = runner.plt.subplots(1, 2, figsize=(12, 4.5))
+    first = [r for r in rows if r["seed"] == cfg.seeds[0]]
+    density = [r for r in first if r["name"] == "spectral density"]
+    by_name = {r["name"]: r for r in first}
+    top = by_name["Hessian eigenvalue 1"]["value"]
+    ax.plot([r["eigenvalue"] for r in density], [max(r["value"], 1e-8) for r in density], color="C0")
+    ax.axvline(-cfg.saddle_rtol * top, color="C3", ls=":", label=f"-{cfg.saddle_rtol:g} lambda_max (saddle threshold)")
+    ax.axvline(
+        by_name["smallest Hessian eigenvalue (Lanczos)"]["value"], color="C2", ls="--", label="lambda_min (Lanczos)"
+    )
+    ax.set(
+        yscale="log",
+        ylim=(1e-6, None),
+        xlabel="Hessian eigenvalue",
+        ylabel="density (SLQ, broadened)",
+        title="Hessian spectrum of the trained MLP",
+    )
+    index = next(r for r in first if r["name"].startswith("saddle index"))
+    ax.text(0.45, 0.8, f"lambda_min = {by_name['smallest Hessian eigenvalue (Lanczos)']['value']:.3g}\n"
+            f"threshold = {-cfg.saddle_rtol * top:.2g}\nsaddle index = {index['value']:.3g}\n"
+            f"({index['name'].split('(')[1].split(';')[0]})", transform=ax.transAxes, fontsize=9, va="top",
+            bbox=dict(facecolor="white", edgecolor="lightgray"))
+    ax.legend(fontsize=8)
+    sig, mc, mc_tol, eff = (np.array(v) for v in zip(*ratios(cfg, rows)))
+    ax_r.errorbar(sig, mc, yerr=mc_tol, marker="o", capsize=3, label="R_sigma - R (Monte Carlo, ± 2 s.e.)")
+    ax_r.plot(sig, eff, "k--", marker="s", label="R_eff - R = sigma^2/2 tr(D2L DPhi DPhi^T)")
+    common.sigma_axis(ax_r, cfg.sigmas)
+    ax_r.set(
+        yscale="log",
+        ylabel="increase of the risk over R",
+        title="noise on the weights: second-order prediction vs Monte Carlo",
+    )
+    ax_r.legend(fontsize=8)
+    return {"geometry_report.png": fig}
+
+
+EXPERIMENT = runner.Experiment.from_module(__name__)
 
 if __name__ == "__main__":
-    _runner.main(EXPERIMENT)
+    runner.main(EXPERIMENT)

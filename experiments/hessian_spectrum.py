@@ -15,7 +15,7 @@ setting of Cohen et al.), full-batch GD (``optax.sgd``).
 - Spectrum: one run at ``spectrum_lr`` (``lsgeo.train.train``, resumed at the midpoint) gives the
   parameters at initialisation, mid-training and the end; at each, the SLQ spectral density
   (``lsgeo.curvature.spectral_density``), the top-k eigenvalues (``top_eigenvalues``) and the exact
-  saddle index (``saddle_index``, dense Hessian, eigenvalues below -tol lambda_max count as negative).
+  saddle index (``saddle_index``, dense Hessian, eigenvalues below -saddle_tol max|lambda| count as negative).
 - Edge of stability: GD at every lr in ``lrs`` from the same initialisation (``lsgeo.train.sweep``;
   the learning rate rides on the sweep's traced ``sigma`` axis, one compilation for all of them),
   with lambda_max measured by Lanczos every ``eval_every`` steps and compared to 2 / lr.
@@ -30,11 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _methods, _runner
+from experiments import common, runner
 from lsgeo import curvature, models, train
 from lsgeo.data import load_dataset
 
 PHASES = ("init", "mid", "end")
+
+CLAIM = (
+    "Under full-batch GD the sharpness lambda_max is driven to the stability edge 2/lr and hovers there while "
+    "the loss keeps falling (edge of stability, Cohen et al. 2021)."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +59,23 @@ class Config:
     slq_iters: int = 80
     slq_runs: int = 4
     density_points: int = 200
-    saddle_tol: float = 1e-4  # eigenvalues below -saddle_tol * lambda_max count as negative
+    saddle_tol: float = 1e-4  # eigenvalues below -saddle_tol * max|lambda| count as negative
     edge_low: float = 0.8  # supported if lambda_max / (2 / lr) over the last half lies in [edge_low, edge_high]
     edge_high: float = 1.25
 
 
-PAPER = Config(seeds=(0, 1, 2), n_train=1300, widths=(32, 32), lrs=(0.05, 0.1, 0.15, 0.2, 0.3), steps=10_000,
-               spectrum_lr=0.1, slq_iters=120, slq_runs=8)
+PRESETS = {
+    "paper": Config(
+        seeds=(0, 1, 2),
+        n_train=1300,
+        widths=(32, 32),
+        lrs=(0.05, 0.1, 0.15, 0.2, 0.3),
+        steps=10_000,
+        spectrum_lr=0.1,
+        slq_iters=120,
+        slq_runs=8,
+    )
+}
 
 
 def prepare(cfg: Config):
@@ -70,7 +85,6 @@ def prepare(cfg: Config):
 
 def make_model(cfg: Config) -> models.MLP:
     return models.MLP(widths=cfg.widths, num_outputs=10, activation=cfg.activation)
-
 
 
 def sharpness_eval(objective, num_iters: int):
@@ -91,7 +105,7 @@ def cells(cfg: Config):
 
 def run(cfg: Config, batch, group):
     model = make_model(cfg)
-    objective = _methods.Objective(model, "squared_loss")
+    objective = common.Objective(model, "squared_loss")
     if group[0]["part"] == "spectrum":
         return [spectrum_run(cfg, model, objective, batch, c["seed"]) for c in group]
     return eos_run(cfg, model, objective, batch, group)
@@ -101,15 +115,16 @@ def spectrum_at(cfg: Config, objective, params, batch, key):
     """Top-k eigenvalues, exact saddle index and the SLQ density (on its own grid) at ``params``."""
     k1, k2 = jax.random.split(key)
     top = curvature.top_eigenvalues(objective, params, batch, k1, k=cfg.top_k, num_iters=max(2 * cfg.top_k + 20, 40))
-    index = curvature.saddle_index(objective, params, batch, method="exact", tol=cfg.saddle_tol * float(top[0]))
-    grid, density = curvature.spectral_density(objective, params, batch, k2, num_iters=cfg.slq_iters,
-                                               num_runs=cfg.slq_runs, num_points=cfg.density_points)
+    index = curvature.saddle_index(objective, params, batch, method="exact", rtol=cfg.saddle_tol)
+    grid, density = curvature.spectral_density(
+        objective, params, batch, k2, num_iters=cfg.slq_iters, num_runs=cfg.slq_runs, num_points=cfg.density_points
+    )
     return np.asarray(top), float(index), np.asarray(grid), np.asarray(density)
 
 
 def spectrum_run(cfg: Config, model, objective, batch, seed: int):
     """GD at ``spectrum_lr``: the spectrum at initialisation, after steps/2 and after steps."""
-    params = model.init(train.split_key(seed)[0], batch[0][:1])["params"]  # the initialisation the sweep uses
+    params = common.init_fn(model, batch[0])(train.split_key(seed)[0])  # the initialisation the sweep uses
     optimizer = optax.sgd(cfg.spectrum_lr)
     half = cfg.steps // 2
     snapshots, start, key = {"init": (params, float(objective(params, batch)))}, params, seed
@@ -121,10 +136,19 @@ def spectrum_run(cfg: Config, model, objective, batch, seed: int):
     for i, phase in enumerate(PHASES):
         params, loss = snapshots[phase]
         top, index, grid, density = spectrum_at(cfg, objective, params, batch, jax.random.key(seed))
-        rows.append(dict(kind="snapshot", phase=phase, step=i * half, train_loss=loss, saddle_index=index,
-                         **{f"top_{j + 1}": float(v) for j, v in enumerate(top)}))
-        rows += [dict(kind="density", phase=phase, eigenvalue=float(g), density=float(d))
-                 for g, d in zip(grid, density)]
+        rows.append(
+            dict(
+                kind="snapshot",
+                phase=phase,
+                step=i * half,
+                train_loss=loss,
+                saddle_index=index,
+                **{f"top_{j + 1}": float(v) for j, v in enumerate(top)},
+            )
+        )
+        rows += [
+            dict(kind="density", phase=phase, eigenvalue=float(g), density=float(d)) for g, d in zip(grid, density)
+        ]
     return rows
 
 
@@ -133,23 +157,39 @@ def eos_run(cfg: Config, model, objective, batch, group):
     lrs = sorted({c["lr"] for c in group})
     seeds = sorted({c["seed"] for c in group})
     result = train.sweep(
-        objective, lambda lr, seed: optax.sgd(lr), lambda k: model.init(k, batch[0][:1])["params"], batch,
-        {"lr": lrs}, seeds, num_steps=cfg.steps, eval_every=cfg.eval_every,
-        eval_fn=sharpness_eval(objective, cfg.lanczos_iters), eval_data=batch,
+        objective,
+        lambda lr, seed: optax.sgd(lr),
+        common.init_fn(model, batch[0]),
+        batch,
+        {"lr": lrs},
+        seeds,
+        num_steps=cfg.steps,
+        eval_every=cfg.eval_every,
+        eval_fn=sharpness_eval(objective, cfg.lanczos_iters),
+        eval_data=batch,
     )
     h = {k: np.asarray(v) for k, v in result.history.items()}
     out = []
     for c in group:
         i, j = lrs.index(c["lr"]), seeds.index(c["seed"])
-        out.append([dict(kind="eos", step=int(h["step"][i, j, t]), train_loss=float(h["train_loss"][i, j, t]),
-                         lambda_max=float(h["lambda_max"][i, j, t]), two_over_lr=2.0 / c["lr"])
-                    for t in range(h["step"].shape[-1])])
+        out.append(
+            [
+                dict(
+                    kind="eos",
+                    step=int(h["step"][i, j, t]),
+                    train_loss=float(h["train_loss"][i, j, t]),
+                    lambda_max=float(h["lambda_max"][i, j, t]),
+                    two_over_lr=2.0 / c["lr"],
+                )
+                for t in range(h["step"].shape[-1])
+            ]
+        )
     return out
 
 
 def _edge_ratios(cfg: Config, rows, lr: float):
     """lambda_max / (2 / lr) over the last half of training, pooled over seeds (NaN after divergence)."""
-    sel = [r for r in _runner.select(rows, part="eos", lr=lr) if r["step"] >= cfg.steps // 2]
+    sel = [r for r in common.select(rows, part="eos", lr=lr) if r["step"] >= cfg.steps // 2]
     return np.array([r["lambda_max"] * lr / 2.0 for r in sel])
 
 
@@ -157,11 +197,17 @@ def summarize(cfg: Config, rows):
     table, figures, ok = [], {}, True
     for lr in cfg.lrs:
         ratios = _edge_ratios(cfg, rows, lr)
-        start = [r["lambda_max"] for r in _runner.select(rows, part="eos", lr=lr, step=0)]
-        entry = dict(lr=lr, two_over_lr=2.0 / lr, lambda_max_init=float(np.mean(start)),
-                     ratio_median_last_half=float(np.nanmedian(ratios)), ratio_max_last_half=float(np.nanmax(ratios)),
-                     final_loss=float(np.mean([r["train_loss"] for r in _runner.select(rows, part="eos", lr=lr,
-                                                                                        step=cfg.steps)])))
+        start = [r["lambda_max"] for r in common.select(rows, part="eos", lr=lr, step=0)]
+        entry = dict(
+            lr=lr,
+            two_over_lr=2.0 / lr,
+            lambda_max_init=float(np.mean(start)),
+            ratio_median_last_half=float(np.nanmedian(ratios)),
+            ratio_max_last_half=float(np.nanmax(ratios)),
+            final_loss=float(
+                np.mean([r["train_loss"] for r in common.select(rows, part="eos", lr=lr, step=cfg.steps)])
+            ),
+        )
         table.append(entry)
         figures[f"lr_{lr:g}_lambda_max_over_edge_median"] = entry["ratio_median_last_half"]
         figures[f"lr_{lr:g}_lambda_max_over_edge_max"] = entry["ratio_max_last_half"]
@@ -169,46 +215,47 @@ def summarize(cfg: Config, rows):
     snaps = [r for r in rows if r.get("kind") == "snapshot"]
     for phase in PHASES:
         sel = [r for r in snaps if r["phase"] == phase]
-        entry = dict(phase=phase, step=sel[0]["step"], train_loss=float(np.mean([r["train_loss"] for r in sel])),
-                     saddle_index=float(np.mean([r["saddle_index"] for r in sel])),
-                     **{f"top_{j}": float(np.mean([r[f"top_{j}"] for r in sel])) for j in (1, 2, cfg.top_k)})
+        entry = dict(
+            phase=phase,
+            step=sel[0]["step"],
+            train_loss=float(np.mean([r["train_loss"] for r in sel])),
+            saddle_index=float(np.mean([r["saddle_index"] for r in sel])),
+            **{f"top_{j}": float(np.mean([r[f"top_{j}"] for r in sel])) for j in (1, 2, cfg.top_k)},
+        )
         table.append(entry)
         figures[f"{phase}_saddle_index"] = entry["saddle_index"]
         figures[f"{phase}_lambda_max"] = entry["top_1"]
         figures[f"{phase}_train_loss"] = entry["train_loss"]
-    return _runner.Verdict(supported=bool(ok), figures=figures, table=table)
+    medians = ", ".join(f"{figures[f'lr_{lr:g}_lambda_max_over_edge_median']:.3g} (lr {lr:g})" for lr in cfg.lrs)
+    reason = f"median lambda_max / (2/lr) over the last half: {medians}; needs [{cfg.edge_low:g}, {cfg.edge_high:g}]"
+    return runner.Verdict(bool(ok), figures, table, reason)
 
 
-def plot(cfg: Config, rows, out_dir):
-    fig, axes = _runner.plt.subplots(1, 2, figsize=(12, 4))
+def plot(cfg: Config, rows: list[dict]) -> dict:
+    fig, axes = runner.plt.subplots(1, 2, figsize=(12, 4))
     for i, lr in enumerate(cfg.lrs):
-        sel = _runner.select(rows, part="eos", lr=lr, seed=cfg.seeds[0])
+        sel = common.select(rows, part="eos", lr=lr, seed=cfg.seeds[0])
         axes[0].plot([r["step"] for r in sel], [r["lambda_max"] for r in sel], color=f"C{i}", label=f"lr = {lr:g}")
         axes[0].axhline(2.0 / lr, color=f"C{i}", ls="--", lw=1)
     axes[0].set(xlabel="GD step", ylabel="lambda_max", yscale="log", title="sharpness vs 2 / lr (dashed)")
     axes[0].legend()
     for i, phase in enumerate(PHASES):
         sel = [r for r in rows if r.get("kind") == "density" and r["phase"] == phase and r["seed"] == cfg.seeds[0]]
-        axes[1].plot([r["eigenvalue"] for r in sel], [max(r["density"], 1e-8) for r in sel], color=f"C{i}", label=phase)
-    axes[1].set(yscale="log", ylim=(1e-6, None), xlabel="eigenvalue", ylabel="density (SLQ)",
-                title=f"Hessian spectrum, GD lr = {cfg.spectrum_lr:g}")
+        (snap,) = [r for r in rows if r.get("kind") == "snapshot" and r["phase"] == phase and r["seed"] == cfg.seeds[0]]
+        axes[1].plot([r["eigenvalue"] for r in sel], [max(r["density"], 1e-8) for r in sel], color=f"C{i}",
+                     label=f"{phase} (step {snap['step']}, saddle index {snap['saddle_index']:.3g})")
+    axes[1].set(
+        yscale="log",
+        ylim=(1e-6, None),
+        xlabel="eigenvalue",
+        ylabel="density (SLQ)",
+        title=f"Hessian spectrum, GD lr = {cfg.spectrum_lr:g} (index: eigenvalues < -{cfg.saddle_tol:g} max|lambda|)",
+    )
     axes[1].legend()
-    _runner.save_figure(fig, out_dir / "hessian_spectrum.png")
+    return {"hessian_spectrum.png": fig}
 
 
-EXPERIMENT = _runner.Experiment(
-    name="hessian_spectrum",
-    claim=("Under full-batch GD the sharpness lambda_max is driven to the stability edge 2/lr and hovers there while "
-           "the loss keeps falling (edge of stability, Cohen et al. 2021)."),
-    config=Config,
-    presets={"paper": PAPER},
-    cells=cells,
-    run=run,
-    summarize=summarize,
-    plot=plot,
-    prepare=prepare,
-    batch_over=("lr", "seed"),
-)
+EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("lr", "seed"))
 
 if __name__ == "__main__":
-    _runner.main(EXPERIMENT)
+    runner.main(EXPERIMENT)

@@ -33,26 +33,35 @@ The skip comparison is therefore sensitive to the step size at this size; at dep
 does not train and the residual one diverges at 0.1.
 
 Verdict: a comparison (small_batch < large_batch, noise < large_batch, deep_skip < deep_plain, in
-curvature) holds when it holds for every seed and fails when it is reversed for every seed;
-supported is true when all of ``comparisons`` hold, false when any fails, null otherwise (mixed seeds).
+curvature) is the curvature gap of the pair paired over seeds (a seed fixes the initialisation of
+both; ``common.paired_gain``): it holds beyond 2 s.e., fails below minus 2 s.e., and is null in
+between. Supported when all of ``comparisons`` hold, false when one fails, null otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import numpy as np
 import optax
 
-from experiments import _methods, _runner
+from experiments import common, runner
 from lsgeo import landscape, models, optim, train
 
 VARIANTS = ("small_batch", "large_batch", "noise", "deep_plain", "deep_skip")
 # comparison -> (variant expected flatter, variant expected sharper)
-COMPARISONS = {"batch": ("small_batch", "large_batch"), "noise": ("noise", "large_batch"),
-               "skip": ("deep_skip", "deep_plain")}
+COMPARISONS = {
+    "batch": ("small_batch", "large_batch"),
+    "noise": ("noise", "large_batch"),
+    "skip": ("deep_skip", "deep_plain"),
+}
+
+CLAIM = (
+    "In filter-normalised loss landscapes, small-batch SGD reaches flatter minima than large-batch training, "
+    "layer-wise noise injection flatter minima than plain GD, and a deep network with skip connections a "
+    "flatter minimum than the same network without them (Li et al. 2018)."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,15 +85,28 @@ class Config:
     fit_radius: float = 0.2  # the parabola of the curvature is fitted on |alpha| <= fit_radius
     level: float = 0.1  # the area counts grid points within this loss of the minimum's
     comparisons: tuple[str, ...] = ("batch", "noise", "skip")  # which comparisons (and so which variants) to run
-    seeds: tuple[int, ...] = (0, 1)  # initialisation, data order, noise and directions
+    seeds: tuple[int, ...] = (0, 1, 2)  # initialisation, data order, noise and directions
 
 
-PAPER = Config(dataset="mnist1d", n_train=4000, widths=(256, 256), deep_width=64, deep_depth=20, steps=20_000,
-               num_directions=10, num_alphas=101, grid=51, seeds=(0, 1, 2))
+PRESETS = {
+    "paper": Config(
+        dataset="mnist1d",
+        n_train=4000,
+        widths=(256, 256),
+        deep_width=64,
+        deep_depth=20,
+        steps=20_000,
+        num_directions=10,
+        num_alphas=101,
+        grid=51,
+        seeds=(0, 1, 2),
+    )
+}
 
 
 def prepare(cfg: Config):
-    return _methods.flat_data(cfg.dataset, cfg.n_train)
+    data = common.splits(cfg.dataset, n_train=cfg.n_train, flatten=True)
+    return data.train, data.test
 
 
 def variants(cfg: Config) -> list[str]:
@@ -97,10 +119,10 @@ def variants(cfg: Config) -> list[str]:
 
 def make_model(cfg: Config, variant: str) -> models.MLP:
     if variant.startswith("deep"):
-        return models.MLP(widths=(cfg.deep_width,) * cfg.deep_depth, num_outputs=10,
-                          skip_connections=variant == "deep_skip")
+        return models.MLP(
+            widths=(cfg.deep_width,) * cfg.deep_depth, num_outputs=10, skip_connections=variant == "deep_skip"
+        )
     return models.MLP(widths=cfg.widths, num_outputs=10)
-
 
 
 def optimizer_fn(cfg: Config, variant: str):
@@ -124,16 +146,21 @@ def cells(cfg: Config) -> list[dict]:
 def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     (train_batch, test_batch), variant = data, group[0]["variant"]
     model = make_model(cfg, variant)
-    objective = _methods.Objective(model)
+    objective = common.Objective(model)
     result = train.sweep(
-        objective, optimizer_fn(cfg, variant), lambda k: model.init(k, train_batch[0][:1])["params"], train_batch,
+        objective, optimizer_fn(cfg, variant), common.init_fn(model, train_batch[0]), train_batch,
         {"sigma": [cfg.sigma if variant == "noise" else 0.0]}, [c["seed"] for c in group], num_steps=cfg.steps,
         batch_size=cfg.small_batch if variant == "small_batch" else None,
     )  # fmt: skip
     alphas = np.linspace(-cfg.radius, cfg.radius, cfg.num_alphas)
     grid = np.linspace(-cfg.radius, cfg.radius, cfg.grid)
-    evaluate = jax.jit(lambda w, train_data, test_data: (
-        objective(w, train_data), _methods.Objective(model, "accuracy")(w, test_data), objective(w, test_data)))
+    evaluate = jax.jit(
+        lambda w, train_data, test_data: (
+            objective(w, train_data),
+            common.Objective(model, "accuracy")(w, test_data),
+            objective(w, test_data),
+        )
+    )
     params = jax.tree_util.tree_map(np.asarray, result.params)
     out = []
     for i, c in enumerate(group):
@@ -143,46 +170,69 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
         slices = np.stack([np.asarray(landscape.slice_1d(objective, w, train_batch, d, alphas)) for d in directions])
         surface = np.asarray(landscape.slice_2d(objective, w, train_batch, directions[0], directions[1], grid, grid))
         center, test_acc, test_loss = (float(v) for v in evaluate(w, train_batch, test_batch))
-        rows = [dict(kind="minimum", train_loss=center, test_acc=test_acc, test_loss=test_loss,
-                     curvature=float(np.mean([curvature_at_zero(alphas, s, cfg.fit_radius) for s in slices])),
-                     area=float(np.mean(surface <= center + cfg.level)))]
-        rows += [dict(kind="slice", direction=j, alpha=float(a), loss=float(slices[j, k]))
-                 for j in range(cfg.num_directions) for k, a in enumerate(alphas)]
-        rows += [dict(kind="surface", alpha=float(a), beta=float(b), loss=float(surface[j, k]))
-                 for j, a in enumerate(grid) for k, b in enumerate(grid)]
+        rows = [
+            dict(
+                kind="minimum",
+                train_loss=center,
+                test_acc=test_acc,
+                test_loss=test_loss,
+                curvature=float(np.mean([curvature_at_zero(alphas, s, cfg.fit_radius) for s in slices])),
+                area=float(np.mean(surface <= center + cfg.level)),
+            )
+        ]
+        rows += [
+            dict(kind="slice", direction=j, alpha=float(a), loss=float(slices[j, k]))
+            for j in range(cfg.num_directions)
+            for k, a in enumerate(alphas)
+        ]
+        rows += [
+            dict(kind="surface", alpha=float(a), beta=float(b), loss=float(surface[j, k]))
+            for j, a in enumerate(grid)
+            for k, b in enumerate(grid)
+        ]
         out.append(rows)
     return out
 
 
 def minimum(rows: list[dict], variant: str, seed: int) -> dict:
-    return _runner.select(rows, variant=variant, seed=seed, kind="minimum")[0]
+    return common.select(rows, variant=variant, seed=seed, kind="minimum")[0]
 
 
-def summarize(cfg: Config, rows: list[dict]) -> _runner.Verdict:
+def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
     table, figures = [], {}
     for v in variants(cfg):
         ms = [minimum(rows, v, s) for s in cfg.seeds]
-        entry = dict(variant=v, **{k: float(np.mean([m[k] for m in ms]))
-                                   for k in ("train_loss", "test_acc", "curvature", "area")})
+        entry = dict(
+            variant=v,
+            **{k: float(np.mean([m[k] for m in ms])) for k in ("train_loss", "test_acc", "curvature", "area")},
+        )
         table.append(entry)
         figures.update({f"{v}_{k}": entry[k] for k in ("curvature", "area", "train_loss", "test_acc")})
-    verdicts = []
+    gains = {}
     for name in cfg.comparisons:
         flat, sharp = COMPARISONS[name]
-        flatter = [minimum(rows, flat, s)["curvature"] < minimum(rows, sharp, s)["curvature"] for s in cfg.seeds]
-        figures[f"{name}_curvature_ratio"] = float(np.divide(figures[f"{sharp}_curvature"], figures[f"{flat}_curvature"]))
+        curvature = {v: common.per_seed(rows, "curvature", cfg.seeds, variant=v, kind="minimum") for v in (flat, sharp)}
+        gains[name] = common.paired_gain(curvature[sharp], curvature[flat])
+        figures[f"{name}_curvature_ratio"] = float(
+            np.divide(figures[f"{sharp}_curvature"], figures[f"{flat}_curvature"])
+        )
         figures[f"{name}_area_ratio"] = float(np.divide(figures[f"{flat}_area"], figures[f"{sharp}_area"]))
-        figures[f"{name}_holds"] = float(all(flatter))
-        verdicts.append(True if all(flatter) else (False if not any(flatter) else None))
-    supported = False if False in verdicts else (True if all(verdicts) else None)
-    return _runner.Verdict(supported=supported, figures=figures, table=table)
+        figures[f"{name}_curvature_gap"], figures[f"{name}_curvature_gap_se"] = gains[name].mean, gains[name].se
+    supported = common.combine({name: g.supported for name, g in gains.items()})
+    reason = "; ".join(
+        g.describe(f"{name}: curvature of {sharp} minus {flat}")
+        + f" (train loss {figures[f'{sharp}_train_loss']:.2g} vs {figures[f'{flat}_train_loss']:.2g})"
+        for name, g in gains.items()
+        for flat, sharp in [COMPARISONS[name]]
+    )
+    return runner.Verdict(supported, figures, table, reason)
 
 
-def plot(cfg: Config, rows: list[dict], out_dir: Path) -> None:
-    plt, seed = _runner.plt, cfg.seeds[0]
+def plot(cfg: Config, rows: list[dict]) -> dict:
+    plt, seed = runner.plt, cfg.seeds[0]
     surfaces = {}
     for v in variants(cfg):
-        sel = _runner.select(rows, variant=v, seed=seed, kind="surface")
+        sel = common.select(rows, variant=v, seed=seed, kind="surface")
         grid = np.array(sorted({r["alpha"] for r in sel}))
         surfaces[v] = np.log10(np.maximum([r["loss"] for r in sel], 1e-12)).reshape(grid.size, grid.size)
     low, high = min(z.min() for z in surfaces.values()), max(z.max() for z in surfaces.values())
@@ -197,7 +247,7 @@ def plot(cfg: Config, rows: list[dict], out_dir: Path) -> None:
         ax.set(title=f"{v}\ncurv {m['curvature']:.3g}, area {m['area']:.2f}", xlabel="beta (d2)", aspect="equal")
     axes[0].set_ylabel("alpha (d1)")
     fig.suptitle(f"log10 training loss on filter-normalised planes (seed {seed})", y=1.02)
-    _runner.save_figure(fig, out_dir / "surfaces.png")
+    figures = {"surfaces.png": fig}
 
     fig, axes = plt.subplots(1, len(cfg.comparisons), figsize=(5 * len(cfg.comparisons), 4), squeeze=False)
     for ax, name in zip(axes[0], cfg.comparisons):
@@ -205,12 +255,20 @@ def plot(cfg: Config, rows: list[dict], out_dir: Path) -> None:
         for v, color in zip(pair, ("tab:blue", "tab:red")):
             for s in cfg.seeds:
                 for j in range(cfg.num_directions):
-                    sel = sorted(_runner.select(rows, variant=v, seed=s, kind="slice", direction=j), key=lambda r: r["alpha"])
-                    ax.plot([r["alpha"] for r in sel], [r["loss"] for r in sel], color=color, alpha=0.5, lw=1,
-                            label=v if (s, j) == (seed, 0) else None)
+                    sel = sorted(
+                        common.select(rows, variant=v, seed=s, kind="slice", direction=j), key=lambda r: r["alpha"]
+                    )
+                    ax.plot(
+                        [r["alpha"] for r in sel],
+                        [r["loss"] for r in sel],
+                        color=color,
+                        alpha=0.5,
+                        lw=1,
+                        label=v if (s, j) == (seed, 0) else None,
+                    )
         ax.set(yscale="log", xlabel="alpha (filter-normalised)", ylabel="training loss", title=f"1-D slices: {name}")
         ax.legend()
-    _runner.save_figure(fig, out_dir / "slices.png")
+    figures["slices.png"] = fig
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, v in enumerate(surfaces):
@@ -218,24 +276,13 @@ def plot(cfg: Config, rows: list[dict], out_dir: Path) -> None:
         ax.scatter([i] * len(curv), curv, color=f"C{i}")
         ax.bar(i, np.mean(curv), color=f"C{i}", alpha=0.4)
     ax.set_xticks(range(len(surfaces)), list(surfaces))
-    ax.set(yscale="symlog", ylabel="curvature of the 1-D slices at 0 (lower = flatter)", title="flatness per minimum")
-    _runner.save_figure(fig, out_dir / "flatness.png")
+    ax.set(yscale="log", ylabel="curvature of the 1-D slices at 0 (lower = flatter)",
+           title="flatness per minimum (bar: mean, dots: seeds)")
+    figures["flatness.png"] = fig
+    return figures
 
 
-EXPERIMENT = _runner.Experiment(
-    name="landscape_2d",
-    claim=("In filter-normalised loss landscapes, small-batch SGD reaches flatter minima than large-batch training, "
-           "layer-wise noise injection flatter minima than plain GD, and a deep network with skip connections a "
-           "flatter minimum than the same network without them (Li et al. 2018)."),
-    config=Config,
-    presets={"paper": PAPER},
-    prepare=prepare,
-    cells=cells,
-    run=run,
-    summarize=summarize,
-    plot=plot,
-    batch_over=("seed",),
-)
+EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("seed",))
 
 if __name__ == "__main__":
-    _runner.main(EXPERIMENT)
+    runner.main(EXPERIMENT)

@@ -24,17 +24,21 @@ are within 5% of the solution's and its rank equals the solution's (every seed).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _methods, _runner
+from experiments import common, runner
 from lsgeo import data as data_lib
-from lsgeo import losses, models, theory
+from lsgeo import models, theory
 
 NUM_SV = 6  # singular values recorded
+
+CLAIM = (
+    "Layer-wise noise injection on a two-layer linear network finds the low-rank solution of the "
+    "nuclear-norm-regularised problem of Eq. (10) (Section 2.4)."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +61,7 @@ class Config:
     seeds: tuple[int, ...] = (0, 1, 2)  # initialisation and noise seeds
 
 
-PAPER = Config(n_train=500, d_in=50, d_out=50, rank=5, width=200, steps=20_000, eval_every=500)
+PRESETS = {"paper": Config(n_train=500, d_in=50, d_out=50, rank=5, width=200, steps=20_000, eval_every=500)}
 
 
 def proximal_gradient(X, Y, sigma, num_iters: int) -> tuple[np.ndarray, list[float]]:
@@ -89,13 +93,14 @@ def _spectrum(M, rank_tol):
 
 
 def prepare(cfg: Config):
-    ds = data_lib.low_rank_regression(n_train=cfg.n_train, n_test=1, d_in=cfg.d_in, d_out=cfg.d_out, rank=cfg.rank,
-                                      noise=cfg.label_noise, seed=0)
+    ds = data_lib.low_rank_regression(
+        n_train=cfg.n_train, n_test=1, d_in=cfg.d_in, d_out=cfg.d_out, rank=cfg.rank, noise=cfg.label_noise, seed=0
+    )
     return jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
 
 
 def cells(cfg: Config) -> list[dict]:
-    return [dict(method="prox", sigma=cfg.sigma, seed=0)] + _methods.method_cells(cfg.methods, (cfg.sigma,), cfg.seeds)
+    return [dict(method="prox", sigma=cfg.sigma, seed=0)] + common.method_cells(cfg.methods, (cfg.sigma,), cfg.seeds)
 
 
 def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
@@ -106,37 +111,42 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
         spectrum = {k: float(v) for k, v in _spectrum(jnp.asarray(M, jnp.float32), cfg.rank_tol).items()}
         return [[{"step": i + 1, "objective": o, **spectrum} for i, o in enumerate(objectives)]]
     model = models.LinearNet(d1=cfg.width, d_out=cfg.d_out)
-    predict = models.make_predict(model)
-
-    def objective(params, batch):
-        return losses.squared_loss(predict(params, batch[0]), batch[1])
 
     def eval_fn(params, batch):
         W1, W2 = models.linear_params_to_matrices(params)
         M = W2 @ W1
-        return {"objective": theory.nuclear_norm_objective(M, batch[0], batch[1], cfg.sigma),
-                "R_eff": theory.linear_net_effective_risk(W1, W2, batch[0], batch[1], cfg.sigma),
-                **_spectrum(M, cfg.rank_tol)}
+        return {
+            "objective": theory.nuclear_norm_objective(M, batch[0], batch[1], cfg.sigma),
+            "R_eff": theory.linear_net_effective_risk(W1, W2, batch[0], batch[1], cfg.sigma),
+            **_spectrum(M, cfg.rank_tol),
+        }
 
-    return _methods.train_cells(
-        objective, _methods.init_params(model, X), data, group, inner=optax.sgd(optax.cosine_decay_schedule(cfg.lr, cfg.steps)),
-        num_steps=cfg.steps, eval_every=cfg.eval_every, eval_fn=eval_fn, eval_data=data,
+    return common.train_cells(
+        common.Objective(model, "squared_loss"), common.init_fn(model, X), data, group,
+        inner=optax.sgd(optax.cosine_decay_schedule(cfg.lr, cfg.steps)), num_steps=cfg.steps,
+        eval_every=cfg.eval_every, eval_fn=eval_fn, eval_data=data,
     )  # fmt: skip
 
 
 def _final(cfg, rows, method) -> list[dict]:
     last = cfg.prox_iters if method == "prox" else cfg.steps
-    return _runner.select(rows, method=method, step=last)
+    return common.select(rows, method=method, step=last)
 
 
-def summarize(cfg: Config, rows: list[dict]) -> _runner.Verdict:
+def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
     (prox,) = _final(cfg, rows, "prox")
     k = int(prox["rank"])
     sv_ref = np.array([prox[f"sv_{i}"] for i in range(min(k, NUM_SV))])
     figures = {"prox_rank": k, "prox_objective": prox["objective"], **{f"prox_sv_{i}": v for i, v in enumerate(sv_ref)}}
-    table = [{"method": "proximal gradient (SVT)", "rank": k, "objective": prox["objective"],
-              **{f"sv_{i}": prox[f"sv_{i}"] for i in range(NUM_SV)}}]
-    supported = None
+    table = [
+        {
+            "method": "proximal gradient (SVT)",
+            "rank": k,
+            "objective": prox["objective"],
+            **{f"sv_{i}": prox[f"sv_{i}"] for i in range(NUM_SV)},
+        }
+    ]
+    supported, reason = None, "needs the layer-wise method"
     for m in cfg.methods:
         final = _final(cfg, rows, m)
         sv = np.array([[r[f"sv_{i}"] for i in range(len(sv_ref))] for r in final])
@@ -145,48 +155,71 @@ def summarize(cfg: Config, rows: list[dict]) -> _runner.Verdict:
         figures[f"{m}_sv_max_rel_err"] = float(rel.max())
         figures[f"{m}_rank_mean"] = float(ranks.mean())
         figures[f"{m}_objective_mean"] = float(np.mean([r["objective"] for r in final]))
-        table.append({"method": _methods.LABELS[m], "rank": float(ranks.mean()), "objective": figures[f"{m}_objective_mean"],
-                      **{f"sv_{i}": float(np.mean([r[f"sv_{i}"] for r in final])) for i in range(NUM_SV)}})
+        table.append(
+            {
+                "method": common.label(m),
+                "rank": float(ranks.mean()),
+                "objective": figures[f"{m}_objective_mean"],
+                **{f"sv_{i}": float(np.mean([r[f"sv_{i}"] for r in final])) for i in range(NUM_SV)},
+            }
+        )
         if m == "layer":
             supported = bool(rel.max() < 0.05 and np.all(ranks == k))
-    return _runner.Verdict(supported, figures, table)
+            reason = (
+                f"layer-wise: leading {len(sv_ref)} singular values within {100 * rel.max():.2g}% of the solution's "
+                f"(needs 5%), rank {sorted(set(ranks.astype(int).tolist()))} over seeds vs the solution's {k}"
+            )
+    return runner.Verdict(supported, figures, table, reason)
 
 
-def plot(cfg: Config, rows: list[dict], out_dir: Path) -> None:
-    plt = _runner.plt
-    fig, (ax, ax_o) = plt.subplots(1, 2, figsize=(11, 4))
+def plot(cfg: Config, rows: list[dict]) -> dict:
+    plt = runner.plt
+    fig, (ax, ax_s, ax_o) = plt.subplots(1, 3, figsize=(16, 4.5))
     (prox,) = _final(cfg, rows, "prox")
+    floor = 1e-6  # singular values are drawn on a log scale, exact zeros at this floor
     for m in cfg.methods:
-        rs = _runner.select(rows, method=m)
-        steps = sorted({r["step"] for r in rs})
         for i in range(NUM_SV):
-            ax.plot(steps, [np.mean([r[f"sv_{i}"] for r in rs if r["step"] == t]) for t in steps],
-                    color=_methods.COLORS[m], label=_methods.LABELS[m] if i == 0 else None)
-        ax_o.plot(steps, [np.mean([r["objective"] for r in rs if r["step"] == t]) for t in steps],
-                  color=_methods.COLORS[m], label=_methods.LABELS[m])
+            steps, values = common.curve(rows, f"sv_{i}", method=m)
+            ax.plot(
+                steps,
+                np.maximum(values, floor),
+                color=common.COLORS[m],
+                lw=1.5 if i < prox["rank"] else 0.8,
+                label=common.label(m) if i == 0 else None,
+            )
+        final = _final(cfg, rows, m)
+        ax_s.plot(
+            np.arange(1, NUM_SV + 1),
+            np.maximum([np.mean([r[f"sv_{i}"] for r in final]) for i in range(NUM_SV)], floor),
+            "o-",
+            color=common.COLORS[m],
+            label=f"{common.label(m)} (rank {np.mean([r['rank'] for r in final]):.3g})",
+        )
+        common.plot_curves(ax_o, rows, "objective", {common.label(m): (dict(method=m), common.COLORS[m])})
+    solution = np.maximum([prox[f"sv_{i}"] for i in range(NUM_SV)], floor)
+    ax_s.plot(
+        np.arange(1, NUM_SV + 1), solution, "s--", color="tab:green", label=f"proximal solution (rank {prox['rank']:g})"
+    )
     for i in range(NUM_SV):
-        ax.axhline(prox[f"sv_{i}"], color="tab:green", ls="--", label="proximal solution" if i == 0 else None)
+        ax.axhline(solution[i], color="tab:green", ls="--", lw=0.8, label="proximal solution" if i == 0 else None)
+    ax_s.axhline(cfg.rank_tol * solution[0], color="gray", ls=":", label=f"rank threshold ({cfg.rank_tol:g} s_1)")
     ax_o.axhline(prox["objective"], color="tab:green", ls="--", label="proximal solution")
-    ax.set(xlabel="GD step", ylabel="singular values of W2 W1", yscale="symlog", title=f"sigma={cfg.sigma:g}")
+    ax.set(
+        xlabel="GD step",
+        ylabel=f"singular values of W2 W1 (floor {floor:g})",
+        yscale="log",
+        title=f"sigma={cfg.sigma:g}, mean over seeds",
+    )
+    ax_s.set(
+        xlabel="index i", ylabel="s_i at the end", yscale="log", title="final spectrum: the rank the claim is about"
+    )
     ax_o.set(xlabel="GD step", ylabel="nuclear-norm objective (Eq. 10)", yscale="log")
-    ax.legend()
-    ax_o.legend()
-    _runner.save_figure(fig, out_dir / "nuclear_norm.png")
+    for a in (ax, ax_s, ax_o):
+        a.legend(fontsize=8)
+    return {"nuclear_norm.png": fig}
 
 
-EXPERIMENT = _runner.Experiment(
-    name="nuclear_norm",
-    claim="Layer-wise noise injection on a two-layer linear network finds the low-rank solution of the "
-    "nuclear-norm-regularised problem of Eq. (10) (Section 2.4).",
-    config=Config,
-    presets={"paper": PAPER},
-    prepare=prepare,
-    cells=cells,
-    run=run,
-    summarize=summarize,
-    plot=plot,
-    batch_over=("sigma", "seed"),
-)
+EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("sigma", "seed"))
 
 if __name__ == "__main__":
-    _runner.main(EXPERIMENT)
+    runner.main(EXPERIMENT)

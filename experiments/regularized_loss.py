@@ -14,22 +14,26 @@ R_sigma^(eff) (closed form of Section 2.4, ``lsgeo.theory.linear_net_effective_r
 sigma for every method, so the curves are comparable), plus the exact full-noise risk R_sigma
 (``lsgeo.theory.linear_net_full_noise_risk``) whose excess over R_sigma^(eff) is the exploding term.
 
-Verdict: supported if at the largest width layer-wise noise ends with a lower R_sigma^(eff) than full
-noise (mean over seeds of the last evaluation).
+Verdict: at the largest width, the final R_sigma^(eff) of full noise minus that of layer-wise noise,
+paired over seeds (a seed fixes the initialisation of both, ``common.paired_gain``): supported beyond
+2 s.e., false below minus 2 s.e., null in between.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from experiments import _methods, _runner
+from experiments import common, runner
 from lsgeo import data as data_lib
-from lsgeo import losses, models, theory
+from lsgeo import models, theory
+
+CLAIM = (
+    "In a wide one-hidden-layer linear network, layer-wise noise injection minimises the effective "
+    "risk R_sigma^(eff) while full noise does not, because of its variance explosion (Figure 2)."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,21 +49,22 @@ class Config:
     lr: float = 0.02  # full-batch GD step size
     steps: int = 3000  # GD steps
     eval_every: int = 50  # steps between evaluations
-    methods: tuple[str, ...] = _methods.METHODS
+    methods: tuple[str, ...] = common.METHODS
     seeds: tuple[int, ...] = (0, 1, 2)  # initialisation and noise seeds (the data are fixed)
 
 
-PAPER = Config(seeds=(0, 1, 2, 3, 4), steps=10_000)
+PRESETS = {"paper": Config(seeds=(0, 1, 2, 3, 4), steps=10_000)}
 
 
 def prepare(cfg: Config):
-    ds = data_lib.sparse_regression(n_train=cfg.n_train, n_test=1, d=cfg.d, num_nonzero=cfg.num_nonzero,
-                                    noise=cfg.label_noise, seed=0)
+    ds = data_lib.sparse_regression(
+        n_train=cfg.n_train, n_test=1, d=cfg.d, num_nonzero=cfg.num_nonzero, noise=cfg.label_noise, seed=0
+    )
     return jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
 
 
 def cells(cfg: Config) -> list[dict]:
-    return [c for w in cfg.widths for c in _methods.method_cells(cfg.methods, (cfg.sigma,), cfg.seeds, width=w)]
+    return [c for w in cfg.widths for c in common.method_cells(cfg.methods, (cfg.sigma,), cfg.seeds, width=w)]
 
 
 def _regulariser(params, batch):
@@ -72,19 +77,17 @@ def _regulariser(params, batch):
 def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     width = group[0]["width"]
     model = models.LinearNet(d1=width, d_out=1)
-    predict = models.make_predict(model)
-
-    def objective(params, batch):
-        return losses.squared_loss(predict(params, batch[0]), batch[1])
 
     def eval_fn(params, batch):
         W1, W2 = models.linear_params_to_matrices(params)
         X, Y = batch
-        return {"gn_trace": _regulariser(params, batch),
-                "R_sigma_full": theory.linear_net_full_noise_risk(W1, W2, X, Y, cfg.sigma)}
+        return {
+            "gn_trace": _regulariser(params, batch),
+            "R_sigma_full": theory.linear_net_full_noise_risk(W1, W2, X, Y, cfg.sigma),
+        }
 
-    results = _methods.train_cells(
-        objective, _methods.init_params(model, data[0]), data, group, inner=optax.sgd(cfg.lr),
+    results = common.train_cells(
+        common.Objective(model, "squared_loss"), common.init_fn(model, data[0]), data, group, inner=optax.sgd(cfg.lr),
         num_steps=cfg.steps, eval_every=cfg.eval_every, eval_fn=eval_fn, eval_data=data,
     )  # fmt: skip
     for rows in results:
@@ -95,10 +98,10 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
 
 def final(cfg: Config, rows, width, method, key) -> tuple[float, float]:
     """Mean and standard error over seeds of ``key`` at the last evaluation."""
-    return _runner.mean_se([r[key] for r in _runner.select(rows, width=width, method=method, step=cfg.steps)])
+    return common.mean_se([r[key] for r in common.select(rows, width=width, method=method, step=cfg.steps)])
 
 
-def summarize(cfg: Config, rows: list[dict]) -> _runner.Verdict:
+def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
     figures, table = {}, []
     for w in cfg.widths:
         for m in cfg.methods:
@@ -107,48 +110,48 @@ def summarize(cfg: Config, rows: list[dict]) -> _runner.Verdict:
             full, _ = final(cfg, rows, w, m, "R_sigma_full")
             figures[f"R_eff_w{w}_{m}"] = eff
             figures[f"R_w{w}_{m}"] = R
-            table.append({"width": w, "method": _methods.LABELS[m], "R": R, "R_eff": eff, "se": eff_se,
-                          "R_sigma_full - R_eff": full - eff})
+            table.append(
+                {
+                    "width": w,
+                    "method": common.label(m),
+                    "R": R,
+                    "R_eff": eff,
+                    "se": eff_se,
+                    "R_sigma_full - R_eff": full - eff,
+                }
+            )
     widest = max(cfg.widths)
-    supported = None
+    supported, reason = None, "needs both noise methods"
     if {"noise", "layer"} <= set(cfg.methods):
-        gap = figures[f"R_eff_w{widest}_noise"] - figures[f"R_eff_w{widest}_layer"]
-        figures[f"R_eff_gap_full_minus_layer_w{widest}"] = gap
-        supported = bool(gap > 0)
-    return _runner.Verdict(supported, figures, table)
+        gain = common.paired_gain(
+            *(
+                common.per_seed(rows, "R_eff", cfg.seeds, width=widest, method=m, step=cfg.steps)
+                for m in ("noise", "layer")
+            )
+        )
+        figures[f"R_eff_gap_full_minus_layer_w{widest}"] = gain.mean
+        figures[f"R_eff_gap_se_w{widest}"] = gain.se
+        supported, reason = gain.supported, gain.describe(f"width {widest}: final R_eff, full noise minus layer-wise")
+    return runner.Verdict(supported, figures, table, reason)
 
 
-def plot(cfg: Config, rows: list[dict], out_dir: Path) -> None:
-    plt = _runner.plt
+def plot(cfg: Config, rows: list[dict]) -> dict:
+    plt = runner.plt
     fig, axes = plt.subplots(2, len(cfg.widths), figsize=(5 * len(cfg.widths), 7), squeeze=False, sharex=True)
     for col, w in enumerate(cfg.widths):
         for row, (key, name) in enumerate((("train_loss", "R"), ("R_eff", f"R_sigma^(eff), sigma={cfg.sigma:g}"))):
             ax = axes[row, col]
-            for m in cfg.methods:
-                rs = _runner.select(rows, width=w, method=m)
-                steps = sorted({r["step"] for r in rs})
-                mean = [np.mean([r[key] for r in rs if r["step"] == t]) for t in steps]
-                ax.plot(steps, mean, color=_methods.COLORS[m], label=_methods.LABELS[m])
+            common.plot_curves(
+                ax, rows, key, {common.label(m): (dict(width=w, method=m), common.COLORS[m]) for m in cfg.methods}
+            )
             ax.set(yscale="log", ylabel=name, title=f"width {w}")
             if row == 1:
                 ax.set_xlabel("GD step")
         axes[0, col].legend()
-    _runner.save_figure(fig, out_dir / "regularized_loss.png")
+    return {"regularized_loss.png": fig}
 
 
-EXPERIMENT = _runner.Experiment(
-    name="regularized_loss",
-    claim="In a wide one-hidden-layer linear network, layer-wise noise injection minimises the effective "
-    "risk R_sigma^(eff) while full noise does not, because of its variance explosion (Figure 2).",
-    config=Config,
-    presets={"paper": PAPER},
-    prepare=prepare,
-    cells=cells,
-    run=run,
-    summarize=summarize,
-    plot=plot,
-    batch_over=("sigma", "seed"),
-)
+EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("sigma", "seed"))
 
 if __name__ == "__main__":
-    _runner.main(EXPERIMENT)
+    runner.main(EXPERIMENT)

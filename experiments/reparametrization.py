@@ -35,9 +35,15 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from experiments import _methods, _runner
+from experiments import common, runner
 from lsgeo import curvature, models, sharpness, train
 from lsgeo.data import load_dataset
+
+CLAIM = (
+    "Dinh et al.'s alpha-scale transform leaves a ReLU network's function unchanged while scaling its Hessian "
+    "blocks by alpha^-2 and alpha^2, so lambda_max, epsilon-sharpness and average sharpness move by orders of "
+    "magnitude and only a scale-invariant (adaptive) sharpness stays put."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +68,11 @@ class Config:
     invariant_rtol: float = 1e-2  # the adaptive measure counts as unchanged within this
 
 
-PAPER = Config(seeds=tuple(range(5)), n_train=1300, widths=(32, 32), steps=3000, sharpness_steps=20,
-               sharpness_samples=128)
+PRESETS = {
+    "paper": Config(
+        seeds=tuple(range(5)), n_train=1300, widths=(32, 32), steps=3000, sharpness_steps=20, sharpness_samples=128
+    )
+}
 
 
 def prepare(cfg: Config):
@@ -77,14 +86,18 @@ def make_model(cfg: Config) -> models.MLP:
     return models.MLP(widths=cfg.widths, num_outputs=10, activation="relu")
 
 
-
 def train_networks(cfg: Config, batch, seeds):
     """One trained network per seed (full-batch Adam), vmapped; returns params with a leading seed axis."""
     model = make_model(cfg)
-    objective = _methods.Objective(model)
+    objective = common.Objective(model)
     result = train.sweep(
-        objective, lambda seed: optax.adam(cfg.lr), lambda k: model.init(k, batch[0][:1])["params"],
-        batch, {}, list(seeds), num_steps=cfg.steps,
+        objective,
+        lambda seed: optax.adam(cfg.lr),
+        common.init_fn(model, batch[0]),
+        batch,
+        {},
+        list(seeds),
+        num_steps=cfg.steps,
     )
     return jax.tree_util.tree_map(lambda a: a[0], result.params)
 
@@ -122,10 +135,12 @@ def measures(objective, predict, cfg: Config, params, batch, alpha, hessian_ref,
         block_1_kernel_norm=block_norm(block_1),
         hessian_identity_rel_err=jnp.linalg.norm(h - predicted) / jnp.linalg.norm(predicted),
         epsilon_sharpness=sharpness.epsilon_sharpness(objective, scaled, batch, cfg.rho, steps=cfg.sharpness_steps),
-        average_sharpness=sharpness.average_sharpness(objective, scaled, batch, cfg.sigma, k2,
-                                                      num_samples=cfg.sharpness_samples),
-        adaptive_sharpness=sharpness.adaptive_sharpness(objective, scaled, batch, cfg.rho_adaptive,
-                                                        steps=cfg.sharpness_steps),
+        average_sharpness=sharpness.average_sharpness(
+            objective, scaled, batch, cfg.sigma, k2, num_samples=cfg.sharpness_samples
+        ),
+        adaptive_sharpness=sharpness.adaptive_sharpness(
+            objective, scaled, batch, cfg.rho_adaptive, steps=cfg.sharpness_steps
+        ),
     )
 
 
@@ -135,7 +150,7 @@ def cells(cfg: Config):
 
 def run(cfg: Config, batch, group):
     model = make_model(cfg)
-    objective = _methods.Objective(model)
+    objective = common.Objective(model)
     predict = models.make_predict(model)
     trained = train_networks(cfg, batch, [c["seed"] for c in group])
     out = []
@@ -158,7 +173,7 @@ def _span(values) -> float:
 
 def _block_scaling_err(rows) -> float:
     """max over alpha of |(||H_00(alpha)|| / ||H_00(1)||) alpha^2 - 1| and the same with alpha^-2 for H_11."""
-    ref = _runner.select(rows, alpha=1.0)[0]
+    ref = common.select(rows, alpha=1.0)[0]
     errs = []
     for r in rows:
         a = r["alpha"]
@@ -168,15 +183,18 @@ def _block_scaling_err(rows) -> float:
 
 
 def summarize(cfg: Config, rows):
-    per_seed = [_runner.select(rows, seed=s) for s in cfg.seeds]
-    spans = {k: min(_span([r[k] for r in rs]) for rs in per_seed)
-             for k in ("lambda_max", "hessian_trace", "epsilon_sharpness", "average_sharpness")}
+    per_seed = [common.select(rows, seed=s) for s in cfg.seeds]
+    spans = {
+        k: min(_span([r[k] for r in rs]) for rs in per_seed)
+        for k in ("lambda_max", "hessian_trace", "epsilon_sharpness", "average_sharpness")
+    }
     adaptive_dev = max(_span([r["adaptive_sharpness"] for r in rs]) - 1.0 for rs in per_seed)
     figures = {
         "max_rel_function_change": max(r["rel_max_diff"] for r in rows),
         "max_abs_function_change": max(r["max_abs_diff"] for r in rows),
         "max_train_loss_change": max(
-            abs(r["train_loss"] - _runner.select(rows, seed=r["seed"], alpha=1.0)[0]["train_loss"]) for r in rows),
+            abs(r["train_loss"] - common.select(rows, seed=r["seed"], alpha=1.0)[0]["train_loss"]) for r in rows
+        ),
         "max_hessian_identity_rel_err": max(r["hessian_identity_rel_err"] for r in rows),
         "max_block_scaling_rel_err": max(_block_scaling_err(rs) for rs in per_seed),
         "max_lanczos_vs_dense_rel_err": max(abs(r["lambda_max"] / r["lambda_max_dense"] - 1.0) for r in rows),
@@ -190,45 +208,54 @@ def summarize(cfg: Config, rows):
         and min(spans["lambda_max"], spans["epsilon_sharpness"], spans["average_sharpness"]) >= cfg.moved
         and adaptive_dev <= cfg.invariant_rtol
     )
-    columns = ("alpha", "rel_max_diff", "train_loss", "lambda_max", "hessian_trace", "block_0_norm",
-               "block_1_kernel_norm", "epsilon_sharpness", "average_sharpness", "adaptive_sharpness")
-    table = [{k: r[k] for k in columns} for r in _runner.select(rows, seed=cfg.seeds[0])]
-    return _runner.Verdict(supported=supported, figures=figures, table=table)
+    reason = (
+        f"function changes by {figures['max_rel_function_change']:.2g} (relative; needs <= {cfg.function_rtol:g}); "
+        f"Hessian identity and block scalings hold to "
+        f"{max(figures['max_hessian_identity_rel_err'], figures['max_block_scaling_rel_err']):.2g} "
+        f"(needs {cfg.hessian_rtol:g}); lambda_max, epsilon- and average sharpness span "
+        f"{min(spans['lambda_max'], spans['epsilon_sharpness'], spans['average_sharpness']):.3g}x or more "
+        f"(needs {cfg.moved:g}x); adaptive sharpness moves {adaptive_dev:.2g} (needs <= {cfg.invariant_rtol:g})"
+    )
+    columns = (
+        "alpha",
+        "rel_max_diff",
+        "train_loss",
+        "lambda_max",
+        "hessian_trace",
+        "block_0_norm",
+        "block_1_kernel_norm",
+        "epsilon_sharpness",
+        "average_sharpness",
+        "adaptive_sharpness",
+    )
+    table = [{k: r[k] for k in columns} for r in common.select(rows, seed=cfg.seeds[0])]
+    return runner.Verdict(supported, figures, table, reason)
 
 
-def plot(cfg: Config, rows, out_dir):
-    rows = _runner.select(rows, seed=cfg.seeds[0])
+def plot(cfg: Config, rows: list[dict]) -> dict:
+    rows = common.select(rows, seed=cfg.seeds[0])
     alphas = np.array([r["alpha"] for r in rows])
-    fig, axes = _runner.plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = runner.plt.subplots(1, 2, figsize=(11, 4))
     for key in ("lambda_max", "hessian_trace", "epsilon_sharpness", "average_sharpness", "adaptive_sharpness"):
         axes[0].plot(alphas, [abs(r[key]) for r in rows], "o-", label=key)
     axes[0].set(xscale="log", yscale="log", xlabel="alpha", title="T_alpha: same function, different sharpness")
     axes[0].legend(fontsize=8)
-    ref = _runner.select(rows, alpha=1.0)[0]
+    ref = common.select(rows, alpha=1.0)[0]
     axes[1].plot(alphas, [r["block_0_norm"] / ref["block_0_norm"] for r in rows], "o", label="||H_00|| / ||H_00(1)||")
-    axes[1].plot(alphas, [r["block_1_kernel_norm"] / ref["block_1_kernel_norm"] for r in rows], "s",
-                 label="||H_11|| / ||H_11(1)||")
+    axes[1].plot(
+        alphas,
+        [r["block_1_kernel_norm"] / ref["block_1_kernel_norm"] for r in rows],
+        "s",
+        label="||H_11|| / ||H_11(1)||",
+    )
     axes[1].plot(alphas, alphas**-2.0, "k--", lw=1, label="alpha^-2")
     axes[1].plot(alphas, alphas**2.0, "k:", lw=1, label="alpha^2")
     axes[1].set(xscale="log", yscale="log", xlabel="alpha", title="Hessian diagonal blocks (Dinh et al.)")
     axes[1].legend(fontsize=8)
-    _runner.save_figure(fig, out_dir / "reparametrization.png")
+    return {"reparametrization.png": fig}
 
 
-EXPERIMENT = _runner.Experiment(
-    name="reparametrization",
-    claim=("Dinh et al.'s alpha-scale transform leaves a ReLU network's function unchanged while scaling its Hessian "
-           "blocks by alpha^-2 and alpha^2, so lambda_max, epsilon-sharpness and average sharpness move by orders of "
-           "magnitude and only a scale-invariant (adaptive) sharpness stays put."),
-    config=Config,
-    presets={"paper": PAPER},
-    cells=cells,
-    run=run,
-    summarize=summarize,
-    plot=plot,
-    prepare=prepare,
-    batch_over=("seed",),
-)
+EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("seed",))
 
 if __name__ == "__main__":
-    _runner.main(EXPERIMENT)
+    runner.main(EXPERIMENT)

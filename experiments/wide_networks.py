@@ -29,8 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _methods, _runner
+from experiments import common, runner
 from lsgeo import models, train
+
+CLAIM = (
+    "With squared loss, an analytic increasing activation and a first hidden layer of width >= N - 1 followed "
+    "by a pyramidal structure, training reaches a global minimum (zero loss) from nearly every initialisation "
+    "with a full-rank feature matrix F_k, while a narrow network does not (Nguyen & Hein 2017)."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +57,9 @@ class Config:
     data_seed: int = 0
 
 
-PAPER = Config(n_points=100, input_dim=16, wide=(100, 32, 8), narrow=(4, 2), seeds=tuple(range(100)), steps=20_000)
+PRESETS = {
+    "paper": Config(n_points=100, input_dim=16, wide=(100, 32, 8), narrow=(4, 2), seeds=tuple(range(100)), steps=20_000)
+}
 
 ARCHITECTURES = ("wide", "narrow")
 
@@ -67,7 +75,6 @@ def prepare(cfg: Config):
 
 def make_model(cfg: Config, arch: str) -> models.MLP:
     return models.MLP(widths=getattr(cfg, arch), num_outputs=1, activation=cfg.activation)
-
 
 
 def features(params, x, activation: str, k: int = 1):
@@ -97,8 +104,13 @@ def train_from_seeds(cfg: Config, arch: str, batch, seeds):
     model = make_model(cfg, arch)
     schedule = optax.cosine_decay_schedule(cfg.lr, cfg.steps)
     result = train.sweep(
-        _methods.Objective(model, "squared_loss"), lambda seed: optax.adam(schedule), lambda k: model.init(k, batch[0][:1])["params"],
-        batch, {}, list(seeds), num_steps=cfg.steps,
+        common.Objective(model, "squared_loss"),
+        lambda seed: optax.adam(schedule),
+        common.init_fn(model, batch[0]),
+        batch,
+        {},
+        list(seeds),
+        num_steps=cfg.steps,
     )
     return jax.tree_util.tree_map(lambda a: a[0], result.params), result.history["train_loss"][0, :, -1]
 
@@ -110,80 +122,107 @@ def cells(cfg: Config):
 def run(cfg: Config, batch, group):
     arch = group[0]["arch"]
     model = make_model(cfg, arch)
-    objective = _methods.Objective(model, "squared_loss")
+    objective = common.Objective(model, "squared_loss")
     params, losses = train_from_seeds(cfg, arch, batch, [c["seed"] for c in group])
     grad_norms = jax.vmap(lambda p: optax.tree.norm(jax.grad(objective)(p, batch)))(params)
     with jax.enable_x64(True):  # F_1 of the trained float32 weights, formed and factored in float64
-        to64 = lambda a: jnp.asarray(a, jnp.float64)  # noqa: E731
+        to64 = lambda a: jnp.asarray(a, jnp.float64)
         rank, s_min, s_rel = jax.vmap(lambda p: feature_spectrum(p, to64(batch[0]), cfg.activation))(
-            jax.tree_util.tree_map(to64, params))
+            jax.tree_util.tree_map(to64, params)
+        )
     num_params = optax.tree.size(jax.tree_util.tree_map(lambda a: a[0], params))
     return [
-        [dict(num_params=num_params, width_k=getattr(cfg, arch)[0], train_loss=float(losses[i]),
-              grad_norm=float(grad_norms[i]), global_min=bool(losses[i] < cfg.threshold), rank_F=int(rank[i]),
-              sigma_min_F=float(s_min[i]), sigma_min_rel_F=float(s_rel[i]))]
+        [
+            dict(
+                num_params=num_params,
+                width_k=getattr(cfg, arch)[0],
+                train_loss=float(losses[i]),
+                grad_norm=float(grad_norms[i]),
+                global_min=bool(losses[i] < cfg.threshold),
+                rank_F=int(rank[i]),
+                sigma_min_F=float(s_min[i]),
+                sigma_min_rel_F=float(s_rel[i]),
+            )
+        ]
         for i in range(len(group))
     ]
 
 
 def _arch_summary(cfg: Config, rows, arch: str) -> dict:
-    sel = _runner.select(rows, arch=arch)
+    sel = common.select(rows, arch=arch)
     losses = np.array([r["train_loss"] for r in sel])
     return dict(
-        arch=arch, widths=str(getattr(cfg, arch)), num_params=sel[0]["num_params"], runs=len(sel),
+        arch=arch,
+        widths=str(getattr(cfg, arch)),
+        num_params=sel[0]["num_params"],
+        runs=len(sel),
         fraction_global_min=float(np.mean([r["global_min"] for r in sel])),
-        median_loss=float(np.median(losses)), min_loss=float(losses.min()), max_loss=float(losses.max()),
+        median_loss=float(np.median(losses)),
+        min_loss=float(losses.min()),
+        max_loss=float(losses.max()),
         median_grad_norm=float(np.median([r["grad_norm"] for r in sel])),
-        min_rank_F=min(r["rank_F"] for r in sel), min_sigma_min_F=min(r["sigma_min_F"] for r in sel),
+        min_rank_F=min(r["rank_F"] for r in sel),
+        min_sigma_min_F=min(r["sigma_min_F"] for r in sel),
     )
 
 
 def summarize(cfg: Config, rows):
     wide, narrow = (_arch_summary(cfg, rows, a) for a in ARCHITECTURES)
-    figures = {f"{s['arch']}_{k}": s[k] for s in (wide, narrow)
-               for k in ("fraction_global_min", "median_loss", "min_loss", "median_grad_norm", "min_rank_F",
-                         "min_sigma_min_F", "num_params")}
+    figures = {
+        f"{s['arch']}_{k}": s[k]
+        for s in (wide, narrow)
+        for k in (
+            "fraction_global_min",
+            "median_loss",
+            "min_loss",
+            "median_grad_norm",
+            "min_rank_F",
+            "min_sigma_min_F",
+            "num_params",
+        )
+    }
     figures["n_points"] = cfg.n_points
     supported = (
         wide["fraction_global_min"] >= cfg.min_fraction
         and wide["min_rank_F"] == cfg.n_points
         and narrow["fraction_global_min"] <= cfg.max_narrow_fraction
     )
+    reason = (
+        f"wide: {wide['fraction_global_min']:.0%} of {wide['runs']} runs below {cfg.threshold:g} (needs >= "
+        f"{cfg.min_fraction:.0%}), min rank F_1 {wide['min_rank_F']} of N = {cfg.n_points}; narrow: "
+        f"{narrow['fraction_global_min']:.0%} (needs <= {cfg.max_narrow_fraction:.0%})"
+    )
     if len(cfg.seeds) < 5:
-        supported = None  # too few initialisations to speak of "nearly every" one
-    return _runner.Verdict(supported=supported, figures=figures, table=[wide, narrow])
+        supported, reason = None, f"too few initialisations to speak of nearly every one; {reason}"
+    return runner.Verdict(supported, figures, [wide, narrow], reason)
 
 
-def plot(cfg: Config, rows, out_dir):
-    fig, axes = _runner.plt.subplots(1, 2, figsize=(11, 4))
+def plot(cfg: Config, rows: list[dict]) -> dict:
+    fig, axes = runner.plt.subplots(1, 2, figsize=(12, 4.5))
+    jitter = np.random.default_rng(0)
+    floor = 1e-30  # a loss of exactly 0 is drawn here
+    losses = {a: [r["train_loss"] for r in common.select(rows, arch=a)] for a in ARCHITECTURES}
+    logs = {a: np.log10(np.maximum(v, floor)) for a, v in losses.items()}
+    bins = np.linspace(min(v.min() for v in logs.values()) - 0.5, max(v.max() for v in logs.values()) + 0.5, 40)
+    ranks = {cfg.n_points}
     for i, arch in enumerate(ARCHITECTURES):
-        sel = _runner.select(rows, arch=arch)
-        losses = np.maximum([r["train_loss"] for r in sel], 1e-12)
-        axes[0].hist(np.log10(losses), bins=20, alpha=0.6, color=f"C{i}", label=f"{arch} {getattr(cfg, arch)}")
-        axes[1].scatter([r["sigma_min_rel_F"] for r in sel], losses, color=f"C{i}", s=12, label=arch)
-    axes[0].axvline(np.log10(cfg.threshold), color="k", ls=":", label="threshold")
-    axes[0].set(xlabel="log10 final train loss", ylabel="initialisations", title=f"N = {cfg.n_points} points")
-    axes[0].legend()
-    axes[1].set(xscale="symlog", yscale="log", xlabel="sigma_min(F_1) / sigma_max(F_1)  (0: rank < N)",
-                ylabel="final train loss", title="feature matrix at the wide layer")
-    axes[1].legend()
-    _runner.save_figure(fig, out_dir / "wide_networks.png")
+        rank = np.array([r["rank_F"] for r in common.select(rows, arch=arch)])
+        ranks |= set(rank.tolist())
+        axes[0].hist(logs[arch], bins=bins, alpha=0.6, color=f"C{i}", label=f"{arch} {getattr(cfg, arch)}")
+        axes[1].scatter(rank + jitter.uniform(-0.3, 0.3, rank.size), 10.0 ** logs[arch], color=f"C{i}", s=12,
+                        label=f"{arch} (first layer {getattr(cfg, arch)[0]})")
+    axes[0].axvline(np.log10(cfg.threshold), color="k", ls=":", label="global-minimum threshold")
+    axes[0].set(xlabel="log10 final train loss (float32)", ylabel="initialisations", title=f"N = {cfg.n_points} points")
+    axes[1].axhline(cfg.threshold, color="k", ls=":", label="global-minimum threshold")
+    axes[1].set_xticks(sorted(ranks))
+    axes[1].set(yscale="log", xlabel="numerical rank of F_1 (first-layer features; N = full rank)",
+                ylabel="final train loss", title="one point per initialisation")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    return {"wide_networks.png": fig}
 
 
-EXPERIMENT = _runner.Experiment(
-    name="wide_networks",
-    claim=("With squared loss, an analytic increasing activation and a first hidden layer of width >= N - 1 followed "
-           "by a pyramidal structure, training reaches a global minimum (zero loss) from nearly every initialisation "
-           "with a full-rank feature matrix F_k, while a narrow network does not (Nguyen & Hein 2017)."),
-    config=Config,
-    presets={"paper": PAPER},
-    cells=cells,
-    run=run,
-    summarize=summarize,
-    plot=plot,
-    prepare=prepare,
-    batch_over=("seed",),
-)
+EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("seed",))
 
 if __name__ == "__main__":
-    _runner.main(EXPERIMENT)
+    runner.main(EXPERIMENT)

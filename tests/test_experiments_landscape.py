@@ -7,17 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from experiments import _runner, batch_size, landscape_2d, mode_connectivity, swa
+from experiments import batch_size, common, landscape_2d, mode_connectivity, runner, swa
 
-SUMMARY_KEYS = {"experiment", "config", "claim", "supported", "figures", "runtime_s", "devices"}
+SUMMARY_KEYS = {"experiment", "config", "claim", "supported", "reason", "figures", "runtime_s", "devices"}
 
 
 def _run(exp, cfg, tmp_path, figures):
-    run_dir, summary = _runner.run_experiment(exp, cfg, out=tmp_path, progress=False, verbose=False)
+    run_dir, summary = runner.run_experiment(exp, cfg, out=tmp_path, progress=False, verbose=False)
     saved = json.loads((run_dir / "summary.json").read_text())
     assert set(saved) == SUMMARY_KEYS and saved["experiment"] == exp.name and saved["claim"] == exp.claim
     assert saved["supported"] in (True, False, None)
-    assert all(isinstance(v, (int, float)) for v in saved["figures"].values())
+    assert all(v is None or isinstance(v, (int, float)) for v in saved["figures"].values())
     assert json.loads((run_dir / "config.json").read_text()) == saved["config"]
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert rows and len(rows) == sum(len(json.loads(p.read_text())["rows"]) for p in (run_dir / "cells").glob("*.json"))
@@ -30,12 +30,14 @@ def _run(exp, cfg, tmp_path, figures):
 def test_mode_connectivity(tmp_path):
     cfg = mode_connectivity.Config(n_train=200, widths=(8,), steps=50, curve_steps=20, num_points=5)
     summary, rows = _run(mode_connectivity.EXPERIMENT, cfg, tmp_path, ["paths.png"])
-    line, curve = (sorted(_runner.select(rows, path=p), key=lambda r: r["t"]) for p in ("line", "curve"))
+    line, curve = (sorted(common.select(rows, path=p), key=lambda r: r["t"]) for p in ("line", "curve"))
     assert [r["t"] for r in line] == [0.0, 0.25, 0.5, 0.75, 1.0]
     for end in (0, -1):  # both paths start and end at the same two minima
         for key in ("train_loss", "test_loss", "test_acc"):
             assert curve[end][key] == pytest.approx(line[end][key], rel=1e-5, abs=1e-6)
-    assert summary["figures"]["line_barrier"] >= 0.0 and summary["figures"]["curve_barrier"] >= 0.0
+    for path in (line, curve):  # landscape.barrier_height on the same grid as the stored path
+        peak = max(r["train_loss"] for r in path) - max(path[0]["train_loss"], path[-1]["train_loss"])
+        assert path[0]["barrier"] == pytest.approx(peak, abs=1e-5) and path[0]["barrier"] >= 0.0
 
 
 def test_landscape_2d(tmp_path):
@@ -45,11 +47,11 @@ def test_landscape_2d(tmp_path):
     assert landscape_2d.variants(cfg) == ["large_batch", "noise"]
     for v in landscape_2d.variants(cfg):  # the centre of every slice and of the surface is the minimum itself
         center = landscape_2d.minimum(rows, v, 0)["train_loss"]
-        at_zero = [r["loss"] for r in _runner.select(rows, variant=v, kind="slice", alpha=0.0)]
-        at_zero += [r["loss"] for r in _runner.select(rows, variant=v, kind="surface", alpha=0.0, beta=0.0)]
+        at_zero = [r["loss"] for r in common.select(rows, variant=v, kind="slice", alpha=0.0)]
+        at_zero += [r["loss"] for r in common.select(rows, variant=v, kind="surface", alpha=0.0, beta=0.0)]
         assert len(at_zero) == cfg.num_directions + 1
         np.testing.assert_allclose(at_zero, center, rtol=1e-5)
-    assert "noise_holds" in summary["figures"] and "batch_holds" not in summary["figures"]
+    assert "noise_curvature_gap" in summary["figures"] and "batch_curvature_gap" not in summary["figures"]
 
 
 def test_curvature_at_zero_of_a_parabola():
@@ -57,24 +59,40 @@ def test_curvature_at_zero_of_a_parabola():
     assert landscape_2d.curvature_at_zero(alphas, 3.0 * alphas**2 + alphas + 0.5, 0.2) == pytest.approx(6.0)
 
 
-def test_swa(tmp_path):
-    cfg = swa.Config(n_train=128, widths=(8,), batch_size=32, steps=32, eval_every=16, lanczos_iters=5,
-                     trace_probes=6, seeds=(0,))
+def test_swa_with_batchnorm(tmp_path):
+    cfg = swa.Config(n_train=64, arch="resnet", resnet_width=2, stage_sizes=(1,), batch_size=16, steps=16, eval_every=8,
+                     lanczos_iters=4, trace_probes=6, seeds=(0, 1))
     summary, rows = _run(swa.EXPERIMENT, cfg, tmp_path, ["swa.png"])
-    for m in swa.METHODS:  # the final measures are taken at the point the last evaluation saw
-        final = _runner.select(rows, method=m, kind="final")[0]
-        last = max(_runner.select(rows, method=m, kind="history"), key=lambda r: r["step"])
+    for m in swa.METHODS:  # the final measures are taken at the point the last evaluation saw, statistics recomputed
+        final = common.select(rows, method=m, kind="final")[0]
+        last = max(common.select(rows, method=m, kind="history", seed=0), key=lambda r: r["step"])
         assert final["test_acc"] == pytest.approx(last["test_acc"], abs=1e-6)
-        assert final["train_loss"] == pytest.approx(last["train_loss"], rel=1e-4)
-    assert swa.swa_start_step(cfg, 4) == 24 and swa.swa_start_step(swa.Config(), 32) == 2400
+    swa_steps = [r["step"] for r in common.select(rows, method="swa", kind="history", seed=0)]
+    assert swa_steps == [16]  # averaging starts at step 12 (an epoch end): no SWA row before it
+    assert swa.swa_start_step(cfg, 4) == 12 and swa.swa_start_step(swa.Config(), 32) == 2400
+
+
+def test_batchnorm_objectives_agree_on_the_training_data():
+    import jax
+
+    from lsgeo import models
+
+    model = models.ResNet18(num_classes=3, width=2, stage_sizes=(1,))
+    x = jax.random.normal(jax.random.key(0), (8, 8, 8, 1))
+    y = jax.numpy.arange(8) % 3
+    params, state = models.init_model(model, jax.random.key(1), x[:1])
+    batch_mode = common.Objective(model, stats="batch")(params, (x, y, state))
+    recomputed = common.Objective(model, stats="recompute")(params, (x, y, state, x))
+    running = common.Objective(model)(params, (x, y, state))
+    assert recomputed == pytest.approx(float(batch_mode), rel=1e-5) and abs(running - batch_mode) > 1e-3
 
 
 def test_batch_size(tmp_path):
     cfg = batch_size.Config(n_train=128, widths=(8,), small_batch=16, target_loss=1.5, check_every=10,
-                            max_steps=200, lanczos_iters=5, trace_probes=6, sharpness_steps=2, seeds=(0,))
+                            max_steps=200, lanczos_iters=5, trace_probes=6, sharpness_steps=2, seeds=(0, 1))
     summary, rows = _run(batch_size.EXPERIMENT, cfg, tmp_path, ["batch_size.png"])
     for b, size in (("small", 16), ("large", 128)):
-        final = _runner.select(rows, batch=b, kind="final")[0]
+        final = common.select(rows, batch=b, kind="final")[0]
         assert final["batch_size"] == size and final["epochs"] == pytest.approx(final["step"] * size / 128)
         if final["reached"] == "True" or final["reached"] is True:  # stopped at the first check below the target
             assert final["train_loss"] <= cfg.target_loss + 1e-5

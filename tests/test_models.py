@@ -25,6 +25,8 @@ from lsgeo.models import (
     make_train_apply,
     matrices_to_linear_params,
     mean_field_init,
+    num_batchnorm_layers,
+    recompute_batch_stats,
 )
 
 KEY = jax.random.key(0)
@@ -239,3 +241,49 @@ def test_skip_connections_same_parameters_different_function():
 def test_invalid_arguments(model, x_shape, match):
     with pytest.raises(ValueError, match=match):
         _output_shape(model, x_shape)
+
+
+def _bn_problem(n=10):
+    model = ResNet18(num_classes=3, width=2, stage_sizes=(1, 1))  # stem BN, two blocks, one shortcut BN
+    x = _normal((n, 8, 8, 3)) * 2.0 + 1.0
+    params, state = init_model(model, KEY, x[:1])
+    return model, x, params, state
+
+
+def test_recompute_batch_stats_is_a_full_data_train_mode_forward_pass(x64):
+    model, x, params, state = _bn_problem()
+    to64 = functools.partial(jax.tree.map, lambda a: jnp.asarray(a, jnp.float64))
+    params, x = to64(params), jnp.asarray(x, jnp.float64)
+    zeros = jax.tree.map(jnp.zeros_like, to64(state))  # old statistics 0: train mode stores 0.1 * batch statistics
+    assert num_batchnorm_layers(state) == 6
+    new = jax.jit(lambda p, s, xx: recompute_batch_stats(model, p, s, xx, batch_size=4))(params, zeros, x)  # 4+4+2
+    _, moved = make_train_apply(model)(params, zeros, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b / 0.1, rtol=1e-10, atol=1e-12), new, dict(moved))
+    np.testing.assert_allclose(make_predict(model, new)(params, x), make_predict(model, zeros, train=True)(params, x),
+                               rtol=1e-10, atol=1e-10)
+    one_pass = recompute_batch_stats(model, params, zeros, x, max_passes=1)  # exact for the stem BN only
+    assert not np.allclose(one_pass["batch_stats"]["stage2_block1"]["bn2"]["var"],
+                           new["batch_stats"]["stage2_block1"]["bn2"]["var"])
+    np.testing.assert_allclose(one_pass["batch_stats"]["stem_bn"]["mean"], new["batch_stats"]["stem_bn"]["mean"])
+
+
+def test_recompute_batch_stats_vmaps_and_ignores_other_models():
+    model, x, params, state = _bn_problem(n=6)
+    pair = jax.tree.map(lambda a: jnp.stack([a, 1.5 * a]), params)
+    both = jax.jit(jax.vmap(lambda p: recompute_batch_stats(model, p, state, x, batch_size=4)))(pair)
+    second = recompute_batch_stats(model, jax.tree.map(lambda a: a[1], pair), state, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[1], b, rtol=2e-5, atol=1e-6), both, second)
+    mlp_params, mlp_state = init_model(MLP((4,), 2), KEY, jnp.ones((1, 3)))
+    assert recompute_batch_stats(MLP((4,), 2), mlp_params, mlp_state, jnp.ones((5, 3))) == {}
+    with pytest.raises(ValueError, match="batch_size"):
+        recompute_batch_stats(model, params, state, x, batch_size=0)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from lsgeo import models
+
+    for module in (models, models.batchnorm, models.contract, models.linear, models.resnet, models.cnn):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0 and result.attempted > 0, module.__name__

@@ -1,14 +1,18 @@
-"""The shared experiment runner: results folder, summary keys, resume, atomic files, CLI."""
+"""The shared experiment runner and verdict rule: results folder, summary keys, resume, atomic files,
+CLI (presets, options that fail early, data options, file modes), paired verdicts, validation selection."""
 
 import csv
 import dataclasses
 import json
+import os
+import stat
 
+import numpy as np
 import pytest
 
-from experiments import _runner
+from experiments import common, runner
 
-SUMMARY_KEYS = {"experiment", "config", "claim", "supported", "figures", "runtime_s", "devices"}
+SUMMARY_KEYS = {"experiment", "config", "claim", "supported", "reason", "figures", "runtime_s", "devices"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +24,17 @@ class ToyConfig:
     steps: int = 3
 
 
-def _toy(calls: list, fail_on=None) -> _runner.Experiment:
+def _toy(calls: list, fail_on=None, seen_options=None) -> runner.Experiment:
+    def cells(cfg):
+        if cfg.steps <= 0:
+            raise ValueError(f"steps must be positive, got {cfg.steps}")
+        return [dict(method="gd", sigma=s, seed=k) for s in cfg.sigmas for k in cfg.seeds]
+
+    def prepare(cfg):
+        if seen_options is not None:
+            seen_options.append(runner.data_options())
+        return 10.0
+
     def run(cfg, data, cells):
         calls.append([dict(c) for c in cells])
         for c in cells:
@@ -30,31 +44,45 @@ def _toy(calls: list, fail_on=None) -> _runner.Experiment:
 
     def summarize(cfg, rows):
         final = [r["loss"] for r in rows if r["step"] == cfg.steps - 1]
-        return _runner.Verdict(supported=len(final) > 1 or None, figures={"mean_final": sum(final) / len(final)},
-                               table=[{"n": len(final)}])
+        return runner.Verdict(
+            supported=len(final) > 1 or None,
+            figures={"mean_final": sum(final) / len(final), "undefined": float("nan")},
+            table=[{"n": len(final)}],
+            reason="toy reason",
+        )
 
-    def plot(cfg, rows, out_dir):
-        fig, ax = _runner.plt.subplots()
+    def plot(cfg, rows):
+        fig, ax = runner.plt.subplots()
         ax.plot([r["loss"] for r in rows])
-        _runner.save_figure(fig, out_dir / "loss.png")
+        return {"loss.png": fig}
 
-    return _runner.Experiment(
-        name="toy", claim="A toy claim.", config=ToyConfig, presets={"paper": ToyConfig(steps=7)},
-        cells=lambda cfg: [dict(method="gd", sigma=s, seed=k) for s in cfg.sigmas for k in cfg.seeds],
-        run=run, summarize=summarize, plot=plot, prepare=lambda cfg: 10.0, batch_over=("seed",),
+    return runner.Experiment(
+        name="toy",
+        claim="A toy claim.",
+        config=ToyConfig,
+        presets={"paper": ToyConfig(steps=7)},
+        cells=cells,
+        run=run,
+        summarize=summarize,
+        plot=plot,
+        prepare=prepare,
+        batch_over=("seed",),
     )
 
 
-def test_run_writes_results(tmp_path):
+def test_run_writes_results_readable_by_others(tmp_path):
     calls = []
-    run_dir, summary = _runner.run_experiment(_toy(calls), ToyConfig(), out=tmp_path, progress=False)
+    run_dir, summary = runner.run_experiment(_toy(calls), ToyConfig(), out=tmp_path, progress=False)
     assert run_dir.parent == tmp_path / "toy"
+    umask = os.umask(0o022)
+    os.umask(umask)
     for name in ("config.json", "metrics.csv", "summary.json", "loss.png"):
-        assert (run_dir / name).is_file()
+        assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o666 & ~umask  # as open(path, "w"), not 0600
     assert not list(run_dir.rglob("*.tmp"))
     saved = json.loads((run_dir / "summary.json").read_text())
     assert set(saved) == SUMMARY_KEYS and saved == json.loads(json.dumps(summary))
-    assert saved["supported"] is True and saved["config"]["sigmas"] == [0.0, 0.5]
+    assert saved["figures"]["undefined"] is None  # strict JSON: NaN is written as null
+    assert saved["supported"] is True and saved["reason"] == "toy reason" and saved["config"]["sigmas"] == [0.0, 0.5]
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert len(rows) == 4 * 3 and set(rows[0]) == {"method", "sigma", "seed", "step", "loss"}
     # batch_over=("seed",): one call per sigma, with both seeds
@@ -64,33 +92,137 @@ def test_run_writes_results(tmp_path):
 def test_resume_after_interruption_skips_finished_cells(tmp_path):
     calls = []
     with pytest.raises(KeyboardInterrupt):
-        _runner.run_experiment(_toy(calls, fail_on=(0.5, 1)), ToyConfig(), out=tmp_path, progress=False)
+        runner.run_experiment(_toy(calls, fail_on=(0.5, 1)), ToyConfig(), out=tmp_path, progress=False)
     (run_dir,) = (tmp_path / "toy").iterdir()
     assert len(list((run_dir / "cells").glob("*.json"))) == 2 and not (run_dir / "summary.json").exists()
 
     calls.clear()
-    _, resumed = _runner.run_experiment(_toy(calls), resume=run_dir, progress=False)
+    _, resumed = runner.run_experiment(_toy(calls), resume=run_dir, progress=False)
     assert calls == [[dict(method="gd", sigma=0.5, seed=0), dict(method="gd", sigma=0.5, seed=1)]]
-    _, fresh = _runner.run_experiment(_toy([]), ToyConfig(), out=tmp_path / "fresh", progress=False)
+    _, fresh = runner.run_experiment(_toy([]), ToyConfig(), out=tmp_path / "fresh", progress=False)
     assert resumed["figures"] == fresh["figures"]
 
 
 def test_resume_with_more_seeds_computes_only_new_cells(tmp_path):
-    run_dir, _ = _runner.run_experiment(_toy([]), ToyConfig(seeds=(0,)), out=tmp_path, progress=False)
+    run_dir, _ = runner.run_experiment(_toy([]), ToyConfig(seeds=(0,)), out=tmp_path, progress=False)
     calls = []
-    _runner.run_experiment(_toy(calls), ToyConfig(seeds=(0, 1)), resume=run_dir, progress=False)
+    runner.run_experiment(_toy(calls), ToyConfig(seeds=(0, 1)), resume=run_dir, progress=False)
     assert [c["seed"] for group in calls for c in group] == [1, 1]
     with pytest.raises(ValueError, match="only seeds"):
-        _runner.run_experiment(_toy([]), ToyConfig(steps=5), resume=run_dir, progress=False)
+        runner.run_experiment(_toy([]), ToyConfig(steps=5), resume=run_dir, progress=False)
 
 
-def test_cli_preset_and_overrides(tmp_path, capsys):
-    run_dir, summary = _runner.main(_toy([]), ["--preset", "paper", "--seeds", "3", "--out", str(tmp_path)])
+def test_cli_presets_overrides_and_data_options(tmp_path, capsys):
+    seen = []
+    argv = [
+        "--preset",
+        "paper",
+        "--seeds",
+        "3",
+        "--out",
+        str(tmp_path),
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--download",
+    ]
+    run_dir, summary = runner.main(_toy([], seen_options=seen), argv, compilation_cache=False)
     assert summary["config"]["steps"] == 7 and summary["config"]["seeds"] == (3,)
+    assert seen == [runner.DataOptions(tmp_path / "d", True)] and runner.data_options() == runner.DataOptions()
     assert "A toy claim." in capsys.readouterr().out
-    _, again = _runner.main(_toy([]), ["--resume", str(run_dir), "--seeds", "3", "4"])
+    _, again = runner.main(_toy([]), ["--resume", str(run_dir), "--seeds", "3", "4"], compilation_cache=False)
     assert again["config"]["steps"] == 7 and again["config"]["seeds"] == (3, 4)
     with pytest.raises(ValueError, match="only seeds"):
-        _runner.main(_toy([]), ["--resume", str(run_dir), "--steps", "2"])
+        runner.main(_toy([]), ["--resume", str(run_dir), "--steps", "2"], compilation_cache=False)
+
+
+def test_cli_help_lists_presets_and_bad_options_fail_before_a_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        _runner.main(_toy([]), ["--preset", "nope"])
+        runner.main(_toy([]), ["--help"], compilation_cache=False)
+    out = capsys.readouterr().out
+    assert "paper: steps=7" in out and "--data-dir" in out and "--download" in out and "default" in out
+    for argv in (["--preset", "nope"], ["--steps", "many"], ["--no-such-flag", "1"]):
+        with pytest.raises(SystemExit):
+            runner.main(_toy([]), [*argv, "--out", str(tmp_path)], compilation_cache=False)
+    with pytest.raises(ValueError, match="steps must be positive"):  # rejected by cells(), before the folder
+        runner.main(_toy([]), ["--steps", "0", "--out", str(tmp_path)], compilation_cache=False)
+    assert not (tmp_path / "toy").exists()
+
+
+def test_common_load_dataset_passes_the_data_options(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(common.data_lib, "load_dataset", lambda name, **kw: seen.update(name=name, **kw))
+    token = runner._DATA.set(runner.DataOptions(tmp_path, True))
+    try:
+        common.load_dataset("cifar10", n_train=5)
+    finally:
+        runner._DATA.reset(token)
+    assert seen == dict(name="cifar10", data_dir=tmp_path, download=True, n_train=5)
+
+
+@pytest.mark.parametrize(
+    "treated, control, resolution, expected",
+    [
+        ([1.0, 2.0, 3.0], [0.0, 1.0, 2.0], 0.0, True),  # +1 every seed: s.e. 0
+        ([1.0, 2.0, 3.0], [0.9, 2.1, 2.9], 0.0, None),  # +0.1, -0.1, +0.1: within noise
+        ([0.0, 1.0, 2.0], [1.0, 2.0, 3.0], 0.0, False),  # -1 every seed: contradicted
+        ([0.60, 0.62, 0.61], [0.59, 0.61, 0.60], 0.0, True),  # +0.01 exactly, s.e. 0
+        ([0.60, 0.62, 0.61], [0.59, 0.61, 0.60], 0.01, None),  # ... but one test example of 100 is 0.01
+        ([0.5], [0.4], 0.0, None),  # one seed: cannot tell
+        ([0.5, 0.6], [0.4, 0.5], 0.0, None),  # two seeds: the s.e. has one degree of freedom
+    ],
+)
+def test_paired_verdict_on_constructed_rows(treated, control, resolution, expected):
+    assert common.paired_gain(treated, control, resolution=resolution).supported is expected
+
+
+def test_paired_se_is_that_of_the_differences_and_no_single_example_decides():
+    # the seeds differ a lot, the methods little: unpaired s.e. would hide a consistent gain
+    control = np.array([0.50, 0.70, 0.90, 0.60])
+    gain = common.paired_gain(control + [0.021, 0.019, 0.020, 0.020], control)
+    assert gain.se == pytest.approx(np.std([0.021, 0.019, 0.020, 0.020], ddof=1) / 2) and gain.supported is True
+    assert np.hypot(*(np.std(v, ddof=1) / 2 for v in (control, control + 0.02))) > gain.mean  # unpaired: null
+    # a verdict beyond the margin survives moving any one per-seed value by one example (1/500)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        d = rng.normal(0.01, 0.01, size=int(rng.integers(2, 6)))
+        g = common.paired_gain(d, np.zeros_like(d), resolution=1 / 500)
+        if g.supported is None:
+            continue
+        for i in range(d.size):
+            for step in (-1 / 500, 1 / 500):
+                moved = d.copy()
+                moved[i] += step
+                assert common.paired_gain(moved, np.zeros_like(d)).supported is g.supported
+
+
+def test_combine_and_describe():
+    assert common.combine({"a": True, "b": True}) is True
+    assert common.combine({"a": True, "b": None}) is None
+    assert common.combine({"a": None, "b": False}) is False and common.combine({}) is None
+    text = common.paired_gain([0.62, 0.63, 0.61], [0.60, 0.60, 0.60]).describe("gain", scale=100, unit=" points")
+    assert text.startswith("gain +2 ± 0.58 points (3 seeds)") and "margin" in text
+
+
+def test_sigma_is_chosen_on_validation_never_on_test():
+    rows, seeds = [], (0, 1, 2)
+    for s, (val, test) in {0.01: (0.70, 0.90), 0.1: (0.80, 0.60)}.items():  # test prefers 0.01, validation 0.1
+        rows += [dict(method="layer", sigma=s, seed=k, step=10, val_acc=val, test_acc=test + 0.01 * k) for k in seeds]
+    rows += [dict(method="gd", sigma=0.0, seed=k, step=10, val_acc=0.7, test_acc=0.5 + 0.01 * k, n_test=100)
+             for k in seeds]
+    best, gain = common.compare_to_gd(rows, "layer", (0.01, 0.1), seeds, 10)
+    assert best == 0.1 and gain.mean == pytest.approx(0.1) and gain.supported is True
+    assert common.paired_gain([0.9, 0.8], [0.1, 0.2]).supported is None  # two seeds: the s.e. has one degree of freedom
+
+
+def test_history_rows_drop_swa_before_averaging():
+    history = {
+        "step": np.array([[[0, 5, 10]]]),
+        "train_loss": np.array([[[3.0, 2.0, 1.0]]]),
+        "swa_train_loss": np.array([[[np.nan, np.nan, 1.5]]]),
+    }
+    assert common.history_rows(history, (0, 0)) == [
+        {"step": 0, "train_loss": 3.0},
+        {"step": 5, "train_loss": 2.0},
+        {"step": 10, "train_loss": 1.0},
+    ]
+    assert common.history_rows(history, (0, 0), "swa_", kind="swa") == [{"kind": "swa", "step": 10, "train_loss": 1.5}]

@@ -1,0 +1,339 @@
+"""The README's table of experiments, generated from the runs' ``summary.json`` files so that it cannot drift.
+
+    python -m experiments.readme_table [RESULTS] [--write README.md]
+
+For every experiment (in the README's order) the newest run under ``RESULTS/NAME/`` (default
+``results/``) whose config is the module's default config gives one row: what the experiment
+reproduces and the claim of its source (fixed text, here), the run's own numbers and verdict (from its
+``summary.json``) and its wall-clock time. An experiment without such a run gets a row that says so.
+The Markdown table is printed, or with ``--write`` put between the lines ``<!-- experiments-table -->``
+and ``<!-- /experiments-table -->`` of the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from lsgeo.data import write_atomic
+
+BEGIN, END = "<!-- experiments-table -->", "<!-- /experiments-table -->"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _pts(mean: float, se: float) -> str:
+    return f"{100 * mean:+.1f} ± {100 * se:.1f} points"
+
+
+def _sigma_sweep(f: dict, c: dict) -> str:
+    out = f"{c['dataset']}, width {c['width']}: GD {_pct(f['acc_gd_sigma=0'])}"
+    for m, name in (("layer", "layer-wise"), ("noise", "full noise")):
+        if f"{m}_best_sigma" in f:
+            s = f[f"{m}_best_sigma"]
+            gain = _pts(f[f"{m}_gain"], f[f"{m}_gain_se"])
+            out += f"; {name} {_pct(f[f'acc_{m}_sigma={s:g}'])} at sigma {s:g} (validation), {gain}"
+    return out
+
+
+def _regularized_loss(f: dict, c: dict) -> str:
+    parts = [
+        f"width {w}: final R_eff {f[f'R_eff_w{w}_layer']:.3g} (layer) vs {f[f'R_eff_w{w}_noise']:.3g} (full)"
+        for w in sorted(c["widths"], reverse=True)
+    ]
+    w = max(c["widths"])
+    return (
+        "; ".join(parts) + f"; gap at {w}: {f[f'R_eff_gap_full_minus_layer_w{w}']:.3g} ± {f[f'R_eff_gap_se_w{w}']:.2g}"
+    )
+
+
+def _lasso(f: dict, c: dict) -> str:
+    eff = [f[f"eff_rel_dist_sigma={s:g}"] for s in c["sigmas"]]
+    noise = [f[f"noise_rel_dist_sigma={s:g}"] for s in c["sigmas"]]
+    return (
+        f"GD on R_eff within {max(eff):.1e} (relative L2) of scikit-learn's Lasso; noisy GD "
+        f"{100 * min(noise):.1f}-{100 * max(noise):.1f}% at the end"
+    )
+
+
+def _nuclear_norm(f: dict, c: dict) -> str:
+    return (
+        f"layer-wise: leading singular values within {100 * f['layer_sv_max_rel_err']:.2g}%, rank "
+        f"{f['layer_rank_mean']:.3g} (solution {f['prox_rank']:g}); GD without noise: rank "
+        f"{f.get('gd_rank_mean', float('nan')):.3g}"
+    )
+
+
+def _deep_mlp(f: dict, c: dict) -> str:
+    w = max(c["widths"])
+    accs = ", ".join(
+        f"{n} {_pct(f[f'test_acc_w{w}_{m}'])}" for m, n in (("gd", "GD"), ("noise", "full"), ("layer", "layer"))
+    )
+    traces = " / ".join(f"{f[f'gn_trace_w{w}_{m}']:.3g}" for m in ("gd", "noise", "layer"))
+    return f"width {w}: {accs}; Gauss-Newton trace {traces} (GD / full / layer)"
+
+
+def _cnn(f: dict, c: dict) -> str:
+    parts = []
+    for a, name in (("toy", "toy CNN"), ("wide", "wide net")):
+        if f"{a}_layer_gain" in f:
+            parts.append(
+                f"{name}: SGD {_pct(f[f'test_acc_{a}_gd_sigma=0'])}, layer-wise "
+                f"{_pts(f[f'{a}_layer_gain'], f[f'{a}_layer_gain_se'])}"
+            )
+    return f"{c['dataset']}, {len(c['seeds'])} seeds: " + "; ".join(parts)
+
+
+def _resnet(f: dict, c: dict) -> str:
+    s = c["sigmas"][0]
+    return (
+        f"smoke size ({c['dataset']}, {c['n_train']} points, {len(c['seeds'])} seed): SGD "
+        f"{_pct(f['test_acc_gd_sigma=0'])}, full {_pct(f[f'test_acc_noise_sigma={s:g}'])}, layer "
+        f"{_pct(f[f'test_acc_layer_sigma={s:g}'])}; Hessian trace {f['hessian_trace_gd_sigma=0']:.3g} / "
+        f"{f[f'hessian_trace_noise_sigma={s:g}']:.3g} / {f[f'hessian_trace_layer_sigma={s:g}']:.3g}"
+    )
+
+
+def _geometry_report(f: dict, c: dict) -> str:
+    ratios = ", ".join(f"{f[f'ratio_sigma={s:g}']:.2f}" for s in c["sigmas"])
+    return (
+        f"(R_sigma - R)/(R_eff - R) = {ratios} at sigma {', '.join(f'{s:g}' for s in c['sigmas'])}; "
+        f"saddle index {f['saddle_index']:.3g} (eigenvalues < -{c['saddle_rtol']:g} max|lambda|), lambda_min "
+        f"{f['smallest_Hessian_eigenvalue']:.3g} vs lambda_max {f['Hessian_eigenvalue_1']:.3g}"
+    )
+
+
+def _reparametrization(f: dict, c: dict) -> str:
+    return (
+        f"max relative output change {f['max_rel_function_change']:.1e}; lambda_max varies "
+        f"{f['lambda_max_span']:.2g}x, epsilon-sharpness {f['epsilon_sharpness_span']:.2g}x, adaptive sharpness "
+        f"{f['adaptive_sharpness_rel_span']:.1e}"
+    )
+
+
+def _wide_networks(f: dict, c: dict) -> str:
+    return (
+        f"wide: {f['wide_fraction_global_min']:.0%} of runs reach a global minimum, rank F_1 = "
+        f"{f['wide_min_rank_F']:g} = N; narrow: {f['narrow_fraction_global_min']:.0%}"
+    )
+
+
+def _hessian_spectrum(f: dict, c: dict) -> str:
+    ratios = ", ".join(f"{f[f'lr_{lr:g}_lambda_max_over_edge_median']:.2f}" for lr in c["lrs"])
+    return (
+        f"lambda_max / (2/lr) = {ratios} at lr {', '.join(f'{lr:g}' for lr in c['lrs'])}; saddle index "
+        f"{f['init_saddle_index']:.2g} -> {f['end_saddle_index']:.2g}"
+    )
+
+
+def _double_descent(f: dict, c: dict) -> str:
+    return (
+        f"variance within {100 * f['max_variance_rel_err_away_from_1']:.2g}% of the formula away from 1; test "
+        f"error peaks at gamma {f['test_error_peak_gamma']:g}; GD vs pinv {f['gd_from_zero_max_rel_dist_to_pinv']:.0e}"
+    )
+
+
+def _saddle_escape(f: dict, c: dict) -> str:
+    steps = ", ".join(f"{m} {f[f'{m}_median_escape_step']:g}" for m in c["methods"] if f"{m}_median_escape_step" in f)
+    return f"median escape step: {steps}"
+
+
+def _mode_connectivity(f: dict, c: dict) -> str:
+    return f"barrier {f['line_barrier']:.3g} (line) vs {f['curve_barrier']:.2g} (Bezier)"
+
+
+def _landscape_2d(f: dict, c: dict) -> str:
+    pairs = {
+        "batch": ("small_batch", "large_batch"),
+        "noise": ("noise", "large_batch"),
+        "skip": ("deep_skip", "deep_plain"),
+    }
+    return "slice curvature " + ", ".join(
+        f"{f[f'{a}_curvature']:.3g} vs {f[f'{b}_curvature']:.3g} ({name})"
+        for name, (a, b) in pairs.items()
+        if name in c["comparisons"]
+    )
+
+
+def _swa(f: dict, c: dict) -> str:
+    return (
+        f"lambda_max {f['swa_lambda_max']:.3g} vs {f['sgd_lambda_max']:.3g}, trace {f['swa_hessian_trace']:.3g} vs "
+        f"{f['sgd_hessian_trace']:.3g} (SWA vs SGD); accuracy {_pts(f['acc_gain'], f['acc_gain_se'])}"
+    )
+
+
+def _batch_size(f: dict, c: dict) -> str:
+    return (
+        f"large batch: lambda_max x{f['lambda_max_ratio']:.2f}, epsilon-sharpness x{f['epsilon_sharpness_ratio']:.2f}; "
+        f"accuracy gap (small - large) {_pts(f['acc_gap'], f['acc_gap_se'])}"
+    )
+
+
+Formatter = Callable[[dict, dict], str]
+ROWS: dict[str, tuple[str, str, Formatter]] = {
+    "sigma_sweep": (
+        "Figure 3: test accuracy vs sigma, 2-hidden-layer ReLU MLP, GD / GD+noise / GD+noise (layer)",
+        "layer-wise noise beats GD on Fashion-MNIST (width 5000) over a range of sigma",
+        _sigma_sweep,
+    ),
+    "regularized_loss": (
+        "Figure 2: R and R_sigma^(eff) over GD iterations, 1-hidden-layer linear net, widths 50 / 300",
+        "only layer-wise noise minimises R_eff at large width (variance explosion)",
+        _regularized_loss,
+    ),
+    "lasso": (
+        "Section 2.3: diagonal net with noise / on R_eff vs scikit-learn's weighted Lasso",
+        "noise injection on a diagonal net = Lasso with weights 2 sigma^2 diag(X^T X/n)",
+        _lasso,
+    ),
+    "nuclear_norm": (
+        "Section 2.4: 2-layer linear net with layer-wise noise vs proximal gradient on Eq. (10)",
+        "the equivalent problem is nuclear-norm regularised (low rank)",
+        _nuclear_norm,
+    ),
+    "deep_mlp": (
+        "Figure 4: 5 hidden ReLU layers, narrow / wide, test accuracy and Gauss-Newton trace",
+        "layer-wise noise best, with the smallest trace (widths 1000 / 5000)",
+        _deep_mlp,
+    ),
+    "cnn": (
+        "Figure 5: toy CNN and wide fully convolutional net, SGD",
+        "layer-wise noise improves SGD in both (CIFAR-10)",
+        _cnn,
+    ),
+    "resnet": (
+        "Figure 6: ResNet + BatchNorm, cosine SGD, noise off late, accuracy and Hessian trace",
+        "layer-wise +0.3% over a 94.4% SGD baseline; full noise hurts for sigma > 0.1",
+        _resnet,
+    ),
+    "geometry_report": (
+        "R, R_sigma^(eff), Hessian trace and spectrum, saddle index, NTK trace of a digits MLP, each timed",
+        "R_sigma = R_eff + O(sigma^3) (Sections 2.1-2.2)",
+        _geometry_report,
+    ),
+    "reparametrization": (
+        "Dinh et al. 2017: T_alpha for alpha in [1e-3, 1e3]",
+        "same function, sharpness changes arbitrarily",
+        _reparametrization,
+    ),
+    "wide_networks": (
+        "Nguyen & Hein 2017: wide first layer (>= N - 1) vs narrow, many initialisations",
+        "critical points with full-rank F_k are global minima",
+        _wide_networks,
+    ),
+    "hessian_spectrum": (
+        "SLQ density at init / mid / end, saddle index, lambda_max vs 2/lr under full-batch GD",
+        "edge of stability (Cohen et al. 2021)",
+        _hessian_spectrum,
+    ),
+    "double_descent": (
+        "min-norm least squares across gamma = p/n = 1; GD from zero = pseudo-inverse",
+        "variance gamma/(1-gamma), 1/(gamma-1), peak at 1; implicit min-norm bias",
+        _double_descent,
+    ),
+    "saddle_escape": (
+        "steps to leave a strict saddle: GD, SGD, momentum, Adam, noise (full / layer)",
+        "noise, momentum and Adam escape saddles faster than GD",
+        _saddle_escape,
+    ),
+    "mode_connectivity": (
+        "straight line vs trained quadratic Bezier curve between two minima",
+        "minima are connected by low-loss curves (Garipov et al. 2018)",
+        _mode_connectivity,
+    ),
+    "landscape_2d": (
+        "filter-normalised 2-D surfaces and 1-D slices: batch size, noise, skip connections",
+        "small batch, noise and skips give flatter minima (Li et al. 2018)",
+        _landscape_2d,
+    ),
+    "swa": (
+        "SGD vs SWA: test accuracy, lambda_max, Hessian trace",
+        "SWA finds flatter solutions, equal or better accuracy (Izmailov et al. 2018)",
+        _swa,
+    ),
+    "batch_size": (
+        "small vs large batch at the same train loss: lambda_max, epsilon-sharpness, accuracy",
+        "large batch: sharper minima that generalise worse (Keskar et al. 2017)",
+        _batch_size,
+    ),
+}
+VERDICTS = {True: "supported", False: "contradicted", None: "null"}
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def default_config(name: str) -> dict:
+    """The default config of experiment ``name`` as its ``summary.json`` stores it."""
+    module = importlib.import_module(f"experiments.{name}")
+    return json.loads(json.dumps({k: _plain(v) for k, v in dataclasses.asdict(module.Config()).items()}))
+
+
+def latest_default_run(results: Path, name: str) -> dict | None:
+    """The summary of the newest run of ``name`` under ``results`` with the default config, or None."""
+    default = default_config(name)
+    summaries = sorted((results / name).glob("*/summary.json"), key=lambda p: p.parent.name, reverse=True)
+    for path in summaries:
+        summary = json.loads(path.read_text())
+        if summary["config"] == default:
+            return summary
+    return None
+
+
+def _row(name: str, summary: dict | None) -> str:
+    what, source, formatter = ROWS[name]
+    if summary is None:
+        return f"| `{name}` | {what} | {source} | no default run found | | |"
+    verdict = VERDICTS[summary["supported"]]
+    return (
+        f"| `{name}` | {what} | {source} | {formatter(summary['figures'], summary['config'])} | {verdict} | "
+        f"{summary['runtime_s']:.0f} s |"
+    )
+
+
+def table(results: Path) -> str:
+    """The Markdown table of every experiment's newest default run under ``results``."""
+    summaries = {name: latest_default_run(results, name) for name in ROWS}
+    devices = sorted({d for s in summaries.values() if s is not None for d in s["devices"]})
+    total = sum(s["runtime_s"] for s in summaries.values() if s is not None)
+    lines = [
+        f"Generated by `python -m experiments.readme_table` from the default runs' `summary.json` "
+        f"(devices: {', '.join(devices) or 'none'}; wall-clock time, {total / 60:.0f} min in all).",
+        "",
+        "| experiment | what it reproduces | paper / source | this run (default config) | verdict | time |",
+        "|---|---|---|---|---|---|",
+    ]
+    return "\n".join(lines + [_row(name, s) for name, s in summaries.items()])
+
+
+def replace_table(text: str, new_table: str) -> str:
+    """``text`` with the part between the ``BEGIN`` and ``END`` marker lines replaced by ``new_table``."""
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"the README must contain the marker lines {BEGIN} and {END}")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{new_table}\n{END}{tail}"
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(prog="python -m experiments.readme_table", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="?", type=Path, default=Path("results"), help="the results folder")
+    parser.add_argument("--write", type=Path, default=None, help="the README whose table to replace")
+    args = parser.parse_args(argv)
+    new_table = table(args.results)
+    if args.write is None:
+        print(new_table)
+    else:
+        write_atomic(args.write, replace_table(args.write.read_text(), new_table))
+    return new_table
+
+
+if __name__ == "__main__":
+    main()
