@@ -224,12 +224,3 @@ def test_jitted_helper_called_twice(x64):
     jac = dense_jacobian(predict, params, x)
     np.testing.assert_allclose(pe.gram_blocks(predict, params, x), jnp.einsum("ikm,ilm->ikl", jac, jac), rtol=1e-10)
 
-
-def test_docstring_examples():
-    import doctest
-
-    from lsgeo.per_example import ghost, grams
-
-    for module in (grams, ghost):
-        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-        assert result.attempted > 0 and result.failed == 0, (module.__name__, result)
