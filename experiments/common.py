@@ -442,10 +442,16 @@ def combine(parts: Mapping[str, bool | None]) -> bool | None:
 def best_sigma(
     rows: list[dict], method: str, sigmas: Sequence[float], step: int, key: str = "val_acc", **fields
 ) -> float:
-    """The sigma of ``method`` with the highest mean validation ``key`` at ``step`` (never the test set)."""
-    return max(
-        sigmas, key=lambda s: np.nanmean([r[key] for r in select(rows, method=method, sigma=s, step=step, **fields)])
-    )
+    """The sigma of ``method`` with the highest mean validation ``key`` at ``step`` (never the test set).
+
+    A sigma at which any seed diverged (a NaN value) ranks last: it is never chosen on its survivors.
+    """
+
+    def score(sigma):
+        mean = np.mean([r[key] for r in select(rows, method=method, sigma=sigma, step=step, **fields)])
+        return mean if np.isfinite(mean) else -np.inf
+
+    return max(sigmas, key=score)
 
 
 def compare_to_gd(

@@ -17,7 +17,7 @@ setting of Cohen et al.), full-batch GD (``optax.sgd``).
   (``lsgeo.curvature.spectral_density``), the top-k eigenvalues (``top_eigenvalues``) and the exact
   saddle index (``saddle_index``, dense Hessian, eigenvalues below -saddle_tol max|lambda| count as negative).
 - Edge of stability: GD at every lr in ``lrs`` from the same initialisation (``lsgeo.train.sweep``;
-  the learning rate rides on the sweep's traced ``sigma`` axis, one compilation for all of them),
+  the learning rate is the swept hyperparameter (``{"lr": lrs}``), one compilation for all of them),
   with lambda_max measured by Lanczos every ``eval_every`` steps and compared to 2 / lr.
 """
 
@@ -153,7 +153,7 @@ def spectrum_run(cfg: Config, model, objective, batch, seed: int):
 
 
 def eos_run(cfg: Config, model, objective, batch, group):
-    """Full-batch GD at every lr of the group (the sweep's sigma axis), lambda_max every eval_every steps."""
+    """Full-batch GD at every lr of the group (one sweep over ``lr``), lambda_max every eval_every steps."""
     lrs = sorted({c["lr"] for c in group})
     seeds = sorted({c["seed"] for c in group})
     result = train.sweep(

@@ -113,7 +113,7 @@ def optimizer_fn(cfg: Config, method: str):
 def curvature_metrics(objective, tol: float):
     """``eval_fn`` of the sweep: the most negative Hessian eigenvalue and the saddle index.
 
-    Both come from one dense Hessian (``lsgeo.curvature.hessian``, m = 96): the index is the count of
+    Both come from one dense Hessian (``lsgeo.curvature.hessian``, m = 54 by default): the index is the count of
     ``lsgeo.curvature.saddle_index(method="exact", tol=tol)``, computed from the same eigenvalues
     (a second dense Hessian, or a Lanczos run for lambda_min, would triple the compile time)."""
 

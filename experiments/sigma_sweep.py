@@ -19,7 +19,7 @@ and noise; the same initialisation for every method at a given seed).
 Verdict: sigma is chosen per method on ``n_val`` validation points carved from the training split
 (disjoint from the 1024), never on the test set; gain = test accuracy of GD+noise (layer) at that
 sigma minus GD's, paired over seeds (``common.paired_gain``: supported beyond 2 s.e. plus one test
-example's worth, contradicted below minus that margin, null in between or with one seed).
+example's worth, contradicted below minus that margin, null in between or with fewer than 3 seeds).
 """
 
 from __future__ import annotations

@@ -167,7 +167,9 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
             {f"{k}_ratio": figures[f"swa_{k}"] / figures[f"sgd_{k}"], f"{k}_drop": g.mean, f"{k}_drop_se": g.se}
         )
     figures.update(acc_gain=acc.mean, acc_gain_se=acc.se, acc_gain_margin=acc.margin)
-    parts = {**{f"lower_{k}": g.supported for k, g in gains.items()}, "accuracy_not_worse": acc.supported is not False}
+    # "not worse": true unless contradicted beyond noise, untested (null) with too few seeds to tell.
+    not_worse = None if not np.isfinite(acc.margin) else acc.supported is not False
+    parts = {**{f"lower_{k}": g.supported for k, g in gains.items()}, "accuracy_not_worse": not_worse}
     reason = "; ".join(
         [g.describe(f"{k}, SGD minus SWA") for k, g in gains.items()]
         + [acc.describe("test accuracy, SWA minus SGD", scale=100, unit=" points")]

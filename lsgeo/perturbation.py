@@ -57,8 +57,8 @@ def perturbation(key, params, sigma, *, mode="full", group=None, groups=None, sc
     """
     check_choice(mode, "mode", MODES)
     check_sigma(sigma)
-    eps = optax.tree.random_like(key, params, jax.random.normal)
     if mode == "full":
+        eps = optax.tree.random_like(key, params, jax.random.normal)
         return jax.tree_util.tree_map(lambda e: (sigma * e).astype(e.dtype), eps)
     if group is None:
         raise ValueError("group must be given (an int in [0, M)) when mode='layerwise'")

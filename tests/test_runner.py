@@ -214,6 +214,16 @@ def test_sigma_is_chosen_on_validation_never_on_test():
     assert common.paired_gain([0.9, 0.8], [0.1, 0.2]).supported is None  # two seeds: the s.e. has one degree of freedom
 
 
+@pytest.mark.parametrize("first_diverged", [False, True])
+def test_a_sigma_with_a_diverged_seed_is_never_chosen(first_diverged):
+    """A sigma whose seeds partly diverged (NaN) is not judged on its survivors, even when listed first."""
+    nan = float("nan")
+    vals = {0.05: [0.70, 0.72, 0.71], 0.2: [nan, nan, nan] if first_diverged else [0.95, nan, nan]}
+    sigmas = (0.2, 0.05)
+    rows = [dict(method="layer", sigma=s, seed=k, step=10, val_acc=v) for s in sigmas for k, v in enumerate(vals[s])]
+    assert common.best_sigma(rows, "layer", sigmas, 10) == 0.05
+
+
 def test_history_rows_drop_swa_before_averaging():
     history = {
         "step": np.array([[[0, 5, 10]]]),

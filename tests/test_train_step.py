@@ -42,3 +42,11 @@ def test_swa_update_is_the_mean_of_the_scheduled_iterates():
         swa = swa_update(swa, jnp.asarray(iterates[t - 1]), t, start=3, every=3)
     np.testing.assert_allclose(swa.params, iterates[[2, 5, 8]].mean(0), rtol=1e-6)
     assert int(swa.count) == 3
+
+
+def test_evaluate_train_loss_is_the_loss_over_all_examples_with_an_uneven_last_batch():
+    from lsgeo.train import evaluate
+
+    state = init_state(W0, optax.sgd(0.1))
+    metrics = evaluate(loss, None, state, (X, Y), None, batch_size=5)  # 16 = 5 + 5 + 5 + 1
+    np.testing.assert_allclose(metrics["train_loss"], loss(W0, (X, Y)), rtol=1e-6)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsgeo.validation import check_positive_int, is_concrete
+from lsgeo.validation import check_choice, check_positive_int, is_concrete
 
 __all__ = ["lanczos", "tridiagonal_eigh", "ritz_pairs"]
 
@@ -188,6 +188,7 @@ def ritz_pairs(matvec: MatVec, v0: jax.Array, num_iters: int, *, k: int, which: 
     Cost: ``steps`` matvecs, ``O(steps^2 m)`` reorthogonalisation and, with ``tol``, one ``K_max x K_max``
     ``eigh`` per step. Memory: ``(num_iters + 1) m``.
     """
+    check_choice(which, "which", ("largest", "smallest"))
     v0 = _check_start(v0, num_iters)
     dtype = v0.dtype
     basis, beta0, anorm0 = _initial_state(v0, num_iters)

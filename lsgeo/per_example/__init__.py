@@ -7,11 +7,8 @@ math and the cost.
 """
 
 from lsgeo.per_example.ghost import FastPathFallbackWarning
-from lsgeo.per_example.grams import (  # noqa: F401 - the _private names are kept for lsgeo.ntk
-    _CHUNK_BUDGET,
+from lsgeo.per_example.grams import (
     METHODS,
-    _example_count,
-    _one_example_fn,
     fast_path_plan,
     gram_blocks,
     per_example_grams,

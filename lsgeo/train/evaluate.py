@@ -1,8 +1,8 @@
 """What a training run records at each evaluation: metrics at the clean iterate w_t.
 
 ``train_loss`` is the objective at w_t = ``clean_params(state.params, state.opt_state)`` (not at the
-perturbed point the loop holds) on the training data: the full batch, or with ``batch_size`` the mean
-over the n // batch_size batches in index order. Every key of ``eval_fn(w_t, eval_data)`` (or
+perturbed point the loop holds) on all the training data (computed in batches of ``batch_size`` when
+given, the last one uneven). Every key of ``eval_fn(w_t, eval_data)`` (or
 ``eval_fn(w_t, model_state, eval_data)`` for stateful objectives) is added, and with SWA the same keys,
 prefixed ``swa_``, at the running mean (NaN until the first iterate has been averaged in).
 
@@ -23,6 +23,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from lsgeo import microbatch
 from lsgeo.optim import clean_params
 from lsgeo.train.state import TrainState
 from lsgeo.train.step import objective_value
@@ -31,16 +32,15 @@ __all__ = ["evaluate", "train_loss"]
 
 
 def train_loss(objective: Callable, params, model_state, data, batch_size: int | None) -> jax.Array:
-    """The objective at ``params`` over ``data`` (mean over its minibatches in index order with ``batch_size``).
+    """The objective at ``params`` over all of ``data``; with ``batch_size``, computed in batches of that
+    size (``lsgeo.microbatch``: the example-weighted mean, the last batch uneven), in the memory of one.
 
-    Cost: one forward pass over the n (or n - n mod batch_size) examples; memory of one batch.
+    Cost: one forward pass over the n examples.
     """
     if batch_size is None:
         return objective_value(objective, params, model_state, data)
-    n = jax.tree_util.tree_leaves(data)[0].shape[0]
-    nb = n // batch_size
-    chunks = jax.tree_util.tree_map(lambda a: a[: nb * batch_size].reshape((nb, batch_size) + a.shape[1:]), data)
-    return jnp.mean(jax.lax.map(lambda b: objective_value(objective, params, model_state, b), chunks))
+    plan = microbatch.make_plan(data, batch_size, devices=jax.devices()[:1])
+    return microbatch.reduce(lambda p, b: objective_value(objective, p, model_state, b), params, data, plan)
 
 
 def _metrics_at(objective, eval_fn, params, model_state, data, eval_data, batch_size, prefix=""):

@@ -64,8 +64,9 @@ class TrainingDiverged(FloatingPointError):
       step: the step t at which ``quantity`` went non-finite (for an evaluated metric: the evaluation step).
       quantity: ``"loss"``, ``"gradient"``, ``"params"`` or the name of a history metric.
       history: dict of numpy arrays up to the last finite evaluation.
-      state: the :class:`TrainState` frozen at the last finite step (resume or inspect it);
-        ``params`` is its clean iterate.
+      state: the :class:`TrainState` frozen at the last finite step, to inspect or save (it keeps its
+        divergence marker, so passing it back to ``train`` takes no further step); ``params`` is its
+        clean iterate.
     """
 
     def __init__(self, step: int, quantity: str, history: dict, state: TrainState | None = None):
