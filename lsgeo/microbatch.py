@@ -20,8 +20,8 @@ several devices the full microbatches are sharded over a 1-D mesh (``jax.shard_m
 scans its share and one ``psum`` (an all-reduce) combines them, so the result equals the one-device
 value up to the order of the summation. The number of full microbatches is padded to a multiple of the
 number of devices with copies that carry weight 0 (at most ``devices - 1`` wasted microbatches). The
-public functions first ``place`` their arguments (arrays committed to another device are replicated over
-the mesh). On CPU, ``fn``'s convolutions are put in XLA:CPU's canonical layout (``lsgeo.cpu_convolutions``).
+data is laid out once (``layout``: each device holds its share of the microbatches, not a copy of the data
+set), as the curvature operators do when they are built; the other arguments are replicated (``place``). On CPU, ``fn``'s convolutions are put in XLA:CPU's canonical layout (``lsgeo.cpu_convolutions``).
 
 Cost: that of ``fn`` on every microbatch, ``ceil(n / s)`` evaluations. Memory: ``fn`` on one
 microbatch (per device) plus the accumulated result.
@@ -54,7 +54,18 @@ from lsgeo.validation import check_batch, check_positive_int, is_concrete
 
 PyTree = Any
 
-__all__ = ["MicrobatchPlan", "make_plan", "place", "reduce", "objective", "microbatch_struct", "single_example"]
+__all__ = [
+    "MicrobatchPlan",
+    "Layout",
+    "make_plan",
+    "place",
+    "layout",
+    "reduce",
+    "objective",
+    "microbatch_struct",
+    "single_example",
+    "check_mean_over_examples",
+]
 
 AXIS = "microbatches"
 
@@ -77,6 +88,16 @@ class MicrobatchPlan(NamedTuple):
     @property
     def num_microbatches(self) -> int:
         return self.num_full + (1 if self.remainder else 0)
+
+
+class Layout(NamedTuple):
+    """A batch laid out once for a plan over several devices (``layout``): the full microbatches stacked
+    as ``[q_pad, s, ...]`` and sharded along their first axis over the plan's devices (each device holds
+    its ``q_pad / devices`` microbatches, not a copy of the data set; padding copies carry weight 0), and
+    the uneven last microbatch ``[r, ...]`` (``None`` when ``r = 0``), replicated."""
+
+    full: PyTree
+    rest: PyTree
 
 
 def _resolve_devices(devices) -> tuple:
@@ -138,7 +159,7 @@ def place(plan: MicrobatchPlan | None, *trees):
     if plan is None or len(plan.devices) == 1:
         return trees
     devices = set(plan.devices)
-    sharding = NamedSharding(Mesh(np.asarray(plan.devices), (AXIS,)), PartitionSpec())
+    sharding = NamedSharding(_mesh(plan), PartitionSpec())
 
     def put(a):
         if isinstance(a, jax.Array) and is_concrete(a) and a.sharding.device_set != devices:
@@ -148,10 +169,54 @@ def place(plan: MicrobatchPlan | None, *trees):
     return tuple(jax.tree_util.tree_map(put, t) for t in trees)
 
 
+def _mesh(plan: MicrobatchPlan) -> Mesh:
+    return Mesh(np.asarray(plan.devices), (AXIS,))
+
+
+def _num_padded(plan: MicrobatchPlan) -> int:
+    return -(-plan.num_full // len(plan.devices)) * len(plan.devices)
+
+
+def layout(plan: MicrobatchPlan | None, batch):
+    """``batch`` laid out for ``plan``, once, so that every later ``reduce`` uses it where it lies.
+
+    With several devices: a ``Layout`` whose full microbatches are sharded over the devices (data
+    bytes per device: about ``n / devices`` examples, plus the uneven last microbatch) and whose last
+    microbatch is replicated. With one device or no plan: ``batch`` unchanged (``reduce`` slices the
+    microbatches in place, no copy). Concrete arrays are placed with ``jax.device_put``; inside ``jit``
+    the same layout is requested with a sharding constraint.
+    """
+    if plan is None or len(plan.devices) == 1 or isinstance(batch, Layout):
+        return batch
+    s, q, q_pad = plan.size, plan.num_full, _num_padded(plan)
+    mesh = _mesh(plan)
+
+    def stack(a):
+        a = jnp.asarray(a)
+        a = a[: q * s].reshape(q, s, *a.shape[1:])
+        if q_pad > q:
+            a = jnp.concatenate([a, a[: q_pad - q]])
+        return a
+
+    def put(tree, spec):
+        sharding = NamedSharding(mesh, spec)
+        if is_concrete(tree):
+            return jax.device_put(tree, sharding)
+        return jax.lax.with_sharding_constraint(tree, sharding)
+
+    full = put(jax.tree_util.tree_map(stack, batch), PartitionSpec(AXIS))
+    rest = None
+    if plan.remainder:
+        rest = put(jax.tree_util.tree_map(lambda a: jnp.asarray(a)[q * s :], batch), PartitionSpec())
+    return Layout(full, rest)
+
+
 def microbatch_struct(batch, plan: MicrobatchPlan | None):
     """``jax.ShapeDtypeStruct`` pytree of one full microbatch (of the whole batch when ``plan`` is None)."""
     if plan is None:
         return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), batch)
+    if isinstance(batch, Layout):
+        return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], jnp.result_type(a)), batch.full)
     return jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct((plan.size, *np.shape(a)[1:]), jnp.result_type(a)), batch
     )
@@ -162,7 +227,8 @@ def reduce(fn: Callable, operands: PyTree, batch, plan: MicrobatchPlan | None, *
     ``plan`` is None.
 
     ``c_j = n_j / n`` (``mean=True``: the exact data-set value of a mean over examples) or 1 (``mean=False``:
-    a sum over examples, e.g. an NTK trace). ``fn`` returns a pytree of floating arrays; ``operands`` (the
+    a sum over examples, e.g. an NTK trace). ``batch`` is the batch itself or its ``layout(plan, batch)``
+    (several devices: laid out once, then used where it lies by every call). ``fn`` returns a pytree of floating arrays; ``operands`` (the
     parameters, a tangent, a key) are passed unchanged to every call and replicated over the devices.
     Traceable: call it inside ``jit``; one compiled body of ``fn`` runs every full microbatch. On CPU the
     convolutions of ``fn`` are put in XLA:CPU's canonical layout first (``lsgeo.cpu_convolutions``: inside
@@ -174,12 +240,14 @@ def reduce(fn: Callable, operands: PyTree, batch, plan: MicrobatchPlan | None, *
     n, s, q, r = plan.num_examples, plan.size, plan.num_full, plan.remainder
     full_weight = s / n if mean else 1.0
     if len(plan.devices) > 1:
-        total = _sharded_sum(fn, operands, batch, plan)
+        batch = layout(plan, batch)
+        total = _sharded_sum(fn, operands, batch.full, plan)
     else:
         total = _scan_sum(fn, operands, batch, plan)
     total = jax.tree_util.tree_map(lambda t: t * jnp.asarray(full_weight, t.dtype), total)
     if r:
-        rest = fn(operands, jax.tree_util.tree_map(lambda a: a[q * s :], batch))
+        last = batch.rest if isinstance(batch, Layout) else jax.tree_util.tree_map(lambda a: a[q * s :], batch)
+        rest = fn(operands, last)
         rest_weight = r / n if mean else 1.0
         total = jax.tree_util.tree_map(lambda t, o: t + o * jnp.asarray(rest_weight, o.dtype), total, rest)
     return total
@@ -206,21 +274,11 @@ def _scan_sum(fn, operands, batch, plan):
     return total
 
 
-def _sharded_sum(fn, operands, batch, plan):
-    """Several devices: the full microbatches ``[q_pad, s, ...]`` sharded over a 1-D mesh, a ``lax.scan``
-    on each device over its share (padding copies masked out), one ``psum``."""
-    s, q, num_devices = plan.size, plan.num_full, len(plan.devices)
-    q_pad = -(-q // num_devices) * num_devices
-
-    def stack(a):
-        a = a[: q * s].reshape(q, s, *a.shape[1:])
-        if q_pad > q:
-            a = jnp.concatenate([a, a[: q_pad - q]])
-        return a
-
-    full = jax.tree_util.tree_map(stack, batch)
-    weights = jnp.asarray(np.arange(q_pad) < q)
-    struct = _output_struct(fn, operands, batch, plan)
+def _sharded_sum(fn, operands, full, plan):
+    """Several devices: the full microbatches ``[q_pad, s, ...]`` (a ``Layout``'s, sharded over a 1-D mesh),
+    a ``lax.scan`` on each device over its share (padding copies masked out), one ``psum``."""
+    weights = jnp.asarray(np.arange(_num_padded(plan)) < plan.num_full)
+    struct = jax.eval_shape(fn, operands, jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), full))
 
     def local(operands, full, weights):
         def body(acc, xs):
@@ -231,10 +289,9 @@ def _sharded_sum(fn, operands, batch, plan):
         total, _ = jax.lax.scan(body, _zeros(struct), (full, weights))
         return jax.lax.psum(total, AXIS)
 
-    mesh = Mesh(np.asarray(plan.devices), (AXIS,))
     sharded = jax.shard_map(
         local,
-        mesh=mesh,
+        mesh=_mesh(plan),
         in_specs=(PartitionSpec(), PartitionSpec(AXIS), PartitionSpec(AXIS)),
         out_specs=PartitionSpec(),
         check_vma=False,
@@ -280,3 +337,53 @@ def single_example(predict: Callable) -> Callable:
         return jnp.reshape(out, (-1,))
 
     return one
+
+
+_CHECKED: set = set()
+
+
+def check_mean_over_examples(fn: Callable, params, batch, plan: MicrobatchPlan | None, *, name: str = "f") -> None:
+    """Raises ValueError when the scalar ``fn(params, batch)`` is evidently not a mean over independent
+    examples, the precondition of every microbatched value (a BatchNorm layer in training mode couples the
+    examples of a microbatch through its batch statistics, and the "data-set value" would silently depend
+    on the cut).
+
+    Checks ``fn(B_1 u B_2) = (fn(B_1) + fn(B_2)) / 2`` on the first two full microbatches (three eager
+    evaluations; tolerance ``1000 eps`` relative to the values), once per (``fn``, plan). Nothing is
+    checked without a plan, with fewer than two full microbatches, or under tracing.
+    """
+    if plan is None or plan.num_full < 2 or not _checkable(params, batch):
+        return
+    try:
+        token = (fn, plan)
+        if token in _CHECKED:
+            return
+    except TypeError:  # an unhashable fn: check every time
+        token = None
+    s = plan.size
+    first = jax.tree_util.tree_map(lambda a: a[:s], batch)
+    second = jax.tree_util.tree_map(lambda a: a[s : 2 * s], batch)
+    both = jax.tree_util.tree_map(lambda a: a[: 2 * s], batch)
+    values = [fn(params, b) for b in (first, second, both)]
+    if not is_concrete(values):  # called inside an outer jit: every operation is staged, nothing to check
+        return
+    values = [np.asarray(v, np.float64) for v in values]
+    if all(np.ndim(v) == 0 and np.isfinite(v) for v in values):
+        eps = float(jnp.finfo(jnp.result_type(*jax.tree_util.tree_leaves(params))).eps)
+        scale = max(abs(float(v)) for v in values)
+        if abs(float(values[2]) - 0.5 * float(values[0] + values[1])) > 1000 * eps * max(scale, 1e-30):
+            raise ValueError(
+                f"{name} is not a mean over independent examples: on two microbatches of {s} examples it gives "
+                f"{float(values[0]):.6g} and {float(values[1]):.6g}, but {float(values[2]):.6g} on both together "
+                f"(their mean is {0.5 * float(values[0] + values[1]):.6g}). With microbatch_size the data-set value "
+                f"would depend on the cut. A BatchNorm layer in training mode does this: bind its running "
+                f"statistics (evaluation mode), e.g. lsgeo.models.make_predict(model, model_state); or pass "
+                f"microbatch_size=None to use the batch whole"
+            )
+    if token is not None:
+        _CHECKED.add(token)
+
+
+def _checkable(params, batch) -> bool:
+    """Whether ``params`` and ``batch`` hold values (not tracers) on which a check can run eagerly."""
+    return is_concrete(params) and is_concrete(batch) and not isinstance(batch, Layout)

@@ -44,11 +44,13 @@ from jax.flatten_util import ravel_pytree
 from lsgeo import groups as groups_lib
 from lsgeo import losses as losses_lib
 from lsgeo import microbatch, per_example
+from lsgeo.curvature.gauss_newton import mean_risk
 from lsgeo.perturbation import MODES, perturbation
 from lsgeo.validation import (
     check_callable,
     check_choice,
     check_float_params,
+    check_loss_targets,
     check_nonnegative_int,
     check_positive_int,
     check_sigma,
@@ -73,7 +75,10 @@ def _check_model(predict, loss, params, batch, microbatch_size, devices):
     check_float_params(params)
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise ValueError(f"batch must be a pair (x, y), got {type(batch).__name__}")
-    return microbatch.make_plan(batch, microbatch_size, devices=devices)
+    plan = microbatch.make_plan(batch, microbatch_size, devices=devices)
+    check_loss_targets(predict, loss, params, batch)
+    microbatch.check_mean_over_examples(mean_risk(predict, loss), params, batch, plan, name="loss(predict(...))")
+    return plan
 
 
 def _loss(loss, outputs, y):

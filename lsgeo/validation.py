@@ -35,6 +35,8 @@ __all__ = [
     "check_batch",
     "check_class_labels",
     "check_sign_labels",
+    "check_key",
+    "check_loss_targets",
 ]
 
 
@@ -155,3 +157,35 @@ def check_sign_labels(labels, name: str = "labels") -> None:
     if y.size and not np.all((y == 1) | (y == -1)):
         bad = np.unique(y[(y != 1) & (y != -1)])[:5].tolist()
         raise ValueError(f"{name} must be -1 or +1 for the logistic loss; got values {bad} (map {{0, 1}} to 2 y - 1)")
+
+
+def check_key(key, name: str = "key") -> None:
+    """``key`` must be a JAX PRNG key: a typed key (``jax.random.key(0)``) or a raw ``uint32`` key
+    (``jax.random.PRNGKey(0)``), a single one (no batch of keys). An int, None or a string is an error
+    naming ``name`` (an int seed is not a key: ``jax.random.key(seed)`` makes one)."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if np.ndim(key) != 0:
+            raise ValueError(f"{name} must be a single PRNG key, got a batch of keys of shape {np.shape(key)}")
+        return
+    if dtype is not None and np.dtype(dtype) == np.uint32 and np.ndim(key) == 1 and np.shape(key)[0] in (2, 4):
+        return
+    raise ValueError(
+        f"{name} must be a JAX PRNG key such as jax.random.key(0), got {key!r:.60}"
+        + (" (an int seed is not a key: pass jax.random.key(seed))" if isinstance(key, (int, np.integer)) else "")
+    )
+
+
+def check_loss_targets(predict, loss, params, batch) -> None:
+    """Runs the target checks of ``loss`` (class labels in ``[0, k)``, signs in {-1, +1}, shapes) on the
+    concrete targets of ``batch = (x, y)`` before anything is traced: ``loss`` is evaluated eagerly on zero
+    predictions of the model's output shape (``jax.eval_shape``, no forward pass; O(n k)). Inside ``jit``
+    the targets are tracers and nothing is checked. Without it a label of -1 silently indexes class k - 1
+    and a label >= k gives NaN in a compiled entry point."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        return
+    x, y = batch
+    if not (is_concrete(y) and is_concrete(x) and is_concrete(params)):
+        return
+    out = jax.eval_shape(predict, params, x)
+    loss(jnp.zeros(out.shape, out.dtype), jnp.asarray(y))

@@ -39,13 +39,13 @@ CASES = [
     (lambda: curvature.hvp(f, INT_PARAMS, BATCH, INT_PARAMS), ValueError, "params leaf .* dtype int32"),
     (lambda: curvature.hvp(vector_f, PARAMS, BATCH, PARAMS), ValueError, "f must return a scalar"),
     (lambda: curvature.hvp(f, PARAMS, EMPTY, PARAMS), ValueError, "batch is empty"),
-    (lambda: curvature.hessian(f, PARAMS, BATCH, chunk_size=0), ValueError, "chunk_size must be a positive integer"),
+    (lambda: curvature.hessian(f, PARAMS, BATCH, vectors_per_pass=0), ValueError, "vectors_per_pass must be a positive integer"),
     # trace and diagonal
     (lambda: curvature.hessian_trace(f, PARAMS, BATCH, KEY, method="hutch+"), ValueError, "method must be one of"),
     (lambda: curvature.hessian_trace(f, PARAMS, BATCH, KEY, num_probes=-4), ValueError, "num_probes must be a posi"),
     (lambda: curvature.hessian_trace(f, PARAMS, BATCH, KEY, num_probes=2, method="hutch++"), ValueError, ">= 3"),
-    (lambda: curvature.hessian_trace(f, PARAMS, BATCH, KEY, chunk_size=0), ValueError, "chunk_size must be a posi"),
-    (lambda: curvature.hessian_trace(f, PARAMS, BATCH, KEY, chunk_size=-2), ValueError, "chunk_size must be a posi"),
+    (lambda: curvature.hessian_trace(f, PARAMS, BATCH, KEY, vectors_per_pass=0), ValueError, "vectors_per_pass must be a posi"),
+    (lambda: curvature.hessian_trace(f, PARAMS, BATCH, KEY, vectors_per_pass=-2), ValueError, "vectors_per_pass must be a posi"),
     (lambda: curvature.hessian_trace(f, INT_PARAMS, BATCH, KEY), ValueError, "parameters must be floating point"),
     (lambda: curvature.hessian_trace(f, PARAMS, EMPTY, KEY), ValueError, "batch is empty"),
     (lambda: curvature.hessian_diagonal(f, PARAMS, BATCH, KEY, num_probes=0), ValueError, "num_probes must be a"),
@@ -76,7 +76,29 @@ CASES = [
     (lambda: curvature.spectral_density(f, PARAMS, BATCH, KEY, width=0.0), ValueError, "width must be None or a"),
     (lambda: curvature.spectral_density(f, PARAMS, BATCH, KEY, width=-0.5), ValueError, "width must be a finite"),
     (lambda: curvature.spectral_density(f, PARAMS, EMPTY, KEY), ValueError, "batch is empty"),
-    (lambda: curvature.slq_nodes(f, PARAMS, BATCH, KEY, chunk_size=0), ValueError, "chunk_size must be a positive"),
+    (lambda: curvature.slq_nodes(f, PARAMS, BATCH, KEY, vectors_per_pass=0), ValueError, "vectors_per_pass must be a positive"),
+    # keys: an int seed or None is not a key
+    (lambda: curvature.top_eigenvalues(f, PARAMS, BATCH, 0), ValueError, "key must be a JAX PRNG key.*jax.random.key"),
+    (lambda: curvature.top_eigenvalues(f, PARAMS, BATCH, None), ValueError, "key must be a JAX PRNG key"),
+    (lambda: curvature.hessian_trace(f, PARAMS, BATCH, "a"), ValueError, "key must be a JAX PRNG key"),
+    (lambda: curvature.hessian_trace(f, PARAMS, BATCH, jax.random.split(KEY, 2)), ValueError, "a single PRNG key"),
+    # Krylov internals
+    (lambda: curvature.ritz_pairs(lambda u: u, jnp.ones(5), 2, k=3), ValueError, "k must be <= num_iters=2"),
+    (lambda: curvature.tridiagonal_eigh(jnp.ones(3), jnp.ones(3)), ValueError, "betas must have length K - 1"),
+    (lambda: curvature.tridiagonal_eigh(jnp.ones(3), jnp.ones(1)), ValueError, "betas must have length K - 1"),
+    # operators
+    (lambda: curvature.top_eigenvalues(curvature.Hessian(f, PARAMS, BATCH), KEY, BATCH), TypeError, "takes an operator"),
+    (lambda: curvature.hessian_trace(curvature.Hessian(f, PARAMS, BATCH), KEY, microbatch_size=2), ValueError,
+     "belong to the operator"),
+    (lambda: curvature.blocks(f), TypeError, "op must be a curvature operator"),
+    (lambda: curvature.solve(curvature.Hessian(f, PARAMS, BATCH), PARAMS, damping=-1.0), ValueError, "damping must be"),
+    (lambda: curvature.solve(curvature.Hessian(f, PARAMS, BATCH), {"a": jnp.ones(3)}, damping=1.0), ValueError,
+     "b must have the same pytree"),
+    (lambda: curvature.hessian_trace(f, PARAMS, BATCH, KEY, method="xtrace", num_probes=20), ValueError,
+     "num_probes // 2 must be < m"),
+    (lambda: curvature.MonteCarloFisher(predict, losses.squared_loss, PARAMS, XY, 0), ValueError, "key must be a JAX"),
+    (lambda: curvature.GaussNewton(lambda p, x: x @ jnp.ones((1, 3)) * p["a"], losses.softmax_cross_entropy, PARAMS,
+                                   (jnp.ones((2, 1)), jnp.array([0, 3]))), ValueError, r"labels must be in \[0, 3\)"),
 ]
 
 
@@ -84,3 +106,27 @@ CASES = [
 def test_bad_input_raises_naming_the_argument(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_ritz_pairs_never_invents_values():
+    """diag(-2, 1, 3, 5, 7) with k=3 but 2 Lanczos steps: refused (it returned duplicated Ritz values)."""
+    matvec = lambda u: jnp.array([-2.0, 1.0, 3.0, 5.0, 7.0]) * u  # noqa: E731
+    with pytest.raises(ValueError, match="k must be <= num_iters"):
+        curvature.ritz_pairs(matvec, jnp.ones(5), 2, k=3)
+    values = curvature.ritz_pairs(matvec, jnp.ones(5), 5, k=3)[0]
+    np.testing.assert_allclose(values, [7.0, 5.0, 3.0], rtol=1e-5)
+
+
+def test_saddle_index_of_nan_parameters_or_data_is_nan():
+    for params, batch in [({"a": jnp.ones(3), "b": jnp.full((2, 2), jnp.nan)}, BATCH), (PARAMS, BATCH.at[0].set(jnp.nan))]:
+        assert np.isnan(curvature.saddle_index(f, params, batch))
+        assert np.isnan(curvature.saddle_index(f, params, batch, KEY, method="slq", num_iters=4, num_runs=2))
+
+
+def test_hvp_accepts_a_tangent_of_another_float_dtype():
+    v32 = {"a": jnp.arange(3.0), "b": jnp.ones((2, 2))}
+    v16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), v32)  # exactly representable values
+    got, expected = curvature.hvp(f, PARAMS, BATCH, v16), curvature.hvp(f, PARAMS, BATCH, v32)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+        assert a.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, rtol=1e-6)

@@ -77,7 +77,7 @@ def test_gnvp_matches_dense_jacobians(x64, loss):
 def test_hessian_dense_matches_jax_hessian(x64):
     params = mlp_init(0, (3, 5, 2))
     batch = regression_batch(1, 10, 3, 2)
-    h = curvature.hessian(F_MLP, params, batch, chunk_size=10)  # m = 32: 4 chunks of 10, the last padded
+    h = curvature.hessian(F_MLP, params, batch, vectors_per_pass=10)  # m = 32: 4 chunks of 10, the last padded
     np.testing.assert_allclose(h, dense_hessian(F_MLP, params, batch), rtol=1e-10, atol=1e-13)
 
 

@@ -121,11 +121,15 @@ def test_spectral_density_integrates_to_one_and_mass_below_zero(x64, saddle_mlp)
 
 
 def test_saddle_index_tolerances(x64, saddle_mlp):
-    """Exact path: the dense count below -max(tol, rtol max|lambda|); the default is rtol = 1e-3."""
+    """Exact path: the dense count below -max(tol, rtol max|lambda|); the default rtol is m eps of the work
+    dtype (rounding noise only), i.e. the textbook count of negative eigenvalues on this float64 spectrum."""
     params, batch, eigs = saddle_mlp
     scale = np.max(np.abs(eigs))
+    default = curvature.default_saddle_rtol(True, eigs.size, np.float64)
+    assert default == eigs.size * np.finfo(np.float64).eps
     for kwargs, threshold in [
-        ({}, curvature.DEFAULT_SADDLE_RTOL * scale),
+        ({}, default * scale),
+        ({"rtol": 1e-3}, 1e-3 * scale),
         ({"tol": 0.0}, 0.0),
         ({"tol": 0.05}, 0.05),
         ({"rtol": 0.02}, 0.02 * scale),
@@ -134,6 +138,7 @@ def test_saddle_index_tolerances(x64, saddle_mlp):
         got = curvature.saddle_index(F_MLP, params, batch, **kwargs)
         np.testing.assert_allclose(got, np.mean(eigs < -threshold), atol=1e-7, err_msg=str(kwargs))
     assert np.mean(eigs < -0.02 * scale) < np.mean(eigs < 0)  # the tolerances matter on this spectrum
+    np.testing.assert_allclose(curvature.saddle_index(F_MLP, params, batch), np.mean(eigs < 0), atol=1e-7)
     # the SLQ path with the same rtol (nodes counted directly, width=0) against the exact count
     slq = curvature.saddle_index(F_MLP, params, batch, jax.random.key(1), method="slq", rtol=0.02, width=0.0,
                                  num_runs=16)

@@ -28,7 +28,7 @@ def test_hessian_trace_within_three_standard_errors(x64):
     batch = regression_batch(1, 20, 5, 3)
     exact = np.trace(dense_hessian(F_MLP, params, batch))
     est, se = curvature.hessian_trace(
-        F_MLP, params, batch, jax.random.key(4), num_probes=2000, chunk_size=100, return_stderr=True
+        F_MLP, params, batch, jax.random.key(4), num_probes=2000, vectors_per_pass=100, return_stderr=True
     )
     assert se > 0
     assert abs(est - exact) < 3 * se, (est, exact, se)
@@ -50,7 +50,7 @@ def test_hutchpp_beats_hutchinson_on_decaying_spectrum(x64):
     def estimates(w, a, keys):  # one estimate per seed, the seeds vmapped
         def one(k):
             return [
-                curvature.hessian_trace(_quadratic, w, a, k, num_probes=num_probes, method=method, chunk_size=4)
+                curvature.hessian_trace(_quadratic, w, a, k, num_probes=num_probes, method=method, vectors_per_pass=4)
                 for method in ("hutchinson", "hutch++")
             ]
 
@@ -61,14 +61,14 @@ def test_hutchpp_beats_hutchinson_on_decaying_spectrum(x64):
     assert err_pp < 0.5 * err_h, (err_pp, err_h)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 7])
-def test_hutchpp_is_exact_when_the_sketch_spans_the_space(x64, chunk_size):
+@pytest.mark.parametrize("vectors_per_pass", [1, 4, 7])
+def test_hutchpp_is_exact_when_the_sketch_spans_the_space(x64, vectors_per_pass):
     """N / 3 >= m: Q spans R^m, tr(Q^T H Q) = tr(H) and the residual part vanishes, whatever the blocks."""
     params = mlp_init(0, (2, 3, 1))  # m = 13
     batch = regression_batch(1, 9, 2, 1)
     exact = np.trace(dense_hessian(F_MLP, params, batch))
     trace = curvature.hessian_trace(F_MLP, params, batch, jax.random.key(0), num_probes=40, method="hutch++",
-                                    chunk_size=chunk_size)
+                                    vectors_per_pass=vectors_per_pass)
     np.testing.assert_allclose(trace, exact, rtol=1e-9)
 
 
@@ -83,10 +83,10 @@ def test_microbatched_trace_and_diagonal_equal_single_batch(x64, model):
     for method in ("hutchinson", "hutch++"):
         one = curvature.hessian_trace(f, params, batch, key, num_probes=9, method=method)
         many = curvature.hessian_trace(f, params, batch, key, num_probes=9, method=method, microbatch_size=4,
-                                       chunk_size=2)
+                                       vectors_per_pass=2)
         np.testing.assert_allclose(many, one, rtol=1e-10)
     one = curvature.hessian_diagonal(f, params, batch, key, num_probes=5)
-    many = curvature.hessian_diagonal(f, params, batch, key, num_probes=5, microbatch_size=4, chunk_size=2)
+    many = curvature.hessian_diagonal(f, params, batch, key, num_probes=5, microbatch_size=4, vectors_per_pass=2)
     np.testing.assert_allclose(flat(many), flat(one), rtol=1e-10, atol=1e-14)
 
 
@@ -94,7 +94,7 @@ def test_hessian_diagonal_within_three_standard_errors(x64):
     params = mlp_init(0, (4, 6, 2))  # m = 44
     batch = regression_batch(1, 16, 4, 2)
     exact = np.diag(dense_hessian(F_MLP, params, batch))
-    est, se = curvature.hessian_diagonal(F_MLP, params, batch, jax.random.key(2), num_probes=3000, chunk_size=500,
+    est, se = curvature.hessian_diagonal(F_MLP, params, batch, jax.random.key(2), num_probes=3000, vectors_per_pass=500,
                                          return_stderr=True)
     est, se = flat(est), flat(se)
     assert est.shape == exact.shape and np.all(se >= 0)

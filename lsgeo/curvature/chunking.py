@@ -1,9 +1,10 @@
-"""How many vectors go through one curvature product together, and the padded ``lax.map`` that runs them.
+"""How many vectors go through one curvature product together (the one memory budget of
+``lsgeo.curvature``), and the balanced ``lax.map`` that runs them.
 
 Vmapping P probes (or Lanczos runs) through one Hessian-vector product shares the primal forward and
 backward pass between them but multiplies the tangent activations by P: on a small model this is the
-fast way to run many probes, on a large one it is what exhausts the device memory. ``auto_chunk``
-decides from a memory estimate: the bytes of every intermediate of one evaluation of the objective on
+fast way to run many probes, on a large one it is what exhausts the device memory.
+``auto_vectors_per_pass`` decides from a memory estimate: the bytes of every intermediate of one evaluation of the objective on
 one microbatch (a ``jax.make_jaxpr`` trace, no compilation, cached per function and shapes), doubled
 for the backward tangents, plus the per-vector state the caller declares (a Lanczos basis). As many
 vectors as fit in ``PROBE_BUDGET_BYTES`` go together, at most ``MAX_CHUNK`` and at least one: a
@@ -18,17 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsgeo import microbatch
 from lsgeo.validation import check_positive_int
 
 PROBE_BUDGET_BYTES = 2**28
 MAX_CHUNK = 16
 
 
-def check_chunk_size(chunk_size, name: str = "chunk_size") -> None:
+def check_vectors_per_pass(value, name: str = "vectors_per_pass") -> None:
     """``None`` (automatic) or a positive int."""
-    if chunk_size is not None:
-        check_positive_int(chunk_size, name)
+    if value is not None:
+        check_positive_int(value, name)
 
 
 def _jaxpr_bytes(jaxpr) -> int:
@@ -62,21 +62,28 @@ def activation_bytes(fn, *args) -> int:
         return _cached_bytes.__wrapped__(fn, structs, treedef)
 
 
-def auto_chunk(f, params, batch, plan, num_vectors: int, *, state_bytes_per_vector: int = 0) -> int:
-    """Vectors per vmapped product for ``f`` on one microbatch of ``plan`` (the whole batch if None)."""
-    per_vector = 2 * activation_bytes(f, params, microbatch.microbatch_struct(batch, plan)) + state_bytes_per_vector
+def auto_vectors_per_pass(op, num_vectors: int, *, state_bytes_per_vector: int = 0) -> int:
+    """Vectors per vmapped product of the curvature operator ``op`` (its ``activation_bytes`` on one
+    microbatch, doubled for the tangents, plus the caller's per-vector state) within the budget."""
+    per_vector = 2 * op.activation_bytes() + state_bytes_per_vector
     fits = PROBE_BUDGET_BYTES // max(per_vector, 1)
     return int(max(1, min(num_vectors, MAX_CHUNK, fits)))
 
 
-def chunked_map(fn, xs, chunk_size: int):
-    """``lax.map(fn, xs, batch_size=chunk)`` with ``xs`` padded (by repeating its last row) to a multiple of
-    the chunk, so that one ``vmap``-ed body is compiled instead of a body plus a remainder; the padded rows
-    cost at most ``chunk - 1`` extra evaluations and are dropped."""
+def chunked_map(fn, xs, chunk_size: int, *, batched: bool = False):
+    """``fn`` over the rows of ``xs`` (a pytree with a leading axis n), at most ``chunk_size`` rows per pass.
+
+    The rows are cut into ``steps = ceil(n / chunk_size)`` equal passes of ``ceil(n / steps)`` rows (the
+    last row repeated to fill the last pass, fewer than ``steps`` extra rows in all: 257 rows in passes of
+    at most 256 run as 2 x 129, not 2 x 256), so that one ``vmap``-ed body is compiled, run by a
+    ``lax.map``. ``fn`` maps one row (``batched=False``) or a ``[chunk, ...]`` block of rows
+    (``batched=True``, e.g. ``CurvatureOperator.matmat``); padded rows are dropped."""
     n = jax.tree_util.tree_leaves(xs)[0].shape[0]
-    chunk = min(chunk_size, n)
-    pad = (-n) % chunk
+    steps = -(-n // max(1, min(chunk_size, n)))
+    chunk = -(-n // steps)
+    pad = steps * chunk - n
     if pad:
         xs = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), xs)
-    out = jax.lax.map(fn, xs, batch_size=chunk)
-    return jax.tree_util.tree_map(lambda a: a[:n], out)
+    blocks = jax.tree_util.tree_map(lambda a: a.reshape(steps, chunk, *a.shape[1:]), xs)
+    out = jax.lax.map(fn if batched else jax.vmap(fn), blocks)
+    return jax.tree_util.tree_map(lambda a: a.reshape(steps * chunk, *a.shape[2:])[:n], out)

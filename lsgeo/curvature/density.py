@@ -1,4 +1,8 @@
-"""The Hessian's spectral density by stochastic Lanczos quadrature, and the saddle index.
+"""The spectral density of a curvature operator by stochastic Lanczos quadrature, and the saddle index.
+
+Every function takes an operator (``spectral_density(op, key)``; per-block densities are
+``{g: spectral_density(b, key) for g, b in blocks(op).items()}``) or builds the Hessian from
+``(f, params, batch, key)``.
 
 References: S. Ubaru, J. Chen, Y. Saad, Fast estimation of tr(f(A)) via stochastic Lanczos quadrature,
 SIMAX 2017; B. Ghorbani, S. Krishnan, Y. Xiao, An investigation into neural net optimization via Hessian
@@ -15,15 +19,13 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.stats
 import numpy as np
-import optax
 
-from lsgeo import microbatch
-from lsgeo.curvature import chunking, products
-from lsgeo.curvature.dense import hessian
+from lsgeo.curvature import chunking
 from lsgeo.curvature.krylov import lanczos, tridiagonal_eigh
+from lsgeo.curvature.operator import resolve
 from lsgeo.validation import check_choice, check_nonnegative_int, check_positive_int, check_sigma, is_concrete
 
-__all__ = ["slq_nodes", "spectral_density", "saddle_index", "SADDLE_METHODS", "DEFAULT_SADDLE_RTOL"]
+__all__ = ["slq_nodes", "spectral_density", "saddle_index", "default_saddle_rtol", "SADDLE_METHODS", "DEFAULT_SADDLE_RTOL"]
 
 SADDLE_METHODS = ("auto", "exact", "slq")
 DEFAULT_SADDLE_RTOL = 1e-3
@@ -32,37 +34,38 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 def slq_nodes(
     f,
-    params,
-    batch,
-    key: jax.Array,
+    params=None,
+    batch=None,
+    key: jax.Array | None = None,
     *,
     num_iters: int = 80,
     num_runs: int = 4,
-    chunk_size: int | None = None,
+    vectors_per_pass: int | None = None,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Stochastic Lanczos quadrature nodes and weights of the Hessian spectral measure.
+    """Stochastic Lanczos quadrature nodes and weights of the spectral measure of a curvature operator
+    (the Hessian of ``f`` by default).
 
     For each of ``num_runs`` normalised Rademacher probes ``v``, ``num_iters`` Lanczos steps give
-    ``T = U diag(theta) U^T``; the Gauss quadrature ``v^T g(H) v ~ sum_j (U_1j)^2 g(theta_j)`` is exact
+    ``T = U diag(theta) U^T``; the Gauss quadrature ``v^T g(A) v ~ sum_j (U_1j)^2 g(theta_j)`` is exact
     for polynomials of degree ``< 2 num_iters``. Averaged over probes (``E[v v^T] = I / m``),
-    ``tr(g(H)) / m ~ 1/R sum_r sum_j tau_rj g(theta_rj)`` (Ubaru, Chen, Saad 2017): the empirical
+    ``tr(g(A)) / m ~ 1/R sum_r sum_j tau_rj g(theta_rj)`` (Ubaru, Chen, Saad 2017): the empirical
     spectral measure ``1/m sum_i delta_{lambda_i}`` is approximated by the nodes ``theta`` with
     weights ``tau = (U_1j)^2 / R`` (which sum to 1).
 
     Args:
-      f, params, batch, key: objective (a mean over examples), parameters, data, the probes' PRNG key.
+      f, params, batch, key: an operator and a key, or an objective, parameters, data and a key.
       num_iters: Lanczos steps per run (capped at ``m``).
       num_runs: independent probes ``R``.
-      chunk_size: runs vmapped together (``None``: as many as fit in a memory budget that counts each
-        run's basis and tangents; one at a time on a large model).
-      microbatch_size, devices: the exact data-set Hessian by microbatches (``lsgeo.microbatch``).
+      vectors_per_pass: runs vmapped together (``None``: as many as fit in a memory budget that counts
+        each run's basis and tangents; one at a time on a large model).
+      microbatch_size, devices: with an objective, the data plan of its ``Hessian``.
 
     Returns:
       ``(nodes [num_runs, K], weights [num_runs, K])`` with ``K = min(num_iters, m)`` (at least float32).
 
-    Cost: ``num_runs * K`` HVPs. Memory: ``chunk_size (K + 1) m`` plus the products.
+    Cost: ``num_runs * K`` products. Memory: ``vectors_per_pass (K + 1) m`` plus the products.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -72,28 +75,24 @@ def slq_nodes(
       >>> nodes.shape, round(float(weights.sum()), 6)
       ((4, 3), 1.0)
     """
-    products.check_objective(f, params)
+    op, key = resolve(f, params, batch, key, name="slq_nodes", microbatch_size=microbatch_size, devices=devices)
     check_positive_int(num_iters, "num_iters")
     check_positive_int(num_runs, "num_runs")
-    chunking.check_chunk_size(chunk_size)
-    plan = microbatch.make_plan(batch, microbatch_size, devices=devices)
-    params, batch, key = microbatch.place(plan, params, batch, key)
-    m, _, work, _ = products.flat_spec(params)
-    num_iters = min(num_iters, m)
-    if chunk_size is None:
-        basis_bytes = (num_iters + 1) * m * np.dtype(work).itemsize
-        chunk_size = chunking.auto_chunk(f, params, batch, plan, num_runs, state_bytes_per_vector=basis_bytes)
-    return _slq_nodes(f, num_iters, num_runs, chunk_size, plan, params, batch, key)
+    chunking.check_vectors_per_pass(vectors_per_pass)
+    num_iters = min(num_iters, op.size)
+    if vectors_per_pass is None:
+        basis_bytes = (num_iters + 1) * op.size * np.dtype(op.dtype).itemsize
+        vectors_per_pass = chunking.auto_vectors_per_pass(op, num_runs, state_bytes_per_vector=basis_bytes)
+    return _slq_nodes(op, key, num_iters, num_runs, vectors_per_pass)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _slq_nodes(f, num_iters, num_runs, chunk, plan, params, batch, key):
-    m, _, dtype, _ = products.flat_spec(params)
-    matvec = products.hessian_matvec(f, params, batch, plan)
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _slq_nodes(op, key, num_iters, num_runs, chunk):
+    m, dtype = op.size, op.dtype
 
     def run(k):
         z = jax.random.rademacher(k, (m,), dtype=dtype)
-        alphas, betas = lanczos(matvec, z, num_iters)
+        alphas, betas = lanczos(op.matvec, z, num_iters)
         theta, u = tridiagonal_eigh(alphas, betas)
         return theta, jnp.square(u[0]) / num_runs
 
@@ -124,20 +123,21 @@ def _check_width(width, *, allow_zero: bool):
 
 def spectral_density(
     f,
-    params,
-    batch,
-    key: jax.Array,
+    params=None,
+    batch=None,
+    key: jax.Array | None = None,
     *,
     num_iters: int = 80,
     num_runs: int = 4,
     grid: jax.Array | None = None,
     width=None,
     num_points: int = 1000,
-    chunk_size: int | None = None,
+    vectors_per_pass: int | None = None,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Hessian eigenvalue density by stochastic Lanczos quadrature with Gaussian broadening.
+    """Eigenvalue density of a curvature operator (the Hessian of ``f`` by default) by stochastic Lanczos
+    quadrature with Gaussian broadening.
 
     ``phi(t) = sum_{r,j} tau_rj N(t; theta_rj, width^2)`` with the nodes and weights of ``slq_nodes``
     (Ghorbani, Krishnan, Xiao 2019; Ubaru et al. 2017): a smoothed version of the spectral measure
@@ -146,7 +146,7 @@ def spectral_density(
     grid does; on a grid zoomed onto part of the spectrum it is the mass of that part).
 
     Args:
-      f, params, batch, key: objective, parameters, data and the probes' PRNG key.
+      f, params, batch, key: an operator and a key, or an objective, parameters, data and a key.
       num_iters: Lanczos steps per run (capped at ``m``).
       num_runs: independent probes.
       grid: 1-D evaluation points. Default: ``num_points`` points spanning the Ritz values with a
@@ -154,13 +154,13 @@ def spectral_density(
       width: standard deviation of the broadening, > 0. Default: 1% of the span of the Ritz values.
         Network Hessians have a few large outliers, so the bulk needs a smaller ``width`` to be resolved.
       num_points: size of the default grid.
-      chunk_size, microbatch_size, devices: as in ``slq_nodes``.
+      vectors_per_pass, microbatch_size, devices: as in ``slq_nodes``.
 
     Returns:
       ``(grid [P], density [P])``.
 
     Cost: ``num_runs * num_iters`` HVPs plus ``O(num_runs num_iters P)`` for the broadening.
-    Memory: ``chunk_size (num_iters + 1) m``.
+    Memory: ``vectors_per_pass (num_iters + 1) m``.
 
     Raises:
       ValueError: ``width <= 0``, a grid that is not 1-D with >= 2 points, bad counts.
@@ -170,7 +170,7 @@ def spectral_density(
     if grid is not None and (np.ndim(grid) != 1 or np.shape(grid)[0] < 2):
         raise ValueError(f"grid must be a 1-D array of at least 2 points, got shape {np.shape(grid)}")
     nodes, weights = slq_nodes(
-        f, params, batch, key, num_iters=num_iters, num_runs=num_runs, chunk_size=chunk_size,
+        f, params, batch, key, num_iters=num_iters, num_runs=num_runs, vectors_per_pass=vectors_per_pass,
         microbatch_size=microbatch_size, devices=devices,
     )
     return _broaden(nodes, weights, grid, width, num_points=num_points)
@@ -195,19 +195,34 @@ def _threshold(values, tol, rtol):
     return jnp.maximum(jnp.asarray(tol, values.dtype), jnp.asarray(rtol, values.dtype) * scale)
 
 
-def _resolve_tolerances(tol, rtol):
+def default_saddle_rtol(exact: bool, m: int, dtype) -> float:
+    """The default relative threshold of ``saddle_index``: what the computation can resolve.
+
+    Exact (dense ``eigvalsh``): ``m eps`` of the work dtype, a rounding bound of the eigenvalues of a
+    dense Hessian assembled from ``m`` products (the error matrix has norm at most about ``m eps
+    ||H||``): ``4.4e-13`` at m = 2000 in float64, ``2.4e-4`` in float32; eigenvalues below that are the
+    sign noise of rounding, above it they are counted. SLQ: ``DEFAULT_SADDLE_RTOL = 1e-3``, since a Gauss
+    quadrature node resolves the measure only to the spacing of its nodes, and the large bulk of
+    eigenvalues at zero of a network Hessian would otherwise be split by the broadening around 0.
+    """
+    if not exact:
+        return DEFAULT_SADDLE_RTOL
+    return float(m * jnp.finfo(dtype).eps)
+
+
+def _resolve_tolerances(tol, rtol, default_rtol):
     for value, name in ((tol, "tol"), (rtol, "rtol")):
         if value is not None:
             check_sigma(value, name)
     if tol is None and rtol is None:
-        return 0.0, DEFAULT_SADDLE_RTOL
+        return 0.0, default_rtol
     return (0.0 if tol is None else tol), (0.0 if rtol is None else rtol)
 
 
 def saddle_index(
     f,
-    params,
-    batch,
+    params=None,
+    batch=None,
     key: jax.Array | None = None,
     *,
     method: str = "auto",
@@ -217,21 +232,23 @@ def saddle_index(
     num_iters: int = 80,
     num_runs: int = 16,
     width=None,
-    chunk_size: int | None = None,
+    vectors_per_pass: int | None = None,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ) -> jax.Array:
-    """Saddle index: the fraction of clearly negative Hessian eigenvalues, ``#{i: lambda_i < -t} / m``.
+    """Saddle index: the fraction of clearly negative eigenvalues of a curvature operator (the Hessian of
+    ``f`` by default), ``#{i: lambda_i < -t} / m``.
 
     0 at a strict local minimum, 1 at a strict local maximum, in between at a saddle (lecture 001,
-    Section 1; Dauphin et al. 2014). The threshold is ``t = max(tol, rtol * max_i |lambda_i|)``: network
-    Hessians have many eigenvalues at (numerical) zero whose signs are noise, so by default (``tol`` and
-    ``rtol`` both None) ``rtol = 1e-3``: an eigenvalue counts as negative when it lies below
-    ``-1e-3 * max|lambda|`` (the spectral radius, ``lambda_max`` at a point with a dominant positive
-    outlier). Passing ``tol`` alone keeps a purely absolute threshold (``tol=0.0``: every negative
-    eigenvalue, the textbook count); passing both takes the larger.
+    Section 1; Dauphin et al. 2014). The threshold is ``t = max(tol, rtol * max_i |lambda_i|)``. By
+    default (``tol`` and ``rtol`` both None) ``rtol`` is what the computation resolves
+    (``default_saddle_rtol``): ``m eps`` of the work dtype for the exact count (rounding noise only: the
+    textbook count of negative eigenvalues, 4.4e-13 relative at m = 2000 in float64), ``1e-3`` for the SLQ
+    estimate (the resolution of its quadrature nodes; network Hessians have a large bulk at zero whose
+    signs are noise). Passing ``tol`` alone keeps a purely absolute threshold (``tol=0.0``: every negative
+    eigenvalue); passing both takes the larger.
 
-    ``method="exact"`` counts the eigenvalues of the dense Hessian (``eigvalsh``; ``max|lambda|`` exact).
+    ``method="exact"`` counts the eigenvalues of the dense matrix (``eigvalsh``; ``max|lambda|`` exact).
     ``method="slq"`` estimates the count as the mass below ``-t`` of the Gaussian-broadened SLQ spectral
     measure (``spectral_density``), ``sum_{r,j} tau_rj Phi((-t - theta_rj) / width)`` with ``Phi`` the
     standard normal CDF, and ``max|lambda|`` the largest ``|node|`` (Lanczos finds the extremes first).
@@ -240,22 +257,22 @@ def saddle_index(
     remove; smoothing over ~``width`` removes most of it. ``width`` defaults to 1% of the 5%-95%
     inter-quantile range of the measure (insensitive to outlier eigenvalues); ``width=0`` counts the
     nodes below ``-t`` (the zero-width limit). ``method="auto"`` is exact when ``m <= max_dense``,
-    SLQ otherwise.
+    SLQ otherwise. NaN parameters or data give NaN (never a count of 0).
 
     Args:
-      f, params, batch: objective, parameters and data.
+      f, params, batch: an operator, or an objective, parameters and data.
       key: PRNG key for the SLQ probes; required unless the exact path is taken.
       method: ``"auto"``, ``"exact"`` or ``"slq"``.
-      max_dense: largest ``m`` for which ``"auto"`` forms the dense Hessian.
+      max_dense: largest ``m`` for which ``"auto"`` forms the dense matrix.
       tol: absolute threshold >= 0 (see above).
       rtol: threshold relative to ``max|lambda|``, >= 0 (see above).
-      num_iters, num_runs, chunk_size: SLQ settings (see ``slq_nodes``).
+      num_iters, num_runs, vectors_per_pass: SLQ settings (see ``slq_nodes``).
       width: SLQ broadening (standard deviation, >= 0); ``None`` for the default above.
-      microbatch_size, devices: the exact data-set Hessian by microbatches (``lsgeo.microbatch``).
+      microbatch_size, devices: with an objective, the data plan of its ``Hessian``.
 
-    Cost: exact, ``m`` HVPs plus an ``O(m^3)`` ``eigvalsh`` and ``O(m^2)`` memory; SLQ,
-    ``num_runs * num_iters`` HVPs and ``chunk_size (num_iters + 1) m`` memory. The eigenproblems run in
-    at least float32.
+    Cost: exact, ``m`` products plus an ``O(m^3)`` ``eigvalsh`` and ``O(m^2)`` memory; SLQ,
+    ``num_runs * num_iters`` products and ``vectors_per_pass (num_iters + 1) m`` memory. The
+    eigenproblems run in at least float32.
 
     Raises:
       ValueError: unknown ``method``, ``tol``/``rtol``/``width`` negative or not finite, or ``key``
@@ -266,36 +283,37 @@ def saddle_index(
       >>> from lsgeo import curvature
       >>> f = lambda w, b: 0.5 * jnp.sum(b * w**2)  # H = diag(b)
       >>> b = jnp.array([-2.0, -1e-5, 1.0, 3.0])
-      >>> float(curvature.saddle_index(f, jnp.ones(4), b)), float(curvature.saddle_index(f, jnp.ones(4), b, tol=0.0))
-      (0.25, 0.5)
+      >>> float(curvature.saddle_index(f, jnp.ones(4), b)), float(curvature.saddle_index(f, jnp.ones(4), b, rtol=1e-3))
+      (0.5, 0.25)
     """
     check_choice(method, "method", SADDLE_METHODS)
     check_nonnegative_int(max_dense, "max_dense")
-    tol, rtol = _resolve_tolerances(tol, rtol)
     _check_width(width, allow_zero=True)
-    products.check_objective(f, params)
-    m = optax.tree.size(params)
-    exact = method == "exact" or (method == "auto" and m <= max_dense)
+    op, key = resolve(f, params, batch, key, name="saddle_index", microbatch_size=microbatch_size, devices=devices,
+                      key_required=False)
+    exact = method == "exact" or (method == "auto" and op.size <= max_dense)
+    tol, rtol = _resolve_tolerances(tol, rtol, default_saddle_rtol(exact, op.size, op.dtype))
     if exact:
-        h = hessian(f, params, batch, microbatch_size=microbatch_size, devices=devices)
-        return _exact_index(h, tol, rtol)
+        return _exact_index(op.to_dense(), tol, rtol)
     if key is None:
         raise ValueError(
             f"key must be a PRNG key for the SLQ estimate of the saddle index "
-            f"(method={method!r}, m={m} > max_dense={max_dense}); got None"
+            f"(method={method!r}, m={op.size} > max_dense={max_dense}); got None"
         )
-    nodes, weights = slq_nodes(
-        f, params, batch, key, num_iters=num_iters, num_runs=num_runs, chunk_size=chunk_size,
-        microbatch_size=microbatch_size, devices=devices,
-    )
+    nodes, weights = slq_nodes(op, key, num_iters=num_iters, num_runs=num_runs, vectors_per_pass=vectors_per_pass)
     return _mass_below(nodes, weights, tol, rtol, width)
+
+
+def _nan_unless_finite(values, result):
+    return jnp.where(jnp.all(jnp.isfinite(values)), result, jnp.nan)
 
 
 @jax.jit
 def _exact_index(h, tol, rtol):
     dtype = jnp.promote_types(h.dtype, jnp.float32)
-    eigs = jnp.linalg.eigvalsh(h.astype(dtype))
-    return jnp.mean(eigs < -_threshold(eigs, tol, rtol))
+    h = h.astype(dtype)
+    eigs = jnp.linalg.eigvalsh(jnp.where(jnp.isfinite(h), h, 0.0))
+    return _nan_unless_finite(h, jnp.mean(eigs < -_threshold(eigs, tol, rtol)))
 
 
 @jax.jit
@@ -306,4 +324,4 @@ def _mass_below(nodes, weights, tol, rtol, width):
     width = jnp.asarray(width, nodes.dtype)
     z = (-threshold - nodes) / jnp.where(width > 0, width, 1.0)
     below = jnp.where(width > 0, jax.scipy.stats.norm.cdf(z), (nodes < -threshold).astype(nodes.dtype))
-    return jnp.sum(weights * below)
+    return _nan_unless_finite(nodes, jnp.sum(weights * below))

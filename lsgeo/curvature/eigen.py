@@ -1,8 +1,10 @@
 """Extreme Hessian eigenvalues and eigenvectors by Lanczos: ``top_eigenvalues``, ``eigenpairs``,
 ``min_eigenvalue``.
 
-All three share one compiled program per (f, shapes, options): a Lanczos run (``ritz_pairs``) on the
-data-set Hessian from a Gaussian start, one product body inside a ``lax.while_loop``. The recursion runs
+All three take a curvature operator (``top_eigenvalues(op, key, k=5)``: the Hessian, the Gauss-Newton
+matrix, a Fisher, a block) or build the Hessian from ``(f, params, batch, key)``, and share one compiled
+program per (operator, options): a Lanczos run (``ritz_pairs``) from a Gaussian start, one product body
+inside a ``lax.while_loop``. The recursion runs
 in at least float32 (``bfloat16``/``float16`` parameters: the products are evaluated in the parameters'
 dtype, the basis, the reorthogonalisation and the small eigenproblem in float32).
 
@@ -19,10 +21,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from lsgeo import microbatch
-from lsgeo.curvature import krylov, products
+from lsgeo.curvature import krylov
+from lsgeo.curvature.operator import resolve
 from lsgeo.validation import check_choice, check_positive_int, check_sigma
 
 __all__ = ["top_eigenvalues", "eigenpairs", "min_eigenvalue", "WHICH"]
@@ -59,69 +60,69 @@ def _check_tol(tol):
     return float(tol)
 
 
-def _prepare(f, params, batch, k, num_iters, tol, microbatch_size, devices):
-    products.check_objective(f, params)
-    m = optax.tree.size(params)
-    _check_k(k, m)
-    num_iters = _resolve_num_iters(num_iters, k, m)
-    tol = _check_tol(tol)
-    plan = microbatch.make_plan(batch, microbatch_size, devices=devices)
-    return num_iters, tol, plan
+def _prepare(name, f, params, batch, key, k, num_iters, tol, microbatch_size, devices):
+    op, key = resolve(f, params, batch, key, name=name, microbatch_size=microbatch_size, devices=devices)
+    _check_k(k, op.size)
+    return op, key, _resolve_num_iters(num_iters, k, op.size), _check_tol(tol)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
-def _lanczos_pairs(f, num_iters, k, which, tol, plan, with_vectors, params, batch, key):
-    """Lanczos on the data-set Hessian from a Gaussian start: the k wanted Ritz values and, with
-    ``with_vectors``, the Ritz vectors as a pytree with a leading axis k."""
-    m, _, dtype, unravel = products.flat_spec(params)
-    v0 = jax.random.normal(key, (m,), dtype)
-    matvec = products.hessian_matvec(f, params, batch, plan)
-    values, coefficients, basis, _ = krylov.ritz_pairs(matvec, v0, num_iters, k=k, which=which, tol=tol)
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _lanczos_pairs(op, key, num_iters, k, which, tol, with_vectors):
+    """Lanczos on the operator from a Gaussian start: the k wanted Ritz values, their residual norms and,
+    with ``with_vectors``, the Ritz vectors as a pytree with a leading axis k."""
+    v0 = jax.random.normal(key, (op.size,), op.dtype)
+    values, coefficients, basis, _, residuals = krylov.ritz_run(op.matvec, v0, num_iters, k=k, which=which, tol=tol)
     if not with_vectors:
-        return values
+        return values, residuals
     vectors = jnp.matmul(coefficients.T, basis, precision=_HIGHEST)  # [k, m], V^T u_j
-    return values, jax.vmap(unravel)(vectors)
+    return values, residuals, jax.vmap(op.unravel)(vectors)
 
 
 def top_eigenvalues(
     f,
-    params,
-    batch,
-    key: jax.Array,
+    params=None,
+    batch=None,
+    key: jax.Array | None = None,
     *,
     k: int = 1,
     num_iters: int | None = None,
     tol: float | None = None,
+    return_residuals: bool = False,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ) -> jax.Array:
-    """The ``k`` largest (algebraic) eigenvalues of the Hessian of ``f`` at ``params``, descending.
+    """The ``k`` largest (algebraic) eigenvalues of a curvature operator (the Hessian of ``f`` by default),
+    descending.
 
-    The largest Ritz values of a Lanczos run (full reorthogonalisation) on the Hessian from a Gaussian
-    start drawn with ``key``. Extreme, well-separated eigenvalues converge first and fastest
-    (Kaniel-Paige theory); network Hessians have ``~k``-class outliers, which converge in a few dozen
-    steps. ``num_iters`` defaults to ``min(m, max(2k + 20, 40))`` and is capped at ``m`` (where the Ritz
-    values are exact). With ``tol`` the run stops as soon as each of the k Ritz pairs has a relative
-    residual ``||H y - theta y|| <= tol |theta|`` (an eigenvalue within ``tol |theta|``; ``num_iters`` is
-    then the cap). ``top_eigenvalues(...)[0]`` is the sharpness ``lambda_max`` of the stability bound
+    The largest Ritz values of a Lanczos run (full reorthogonalisation) from a Gaussian start drawn with
+    ``key``. Extreme, well-separated eigenvalues converge first and fastest (Kaniel-Paige theory); network
+    Hessians have ``~k``-class outliers, which converge in a few dozen steps. ``num_iters`` defaults to
+    ``min(m, max(2k + 20, 40))`` and is capped at ``m`` (where the Ritz values are exact). With ``tol`` the
+    run stops as soon as each of the k Ritz pairs has a relative residual ``||A y - theta y|| <= tol
+    |theta|`` (an eigenvalue within ``tol |theta|``; ``num_iters`` is then the cap).
+    ``top_eigenvalues(...)[0]`` of the Hessian is the sharpness ``lambda_max`` of the stability bound
     ``lr < 2 / lambda_max``.
 
     Args:
-      f, params, batch, key: objective (a mean over examples), parameters, data, the start's PRNG key.
+      f: a curvature operator, or the objective ``f(params, batch)`` (a mean over examples) of a ``Hessian``.
+      params, batch: with an objective, the parameters and the data (omit both with an operator).
+      key: PRNG key of the start (``top_eigenvalues(op, key)``).
       k: number of eigenvalues, ``1 <= k <= m``.
-      num_iters: Lanczos steps (HVPs), at least ``k``.
+      num_iters: Lanczos steps (products), at least ``k``.
       tol: ``None`` (run ``num_iters`` steps) or a relative residual tolerance > 0 for early stopping.
-      microbatch_size, devices: the exact data-set Hessian by microbatches (``lsgeo.microbatch``).
+      return_residuals: also return the residual norms ``||A y_j - theta_j y_j||`` of the Ritz pairs (an
+        eigenvalue of A lies within each of its value).
+      microbatch_size, devices: with an objective, the data plan of its ``Hessian`` (``lsgeo.microbatch``).
 
     Returns:
-      ``[k]`` Ritz values, descending (at least float32).
+      ``[k]`` Ritz values, descending (at least float32), or ``(values, residuals)``.
 
-    Cost: ``num_iters`` HVPs (fewer with ``tol``) plus ``O(num_iters^2 m)`` flops. Memory:
-    ``(num_iters + 1) m`` plus one HVP on one microbatch.
+    Cost: ``num_iters`` products (fewer with ``tol``) plus ``O(num_iters^2 m)`` flops. Memory:
+    ``(num_iters + 1) m`` plus one product on one microbatch.
 
     Raises:
-      ValueError: ``k`` not in ``[1, m]``, ``num_iters < k``, ``tol <= 0``, integer ``params``, an empty
-        batch, a bad ``microbatch_size``; TypeError: ``f`` not callable.
+      ValueError: ``k`` not in ``[1, m]``, ``num_iters < k``, ``tol <= 0``, ``key`` not a PRNG key,
+        integer ``params``, an empty batch, a bad ``microbatch_size``; TypeError: ``f`` not callable.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -131,25 +132,28 @@ def top_eigenvalues(
       >>> [round(float(v), 4) for v in curvature.top_eigenvalues(f, jnp.ones(4), b, jax.random.key(0), k=2)]
       [5.0, 3.0]
     """
-    num_iters, tol, plan = _prepare(f, params, batch, k, num_iters, tol, microbatch_size, devices)
-    params, batch, key = microbatch.place(plan, params, batch, key)
-    return _lanczos_pairs(f, num_iters, k, "largest", tol, plan, False, params, batch, key)
+    op, key, num_iters, tol = _prepare("top_eigenvalues", f, params, batch, key, k, num_iters, tol,
+                                       microbatch_size, devices)
+    values, residuals = _lanczos_pairs(op, key, num_iters, k, "largest", tol, False)
+    return (values, residuals) if return_residuals else values
 
 
 def eigenpairs(
     f,
-    params,
-    batch,
-    key: jax.Array,
+    params=None,
+    batch=None,
+    key: jax.Array | None = None,
     *,
     k: int = 1,
     which: str = "largest",
     num_iters: int | None = None,
     tol: float | None = None,
+    return_residuals: bool = False,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ):
-    """The ``k`` extreme eigenpairs of the Hessian of ``f`` at ``params`` (Lanczos Ritz pairs).
+    """The ``k`` extreme eigenpairs of a curvature operator (the Hessian of ``f`` by default): Lanczos
+    Ritz pairs.
 
     The same Lanczos run as ``top_eigenvalues``; returns the ``k`` largest (``which="largest"``,
     descending) or smallest (``which="smallest"``, ascending) Ritz values ``theta_j`` of ``T`` and
@@ -157,45 +161,46 @@ def eigenpairs(
     residual ``|beta_K u_Kj|`` is small, which ``tol`` bounds relative to ``|theta_j|``).
 
     Returns:
-      ``(values [k], vectors)`` with ``vectors`` a pytree shaped like ``params`` with a leading axis
-      of size ``k``.
+      ``(values [k], vectors)`` with ``vectors`` a pytree shaped like the operator's parameters with a
+      leading axis of size ``k``; ``(values, vectors, residuals)`` with ``return_residuals``.
 
-    Cost: ``num_iters`` HVPs. Memory: ``(num_iters + 1) m``.
+    Cost: ``num_iters`` products. Memory: ``(num_iters + 1) m``.
 
     Raises:
       ValueError: ``k`` not in ``[1, m]``, ``num_iters < k``, unknown ``which``, ``tol <= 0``.
     """
     check_choice(which, "which", WHICH)
-    num_iters, tol, plan = _prepare(f, params, batch, k, num_iters, tol, microbatch_size, devices)
-    params, batch, key = microbatch.place(plan, params, batch, key)
-    return _lanczos_pairs(f, num_iters, k, which, tol, plan, True, params, batch, key)
+    op, key, num_iters, tol = _prepare("eigenpairs", f, params, batch, key, k, num_iters, tol, microbatch_size,
+                                       devices)
+    values, residuals, vectors = _lanczos_pairs(op, key, num_iters, k, which, tol, True)
+    return (values, vectors, residuals) if return_residuals else (values, vectors)
 
 
 def min_eigenvalue(
     f,
-    params,
-    batch,
-    key: jax.Array,
+    params=None,
+    batch=None,
+    key: jax.Array | None = None,
     *,
     num_iters: int | None = None,
     tol: float | None = None,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ):
-    """The most negative (smallest algebraic) Hessian eigenvalue and its unit eigenvector.
+    """The most negative (smallest algebraic) eigenvalue of a curvature operator (the Hessian of ``f`` by
+    default) and its unit eigenvector.
 
     ``lambda_min < 0`` certifies a saddle (or maximum) and the eigenvector ``u`` is the escape
     direction (Dauphin et al. 2014): ``f(w + t u) = f(w) + t <grad f, u> + t^2 lambda_min / 2 + O(t^3)``.
     ``eigenpairs(..., k=1, which="smallest")``; ``num_iters`` defaults to ``min(m, 40)``.
 
     Returns:
-      ``(lambda_min, u)`` with ``u`` a pytree shaped like ``params``, ``||u|| = 1``.
+      ``(lambda_min, u)`` with ``u`` a pytree shaped like the parameters, ``||u|| = 1``.
 
-    Cost: ``num_iters`` HVPs. Memory: ``(num_iters + 1) m``.
+    Cost: ``num_iters`` products. Memory: ``(num_iters + 1) m``.
     """
     values, vectors = eigenpairs(
         f, params, batch, key, k=1, which="smallest", num_iters=num_iters, tol=tol,
         microbatch_size=microbatch_size, devices=devices,
     )
     return values[0], jax.tree_util.tree_map(lambda a: a[0], vectors)
-

@@ -1,9 +1,14 @@
-"""Stochastic estimates of the Hessian's trace (Hutchinson, Hutch++) and diagonal (Hutchinson).
+"""Stochastic estimates of a curvature operator's trace (Hutchinson, Hutch++, XTrace) and diagonal
+(Hutchinson, XDiag), with their standard errors.
+
+Every function takes an operator (``Hessian``, ``GaussNewton``, ``EmpiricalFisher``, a block, ...) and a
+key, ``hessian_trace(op, key)``, or builds the Hessian from ``(f, params, batch, key)``.
 
 References: M. Hutchinson, A stochastic estimator of the trace of the influence matrix, 1990;
 C. Bekas, E. Kokiopoulou, Y. Saad, An estimator for the diagonal of a matrix, Appl. Numer. Math. 2007;
 R. Meyer, C. Musco, C. Musco, D. Woodruff, Hutch++: optimal stochastic trace estimation, SOSA 2021;
-Z. Yao et al., ADAHESSIAN (the Hutchinson diagonal of network Hessians), AAAI 2021.
+E. Epperly, J. Tropp, R. Webber, XTrace: making the most of every sample in stochastic trace estimation,
+SIMAX 2024 (XTrace and XDiag); Z. Yao et al., ADAHESSIAN (the Hutchinson diagonal of network Hessians), AAAI 2021.
 """
 
 from __future__ import annotations
@@ -15,61 +20,76 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsgeo import microbatch
-from lsgeo.curvature import chunking, products
+from lsgeo.curvature import chunking
+from lsgeo.curvature.operator import resolve
 from lsgeo.validation import check_choice, check_positive_int
 
-__all__ = ["hessian_trace", "hessian_diagonal", "TRACE_METHODS"]
+__all__ = ["hessian_trace", "hessian_diagonal", "TRACE_METHODS", "DIAGONAL_METHODS"]
 
-TRACE_METHODS = ("hutchinson", "hutch++")
+TRACE_METHODS = ("hutchinson", "hutch++", "xtrace")
+DIAGONAL_METHODS = ("hutchinson", "xdiag")
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+def _vectors_per_pass(op, value, num_vectors):
+    chunking.check_vectors_per_pass(value)
+    return chunking.auto_vectors_per_pass(op, num_vectors) if value is None else value
 
 
 def hessian_trace(
     f,
-    params,
-    batch,
-    key: jax.Array,
+    params=None,
+    batch=None,
+    key: jax.Array | None = None,
     *,
     num_probes: int = 64,
     method: str = "hutchinson",
-    chunk_size: int | None = None,
+    vectors_per_pass: int | None = None,
     return_stderr: bool = False,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ):
-    """Stochastic estimate of ``tr(H)``, the trace of the Hessian of ``f`` at ``params``.
+    """Stochastic estimate of ``tr(A)`` for a curvature operator ``A`` (the Hessian of ``f`` by default).
 
-    ``method="hutchinson"`` (Hutchinson 1990): ``1/N sum_i z_i^T H z_i`` with ``N = num_probes``
-    Rademacher probes ``z_i``; unbiased, variance ``2 (||H||_F^2 - sum_j H_jj^2) / N``.
+    ``method="hutchinson"`` (Hutchinson 1990): ``1/N sum_i z_i^T A z_i`` with ``N = num_probes``
+    Rademacher probes ``z_i``; unbiased, variance ``2 (||A||_F^2 - sum_j A_jj^2) / N``.
 
     ``method="hutch++"`` (Meyer, Musco, Musco, Woodruff 2021, Algorithm 1) at the same count of
-    ``N`` HVPs: with ``s = N // 3``, ``Q = orth(H S)`` for a Rademacher ``S`` of ``s`` columns, then
-    ``tr(Q^T H Q) + 1/g sum_i z_i^T (I - Q Q^T) H (I - Q Q^T) z_i`` with ``g = N - 2 s`` Rademacher
+    ``N`` products: with ``s = N // 3``, ``Q = orth(A S)`` for a Rademacher ``S`` of ``s`` columns, then
+    ``tr(Q^T A Q) + 1/g sum_i z_i^T (I - Q Q^T) A (I - Q Q^T) z_i`` with ``g = N - 2 s`` Rademacher
     ``z_i``. Unbiased; the top of the spectrum is captured exactly by ``Q``, so on matrices with a
-    decaying spectrum (network Hessians) the error falls like ``1/N`` instead of ``1/sqrt(N)``. The three
-    phases share one compiled product body (one ``lax.scan`` over blocks of vectors).
+    decaying spectrum (network Hessians) the error falls like ``1/N`` instead of ``1/sqrt(N)``.
+
+    ``method="xtrace"`` (Epperly, Tropp, Webber 2024): ``s = N // 2`` Rademacher columns ``Omega``, ``Y = A
+    Omega = QR``; for each ``i`` the basis ``Q_(i)`` of ``Y`` without column ``i`` (a rank-one downdate
+    of ``Q``: ``Q (I - s_i s_i^T)`` with ``s_i`` the normalised ``i``-th column of ``R^-T``) and the
+    Hutch++ estimate ``tr(Q_(i)^T A Q_(i)) + omega_i^T (I - P_(i)) A (I - P_(i)) omega_i``; the estimate is
+    their mean (unbiased, every product used as sketch and as probe), its standard error their spread.
+    Needs ``s < m`` and ``A Omega`` of full rank ``s``.
 
     Args:
-      f: objective ``f(params, batch) -> scalar`` (a mean over the examples of ``batch``).
-      params: parameter pytree (``m`` scalars).
-      batch: data passed to ``f``.
-      key: PRNG key for the probes.
-      num_probes: total number of HVPs ``N`` (>= 1; >= 3 for Hutch++).
-      method: ``"hutchinson"`` or ``"hutch++"``.
-      chunk_size: probes vmapped through one product. ``None``: as many as fit in a memory budget
+      f: a curvature operator, or the objective ``f(params, batch) -> scalar`` of a ``Hessian``.
+      params, batch: with an objective, the parameters and the data (omit both with an operator).
+      key: PRNG key for the probes (``hessian_trace(op, key)``).
+      num_probes: total number of products ``N`` (>= 1; >= 3 for Hutch++, >= 2 for XTrace).
+      method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
+      vectors_per_pass: probes vmapped through one product. ``None``: as many as fit in a memory budget
         (``lsgeo.curvature.chunking``; one at a time on a large model, up to 16 on a small one).
-      return_stderr: also return the standard error of the estimate (the sample standard deviation of
-        the stochastic part over ``sqrt`` of its number of probes; ``0`` with a single probe).
-      microbatch_size: examples per microbatch for the exact data-set Hessian (``lsgeo.microbatch``).
-      devices: devices the microbatches are sharded over (default ``jax.devices()``).
+      return_stderr: also return the standard error: the sample standard deviation of the stochastic
+        terms over the square root of their number (Hutchinson, Hutch++) or of the ``s`` exchangeable
+        estimates (XTrace); 0 with a single term.
+      microbatch_size, devices: with an objective, the data plan of its ``Hessian`` (``lsgeo.microbatch``).
 
     Returns:
       The scalar estimate, or ``(estimate, stderr)`` when ``return_stderr``.
 
-    Cost: ``num_probes`` HVPs (at most ``chunk_size - 1`` more per phase to keep blocks equal). Memory:
-    Hutchinson, ``chunk_size`` probes of size ``m`` and their tangents; Hutch++, ``O(m N)`` for ``S``,
-    ``Q`` and ``G``. The probes and the reductions use at least float32.
+    Cost: ``num_probes`` products (fewer than one extra per pass to keep passes equal). Memory:
+    Hutchinson, ``vectors_per_pass`` probes of size ``m`` and their tangents; Hutch++ and XTrace,
+    ``O(m N)``. Probes and reductions use at least float32.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -78,17 +98,16 @@ def hessian_trace(
       >>> round(float(curvature.hessian_trace(f, jnp.ones(3), jnp.array([1.0, 2.0, 3.0]), jax.random.key(0))), 4)
       6.0
     """
-    products.check_objective(f, params)
+    op, key = resolve(f, params, batch, key, name="hessian_trace", microbatch_size=microbatch_size, devices=devices)
     check_choice(method, "method", TRACE_METHODS)
     check_positive_int(num_probes, "num_probes")
-    chunking.check_chunk_size(chunk_size)
-    if method == "hutch++" and num_probes < 3:
-        raise ValueError(f"num_probes must be >= 3 for method='hutch++' (3 blocks of HVPs), got {num_probes}")
-    plan = microbatch.make_plan(batch, microbatch_size, devices=devices)
-    params, batch, key = microbatch.place(plan, params, batch, key)
-    if chunk_size is None:
-        chunk_size = chunking.auto_chunk(f, params, batch, plan, num_probes)
-    return _hessian_trace(f, num_probes, method, chunk_size, bool(return_stderr), plan, params, batch, key)
+    minimum = {"hutchinson": 1, "hutch++": 3, "xtrace": 2}[method]
+    if num_probes < minimum:
+        raise ValueError(f"num_probes must be >= {minimum} for method={method!r}, got {num_probes}")
+    if method == "xtrace" and num_probes // 2 >= op.size:
+        raise ValueError(f"num_probes // 2 must be < m={op.size} for method='xtrace', got num_probes={num_probes}")
+    chunk = _vectors_per_pass(op, vectors_per_pass, num_probes)
+    return _hessian_trace(op, key, num_probes, method, chunk, bool(return_stderr))
 
 
 def _stats(values):
@@ -99,49 +118,54 @@ def _stats(values):
     return mean, jnp.std(values, ddof=1) / np.sqrt(n)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _hessian_trace(f, num_probes, method, chunk, return_stderr, plan, params, batch, key):
-    m, _, dtype, _ = products.flat_spec(params)
-    matvec = products.hessian_matvec(f, params, batch, plan)
+def _rademacher_rows(key, num, m, dtype):
+    return jax.random.rademacher(key, (num, m), dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _hessian_trace(op, key, num_probes, method, chunk, return_stderr):
+    m, dtype = op.size, op.dtype
     if method == "hutchinson":
 
-        def quad(k):
-            z = jax.random.rademacher(k, (m,), dtype=dtype)
-            return jnp.vdot(z, matvec(z))
+        def quads(keys):
+            z = jax.vmap(lambda k: jax.random.rademacher(k, (m,), dtype=dtype))(keys)
+            return jnp.sum(z * op.matmat(z), axis=-1)
 
-        estimate, stderr = _stats(chunking.chunked_map(quad, jax.random.split(key, num_probes), chunk))
+        estimate, stderr = _stats(chunking.chunked_map(quads, jax.random.split(key, num_probes), chunk, batched=True))
+    elif method == "hutch++":
+        estimate, stderr = _hutchpp(op, key, m, dtype, num_probes, chunk)
     else:
-        estimate, stderr = _hutchpp(matvec, key, m, dtype, num_probes, chunk)
+        estimate, stderr = _xtrace(op, key, m, dtype, num_probes // 2, chunk)
     return (estimate, stderr) if return_stderr else estimate
 
 
-def _hutchpp(matvec, key, m, dtype, num_probes, chunk):
+def _hutchpp(op, key, m, dtype, num_probes, chunk):
     """Hutch++ with one product body: the vectors live in one ``[T, m]`` table, sketch rows first (padded
     to a multiple of ``chunk`` with zero rows), then the rows of Q and of the projected G, which are filled
-    in when the scan reaches them (``lax.cond``); a ``lax.scan`` applies H to ``chunk`` rows per step."""
+    in when the scan reaches them (``lax.cond``); a ``lax.scan`` applies A to ``chunk`` rows per step."""
     s = min(num_probes // 3, m)
     g = num_probes - 2 * s
     chunk = min(chunk, num_probes)
     s_pad = -(-s // chunk) * chunk
     rest_pad = -(-(s + g) // chunk) * chunk
     key_s, key_g = jax.random.split(key)
-    sketch = jax.random.rademacher(key_s, (s, m), dtype=dtype)  # S^T
-    resid = jax.random.rademacher(key_g, (g, m), dtype=dtype)
+    sketch = _rademacher_rows(key_s, s, m, dtype)  # S^T
+    resid = _rademacher_rows(key_g, g, m, dtype)
     table = jnp.zeros((s_pad + rest_pad, m), dtype)
     table = table.at[:s].set(sketch).at[s_pad + s : s_pad + s + g].set(resid)
-    images = jnp.zeros((s_pad, m), dtype)  # H S^T rows
+    images = jnp.zeros((s_pad, m), dtype)  # A S^T rows
 
     def fill(table, images):
-        q, _ = jnp.linalg.qr(images[:s].T)  # [m, s], orth(H S)
+        q, _ = jnp.linalg.qr(images[:s].T)  # [m, s], orth(A S)
         gq = table[s_pad + s : s_pad + s + g]
-        gq = gq - jnp.matmul(jnp.matmul(gq, q, precision=_HIGHEST), q.T, precision=_HIGHEST)  # (I - Q Q^T) G
+        gq = gq - _mm(_mm(gq, q), q.T)  # (I - Q Q^T) G
         return table.at[s_pad : s_pad + s].set(q.T).at[s_pad + s : s_pad + s + g].set(gq)
 
     def step(carry, t):
         table, images = carry
         table = jax.lax.cond(t == s_pad // chunk, fill, lambda tb, _: tb, table, images)
         block = jax.lax.dynamic_slice_in_dim(table, t * chunk, chunk, axis=0)
-        out = jax.vmap(matvec)(block)
+        out = op.matmat(block)
         images = jax.lax.cond(
             t < s_pad // chunk,
             lambda im: jax.lax.dynamic_update_slice_in_dim(im, out, jnp.minimum(t * chunk, s_pad - chunk), axis=0),
@@ -157,37 +181,76 @@ def _hutchpp(matvec, key, m, dtype, num_probes, chunk):
     return jnp.sum(quads[s_pad : s_pad + s]) + rest, stderr
 
 
+def _sketch(op, key, m, dtype, s, chunk):
+    """``(Omega [m, s], Y = A Omega, Q, R, Z = A Q, S)``: the randomized range sketch shared by XTrace and
+    XDiag, with ``S``'s columns ``s_i = R^-T e_i / ||R^-T e_i||`` (``Q s_i`` is the direction of ``range(Y)``
+    orthogonal to every column of ``Y`` but the i-th, so ``Q (I - s_i s_i^T) Q^T`` projects on the range of
+    ``Y`` without column i)."""
+    omega = _rademacher_rows(key, s, m, dtype)  # rows
+    y = chunking.chunked_map(op.matmat, omega, chunk, batched=True)  # rows (A omega_i)^T
+    q, r = jnp.linalg.qr(y.T)  # [m, s], [s, s]
+    z = chunking.chunked_map(op.matmat, q.T, chunk, batched=True).T  # A Q, [m, s]
+    r_inv_t = jax.scipy.linalg.solve_triangular(r, jnp.eye(s, dtype=dtype), lower=False).T
+    s_mat = r_inv_t / jnp.linalg.norm(r_inv_t, axis=0, keepdims=True)
+    return omega.T, y.T, q, r, z, s_mat
+
+
+def _xtrace(op, key, m, dtype, s, chunk):
+    omega, y, q, r, z, s_mat = _sketch(op, key, m, dtype, s, chunk)
+    h = _mm(q.T, z)  # Q^T A Q
+    w = _mm(q.T, omega)
+    c = jnp.sum(s_mat * w, axis=0)  # s_i^T w_i
+    v = w - s_mat * c[None, :]  # Q_(i)-coordinates removed from w_i: w_i - s_i c_i
+    # tr(Q_(i)^T A Q_(i)) + u_i^T A u_i with u_i = omega_i - Q v_i:
+    #   tr(H) - s_i^T H s_i + omega_i^T A omega_i - 2 r_i^T v_i + v_i^T H v_i   (A omega_i = Q r_i)
+    estimates = (
+        jnp.trace(h)
+        - jnp.sum(s_mat * _mm(h, s_mat), axis=0)
+        + jnp.sum(omega * y, axis=0)
+        - 2 * jnp.sum(r * v, axis=0)
+        + jnp.sum(v * _mm(h, v), axis=0)
+    )
+    return _stats(estimates)
+
+
 def hessian_diagonal(
     f,
-    params,
-    batch,
-    key: jax.Array,
+    params=None,
+    batch=None,
+    key: jax.Array | None = None,
     *,
     num_probes: int = 64,
-    chunk_size: int | None = None,
+    method: str = "hutchinson",
+    vectors_per_pass: int | None = None,
     return_stderr: bool = False,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ):
-    """Hutchinson estimate of ``diag(H)``, the diagonal of the Hessian of ``f`` at ``params``.
+    """Stochastic estimate of ``diag(A)`` for a curvature operator ``A`` (the Hessian of ``f`` by default).
 
-    ``d = 1/N sum_i z_i * (H z_i)`` (elementwise) with ``N = num_probes`` Rademacher probes: unbiased,
-    since ``E[z_a z_b] = delta_ab`` gives ``E[z_a (H z)_a] = H_aa``; the variance of coordinate ``a`` is
-    ``(sum_b H_ab^2 - H_aa^2) / N`` (Bekas, Kokiopoulou, Saad 2007; ADAHESSIAN's preconditioner).
+    ``method="hutchinson"``: ``d = 1/N sum_i z_i * (A z_i)`` (elementwise) with ``N = num_probes``
+    Rademacher probes: unbiased, since ``E[z_a z_b] = delta_ab`` gives ``E[z_a (A z)_a] = A_aa``; the
+    variance of coordinate ``a`` is ``(sum_b A_ab^2 - A_aa^2) / N`` (Bekas, Kokiopoulou, Saad 2007;
+    ADAHESSIAN's preconditioner).
+
+    ``method="xdiag"`` (Epperly, Tropp, Webber 2024): with the sketch of XTrace (``s = N // 2``), the mean
+    over ``i`` of ``diag(P_(i) A) + omega_i * ((I - P_(i)) A omega_i)``: exact on the captured range, Hutchinson
+    on the rest; far more accurate when the spectrum decays. Its standard error is the spread of the ``s``
+    exchangeable estimates. Needs ``s < m``.
 
     Args:
-      f, params, batch, key: objective, parameters, data and the probes' PRNG key.
-      num_probes: number of HVPs ``N`` (>= 1).
-      chunk_size: probes vmapped together (``None``: from a memory budget, as in ``hessian_trace``).
-      return_stderr: also return the per-coordinate standard error (sample standard deviation over
-        ``sqrt(N)``; zeros with one probe).
-      microbatch_size, devices: the exact data-set Hessian by microbatches (``lsgeo.microbatch``).
+      f, params, batch, key: an operator and a key, or an objective, parameters, data and a key.
+      num_probes: number of products ``N`` (>= 1; >= 2 for XDiag).
+      method: ``"hutchinson"`` or ``"xdiag"``.
+      vectors_per_pass: probes vmapped together (``None``: from a memory budget, as in ``hessian_trace``).
+      return_stderr: also return the per-coordinate standard error (zeros with one probe).
+      microbatch_size, devices: with an objective, the data plan of its ``Hessian``.
 
     Returns:
-      A pytree shaped like ``params`` (the parameters' dtypes), or ``(diagonal, stderr)``.
+      A pytree shaped like the operator's parameters (their dtypes), or ``(diagonal, stderr)``.
 
-    Cost: ``num_probes`` HVPs. Memory: ``chunk_size`` probes and two accumulators of size ``m`` (at least
-    float32).
+    Cost: ``num_probes`` products. Memory: Hutchinson, ``vectors_per_pass`` probes and two accumulators of
+    size ``m`` (at least float32); XDiag, ``O(m N)``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -196,22 +259,25 @@ def hessian_diagonal(
       >>> curvature.hessian_diagonal(f, jnp.ones(3), jnp.array([1.0, 2.0, 3.0]), jax.random.key(0)).tolist()
       [1.0, 2.0, 3.0]
     """
-    products.check_objective(f, params)
+    op, key = resolve(f, params, batch, key, name="hessian_diagonal", microbatch_size=microbatch_size, devices=devices)
+    check_choice(method, "method", DIAGONAL_METHODS)
     check_positive_int(num_probes, "num_probes")
-    chunking.check_chunk_size(chunk_size)
-    plan = microbatch.make_plan(batch, microbatch_size, devices=devices)
-    params, batch, key = microbatch.place(plan, params, batch, key)
-    if chunk_size is None:
-        chunk_size = chunking.auto_chunk(f, params, batch, plan, num_probes)
-    return _hessian_diagonal(f, num_probes, chunk_size, bool(return_stderr), plan, params, batch, key)
+    if method == "xdiag" and not 2 <= num_probes < 2 * op.size:
+        raise ValueError(f"num_probes must be in [2, 2 m = {2 * op.size}) for method='xdiag', got {num_probes}")
+    chunk = _vectors_per_pass(op, vectors_per_pass, num_probes)
+    mean, stderr = _hessian_diagonal(op, key, num_probes, method, chunk)
+    diagonal = op.unravel(mean)
+    return (diagonal, op.unravel(stderr)) if return_stderr else diagonal
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _hessian_diagonal(f, num_probes, chunk, return_stderr, plan, params, batch, key):
-    m, _, dtype, unravel = products.flat_spec(params)
-    matvec = products.hessian_matvec(f, params, batch, plan)
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _hessian_diagonal(op, key, num_probes, method, chunk):
+    m, dtype = op.size, op.dtype
+    if method == "xdiag":
+        return _xdiag(op, key, m, dtype, num_probes // 2, chunk)
     chunk = min(chunk, num_probes)
     steps = -(-num_probes // chunk)
+    chunk = -(-num_probes // steps)  # balanced passes: fewer than `steps` masked probes
     keys = jax.random.split(key, steps * chunk).reshape(steps, chunk)
     valid = (jnp.arange(steps * chunk) < num_probes).reshape(steps, chunk)
 
@@ -219,7 +285,7 @@ def _hessian_diagonal(f, num_probes, chunk, return_stderr, plan, params, batch, 
         total, total_sq = carry
         ks, mask = xs
         z = jax.vmap(lambda k: jax.random.rademacher(k, (m,), dtype=dtype))(ks)
-        d = jnp.where(mask[:, None], z * jax.vmap(matvec)(z), 0.0)
+        d = jnp.where(mask[:, None], z * op.matmat(z), 0.0)
         return (total + jnp.sum(d, axis=0), total_sq + jnp.sum(jnp.square(d), axis=0)), None
 
     zeros = jnp.zeros((m,), dtype)
@@ -230,5 +296,17 @@ def _hessian_diagonal(f, num_probes, chunk, return_stderr, plan, params, batch, 
         stderr = jnp.sqrt(var / num_probes)
     else:
         stderr = jnp.zeros_like(mean)
-    diagonal = unravel(mean)
-    return (diagonal, unravel(stderr)) if return_stderr else diagonal
+    return mean, stderr
+
+
+def _xdiag(op, key, m, dtype, s, chunk):
+    omega, y, q, _, z, s_mat = _sketch(op, key, m, dtype, s, chunk)
+    t = _mm(z.T, omega)  # Q^T A Omega
+    c = jnp.sum(s_mat * t, axis=0)  # s_i^T t_i
+    qs, zs = _mm(q, s_mat), _mm(z, s_mat)
+    # estimate i: diag(Q Z^T) - (Q s_i) * (Z s_i) + omega_i * (y_i - Q t_i + Q s_i c_i)
+    captured = jnp.sum(q * z, axis=1)  # diag(Q Q^T A)
+    estimates = captured[:, None] - qs * zs + omega * (y - _mm(q, t) + qs * c[None, :])  # [m, s]
+    mean = jnp.mean(estimates, axis=1)
+    stderr = jnp.std(estimates, axis=1, ddof=1) / np.sqrt(s) if s > 1 else jnp.zeros_like(mean)
+    return mean, stderr
