@@ -85,7 +85,7 @@ def main():
     ap.add_argument("--small", action="store_true", help="smaller sizes for a CPU smoke run")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--input-dim", type=int, default=784)
-    ap.add_argument("--generic-chunk", type=int, default=None, help="chunk_size of the generic path (default: auto)")
+    ap.add_argument("--generic-chunk", type=int, default=None, help="examples_per_chunk of the generic path (default: auto)")
     args = ap.parse_args()
     d = args.input_dim
     if args.small:
@@ -98,7 +98,7 @@ def main():
         return [
             ("ntk_trace, fast (ghost norms)", lambda p, x, y: ntk.ntk_trace(mlp_predict, p, x)),
             ("ntk_trace, generic (per-example VJPs)",
-             lambda p, x, y: ntk.ntk_trace(mlp_predict, p, x, method="generic", chunk_size=args.generic_chunk)),
+             lambda p, x, y: ntk.ntk_trace(mlp_predict, p, x, method="generic", examples_per_chunk=args.generic_chunk)),
         ]
 
     def case2_fns(params, x, y):
@@ -107,7 +107,7 @@ def main():
             ("gauss_newton_trace exact, fast", lambda p, x, y: risk.gauss_newton_trace(mlp_predict, ce, p, (x, y))),
             ("gauss_newton_trace exact, generic",
              lambda p, x, y: risk.gauss_newton_trace(mlp_predict, ce, p, (x, y), method="generic",
-                                                     chunk_size=args.generic_chunk)),
+                                                     examples_per_chunk=args.generic_chunk)),
             ("gauss_newton_trace, 10 probes",
              lambda p, x, y: risk.gauss_newton_trace(mlp_predict, ce, p, (x, y), key=jax.random.PRNGKey(0),
                                                      num_probes=10)),
@@ -115,7 +115,7 @@ def main():
                 mlp_predict, p, x, jax.grad(lambda o: ce(o, y) * x.shape[0])(mlp_predict(p, x)))),
             ("per-example ||grad l_i||^2, generic", lambda p, x, y: per_example.sq_grad_norms(
                 mlp_predict, p, x, jax.grad(lambda o: ce(o, y) * x.shape[0])(mlp_predict(p, x)),
-                method="generic", chunk_size=args.generic_chunk)),
+                method="generic", examples_per_chunk=args.generic_chunk)),
         ]
 
     run_case("(1) NTK trace", case1, n1, args.repeats, case1_fns)

@@ -126,7 +126,7 @@ def run(cfg: Config, data: common.Splits, group: list[dict]) -> list[list[dict]]
             values = {"train_loss": landscape.path_losses(train_loss, a, b, train_batch, ts, bend=path_bend)}
             values.update(
                 {
-                    k: landscape.path_losses(f, a, b, test_batch, ts, bend=path_bend, chunk_size=4)
+                    k: landscape.path_losses(f, a, b, test_batch, ts, bend=path_bend, points_per_pass=4)
                     for k, f in test.items()
                 }
             )

@@ -9,8 +9,8 @@
                        (Li et al., Section 7)
 
 Every function that evaluates the objective takes ``f(params, batch) -> scalar`` and the data
-``batch`` as arguments, and evaluates grid points with ``lax.map(..., batch_size=chunk_size)``:
-``chunk_size`` points are vmapped together, so memory is that of ``chunk_size`` forward passes.
+``batch`` as arguments, and evaluates grid points with ``lax.map(..., batch_size=points_per_pass)``:
+``points_per_pass`` points are vmapped together, so memory is that of ``points_per_pass`` forward passes.
 Arguments are validated eagerly; the computation then runs as one ``jax.jit``-compiled program with
 ``f`` (and ``optimizer``) static, so repeated calls with the same ``f`` object and shapes reuse it.
 With ``microbatch_size`` every evaluation of ``f`` is the data-set value, the example-weighted mean over
@@ -117,9 +117,9 @@ def _check_objective(f, params, batch, microbatch_size, devices, name="params"):
     return microbatch.make_plan(batch, microbatch_size, devices=devices)
 
 
-def _chunk(chunk_size: int, n: int) -> int:
-    check_positive_int(chunk_size, "chunk_size")
-    return max(1, min(chunk_size, n))
+def _chunk(points_per_pass: int, n: int) -> int:
+    check_positive_int(points_per_pass, "points_per_pass")
+    return max(1, min(points_per_pass, n))
 
 
 def _as_grid(values, name: str) -> jax.Array:
@@ -138,30 +138,30 @@ def slice_1d(
     direction: PyTree,
     alphas,
     *,
-    chunk_size: int = 32,
+    points_per_pass: int = 32,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ) -> jax.Array:
     """The 1-D slice [f(w + a d, batch) for a in alphas] (Li et al. 2018, Section 3), shape ``[len(alphas)]``.
 
-    Cost: len(alphas) evaluations of f, ``chunk_size`` at a time (``lax.map``); ``microbatch_size``: each
+    Cost: len(alphas) evaluations of f, ``points_per_pass`` at a time (``lax.map``); ``microbatch_size``: each
     evaluation is the data-set value by microbatches.
     """
     plan = _check_objective(f, params, batch, microbatch_size, devices)
     params, batch, direction = microbatch.place(plan, params, batch, direction)
     validation.check_same_structure(params, direction, "direction")
     alphas = _as_grid(alphas, "alphas")
-    return _slice_1d(f, params, batch, direction, alphas, chunk_size=_chunk(chunk_size, alphas.shape[0]), plan=plan)
+    return _slice_1d(f, params, batch, direction, alphas, points_per_pass=_chunk(points_per_pass, alphas.shape[0]), plan=plan)
 
 
-@partial(jax.jit, static_argnames=("f", "chunk_size", "plan"))
-def _slice_1d(f, params, batch, direction, alphas, *, chunk_size, plan):
+@partial(jax.jit, static_argnames=("f", "points_per_pass", "plan"))
+def _slice_1d(f, params, batch, direction, alphas, *, points_per_pass, plan):
     f = microbatch.objective(f, plan)
 
     def one(a):
         return f(optax.tree.add_scale(params, a, direction), batch)
 
-    return jax.lax.map(one, alphas, batch_size=chunk_size)
+    return jax.lax.map(one, alphas, batch_size=points_per_pass)
 
 
 def slice_2d(
@@ -173,7 +173,7 @@ def slice_2d(
     alphas,
     betas,
     *,
-    chunk_size: int = 32,
+    points_per_pass: int = 32,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ) -> jax.Array:
@@ -181,7 +181,7 @@ def slice_2d(
 
     Returns ``[len(alphas), len(betas)]`` (``matplotlib.contour(betas, alphas, F)`` plots it with
     alpha on the vertical axis). Cost: len(alphas) * len(betas) evaluations of f over the flattened
-    grid, ``chunk_size`` at a time (``lax.map``); memory of ``chunk_size`` parameter copies (times one
+    grid, ``points_per_pass`` at a time (``lax.map``); memory of ``points_per_pass`` parameter copies (times one
     microbatch with ``microbatch_size``).
     """
     plan = _check_objective(f, params, batch, microbatch_size, devices)
@@ -190,12 +190,12 @@ def slice_2d(
     validation.check_same_structure(params, d2, "d2")
     alphas = _as_grid(alphas, "alphas")
     betas = _as_grid(betas, "betas")
-    chunk = _chunk(chunk_size, alphas.shape[0] * betas.shape[0])
-    return _slice_2d(f, params, batch, d1, d2, alphas, betas, chunk_size=chunk, plan=plan)
+    chunk = _chunk(points_per_pass, alphas.shape[0] * betas.shape[0])
+    return _slice_2d(f, params, batch, d1, d2, alphas, betas, points_per_pass=chunk, plan=plan)
 
 
-@partial(jax.jit, static_argnames=("f", "chunk_size", "plan"))
-def _slice_2d(f, params, batch, d1, d2, alphas, betas, *, chunk_size, plan):
+@partial(jax.jit, static_argnames=("f", "points_per_pass", "plan"))
+def _slice_2d(f, params, batch, d1, d2, alphas, betas, *, points_per_pass, plan):
     f = microbatch.objective(f, plan)
     aa, bb = jnp.meshgrid(alphas, betas, indexing="ij")
 
@@ -203,7 +203,7 @@ def _slice_2d(f, params, batch, d1, d2, alphas, betas, *, chunk_size, plan):
         a, b = ab
         return f(optax.tree.add_scale(optax.tree.add_scale(params, a, d1), b, d2), batch)
 
-    values = jax.lax.map(one, (aa.reshape(-1), bb.reshape(-1)), batch_size=chunk_size)
+    values = jax.lax.map(one, (aa.reshape(-1), bb.reshape(-1)), batch_size=points_per_pass)
     return values.reshape(aa.shape)
 
 
@@ -239,12 +239,12 @@ def path_losses(
     ts,
     *,
     bend: PyTree | None = None,
-    chunk_size: int = 32,
+    points_per_pass: int = 32,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ) -> jax.Array:
     """[f(path(t), batch) for t in ts] along the line a -> b (``bend=None``) or the Bezier curve
-    through ``bend``. Shape ``[len(ts)]``. Cost: len(ts) evaluations of f, ``chunk_size`` at a time
+    through ``bend``. Shape ``[len(ts)]``. Cost: len(ts) evaluations of f, ``points_per_pass`` at a time
     (each the data-set value by microbatches with ``microbatch_size``)."""
     plan = _check_objective(f, params_a, batch, microbatch_size, devices, "params_a")
     params_a, params_b, batch, bend = microbatch.place(plan, params_a, params_b, batch, bend)
@@ -252,16 +252,16 @@ def path_losses(
     if bend is not None:
         validation.check_same_structure(params_a, bend, "bend", "params_a")
     ts = _as_grid(ts, "ts")
-    return _path_losses(f, params_a, params_b, bend, batch, ts, chunk_size=_chunk(chunk_size, ts.shape[0]), plan=plan)
+    return _path_losses(f, params_a, params_b, bend, batch, ts, points_per_pass=_chunk(points_per_pass, ts.shape[0]), plan=plan)
 
 
-@partial(jax.jit, static_argnames=("f", "chunk_size", "plan"))
-def _path_losses(f, params_a, params_b, bend, batch, ts, *, chunk_size, plan):
+@partial(jax.jit, static_argnames=("f", "points_per_pass", "plan"))
+def _path_losses(f, params_a, params_b, bend, batch, ts, *, points_per_pass, plan):
     f = microbatch.objective(f, plan)
     def one(t):
         return f(_path_point(params_a, params_b, bend, t), batch)
 
-    return jax.lax.map(one, ts, batch_size=chunk_size)
+    return jax.lax.map(one, ts, batch_size=points_per_pass)
 
 
 BARRIER_REFERENCES = ("max", "linear")
@@ -276,7 +276,7 @@ def barrier_height(
     bend: PyTree | None = None,
     num_points: int = 25,
     reference: str = "max",
-    chunk_size: int = 32,
+    points_per_pass: int = 32,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ) -> jax.Array:
@@ -297,7 +297,7 @@ def barrier_height(
     if num_points < 2:
         raise ValueError(f"num_points must be >= 2 (the path's end points), got {num_points}")
     ts = jnp.linspace(0.0, 1.0, num_points)
-    losses = path_losses(f, params_a, params_b, batch, ts, bend=bend, chunk_size=chunk_size,
+    losses = path_losses(f, params_a, params_b, batch, ts, bend=bend, points_per_pass=points_per_pass,
                          microbatch_size=microbatch_size, devices=devices)
     f_a, f_b = losses[0], losses[-1]
     if reference == "max":

@@ -65,9 +65,15 @@ __all__ = [
     "microbatch_struct",
     "single_example",
     "check_mean_over_examples",
+    "MEMORY_BUDGET_BYTES",
 ]
 
 AXIS = "microbatches"
+
+MEMORY_BUDGET_BYTES = 2**28
+"""The one memory budget of lsgeo's automatic chunking (256 MiB): how many vectors go through one curvature
+product together (``lsgeo.curvature.chunking``), how many examples one chunk of per-example Jacobians or
+gradients holds (``lsgeo.per_example``, ``lsgeo.ntk``, ``lsgeo.risk.gauss_newton_diagonal``)."""
 
 
 class MicrobatchPlan(NamedTuple):

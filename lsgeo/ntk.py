@@ -28,8 +28,7 @@ from lsgeo.validation import check_batch, check_callable, check_choice, check_fl
 
 __all__ = ["empirical_ntk", "ntk_diagonal_blocks", "ntk_trace"]
 
-# floats of per-example rows per chunk that the automatic chunk size of empirical_ntk aims for (~256 MB)
-_CHUNK_BUDGET = 2**26
+_CHUNK_BUDGET = microbatch.MEMORY_BUDGET_BYTES // 4  # float32 numbers of per-example rows per automatic chunk
 
 
 def _check(predict, params, x, name="x"):
@@ -38,11 +37,11 @@ def _check(predict, params, x, name="x"):
     check_batch(x, name, common_axis=True)
 
 
-def empirical_ntk(predict, params, x1, x2=None, *, trace_outputs=True, chunk_size=None):
+def empirical_ntk(predict, params, x1, x2=None, *, trace_outputs=True, examples_per_chunk=None):
     """The empirical NTK J(x1) J(x2)^T by NTK-vector products (Novak et al. 2022, Section 3.2).
 
     ``predict`` is linearised once on ``x1`` (``jax.linearize``). The examples of ``x2`` are taken
-    ``chunk_size`` at a time; for each, the k per-example rows J_j^T e_c come from VJPs of the
+    ``examples_per_chunk`` at a time; for each, the k per-example rows J_j^T e_c come from VJPs of the
     one-example predictor and are pushed through the linearisation: Theta[:, j, :, c] = J(x1) J_j^T e_c.
 
     Args:
@@ -51,32 +50,32 @@ def empirical_ntk(predict, params, x1, x2=None, *, trace_outputs=True, chunk_siz
       x1: ``[n1, ...]`` inputs; x2: ``[n2, ...]`` inputs (default: ``x1``).
       trace_outputs: return the trace over outputs ``[n1, n2]`` (else ``[n1, n2, k, k]`` with
         Theta[i, j, c, c'] = <d phi_ic / dw, d phi'_jc' / dw>).
-      chunk_size: examples of ``x2`` per chunk (``None``: automatic, ~256 MB of per-example rows).
+      examples_per_chunk: examples of ``x2`` per chunk (``None``: automatic, ~256 MB of per-example rows).
 
     Returns:
       ``[n1, n2]`` or ``[n1, n2, k, k]``. Cost: n2 k JVPs over ``x1`` (n1 n2 k one-example forward
-      passes) plus n2 k one-example VJPs. Memory: chunk_size k (m + n1 k) plus one linearisation on x1.
+      passes) plus n2 k one-example VJPs. Memory: examples_per_chunk k (m + n1 k) plus one linearisation on x1.
     """
     _check(predict, params, x1, "x1")
     if x2 is None:
         x2 = x1
     check_batch(x2, "x2", common_axis=True)
-    if chunk_size is not None:
-        check_positive_int(chunk_size, "chunk_size")
-    return _empirical_ntk_jit(predict, bool(trace_outputs), chunk_size, params, x1, x2)
+    if examples_per_chunk is not None:
+        check_positive_int(examples_per_chunk, "examples_per_chunk")
+    return _empirical_ntk_jit(predict, bool(trace_outputs), examples_per_chunk, params, x1, x2)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _empirical_ntk_jit(predict, trace_outputs, chunk_size, params, x1, x2):
+def _empirical_ntk_jit(predict, trace_outputs, examples_per_chunk, params, x1, x2):
     n1 = jax.tree_util.tree_leaves(x1)[0].shape[0]
     n2 = jax.tree_util.tree_leaves(x2)[0].shape[0]
     single = microbatch.single_example(predict)
     k = int(np.prod(jax.eval_shape(single, params, jax.tree_util.tree_map(lambda a: a[0], x2)).shape))
     m = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
-    if chunk_size is None:
+    if examples_per_chunk is None:
         chunk = int(max(1, min(n2, _CHUNK_BUDGET // max(1, k * (m + n1 * k)))))
     else:
-        chunk = int(min(chunk_size, n2))
+        chunk = int(min(examples_per_chunk, n2))
 
     def f1(p):
         return predict(p, x1).reshape(n1, -1)
@@ -95,14 +94,14 @@ def _empirical_ntk_jit(predict, trace_outputs, chunk_size, params, x1, x2):
     return jnp.swapaxes(out, 0, 1)
 
 
-def ntk_diagonal_blocks(predict, params, x, *, chunk_size=None, method="fast"):
+def ntk_diagonal_blocks(predict, params, x, *, examples_per_chunk=None, method="fast"):
     """Per-example blocks J_i J_i^T ``[n, k, k]`` (the diagonal of :func:`empirical_ntk`), chunked.
 
     See :func:`lsgeo.per_example.gram_blocks`: cost about k backward passes of the one-example model
     per example, ghost norms for dense layers (``method="fast"``), per-example VJPs otherwise.
     """
     _check(predict, params, x)
-    return per_example.gram_blocks(predict, params, x, chunk_size=chunk_size, method=method)
+    return per_example.gram_blocks(predict, params, x, examples_per_chunk=examples_per_chunk, method=method)
 
 
 def ntk_trace(
@@ -112,7 +111,7 @@ def ntk_trace(
     *,
     by_layer=False,
     groups=None,
-    chunk_size=None,
+    examples_per_chunk=None,
     method="fast",
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
@@ -123,7 +122,7 @@ def ntk_trace(
       predict, params, x: the model contract; examples must not interact.
       by_layer: return ``{group: sum_i tr(J_{i,g} J_{i,g}^T)}`` (sums to the total).
       groups: ``None`` (top-level modules), ``"leaf"`` or a callable on the leaf path.
-      chunk_size: examples per chunk (``None``: automatic).
+      examples_per_chunk: examples per chunk (``None``: automatic).
       method: ``"fast"`` (ghost norms for dense layers, generic fallback) or ``"generic"``.
       microbatch_size: ``None`` or examples per microbatch: the trace over all of ``x`` as the sum of the
         traces of its microbatches, computed in a ``lax.scan`` in the memory of one microbatch and
@@ -131,35 +130,35 @@ def ntk_trace(
 
     Returns:
       A scalar or a dict of scalars. Cost: k backward passes of the one-example model per example
-      (batched), i.e. about k full-batch backward passes; memory O(chunk_size k width) on the fast
-      path, O(chunk_size k m) for leaves on the generic path.
+      (batched), i.e. about k full-batch backward passes; memory O(examples_per_chunk k width) on the fast
+      path, O(examples_per_chunk k m) for leaves on the generic path.
 
     Raises:
       TypeError: ``predict`` not callable. ValueError: integer ``params``, an empty ``x`` or leaves of
-      ``x`` that disagree on n, a bad ``chunk_size``/``microbatch_size``/``method``/``groups``.
+      ``x`` that disagree on n, a bad ``examples_per_chunk``/``microbatch_size``/``method``/``groups``.
     """
     _check(predict, params, x)
-    if chunk_size is not None:
-        check_positive_int(chunk_size, "chunk_size")
+    if examples_per_chunk is not None:
+        check_positive_int(examples_per_chunk, "examples_per_chunk")
     check_choice(method, "method", per_example.METHODS)
     _, names = groups_lib.group_ids(params, groups)
     plan = microbatch.make_plan(x, microbatch_size, devices=devices, name="x")
     params, x = microbatch.place(plan, params, x)
-    per_group = _ntk_trace(predict, groups, method, chunk_size, plan, params, x)
+    per_group = _ntk_trace(predict, groups, method, examples_per_chunk, plan, params, x)
     if by_layer:
         return {name: per_group[g] for g, name in enumerate(names)}
     return jnp.sum(per_group)
 
 
-def _per_group_trace(predict, groups, method, chunk_size, params, x):
+def _per_group_trace(predict, groups, method, examples_per_chunk, params, x):
     grams, _, _ = per_example.per_example_grams(
-        predict, params, x, diag=True, groups=groups, method=method, chunk_size=chunk_size
+        predict, params, x, diag=True, groups=groups, method=method, examples_per_chunk=examples_per_chunk
     )
     return jnp.sum(grams, axis=(0, 2))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _ntk_trace(predict, groups, method, chunk_size, plan, params, x):
+def _ntk_trace(predict, groups, method, examples_per_chunk, plan, params, x):
     return microbatch.reduce(
-        lambda p, mb: _per_group_trace(predict, groups, method, chunk_size, p, mb), params, x, plan, mean=False
+        lambda p, mb: _per_group_trace(predict, groups, method, examples_per_chunk, p, mb), params, x, plan, mean=False
     )

@@ -65,7 +65,7 @@ __all__ = [
     "effective_risk",
 ]
 
-_DIAGONAL_BUDGET_FLOATS = 2**26
+_DIAGONAL_BUDGET_FLOATS = microbatch.MEMORY_BUDGET_BYTES // 4
 
 
 def _check_model(predict, loss, params, batch, microbatch_size, devices):
@@ -128,7 +128,7 @@ def perturbed_risk(
     mode="full",
     groups=None,
     scale_by_num_groups=True,
-    chunk_size=16,
+    draws_per_pass=16,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ):
@@ -139,22 +139,22 @@ def perturbed_risk(
     i.e. the mean over all M groups of L(Phi(w + sigma sqrt(M) eps_j)) with eps_j on group j only.
 
     Unbiased for R_sigma / R~_sigma. Cost: ``num_samples`` (times M for layer-wise) forward passes,
-    evaluated ``chunk_size`` at a time with ``lax.map`` so memory stays bounded. With
+    evaluated ``draws_per_pass`` at a time with ``lax.map`` so memory stays bounded. With
     ``microbatch_size`` every microbatch sees the same draws, so the value equals the single-batch one.
     """
     check_choice(mode, "mode", MODES)
     check_sigma(sigma)
     check_positive_int(num_samples, "num_samples")
-    check_positive_int(chunk_size, "chunk_size")
+    check_positive_int(draws_per_pass, "draws_per_pass")
     plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
     params, batch, key = microbatch.place(plan, params, batch, key)
     num_groups = len(groups_lib.group_names(params, groups)) if mode == "layerwise" else 1
     return _perturbed_risk(predict, loss, mode, groups, bool(scale_by_num_groups), num_samples, num_groups,
-                           chunk_size, plan, params, batch, sigma, key)
+                           draws_per_pass, plan, params, batch, sigma, key)
 
 
 @functools.partial(jax.jit, static_argnums=tuple(range(9)))
-def _perturbed_risk(predict, loss, mode, groups, scale, num_samples, num_groups, chunk_size, plan, params, batch,
+def _perturbed_risk(predict, loss, mode, groups, scale, num_samples, num_groups, draws_per_pass, plan, params, batch,
                     sigma, key):
     keys = jax.random.split(key, num_samples)
 
@@ -168,7 +168,7 @@ def _perturbed_risk(predict, loss, mode, groups, scale, num_samples, num_groups,
                 xi = perturbation(k, params, sigma, mode="full")
                 return _loss(loss, predict(optax.tree.add(params, xi), x), y)
 
-            return jnp.mean(jax.lax.map(one, keys, batch_size=min(chunk_size, num_samples)))
+            return jnp.mean(jax.lax.map(one, keys, batch_size=min(draws_per_pass, num_samples)))
 
         group_index = jnp.tile(jnp.arange(num_groups), num_samples)
         draw_keys = jnp.repeat(keys, num_groups, axis=0)
@@ -178,7 +178,7 @@ def _perturbed_risk(predict, loss, mode, groups, scale, num_samples, num_groups,
             xi = perturbation(k, params, sigma, mode="layerwise", group=j, groups=groups, scale_by_num_groups=scale)
             return _loss(loss, predict(optax.tree.add(params, xi), x), y)
 
-        values = jax.lax.map(one_group, (draw_keys, group_index), batch_size=min(chunk_size, num_samples * num_groups))
+        values = jax.lax.map(one_group, (draw_keys, group_index), batch_size=min(draws_per_pass, num_samples * num_groups))
         return jnp.mean(values)
 
     return microbatch.reduce(on_batch, (params, sigma, keys), batch, plan)
@@ -188,11 +188,11 @@ def _scalar_outputs(predict, params, x) -> bool:
     return len(jax.eval_shape(predict, params, x).shape) == 1
 
 
-def _exact_gn_on(predict, loss, groups, method, chunk_size, params, batch):
+def _exact_gn_on(predict, loss, groups, method, examples_per_chunk, params, batch):
     """Per-group mean over the batch of tr(H_i J_{i,g} J_{i,g}^T), and L at the predictions."""
     x, y = batch
     grams, _, phi = per_example.per_example_grams(
-        predict, params, x, groups=groups, method=method, chunk_size=chunk_size
+        predict, params, x, groups=groups, method=method, examples_per_chunk=examples_per_chunk
     )
     n = phi.shape[0]
     outputs = phi[:, 0] if _scalar_outputs(predict, params, x) else phi
@@ -202,22 +202,22 @@ def _exact_gn_on(predict, loss, groups, method, chunk_size, params, batch):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _exact_gn_jit(predict, loss, groups, method, chunk_size, plan, params, batch):
+def _exact_gn_jit(predict, loss, groups, method, examples_per_chunk, plan, params, batch):
     return microbatch.reduce(
-        lambda p, mb: _exact_gn_on(predict, loss, groups, method, chunk_size, p, mb), params, batch, plan
+        lambda p, mb: _exact_gn_on(predict, loss, groups, method, examples_per_chunk, p, mb), params, batch, plan
     )
 
 
-def _exact_gn(predict, loss, params, batch, groups, method, chunk_size, plan):
+def _exact_gn(predict, loss, params, batch, groups, method, examples_per_chunk, plan):
     """Exact per-group 1/n sum_i tr(H_i J_{i,g} J_{i,g}^T) and R. Returns (dict, R)."""
-    if chunk_size is not None:
-        check_positive_int(chunk_size, "chunk_size")
+    if examples_per_chunk is not None:
+        check_positive_int(examples_per_chunk, "examples_per_chunk")
     _, names = groups_lib.group_ids(params, groups)
-    per_group, value = _exact_gn_jit(predict, loss, groups, method, chunk_size, plan, params, batch)
+    per_group, value = _exact_gn_jit(predict, loss, groups, method, examples_per_chunk, plan, params, batch)
     return {name: per_group[g] for g, name in enumerate(names)}, value
 
 
-def _probe_gn_on(predict, loss, num_probes, probe_chunk, params, batch, key):
+def _probe_gn_on(predict, loss, num_probes, probes_per_pass, params, batch, key):
     """Unbiased estimate of the mean over the batch of tr(H_i J_i J_i^T): E_z ||J^T D2L^{1/2} z||^2 with
     z ~ N(0, I_{nk}); and L at the predictions."""
     x, y = batch
@@ -239,32 +239,32 @@ def _probe_gn_on(predict, loss, num_probes, probe_chunk, params, batch, key):
         return optax.tree.vdot(g, gs)
 
     keys = jax.random.split(key, num_probes)
-    values = jax.lax.map(one, keys, batch_size=min(probe_chunk, num_probes))
+    values = jax.lax.map(one, keys, batch_size=min(probes_per_pass, num_probes))
     return jnp.mean(values) / n, value
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _probe_gn(predict, loss, num_probes, probe_chunk, plan, params, batch, key):
+def _probe_gn(predict, loss, num_probes, probes_per_pass, plan, params, batch, key):
     return microbatch.reduce(
-        lambda ops, mb: _probe_gn_on(predict, loss, num_probes, probe_chunk, ops[0], mb, ops[1]),
+        lambda ops, mb: _probe_gn_on(predict, loss, num_probes, probes_per_pass, ops[0], mb, ops[1]),
         (params, key), batch, plan,
     )
 
 
-def _check_gn_args(key, num_probes, method, probe_chunk):
+def _check_gn_args(key, num_probes, method, probes_per_pass):
     check_nonnegative_int(num_probes, "num_probes")
     check_choice(method, "method", per_example.METHODS)
-    check_positive_int(probe_chunk, "probe_chunk")
+    check_positive_int(probes_per_pass, "probes_per_pass")
     if num_probes > 0 and key is None:
         raise ValueError("key must be a PRNG key when num_probes > 0 (the probe estimate is random)")
 
 
-def _gn_trace_and_risk(predict, loss, params, batch, key, num_probes, chunk_size, method, probe_chunk, plan):
-    _check_gn_args(key, num_probes, method, probe_chunk)
+def _gn_trace_and_risk(predict, loss, params, batch, key, num_probes, examples_per_chunk, method, probes_per_pass, plan):
+    _check_gn_args(key, num_probes, method, probes_per_pass)
     if num_probes == 0:
-        per_group, value = _exact_gn(predict, loss, params, batch, None, method, chunk_size, plan)
+        per_group, value = _exact_gn(predict, loss, params, batch, None, method, examples_per_chunk, plan)
         return sum(per_group.values()), value
-    return _probe_gn(predict, loss, num_probes, probe_chunk, plan, params, batch, key)
+    return _probe_gn(predict, loss, num_probes, probes_per_pass, plan, params, batch, key)
 
 
 def gauss_newton_trace(
@@ -275,9 +275,9 @@ def gauss_newton_trace(
     *,
     key=None,
     num_probes=0,
-    chunk_size=None,
+    examples_per_chunk=None,
     method="fast",
-    probe_chunk=8,
+    probes_per_pass=8,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ):
@@ -288,22 +288,22 @@ def gauss_newton_trace(
     ``num_probes == 0`` (exact): the per-example Gram blocks G_i = J_i J_i^T are formed k at a time
     (:func:`lsgeo.per_example.per_example_grams`, ghost norms for dense layers) and contracted with the
     output Hessians H_i (:func:`lsgeo.losses.output_hessians`). Cost: about k backward passes of the
-    one-example model per example; memory O(chunk_size k width) (plus O(chunk_size k m) for leaves
+    one-example model per example; memory O(examples_per_chunk k width) (plus O(examples_per_chunk k m) for leaves
     outside the structured fast path); ``method="generic"`` forces per-example VJPs for every leaf.
 
     ``num_probes > 0`` (unbiased estimate): with H_i = B_i B_i^T (closed-form factors for the squared,
     logistic and cross-entropy losses; ``eigh`` otherwise) and z ~ N(0, I) in output space [n, k],
     tr(D2L J J^T) = E ||J^T u||^2 / n where u_i = B_i z_i. Cost: one forward pass and one full-batch
-    VJP per probe (two for a loss whose output Hessian may be indefinite), ``probe_chunk`` probes
+    VJP per probe (two for a loss whose output Hessian may be indefinite), ``probes_per_pass`` probes
     vmapped at a time. Variance: 2 ||B^T J J^T B||_F^2 / (n^2 num_probes).
 
     Args:
       predict, loss, params, batch: the model contract (``batch = (x, y)``).
       key: PRNG key, required when ``num_probes > 0``.
       num_probes: 0 for the exact value, else the number of Gaussian probes.
-      chunk_size: examples per chunk on the exact path (``None``: automatic).
+      examples_per_chunk: examples per chunk on the exact path (``None``: automatic).
       method: ``"fast"`` or ``"generic"`` (exact path only).
-      probe_chunk: probes evaluated in parallel.
+      probes_per_pass: probes evaluated in parallel.
       microbatch_size, devices: the exact data-set value by microbatches (:mod:`lsgeo.microbatch`); the
         exact trace equals the single-batch one, the probe estimate stays unbiased (every microbatch
         draws its probes from ``key``).
@@ -313,7 +313,7 @@ def gauss_newton_trace(
     """
     plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
     params, batch, key = microbatch.place(plan, params, batch, key)
-    value, _ = _gn_trace_and_risk(predict, loss, params, batch, key, num_probes, chunk_size, method, probe_chunk,
+    value, _ = _gn_trace_and_risk(predict, loss, params, batch, key, num_probes, examples_per_chunk, method, probes_per_pass,
                                   plan)
     return value
 
@@ -325,7 +325,7 @@ def gauss_newton_trace_by_layer(
     batch,
     *,
     groups=None,
-    chunk_size=None,
+    examples_per_chunk=None,
     method="fast",
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
@@ -340,7 +340,7 @@ def gauss_newton_trace_by_layer(
     check_choice(method, "method", per_example.METHODS)
     plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
     params, batch = microbatch.place(plan, params, batch)
-    per_group, _ = _exact_gn(predict, loss, params, batch, groups, method, chunk_size, plan)
+    per_group, _ = _exact_gn(predict, loss, params, batch, groups, method, examples_per_chunk, plan)
     return per_group
 
 
@@ -353,9 +353,9 @@ def effective_risk(
     *,
     key=None,
     num_probes=0,
-    chunk_size=None,
+    examples_per_chunk=None,
     method="fast",
-    probe_chunk=8,
+    probes_per_pass=8,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ):
@@ -370,8 +370,8 @@ def effective_risk(
     check_sigma(sigma)
     plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
     params, batch, key = microbatch.place(plan, params, batch, key)
-    trace, value = _gn_trace_and_risk(predict, loss, params, batch, key, num_probes, chunk_size, method,
-                                      probe_chunk, plan)
+    trace, value = _gn_trace_and_risk(predict, loss, params, batch, key, num_probes, examples_per_chunk, method,
+                                      probes_per_pass, plan)
     return value + 0.5 * jnp.square(sigma) * trace
 
 
@@ -381,7 +381,7 @@ def gauss_newton_diagonal(
     params,
     batch,
     *,
-    chunk_size: int | None = None,
+    examples_per_chunk: int | None = None,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ):
@@ -397,7 +397,7 @@ def gauss_newton_diagonal(
 
     Args:
       predict, loss, params, batch: the model contract (``batch = (x, y)``); examples must not interact.
-      chunk_size: examples per chunk (vmapped; ``None``: as many as fit ~2^26 floats of per-example
+      examples_per_chunk: examples per chunk (vmapped; ``None``: as many as fit ~2^26 floats of per-example
         gradients, i.e. ``2^26 / (k m)``), evaluated in a ``lax.scan``.
       microbatch_size, devices: the exact data-set value by microbatches (:mod:`lsgeo.microbatch`).
 
@@ -405,7 +405,7 @@ def gauss_newton_diagonal(
       A pytree shaped like ``params``.
 
     Cost: k backward passes of the one-example model per example (r columns of B_i; k for the losses
-    above). Memory: ``chunk_size k m`` (the per-example gradients of one chunk).
+    above). Memory: ``examples_per_chunk k m`` (the per-example gradients of one chunk).
 
     Example:
       >>> import jax.numpy as jnp
@@ -417,17 +417,17 @@ def gauss_newton_diagonal(
     """
     plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
     params, batch = microbatch.place(plan, params, batch)
-    if chunk_size is not None:
-        check_positive_int(chunk_size, "chunk_size")
-    return _gn_diagonal(predict, loss, chunk_size, plan, params, batch)
+    if examples_per_chunk is not None:
+        check_positive_int(examples_per_chunk, "examples_per_chunk")
+    return _gn_diagonal(predict, loss, examples_per_chunk, plan, params, batch)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _gn_diagonal(predict, loss, chunk_size, plan, params, batch):
-    return microbatch.reduce(lambda p, mb: _gn_diagonal_on(predict, loss, chunk_size, p, mb), params, batch, plan)
+def _gn_diagonal(predict, loss, examples_per_chunk, plan, params, batch):
+    return microbatch.reduce(lambda p, mb: _gn_diagonal_on(predict, loss, examples_per_chunk, p, mb), params, batch, plan)
 
 
-def _gn_diagonal_on(predict, loss, chunk_size, params, batch):
+def _gn_diagonal_on(predict, loss, examples_per_chunk, params, batch):
     """Mean over the batch of diag(J_i^T H_i J_i), a ``lax.scan`` over chunks of examples (the last chunk
     padded with copies of the last example, masked out)."""
     x, y = batch
@@ -436,7 +436,7 @@ def _gn_diagonal_on(predict, loss, chunk_size, params, batch):
     scalar = _scalar_outputs(predict, params, x)
     flat, unravel = ravel_pytree(params)
     k = int(np.prod(jax.eval_shape(predict, params, x).shape[1:], dtype=np.int64))
-    chunk = chunk_size or max(1, _DIAGONAL_BUDGET_FLOATS // max(1, k * flat.shape[0]))
+    chunk = examples_per_chunk or max(1, _DIAGONAL_BUDGET_FLOATS // max(1, k * flat.shape[0]))
     chunk = int(min(chunk, n))
     steps = -(-n // chunk)
     pad = steps * chunk - n

@@ -88,17 +88,10 @@ def _uniform_in_ball(key, template: PyTree, rho, norm: str) -> PyTree:
     if norm == "linf":
         return optax.tree.scale(rho, _uniform_like(key, template))
     k_dir, k_rad = jax.random.split(key)
-    direction = _normal_like(k_dir, template)
+    direction = optax.tree.random_like(k_dir, template, jax.random.normal)
     m = optax.tree.size(template)
     radius = rho * jnp.exp(jnp.log(jax.random.uniform(k_rad)) / m)  # r = rho U^(1/m)
     return optax.tree.scale(radius / optax.tree.norm(direction), direction)
-
-
-def _normal_like(key, template: PyTree) -> PyTree:
-    """N(0, I) shaped like ``template`` from one flat draw (one random-number generator instead of one
-    per leaf: much cheaper to compile on CPU than ``optax.tree.random_like``)."""
-    flat, unravel = ravel_pytree(template)
-    return unravel(jax.random.normal(key, flat.shape, flat.dtype))
 
 
 def _uniform_like(key, template: PyTree) -> PyTree:
@@ -283,7 +276,7 @@ def average_sharpness(
     key,
     *,
     num_samples: int = 16,
-    chunk_size: int = 16,
+    draws_per_pass: int = 16,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ) -> jax.Array:
@@ -294,30 +287,30 @@ def average_sharpness(
     ``epsilon_sharpness(..., relative=False)`` (Keskar et al. 2017; the seed's "E[L(theta + eps)]"
     measure). It equals R_sigma(w) - R(w) of ``lsgeo.risk.perturbed_risk`` with full noise.
 
-    Cost: ``num_samples + 1`` evaluations of f, ``chunk_size`` at a time (``lax.map``), memory of
-    ``chunk_size`` parameter copies. ``microbatch_size``: the data-set objective by microbatches, as in
+    Cost: ``num_samples + 1`` evaluations of f, ``draws_per_pass`` at a time (``lax.map``), memory of
+    ``draws_per_pass`` parameter copies. ``microbatch_size``: the data-set objective by microbatches, as in
     ``epsilon_sharpness``.
     """
     plan = _check_objective(f, params, batch, microbatch_size, devices)
     params, batch, key = microbatch.place(plan, params, batch, key)
     check_sigma(sigma, "sigma")
     check_positive_int(num_samples, "num_samples")
-    check_positive_int(chunk_size, "chunk_size")
-    return _average_sharpness(f, params, batch, sigma, key, num_samples=num_samples, chunk_size=chunk_size,
+    check_positive_int(draws_per_pass, "draws_per_pass")
+    return _average_sharpness(f, params, batch, sigma, key, num_samples=num_samples, draws_per_pass=draws_per_pass,
                               plan=plan)
 
 
-@partial(jax.jit, static_argnames=("f", "num_samples", "chunk_size", "plan"))
-def _average_sharpness(f, params, batch, sigma, key, *, num_samples, chunk_size, plan):
+@partial(jax.jit, static_argnames=("f", "num_samples", "draws_per_pass", "plan"))
+def _average_sharpness(f, params, batch, sigma, key, *, num_samples, draws_per_pass, plan):
     f = microbatch.objective(f, plan)
     base = f(params, batch)
     keys = jax.random.split(key, num_samples)
 
     def one(k):
-        eps = _normal_like(k, params)
+        eps = optax.tree.random_like(k, params, jax.random.normal)
         return f(optax.tree.add_scale(params, sigma, eps), batch)
 
-    values = jax.lax.map(one, keys, batch_size=min(chunk_size, num_samples))
+    values = jax.lax.map(one, keys, batch_size=min(draws_per_pass, num_samples))
     return jnp.mean(values) - base
 
 
@@ -348,7 +341,7 @@ def volume_flatness(
     max_radius=1.0,
     num_grid: int = 8,
     iters: int = 20,
-    chunk_size: int = 16,
+    directions_per_pass: int = 16,
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ) -> VolumeFlatness:
@@ -369,7 +362,7 @@ def volume_flatness(
 
     Returns ``VolumeFlatness(radii [K], mean_radius, log_volume)``.
 
-    Cost: K * (num_grid + iters) + 1 evaluations of f, directions ``chunk_size`` at a time.
+    Cost: K * (num_grid + iters) + 1 evaluations of f, directions ``directions_per_pass`` at a time.
     ``microbatch_size``: the data-set objective by microbatches, as in ``epsilon_sharpness``.
     """
     plan = _check_objective(f, params, batch, microbatch_size, devices)
@@ -378,18 +371,18 @@ def volume_flatness(
     check_positive_int(num_directions, "num_directions")
     check_positive_int(num_grid, "num_grid")
     check_nonnegative_int(iters, "iters")
-    check_positive_int(chunk_size, "chunk_size")
+    check_positive_int(directions_per_pass, "directions_per_pass")
     check_sigma(max_radius, "max_radius")
     if is_concrete(max_radius) and not np.asarray(max_radius) > 0:
         raise ValueError(f"max_radius must be > 0, got {max_radius!r}")
     return _volume_flatness(
         f, params, batch, epsilon, key, max_radius,
-        num_directions=num_directions, num_grid=num_grid, iters=iters, chunk_size=chunk_size, plan=plan,
+        num_directions=num_directions, num_grid=num_grid, iters=iters, directions_per_pass=directions_per_pass, plan=plan,
     )
 
 
-@partial(jax.jit, static_argnames=("f", "num_directions", "num_grid", "iters", "chunk_size", "plan"))
-def _volume_flatness(f, params, batch, epsilon, key, max_radius, *, num_directions, num_grid, iters, chunk_size,
+@partial(jax.jit, static_argnames=("f", "num_directions", "num_grid", "iters", "directions_per_pass", "plan"))
+def _volume_flatness(f, params, batch, epsilon, key, max_radius, *, num_directions, num_grid, iters, directions_per_pass,
                      plan):
     f = microbatch.objective(f, plan)
     base = f(params, batch)
@@ -400,7 +393,7 @@ def _volume_flatness(f, params, batch, epsilon, key, max_radius, *, num_directio
         return f(optax.tree.add_scale(params, r, d), batch) - base - epsilon
 
     def radius(k):
-        n = _normal_like(k, params)
+        n = optax.tree.random_like(k, params, jax.random.normal)
         d = optax.tree.scale(1.0 / optax.tree.norm(n), n)
         above = jax.vmap(lambda r: excess(r, d))(grid) > 0
         crosses = jnp.any(above)
@@ -417,7 +410,7 @@ def _volume_flatness(f, params, batch, epsilon, key, max_radius, *, num_directio
         lo, _ = jax.lax.fori_loop(0, iters, bisect, (lo, hi))
         return jnp.where(crosses, lo, jnp.asarray(max_radius, hi.dtype))
 
-    radii = jax.lax.map(radius, keys, batch_size=min(chunk_size, num_directions))
+    radii = jax.lax.map(radius, keys, batch_size=min(directions_per_pass, num_directions))
     m = optax.tree.size(params)
     log_unit_ball = 0.5 * m * math.log(math.pi) - math.lgamma(0.5 * m + 1.0)
     log_r = jnp.log(jnp.maximum(radii, jnp.finfo(radii.dtype).tiny))

@@ -71,12 +71,12 @@ def test_slices_equal_python_loops():
     betas = jnp.linspace(-0.5, 0.5, 3)
     f = jax.jit(quartic)
 
-    got = landscape.slice_2d(quartic, params, batch, d1, d2, alphas, betas, chunk_size=4)  # 15 points, chunks of 4
+    got = landscape.slice_2d(quartic, params, batch, d1, d2, alphas, betas, points_per_pass=4)  # 15 points, chunks of 4
     expected = np.array([[f(at(a, b), batch) for b in betas] for a in alphas])
     assert got.shape == (5, 3)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
-    got_1d = landscape.slice_1d(quartic, params, batch, d1, alphas, chunk_size=2)
+    got_1d = landscape.slice_1d(quartic, params, batch, d1, alphas, points_per_pass=2)
     np.testing.assert_allclose(got_1d, [f(at(a, 0.0), batch) for a in alphas], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got_1d, got[:, 1], rtol=1e-5, atol=1e-6)  # beta = 0 column
 
@@ -189,8 +189,8 @@ def test_bad_input_raises_value_error_naming_the_argument():
         landscape.slice_2d(quartic, params, batch, d1, {"Dense_0": d2["Dense_0"]}, jnp.zeros(2), jnp.zeros(2))
     with pytest.raises(ValueError, match="alphas"):
         landscape.slice_1d(quartic, params, batch, d1, jnp.zeros((2, 2)))
-    with pytest.raises(ValueError, match="chunk_size"):
-        landscape.slice_1d(quartic, params, batch, d1, jnp.zeros(3), chunk_size=0)
+    with pytest.raises(ValueError, match="points_per_pass"):
+        landscape.slice_1d(quartic, params, batch, d1, jnp.zeros(3), points_per_pass=0)
     with pytest.raises(ValueError, match="params_b"):
         landscape.interpolate(params, {"a": jnp.zeros(1)}, 0.5)
     with pytest.raises(ValueError, match="bend"):

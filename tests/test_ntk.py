@@ -77,7 +77,7 @@ def test_trace_identities(kind, x64):
         by_leaf = ntk.ntk_trace(predict, params, x, by_layer=True, groups="leaf")
         assert len(by_leaf) == 3
         np.testing.assert_allclose(sum(by_leaf.values()), total, rtol=1e-10)
-        blocks = ntk.ntk_diagonal_blocks(predict, params, x, chunk_size=2)
+        blocks = ntk.ntk_diagonal_blocks(predict, params, x, examples_per_chunk=2)
         np.testing.assert_allclose(blocks, jnp.einsum("ikm,ilm->ikl", jac, jac), rtol=1e-10, atol=1e-12)
 
 
@@ -86,7 +86,7 @@ def test_empirical_ntk_full_against_dense(x64):
     params = _f64(params)
     x1, x2 = _f64(_x(N, 1)), _f64(_x(3, 2))
     j1, j2 = dense_jacobian(predict, params, x1), dense_jacobian(predict, params, x2)
-    full = ntk.empirical_ntk(predict, params, x1, x2, trace_outputs=False, chunk_size=2)
+    full = ntk.empirical_ntk(predict, params, x1, x2, trace_outputs=False, examples_per_chunk=2)
     np.testing.assert_allclose(full, jnp.einsum("ikm,jlm->ijkl", j1, j2), rtol=1e-10, atol=1e-12)
     traced = ntk.empirical_ntk(predict, params, x1, x2)
     np.testing.assert_allclose(traced, jnp.einsum("ikm,jkm->ij", j1, j2), rtol=1e-10, atol=1e-12)
@@ -102,8 +102,8 @@ def test_by_layer_group_callable_and_bad_groups():
     np.testing.assert_allclose(one["all"], ntk.ntk_trace(predict, params, x), rtol=1e-5)
     with pytest.raises(ValueError, match="groups"):
         ntk.ntk_trace(predict, params, x, by_layer=True, groups="module")
-    with pytest.raises(ValueError, match="chunk_size"):
-        ntk.empirical_ntk(predict, params, x, chunk_size=0)
+    with pytest.raises(ValueError, match="examples_per_chunk"):
+        ntk.empirical_ntk(predict, params, x, examples_per_chunk=0)
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
@@ -130,7 +130,7 @@ BAD_NTK_INPUTS = [
     (lambda p, x: ntk.ntk_trace(plain_predict, jax.tree_util.tree_map(jnp.int32, p), x), ValueError,
      "parameters must be floating point"),
     (lambda p, x: ntk.ntk_trace(plain_predict, p, x[:0]), ValueError, "x is empty"),
-    (lambda p, x: ntk.ntk_trace(plain_predict, p, x, chunk_size=0), ValueError, "chunk_size must be a positive"),
+    (lambda p, x: ntk.ntk_trace(plain_predict, p, x, examples_per_chunk=0), ValueError, "examples_per_chunk must be a positive"),
     (lambda p, x: ntk.ntk_trace(plain_predict, p, x, microbatch_size=-3), ValueError, "microbatch_size must be a"),
     (lambda p, x: ntk.ntk_trace(plain_predict, p, x, method="backpack"), ValueError, "method must be one of"),
     (lambda p, x: ntk.ntk_diagonal_blocks(plain_predict, p, x[:0]), ValueError, "x is empty"),

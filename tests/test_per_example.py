@@ -126,7 +126,7 @@ def test_fast_equals_generic_equals_dense(name, x64):
     jac = dense_jacobian(predict, params, x)
     expected = jnp.einsum("ikm,ilm->ikl", jac, jac)
     chunk = 4 if name in ("mlp_bias", "seq") else None  # 4 does not divide 6: the remainder path
-    fast = pe.gram_blocks(predict, params, x, chunk_size=chunk)
+    fast = pe.gram_blocks(predict, params, x, examples_per_chunk=chunk)
     generic = pe.gram_blocks(predict, params, x, method="generic")
     np.testing.assert_allclose(fast, expected, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(generic, expected, rtol=1e-10, atol=1e-10)
@@ -199,8 +199,8 @@ def test_bad_input():
         pe.gram_blocks(predict, params, x, by_group=True, groups="layers")
     with pytest.raises(ValueError, match="method"):
         pe.gram_blocks(predict, params, x, method="ghost")
-    with pytest.raises(ValueError, match="chunk_size"):
-        pe.gram_blocks(predict, params, x, chunk_size=0)
+    with pytest.raises(ValueError, match="examples_per_chunk"):
+        pe.gram_blocks(predict, params, x, examples_per_chunk=0)
     with pytest.raises(ValueError, match="cotangents"):
         pe.sq_grad_norms(predict, params, x, jnp.ones((N + 1, 3)))
 

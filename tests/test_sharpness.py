@@ -177,7 +177,7 @@ def test_epsilon_sharpness_dominates_average_sharpness(x64):
     sigma = rho / 3.0  # P(||sigma eps|| > rho) = exp(-4.5) ~ 1.1% in 2-D
     sup = sharpness.epsilon_sharpness(quadratic, w, batch, rho, key=jax.random.PRNGKey(0), steps=20, relative=False)
     avg = sharpness.average_sharpness(
-        quadratic, w, batch, sigma, jax.random.PRNGKey(2), num_samples=512, chunk_size=128
+        quadratic, w, batch, sigma, jax.random.PRNGKey(2), num_samples=512, draws_per_pass=128
     )
     np.testing.assert_allclose(sup, 0.5 * rho**2 * 4.0, rtol=1e-4)  # rho^2 lambda_max / 2
     np.testing.assert_allclose(avg, 0.5 * sigma**2 * 5.0, rtol=0.15)  # sigma^2 tr(A) / 2
@@ -295,7 +295,7 @@ BAD_INPUTS = [
      "parameters must be floating point"),
     (lambda w, b, k: sharpness.adaptive_sharpness(quadratic, w, (jnp.zeros((0, 2)), b[1]), 0.1), ValueError,
      "batch is empty"),
-    (lambda w, b, k: sharpness.volume_flatness(quadratic, w, b, 0.1, k, chunk_size=0), ValueError, "chunk_size"),
+    (lambda w, b, k: sharpness.volume_flatness(quadratic, w, b, 0.1, k, directions_per_pass=0), ValueError, "directions_per_pass"),
     (lambda w, b, k: sharpness.epsilon_sharpness(quadratic, w, b, 0.1, microbatch_size=0), ValueError,
      "microbatch_size must be a positive integer"),
     (lambda w, b, k: sharpness.epsilon_sharpness(quadratic, w, (b[0], b[1][:1]), 0.1, microbatch_size=1), ValueError,

@@ -74,7 +74,7 @@ def mc_batches(predict, params, batch, sigma, key, *, mode, num_batches, per_bat
     def one(k, p, b):
         return risk_lib.perturbed_risk(
             predict, squared_loss, p, b, sigma, k,
-            num_samples=per_batch, mode=mode, chunk_size=per_batch * num_groups,
+            num_samples=per_batch, mode=mode, draws_per_pass=per_batch * num_groups,
         )
 
     return np.array([float(one(k, params, batch)) for k in jax.random.split(key, num_batches)])

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lsgeo.microbatch import MEMORY_BUDGET_BYTES
 from lsgeo.validation import check_positive_int
 
-PROBE_BUDGET_BYTES = 2**28
+PROBE_BUDGET_BYTES = MEMORY_BUDGET_BYTES
 MAX_CHUNK = 16
 
 
@@ -70,16 +71,16 @@ def auto_vectors_per_pass(op, num_vectors: int, *, state_bytes_per_vector: int =
     return int(max(1, min(num_vectors, MAX_CHUNK, fits)))
 
 
-def chunked_map(fn, xs, chunk_size: int, *, batched: bool = False):
-    """``fn`` over the rows of ``xs`` (a pytree with a leading axis n), at most ``chunk_size`` rows per pass.
+def chunked_map(fn, xs, max_rows: int, *, batched: bool = False):
+    """``fn`` over the rows of ``xs`` (a pytree with a leading axis n), at most ``max_rows`` rows per pass.
 
-    The rows are cut into ``steps = ceil(n / chunk_size)`` equal passes of ``ceil(n / steps)`` rows (the
+    The rows are cut into ``steps = ceil(n / max_rows)`` equal passes of ``ceil(n / steps)`` rows (the
     last row repeated to fill the last pass, fewer than ``steps`` extra rows in all: 257 rows in passes of
     at most 256 run as 2 x 129, not 2 x 256), so that one ``vmap``-ed body is compiled, run by a
     ``lax.map``. ``fn`` maps one row (``batched=False``) or a ``[chunk, ...]`` block of rows
     (``batched=True``, e.g. ``CurvatureOperator.matmat``); padded rows are dropped."""
     n = jax.tree_util.tree_leaves(xs)[0].shape[0]
-    steps = -(-n // max(1, min(chunk_size, n)))
+    steps = -(-n // max(1, min(max_rows, n)))
     chunk = -(-n // steps)
     pad = steps * chunk - n
     if pad:

@@ -13,11 +13,11 @@ These are the quantities behind tr(D2L(Phi) DPhi DPhi^T) of Orvieto et al. (AIST
 NTK trace; see :mod:`lsgeo.risk` and :mod:`lsgeo.ntk`.
 
 Two methods. Both run one ``jax.vjp`` of the one-example predictor per example, pulled back along
-the r cotangents with ``vmap``, ``chunk_size`` examples at a time (``vmap`` inside a ``lax.map``).
+the r cotangents with ``vmap``, ``examples_per_chunk`` examples at a time (``vmap`` inside a ``lax.map``).
 
 ``method="generic"``: the backward pass forms the r per-example gradients J_i^T v_ic (r x m numbers)
 of every leaf, whose Gram is formed and discarded. Always correct. Cost: r backward passes per
-example; memory r x m x chunk_size.
+example; memory r x m x examples_per_chunk.
 
 ``method="fast"`` (default): the ghost-norm trick of Goodfellow (2015) / BackPACK (Dangel et al.
 2020), applied automatically by :mod:`lsgeo.per_example.ghost`. A dense kernel (a leaf used once in
@@ -29,7 +29,7 @@ per-example gradients formed directly, in the same backward pass. If the tracer 
 installed JAX or on the model, every leaf takes the generic route (a
 :class:`FastPathFallbackWarning` says so); the numbers are the same. Cost: about r backward passes
 of the one-example model per example (batched), plus O(r^2 d) per dense layer of width d; memory
-chunk_size x r x (sum of layer widths) plus the per-example gradients of the non-dense leaves.
+examples_per_chunk x r x (sum of layer widths) plus the per-example gradients of the non-dense leaves.
 :func:`fast_path_plan` reports which leaves take which route.
 
 Reference: F. Dangel, F. Kunstner, P. Hennig, "BackPACK: Packing more into backprop", ICLR 2020;
@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsgeo import groups as groups_lib
+from lsgeo.microbatch import MEMORY_BUDGET_BYTES
 from lsgeo.per_example import ghost
 from lsgeo.validation import check_choice, check_positive_int
 
@@ -53,8 +54,7 @@ __all__ = ["METHODS", "fast_path_plan", "gram_blocks", "per_example_grams", "sq_
 
 METHODS = ("fast", "generic")
 
-# floats per chunk that the automatic chunk size aims for (~256 MB in float32)
-_CHUNK_BUDGET = 2**26
+_CHUNK_BUDGET = MEMORY_BUDGET_BYTES // 4  # float32 numbers per chunk of the automatic chunk size
 
 
 def _example_count(x) -> int:
@@ -85,10 +85,10 @@ def _one_example_fn(predict, treedef, x_def):
     return single
 
 
-def _resolve_chunk(chunk_size, n, per_example_floats):
-    if chunk_size is None:
+def _resolve_chunk(examples_per_chunk, n, per_example_floats):
+    if examples_per_chunk is None:
         return int(max(1, min(n, _CHUNK_BUDGET // max(1, per_example_floats))))
-    return int(min(chunk_size, n))
+    return int(min(examples_per_chunk, n))
 
 
 def per_example_grams(
@@ -102,7 +102,7 @@ def per_example_grams(
     diag: bool = False,
     groups=None,
     method: str = "fast",
-    chunk_size: int | None = None,
+    examples_per_chunk: int | None = None,
 ):
     """The engine behind this module: per-example, per-group Grams of J_i^T V_i^T.
 
@@ -117,7 +117,7 @@ def per_example_grams(
       diag: return only the diagonal ||J_i^T v_ic||^2.
       groups: parameter groups (see :mod:`lsgeo.groups`).
       method: ``"fast"`` or ``"generic"`` (see the module docstring).
-      chunk_size: examples per chunk; ``None`` picks one for ~256 MB of float32 intermediates.
+      examples_per_chunk: examples per chunk; ``None`` picks one for ~256 MB of float32 intermediates.
 
     Returns:
       ``(grams, names, outputs)``: grams ``[n, M, r, r]`` (``[n, M, r]`` if ``diag``) for the M groups
@@ -134,16 +134,16 @@ def per_example_grams(
     [[1.0, 1.0], [3.0, 3.0]]
     """
     check_choice(method, "method", METHODS)
-    if chunk_size is not None:
-        check_positive_int(chunk_size, "chunk_size")
+    if examples_per_chunk is not None:
+        check_positive_int(examples_per_chunk, "examples_per_chunk")
     _example_count(x)
     _, names = groups_lib.group_ids(params, groups)
-    grams, phi = _grams_jit(predict, cotangent_fn, num_cotangents, diag, groups, method, chunk_size, params, x, aux)
+    grams, phi = _grams_jit(predict, cotangent_fn, num_cotangents, diag, groups, method, examples_per_chunk, params, x, aux)
     return grams, names, phi
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
-def _grams_jit(predict, cotangent_fn, num_cotangents, diag, groups, method, chunk_size, params, x, aux):
+def _grams_jit(predict, cotangent_fn, num_cotangents, diag, groups, method, examples_per_chunk, params, x, aux):
     """Compiled once per (predict, options, shapes); inlined when called under an outer ``jit``."""
     p_leaves, treedef = jax.tree_util.tree_flatten(params)
     x_leaves, x_def = jax.tree_util.tree_flatten(x)
@@ -156,7 +156,7 @@ def _grams_jit(predict, cotangent_fn, num_cotangents, diag, groups, method, chun
 
     def run(plan):
         floats = plan.floats_per_example(r) + r * sum(int(np.size(p_leaves[j])) for j in plan.direct) + r * k
-        chunk = _resolve_chunk(chunk_size, n, floats)
+        chunk = _resolve_chunk(examples_per_chunk, n, floats)
         return _map_examples(single, plan, p_leaves, x_leaves, aux, cotangent_fn, diag, gid, len(names), chunk)
 
     generic = ghost.generic_plan(len(p_leaves))
@@ -209,7 +209,7 @@ def _finish(grams, names, by_group):
     return jnp.sum(grams, axis=1)
 
 
-def gram_blocks(predict, params, x, *, by_group=False, groups=None, method="fast", chunk_size=None):
+def gram_blocks(predict, params, x, *, by_group=False, groups=None, method="fast", examples_per_chunk=None):
     """Per-example Jacobian Gram blocks G_i = J_i J_i^T, the diagonal blocks of the empirical NTK.
 
     Args:
@@ -219,12 +219,12 @@ def gram_blocks(predict, params, x, *, by_group=False, groups=None, method="fast
       by_group: if True return ``{group name: [n, k, k]}`` with G_i^(g) = J_{i,g} J_{i,g}^T (they sum to G_i).
       groups: ``None`` (top-level modules), ``"leaf"`` or a callable on the leaf path; see :mod:`lsgeo.groups`.
       method: ``"fast"`` (ghost norms for dense kernels, per-example gradients for the rest) or ``"generic"``.
-      chunk_size: examples per chunk (``None``: automatic, ~256 MB of intermediates).
+      examples_per_chunk: examples per chunk (``None``: automatic, ~256 MB of intermediates).
 
     Returns:
       ``[n, k, k]`` (or the dict). Cost: k backward passes of the one-example model per example
-      (batched ``chunk_size`` at a time). Memory: O(chunk_size k (width sum)) on the fast path,
-      O(chunk_size k m) for leaves on the generic path.
+      (batched ``examples_per_chunk`` at a time). Memory: O(examples_per_chunk k (width sum)) on the fast path,
+      O(examples_per_chunk k m) for leaves on the generic path.
 
     >>> import jax.numpy as jnp
     >>> predict = lambda p, x: x @ p["w"] + p["b"]
@@ -232,11 +232,11 @@ def gram_blocks(predict, params, x, *, by_group=False, groups=None, method="fast
     >>> gram_blocks(predict, params, jnp.ones((4, 3)))[0].tolist()  # (||x_i||^2 + 1) I
     [[4.0, 0.0], [0.0, 4.0]]
     """
-    grams, names, _ = per_example_grams(predict, params, x, groups=groups, method=method, chunk_size=chunk_size)
+    grams, names, _ = per_example_grams(predict, params, x, groups=groups, method=method, examples_per_chunk=examples_per_chunk)
     return _finish(grams, names, by_group)
 
 
-def sq_grad_norms(predict, params, x, cotangents, *, by_group=False, groups=None, method="fast", chunk_size=None):
+def sq_grad_norms(predict, params, x, cotangents, *, by_group=False, groups=None, method="fast", examples_per_chunk=None):
     """Per-example squared gradient norms ||J_i^T u_i||^2 for output cotangents u.
 
     For a mean loss L = 1/n sum_i l(phi_i, y_i) and u_i = dl/dphi_i this is the squared norm of the
@@ -246,7 +246,7 @@ def sq_grad_norms(predict, params, x, cotangents, *, by_group=False, groups=None
       predict, params, x: as in :func:`gram_blocks`.
       cotangents: ``[n, k]`` (one cotangent per example) or ``[n, k, r]`` (r per example); for scalar
         outputs ``[n]`` is accepted.
-      by_group, groups, method, chunk_size: as in :func:`gram_blocks`.
+      by_group, groups, method, examples_per_chunk: as in :func:`gram_blocks`.
 
     Returns:
       ``[n]`` (or ``[n, r]``), or a dict of those per group. Cost: r backward passes per example.
@@ -276,7 +276,7 @@ def sq_grad_norms(predict, params, x, cotangents, *, by_group=False, groups=None
         raise ValueError(f"cotangents must have k = {k} outputs per example, got shape {cot.shape}")
     grams, names, _ = per_example_grams(
         predict, params, x, cotangent_fn=_transposed, aux=cot, num_cotangents=r, diag=True,
-        groups=groups, method=method, chunk_size=chunk_size,
+        groups=groups, method=method, examples_per_chunk=examples_per_chunk,
     )
     if squeeze:
         grams = grams[..., 0]
