@@ -14,6 +14,16 @@ and how many HVPs Lanczos needs for the top of the Hessian spectrum.
    starts against a converged reference (a 150-step float64 Lanczos run, itself checked against a
    120-step run from another start) on a 64-128-128-10 tanh MLP (~26k parameters) with
    cross-entropy on 1024 examples from a 10-class Gaussian mixture.
+3. Operators (``lsgeo.curvature.Hessian`` / ``GaussNewton``): 8 products at once (``op @ U``, one
+   linearisation per microbatch, 8 tangents vmapped; target >= 1.5x) against 8 single products
+   (``op @ u`` eight times), on the MLP and the CNN; a 64-probe Hutchinson trace through batched
+   products (``vectors_per_pass=None``: the memory budget's choice) against one probe per pass.
+4. Per-block spectral densities of all top-level blocks of a ResNet-18 (width 16, 32 images;
+   ``curvature.blocks``) against one full-model density with the same SLQ settings (target <= 1.5x).
+   Skip with ``--no-resnet``.
+
+Timings are interleaved round by round (a change in the machine's load hits both sides of a ratio)
+and the median of the per-round ratios is printed.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lsgeo import curvature, losses
+from lsgeo import curvature, losses, models
 
 
 def median_time(fn, *args, repeats=7):
@@ -148,15 +158,94 @@ def bench_top_eigenvalues():
     return ref
 
 
+def interleaved(fns, repeats):
+    """Per-function median times and the medians of the per-round ratios to the first function: every
+    function is compiled, then each round calls each of them once."""
+    for fn in fns:
+        jax.block_until_ready(fn())
+    rounds = []
+    for _ in range(repeats):
+        times = []
+        for fn in fns:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - t0)
+        rounds.append(times)
+    medians = [statistics.median(r[i] for r in rounds) for i in range(len(fns))]
+    ratios = [statistics.median(r[i] / r[0] for r in rounds) for i in range(len(fns))]
+    return medians, ratios
+
+
+def bench_batched_products(name, op, repeats):
+    u = np.asarray(jax.random.normal(jax.random.key(0), (8, op.size), jnp.float32))
+    (t_batched, t_singles), (_, ratio) = interleaved(
+        [lambda: op @ u, lambda: [op @ row for row in u]], repeats
+    )
+    print(f"  {name:<40} 8 at once {1e3 * t_batched:8.1f} ms   8 single {1e3 * t_singles:8.1f} ms   "
+          f"speed-up {ratio:4.2f}x")
+    return ratio
+
+
+def bench_trace_batching(name, op, repeats):
+    key = jax.random.key(1)
+    auto = curvature.chunking.auto_vectors_per_pass(op, 64)
+    (t_auto, t_one), (_, ratio) = interleaved([
+        lambda: curvature.hessian_trace(op, key, num_probes=64),
+        lambda: curvature.hessian_trace(op, key, num_probes=64, vectors_per_pass=1),
+    ], repeats)
+    print(f"  {name:<40} 64 probes, {auto} per pass {t_auto:6.2f} s   one per pass {t_one:6.2f} s   "
+          f"speed-up {ratio:4.2f}x")
+    return ratio
+
+
+def bench_block_densities(repeats):
+    model = models.ResNet18(width=16)
+    params, state = models.init_model(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    predict = models.make_predict(model, state)
+    kx, ky = jax.random.split(jax.random.key(1))
+    batch = (jax.random.normal(kx, (32, 32, 32, 3), jnp.float32), jax.random.randint(ky, (32,), 0, 10))
+    op = curvature.Hessian(objective(predict), params, batch)
+    parts = curvature.blocks(op)
+    key, settings = jax.random.key(2), {"num_iters": 10, "num_runs": 1}
+    t0 = time.perf_counter()
+    jax.block_until_ready(curvature.spectral_density(op, key, **settings))
+    first_full = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready({g: curvature.spectral_density(b, key, **settings) for g, b in parts.items()})
+    first_blocks = time.perf_counter() - t0
+    (t_full, t_blocks), (_, ratio) = interleaved([
+        lambda: curvature.spectral_density(op, key, **settings),
+        lambda: {g: curvature.spectral_density(b, key, **settings) for g, b in parts.items()},
+    ], repeats)
+    print(f"\nPer-block densities, ResNet-18 width 16 (m={op.size}), {len(parts)} blocks, 32 images, SLQ "
+          f"10 steps x 1 run:\n  full model {t_full:6.2f} s (first call {first_full:.1f} s)   all blocks "
+          f"{t_blocks:6.2f} s (first call {first_blocks:.1f} s)   all blocks / full = {ratio:4.2f} (first calls "
+          f"{first_blocks / first_full:.2f})")
+    return ratio
+
+
 def main():
     t_start = time.perf_counter()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores visible")
     print("HVP / gradient time (jit, warm-up, median of repeats):")
     x, y = mixture(0, 2048, (784,))
-    bench_hvp("MLP 784-512-512-10 ReLU, n=2048", objective(mlp_apply), mlp_init(0, (784, 512, 512, 10)), (x, y), 7)
+    mlp_params = mlp_init(0, (784, 512, 512, 10))
+    bench_hvp("MLP 784-512-512-10 ReLU, n=2048", objective(mlp_apply), mlp_params, (x, y), 7)
     x_img, y_img = x[:512].reshape(512, 28, 28, 1), y[:512]
     bench_hvp("CNN conv8-conv16-dense, n=512", objective(cnn_apply), cnn_init(0), (x_img, y_img), 5)
     bench_top_eigenvalues()
+    print("\nOperators: 8 products at once vs 8 single products (interleaved rounds, median ratio):")
+    mlp = curvature.Hessian(objective(mlp_apply), mlp_params, (x, y))
+    cnn = curvature.Hessian(objective(cnn_apply), cnn_init(0), (x_img, y_img))
+    gn = curvature.GaussNewton(mlp_apply, losses.softmax_cross_entropy, mlp_params, (x, y))
+    bench_batched_products("Hessian, MLP, n=2048", mlp, 5)
+    bench_batched_products("Hessian, CNN, n=512", cnn, 5)
+    bench_batched_products("Gauss-Newton, MLP, n=2048", gn, 5)
+    print("64-probe Hutchinson trace, batched products vs one probe per pass:")
+    bench_trace_batching("Hessian, MLP, n=2048", mlp, 3)
+    bench_trace_batching("Hessian, CNN, n=512", cnn, 3)
+    if "--no-resnet" not in sys.argv:
+        bench_block_densities(3)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
 
