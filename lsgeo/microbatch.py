@@ -66,6 +66,10 @@ __all__ = [
     "single_example",
     "check_mean_over_examples",
     "MEMORY_BUDGET_BYTES",
+    "StreamPlan",
+    "is_source",
+    "stream_plan",
+    "data_plan",
 ]
 
 AXIS = "microbatches"
@@ -120,6 +124,21 @@ def _resolve_devices(devices) -> tuple:
     if len(set(devices)) != len(devices):
         raise ValueError(f"devices must not repeat a device, got {devices!r}")
     return devices
+
+
+def data_plan(batch, microbatch_size: int | None, *, devices: Sequence | None = None, name: str = "batch"):
+    """The plan of ``batch``, an in-memory batch (``make_plan``) or a data source (``stream_plan``: each of its
+    batches is a microbatch, so ``microbatch_size`` must be None, and it is read on one device)."""
+    if not is_source(batch):
+        return make_plan(batch, microbatch_size, devices=devices, name=name)
+    if microbatch_size is not None:
+        raise ValueError(
+            f"microbatch_size must be None when {name} is a data source: the source's batches are the microbatches "
+            f"(got microbatch_size={microbatch_size!r})"
+        )
+    if devices is not None and len(_resolve_devices(devices)) > 1:
+        raise ValueError(f"a data source is read on one device; got devices={devices!r}")
+    return stream_plan(batch, name=name)
 
 
 def make_plan(batch, microbatch_size: int | None, *, devices: Sequence | None = None, name: str = "batch"):
@@ -192,6 +211,8 @@ def layout(plan: MicrobatchPlan | None, batch):
     microbatches in place, no copy). Concrete arrays are placed with ``jax.device_put``; inside ``jit``
     the same layout is requested with a sharding constraint.
     """
+    if isinstance(plan, StreamPlan):
+        return None
     if plan is None or len(plan.devices) == 1 or isinstance(batch, Layout):
         return batch
     s, q, q_pad = plan.size, plan.num_full, _num_padded(plan)
@@ -221,11 +242,161 @@ def microbatch_struct(batch, plan: MicrobatchPlan | None):
     """``jax.ShapeDtypeStruct`` pytree of one full microbatch (of the whole batch when ``plan`` is None)."""
     if plan is None:
         return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), batch)
+    if isinstance(plan, StreamPlan):
+        structs = [jax.ShapeDtypeStruct((plan.size, *shape), dtype) for shape, dtype in plan.structs]
+        return jax.tree_util.tree_unflatten(plan.treedef, structs)
     if isinstance(batch, Layout):
         return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], jnp.result_type(a)), batch.full)
     return jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct((plan.size, *np.shape(a)[1:]), jnp.result_type(a)), batch
     )
+
+
+class StreamPlan(NamedTuple):
+    """A data source read batch by batch from the host (static, hashable; ``stream_plan`` makes it).
+
+    source:     the zero-argument callable that returns a fresh iterator of batches.
+    num_examples, size, num_full, remainder: as in ``MicrobatchPlan``, the source's batches being the
+                microbatches (every batch of ``size`` examples but the last, which may hold fewer).
+    treedef, structs: the structure of a batch and ``(shape[1:], dtype)`` of each leaf.
+    devices:    the one device the batches are fetched to.
+    """
+
+    source: Callable
+    num_examples: int
+    size: int
+    num_full: int
+    remainder: int
+    treedef: Any
+    structs: tuple
+    devices: tuple
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.num_full + (1 if self.remainder else 0)
+
+
+def is_source(batch) -> bool:
+    """Whether ``batch`` is a data source: a zero-argument callable returning an iterator of batches."""
+    return callable(batch) and not isinstance(batch, (jax.Array, np.ndarray, tuple, list, dict))
+
+
+def _leaves_of(batch, where: str):
+    leaves, treedef = jax.tree_util.tree_flatten(batch)
+    if not leaves or any(np.ndim(a) == 0 for a in leaves):
+        raise ValueError(f"{where} must be a pytree of arrays with a leading example axis, got {type(batch).__name__}")
+    sizes = {int(np.shape(a)[0]) for a in leaves}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"{where}: leaves must share a non-empty leading example axis, got sizes {sorted(sizes)}")
+    return leaves, treedef, sizes.pop()
+
+
+def stream_plan(source: Callable, *, name: str = "batch") -> StreamPlan:
+    """Reads the data source ``source`` once (host memory: one batch at a time) and returns its plan.
+
+    Every batch but the last must hold the same number of examples (the last may hold fewer) and every
+    batch the same structure, trailing shapes and dtypes: a ValueError names the batch that does not.
+    Later passes (one per product) must yield the same sequence; one that does not is an error when read.
+
+    Each product is then one pass over the source inside the compiled program: a ``lax.fori_loop`` whose
+    body fetches the next batch from the host (``jax.pure_callback``) and evaluates the per-batch product,
+    weighted exactly by its share of the examples, so every estimator runs unchanged (PyHessian's
+    dataloader mode, compiled). Device memory: one batch; host memory: what the source holds (a numpy
+    memmap cut into batches reads from disk). Prefer in-memory microbatches (``microbatch_size``) when the
+    data set fits in device memory: they need no host round trip per batch and shard over devices;
+    stream when it does not. Batches arrive through a host callback that XLA may run on another thread:
+    for float64, set ``jax.config.update("jax_enable_x64", True)`` globally (the thread-local
+    ``jax.enable_x64`` context does not reach that thread).
+
+    Example:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from lsgeo import microbatch
+      >>> x = np.arange(10.0)
+      >>> plan = microbatch.stream_plan(lambda: (x[i : i + 4] for i in range(0, 10, 4)))
+      >>> plan.num_examples, plan.size, plan.num_full, plan.remainder
+      (10, 4, 2, 2)
+      >>> float(microbatch.reduce(lambda ops, b: jnp.mean(b), (), None, plan))
+      4.5
+    """
+    leaves_seen, first, count, sizes = None, None, 0, []
+    for index, batch in enumerate(source()):
+        leaves, treedef, n = _leaves_of(batch, f"{name} source: batch {index}")
+        struct = tuple((tuple(np.shape(a)[1:]), np.dtype(jnp.result_type(a))) for a in leaves)
+        if first is None:
+            first = (treedef, struct)
+        elif (treedef, struct) != first:
+            raise ValueError(f"{name} source: batch {index} has structure/shapes {treedef}, {struct}; batch 0 had {first}")
+        if sizes and sizes[-1] != sizes[0]:
+            raise ValueError(
+                f"{name} source: batch {index - 1} holds {sizes[-1]} examples where the others hold {sizes[0]}: "
+                f"only the last batch may be smaller"
+            )
+        sizes.append(n)
+        count += n
+        leaves_seen = True
+    if not leaves_seen:
+        raise ValueError(f"{name} source yielded no batch")
+    size = sizes[0]
+    if len(sizes) > 1 and sizes[-1] > size:
+        raise ValueError(f"{name} source: the last batch holds {sizes[-1]} examples, more than the {size} of the others")
+    remainder = sizes[-1] if sizes[-1] != size else 0
+    return StreamPlan(source, count, size, len(sizes) - (1 if remainder else 0), remainder, first[0], first[1],
+                      (jax.devices()[0],))
+
+
+class _Reader:
+    """Host side of a stream: hands out batch ``j`` of the current pass, restarting the source when asked for
+    an earlier batch, and checks that each pass yields the batches of the plan."""
+
+    def __init__(self, plan: StreamPlan):
+        self.plan, self.iterator, self.position = plan, None, 0
+
+    def __call__(self, j):
+        plan, j = self.plan, int(j)
+        if self.iterator is None or j < self.position:
+            self.iterator, self.position = iter(plan.source()), 0
+        while self.position <= j:
+            batch = next(self.iterator, None)
+            if batch is None:
+                raise ValueError(
+                    f"the data source yielded {self.position} batches on this pass, where its first pass yielded "
+                    f"{plan.num_microbatches}: a source must yield the same batches on every pass"
+                )
+            self.position += 1
+        expected = plan.size if j < plan.num_full else plan.remainder
+        leaves, treedef, n = _leaves_of(batch, f"data source batch {j}")
+        if n != expected or treedef != plan.treedef:
+            raise ValueError(
+                f"the data source yielded a batch {j} of {n} examples where its first pass had {expected}: a source "
+                f"must yield the same batches on every pass (the data set's products would be wrongly weighted)"
+            )
+        if j == plan.num_microbatches - 1 and next(self.iterator, None) is not None:
+            raise ValueError(
+                f"the data source yielded more than the {plan.num_microbatches} batches of its first pass: a source "
+                f"must yield the same batches on every pass"
+            )
+        return tuple(np.asarray(a, dtype) for a, (_, dtype) in zip(leaves, plan.structs))
+
+
+def _stream_sum(fn, operands, plan: StreamPlan):
+    """``(sum of fn over the full batches, fn on the last batch or None)``: a ``lax.fori_loop`` whose body
+    fetches batch j from the host (``jax.pure_callback``) and evaluates ``fn`` on it."""
+    reader = _Reader(plan)
+
+    def fetch(j, n):
+        structs = tuple(jax.ShapeDtypeStruct((n, *shape), dtype) for shape, dtype in plan.structs)
+        leaves = jax.pure_callback(reader, structs, j, vmap_method="sequential")
+        return jax.tree_util.tree_unflatten(plan.treedef, list(leaves))
+
+    struct = jax.eval_shape(lambda o: fn(o, fetch(jnp.zeros((), jnp.int32), plan.size)), operands)
+    total = _zeros(struct)
+    if plan.num_full:
+        total = jax.lax.fori_loop(
+            0, plan.num_full, lambda j, acc: jax.tree_util.tree_map(jnp.add, acc, fn(operands, fetch(j, plan.size))),
+            total,
+        )
+    rest = fn(operands, fetch(jnp.asarray(plan.num_full, jnp.int32), plan.remainder)) if plan.remainder else None
+    return total, rest
 
 
 def reduce(fn: Callable, operands: PyTree, batch, plan: MicrobatchPlan | None, *, mean: bool = True) -> PyTree:
@@ -245,6 +416,13 @@ def reduce(fn: Callable, operands: PyTree, batch, plan: MicrobatchPlan | None, *
         return fn(operands, batch)
     n, s, q, r = plan.num_examples, plan.size, plan.num_full, plan.remainder
     full_weight = s / n if mean else 1.0
+    if isinstance(plan, StreamPlan):
+        total, rest = _stream_sum(fn, operands, plan)
+        total = jax.tree_util.tree_map(lambda t: t * jnp.asarray(full_weight, t.dtype), total)
+        if rest is not None:
+            rest_weight = r / n if mean else 1.0
+            total = jax.tree_util.tree_map(lambda t, o: t + o * jnp.asarray(rest_weight, o.dtype), total, rest)
+        return total
     if len(plan.devices) > 1:
         batch = layout(plan, batch)
         total = _sharded_sum(fn, operands, batch.full, plan)
@@ -358,7 +536,7 @@ def check_mean_over_examples(fn: Callable, params, batch, plan: MicrobatchPlan |
     evaluations; tolerance ``1000 eps`` relative to the values), once per (``fn``, plan). Nothing is
     checked without a plan, with fewer than two full microbatches, or under tracing.
     """
-    if plan is None or plan.num_full < 2 or not _checkable(params, batch):
+    if plan is None or isinstance(plan, StreamPlan) or plan.num_full < 2 or not _checkable(params, batch):
         return
     try:
         token = (fn, plan)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsgeo import losses as losses_lib
-from lsgeo import validation
+from lsgeo import microbatch, validation
 from lsgeo.curvature.gauss_newton import PredictorOperator, rowwise_dot
 
 __all__ = ["EmpiricalFisher", "MonteCarloFisher", "register_label_sampler", "label_sampler"]
@@ -48,7 +48,8 @@ class EmpiricalFisher(PredictorOperator):
 
     def __init__(self, predict, loss, params, batch, *, microbatch_size: int | None = None,
                  devices: Sequence | None = None):
-        self._build(predict, loss, params, batch, tuple(batch), microbatch_size, devices)
+        self._build(predict, loss, params, batch, batch if microbatch.is_source(batch) else tuple(batch),
+                    microbatch_size, devices)
 
     def _linear_map(self, params, mb):
         x, y = mb
@@ -135,6 +136,9 @@ class MonteCarloFisher(PredictorOperator):
                  microbatch_size: int | None = None, devices: Sequence | None = None):
         validation.check_key(key, "key")
         validation.check_positive_int(num_samples, "num_samples")
+        if microbatch.is_source(batch):
+            raise ValueError("MonteCarloFisher takes an in-memory batch (its draws are keyed by the example's index), "
+                             "not a data source")
         label_sampler(loss)
         x, _ = batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (None, None)
         n = validation.check_batch(x, "batch x", common_axis=True) if x is not None else 0

@@ -52,10 +52,13 @@ class PredictorOperator(CurvatureOperator):
     def _build(self, predict, loss, params, batch, data, microbatch_size, devices, **extra):
         check_objective(predict, params, "predict")
         validation.check_callable(loss, "loss")
-        check_pair(batch)
-        plan = microbatch.make_plan(batch, microbatch_size, devices=devices)
-        validation.check_loss_targets(predict, loss, params, batch)
-        microbatch.check_mean_over_examples(mean_risk(predict, loss), params, batch, plan, name="loss(predict(...))")
+        if not microbatch.is_source(batch):
+            check_pair(batch)
+        plan = microbatch.data_plan(batch, microbatch_size, devices=devices)
+        if not isinstance(plan, microbatch.StreamPlan):
+            validation.check_loss_targets(predict, loss, params, batch)
+            microbatch.check_mean_over_examples(mean_risk(predict, loss), params, batch, plan,
+                                                name="loss(predict(...))")
         (params,) = microbatch.place(plan, params)
         self._set(predict=predict, loss=loss, params=params, data=microbatch.layout(plan, data), plan=plan,
                   block=None, **extra)
@@ -117,7 +120,8 @@ class GaussNewton(PredictorOperator):
 
     def __init__(self, predict, loss, params, batch, *, microbatch_size: int | None = None,
                  devices: Sequence | None = None):
-        self._build(predict, loss, params, batch, tuple(batch), microbatch_size, devices)
+        self._build(predict, loss, params, batch, batch if microbatch.is_source(batch) else tuple(batch),
+                    microbatch_size, devices)
 
     def _linear_map(self, params, mb):
         x, y = mb

@@ -37,8 +37,11 @@ class Hessian(CurvatureOperator):
     Args:
       f: objective ``f(params, batch) -> scalar``.
       params: parameter pytree (floating point).
-      batch: data passed to ``f`` (with ``microbatch_size``, a pytree of arrays ``[n, ...]``).
-      microbatch_size: ``None`` (the batch at once) or the examples per microbatch.
+      batch: data passed to ``f`` (with ``microbatch_size``, a pytree of arrays ``[n, ...]``), or a data
+        source: a zero-argument callable returning a fresh iterator of batches (a generator function, a
+        numpy memmap cut into batches, a grain DataLoader), read one batch at a time on every product
+        (``lsgeo.microbatch.stream_plan``: device memory one batch, host memory what the source holds).
+      microbatch_size: ``None`` (the batch at once, or a source's own batches) or the examples per microbatch.
       devices: devices the microbatches are sharded over.
 
     Cost: one product is about 2-3 gradient evaluations per microbatch. Memory: one microbatch's
@@ -62,7 +65,7 @@ class Hessian(CurvatureOperator):
 
     def __init__(self, f, params, batch, *, microbatch_size: int | None = None, devices: Sequence | None = None):
         check_objective(f, params)
-        plan = microbatch.make_plan(batch, microbatch_size, devices=devices)
+        plan = microbatch.data_plan(batch, microbatch_size, devices=devices)
         microbatch.check_mean_over_examples(f, params, batch, plan, name="f")
         (params,) = microbatch.place(plan, params)
         self._set(f=f, params=params, data=microbatch.layout(plan, batch), plan=plan, block=None)
