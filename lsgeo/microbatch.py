@@ -70,6 +70,8 @@ __all__ = [
     "is_source",
     "stream_plan",
     "data_plan",
+    "ShardedPlan",
+    "sharded_examples",
 ]
 
 AXIS = "microbatches"
@@ -126,10 +128,69 @@ def _resolve_devices(devices) -> tuple:
     return devices
 
 
+class ShardedPlan(NamedTuple):
+    """A batch given as ``jax.Array``s sharded along the example axis (over the devices of one process or of
+    several, as ``jax.make_array_from_process_local_data`` builds it), used where it lies: each device cuts
+    its own ``local_examples`` into microbatches of ``size`` (``num_full`` of them and a ``remainder``), and one
+    ``psum`` over ``axis`` of ``mesh`` combines the devices. Nothing is gathered or replicated."""
+
+    num_examples: int
+    size: int
+    local_examples: int
+    num_full: int
+    remainder: int
+    mesh: Mesh
+    axis: Any
+    devices: tuple
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.num_full + (1 if self.remainder else 0)
+
+
+def sharded_examples(batch):
+    """``(mesh, axis)`` when every leaf of ``batch`` is a ``jax.Array`` with one ``NamedSharding`` that splits
+    its leading (example) axis over a mesh axis and nothing else (and the batch spans several devices);
+    None otherwise."""
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves or not all(isinstance(a, jax.Array) and is_concrete(a) for a in leaves):
+        return None
+    shardings = {a.sharding for a in leaves}
+    if len(shardings) != 1:
+        return None
+    sharding = shardings.pop()
+    if not isinstance(sharding, NamedSharding) or len(sharding.device_set) < 2:
+        return None
+    spec = tuple(sharding.spec) + (None,) * (max(a.ndim for a in leaves) - len(sharding.spec))
+    if not spec or spec[0] is None or any(p is not None for p in spec[1:]):
+        return None
+    return sharding.mesh, spec[0]
+
+
+def _sharded_plan(batch, microbatch_size, mesh, axis, name):
+    n = check_batch(batch, name, common_axis=True)
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    parts = int(np.prod([mesh.shape[a] for a in axes]))
+    if n % parts:
+        raise ValueError(f"{name}: {n} examples do not split evenly over the {parts} shards of its example axis")
+    local = n // parts
+    size = local if microbatch_size is None else min(int(microbatch_size), local)
+    num_full, remainder = divmod(local, size)
+    return ShardedPlan(n, size, local, num_full, remainder, mesh, axis, tuple(mesh.devices.flat))
+
+
 def data_plan(batch, microbatch_size: int | None, *, devices: Sequence | None = None, name: str = "batch"):
     """The plan of ``batch``, an in-memory batch (``make_plan``) or a data source (``stream_plan``: each of its
     batches is a microbatch, so ``microbatch_size`` must be None, and it is read on one device)."""
     if not is_source(batch):
+        if microbatch_size is not None:
+            check_positive_int(microbatch_size, "microbatch_size")
+        where = sharded_examples(batch)
+        if where is not None:
+            if devices is not None:
+                raise ValueError(f"devices must be None when {name} is sharded along its example axis: it is used "
+                                 f"where it lies (on {len(where[0].devices.flat)} devices)")
+            return _sharded_plan(batch, microbatch_size, *where, name)
         return make_plan(batch, microbatch_size, devices=devices, name=name)
     if microbatch_size is not None:
         raise ValueError(
@@ -177,19 +238,28 @@ def make_plan(batch, microbatch_size: int | None, *, devices: Sequence | None = 
 
 
 def place(plan: MicrobatchPlan | None, *trees):
-    """``trees`` with every concrete ``jax.Array`` that is not on exactly the plan's devices replicated over
-    them (``jax.device_put`` with a replicated ``NamedSharding``); unchanged with one device. A computation
-    sharded over several devices cannot take an argument committed to one device (``jax.device_put(x, d)``):
-    the public functions call this first. Tracers (a call inside the caller's own ``jit``) pass unchanged."""
+    """``trees`` with every concrete array that is not on exactly the plan's devices replicated over them; unchanged
+    with one device. A computation over several devices cannot take an argument committed to one device
+    (``jax.device_put(x, d)``): the public functions call this first. Over several processes
+    (``jax.distributed``) the replicated array is assembled from each process's own copy of the value
+    (``jax.make_array_from_callback``: every process must pass the same value, as for any replicated input).
+    Tracers (a call inside the caller's own ``jit``) pass unchanged."""
     if plan is None or len(plan.devices) == 1:
         return trees
     devices = set(plan.devices)
     sharding = NamedSharding(_mesh(plan), PartitionSpec())
 
     def put(a):
-        if isinstance(a, jax.Array) and is_concrete(a) and a.sharding.device_set != devices:
+        if not isinstance(a, (jax.Array, np.ndarray)) or not is_concrete(a):
+            return a
+        if isinstance(a, jax.Array) and a.sharding.device_set == devices:
+            return a
+        if sharding.is_fully_addressable:
             return jax.device_put(a, sharding)
-        return a
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(a)), impl=jax.random.key_impl(a))
+        value = np.asarray(a)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
     return tuple(jax.tree_util.tree_map(put, t) for t in trees)
 
@@ -213,7 +283,7 @@ def layout(plan: MicrobatchPlan | None, batch):
     """
     if isinstance(plan, StreamPlan):
         return None
-    if plan is None or len(plan.devices) == 1 or isinstance(batch, Layout):
+    if plan is None or isinstance(plan, ShardedPlan) or len(plan.devices) == 1 or isinstance(batch, Layout):
         return batch
     s, q, q_pad = plan.size, plan.num_full, _num_padded(plan)
     mesh = _mesh(plan)
@@ -416,6 +486,8 @@ def reduce(fn: Callable, operands: PyTree, batch, plan: MicrobatchPlan | None, *
         return fn(operands, batch)
     n, s, q, r = plan.num_examples, plan.size, plan.num_full, plan.remainder
     full_weight = s / n if mean else 1.0
+    if isinstance(plan, ShardedPlan):
+        return _global_sum(fn, operands, batch, plan, mean)
     if isinstance(plan, StreamPlan):
         total, rest = _stream_sum(fn, operands, plan)
         total = jax.tree_util.tree_map(lambda t: t * jnp.asarray(full_weight, t.dtype), total)
@@ -483,6 +555,32 @@ def _sharded_sum(fn, operands, full, plan):
     return sharded(operands, full, weights)
 
 
+def _global_sum(fn, operands, batch, plan: ShardedPlan, mean: bool):
+    """A batch sharded along its examples: on each device a ``lax.scan`` over its own microbatches (and its
+    uneven last one), weighted by their share of all ``n`` examples, then one ``psum`` over the example axis."""
+    n, s, q, r = plan.num_examples, plan.size, plan.num_full, plan.remainder
+
+    def local(operands, shard):
+        total = None
+        if q:
+            def body(acc, j):
+                mb = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, j * s, s, axis=0), shard)
+                return jax.tree_util.tree_map(jnp.add, acc, fn(operands, mb)), None
+
+            mb_struct = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((s, *a.shape[1:]), a.dtype), shard)
+            total, _ = jax.lax.scan(body, _zeros(jax.eval_shape(fn, operands, mb_struct)), jnp.arange(q))
+            total = jax.tree_util.tree_map(lambda t: t * jnp.asarray(s / n if mean else 1.0, t.dtype), total)
+        if r:
+            rest = fn(operands, jax.tree_util.tree_map(lambda a: a[q * s :], shard))
+            rest = jax.tree_util.tree_map(lambda o: o * jnp.asarray(r / n if mean else 1.0, o.dtype), rest)
+            total = rest if total is None else jax.tree_util.tree_map(jnp.add, total, rest)
+        return jax.lax.psum(total, plan.axis)
+
+    spec = PartitionSpec(plan.axis)
+    return jax.shard_map(local, mesh=plan.mesh, in_specs=(PartitionSpec(), spec), out_specs=PartitionSpec(),
+                         check_vma=False)(operands, batch)
+
+
 def objective(f: Callable, plan: MicrobatchPlan | None) -> Callable:
     """``F(params, batch) = sum_j (n_j / n) f(params, B_j)``, the data-set objective, with a
     memory-bounded gradient (``f`` itself when ``plan`` is None).
@@ -536,7 +634,7 @@ def check_mean_over_examples(fn: Callable, params, batch, plan: MicrobatchPlan |
     evaluations; tolerance ``1000 eps`` relative to the values), once per (``fn``, plan). Nothing is
     checked without a plan, with fewer than two full microbatches, or under tracing.
     """
-    if plan is None or isinstance(plan, StreamPlan) or plan.num_full < 2 or not _checkable(params, batch):
+    if not isinstance(plan, MicrobatchPlan) or plan.num_full < 2 or not _checkable(params, batch):
         return
     try:
         token = (fn, plan)

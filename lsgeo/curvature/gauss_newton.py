@@ -55,7 +55,7 @@ class PredictorOperator(CurvatureOperator):
         if not microbatch.is_source(batch):
             check_pair(batch)
         plan = microbatch.data_plan(batch, microbatch_size, devices=devices)
-        if not isinstance(plan, microbatch.StreamPlan):
+        if plan is None or isinstance(plan, microbatch.MicrobatchPlan):  # in memory, on this process
             validation.check_loss_targets(predict, loss, params, batch)
             microbatch.check_mean_over_examples(mean_risk(predict, loss), params, batch, plan,
                                                 name="loss(predict(...))")
