@@ -621,7 +621,8 @@ def single_example(predict: Callable) -> Callable:
     return one
 
 
-_CHECKED: set = set()
+_CHECKED: dict = {}  # (fn, plan) pairs already checked, oldest first (at most _MAX_CHECKED kept)
+_MAX_CHECKED = 128
 
 
 def check_mean_over_examples(fn: Callable, params, batch, plan: MicrobatchPlan | None, *, name: str = "f") -> None:
@@ -663,7 +664,9 @@ def check_mean_over_examples(fn: Callable, params, batch, plan: MicrobatchPlan |
                 f"microbatch_size=None to use the batch whole"
             )
     if token is not None:
-        _CHECKED.add(token)
+        _CHECKED[token] = None
+        if len(_CHECKED) > _MAX_CHECKED:
+            del _CHECKED[next(iter(_CHECKED))]
 
 
 def _checkable(params, batch) -> bool:
