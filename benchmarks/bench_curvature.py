@@ -18,8 +18,10 @@ and how many HVPs Lanczos needs for the top of the Hessian spectrum.
    linearisation per microbatch, 8 tangents vmapped; target >= 1.5x) against 8 single products
    (``op @ u`` eight times), on the MLP and the CNN; a 64-probe Hutchinson trace through batched
    products (``vectors_per_pass=None``: the memory budget's choice) against one probe per pass.
-4. Per-block spectral densities of all top-level blocks of a ResNet-18 (width 16, 32 images;
-   ``curvature.blocks``) against one full-model density with the same SLQ settings (target <= 1.5x).
+4. Per-block spectral densities of all top-level blocks of a ResNet-18 (width 16, 32 images), each
+   block on its own (``curvature.blocks``: restricted products, one program per block) and all blocks
+   in one program (``curvature.block_slq_nodes``), against one full-model density with the same SLQ
+   settings (target <= 1.5x).
    Skip with ``--no-resnet``.
 
 Timings are interleaved round by round (a change in the machine's load hits both sides of a ratio)
@@ -213,14 +215,20 @@ def bench_block_densities(repeats):
     t0 = time.perf_counter()
     jax.block_until_ready({g: curvature.spectral_density(b, key, **settings) for g, b in parts.items()})
     first_blocks = time.perf_counter() - t0
-    (t_full, t_blocks), (_, ratio) = interleaved([
+    t0 = time.perf_counter()
+    jax.block_until_ready(curvature.block_slq_nodes(op, key, **settings))
+    first_together = time.perf_counter() - t0
+    (t_full, t_blocks, t_together), (_, ratio, ratio_together) = interleaved([
         lambda: curvature.spectral_density(op, key, **settings),
         lambda: {g: curvature.spectral_density(b, key, **settings) for g, b in parts.items()},
+        lambda: curvature.block_slq_nodes(op, key, **settings),
     ], repeats)
     print(f"\nPer-block densities, ResNet-18 width 16 (m={op.size}), {len(parts)} blocks, 32 images, SLQ "
-          f"10 steps x 1 run:\n  full model {t_full:6.2f} s (first call {first_full:.1f} s)   all blocks "
-          f"{t_blocks:6.2f} s (first call {first_blocks:.1f} s)   all blocks / full = {ratio:4.2f} (first calls "
-          f"{first_blocks / first_full:.2f})")
+          f"10 steps x 1 run:\n  full model {t_full:6.2f} s (first call {first_full:.1f} s)\n  every block "
+          f"on its own (blocks(op), restricted products) {t_blocks:6.2f} s (first calls {first_blocks:.1f} s): "
+          f"/ full = {ratio:4.2f} (first calls {first_blocks / first_full:.2f})\n  all blocks in one program "
+          f"(block_slq_nodes, masked products vmapped) {t_together:6.2f} s (first call {first_together:.1f} s): "
+          f"/ full = {ratio_together:4.2f} (first calls {first_together / first_full:.2f})")
     return ratio
 
 

@@ -232,6 +232,30 @@ def test_blocks_are_the_diagonal_blocks_of_the_dense_matrix(x64):
         curvature.blocks(parts["conv"])
 
 
+def test_block_slq_nodes_equal_lanczos_on_each_dense_block(x64):
+    """All blocks in one program (masked products, vmapped over the blocks) = SLQ of each dense block from
+    the same probes restricted to the block."""
+    predict, loss, params, batch = _problem("cnn", "cross_entropy")
+    op = curvature.Hessian(_objective(predict, loss), params, batch)
+    dense = _dense_reference("hessian", predict, loss, params, batch)
+    key, runs, steps = jax.random.key(4), 2, 9
+    got = curvature.block_slq_nodes(op, key, num_iters=steps, num_runs=runs)
+    probes = np.asarray(jax.random.rademacher(key, (runs, op.size), dtype=jnp.float64))
+    start = 0
+    for name in ("conv", "dense"):
+        size = flat(params[name]).size
+        block = dense[start : start + size, start : start + size]
+        for r in range(runs):
+            alphas, betas = curvature.lanczos(lambda u: block @ u, probes[r, start : start + size], steps)
+            theta, u = curvature.tridiagonal_eigh(alphas, betas)
+            np.testing.assert_allclose(got[name][0][r], theta, rtol=1e-8, atol=1e-10)
+            np.testing.assert_allclose(got[name][1][r], np.square(u[0]) / runs, rtol=1e-6, atol=1e-10)
+        start += size
+    assert list(curvature.block_slq_nodes(op, key, num_iters=3, num_runs=1, skip=("conv",))) == ["dense"]
+    with pytest.raises(ValueError, match="num_iters must be <= the smallest compared block"):
+        curvature.block_slq_nodes(op, key, num_iters=21)
+
+
 def test_solve_equals_a_dense_solve_and_reports_failure(x64):
     op, dense = _psd_problem()["gauss_newton"]
     b = random_tree(1, op.params)

@@ -33,7 +33,8 @@ Modules (all names are re-exported here, ``from lsgeo import curvature; curvatur
   trace             ``hessian_trace`` (Hutchinson, Hutch++, XTrace), ``hessian_diagonal`` (Hutchinson, XDiag)
   krylov            ``lanczos``, ``tridiagonal_eigh``, ``ritz_pairs`` (early-stopping Lanczos)
   eigen             ``top_eigenvalues``, ``eigenpairs``, ``min_eigenvalue``
-  density           ``slq_nodes``, ``spectral_density``, ``saddle_index``
+  density           ``slq_nodes``, ``block_slq_nodes`` (all blocks, one program), ``spectral_density``,
+                    ``saddle_index``
   solve             ``solve`` (CG), ``low_rank_inverse``
   chunking          vectors per pass (the one memory budget), the balanced ``lax.map``
 
@@ -86,6 +87,7 @@ from lsgeo.curvature.dense import hessian
 from lsgeo.curvature.density import (
     DEFAULT_SADDLE_RTOL,
     SADDLE_METHODS,
+    block_slq_nodes,
     default_saddle_rtol,
     saddle_index,
     slq_nodes,
@@ -128,6 +130,7 @@ __all__ = [
     "min_eigenvalue",
     "spectral_density",
     "slq_nodes",
+    "block_slq_nodes",
     "saddle_index",
     "default_saddle_rtol",
     "TRACE_METHODS",
