@@ -167,7 +167,9 @@ def _densities(cfg: Config, op, key) -> tuple[dict[str, np.ndarray], np.ndarray,
 
 def js_distance(p: np.ndarray, q: np.ndarray, grid: np.ndarray) -> float:
     """Jensen-Shannon distance (base 2, in [0, 1]) between two densities on the uniform ``grid``
-    (``scipy.spatial.distance.jensenshannon`` of their masses per grid cell)."""
+    (``scipy.spatial.distance.jensenshannon`` of their masses per grid cell; values below 1e-200 of a
+    density's peak, whose halves underflow, count as 0)."""
+    p, q = (np.where(a > 1e-200 * a.max(), a, 0.0) for a in (np.asarray(p), np.asarray(q)))
     return float(scipy.spatial.distance.jensenshannon(p, q, base=2))
 
 
@@ -223,26 +225,32 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    fig, (ax, ax_top) = runner.plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax, ax_top) = runner.plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
+    ticks, labels, start = [], [], 0
     for i, m in enumerate(MODELS):
         for j, s in enumerate(STAGES):
             values = common.per_seed(rows, "js_mean", list(cfg.seeds), model=m, stage=s)
             x = i * 3 + j
-            ax.bar(x, np.mean(values), color=f"C{i}", alpha=0.5 if s == "init" else 1.0, label=f"{m}, {s}")
+            ax.bar(x, np.mean(values), color=f"C{i}", alpha=0.45 if s == "init" else 1.0)
             ax.scatter(np.full(len(values), x), values, color="k", s=10, zorder=3)
-    ax.set_xticks([0, 1, 3, 4], [f"{m}\n{s}" for m in MODELS for s in STAGES])
-    ax.set(ylabel="mean pairwise JS distance\nbetween block spectra", title="block heterogeneity (dots: seeds)")
-    for i, m in enumerate(MODELS):  # the largest eigenvalue of each block after training, every seed
-        trained = common.select(rows, model=m, stage="trained")
+            ticks.append(x)
+            labels.append(f"{m}\n{s}")
+        trained = common.select(rows, model=m, stage="trained")  # each block's largest eigenvalue, every seed
         names = sorted({k[4:] for r in trained for k in r if k.startswith("top/") and np.isfinite(r[k])})
         for j, name in enumerate(names):
             tops = [abs(r[f"top/{name}"]) for r in trained if f"top/{name}" in r]
-            ax_top.scatter(np.full(len(tops), i * (len(names) + 2) + j), tops, color=f"C{i}", s=14)
-            ax_top.annotate(name, (i * (len(names) + 2) + j, max(tops)), rotation=60, fontsize=7,
-                            xytext=(0, 4), textcoords="offset points")
-    ax_top.set_yscale("log")
+            ax_top.scatter(np.full(len(tops), start + j), tops, color=f"C{i}", s=14, label=m if j == 0 else None)
+        for j, name in enumerate(names):
+            ax_top.annotate(name, (start + j, 0), xycoords=("data", "axes fraction"), rotation=45,
+                            ha="right", va="top", fontsize=8, xytext=(0, -3), textcoords="offset points")
+        start += len(names) + 1
+    ax.set_xticks(ticks, labels, fontsize=8)
     ax_top.set_xticks([])
-    ax_top.set(ylabel="largest Ritz value of the block", title="per-block top eigenvalue, trained (C0 transformer, C1 MLP)")
+    ax.set(ylabel="mean pairwise JS distance\nbetween block spectra", title="block heterogeneity (dots: seeds)")
+    ax_top.set_yscale("log")
+    ax_top.set_xlim(-1, start - 1)
+    ax_top.legend(fontsize=8)
+    ax_top.set(ylabel="largest Ritz value of the block", title="per-block top Hessian eigenvalue after training")
     fig.tight_layout()
     return {"block_heterogeneity.png": fig}
 
