@@ -46,11 +46,6 @@ class EmpiricalFisher(PredictorOperator):
       [[8.0]]
     """
 
-    def __init__(self, predict, loss, params, batch, *, microbatch_size: int | None = None,
-                 devices: Sequence | None = None):
-        self._build(predict, loss, params, batch, batch if microbatch.is_source(batch) else tuple(batch),
-                    microbatch_size, devices)
-
     def _linear_map(self, params, mb):
         x, y = mb
         outputs, jvp, vjp = self._linearize(params, x)

@@ -49,6 +49,11 @@ class PredictorOperator(CurvatureOperator):
 
     _meta_fields = ("predict", "loss", "plan", "block")
 
+    def __init__(self, predict, loss, params, batch, *, microbatch_size: int | None = None,
+                 devices: Sequence | None = None):
+        self._build(predict, loss, params, batch, batch if microbatch.is_source(batch) else tuple(batch),
+                    microbatch_size, devices)
+
     def _build(self, predict, loss, params, batch, data, microbatch_size, devices, **extra):
         check_objective(predict, params, "predict")
         validation.check_callable(loss, "loss")
@@ -117,11 +122,6 @@ class GaussNewton(PredictorOperator):
       >>> op.to_dense().tolist()
       [[1.0, 1.0], [1.0, 2.0]]
     """
-
-    def __init__(self, predict, loss, params, batch, *, microbatch_size: int | None = None,
-                 devices: Sequence | None = None):
-        self._build(predict, loss, params, batch, batch if microbatch.is_source(batch) else tuple(batch),
-                    microbatch_size, devices)
 
     def _linear_map(self, params, mb):
         x, y = mb
