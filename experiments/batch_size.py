@@ -16,10 +16,11 @@ Keskar's epsilon-sharpness [max_{||delta||_2 <= rho} R(w + delta) - R(w)] / (1 +
 (``lsgeo.sharpness.epsilon_sharpness``, projected gradient ascent from a random start); the test
 accuracy on the held-out set (497 digits). A seed fixes the initialisation of both batch sizes.
 
-Verdict (paired over seeds, ``common.paired_gain``): three parts, large-batch lambda_max above
-small-batch's beyond 2 s.e., the same for epsilon-sharpness, and small-batch test accuracy above
-large-batch's beyond 2 s.e. plus one test example (so that no single test image decides it).
-Supported when all three hold, false when one is contradicted beyond noise, null otherwise, and null
+Verdict (paired over seeds, ``common.paired_gain``, 95% Student-t): three parts, large-batch lambda_max
+above small-batch's beyond t s.e., the same for epsilon-sharpness, and small-batch test accuracy above
+large-batch's beyond t s.e. plus one test example (so that no single test image decides it).
+Supported when all three hold, false when one is contradicted beyond noise after Holm's correction for
+the three (``common.combine``), null otherwise, and null
 when a run did not reach the target loss (the comparison is then not at equal loss).
 """
 
@@ -76,6 +77,12 @@ PRESETS = {
         trace_probes=150,
     )
 }
+
+
+def validate(cfg: Config) -> None:
+    """Checks beyond the runner's field conventions (``runner.check_config``), before a run folder exists."""
+    if cfg.large_batch is not None and cfg.large_batch <= cfg.small_batch:
+        raise ValueError(f"--large-batch {cfg.large_batch} must exceed --small-batch {cfg.small_batch}")
 
 
 def cells(cfg: Config) -> list[dict]:
@@ -180,7 +187,7 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
         )
         for k, g in gains.items()
     )
-    supported = common.combine({k: g.supported for k, g in gains.items()})
+    supported = common.combine(gains)
     if not all(r["reached"] for r in common.select(rows, kind="final")):
         supported, reason = (
             None,

@@ -281,18 +281,42 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     table = _by_gamma(cfg, rows)
     gammas = np.array([t["gamma"] for t in table])
     fine = np.concatenate([np.geomspace(min(gammas), 0.97, 100), np.geomspace(1.03, max(gammas), 100)])
-    fig, axes = runner.plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = runner.plt.subplots(1, 3, figsize=(17, 4.5))
     variance = asymptotic_variance(fine, cfg.noise)
     test_error = cfg.noise**2 + asymptotic_bias(fine, cfg.signal) + variance
+    runs = len(cfg.seeds) * cfg.trials
     for ax, key, formula in ((axes[0], "test_error", test_error), (axes[1], "variance", variance)):
+        stats = np.array([common.mean_se([r[key] for r in common.select(rows, part="risk", gamma=g)]) for g in gammas])
+        away = np.abs(gammas - 1.0) >= 0.05  # the axis is scaled to these; closer to 1 the values explode
+        top = 3.0 * np.max(stats[away, 0] + stats[away, 1])
+        bottom = 0.5 * np.min(np.concatenate([stats[away, 0] - stats[away, 1], formula[formula > 0]]))
         ax.plot(fine[fine < 1], formula[fine < 1], "k-", lw=1, label="asymptotic formula")
         ax.plot(fine[fine > 1], formula[fine > 1], "k-", lw=1)
-        ax.plot(gammas, [t[key] for t in table], "o", color="C0", label=f"measured (n={cfg.n})")
+        inside = stats[:, 0] <= top
+        ax.errorbar(gammas[inside], stats[inside, 0], yerr=stats[inside, 1], fmt="o", capsize=3, color="C0",
+                    label=f"measured, mean ± s.e. of {runs} problems (n={cfg.n})")  # fmt: skip
+        for g, (v, _) in zip(gammas[~inside], stats[~inside]):  # off the axis: an arrow at the top, with the value
+            ax.annotate(f"gamma={g:g}: {v:.3g}", (g, top), xytext=(g * 1.7, top / 2.5), fontsize=8, color="C0",
+                        arrowprops=dict(arrowstyle="->", color="C0"))  # fmt: skip
         ax.axvline(1.0, color="gray", ls=":")
-        ax.set(xscale="log", yscale="log", xlabel="gamma = p / n", ylabel=key.replace("_", " "))
-        ax.legend()
+        ax.set(xscale="log", yscale="log", xlabel="gamma = p / n", ylabel=key.replace("_", " "), ylim=(bottom, top))
+        ax.legend(fontsize=8, loc="upper left")
     axes[0].set_title("min-norm least squares: double descent")
     axes[1].set_title("variance ||X^+ eps||^2")
+    gd = common.select(rows, part="gd")
+    g_gd = sorted({r["gamma"] for r in gd})
+    for key, label, marker in (("gd_from_zero_rel_dist", "GD from zero", "o"),
+                               ("gd_from_random_rel_dist", "GD from a random start", "s")):  # fmt: skip
+        axes[2].plot(g_gd, [max(r[key] for r in common.select(gd, gamma=g)) for g in g_gd], marker, ls="-",
+                     label=f"{label} (max over seeds)")  # fmt: skip
+    axes[2].axhline(cfg.gd_rtol, color="gray", ls=":", label=f"tolerance {cfg.gd_rtol:g}")
+    axes[2].axvline(1.0, color="gray", ls=":")
+    axes[2].set(xscale="log", yscale="log", xlabel="gamma = p / n", ylabel="||b_GD - X^+ y|| / ||X^+ y||",
+                title="implicit bias: GD from zero = pseudo-inverse solution")  # fmt: skip
+    axes[2].set_xticks(g_gd, [f"{g:g}" for g in g_gd])
+    axes[2].minorticks_off()
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
     return {"double_descent.png": fig}
 
 

@@ -19,11 +19,17 @@ Setup: ``lsgeo.data.sparse_linear`` (n = 40 < d = 100, 5 non-zero N(0, 1) coeffi
   ``noise``: full-batch GD with full noise injection (``lsgeo.optim.noise_injection``), cosine-decayed
              step size; one run per seed.
 Recorded: the relative L2 distance ||beta - beta_lasso|| / ||beta_lasso|| over training, the final
-coefficients, and support recovery (|beta_k| > 1e-2 max_k |beta_lasso,k|).
+coefficients, and support recovery: the s largest |beta_k| are exactly the Lasso's s non-zero
+coefficients (GD on a diagonal net drives the others towards 0 without reaching it, so the support
+is read by rank, not by a threshold). Noisy GD's iterates fluctuate by about 0.01 at the end, below
+which it cannot resolve a coefficient: its support recovery is judged on the Lasso coefficients above
+``support_fraction`` of the largest (the exact-support recovery is recorded too).
 
-Verdict: supported if the R_sigma^(eff) solution is within 5% of the Lasso solution at every sigma
-(false otherwise) and, at every sigma, the noise-injection distance decreases from a quarter of the
-steps to the end beyond 2 s.e. of the per-seed decreases (``common.paired_gain``; null within noise).
+Verdict, every sigma, all parts (``common.combine``): the R_sigma^(eff) solution is within 5% of the
+Lasso solution and recovers its exact support (deterministic; false otherwise); noisy GD recovers the
+Lasso's large support in every run (false otherwise); and its distance to the Lasso solution decreases
+from a quarter of the steps to the end, paired over 10 seeds (``common.paired_gain``, 95% Student-t,
+Holm over the sigmas; null within noise). With 3 seeds (t = 4.30) that decrease is within noise.
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ class Config:
     lr: float = 0.1  # GD step size (peak of the cosine schedule for noise injection)
     steps: int = 4000  # GD steps
     eval_every: int = 100  # steps between evaluations
-    seeds: tuple[int, ...] = (0, 1, 2)  # noise seeds of the noise-injection runs
+    support_fraction: float = 0.1  # noisy GD's support: Lasso coefficients above this fraction of the largest
+    seeds: tuple[int, ...] = tuple(range(10))  # noise seeds of the noise-injection runs (10: t = 2.26)
 
 
 PRESETS = {"paper": Config(n_train=100, d=500, num_nonzero=10, steps=20_000, eval_every=500)}
@@ -75,6 +82,12 @@ def sklearn_lasso(X, y, sigma) -> np.ndarray:
     Xs = np.asarray(X, np.float64) / lam
     fit = Lasso(alpha=1.0, fit_intercept=False, tol=1e-12, max_iter=1_000_000).fit(Xs, np.asarray(y, np.float64))
     return fit.coef_ / lam
+
+
+def validate(cfg: Config) -> None:
+    """Checks beyond the runner's field conventions (``runner.check_config``), before a run folder exists."""
+    if cfg.num_nonzero > cfg.d:
+        raise ValueError(f"--num-nonzero {cfg.num_nonzero} exceeds --d {cfg.d}")
 
 
 def prepare(cfg: Config):
@@ -146,8 +159,17 @@ def _final_betas(cfg, rows, method, sigma) -> np.ndarray:
     return np.array([[r["beta"] for r in coef if r["seed"] == k] for k in runs])
 
 
-def _support(beta, ref) -> np.ndarray:
-    return np.abs(beta) > 1e-2 * np.max(np.abs(ref))
+def _support(beta, ref, fraction: float = 0.0) -> np.ndarray:
+    """|beta_k| > fraction max |ref| (fraction 0: the non-zero coefficients)."""
+    return np.abs(beta) > fraction * np.max(np.abs(ref))
+
+
+def support_recovered(beta, ref, fraction: float = 0.0) -> bool:
+    """Whether the s largest |beta_k| are exactly the s coefficients of the Lasso solution ``ref`` with
+    |ref_k| > fraction max |ref| (fraction 0: its exact support, s = its number of non-zeros)."""
+    support = _support(ref, ref, fraction)
+    top = np.argsort(-np.abs(np.asarray(beta)))[: int(support.sum())]
+    return bool(set(top.tolist()) == set(np.flatnonzero(support).tolist()))
 
 
 def _curve(rows, method, sigma, step) -> np.ndarray:
@@ -167,50 +189,63 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
         for m in ("eff", "noise"):
             betas = _final_betas(cfg, rows, m, s)
             dist = np.linalg.norm(betas - ref, axis=1) / np.linalg.norm(ref)
-            same_support = np.mean([np.array_equal(_support(b, ref), _support(ref, ref)) for b in betas])
+            same_support = np.mean([support_recovered(b, ref) for b in betas])
+            large_support = np.mean([support_recovered(b, ref, cfg.support_fraction) for b in betas])
             figures[f"{m}_rel_dist_sigma={s:g}"] = float(dist.mean())
             figures[f"{m}_same_support_sigma={s:g}"] = float(same_support)
+            figures[f"{m}_large_support_sigma={s:g}"] = float(large_support)
             row = {
                 "sigma": s,
                 "method": LABELS[m],
                 "rel_dist": float(dist.mean()),
                 "same_support": float(same_support),
+                "large_support": float(large_support),
                 "lasso_nnz": int(_support(ref, ref).sum()),
             }
             if m == "noise":
                 early, end = _curve(rows, m, s, quarter), _curve(rows, m, s, cfg.steps)
                 figures[f"noise_rel_dist_at_{quarter}_sigma={s:g}"] = row["rel_dist_at_quarter"] = float(early.mean())
                 gain = common.paired_gain(early, end)
-                noise_parts[s] = gain.supported
+                noise_parts[f"approaches_sigma={s:g}"] = gain
+                noise_parts[f"noise_support_sigma={s:g}"] = bool(large_support == 1.0)
                 reasons.append(gain.describe(f"sigma {s:g}: noisy GD's distance at step {quarter} minus at the end"))
+                reasons.append(
+                    f"sigma {s:g}: noisy GD recovers the Lasso's {int(_support(ref, ref, cfg.support_fraction).sum())} "
+                    f"coefficients above {cfg.support_fraction:g} of the largest in {large_support:.0%} of runs "
+                    f"(needs all; exact support of {int(_support(ref, ref).sum())}: {same_support:.0%})"
+                )
             else:
-                ok_eff &= bool(dist.mean() < 0.05)
+                ok_eff &= bool(dist.mean() < 0.05 and same_support == 1.0)
                 eff_reasons.append(
-                    f"GD on R_eff within {100 * dist.mean():.2g}% of the Lasso at sigma {s:g} (needs 5%)"
+                    f"GD on R_eff within {100 * dist.mean():.2g}% of the Lasso at sigma {s:g} (needs 5%), "
+                    f"support {'recovered' if same_support == 1.0 else 'NOT recovered'}"
                 )
             table.append(row)
     supported = False if not ok_eff else common.combine(noise_parts)
+    reasons.append(common.combine_reason(noise_parts))
     return runner.Verdict(supported, figures, table, "; ".join(eff_reasons + reasons))
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
     plt = runner.plt
-    fig, (ax, ax_d) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax, ax_d) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"wspace": 0.55})
     refs = {s: _final_betas(cfg, rows, "lasso", s)[0] for s in cfg.sigmas}
-    active = np.flatnonzero(np.any([_support(r, r) for r in refs.values()], axis=0))
+    active = np.flatnonzero(np.any([_support(r, r, 0.01) for r in refs.values()], axis=0))
     styles = {"lasso": "-", "eff": "--", "noise": ":"}
-    for k in active:
+    colors = plt.get_cmap("tab20" if len(active) > 10 else "tab10")(np.arange(len(active)))  # one colour per k
+    for k, color in zip(active, colors):
         for m, style in styles.items():
             betas = [_final_betas(cfg, rows, m, s)[:, k].mean() for s in cfg.sigmas]
-            ax.plot(cfg.sigmas, betas, style, marker="o" if m == "lasso" else None, ms=3, color=f"C{k % 10}")
+            ax.plot(cfg.sigmas, betas, style, marker="o" if m == "lasso" else None, ms=3, color=color)
     handles = [plt.Line2D([], [], color="k", ls=style, label=LABELS[m]) for m, style in styles.items()]
+    handles += [plt.Line2D([], [], color=c, lw=3, label=f"k={k}") for k, c in zip(active, colors)]
     ax.set(
         xlabel="sigma",
         ylabel="coefficient beta_k",
         xticks=cfg.sigmas,
-        title="coefficients on the Lasso support (one colour per k)",
+        title="Lasso coefficients above 1% of the largest (noisy GD: seed mean)",
     )
-    ax.legend(handles=handles, fontsize=8, framealpha=0.9)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     steps = sorted({r["step"] for r in rows if "rel_dist" in r})
     for i, s in enumerate(cfg.sigmas):
         for m, style in (("eff", "--"), ("noise", "-")):
@@ -221,8 +256,9 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
                 color=f"C{i}",
                 label=f"{LABELS[m]}, sigma={s:g}",
             )
-    ax_d.set(yscale="log", xlabel="GD step", ylabel="||beta - beta_lasso|| / ||beta_lasso||")
-    ax_d.legend(fontsize=7)
+    ax_d.set(yscale="log", xlabel="GD step", ylabel="||beta - beta_lasso|| / ||beta_lasso||",
+             title="distance to the Lasso solution (noisy GD: mean over seeds)")
+    ax_d.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return {"lasso.png": fig}
 
 

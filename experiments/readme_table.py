@@ -16,6 +16,8 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
+import platform
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,18 +49,21 @@ def _regularized_loss(f: dict, c: dict) -> str:
         f"width {w}: final R_eff {f[f'R_eff_w{w}_layer']:.3g} (layer) vs {f[f'R_eff_w{w}_noise']:.3g} (full)"
         for w in sorted(c["widths"], reverse=True)
     ]
-    w = max(c["widths"])
-    return (
-        "; ".join(parts) + f"; gap at {w}: {f[f'R_eff_gap_full_minus_layer_w{w}']:.3g} ± {f[f'R_eff_gap_se_w{w}']:.2g}"
-    )
+    w, v = max(c["widths"]), min(c["widths"])
+    gap = f"; gap at {w}: {f[f'R_eff_gap_full_minus_layer_w{w}']:.3g} ± {f[f'R_eff_gap_se_w{w}']:.2g}"
+    if f"R_eff_gap_full_minus_layer_w{v}" in f and v != w:
+        gap += f" (at {v}: {f[f'R_eff_gap_full_minus_layer_w{v}']:.2g})"
+    return "; ".join(parts) + gap
 
 
 def _lasso(f: dict, c: dict) -> str:
     eff = [f[f"eff_rel_dist_sigma={s:g}"] for s in c["sigmas"]]
     noise = [f[f"noise_rel_dist_sigma={s:g}"] for s in c["sigmas"]]
+    support = [f.get(f"noise_large_support_sigma={s:g}", float("nan")) for s in c["sigmas"]]
     return (
         f"GD on R_eff within {max(eff):.1e} (relative L2) of scikit-learn's Lasso; noisy GD "
-        f"{100 * min(noise):.1f}-{100 * max(noise):.1f}% at the end"
+        f"{100 * min(noise):.1f}-{100 * max(noise):.1f}% at the end, large support recovered in "
+        f"{100 * min(support):.0f}% of {len(c['seeds'])} runs"
     )
 
 
@@ -71,12 +76,16 @@ def _nuclear_norm(f: dict, c: dict) -> str:
 
 
 def _deep_mlp(f: dict, c: dict) -> str:
-    w = max(c["widths"])
-    accs = ", ".join(
-        f"{n} {_pct(f[f'test_acc_w{w}_{m}'])}" for m, n in (("gd", "GD"), ("noise", "full"), ("layer", "layer"))
-    )
-    traces = " / ".join(f"{f[f'gn_trace_w{w}_{m}']:.3g}" for m in ("gd", "noise", "layer"))
-    return f"width {w}: {accs}; Gauss-Newton trace {traces} (GD / full / layer)"
+    out = []
+    for w in sorted(c["widths"], reverse=True):
+        accs = ", ".join(
+            f"{n} {_pct(f[f'test_acc_w{w}_{m}'])}" for m, n in (("gd", "GD"), ("noise", "full"), ("layer", "layer"))
+        )
+        key = "gn_trace_at_equal_loss_w{w}_{m}" if f"gn_trace_at_equal_loss_w{w}_gd" in f else "gn_trace_w{w}_{m}"
+        traces = " / ".join(f"{f[key.format(w=w, m=m)]:.3g}" for m in ("gd", "noise", "layer"))
+        at = f" at train loss {f[f'equal_train_loss_w{w}']:.2g}" if f"equal_train_loss_w{w}" in f else ""
+        out.append(f"width {w}: {accs}; Gauss-Newton trace{at} {traces} (GD / full / layer)")
+    return "; ".join(out)
 
 
 def _cnn(f: dict, c: dict) -> str:
@@ -84,26 +93,34 @@ def _cnn(f: dict, c: dict) -> str:
     for a, name in (("toy", "toy CNN"), ("wide", "wide net")):
         if f"{a}_layer_gain" in f:
             parts.append(
-                f"{name}: SGD {_pct(f[f'test_acc_{a}_gd_sigma=0'])}, layer-wise "
-                f"{_pts(f[f'{a}_layer_gain'], f[f'{a}_layer_gain_se'])}"
+                f"{name}: SGD {_pct(f[f'test_acc_{a}_gd_sigma=0'])}, layer-wise at sigma "
+                f"{f[f'{a}_layer_best_sigma']:g} "
+                f"(validation) {_pts(f[f'{a}_layer_gain'], f[f'{a}_layer_gain_se'])}"
             )
     return f"{c['dataset']}, {len(c['seeds'])} seeds: " + "; ".join(parts)
 
 
 def _resnet(f: dict, c: dict) -> str:
-    s = c["sigmas"][0]
-    return (
-        f"smoke size ({c['dataset']}, {c['n_train']} points, {len(c['seeds'])} seed): SGD "
-        f"{_pct(f['test_acc_gd_sigma=0'])}, full {_pct(f[f'test_acc_noise_sigma={s:g}'])}, layer "
-        f"{_pct(f[f'test_acc_layer_sigma={s:g}'])}; Hessian trace {f['hessian_trace_gd_sigma=0']:.3g} / "
-        f"{f[f'hessian_trace_noise_sigma={s:g}']:.3g} / {f[f'hessian_trace_layer_sigma={s:g}']:.3g}"
-    )
+    n = len(c["seeds"])
+    out = f"smoke size ({c['dataset']}, {c['n_train']} points, {n} seed{'s' if n != 1 else ''}): SGD "
+    out += f"{_pct(f['test_acc_gd_sigma=0'])}"
+    for s in c["sigmas"]:
+        full, layer = _pct(f[f"test_acc_noise_sigma={s:g}"]), _pct(f[f"test_acc_layer_sigma={s:g}"])
+        out += f"; sigma {s:g}: full {full}, layer {layer}"
+    if "layer_gain" in f:
+        out += f"; layer-wise gain {_pts(f['layer_gain'], f['layer_gain_se'])}"
+    return out
 
 
 def _geometry_report(f: dict, c: dict) -> str:
     ratios = ", ".join(f"{f[f'ratio_sigma={s:g}']:.2f}" for s in c["sigmas"])
+    smallest = [f[f"ratio_smallest_sigma_seed={k}"] for k in c["seeds"] if f"ratio_smallest_sigma_seed={k}" in f]
+    spread = (
+        f" ({min(smallest):.2f}-{max(smallest):.2f} at sigma {min(c['sigmas']):g} over {len(smallest)} networks)"
+        if len(smallest) > 1 else ""
+    )
     return (
-        f"(R_sigma - R)/(R_eff - R) = {ratios} at sigma {', '.join(f'{s:g}' for s in c['sigmas'])}; "
+        f"(R_sigma - R)/(R_eff - R) = {ratios} at sigma {', '.join(f'{s:g}' for s in c['sigmas'])}{spread}; "
         f"saddle index {f['saddle_index']:.3g} (eigenvalues < -{c['saddle_rtol']:g} max|lambda|), lambda_min "
         f"{f['smallest_Hessian_eigenvalue']:.3g} vs lambda_max {f['Hessian_eigenvalue_1']:.3g}"
     )
@@ -127,8 +144,8 @@ def _wide_networks(f: dict, c: dict) -> str:
 def _hessian_spectrum(f: dict, c: dict) -> str:
     ratios = ", ".join(f"{f[f'lr_{lr:g}_lambda_max_over_edge_median']:.2f}" for lr in c["lrs"])
     return (
-        f"lambda_max / (2/lr) = {ratios} at lr {', '.join(f'{lr:g}' for lr in c['lrs'])}; saddle index "
-        f"{f['init_saddle_index']:.2g} -> {f['end_saddle_index']:.2g}"
+        f"lambda_max / (2/lr) = {ratios} at lr {', '.join(f'{lr:g}' for lr in c['lrs'])} ({len(c['seeds'])} "
+        f"initialisations); saddle index {f['init_saddle_index']:.2g} -> {f['end_saddle_index']:.2g}"
     )
 
 
@@ -141,11 +158,21 @@ def _double_descent(f: dict, c: dict) -> str:
 
 def _saddle_escape(f: dict, c: dict) -> str:
     steps = ", ".join(f"{m} {f[f'{m}_median_escape_step']:g}" for m in c["methods"] if f"{m}_median_escape_step" in f)
-    return f"median escape step: {steps}"
+    out = f"median escape step: {steps}"
+    if "gd_escape_rate_predicted" in f:
+        out += (
+            f"; GD's escape rate {f['gd_escape_rate_min']:.3g}-{f['gd_escape_rate_max']:.3g} per step vs "
+            f"2 log(1 + lr |lambda_min|) = {f['gd_escape_rate_predicted']:.3g}"
+        )
+    return out
 
 
 def _mode_connectivity(f: dict, c: dict) -> str:
-    return f"barrier {f['line_barrier']:.3g} (line) vs {f['curve_barrier']:.2g} (Bezier)"
+    n = len(c["seeds"])
+    return (
+        f"barrier {f['line_barrier']:.3g} (line) vs {f['curve_barrier']:.2g} (Bezier), mean of {n} pair"
+        f"{'s' if n != 1 else ''}; min line {f['min_line_barrier']:.3g}, max curve {f['max_curve_barrier']:.2g}"
+    )
 
 
 def _landscape_2d(f: dict, c: dict) -> str:
@@ -154,17 +181,27 @@ def _landscape_2d(f: dict, c: dict) -> str:
         "noise": ("noise", "large_batch"),
         "skip": ("deep_skip", "deep_plain"),
     }
-    return "slice curvature " + ", ".join(
-        f"{f[f'{a}_curvature']:.3g} vs {f[f'{b}_curvature']:.3g} ({name})"
+    out = "slice curvature " + ", ".join(
+        f"{f[f'{a}_curvature']:.3g} vs {f[f'{b}_curvature']:.3g} ({name}"
+        + (f", {f[f'{name}_converged_pairs']:g} converged pairs" if f"{name}_converged_pairs" in f else "")
+        + ")"
         for name, (a, b) in pairs.items()
         if name in c["comparisons"]
     )
+    if "deep_skip_roughness" in f and "skip" in c["comparisons"]:
+        out += f"; slice roughness {f['deep_skip_roughness']:.2g} vs {f['deep_plain_roughness']:.2g} (skip)"
+    return out
 
 
 def _swa(f: dict, c: dict) -> str:
+    interval = ""
+    if "acc_gain_margin" in f and f["acc_gain_margin"] is not None:
+        low, high = f["acc_gain"] - f["acc_gain_margin"], f["acc_gain"] + f["acc_gain_margin"]
+        bound = 100 * c["acc_bound"]
+        interval = f" (interval {100 * low:+.2g} to {100 * high:+.2g}; equal or better: above -{bound:g})"
     return (
         f"lambda_max {f['swa_lambda_max']:.3g} vs {f['sgd_lambda_max']:.3g}, trace {f['swa_hessian_trace']:.3g} vs "
-        f"{f['sgd_hessian_trace']:.3g} (SWA vs SGD); accuracy {_pts(f['acc_gain'], f['acc_gain_se'])}"
+        f"{f['sgd_hessian_trace']:.3g} (SWA vs SGD); accuracy {_pts(f['acc_gain'], f['acc_gain_se'])}{interval}"
     )
 
 
@@ -172,6 +209,15 @@ def _batch_size(f: dict, c: dict) -> str:
     return (
         f"large batch: lambda_max x{f['lambda_max_ratio']:.2f}, epsilon-sharpness x{f['epsilon_sharpness_ratio']:.2f}; "
         f"accuracy gap (small - large) {_pts(f['acc_gap'], f['acc_gap_se'])}"
+    )
+
+
+def _transformer_blocks(f: dict, c: dict) -> str:
+    js = {k: f.get(f"js_{k}", float("nan")) for k in ("transformer_trained", "mlp_trained")}
+    return (
+        f"mean JS distance between block spectra after training: transformer {js['transformer_trained']:.3g} vs MLP "
+        f"{js['mlp_trained']:.3g}; gain {f.get('gain_trained', float('nan')):.3g} ± "
+        f"{f.get('gain_trained_se', float('nan')):.2g} ({len(c['seeds'])} seeds)"
     )
 
 
@@ -262,6 +308,11 @@ ROWS: dict[str, tuple[str, str, Formatter]] = {
         "large batch: sharper minima that generalise worse (Keskar et al. 2017)",
         _batch_size,
     ),
+    "transformer_blocks": (
+        "per-block Hessian spectra (SLQ) of a one-block transformer vs an MLP, modular addition",
+        "a transformer's blocks are heterogeneous, an MLP's are not (Zhang et al. 2024)",
+        _transformer_blocks,
+    ),
 }
 VERDICTS = {True: "supported", False: "contradicted", None: "null"}
 
@@ -287,25 +338,39 @@ def latest_default_run(results: Path, name: str) -> dict | None:
     return None
 
 
+def cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell: a ``|`` (as in ``max|lambda|``) would end the cell, so it is
+    escaped (``\\|``, shown as ``|``); a line break would end the row, so it becomes a space."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def _row(name: str, summary: dict | None) -> str:
     what, source, formatter = ROWS[name]
     if summary is None:
-        return f"| `{name}` | {what} | {source} | no default run found | | |"
-    verdict = VERDICTS[summary["supported"]]
-    return (
-        f"| `{name}` | {what} | {source} | {formatter(summary['figures'], summary['config'])} | {verdict} | "
-        f"{summary['runtime_s']:.0f} s |"
-    )
+        cells = [f"`{name}`", what, source, "no default run found", "", ""]
+    else:
+        cells = [f"`{name}`", what, source, formatter(summary["figures"], summary["config"]),
+                 VERDICTS[summary["supported"]], f"{summary['runtime_s']:.0f} s"]  # fmt: skip
+    return "| " + " | ".join(cell(c) for c in cells) + " |"
 
 
-def table(results: Path) -> str:
-    """The Markdown table of every experiment's newest default run under ``results``."""
+def machine() -> str:
+    """This machine in words: processor, CPU count and the load average (1 / 15 min) now."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    cpus = f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs"
+    return f"{cpus}, load average {load[0]:.1f} / {load[2]:.1f}"
+
+
+def table(results: Path, machine_note: str | None = None) -> str:
+    """The Markdown table of every experiment's newest default run under ``results``; ``machine_note``: the
+    machine and its load during the runs, for the header (default: ``machine()`` now)."""
     summaries = {name: latest_default_run(results, name) for name in ROWS}
     devices = sorted({d for s in summaries.values() if s is not None for d in s["devices"]})
     total = sum(s["runtime_s"] for s in summaries.values() if s is not None)
     lines = [
         f"Generated by `python -m experiments.readme_table` from the default runs' `summary.json` "
-        f"(devices: {', '.join(devices) or 'none'}; wall-clock time, {total / 60:.0f} min in all).",
+        f"(devices: {', '.join(devices) or 'none'}; machine: {machine_note or machine()}; wall-clock time, "
+        f"{total / 60:.0f} min in all).",
         "",
         "| experiment | what it reproduces | paper / source | this run (default config) | verdict | time |",
         "|---|---|---|---|---|---|",
@@ -326,8 +391,9 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(prog="python -m experiments.readme_table", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="?", type=Path, default=Path("results"), help="the results folder")
     parser.add_argument("--write", type=Path, default=None, help="the README whose table to replace")
+    parser.add_argument("--machine", default=None, help="the machine and its load during the runs (default: now)")
     args = parser.parse_args(argv)
-    new_table = table(args.results)
+    new_table = table(args.results, args.machine)
     if args.write is None:
         print(new_table)
     else:

@@ -24,15 +24,17 @@ Hessian (``lsgeo.curvature.top_eigenvalues``, Lanczos) and its trace (``lsgeo.cu
 Hutch++); test accuracy on the held-out set. The SWA curves start where averaging starts (before it
 there is no average to evaluate).
 
-Verdict (paired over seeds, ``common.paired_gain``): SWA's lambda_max and its trace below SGD's beyond
-2 s.e. (two parts), and its test accuracy not below SGD's beyond 2 s.e. plus one test example (the
-"equal or better" part). Supported when all hold, false when one is contradicted beyond noise, null
-otherwise.
+Verdict (paired over seeds, ``common.paired_gain``, 95% Student-t): SWA's lambda_max and its trace
+below SGD's beyond t s.e. (two parts), and "equal or better" test accuracy as a non-inferiority test
+(``Gain.noninferior``): the whole interval gain ± (t s.e. + one test example's worth) lies above
+-``acc_bound`` (1 point), false when it lies below. Supported when all hold, false when one is
+contradicted (Holm over the two curvature tests), null otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import numpy as np
@@ -57,7 +59,7 @@ class Config:
 
     dataset: str = "digits"  # "digits" or "mnist1d" (arch "resnet": an image set, e.g. digits)
     n_train: int | None = 1024  # training points (None: all)
-    arch: str = "mlp"  # "mlp" or "resnet" (BatchNorm: the SWA statistics are recomputed)
+    arch: Literal[common.ARCHS] = "mlp"  # "mlp" or "resnet" (BatchNorm: the SWA statistics are recomputed)
     widths: tuple[int, ...] = (64, 64)  # hidden widths of the MLP
     resnet_width: int = 4  # base width of the ResNet
     stage_sizes: tuple[int, ...] = (1, 1, 1, 1)  # BasicBlocks per stage of the ResNet
@@ -69,6 +71,7 @@ class Config:
     eval_every: int = 320  # steps between evaluations
     lanczos_iters: int = 30
     trace_probes: int = 60  # Hutch++ Hessian-vector products
+    acc_bound: float = 0.01  # "equal or better": SWA's accuracy interval must lie above -acc_bound (1 point)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # initialisation, data order, curvature probes
 
 
@@ -167,34 +170,60 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
             {f"{k}_ratio": figures[f"swa_{k}"] / figures[f"sgd_{k}"], f"{k}_drop": g.mean, f"{k}_drop_se": g.se}
         )
     figures.update(acc_gain=acc.mean, acc_gain_se=acc.se, acc_gain_margin=acc.margin)
-    # "not worse": true unless contradicted beyond noise, untested (null) with too few seeds to tell.
-    not_worse = None if not np.isfinite(acc.margin) else acc.supported is not False
-    parts = {**{f"lower_{k}": g.supported for k, g in gains.items()}, "accuracy_not_worse": not_worse}
+    # "equal or better": a non-inferiority test with an explicit bound (null with too few seeds to tell).
+    not_worse = acc.noninferior(cfg.acc_bound)
+    parts = {**{f"lower_{k}": g for k, g in gains.items()}, "accuracy_not_worse": not_worse}
+    low, high = 100 * (acc.mean - acc.margin), 100 * (acc.mean + acc.margin)
     reason = "; ".join(
         [g.describe(f"{k}, SGD minus SWA") for k, g in gains.items()]
         + [acc.describe("test accuracy, SWA minus SGD", scale=100, unit=" points")]
-    )
+        + [f"equal or better: interval [{low:+.2g}, {high:+.2g}] points "
+           f"{'above' if not_worse else 'not above'} -{100 * cfg.acc_bound:g} (non-inferiority bound)"]
+        + [common.combine_reason(parts)]
+    )  # fmt: skip
     return runner.Verdict(common.combine(parts), figures, table, reason)
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
     plt = runner.plt
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
     start = common.select(rows, kind="final")[0]["swa_start"]
     late = [r for r in rows if r["step"] >= cfg.steps // 2]  # test accuracy: the second half, where they differ
+    n_test = max(r.get("n_test", 0) for r in rows) or None
     for key, ax, sel in (("train_loss", axes[0], rows), ("test_acc", axes[1], late)):
         common.plot_curves(ax, sel, key, {LABELS[m]: (dict(method=m, kind="history"), COLORS[m]) for m in METHODS})
         common.plot_curves(ax, sel, key, {"SWA run's SGD iterate": (dict(method="swa", kind="iterate"), COLORS["swa"])},
                            ls=":", lw=1)
         ax.axvline(start, color="gray", lw=0.8, ls="--")
         ax.legend(fontsize=8)
-    groups = {LABELS[m]: (common.select(rows, method=m, kind="final"), COLORS[m]) for m in METHODS}
-    common.paired_scatter(axes[2], groups, "lambda_max", "test_acc")
+    lo, hi = axes[1].get_ylim()  # at least 2 points of accuracy tall: one test example is not a "steep drop"
+    mid = (lo + hi) / 2
+    axes[1].set_ylim(min(lo, mid - 0.01), max(hi, mid + 0.01))
+    final = {m: common.select(rows, method=m, kind="final") for m in METHODS}
+    seeds = sorted({r["seed"] for r in final["sgd"]})
+    x = np.arange(len(METHODS))
+    for k in seeds:  # lambda_max per seed, SGD -> SWA, one line per seed
+        values = [common.select(final[m], seed=k)[0]["lambda_max"] for m in METHODS]
+        axes[2].plot(x, values, "o-", color="gray", lw=0.8, ms=4)
+    axes[2].set(xticks=x, xticklabels=[LABELS[m] for m in METHODS], xlim=(-0.4, len(METHODS) - 0.6),
+                ylabel="lambda_max of the Hessian at the end", title=f"one line per seed ({len(seeds)} seeds)")
+    diff = 100 * (common.per_seed(rows, "test_acc", seeds, method="swa", kind="final")
+                  - common.per_seed(rows, "test_acc", seeds, method="sgd", kind="final"))  # fmt: skip
+    jitter = np.linspace(-0.15, 0.15, len(seeds))
+    axes[3].plot(jitter, diff, "o", color=COLORS["swa"], label="per seed")
+    acc = common.paired_gain(diff / 100, np.zeros_like(diff), resolution=1.0 / n_test if n_test else 0.0)
+    if np.isfinite(acc.margin):
+        axes[3].errorbar([0.4], [100 * acc.mean], yerr=[100 * acc.margin], fmt="s", capsize=4, color="k",
+                         label="mean ± margin (t s.e. + one example)")  # fmt: skip
+    axes[3].axhspan(-100 * cfg.acc_bound, max(axes[3].get_ylim()[1], 100 * cfg.acc_bound), color=COLORS["swa"],
+                    alpha=0.1, label=f"equal or better (above -{100 * cfg.acc_bound:g} point)")  # fmt: skip
+    axes[3].axhline(0.0, color="k", lw=0.8)
+    axes[3].set(xticks=[], xlim=(-0.5, 0.7), ylabel="test accuracy, SWA minus SGD (points)",
+                title=f"paired by seed{f'; one test example = {100 / n_test:.2g} points' if n_test else ''}")
+    axes[3].legend(fontsize=7)
     axes[0].set(yscale="log", xlabel="step", ylabel="train loss (mean over seeds)", title="dashed: SWA starts")
     axes[1].set(xlabel="step", ylabel="test accuracy (mean over seeds)", title="second half of training")
-    axes[2].set(xlabel="lambda_max of the Hessian at the end", ylabel="final test accuracy",
-                title="one point per seed, joined by seed")
-    axes[2].legend(fontsize=8)
+    fig.tight_layout()
     return {"swa.png": fig}
 
 

@@ -23,6 +23,7 @@ singular value.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,7 @@ class Config:
     input_dim: int = 16  # d (N > d + 1: the inputs are not linearly independent, Theorem 3.4 does not apply)
     wide: tuple[int, ...] = (48, 16)  # first hidden layer >= N - 1, then pyramidal
     narrow: tuple[int, ...] = (2, 2)  # fewer parameters (43) than N
-    activation: str = "softplus"  # analytic and strictly increasing: "softplus" or "tanh"
+    activation: Literal["softplus", "tanh"] = "softplus"  # analytic and strictly increasing: "softplus" or "tanh"
     seeds: tuple[int, ...] = tuple(range(32))
     steps: int = 4000
     lr: float = 1e-2  # Adam peak step (cosine decay to 0)
@@ -62,6 +63,15 @@ PRESETS = {
 }
 
 ARCHITECTURES = ("wide", "narrow")
+
+
+def validate(cfg: Config) -> None:
+    """Checks beyond the runner's field conventions (``runner.check_config``), before a run folder exists."""
+    if cfg.wide[0] < cfg.n_points - 1 or list(cfg.wide) != sorted(cfg.wide, reverse=True):
+        raise ValueError(
+            f"--wide {' '.join(map(str, cfg.wide))} must start with a layer >= --n-points - 1 = {cfg.n_points - 1} "
+            "and be non-increasing"
+        )
 
 
 def prepare(cfg: Config):

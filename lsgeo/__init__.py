@@ -2,7 +2,8 @@
 
 Pure functions for the risk R(w) = L(Phi(w)), its noise-injected versions and the effective
 regularised risk of Orvieto et al. (AISTATS 2023) (``lsgeo.risk``, ``lsgeo.theory``), curvature
-(``lsgeo.curvature``: HVPs, Lanczos, spectra), NTK traces (``lsgeo.ntk``), sharpness and landscapes
+(``lsgeo.curvature``: Hessian, Gauss-Newton and Fisher operators, their spectra, traces, blocks and inverse
+products), NTK traces (``lsgeo.ntk``), sharpness and landscapes
 (``lsgeo.sharpness``, ``lsgeo.landscape``), optax transformations for noise injection
 (``lsgeo.optim``), a lax.scan training engine (``lsgeo.train``), flax models and data sets.
 
@@ -15,7 +16,9 @@ from lsgeo import (
     data,
     groups,
     landscape,
+    launch,
     losses,
+    microbatch,
     models,
     ntk,
     optim,
@@ -23,6 +26,7 @@ from lsgeo import (
     perturbation,
     risk,
     sharpness,
+    streams,
     theory,
     train,
     validation,

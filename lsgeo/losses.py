@@ -65,11 +65,23 @@ def squared_loss(outputs: jax.Array, targets: jax.Array) -> jax.Array:
     return 0.5 * jnp.mean(jnp.sum(jnp.square(diff), axis=-1))
 
 
+def _scalar_outputs_and_labels(outputs, labels, what: str):
+    """``(phi [n], y [n])`` from scalar outputs ``[n]`` / ``[n, 1]`` and labels ``[n]`` / ``[n, 1]``, or a
+    ValueError naming the argument whose shape is wrong (static shapes: checked under ``jit`` too)."""
+    shape, label_shape = tuple(jnp.shape(outputs)), tuple(jnp.shape(labels))
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+        raise ValueError(f"outputs of {what} must be scalar predictions of shape (n,) or (n, 1), got {shape}")
+    n = shape[0]
+    if label_shape not in ((n,), (n, 1)):
+        raise ValueError(f"labels must have shape ({n},) or ({n}, 1), one per output of shape {shape}; got {label_shape}")
+    return jnp.reshape(outputs, (n,)), jnp.reshape(labels, (n,))
+
+
 def logistic_loss(outputs: jax.Array, labels: jax.Array) -> jax.Array:
     """1/n sum_i log(1 + exp(-y_i phi_i)) with labels y_i in {-1, +1}; outputs ``[n]`` or ``[n, 1]``."""
+    phi, y = _scalar_outputs_and_labels(outputs, labels, "logistic_loss")
     check_sign_labels(labels)
-    phi = outputs.reshape(outputs.shape[0])
-    return jnp.mean(jax.nn.softplus(-labels.reshape(phi.shape) * phi))
+    return jnp.mean(jax.nn.softplus(-y * phi))
 
 
 def softmax_cross_entropy(outputs: jax.Array, labels: jax.Array) -> jax.Array:
@@ -83,10 +95,15 @@ def softmax_cross_entropy(outputs: jax.Array, labels: jax.Array) -> jax.Array:
 def accuracy(outputs: jax.Array, labels: jax.Array) -> jax.Array:
     """Fraction of correct predictions: argmax for ``[n, k]`` logits with integer labels,
     sign agreement for scalar outputs with labels in {-1, +1}."""
-    if outputs.ndim == 2 and outputs.shape[-1] > 1:
+    if jnp.ndim(outputs) == 2 and outputs.shape[-1] > 1:
+        if jnp.shape(labels) != (outputs.shape[0],):
+            raise ValueError(
+                f"labels must be integer classes of shape ({outputs.shape[0]},) for outputs {tuple(outputs.shape)} "
+                f"(one label per row), got shape {tuple(jnp.shape(labels))}"
+            )
         return jnp.mean(jnp.argmax(outputs, axis=-1) == labels)
-    phi = outputs.reshape(outputs.shape[0])
-    return jnp.mean(jnp.sign(phi) == jnp.sign(labels.reshape(phi.shape)))
+    phi, y = _scalar_outputs_and_labels(outputs, labels, "accuracy")
+    return jnp.mean(jnp.sign(phi) == jnp.sign(y))
 
 
 class OutputCurvature(NamedTuple):

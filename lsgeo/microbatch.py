@@ -57,6 +57,7 @@ PyTree = Any
 __all__ = [
     "MicrobatchPlan",
     "Layout",
+    "resolve_devices",
     "make_plan",
     "place",
     "layout",
@@ -112,19 +113,25 @@ class Layout(NamedTuple):
     rest: PyTree
 
 
-def _resolve_devices(devices) -> tuple:
+def resolve_devices(devices, name: str = "devices") -> tuple:
+    """``devices`` as a tuple (``None``: ``jax.devices()``): a non-empty sequence of distinct ``jax.Device``;
+    anything else is a ValueError naming ``name``. The one device check of lsgeo (``lsgeo.train`` too)."""
     if devices is None:
         return tuple(jax.devices())
     if isinstance(devices, jax.Device):
-        devices = [devices]
+        raise ValueError(f"{name} must be a sequence of jax devices (e.g. [{devices!r}]), got one device")
     try:
         devices = tuple(devices)
     except TypeError:
-        raise ValueError(f"devices must be a sequence of jax devices, got {type(devices).__name__}") from None
-    if not devices or not all(isinstance(d, jax.Device) for d in devices):
-        raise ValueError(f"devices must be a non-empty sequence of jax devices (e.g. jax.devices()), got {devices!r}")
-    if len(set(devices)) != len(devices):
-        raise ValueError(f"devices must not repeat a device, got {devices!r}")
+        raise ValueError(f"{name} must be a sequence of jax devices, got {type(devices).__name__}") from None
+    if not devices:
+        raise ValueError(f"{name} must hold at least one device, got an empty sequence (None: jax.devices())")
+    bad = [d for d in devices if not isinstance(d, jax.Device)]
+    if bad:
+        raise ValueError(f"{name} must hold jax devices (jax.devices()), got {bad[0]!r}")
+    repeated = sorted({str(d) for d in devices if devices.count(d) > 1})
+    if repeated:
+        raise ValueError(f"{name} must not repeat a device; {', '.join(repeated)} appears more than once")
     return devices
 
 
@@ -197,7 +204,7 @@ def data_plan(batch, microbatch_size: int | None, *, devices: Sequence | None = 
             f"microbatch_size must be None when {name} is a data source: the source's batches are the microbatches "
             f"(got microbatch_size={microbatch_size!r})"
         )
-    if devices is not None and len(_resolve_devices(devices)) > 1:
+    if devices is not None and len(resolve_devices(devices)) > 1:
         raise ValueError(f"a data source is read on one device; got devices={devices!r}")
     return stream_plan(batch, name=name)
 
@@ -220,7 +227,7 @@ def make_plan(batch, microbatch_size: int | None, *, devices: Sequence | None = 
     if microbatch_size is None:
         check_batch(batch, name)
         if devices is not None:
-            _resolve_devices(devices)
+            resolve_devices(devices)
         return None
     check_positive_int(microbatch_size, "microbatch_size")
     for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
@@ -231,7 +238,7 @@ def make_plan(batch, microbatch_size: int | None, *, devices: Sequence | None = 
                 f"(bind constants such as BatchNorm statistics into the function instead)"
             )
     n = check_batch(batch, name, common_axis=True)
-    devices = _resolve_devices(devices)
+    devices = resolve_devices(devices)
     size = min(int(microbatch_size), n)
     num_full, remainder = divmod(n, size)
     return MicrobatchPlan(n, size, num_full, remainder, devices[: max(1, min(len(devices), num_full))])

@@ -30,7 +30,7 @@ every later one at a perturbed point), with no helper to call first:
     ...     updates, state = opt.update(jax.grad(f)(params), state, params)
     ...     params = optax.apply_updates(params, updates)   # z_{t+1} = w_{t+1} + xi_{t+1}
     >>> print(clean_params(params, state).round(3))    # w_3, for evaluation
-    [0.527 1.032]
+    [0.523 1.018]
 
 A flax ``TrainState(tx=noise_injection(...))`` or an ``nnx.Optimizer`` works the same way.
 ``noise_injection`` must be the OUTERMOST transformation: anything chained after it
@@ -41,7 +41,8 @@ before it (``optax.chain(optax.clip_by_global_norm(1.0), noise_injection(...))``
 with a transformation chained after it. With sigma = 0 it reproduces ``inner`` exactly.
 
 Randomness (deterministic, reproducible with ``lsgeo.perturbation``): ``seed`` (an int, possibly
-traced, or a PRNG key) gives the base key k. For step t >= 1,
+traced, or a PRNG key) gives the base key k = fold_in(key(seed), STREAMS["noise"]) (:mod:`lsgeo.streams`:
+disjoint from the initialisation and data streams of the same seed). For step t >= 1,
 
     k_t = fold_in(k, t);  k_select, k_noise = split(k_t)
     j_t = randint(k_select, (), 0, M)   (random)   or   (t - 1) mod M   (cyclic)
@@ -57,14 +58,17 @@ parameters (xi_t).
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax.contrib import SAMState
 
 from lsgeo import groups as groups_lib
+from lsgeo import streams
 from lsgeo.perturbation import MODES, perturbation
 from lsgeo.validation import check_choice, check_same_structure, check_sigma
 
@@ -103,20 +107,25 @@ class NoiseInjectionState(NamedTuple):
 
 
 def noise_key(seed) -> jax.Array:
-    """Raw key data of the base key of :func:`noise_injection` for ``seed``.
+    """Raw key data of the base key k of :func:`noise_injection` for ``seed``.
 
-    ``seed``: a Python/jax integer (may be traced), a typed PRNG key, or raw uint32 key data.
+    ``seed``: a Python/numpy/jax integer in [-2**31, 2**32) (may be traced), a typed PRNG key, or raw
+    uint32 key data. k is the ``"noise"`` subtree of the seed's key (:mod:`lsgeo.streams`), disjoint from
+    the initialisation and data streams that ``lsgeo.train`` derives from the same seed.
     """
-    if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(seed)
-    if isinstance(seed, bool):
-        raise ValueError(f"seed must be an integer, a PRNG key or raw key data; got {seed!r}")
-    arr = jnp.asarray(seed)
-    if arr.dtype == jnp.uint32 and arr.ndim == 1:
-        return arr
-    if arr.ndim != 0 or not jnp.issubdtype(arr.dtype, jnp.integer):
-        raise ValueError(f"seed must be an integer, a PRNG key or raw key data; got {seed!r}")
-    return jax.random.key_data(jax.random.key(arr))
+    streams.check_seed(seed, "seed")
+    return jax.random.key_data(streams.stream(seed, "noise"))
+
+
+def _check_float_leaves(params) -> None:
+    """Gaussian noise needs floating-point leaves: ValueError naming the first other one (static: dtypes only).
+    An empty tree is fine (``optax.masked`` may route every leaf elsewhere)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise ValueError(
+                f"params leaf {jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}: noise_injection adds "
+                f"Gaussian noise, so parameters must be floating point (mask integer leaves out with optax.masked)"
+            )
 
 
 def noise_injection(
@@ -178,6 +187,7 @@ def noise_injection(
         return group, xi
 
     def init_fn(params):
+        _check_float_leaves(params)
         groups_lib.group_ids(params, groups)  # validates ``groups`` early
         return NoiseInjectionState(
             count=jnp.zeros((), jnp.int32),
@@ -239,6 +249,59 @@ def check_outermost(opt_state) -> None:
     visit(opt_state, "opt_state")
 
 
+def _is_variable(x) -> bool:
+    """Whether ``x`` is a flax ``nnx.Variable`` (``nnx.Param``, the optimizer's ``OptVariable``...); flax is
+    not imported for this: without ``flax.nnx`` loaded there are none."""
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def _is_stop(x) -> bool:
+    return isinstance(x, optax.MaskedNode) or _is_variable(x)
+
+
+def _shift(params: PyTree, xi: PyTree, sign: int) -> PyTree:
+    """``params + sign * xi`` with the structure of ``params``, where ``xi`` is the noise state's tree.
+
+    ``xi`` may differ from ``params`` in two ways that hold no information: ``optax.MaskedNode`` where
+    ``optax.masked`` / ``optax.multi_transform`` route a subtree to another transformation (that subtree
+    carries no noise: kept as is), and the ``nnx.Variable`` type around each array (an ``nnx.Optimizer``
+    boxes its state in ``OptVariable`` while the model holds ``nnx.Param``). Anything else is a ValueError
+    naming ``params``.
+    """
+    xi_parts, xi_def = jax.tree_util.tree_flatten(xi, is_leaf=_is_stop)
+    try:
+        parts = xi_def.flatten_up_to(params)
+    except (ValueError, TypeError):
+        parts = None
+    if parts is None:
+        raise ValueError(
+            f"params must have the same pytree structure as the noise state xi (the parameters the optimizer "
+            f"was initialised with); got {jax.tree_util.tree_structure(params)}, expected {xi_def}"
+        )
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(xi, is_leaf=_is_stop)[0]]
+    out = []
+    for path, x, p in zip(paths, xi_parts, parts):
+        if isinstance(x, optax.MaskedNode):
+            out.append(p)
+            continue
+        x_leaves, p_leaves = jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(p)
+        p_def = jax.tree_util.tree_structure(p, is_leaf=_is_variable)
+        if len(x_leaves) != 1 or len(p_leaves) != 1 or not (p_def.num_nodes == 1 and p_def.num_leaves == 1):
+            raise ValueError(
+                f"params at {jax.tree_util.keystr(path)} must be one array as in the noise state xi, got "
+                f"{jax.tree_util.tree_structure(p)}"
+            )
+        if np.shape(x_leaves[0]) != np.shape(p_leaves[0]):
+            raise ValueError(
+                f"params leaf {jax.tree_util.keystr(path)} has shape {np.shape(p_leaves[0])}, expected "
+                f"{np.shape(x_leaves[0])} as in the noise state xi"
+            )
+        noise = x_leaves[0]
+        out.append(jax.tree_util.tree_map(lambda a: a + noise if sign > 0 else a - noise, p))
+    return xi_def.unflatten(out)
+
+
 def _select_cache(params, state: SAMState):
     """Transparent-mode SAM holds the adversarial point between syncs; its cache is the real iterate."""
     steps = state.steps_since_sync
@@ -255,7 +318,11 @@ def clean_params(params: PyTree, opt_state) -> PyTree:
 
     Subtracts xi_t of every :class:`NoiseInjectionState` in ``opt_state``; for transparent-mode
     ``optax.contrib.sam`` between synchronisations, returns the cached outer iterate instead of the
-    adversarial point. Any other state: ``params`` unchanged. Works on stacked (vmapped) states.
+    adversarial point. Any other state: ``params`` unchanged. Works on stacked (vmapped) states, with
+    noise on part of the tree (``optax.multi_transform`` / ``optax.masked``: the subtrees where xi holds
+    ``optax.MaskedNode`` carry no noise) and with what an nnx user holds:
+    ``clean_params(nnx.state(model, nnx.Param), optimizer.opt_state)`` for an ``nnx.Optimizer`` returns
+    an ``nnx.State`` of ``nnx.Param`` (``nnx.update(model, w)`` puts it back).
 
     Raises:
       ValueError: ``params`` does not match the parameters the state was built for, or a
@@ -263,8 +330,7 @@ def clean_params(params: PyTree, opt_state) -> PyTree:
     """
     check_outermost(opt_state)
     for state in noise_states(opt_state):
-        check_same_structure(state.xi, params, "params", "the noise state xi")
-        params = optax.tree.sub(params, state.xi)
+        params = _shift(params, state.xi, -1)
     sams = [
         s
         for s in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_wrapper_state)
@@ -284,6 +350,5 @@ def perturbed_params(params: PyTree, opt_state) -> PyTree:
     Raises ValueError on mismatched pytrees.
     """
     for state in noise_states(opt_state):
-        check_same_structure(state.xi, params, "params", "the noise state xi")
-        params = optax.tree.add(params, state.xi)
+        params = _shift(params, state.xi, +1)
     return params

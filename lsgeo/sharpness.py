@@ -430,6 +430,11 @@ def _resolve_group(index, names: list[str], name: str) -> int:
     return int(index) % len(names)
 
 
+def _is_bias(path) -> bool:
+    """A flax bias: the last key is ``"bias"`` (linen), or ``"bias"`` then ``"value"`` (an ``nnx.State``)."""
+    return bool(path) and (path[-1] == "bias" or (len(path) > 1 and path[-2:] == ("bias", "value")))
+
+
 def alpha_scale(params: PyTree, i, j, alpha, *, groups=None) -> PyTree:
     """Dinh et al.'s (2017) alpha-scale transform T_alpha: (theta_i, theta_j) -> (alpha theta_i, theta_j / alpha).
 
@@ -444,7 +449,8 @@ def alpha_scale(params: PyTree, i, j, alpha, *, groups=None) -> PyTree:
       * group ``i``: every leaf (a flax Dense/Conv ``kernel`` and ``bias``) times ``alpha``; the bias
         must scale with the kernel so that the pre-activation, and hence the ReLU pattern, scales by
         alpha;
-      * group ``j``: every leaf except those whose last path key is ``"bias"`` times ``1 / alpha``
+      * group ``j``: every leaf except biases (last path key ``"bias"``, or ``("bias", "value")`` in an
+        ``nnx.State``) times ``1 / alpha``
         (a flax ``kernel``; layer j's bias is added after the product and stays as it is);
       * all other leaves unchanged.
 
@@ -469,7 +475,7 @@ def alpha_scale(params: PyTree, i, j, alpha, *, groups=None) -> PyTree:
     for leaf, gid, path in zip(leaves, jax.tree_util.tree_leaves(ids), paths):
         if gid == gi:
             leaf = (leaf * alpha).astype(jnp.result_type(leaf))
-        elif gid == gj and not (path and path[-1] == "bias"):
+        elif gid == gj and not _is_bias(path):
             leaf = (leaf / alpha).astype(jnp.result_type(leaf))
         out.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, out)

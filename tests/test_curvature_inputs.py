@@ -130,3 +130,20 @@ def test_hvp_accepts_a_tangent_of_another_float_dtype():
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
         assert a.dtype == jnp.float32
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_compiled_risk_entry_points_check_labels_before_tracing():
+    """effective_risk / gauss_newton_trace (compiled) and the predictor operators see the concrete labels
+    first: -1 silently meant class k - 1, and k gave NaN."""
+    from lsgeo import risk
+
+    w, x = jnp.ones((3, 4)), jnp.ones((5, 3))
+    linear = lambda p, x: x @ p  # noqa: E731
+    for labels, bad in ((jnp.array([0, 1, 2, 3, -1]), r"\[-1\]"), (jnp.array([0, 1, 2, 3, 4]), r"\[4\]")):
+        for call in (
+            lambda: risk.effective_risk(linear, losses.softmax_cross_entropy, w, (x, labels), 0.1),
+            lambda: risk.gauss_newton_trace(linear, losses.softmax_cross_entropy, w, (x, labels), microbatch_size=2),
+            lambda: curvature.EmpiricalFisher(linear, losses.softmax_cross_entropy, w, (x, labels)),
+        ):
+            with pytest.raises(ValueError, match=r"labels must be in \[0, 4\).*" + bad):
+                call()

@@ -9,6 +9,7 @@ import socket
 import stat
 import tarfile
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -75,6 +76,29 @@ def umask_022():
     os.umask(old)
 
 
+# The published SHA-256 digests lsgeo.data checks downloads against, each with its source. The download tests
+# serve synthetic files from a loopback mirror and replace these digests (monkeypatch) by the SHA-256 of the
+# synthetic bytes (hashlib, computed by _Mirror.add); this test pins the published values themselves.
+FASHION_MNIST_PUBLISHED_SHA256 = {
+    # Fashion-MNIST (Xiao, Rasul, Vollgraf 2017), files at http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/.
+    # github.com/zalandoresearch/fashion-mnist publishes MD5s only; these SHA-256 digests of the same four files
+    # are the ones recorded in Britefury/batchup, batchup/datasets/fashion_mnist.py (_SHA256_TRAIN_IMAGES, ...).
+    "train-images-idx3-ubyte.gz": "08dc20ab1689590a0bcd66e874647b6ee8464e2d501b5a3f1f78831db19a3fdc",
+    "train-labels-idx1-ubyte.gz": "b0197879cbda89f3dc7b894f9fd52b858e68ea4182b6947c9d8c2b67e5f18dcc",
+    "t10k-images-idx3-ubyte.gz": "78dcbbfb5a27efaf1b6c1d616caca68560be8766c5bffcb2791df9273a534229",
+    "t10k-labels-idx1-ubyte.gz": "42bd18137a62d5998cdeae52bf3a0676ac6b706f5cf8439b47bb5b151ae3dccf",
+}
+# CIFAR-10, https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (its page lists the MD5
+# c58f30108f718f92721af3b95e74349a); the SHA-256 is the file_hash of tf.keras.datasets.cifar10.load_data
+# (tensorflow/python/keras/datasets/cifar10.py).
+CIFAR10_PUBLISHED_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
+
+
+def test_published_digests_are_the_recorded_ones():
+    assert data.FASHION_MNIST_SHA256 == FASHION_MNIST_PUBLISHED_SHA256
+    assert data.cifar.CIFAR10_SHA256 == CIFAR10_PUBLISHED_SHA256
+
+
 def test_download_success(tmp_path, mirror, umask_022):
     body = bytes(range(256)) * 5000  # 1.3 MB: several chunks
     digest = mirror.add("blob.bin", body)
@@ -135,7 +159,7 @@ def _fashion_files(labels_train=(3, 1, 4)):
 
 def test_load_dataset_downloads_fashion_mnist(tmp_path, mirror, monkeypatch):
     arrays, files = _fashion_files()
-    for name, body in files.items():
+    for name, body in files.items():  # published digest -> SHA-256 of the synthetic file (hashlib)
         monkeypatch.setitem(data.FASHION_MNIST_SHA256, name, mirror.add(name, body))
     ds = load_dataset("fashion_mnist", data_dir=tmp_path, download=True, base_url=mirror.url, standardize=False)
     assert sorted(os.listdir(tmp_path / "fashion_mnist")) == sorted(files)
@@ -149,7 +173,7 @@ def test_load_dataset_downloads_fashion_mnist(tmp_path, mirror, monkeypatch):
 
 def test_downloaded_labels_are_checked(tmp_path, mirror, monkeypatch):
     _, files = _fashion_files(labels_train=(3, 200, 4))
-    for name, body in files.items():
+    for name, body in files.items():  # published digest -> SHA-256 of the synthetic file (hashlib)
         monkeypatch.setitem(data.FASHION_MNIST_SHA256, name, mirror.add(name, body))
     with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz: Fashion-MNIST labels .*\[200\]"):
         load_dataset("fashion_mnist", data_dir=tmp_path, download=True, base_url=mirror.url)
@@ -174,11 +198,12 @@ def test_cifar10_download_via_environment(tmp_path, mirror, monkeypatch):
     archive = _cifar_archive()
     monkeypatch.setenv("LSGEO_DATA_URL", mirror.url)
     monkeypatch.setenv("LSGEO_DATA_DIR", str(tmp_path))
-    mirror.add("cifar-10-python.tar.gz", archive)  # the official digest does not match these bytes
+    mirror.add("cifar-10-python.tar.gz", archive)  # the published digest (CIFAR10_PUBLISHED_SHA256) does not match
     with pytest.raises(ValueError, match=rf"{mirror.url}cifar-10-python.tar.gz: SHA-256"):
         load_dataset("cifar10", download=True)
     assert os.listdir(tmp_path / "cifar10") == []
 
+    # the published digest replaced by the SHA-256 of the synthetic archive (hashlib)
     monkeypatch.setattr(data.cifar, "CIFAR10_SHA256", hashlib.sha256(archive).hexdigest())
     ds = load_dataset("cifar-10", download=True, n_train=4)
     assert ds.x_train.shape == (4, 32, 32, 3) and ds.x_test.shape == (2, 32, 32, 3)
@@ -224,3 +249,95 @@ def test_write_atomic(tmp_path, umask_022):
     arrays = data.savez_atomic(tmp_path / "c.npz", x=np.arange(3))
     with np.load(arrays) as f:
         np.testing.assert_array_equal(f["x"], np.arange(3))
+
+
+class _Drip:
+    """A loopback server that announces ``size`` bytes and sends one every ``interval`` seconds; it hangs
+    up after ``give_up`` seconds (so that a client without an overall bound fails in bounded test time)."""
+
+    def __init__(self, size=1000, interval=0.4, give_up=8.0):
+        stop = self.stop = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                self.wfile.flush()
+                deadline = time.monotonic() + give_up
+                try:
+                    for _ in range(size):
+                        if stop.wait(interval) or time.monotonic() > deadline:
+                            return
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                except OSError:  # the client gave up
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/slow.bin"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_download_timeout_bounds_the_whole_transfer(tmp_path):
+    """Before: ``timeout`` bounded each read, so a byte every 0.4 s kept a 1.5 s-timeout transfer alive
+    (here: 1000 bytes, 400 s; the server hangs up after 8 s)."""
+    drip = _Drip()
+    try:
+        start = time.monotonic()
+        with pytest.raises(DownloadError, match=r"did not finish within timeout=1.5 s"):
+            download_file(drip.url, tmp_path / "slow.bin", "0" * 64, timeout=1.5, progress=False)
+        elapsed = time.monotonic() - start
+    finally:
+        drip.close()
+    assert 1.4 < elapsed < 4.0, elapsed
+    assert os.listdir(tmp_path) == []  # nothing left behind
+
+
+def test_download_within_the_timeout_still_succeeds(tmp_path):
+    drip = _Drip(size=3, interval=0.05)
+    try:
+        out = download_file(drip.url, tmp_path / "small.bin", hashlib.sha256(b"xxx").hexdigest(), timeout=5.0,
+                            progress=False)
+    finally:
+        drip.close()
+    assert out.read_bytes() == b"xxx"
+
+
+def test_load_dataset_download_fetches_a_corrupt_file_again(tmp_path, mirror, monkeypatch):
+    arrays, files = _fashion_files()
+    for name, body in files.items():  # published digest -> SHA-256 of the synthetic file (hashlib)
+        monkeypatch.setitem(data.FASHION_MNIST_SHA256, name, mirror.add(name, body))
+    folder = tmp_path / "fashion_mnist"
+    folder.mkdir()
+    for name, body in files.items():
+        (folder / name).write_bytes(body)
+    broken = data.FASHION_MNIST_FILES["y_train"]
+    (folder / broken).write_bytes(files[broken][:-3])  # an interrupted copy: truncated
+    with pytest.raises(ValueError, match="train-labels"):  # without download: the clear read error
+        load_dataset("fashion_mnist", data_dir=tmp_path, standardize=False)
+    ds = load_dataset("fashion_mnist", data_dir=tmp_path, download=True, base_url=mirror.url, standardize=False)
+    assert mirror.requests == [broken]  # only the corrupt file is fetched again, in place
+    assert (folder / broken).read_bytes() == files[broken]
+    np.testing.assert_array_equal(ds.y_train, arrays["y_train"])
+
+
+def test_cifar10_download_fetches_a_corrupt_archive_again(tmp_path, mirror, monkeypatch):
+    archive = _cifar_archive()
+    # the published digest replaced by the SHA-256 of the synthetic archive (hashlib, in _Mirror.add)
+    monkeypatch.setattr(data.cifar, "CIFAR10_SHA256", mirror.add("cifar-10-python.tar.gz", archive))
+    (tmp_path / "cifar10").mkdir()
+    (tmp_path / "cifar10" / "cifar-10-python.tar.gz").write_bytes(archive[: len(archive) // 2])
+    ds = load_dataset("cifar10", data_dir=tmp_path, download=True, base_url=mirror.url, n_train=4)
+    assert ds.x_train.shape == (4, 32, 32, 3)
+    assert mirror.requests == ["cifar-10-python.tar.gz"]
+    assert (tmp_path / "cifar10" / "cifar-10-python.tar.gz").read_bytes() == archive

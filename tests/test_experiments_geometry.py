@@ -67,7 +67,7 @@ def test_wide_networks_rejects_a_narrow_wide_layer():
 
 def test_hessian_spectrum(tmp_path):
     cfg = hessian_spectrum.Config(n_train=32, widths=(4,), lrs=(0.5,), steps=20, eval_every=10, spectrum_lr=0.5,
-                                  lanczos_iters=5, top_k=2, slq_iters=10, slq_runs=2, density_points=16)
+                                  lanczos_iters=5, top_k=2, slq_iters=10, slq_runs=2, density_points=16, seeds=(0,))
     summary, rows = _run(hessian_spectrum, cfg, tmp_path)
     fig = summary["figures"]
     assert fig["init_lambda_max"] > 0 and 0.0 <= fig["init_saddle_index"] <= 1.0

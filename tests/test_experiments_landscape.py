@@ -28,7 +28,7 @@ def _run(exp, cfg, tmp_path, figures):
 
 
 def test_mode_connectivity(tmp_path):
-    cfg = mode_connectivity.Config(n_train=200, widths=(8,), steps=50, curve_steps=20, num_points=5)
+    cfg = mode_connectivity.Config(n_train=200, widths=(8,), steps=50, curve_steps=20, num_points=5, seeds=(0,))
     summary, rows = _run(mode_connectivity.EXPERIMENT, cfg, tmp_path, ["paths.png"])
     line, curve = (sorted(common.select(rows, path=p), key=lambda r: r["t"]) for p in ("line", "curve"))
     assert [r["t"] for r in line] == [0.0, 0.25, 0.5, 0.75, 1.0]

@@ -89,3 +89,30 @@ def test_labels_are_not_checked_under_jit():
     # traced labels cannot be inspected; the check is free under jit and never raises there
     value = jax.jit(losses.softmax_cross_entropy)(PHI, LABELS)
     np.testing.assert_allclose(value, losses.softmax_cross_entropy(PHI, LABELS), rtol=1e-6)
+
+
+SIGNS = jnp.asarray([1.0, -1.0, 1.0, 1.0, -1.0])
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: losses.logistic_loss(PHI[:, 0], SIGNS[:4]), r"labels must have shape \(5,\) or \(5, 1\)"),
+        (lambda: losses.logistic_loss(PHI[:, :1], jnp.ones(6)), r"labels must have shape \(5,\) or \(5, 1\)"),
+        (lambda: losses.logistic_loss(PHI, SIGNS), r"outputs of logistic_loss must be scalar predictions"),
+        (lambda: losses.accuracy(PHI, LABELS[:4]), r"labels must be integer classes of shape \(5,\)"),
+        (lambda: losses.accuracy(PHI, LABELS[:, None]), r"labels must be integer classes of shape \(5,\)"),
+        (lambda: losses.accuracy(PHI[:, 0], SIGNS[:3]), r"labels must have shape \(5,\) or \(5, 1\)"),
+    ],
+)
+def test_wrong_number_of_labels_is_a_clear_error(call, match):
+    """Before: a reshape error from deep inside jax, or (accuracy with [n, 1] labels) a silent [n, n] broadcast."""
+    with pytest.raises(ValueError, match=match):
+        call()
+    with pytest.raises(ValueError, match=match):  # shapes are static: the same error under jit
+        jax.jit(call)()
+
+
+def test_scalar_outputs_accept_column_labels():
+    np.testing.assert_allclose(losses.logistic_loss(PHI[:, :1], SIGNS[:, None]), losses.logistic_loss(PHI[:, 0], SIGNS))
+    assert float(losses.accuracy(PHI[:, 0], SIGNS[:, None])) == float(losses.accuracy(PHI[:, 0], SIGNS))

@@ -61,8 +61,8 @@ BAD = [
     ({"microbatch_size": 2.0}, ValueError, "microbatch_size must be a positive integer"),
     ({"microbatch_size": True}, ValueError, "microbatch_size must be a positive integer"),
     ({"microbatch_size": "8"}, ValueError, "microbatch_size must be a positive integer"),
-    ({"microbatch_size": 4, "devices": "cpu"}, ValueError, "devices must be a non-empty sequence of jax devices"),
-    ({"microbatch_size": 4, "devices": []}, ValueError, "devices must be a non-empty sequence"),
+    ({"microbatch_size": 4, "devices": "cpu"}, ValueError, "devices must hold jax devices"),
+    ({"microbatch_size": 4, "devices": []}, ValueError, "devices must hold at least one device"),
     ({"microbatch_size": 4, "devices": ONE_DEVICE * 2}, ValueError, "devices must not repeat a device"),
 ]
 

@@ -12,6 +12,7 @@ from lsgeo import groups as groups_lib
 from lsgeo import theory
 from lsgeo.optim import clean_params, noise_injection, perturbed_params
 from lsgeo.perturbation import perturbation
+from lsgeo.streams import STREAMS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,8 +73,8 @@ def _run_wrapper(opt, w0, batch, num_steps):
 
 def _run_reference(inner, w0, batch, num_steps, sigma, mode, selection, groups=None, seed=0, feed_perturbed=False):
     """The paper's step written out: gradient at w_t + xi_t, inner update applied to w_t; xi_0 = 0 and
-    xi_t (t >= 1) from the documented key derivation."""
-    base = jax.random.key(seed)
+    xi_t (t >= 1) from the documented key derivation (the "noise" subtree of the seed's key)."""
+    base = jax.random.fold_in(jax.random.key(seed), STREAMS["noise"])
     num_groups = len(groups_lib.group_names(w0, groups))
 
     def draw(w, t):
@@ -420,3 +421,72 @@ def test_compositions_chain_and_inject_hyperparams():
     after = optax.chain(noise_injection(optax.sgd(0.1), 0.1), optax.scale(0.5))
     with pytest.raises(ValueError, match="outermost"):
         clean_params(w0, after.init(w0))
+
+
+def test_clean_params_with_nnx_optimizer_as_users_write_it():
+    """The nnx way: a module, nnx.Optimizer(model, tx, wrt=nnx.Param), and
+    clean_params(nnx.state(model, nnx.Param), optimizer.opt_state) gives w_t, as an nnx State of Params."""
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(3, 5, rngs=rngs)
+            self.l2 = nnx.Linear(5, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(jnp.tanh(self.l1(x)))
+
+    x, y = _data(1)
+    model = MLP(nnx.Rngs(0))
+    w = nnx.state(model, nnx.Param)
+    lr = 0.2
+    optimizer = nnx.Optimizer(model, noise_injection(optax.sgd(lr), 0.1, mode="layerwise", seed=3), wrt=nnx.Param)
+    loss_fn = lambda m: jnp.mean((m(x) - y) ** 2)
+    for _ in range(3):
+        z = nnx.state(model, nnx.Param)  # the perturbed point the model holds
+        w_expected = optax.tree.sub(jax.tree.leaves(z), jax.tree.leaves(optimizer.opt_state.xi))
+        grads = nnx.grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        # w_{t+1} = w_t - lr g(z_t)
+        w = clean_params(nnx.state(model, nnx.Param), optimizer.opt_state)
+        want = [a - lr * b for a, b in zip(w_expected, jax.tree.leaves(grads))]
+        chex.assert_trees_all_close(jax.tree.leaves(w), want, atol=1e-6)
+    assert isinstance(w, nnx.State) and jax.tree.structure(w) == jax.tree.structure(nnx.state(model, nnx.Param))
+    assert float(sum(jnp.sum(v ** 2) for v in jax.tree.leaves(optimizer.opt_state.xi))) > 0
+    # the clean point can be put back into the model, as nnx users do for evaluation
+    nnx.update(model, w)
+    chex.assert_trees_all_close(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(w))
+
+
+@pytest.mark.parametrize("mode", ["layerwise", "full"])
+def test_clean_params_with_noise_on_part_of_the_tree(mode):
+    """optax.multi_transform / optax.masked put MaskedNode in xi where the noise does not go."""
+    params = {"a": {"w": np.ones((2, 2), np.float32)}, "b": {"w": np.ones((3,), np.float32)},
+              "c": {"w": np.full((2,), 2.0, np.float32)}}
+    tx = optax.multi_transform(
+        {"noisy": noise_injection(optax.sgd(0.1), 0.3, mode=mode, seed=1), "plain": optax.sgd(0.5)},
+        {"a": "noisy", "b": "plain", "c": "noisy"},
+    )
+    state = tx.init(params)
+    g = jax.tree.map(np.ones_like, params)
+    z = params
+    for t in range(1, 4):
+        updates, state = tx.update(g, state, z)
+        z = optax.apply_updates(z, updates)
+        w = clean_params(z, state)
+        chex.assert_trees_all_close(w["a"]["w"], np.full((2, 2), 1 - 0.1 * t), atol=1e-6)
+        chex.assert_trees_all_close(w["c"]["w"], np.full((2,), 2 - 0.1 * t), atol=1e-6)
+        chex.assert_trees_all_close(w["b"]["w"], np.full((3,), 1 - 0.5 * t), atol=1e-6)
+        np.testing.assert_array_equal(z["b"]["w"], w["b"]["w"])  # no noise on the plain part
+    assert not np.allclose(z["a"]["w"], w["a"]["w"]) or not np.allclose(z["c"]["w"], w["c"]["w"])
+    chex.assert_trees_all_close(perturbed_params(w, state), z, atol=1e-6)
+    with pytest.raises(ValueError, match="params"):
+        clean_params({"a": {"w": np.ones((2, 2))}, "b": {"w": np.ones(3)}}, state)
+
+
+def test_integer_params_and_bad_seeds_are_clear_errors():
+    with pytest.raises(ValueError, match=r"params leaf \['b'\] has dtype int32.*floating point"):
+        noise_injection(optax.sgd(0.1), 0.1).init({"a": np.zeros(2, np.float32), "b": np.zeros(2, np.int32)})
+    for seed in ["a", 2**40, None, 1.5]:
+        with pytest.raises(ValueError, match="seed must be"):
+            noise_injection(optax.sgd(0.1), 0.1, seed=seed)

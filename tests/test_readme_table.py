@@ -42,3 +42,39 @@ def test_every_experiment_has_a_row():
 
     modules = {m.name for m in pkgutil.iter_modules(experiments.__path__)} - {"runner", "common", "readme_table"}
     assert modules == set(readme_table.ROWS)
+
+
+def _render_rows(markdown: str) -> list[list[str]]:
+    """The cells of every row of the Markdown table in ``markdown``, as a GFM renderer reads them."""
+    markdown_it = pytest.importorskip("markdown_it")
+    tokens = markdown_it.MarkdownIt("commonmark").enable("table").parse(markdown)
+    rows, row = [], None
+    for tok in tokens:
+        if tok.type == "tr_open":
+            row = []
+        elif tok.type == "inline" and row is not None:
+            row.append(tok.content)
+        elif tok.type == "tr_close":
+            rows.append(row)
+            row = None
+    return rows
+
+
+def test_rendered_table_has_six_cells_in_every_row_and_keeps_pipes(tmp_path):
+    """A ``|`` in a cell (geometry_report's ``max|lambda|``) is escaped: rendered, every row has the header's six
+    columns and the verdict stays in its column."""
+    default = readme_table.default_config("geometry_report")
+    figures = {f"ratio_sigma={s:g}": 1.1 for s in default["sigmas"]}
+    figures.update(saddle_index=0.01, smallest_Hessian_eigenvalue=-0.016, Hessian_eigenvalue_1=8.0)
+    _summary(tmp_path, "geometry_report", "20240101-000000", default, figures, supported=True)
+    text = readme_table.table(tmp_path, machine_note="test machine, load 1.0")
+    rows = _render_rows(text)
+    assert len(rows) == 1 + len(readme_table.ROWS)
+    assert all(len(r) == 6 for r in rows), [len(r) for r in rows]
+    (row,) = [r for r in rows if r[0] == "`geometry_report`"]
+    assert "max|lambda|" in row[3] and row[4] == "supported"
+    assert "test machine, load 1.0" in text
+
+
+def test_cell_escapes_pipes_and_line_breaks():
+    assert readme_table.cell("a|b\nc") == "a\\|b c"

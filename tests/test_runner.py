@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import stat
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -108,7 +109,7 @@ def test_resume_with_more_seeds_computes_only_new_cells(tmp_path):
     calls = []
     runner.run_experiment(_toy(calls), ToyConfig(seeds=(0, 1)), resume=run_dir, progress=False)
     assert [c["seed"] for group in calls for c in group] == [1, 1]
-    with pytest.raises(ValueError, match="only seeds"):
+    with pytest.raises(runner.ConfigError, match="only --seeds may change, got --steps 5"):
         runner.run_experiment(_toy([]), ToyConfig(steps=5), resume=run_dir, progress=False)
 
 
@@ -131,7 +132,7 @@ def test_cli_presets_overrides_and_data_options(tmp_path, capsys):
     assert "A toy claim." in capsys.readouterr().out
     _, again = runner.main(_toy([]), ["--resume", str(run_dir), "--seeds", "3", "4"], compilation_cache=False)
     assert again["config"]["steps"] == 7 and again["config"]["seeds"] == (3, 4)
-    with pytest.raises(ValueError, match="only seeds"):
+    with pytest.raises(SystemExit, match="--resume .* only --seeds may change, got --steps 2"):
         runner.main(_toy([]), ["--resume", str(run_dir), "--steps", "2"], compilation_cache=False)
 
 
@@ -143,7 +144,7 @@ def test_cli_help_lists_presets_and_bad_options_fail_before_a_folder(tmp_path, c
     for argv in (["--preset", "nope"], ["--steps", "many"], ["--no-such-flag", "1"]):
         with pytest.raises(SystemExit):
             runner.main(_toy([]), [*argv, "--out", str(tmp_path)], compilation_cache=False)
-    with pytest.raises(ValueError, match="steps must be positive"):  # rejected by cells(), before the folder
+    with pytest.raises(SystemExit, match="--steps must be >= 1; got 0"):  # the runner's own check, before the folder
         runner.main(_toy([]), ["--steps", "0", "--out", str(tmp_path)], compilation_cache=False)
     assert not (tmp_path / "toy").exists()
 
@@ -200,15 +201,16 @@ def test_combine_and_describe():
     assert common.combine({"a": True, "b": None}) is None
     assert common.combine({"a": None, "b": False}) is False and common.combine({}) is None
     text = common.paired_gain([0.62, 0.63, 0.61], [0.60, 0.60, 0.60]).describe("gain", scale=100, unit=" points")
-    assert text.startswith("gain +2 ± 0.58 points (3 seeds)") and "margin" in text
+    assert text.startswith("gain +2 ± 0.58 points (3 seeds)") and "within ±2.48 (noise; 95% paired t, t=4.3)" in text
 
 
 def test_sigma_is_chosen_on_validation_never_on_test():
     rows, seeds = [], (0, 1, 2)
     for s, (val, test) in {0.01: (0.70, 0.90), 0.1: (0.80, 0.60)}.items():  # test prefers 0.01, validation 0.1
         rows += [dict(method="layer", sigma=s, seed=k, step=10, val_acc=val, test_acc=test + 0.01 * k) for k in seeds]
-    rows += [dict(method="gd", sigma=0.0, seed=k, step=10, val_acc=0.7, test_acc=0.5 + 0.01 * k, n_test=100)
-             for k in seeds]
+    rows += [
+        dict(method="gd", sigma=0.0, seed=k, step=10, val_acc=0.7, test_acc=0.5 + 0.01 * k, n_test=100) for k in seeds
+    ]
     best, gain = common.compare_to_gd(rows, "layer", (0.01, 0.1), seeds, 10)
     assert best == 0.1 and gain.mean == pytest.approx(0.1) and gain.supported is True
     assert common.paired_gain([0.9, 0.8], [0.1, 0.2]).supported is None  # two seeds: the s.e. has one degree of freedom
@@ -236,3 +238,126 @@ def test_history_rows_drop_swa_before_averaging():
         {"step": 10, "train_loss": 1.0},
     ]
     assert common.history_rows(history, (0, 0), "swa_", kind="swa") == [{"kind": "swa", "step": 10, "train_loss": 1.5}]
+
+
+# --- config checks before the run folder (issue 20), Ctrl-C, --resume of a foreign folder --------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RichConfig:
+    """One field of each convention of ``runner._RANGES`` and the relations."""
+
+    methods: tuple[Literal["gd", "noise"], ...] = ("gd",)
+    sigmas: tuple[float, ...] = (0.0, 0.1)
+    seeds: tuple[int, ...] = (0, 1)
+    widths: tuple[int, ...] = (4, 4)
+    n_train: int | None = 8
+    steps: int = 10
+    eval_every: int = 5
+    lr: float = 0.1
+    momentum: float = 0.9
+    batch_size: int = 4
+    label_noise: float = 0.0
+    escape_fraction: float = 0.5
+    activation: Literal["relu", "tanh"] = "relu"
+
+
+def _rich(validate=None) -> runner.Experiment:
+    return runner.Experiment(
+        name="rich",
+        claim="A claim.",
+        config=RichConfig,
+        cells=lambda cfg: [dict(method=m, sigma=s, seed=k) for m in cfg.methods for s in cfg.sigmas for k in cfg.seeds],
+        run=lambda cfg, data, cells: [[dict(step=0, loss=0.0)] for _ in cells],
+        summarize=lambda cfg, rows: runner.Verdict(None, {}, []),
+        validate=validate,
+    )
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(steps=True), "--steps must be an int; got True"),
+        (dict(steps=2.5), "--steps must be an int"),
+        (dict(lr="0.1"), "--lr must be a float"),
+        (dict(widths=[4, 4]), "--widths must be a tuple"),
+        (dict(methods=("gd", "sgd")), "--methods must be one of gd, noise; got 'sgd'"),
+        (dict(activation="elu"), "--activation must be one of relu, tanh"),
+        (dict(methods=()), "--methods must not be empty"),
+        (dict(seeds=(0, 1, 0)), "--seeds repeats 0"),
+        (dict(seeds=(2**31,)), "--seeds must be in [0, 2^31)"),
+        (dict(sigmas=(0.1, float("nan"))), "--sigmas must be finite"),
+        (dict(sigmas=(-0.1,)), "--sigmas must be >= 0"),
+        (dict(widths=(4, 0)), "--widths must be >= 1; got 0"),
+        (dict(n_train=0), "--n-train must be >= 1"),
+        (dict(steps=0), "--steps must be >= 1"),
+        (dict(eval_every=-5), "--eval-every must be >= 1"),
+        (dict(steps=12), "--eval-every 5 must divide --steps 12"),
+        (dict(eval_every=20), "--eval-every 20 must be at most --steps 10"),
+        (dict(lr=0.0), "--lr must be > 0"),
+        (dict(lr=float("inf")), "--lr must be finite"),
+        (dict(momentum=1.0), "--momentum must be in [0, 1)"),
+        (dict(label_noise=-1.0), "--label-noise must be >= 0"),
+        (dict(escape_fraction=1.5), "--escape-fraction must be in [0, 1]"),
+        (dict(batch_size=9), "--batch-size 9 exceeds --n-train 8"),
+    ],
+)
+def test_check_config_names_the_flag(override, message, tmp_path):
+    exp = _rich()
+    with pytest.raises(runner.ConfigError) as info:
+        runner.run_experiment(exp, RichConfig(**override), out=tmp_path, progress=False, verbose=False)
+    assert message in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_check_config_accepts_the_defaults_and_none_and_runs_the_hook(tmp_path):
+    assert len(runner.check_config(_rich(), RichConfig(n_train=None))) == 4
+
+    def validate(cfg):
+        if cfg.escape_fraction == 0:
+            raise ValueError("--escape-fraction must be in (0, 1)")
+
+    with pytest.raises(runner.ConfigError, match=r"--escape-fraction must be in \(0, 1\)"):
+        runner.run_experiment(_rich(validate), RichConfig(escape_fraction=0.0), out=tmp_path, progress=False)
+    with pytest.raises(SystemExit, match=r"^python -m experiments.rich: error: --escape-fraction must be in \(0, 1\)$"):
+        runner.main(_rich(validate), ["--escape-fraction", "0", "--out", str(tmp_path)], compilation_cache=False)
+    assert not list(tmp_path.iterdir())
+    # a grid whose cells repeat (a tuple read by cells() without the runner knowing it is a grid axis)
+    exp = dataclasses.replace(_rich(), cells=lambda cfg: [dict(width=w) for w in cfg.widths])
+    with pytest.raises(runner.ConfigError, match="repeats the cell width=4: --widths repeat a value"):
+        runner.check_config(exp, RichConfig())
+
+
+def test_ctrl_c_prints_one_line_with_the_kept_cells_and_the_resume_command(tmp_path, capsys):
+    argv = ["--out", str(tmp_path), "--data-dir", str(tmp_path / "d")]
+    with pytest.raises(SystemExit) as info:
+        runner.main(_toy([], fail_on=(0.5, 1)), argv, compilation_cache=False)
+    assert info.value.code == 130
+    (run_dir,) = (tmp_path / "toy").iterdir()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("interrupted") == 1
+    command = f"python -m experiments.toy --resume {run_dir} --data-dir {tmp_path / 'd'}"
+    assert err.splitlines()[-1] == f"interrupted: 2 of 4 cells kept in {run_dir}; resume with: {command}"
+    calls = []
+    _, summary = runner.main(_toy(calls), command.split()[3:], compilation_cache=False)
+    assert [c["sigma"] for group in calls for c in group] == [0.5, 0.5] and summary["supported"] is True
+
+
+def test_resume_refuses_a_folder_of_another_experiment_or_config(tmp_path):
+    run_dir, _ = runner.run_experiment(_toy([]), ToyConfig(), out=tmp_path, progress=False, verbose=False)
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match=r"--resume .* is not a run of rich but of toy \(it lacks fields of rich: "):
+        runner.main(_rich(), ["--resume", str(run_dir)], compilation_cache=False)
+    # the same Config, another grid: an interrupted run (no summary.json) is recognised by its cells
+    (run_dir / "summary.json").unlink()
+    del files[run_dir / "summary.json"]
+    other = dataclasses.replace(_toy([]), name="toy2", cells=lambda cfg: [dict(part="x", seed=k) for k in cfg.seeds])
+    with pytest.raises(SystemExit, match="--resume .*: its cells/ holds cells of another experiment"):
+        runner.main(other, ["--resume", str(run_dir)], compilation_cache=False)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
+    with pytest.raises(SystemExit, match="--resume .* no such folder"):
+        runner.main(_toy([]), ["--resume", str(tmp_path / "nope")], compilation_cache=False)
+    # the same experiment, another version of its config (a field since removed): refused, not defaulted
+    (run_dir / "config.json").write_text(json.dumps({**json.loads(files[run_dir / "config.json"]), "width": 3}))
+    with pytest.raises(SystemExit, match="another version of toy's config \\(it has fields toy lacks: --width\\)"):
+        runner.main(_toy([]), ["--resume", str(run_dir)], compilation_cache=False)

@@ -128,8 +128,10 @@ def test_divergence_names_step_and_quantity_and_keeps_the_last_finite_state():
 
 def test_non_finite_start_names_the_real_quantity():
     bad = jax.tree.map(lambda a: np.full_like(a, np.nan), W0)
-    with pytest.raises(TrainingDiverged, match="step 0: train_loss") as info:
+    with pytest.raises(ValueError, match="params leaf .* holds non-finite"):  # an argument error, not a divergence
         train(loss, optax.sgd(0.1), bad, (X, Y), num_steps=2)
+    with pytest.raises(TrainingDiverged, match="step 0: train_loss") as info:  # finite w_0, non-finite loss
+        train(lambda p, b: loss(p, b) / 0.0 * 0.0, optax.sgd(0.1), W0, (X, Y), num_steps=2)
     assert info.value.history == {}
     with pytest.raises(TrainingDiverged, match="step 0: w_norm"):
         train(loss, optax.sgd(0.1), W0, (X, Y), num_steps=2, eval_fn=lambda p, b: {"w_norm": jnp.nan}, eval_data=None)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from lsgeo.data.dataset import Dataset
-from lsgeo.data.download import download_file, resolve_base_url
+from lsgeo.data.download import download_file, file_sha256, resolve_base_url
 from lsgeo.data.paths import candidate_dirs, find_file, missing_file_error
 from lsgeo.validation import check_class_labels
 
@@ -123,15 +123,20 @@ def _read_cifar_archive(archive: Path, names: Sequence[str]) -> dict[str, tuple[
 def download_cifar10(data_dir=None, *, base_url: str | None = None, progress: bool = True) -> list[Path]:
     """Download ``cifar-10-python.tar.gz`` into ``<data_dir>/cifar10/`` unless ``read_cifar10(data_dir=
     data_dir)`` already finds the batches or the archive; verified against ``CIFAR10_SHA256`` and
-    written atomically (see ``lsgeo.data.download``). Returns the files downloaded (empty when the
-    data were there; they are not re-checked). ``base_url``: a mirror (else ``$LSGEO_DATA_URL``,
+    written atomically (see ``lsgeo.data.download``). An archive already present is checked against
+    the digest and fetched again when corrupt (extracted batches are read as they are). Returns the
+    files downloaded (empty when the data were there and intact). ``base_url``: a mirror (else ``$LSGEO_DATA_URL``,
     else the folder of ``CIFAR10_URL``). Cost: 170 MB from the network; the archive is read as is.
     """
     dirs = candidate_dirs(data_dir, _SUBDIRS)
-    if _find_batches(dirs) is not None or find_file([CIFAR10_ARCHIVE], dirs) is not None:
+    if _find_batches(dirs) is not None:
         return []
+    archive = find_file([CIFAR10_ARCHIVE], dirs)
+    if archive is not None and file_sha256(archive) == CIFAR10_SHA256:
+        return []
+    target = dirs[0] / CIFAR10_ARCHIVE if archive is None else archive  # a corrupt archive is fetched again
     base = resolve_base_url(base_url, CIFAR10_URL[: -len(CIFAR10_ARCHIVE)])
-    return [download_file(base + CIFAR10_ARCHIVE, dirs[0] / CIFAR10_ARCHIVE, CIFAR10_SHA256, progress=progress)]
+    return [download_file(base + CIFAR10_ARCHIVE, target, CIFAR10_SHA256, progress=progress)]
 
 
 def cifar10(*, data_dir=None, download: bool = False, base_url: str | None = None) -> Dataset:

@@ -6,8 +6,9 @@
 the SHA-256 digest equals the expected one. Otherwise nothing is left behind: no ``path``, no
 temporary file, and the error names the URL and the file:
 
-- the transfer fails (connection refused, HTTP error, timeout, connection closed before
-  ``Content-Length`` bytes): ``DownloadError`` (an ``OSError``);
+- the transfer fails (connection refused, HTTP error, connection closed before ``Content-Length``
+  bytes, or not finished within ``timeout`` seconds, the bound of the whole transfer):
+  ``DownloadError`` (an ``OSError``);
 - the bytes arrived but their digest differs (a corrupt or substituted file): ``ValueError``.
 
 The official locations of Fashion-MNIST and CIFAR-10 are in ``lsgeo.data.idx`` and
@@ -35,6 +36,7 @@ import hashlib
 import http.client
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -44,7 +46,7 @@ from tqdm import tqdm
 from lsgeo.data.atomic import atomic_writer
 from lsgeo.validation import check_positive_int
 
-__all__ = ["DATA_URL_ENV", "DownloadError", "download_file", "resolve_base_url"]
+__all__ = ["DATA_URL_ENV", "DownloadError", "download_file", "file_sha256", "resolve_base_url"]
 
 DATA_URL_ENV = "LSGEO_DATA_URL"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -75,6 +77,15 @@ def resolve_base_url(base_url: str | None, default: str) -> str:
     return value.rstrip("/") + "/"
 
 
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """The SHA-256 hex digest of the file at ``path`` (read in chunks; a few hundred MB/s)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def download_file(url: str, path: str | os.PathLike, sha256: str, *, progress: bool = True,
                   timeout: float = 60.0, chunk_size: int = 1 << 20) -> Path:
     """Download ``url`` to ``path`` atomically and verify its SHA-256 digest; returns ``Path(path)``.
@@ -85,7 +96,8 @@ def download_file(url: str, path: str | os.PathLike, sha256: str, *, progress: b
         complete, verified download).
       sha256: expected hex digest (64 lowercase or uppercase hex digits).
       progress: show a tqdm bar (bytes, with the total when the server sends ``Content-Length``).
-      timeout: seconds to wait for the connection and for each read.
+      timeout: seconds the whole transfer may take (connection, headers and body together; a server
+        that sends a byte now and then cannot extend it).
       chunk_size: bytes read at a time.
 
     Raises:
@@ -113,6 +125,10 @@ def download_file(url: str, path: str | os.PathLike, sha256: str, *, progress: b
                                  f"{expected}: the file is corrupt or not the official one; {path} was not written")
     except DownloadError:
         raise
+    except _Deadline as e:
+        got = f" ({e.args[0]} bytes received)" if e.args else ""
+        raise DownloadError(f"{url}: the transfer did not finish within timeout={timeout} s{got}; "
+                            f"{path} was not written") from None
     except http.client.IncompleteRead as e:  # a chunked transfer cut short
         raise DownloadError(f"{url}: transfer interrupted ({e!r}); {path} was not written") from e
     except (OSError, http.client.HTTPException) as e:  # urllib.error.URLError and timeouts are OSErrors
@@ -121,21 +137,55 @@ def download_file(url: str, path: str | os.PathLike, sha256: str, *, progress: b
     return path
 
 
+def _set_read_timeout(response, seconds: float) -> None:
+    """Bounds the next socket read of an HTTP ``response`` by ``seconds`` (no-op for file:// responses)."""
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
 def _stream(url: str, out, *, progress: bool, timeout: float, chunk_size: int, label: str):
-    """Copies ``url`` into the file ``out``; returns (bytes received, Content-Length or None, sha256)."""
+    """Copies ``url`` into the file ``out``; returns (bytes received, Content-Length or None, sha256).
+
+    The whole transfer (connection, headers, body) must end within ``timeout`` seconds of the start:
+    every socket wait is bounded by the time left, and the body is read with ``read1`` (what one
+    receive returns), so a server that keeps sending a byte now and then cannot keep it alive.
+    """
     from lsgeo import __version__
+
+    deadline = time.monotonic() + timeout
+
+    def time_left() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Deadline()
+        return left
 
     request = urllib.request.Request(url, headers={"User-Agent": f"lsgeo/{__version__}"})
     digest = hashlib.sha256()
     received = 0
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        length = response.headers.get("Content-Length")
-        total = int(length) if length is not None and length.strip().isdigit() else None
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
-                  disable=not progress) as bar:
-            while chunk := response.read(chunk_size):
-                digest.update(chunk)
-                out.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length is not None and length.strip().isdigit() else None
+            read = getattr(response, "read1", response.read)
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
+                      disable=not progress) as bar:
+                while True:
+                    _set_read_timeout(response, time_left())
+                    chunk = read(chunk_size)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    out.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+    except (_Deadline, TimeoutError) as e:
+        if time.monotonic() < deadline and not isinstance(e, _Deadline):
+            raise
+        raise _Deadline(received) from None
     return received, total, digest.hexdigest()
+
+
+class _Deadline(Exception):
+    """The transfer did not end within ``timeout`` seconds (args: bytes received so far, if known)."""

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from lsgeo.data.dataset import Dataset
-from lsgeo.data.download import download_file, resolve_base_url
+from lsgeo.data.download import download_file, file_sha256, resolve_base_url
 from lsgeo.data.paths import candidate_dirs, find_file, missing_file_error
 from lsgeo.validation import check_class_labels
 
@@ -128,17 +128,24 @@ def read_fashion_mnist(folder: str | os.PathLike | None = None, *, data_dir=None
 def download_fashion_mnist(data_dir=None, *, base_url: str | None = None, progress: bool = True) -> list[Path]:
     """Download the Fashion-MNIST files that ``read_fashion_mnist(data_dir=data_dir)`` does not find
     into ``<data_dir>/fashion_mnist/``, each verified against ``FASHION_MNIST_SHA256`` and written
-    atomically (see ``lsgeo.data.download``). Returns the files downloaded (empty when all were
-    there; files already present are not re-checked). ``base_url``: a mirror (else
+    atomically (see ``lsgeo.data.download``). A ``.gz`` file already present is checked against its
+    digest too and fetched again when it is corrupt (gunzipped files are read as they are). Returns
+    the files downloaded (empty when all were there and intact). ``base_url``: a mirror (else
     ``$LSGEO_DATA_URL``, else ``FASHION_MNIST_URL``). Cost: 30 MB from the network.
     """
     dirs = candidate_dirs(data_dir, _SUBDIRS)
-    missing = [name for name in FASHION_MNIST_FILES.values() if _find(name, dirs) is None]
-    if not missing:
+    todo = {}  # name -> where to write it
+    for name in FASHION_MNIST_FILES.values():
+        path = _find(name, dirs)
+        if path is None:
+            todo[name] = dirs[0] / name
+        elif path.name == name and file_sha256(path) != FASHION_MNIST_SHA256[name]:
+            todo[name] = path  # an official file found corrupt: fetched again, replaced only once verified
+    if not todo:
         return []
     base = resolve_base_url(base_url, FASHION_MNIST_URL)
-    return [download_file(base + name, dirs[0] / name, FASHION_MNIST_SHA256[name], progress=progress)
-            for name in missing]
+    return [download_file(base + name, path, FASHION_MNIST_SHA256[name], progress=progress)
+            for name, path in todo.items()]
 
 
 def fashion_mnist(*, data_dir=None, download: bool = False, base_url: str | None = None) -> Dataset:

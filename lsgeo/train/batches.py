@@ -3,8 +3,9 @@
 With ``batch_size=None`` every step sees all of ``data`` (the paper's full-batch GD). Otherwise epoch
 e = t // S, S = n // batch_size steps per epoch, visits ``epoch_permutation(data_key, e, n)`` in
 order, ``batch_size`` examples at a time (the last n mod batch_size examples of each permutation are
-dropped). The batch is a pure function of (data_key, t), so a run resumed at any step, mid-epoch
-included, sees exactly the batches of the uninterrupted run.
+dropped). The permutation of epoch e and the augmentation key of step t come from disjoint subtrees
+of the data key (:mod:`lsgeo.streams`). The batch is a pure function of (data_key, t), so a run
+resumed at any step, mid-epoch included, sees exactly the batches of the uninterrupted run.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -20,18 +21,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lsgeo import streams
+
 __all__ = ["epoch_permutation", "minibatch", "augment_key"]
-
-
-def _key(data_key) -> jax.Array:
-    if jnp.issubdtype(data_key.dtype, jax.dtypes.prng_key):
-        return data_key
-    return jax.random.wrap_key_data(data_key)
 
 
 def epoch_permutation(data_key, epoch, num_examples: int) -> jax.Array:
     """The order in which minibatch SGD visits the examples in ``epoch`` (``data_key``: typed or raw)."""
-    return jax.random.permutation(jax.random.fold_in(_key(data_key), epoch), num_examples)
+    return jax.random.permutation(streams.stream(data_key, "permutation", epoch), num_examples)
 
 
 def minibatch(data, data_key, step, batch_size: int | None):
@@ -50,5 +47,5 @@ def minibatch(data, data_key, step, batch_size: int | None):
 
 
 def augment_key(data_key, step) -> jax.Array:
-    """The key of step ``step``'s data augmentation (independent of the minibatch order)."""
-    return jax.random.fold_in(jax.random.split(_key(data_key))[1], step)
+    """The key of step ``step``'s data augmentation (a subtree of ``data_key`` disjoint from the minibatch order)."""
+    return streams.stream(data_key, "augment", step)

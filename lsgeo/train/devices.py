@@ -13,12 +13,20 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["data_mesh", "shard_examples", "replicate", "constrain_examples"]
+from lsgeo.microbatch import resolve_devices
+
+__all__ = ["check_devices", "data_mesh", "shard_examples", "replicate", "constrain_examples"]
+
+
+def check_devices(devices, name: str = "devices") -> list:
+    """``devices`` as a list: a non-empty sequence of distinct ``jax.Device`` (``lsgeo.microbatch.resolve_devices``,
+    the one device check of lsgeo; ValueError naming ``name``)."""
+    return list(resolve_devices(devices, name))
 
 
 def data_mesh(devices=None) -> Mesh | None:
     """A 1-D mesh ``("data",)`` over ``devices`` (default ``jax.devices()``); None for a single device."""
-    devices = list(jax.devices() if devices is None else devices)
+    devices = jax.devices() if devices is None else check_devices(devices)
     if len(devices) <= 1:
         return None
     return Mesh(np.asarray(devices), ("data",))

@@ -4,7 +4,9 @@
 perturbed point the loop holds) on all the training data (computed in batches of ``batch_size`` when
 given, the last one uneven). Every key of ``eval_fn(w_t, eval_data)`` (or
 ``eval_fn(w_t, model_state, eval_data)`` for stateful objectives) is added, and with SWA the same keys,
-prefixed ``swa_``, at the running mean (NaN until the first iterate has been averaged in).
+prefixed ``swa_``, at the running mean (NaN until the first iterate has been averaged in). A key of
+``eval_fn`` that would replace a column of the loop (``step``, ``train_loss``, ``batch_loss``, and with
+SWA any ``swa_`` name) is a ValueError naming it.
 
 Example:
   >>> import jax.numpy as jnp, optax
@@ -28,7 +30,7 @@ from lsgeo.optim import clean_params
 from lsgeo.train.state import TrainState
 from lsgeo.train.step import objective_value
 
-__all__ = ["evaluate", "train_loss"]
+__all__ = ["evaluate", "train_loss", "check_metric_names", "RESERVED"]
 
 
 def train_loss(objective: Callable, params, model_state, data, batch_size: int | None) -> jax.Array:
@@ -43,12 +45,34 @@ def train_loss(objective: Callable, params, model_state, data, batch_size: int |
     return microbatch.reduce(lambda p, b: objective_value(objective, p, model_state, b), params, data, plan)
 
 
-def _metrics_at(objective, eval_fn, params, model_state, data, eval_data, batch_size, prefix=""):
+#: the history columns the loop writes itself; ``eval_fn`` may not return these names
+RESERVED = ("step", "train_loss", "batch_loss")
+
+
+def check_metric_names(names, swa: bool) -> None:
+    """Raises ValueError naming the key when a metric of ``eval_fn`` would replace a history column of the
+    loop (``RESERVED``; with SWA also any ``swa_`` name, the prefix of the SWA columns) or another metric."""
+    seen = set()
+    for k in names:
+        name = str(k)
+        if name in RESERVED or (swa and name.startswith("swa_")):
+            what = "the SWA columns are prefixed swa_" if name not in RESERVED else "the loop records it itself"
+            raise ValueError(
+                f"eval_fn returned a metric named {name!r}, which would replace the history column of that name "
+                f"({what}; reserved: {list(RESERVED)}{' and swa_*' if swa else ''}); rename it"
+            )
+        if name in seen:
+            raise ValueError(f"eval_fn returned two metrics named {name!r} (keys are converted with str); rename one")
+        seen.add(name)
+
+
+def _metrics_at(objective, eval_fn, params, model_state, data, eval_data, batch_size, prefix="", swa=False):
     out = {prefix + "train_loss": train_loss(objective, params, model_state, data, batch_size)}
     if eval_fn is not None:
         extra = eval_fn(params, eval_data) if model_state is None else eval_fn(params, model_state, eval_data)
         if not isinstance(extra, dict):
             raise ValueError(f"eval_fn must return a dict of scalars, got {type(extra).__name__}")
+        check_metric_names(extra, swa)
         out.update({prefix + str(k): jnp.asarray(v) for k, v in extra.items()})
     return out
 
@@ -60,7 +84,7 @@ def evaluate(objective: Callable, eval_fn: Callable | None, state: TrainState, d
     Cost: one pass over ``data`` and one ``eval_fn`` call (twice with SWA).
     """
     w = clean_params(state.params, state.opt_state)
-    out = _metrics_at(objective, eval_fn, w, state.model_state, data, eval_data, batch_size)
+    out = _metrics_at(objective, eval_fn, w, state.model_state, data, eval_data, batch_size, swa=state.swa is not None)
     if state.swa is not None:
         swa = _metrics_at(objective, eval_fn, state.swa.params, state.model_state, data, eval_data, batch_size, "swa_")
         started = state.swa.count > 0

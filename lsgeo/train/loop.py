@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from lsgeo.optim import clean_params
+from lsgeo.streams import as_key, check_seed
 from lsgeo.train.chunk import Schedule, evaluate_start, run_chunk
 from lsgeo.train.devices import data_mesh, replicate, shard_examples
 from lsgeo.train.state import TrainState, init_state, split_key, with_state_views
@@ -118,6 +119,42 @@ def check_schedule(num_steps, eval_every, batch_size, n, swa_start, swa_every) -
     return eval_every
 
 
+def check_finite_params(params, name: str = "params") -> None:
+    """Raises ValueError naming the leaf when the (concrete) initial parameters hold a NaN or an inf."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            raise ValueError(
+                f"{name} leaf {jax.tree_util.keystr(path)} holds non-finite values (NaN or inf): the initial "
+                f"parameters w_0 must be finite"
+            )
+
+
+def _describe(tree) -> str:
+    text = str(jax.tree_util.tree_structure(tree))
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def check_resume_optimizer(optimizer: optax.GradientTransformation, state: TrainState) -> None:
+    """Raises ValueError when ``optimizer`` did not build ``state.opt_state`` (another optimizer, or the
+    same one for other parameters): the structure, shapes and dtypes of ``optimizer.init(state.params)``
+    (``jax.eval_shape``: nothing is computed) must be those of the state's."""
+    expected = jax.eval_shape(optimizer.init, state.params)
+    hint = "resume with the optimizer the state was trained with"
+    if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(state.opt_state):
+        raise ValueError(
+            f"optimizer does not match the resumed state: optimizer.init builds an opt_state of structure "
+            f"{_describe(expected)}, but state.opt_state has structure {_describe(state.opt_state)}; {hint}"
+        )
+    leaves = jax.tree_util.tree_flatten_with_path(expected)[0]
+    for (path, want), have in zip(leaves, jax.tree_util.tree_leaves(state.opt_state)):
+        if tuple(want.shape) != tuple(np.shape(have)) or want.dtype != np.result_type(have):
+            raise ValueError(
+                f"optimizer does not match the resumed state: opt_state leaf {jax.tree_util.keystr(path)} is "
+                f"{np.result_type(have)}{list(np.shape(have))} in the state, {want.dtype}{list(want.shape)} for this "
+                f"optimizer; {hint}"
+            )
+
+
 def to_numpy(metrics: dict) -> dict:
     return {k: np.asarray(v) for k, v in metrics.items()}
 
@@ -191,24 +228,28 @@ def train(
         ``f(params, model_state, batch) -> (loss, new_model_state)``.
       optimizer: any optax transformation, e.g. ``lsgeo.optim.noise_injection(optax.sgd(lr), sigma)``
         or ``optax.contrib.sam(...)``.
-      params: the clean initial parameters w_0, a callable ``init_key -> params``, or a
-        :class:`TrainState` to resume from (``result.state``; then ``key`` and ``model_state`` must be None).
+      params: the clean initial parameters w_0 (finite floats), a callable ``init_key -> params``, or a
+        :class:`TrainState` to resume from (``result.state``; then ``key`` and ``model_state`` must be None,
+        and ``optimizer`` must be the one that built ``state.opt_state``: checked, ValueError otherwise).
       data: pytree of arrays with a leading example axis n (e.g. ``(x, y)``).
       num_steps: number of optimizer steps (a multiple of ``eval_every``).
       eval_every: evaluate every this many steps (default ``num_steps``: at the start and the end).
       batch_size: None for full-batch GD, else minibatch SGD with per-epoch shuffling.
       eval_fn: ``eval_fn(params, eval_data) -> dict of scalars`` (``eval_fn(params, model_state,
-        eval_data)`` with ``model_state``), called at the clean parameters.
+        eval_data)`` with ``model_state``), called at the clean parameters. Its keys may not be ``step``,
+        ``train_loss``, ``batch_loss`` (nor start with ``swa_`` under SWA): ValueError.
       eval_data: any pytree passed to ``eval_fn``.
       model_state: initial non-parameter state (or a callable ``init_key -> state``); selects the
         stateful objective signature.
-      key: int seed or PRNG key (default 0); ``init_key, data_key = split_key(key)``.
+      key: int seed in [-2**31, 2**32) or PRNG key (default 0); ``init_key, data_key = split_key(key)``,
+        disjoint from the noise stream of ``noise_injection(seed=key)`` (:mod:`lsgeo.streams`).
       swa_start, swa_every: stochastic weight averaging of the clean iterates w_t for t >= swa_start,
         t - swa_start a multiple of swa_every (:mod:`lsgeo.train.swa`).
       augment: ``augment(key, batch) -> batch``, applied on device to every training batch with a key
         derived from the data key and the step (reproducible, resumable); e.g.
         ``lsgeo.train.augment.random_crop_flip``.
-      devices: devices for data parallelism (default ``jax.devices()``; one device: unsharded).
+      devices: devices for data parallelism, a non-empty sequence of distinct devices (default
+        ``jax.devices()``; one device: unsharded).
       callback: ``callback(step, metrics)`` after each chunk, on the host (e.g. a progress bar).
 
     Returns:
@@ -228,9 +269,13 @@ def train(
     resume = isinstance(params, TrainState)
     if not resume and not callable(params):
         check_float_params(params)
+        check_finite_params(params)
+    if key is not None and not resume:
+        check_seed(key, "key")
     if resume:
         if key is not None or model_state is not None:
             raise ValueError("key and model_state come from the TrainState when resuming; pass None")
+        check_resume_optimizer(optimizer, params)
         if (swa_start is None) != (params.swa is None):
             raise ValueError(
                 f"swa_start must be given exactly when the resumed state has an SWA average "
@@ -251,10 +296,13 @@ def train(
         if model_state is not None and not callable(model_state):
             model_state = replicate(mesh, model_state)
         init_fns, params, model_state = split_init_fns(params, model_state)
+        key = as_key(0 if key is None else key)  # a typed key: seeds up to 2**32 - 1 do not overflow int32 in jit
         state, metrics = _start_jit(
-            optimizer=optimizer, init_fns=init_fns, params=params, model_state=model_state, key=0 if key is None else key,
+            optimizer=optimizer, init_fns=init_fns, params=params, model_state=model_state, key=key,
             data=data, eval_data=eval_data, **static,
         )  # fmt: skip
+        if init_fns[0] is not None:
+            check_finite_params(state.params, "params(init_key)")
     start = int(state.step)
     history: list[dict] = []
     _record(history, start, to_numpy(metrics), state)

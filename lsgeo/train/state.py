@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lsgeo import streams
+
 PyTree = Any
 
 __all__ = ["TrainState", "SWAState", "Divergence", "init_state", "split_key", "with_state_views"]
@@ -84,15 +86,13 @@ class TrainState(NamedTuple):
 
 
 def split_key(key) -> tuple[jax.Array, jax.Array]:
-    """``(init_key, data_key)`` from ``key`` (an int seed, possibly traced, a typed PRNG key or raw key data)."""
-    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        k = key
-    elif isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.ndim == 1:
-        k = jax.random.wrap_key_data(key)
-    else:
-        k = jax.random.key(key)
-    init_key, data_key = jax.random.split(k)
-    return init_key, data_key
+    """``(init_key, data_key)`` from ``key`` (an int seed, possibly traced, a typed PRNG key or raw key data).
+
+    Disjoint subtrees of the root key (:mod:`lsgeo.streams`): ``init_key = fold_in(root, STREAMS["init"])``,
+    ``data_key = fold_in(root, STREAMS["data"])``; noise injection seeded with the same seed draws from a
+    third one, ``STREAMS["noise"]``.
+    """
+    return streams.stream(key, "init"), streams.stream(key, "data")
 
 
 def init_state(

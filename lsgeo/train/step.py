@@ -36,14 +36,23 @@ import optax
 
 from lsgeo.train.state import Divergence, TrainState
 
-__all__ = ["train_step", "objective_value"]
+__all__ = ["train_step", "objective_value", "scalar_loss"]
+
+
+def scalar_loss(loss):
+    """``loss``, or a ValueError when the objective did not return a scalar (checked while tracing)."""
+    if jnp.ndim(loss) != 0:
+        raise ValueError(
+            f"objective must return a scalar (the mean loss over the batch), got an array of shape {jnp.shape(loss)}"
+        )
+    return loss
 
 
 def objective_value(objective: Callable, params, model_state, batch):
     """The loss of ``objective`` at ``params`` (model state read, not updated)."""
     if model_state is None:
-        return objective(params, batch)
-    return objective(params, model_state, batch)[0]
+        return scalar_loss(objective(params, batch))
+    return scalar_loss(objective(params, model_state, batch)[0])
 
 
 def _all_finite(tree) -> jax.Array:
@@ -61,12 +70,15 @@ def train_step(
     Cost: one gradient evaluation and one optimizer update.
     """
     if state.model_state is None:
-        loss, grads = jax.value_and_grad(objective)(state.params, batch)
+        loss, grads = jax.value_and_grad(lambda p: scalar_loss(objective(p, batch)))(state.params)
         model_state = None
     else:
-        (loss, model_state), grads = jax.value_and_grad(
-            lambda p: objective(p, state.model_state, batch), has_aux=True
-        )(state.params)
+
+        def stateful(p):
+            loss, new_model_state = objective(p, state.model_state, batch)
+            return scalar_loss(loss), new_model_state
+
+        (loss, model_state), grads = jax.value_and_grad(stateful, has_aux=True)(state.params)
     extra = {}
     if isinstance(optimizer, optax.GradientTransformationExtraArgs):
         extra["grad_fn"] = lambda p, _i: jax.grad(lambda q: objective_value(objective, q, state.model_state, batch))(p)

@@ -28,13 +28,21 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lsgeo.optim import clean_params
 from lsgeo.train.chunk import Schedule, evaluate_start, run_chunk
 from lsgeo.train.devices import data_mesh, replicate
-from lsgeo.train.loop import check_schedule, initial_values, split_init_fns, stack_history, to_numpy
+from lsgeo.train.loop import (
+    check_finite_params,
+    check_schedule,
+    initial_values,
+    split_init_fns,
+    stack_history,
+    to_numpy,
+)
 from lsgeo.train.state import TrainState, init_state, with_state_views
 from lsgeo.validation import check_batch, check_callable, check_float_params, check_positive_int
 
@@ -82,12 +90,41 @@ def _check_grid(hyperparams, seeds) -> tuple[dict, np.ndarray]:
     seeds_np = np.asarray(seeds)
     if seeds_np.ndim != 1 or seeds_np.size == 0 or not np.issubdtype(seeds_np.dtype, np.integer):
         raise ValueError(f"seeds must be a non-empty 1-D sequence of integers, got {seeds!r}")
+    if np.any(seeds_np < 0) or np.any(seeds_np >= 2**31):
+        raise ValueError(f"seeds must be integers in [0, 2**31) (they travel as int32), got {seeds_np}")
     return grid, seeds_np
+
+
+def _traced_hint(hyper) -> str:
+    names = ", ".join([*hyper, "seed"])
+    return (
+        f"optimizer_fn receives its hyperparameters and seed ({names}) as traced jax scalars (the sweep is "
+        f"vmapped over them), so it cannot branch on them with Python if/int()/float(); use jnp.where, "
+        f"optax schedules or a separate sweep per branch"
+    )
+
+
+def _make_optimizer(optimizer_fn, hyper, seed, params):
+    """``optimizer_fn(**hyper, seed=seed)`` and its state at ``params``, with errors that name ``optimizer_fn``."""
+    try:
+        optimizer = optimizer_fn(**hyper, seed=seed)
+    except jax.errors.ConcretizationTypeError as e:
+        raise TypeError(_traced_hint(hyper)) from e
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"optimizer_fn must return an optax.GradientTransformation, got {type(optimizer).__name__}: "
+            f"{optimizer!r:.200}"
+        )
+    try:
+        optimizer.init(params)
+    except jax.errors.ConcretizationTypeError as e:
+        raise TypeError(_traced_hint(hyper) + " (raised by the returned optimizer's init)") from e
+    return optimizer
 
 
 def _member_start(objective, optimizer_fn, eval_fn, schedule, init_fns, params, model_state, hyper, seed, data, eval_data):
     params, model_state = initial_values(init_fns, params, model_state, seed)
-    optimizer = optimizer_fn(**hyper, seed=seed)
+    optimizer = _make_optimizer(optimizer_fn, hyper, seed, params)
     state = init_state(params, optimizer, model_state=model_state, key=seed, swa=schedule.swa_start is not None)
     return state, evaluate_start(objective, eval_fn, schedule, state, data, eval_data)
 
@@ -149,13 +186,15 @@ def sweep(
       objective, data, num_steps, eval_every, batch_size, eval_fn, eval_data, swa_start, swa_every,
         augment, devices: as in :func:`lsgeo.train.train`.
       optimizer_fn: ``optimizer_fn(**values, seed=seed) -> optax.GradientTransformation``, e.g.
-        ``lambda sigma, seed: noise_injection(optax.sgd(0.1), sigma, seed=seed)``.
+        ``lambda sigma, seed: noise_injection(optax.sgd(0.1), sigma, seed=seed)``. The values and the
+        seed arrive traced: Python branching on them is a TypeError (use ``jnp.where``, schedules).
       params: the clean w_0 shared by all members, or a callable ``init_key -> params`` (one
         initialisation per seed); ``model_state`` likewise.
       hyperparams: ``{name: [S] values}``, zipped (all the same length S); the names are the keywords
         of ``optimizer_fn``. ``sigma`` values must be >= 0. ``{}``: S = 1, ``optimizer_fn(seed=seed)``
         (a sweep over seeds only).
-      seeds: ``[R]`` integers: the init, data and noise seed of each member.
+      seeds: ``[R]`` integers in [0, 2**31): the init, data and noise seed of each member (disjoint
+        streams of one seed, :mod:`lsgeo.streams`).
       members_per_chunk: members evaluated together (``vmap``); default all S * R. Rounded up to a
         multiple of the device count.
       callback: ``callback(step, metrics)`` after each chunk (metrics ``[S, R]`` arrays).
@@ -174,6 +213,7 @@ def sweep(
     grid, seeds_np = _check_grid(hyperparams, seeds)
     if not callable(params):
         check_float_params(params)
+        check_finite_params(params)
     S, R = next(iter(grid.values())).size if grid else 1, seeds_np.size
     G = S * R
     mesh = data_mesh(devices)

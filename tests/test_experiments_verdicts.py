@@ -1,0 +1,307 @@
+"""Each experiment's verdict rule (``summarize``) on constructed rows: a run that meets the claim is supported, and
+each way of missing it (a quantity just beyond its bound, on the other side of each inequality) is not.
+
+No training here: the rows are what ``run`` would return, built by hand, so every test is instant and would fail
+if an inequality in a ``summarize`` were flipped."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from experiments import (
+    double_descent,
+    hessian_spectrum,
+    lasso,
+    mode_connectivity,
+    nuclear_norm,
+    reparametrization,
+    saddle_escape,
+    wide_networks,
+)
+
+# ---------------------------------------------------------------- nuclear_norm
+
+
+def _nuclear_rows(cfg, layer_scale=1.0, layer_rank=2):
+    sv = [14.0, 9.0, 0.0, 0.0, 0.0, 0.0]
+    rows = [dict(method="prox", step=cfg.prox_iters, rank=2, objective=7.0, **{f"sv_{i}": v for i, v in enumerate(sv)})]
+    for m, scale, rank in (("gd", 1.03, 16), ("layer", layer_scale, layer_rank)):
+        for k in cfg.seeds:
+            values = [v * scale for v in sv[:2]] + [0.05 if rank > 2 else 0.0] * 4
+            rows.append(dict(method=m, seed=k, step=cfg.steps, rank=rank, objective=7.1,
+                             **{f"sv_{i}": v for i, v in enumerate(values)}))  # fmt: skip
+    return rows
+
+
+def test_nuclear_norm_verdict():
+    cfg = nuclear_norm.Config()
+    assert nuclear_norm.summarize(cfg, _nuclear_rows(cfg, 1.01)).supported is True
+    assert nuclear_norm.summarize(cfg, _nuclear_rows(cfg, 0.99)).supported is True
+    assert nuclear_norm.summarize(cfg, _nuclear_rows(cfg, 1.10)).supported is False  # singular values 10% off
+    assert nuclear_norm.summarize(cfg, _nuclear_rows(cfg, 0.90)).supported is False
+    assert nuclear_norm.summarize(cfg, _nuclear_rows(cfg, 1.0, layer_rank=3)).supported is False  # not low rank
+
+
+# ---------------------------------------------------------------- lasso
+
+
+def _lasso_rows(cfg, *, eff_scale=1.0, end_dist=0.1, off_support=0.0):
+    rng = np.random.default_rng(0)
+    ref = np.zeros(cfg.d)
+    ref[:3] = [1.0, -0.8, 0.5]
+    quarter = cfg.steps // 4 // cfg.eval_every * cfg.eval_every
+    coef = lambda beta, **f: [dict(f, step=cfg.steps, index=k, beta=float(b)) for k, b in enumerate(beta)]
+    rows = []
+    for s in cfg.sigmas:
+        rows += coef(ref, method="lasso", sigma=s, seed=cfg.seeds[0])
+        eff = ref * eff_scale
+        rows += [dict(method="eff", sigma=s, seed=cfg.seeds[0], step=t, rel_dist=0.01) for t in (quarter, cfg.steps)]
+        rows += coef(eff, method="eff", sigma=s, seed=cfg.seeds[0])
+        for k in cfg.seeds:
+            beta = ref + rng.normal(0, 0.003, cfg.d)
+            beta[-1] += off_support
+            rows.append(dict(method="noise", sigma=s, seed=k, step=quarter, rel_dist=0.5 + rng.normal(0, 0.02)))
+            rows.append(dict(method="noise", sigma=s, seed=k, step=cfg.steps, rel_dist=end_dist + rng.normal(0, 0.02)))
+            rows += coef(beta, method="noise", sigma=s, seed=k)
+    return rows
+
+
+def test_lasso_verdict():
+    cfg = lasso.Config(d=8, sigmas=(0.1, 0.2), steps=400, eval_every=100, seeds=tuple(range(5)))
+    assert lasso.summarize(cfg, _lasso_rows(cfg)).supported is True
+    assert lasso.summarize(cfg, _lasso_rows(cfg, eff_scale=1.1)).supported is False  # R_eff 10% from the Lasso
+    assert lasso.summarize(cfg, _lasso_rows(cfg, eff_scale=0.9)).supported is False
+    assert lasso.summarize(cfg, _lasso_rows(cfg, end_dist=0.9)).supported is False  # noisy GD moves away
+    assert lasso.summarize(cfg, _lasso_rows(cfg, end_dist=0.5)).supported is None  # no progress: within noise
+    assert lasso.summarize(cfg, _lasso_rows(cfg, off_support=0.6)).supported is False  # a spurious coefficient
+
+
+def test_lasso_support_recovery_reads_the_support_by_rank():
+    ref = np.array([1.0, -0.5, 0.0, 0.0, 0.01])
+    assert lasso.support_recovered(np.array([0.9, -0.6, 1e-3, -1e-3, 0.02]), ref)
+    assert not lasso.support_recovered(np.array([0.9, -0.6, 0.03, 0.0, 0.02]), ref)  # k=2 outranks k=4
+    assert lasso.support_recovered(np.array([0.9, -0.6, 0.03, 0.0, 0.02]), ref, fraction=0.1)  # large support only
+
+
+# ---------------------------------------------------------------- double_descent
+
+
+def _dd_rows(cfg, *, variance_factor=1.05, peak=1.0, gd_dist=1e-9):
+    rows = []
+    for g in cfg.gammas:
+        var = double_descent.asymptotic_variance(g, cfg.noise)
+        var = 1e3 if not np.isfinite(var) else float(var) * variance_factor
+        err = 5.0 if g == peak else 1.0
+        for k in cfg.seeds:
+            rows.append(dict(part="risk", gamma=g, seed=k, p=int(g * cfg.n), test_error=err, variance=var, bias=0.1))
+    for g in cfg.gd_gammas:
+        for k in cfg.seeds:
+            rows.append(dict(part="gd", gamma=g, seed=k, gd_from_zero_rel_dist=gd_dist, gd_from_random_rel_dist=0.3))
+    return rows
+
+
+def test_double_descent_verdict():
+    cfg = double_descent.Config(gammas=(0.5, 0.9, 1.0, 1.1, 2.0), seeds=(0, 1), gd_gammas=(0.5, 2.0))
+    assert double_descent.summarize(cfg, _dd_rows(cfg)).supported is True
+    assert double_descent.summarize(cfg, _dd_rows(cfg, variance_factor=0.9)).supported is True
+    assert double_descent.summarize(cfg, _dd_rows(cfg, variance_factor=1.5)).supported is False  # formula off
+    assert double_descent.summarize(cfg, _dd_rows(cfg, variance_factor=0.5)).supported is False
+    assert double_descent.summarize(cfg, _dd_rows(cfg, peak=2.0)).supported is False  # peak away from 1
+    assert double_descent.summarize(cfg, _dd_rows(cfg, peak=0.5)).supported is False
+    assert double_descent.summarize(cfg, _dd_rows(cfg, gd_dist=1e-3)).supported is False  # GD is not the pinv
+
+
+# ---------------------------------------------------------------- mode_connectivity
+
+
+def _mc_rows(seeds, *, line=1.0, curve=0.01):
+    rows = []
+    for k in seeds:
+        for path, barrier in (("line", line), ("curve", curve)):
+            for t in np.linspace(0, 1, 5):
+                bump = barrier * np.sin(np.pi * t)
+                rows.append(dict(seed=k, path=path, t=float(t), barrier=barrier, train_loss=1e-4 + bump,
+                                 test_loss=0.1 + bump, test_acc=0.97 - 0.1 * bump))  # fmt: skip
+    return rows
+
+
+def test_mode_connectivity_verdict():
+    cfg = mode_connectivity.Config(seeds=(0, 1, 2))
+    assert mode_connectivity.summarize(cfg, _mc_rows(cfg.seeds)).supported is True
+    assert mode_connectivity.summarize(cfg, _mc_rows(cfg.seeds, curve=0.5)).supported is False  # curve as high
+    assert mode_connectivity.summarize(cfg, _mc_rows(cfg.seeds, line=0.05, curve=0.001)).supported is False  # no barrier
+    one = mode_connectivity.Config(seeds=(0,))
+    assert mode_connectivity.summarize(one, _mc_rows(one.seeds)).supported is None  # one pair decides nothing
+
+
+# ---------------------------------------------------------------- hessian_spectrum
+
+
+def _hs_rows(cfg, *, ratio=1.0, late_loss_factor=0.5):
+    rows = []
+    half = cfg.steps // 2
+    for lr in cfg.lrs:
+        for k in cfg.seeds:
+            for t in range(0, cfg.steps + 1, cfg.eval_every):
+                lam = (2.0 / lr) * (1.5 if t == 0 else ratio)
+                loss = 1.0 if t <= half else 1.0 * late_loss_factor ** ((t - half) / half)
+                rows.append(dict(part="eos", lr=lr, seed=k, kind="eos", step=t, train_loss=loss, lambda_max=lam,
+                                 two_over_lr=2.0 / lr))  # fmt: skip
+    for k in cfg.seeds:
+        for i, phase in enumerate(hessian_spectrum.PHASES):
+            rows.append(dict(part="spectrum", seed=k, kind="snapshot", phase=phase, step=i * half, train_loss=1.0,
+                             saddle_index=0.1, **{f"top_{j}": 5.0 / j for j in range(1, cfg.top_k + 1)}))  # fmt: skip
+    return rows
+
+
+def test_hessian_spectrum_verdict():
+    cfg = hessian_spectrum.Config(lrs=(0.2, 0.4), steps=100, eval_every=10, top_k=3)
+    assert hessian_spectrum.summarize(cfg, _hs_rows(cfg)).supported is True
+    assert hessian_spectrum.summarize(cfg, _hs_rows(cfg, ratio=1.2)).supported is True
+    assert hessian_spectrum.summarize(cfg, _hs_rows(cfg, ratio=1.5)).supported is False  # far above the edge
+    assert hessian_spectrum.summarize(cfg, _hs_rows(cfg, ratio=0.5)).supported is False  # far below it
+    assert hessian_spectrum.summarize(cfg, _hs_rows(cfg, late_loss_factor=2.0)).supported is False  # loss rises
+    one = hessian_spectrum.Config(lrs=(0.2,), steps=100, eval_every=10, top_k=3, seeds=(0,))
+    assert hessian_spectrum.summarize(one, _hs_rows(one)).supported is None
+
+
+# ---------------------------------------------------------------- saddle_escape
+
+
+def _se_rows(cfg, *, gd_rate_factor=1.0, noise_delay=-100.0):
+    r0, r_star = saddle_escape.landmarks(saddle_escape.prepare(cfg))
+    lam = -2.0
+    rate = 2.0 * np.log1p(cfg.lr * abs(lam))
+    rng = np.random.default_rng(0)
+    rows = []
+    for m in cfg.methods:
+        for k in cfg.seeds:
+            shift = {"gd": 0.0, "noise_full": noise_delay, "momentum": -300.0}[m] + rng.normal(0, 5)
+            for t in range(0, cfg.steps + 1, cfg.eval_every):
+                rr = rate * (gd_rate_factor if m == "gd" else 1.0)
+                closed = min(1.0, 1e-6 * np.exp(rr * (t - shift)))
+                rows.append(dict(method=m, seed=k, step=t, train_loss=r0 - closed * (r0 - r_star), lambda_min=lam,
+                                 saddle_index=1 / 3))  # fmt: skip
+    return rows
+
+
+def test_saddle_escape_verdict():
+    cfg = saddle_escape.Config(methods=("gd", "noise_full", "momentum"), seeds=tuple(range(6)), steps=600)
+    verdict = saddle_escape.summarize(cfg, _se_rows(cfg))
+    assert verdict.supported is True, verdict.reason
+    assert verdict.figures["gd_escape_rate_min"] == pytest.approx(2 * np.log1p(cfg.lr * 2.0), rel=1e-3)
+    assert saddle_escape.summarize(cfg, _se_rows(cfg, gd_rate_factor=1.3)).supported is False  # not lambda_min's rate
+    assert saddle_escape.summarize(cfg, _se_rows(cfg, gd_rate_factor=0.7)).supported is False
+    assert saddle_escape.summarize(cfg, _se_rows(cfg, noise_delay=100.0)).supported is False  # noise escapes later
+    assert saddle_escape.summarize(cfg, _se_rows(cfg, noise_delay=0.0)).supported is None  # as fast as GD
+
+
+# ---------------------------------------------------------------- reparametrization
+
+
+def _rp_rows(cfg, *, function_change=1e-7, adaptive_drift=0.0, sharpness_power=1.0):
+    rows = []
+    for k in cfg.seeds:
+        for a in cfg.alphas:
+            lam = 10.0 * max(a, 1 / a) ** (2 * sharpness_power)
+            rows.append(dict(seed=k, alpha=a, rel_max_diff=function_change, max_abs_diff=function_change, train_loss=0.1,
+                             hessian_identity_rel_err=1e-6, block_0_norm=3.0 / a**2, block_1_kernel_norm=2.0 * a**2,
+                             lambda_max=lam, lambda_max_dense=lam, hessian_trace=2 * lam, epsilon_sharpness=lam / 100,
+                             average_sharpness=lam / 1000, adaptive_sharpness=0.5 * (1 + adaptive_drift * np.log10(a))))  # fmt: skip
+    return rows
+
+
+def test_reparametrization_verdict():
+    cfg = reparametrization.Config()
+    assert reparametrization.summarize(cfg, _rp_rows(cfg)).supported is True
+    assert reparametrization.summarize(cfg, _rp_rows(cfg, function_change=1e-2)).supported is False  # not the same f
+    assert reparametrization.summarize(cfg, _rp_rows(cfg, adaptive_drift=0.05)).supported is False  # not invariant
+    assert reparametrization.summarize(cfg, _rp_rows(cfg, sharpness_power=0.1)).supported is False  # barely moves
+
+
+# ---------------------------------------------------------------- wide_networks
+
+
+def _wn_rows(cfg, *, wide_hits=1.0, narrow_hits=0.0, wide_rank=None):
+    rows = []
+    n = len(cfg.seeds)
+    for arch, hits in (("wide", wide_hits), ("narrow", narrow_hits)):
+        for i, k in enumerate(cfg.seeds):
+            good = i < round(hits * n)
+            rank = (wide_rank or cfg.n_points) if arch == "wide" else 4
+            rows.append(dict(arch=arch, seed=k, num_params=100, train_loss=1e-7 if good else 0.3, global_min=float(good),
+                             grad_norm=1e-5, rank_F=rank, sigma_min_F=0.1))  # fmt: skip
+    return rows
+
+
+def test_wide_networks_verdict():
+    cfg = wide_networks.Config(seeds=tuple(range(10)))
+    assert wide_networks.summarize(cfg, _wn_rows(cfg)).supported is True
+    assert wide_networks.summarize(cfg, _wn_rows(cfg, wide_hits=0.9, narrow_hits=0.1)).supported is True  # at the bounds
+    assert wide_networks.summarize(cfg, _wn_rows(cfg, wide_hits=0.8)).supported is False  # wide misses too often
+    assert wide_networks.summarize(cfg, _wn_rows(cfg, narrow_hits=0.3)).supported is False  # narrow succeeds too
+    assert wide_networks.summarize(cfg, _wn_rows(cfg, wide_rank=cfg.n_points - 2)).supported is False  # F_1 rank-deficient
+    few = wide_networks.Config(seeds=(0, 1, 2))
+    assert wide_networks.summarize(few, _wn_rows(few)).supported is None
+
+
+# ---------------------------------------------------------------- deep_mlp (traces compared at equal train loss)
+
+
+def _dm_rows(cfg, *, layer_trace=0.5, layer_acc=0.05, slow_layer=False):
+    rng = np.random.default_rng(0)
+    rows = []
+    for w in cfg.widths:
+        for m in ("gd", "noise", "layer"):
+            for k in cfg.seeds:
+                for t in range(0, cfg.steps + 1, cfg.eval_every):
+                    speed = 0.5 if (slow_layer and m == "layer") else 1.0
+                    loss = 2.0 * np.exp(-speed * 4.0 * t / cfg.steps)
+                    trace = 100.0 * loss * (layer_trace if m == "layer" else 1.0) * (1 + rng.normal(0, 0.01))
+                    acc = 0.5 + (layer_acc if m == "layer" else 0.0) + rng.normal(0, 0.002)
+                    rows.append(dict(width=w, method=m, sigma=0.0 if m == "gd" else cfg.sigma, seed=k, step=t,
+                                     train_loss=loss, gn_trace=trace, test_acc=acc, n_test=1000))  # fmt: skip
+    return rows
+
+
+def test_deep_mlp_verdict_judges_every_width_at_equal_loss():
+    from experiments import deep_mlp
+
+    cfg = deep_mlp.Config(widths=(8, 16), lrs=(0.1, 0.1), steps=20, eval_every=5, fit_loss=1.0, seeds=(0, 1, 2, 3, 4))
+    assert deep_mlp.summarize(cfg, _dm_rows(cfg)).supported is True
+    assert deep_mlp.summarize(cfg, _dm_rows(cfg, layer_trace=2.0)).supported is False  # larger trace
+    assert deep_mlp.summarize(cfg, _dm_rows(cfg, layer_acc=-0.05)).supported is False  # worse accuracy
+    # a layer-wise run that merely trains slower ends with a larger loss and so a larger trace at the last step,
+    # but at equal train loss its trace is the smaller one: the verdict compares there
+    verdict = deep_mlp.summarize(cfg, _dm_rows(cfg, slow_layer=True))
+    assert verdict.figures["gn_trace_w16_layer"] > verdict.figures["gn_trace_w16_gd"]
+    assert verdict.supported is True, verdict.reason
+    unfit = dataclasses.replace(cfg, fit_loss=0.01)
+    assert deep_mlp.summarize(unfit, _dm_rows(unfit)).supported is None  # not fitted: no test
+
+
+# ---------------------------------------------------------------- swa ("equal or better" as non-inferiority)
+
+
+def _swa_rows(cfg, *, acc_shift=0.0, flatter=True):
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in cfg.seeds:
+        base = 0.95 + rng.normal(0, 0.005)
+        for m in ("sgd", "swa"):
+            lam = 1.0 + 0.01 * k + (-0.1 if (m == "swa") == flatter else 0.1) * (m == "swa")
+            rows.append(dict(method=m, seed=k, kind="final", step=cfg.steps, swa_start=0, n_test=500, lambda_max=lam,
+                             hessian_trace=5 * lam, test_acc=base + (acc_shift if m == "swa" else 0.0),
+                             test_loss=0.1, train_loss=0.01))  # fmt: skip
+    return rows
+
+
+def test_swa_verdict():
+    from experiments import swa
+
+    cfg = swa.Config()
+    assert swa.summarize(cfg, _swa_rows(cfg)).supported is True  # identical accuracy: within the 1-point bound
+    assert swa.summarize(cfg, _swa_rows(cfg, acc_shift=-0.05)).supported is False  # 5 points worse
+    assert swa.summarize(cfg, _swa_rows(cfg, flatter=False)).supported is False  # sharper
+    assert swa.summarize(cfg, _swa_rows(cfg, acc_shift=-0.009)).supported is None  # the interval straddles -1 point

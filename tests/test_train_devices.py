@@ -1,0 +1,43 @@
+"""Minibatch training with the data sharded over 4 forced host devices gives the one-device trajectory
+(a subprocess: the device count is fixed when jax starts). A small version of the slow
+test_train_loop::test_multi_device_minibatch_matches_one_device that runs in the default suite (issue 22)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+_SCRIPT = textwrap.dedent(
+    """
+    import jax, numpy as np, optax
+    assert len(jax.devices()) == 4, jax.devices()
+    from lsgeo.optim import noise_injection
+    from lsgeo.train import train
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(16, 3)).astype(np.float32); Y = rng.normal(size=(16, 1)).astype(np.float32)
+    W0 = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(4, 1)).astype(np.float32)}
+    def loss(p, b):
+        x, y = b
+        return 0.5 * ((jax.numpy.tanh(x @ p["a"]) @ p["b"] - y) ** 2).mean()
+    tx = noise_injection(optax.sgd(0.1), 0.1, seed=1)
+    a = train(loss, tx, W0, (X, Y), num_steps=4, eval_every=2, batch_size=8)
+    b = train(loss, tx, W0, (X, Y), num_steps=4, eval_every=2, batch_size=8, devices=[jax.devices()[0]])
+    assert len(a.params["a"].sharding.device_set) == 4, a.params["a"].sharding
+    assert np.all(np.isfinite(a.history["train_loss"]))
+    np.testing.assert_allclose(a.history["train_loss"], b.history["train_loss"], rtol=1e-5)
+    for k in W0:
+        np.testing.assert_allclose(a.params[k], b.params[k], atol=1e-5)
+        assert not np.allclose(a.params[k], W0[k])  # it trained
+    print("OK")
+    """
+)
+
+
+def test_minibatch_training_on_four_devices_matches_one_device():
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _SCRIPT], check=False, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
