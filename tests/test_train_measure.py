@@ -1,12 +1,15 @@
-"""Measurements along a training run (lsgeo.train.measure): a tracked top eigenvalue equals
-curvature.top_eigenvalues on the same iterate, a warm start needs fewer products than a cold one, and a
-measurement vmaps over runs."""
+"""Measurements along a training run (lsgeo.train.measure, train(measure=...)): a tracked top eigenvalue
+equals curvature.top_eigenvalues on the same iterate (GD and noise injection, at the clean point), a warm
+start needs fewer products than a cold one, a resumed run continues bit for bit, a tracked sweep equals
+the separate runs and a tracked run compiles its chunk once."""
 
 import jax
 import numpy as np
+import optax
+import pytest
 from conftest import mlp_apply, mlp_init, regression_batch, sq_objective
 
-from lsgeo import curvature
+from lsgeo import curvature, optim, train
 from lsgeo.train import measure
 
 F = sq_objective(mlp_apply)
@@ -46,3 +49,69 @@ def test_a_measurement_vmaps_over_runs(x64):
     for i, params in enumerate(runs):
         alone, _ = tracker.update(params, batch, tracker.init(params))
         np.testing.assert_allclose(together["lambda_max"][i], alone["lambda_max"], rtol=1e-8)
+
+
+def _problem():
+    import jax.numpy as jnp
+
+    params = jax.tree_util.tree_map(jnp.asarray, mlp_init(0, (4, 6, 2)))
+    return params, tuple(map(jnp.asarray, regression_batch(1, 20, 4, 2)))
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_train_tracks_the_top_eigenvalue_at_the_clean_iterate(x64, noise):
+    """Tracked every 2 evaluations inside the compiled loop: equal to top_eigenvalues at the clean iterate of
+    those steps (float64, rtol 1e-6), for GD and for noise injection; tracking does not change training."""
+    params, batch = _problem()
+    m = sum(np.size(a) for a in jax.tree_util.tree_leaves(params))
+    opt = optim.noise_injection(optax.sgd(0.05), 0.01, mode="layerwise", seed=3) if noise else optax.sgd(0.05)
+    tracker = measure.top_eigenvalue_tracker(F, k=1, num_iters=m, tol=1e-12)
+    tracked = train.train(F, opt, params, batch, num_steps=8, eval_every=2, measure=tracker, measure_every=4)
+    assert list(np.isfinite(tracked.history["lambda_max"])) == [True, False, True, False, True]
+    for steps in (0, 4, 8):
+        plain = train.train(F, opt, params, batch, num_steps=max(steps, 2), eval_every=max(steps, 2)) if steps else None
+        point = params if steps == 0 else plain.params
+        expected = curvature.top_eigenvalues(F, point, batch, jax.random.key(0), k=1, num_iters=m)[0]
+        np.testing.assert_allclose(tracked.history["lambda_max"][steps // 2], expected, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(tracked.params), jax.tree_util.tree_leaves(plain.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_resumed_tracked_run_continues_bit_for_bit(x64):
+    params, batch = _problem()
+    tracker = measure.top_eigenvalue_tracker(F, k=1, num_iters=20, tol=1e-6)
+    whole = train.train(F, optax.sgd(0.05), params, batch, num_steps=8, eval_every=2, measure=tracker)
+    half = train.train(F, optax.sgd(0.05), params, batch, num_steps=4, eval_every=2, measure=tracker)
+    rest = train.train(F, optax.sgd(0.05), half.state, batch, num_steps=4, eval_every=2, measure=tracker)
+    np.testing.assert_array_equal(rest.history["lambda_max"][1:], whole.history["lambda_max"][3:])
+    np.testing.assert_array_equal(rest.state.measure.vectors, whole.state.measure.vectors)
+    assert np.isnan(rest.history["lambda_max"][0])  # the resumed row reports no measurement
+
+
+def test_a_tracked_sweep_equals_the_separate_runs_and_compiles_once(x64):
+    params, batch = _problem()
+    tracker = measure.top_eigenvalue_tracker(F, k=1, num_iters=20, tol=1e-8)
+    lrs, seeds = [0.02, 0.05, 0.1], [0, 1]
+    swept = train.sweep(F, lambda lr, seed: optax.sgd(lr), params, batch, {"lr": lrs}, seeds, num_steps=4,
+                        eval_every=2, measure=tracker)
+    for i, lr in enumerate(lrs):
+        for j, seed in enumerate(seeds):
+            alone = train.train(F, optax.sgd(lr), params, batch, num_steps=4, eval_every=2, key=seed,
+                                measure=tracker)
+            np.testing.assert_allclose(swept.history["lambda_max"][i, j], alone.history["lambda_max"], rtol=1e-8)
+    objective = sq_objective(mlp_apply)  # a new function: a new compilation
+    before = train.loop._chunk_jit._cache_size()
+    train.train(objective, optax.sgd(0.05), params, batch, num_steps=8, eval_every=2,
+                measure=measure.top_eigenvalue_tracker(objective, num_iters=10))
+    assert train.loop._chunk_jit._cache_size() == before + 1  # four measurements, one compiled chunk
+
+
+def test_bad_measurements_name_the_argument():
+    params, batch = _problem()
+    with pytest.raises(ValueError, match="measure_every must be a multiple of eval_every=2"):
+        train.train(F, optax.sgd(0.1), params, batch, num_steps=4, eval_every=2,
+                    measure=measure.trace_tracker(F), measure_every=3)
+    with pytest.raises(TypeError, match="measure must be an \\(init, update\\) pair"):
+        train.train(F, optax.sgd(0.1), params, batch, num_steps=4, eval_every=2, measure=lambda p: p)
+    with pytest.raises(ValueError, match="measure_every needs a measure"):
+        train.train(F, optax.sgd(0.1), params, batch, num_steps=4, eval_every=2, measure_every=2)

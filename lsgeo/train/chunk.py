@@ -10,7 +10,7 @@ and the SWA running mean (:mod:`lsgeo.train.swa`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from lsgeo.train.state import TrainState
 from lsgeo.train.step import train_step
 from lsgeo.train.swa import swa_update
 
-__all__ = ["Schedule", "run_chunk", "evaluate_start"]
+__all__ = ["Schedule", "run_chunk", "evaluate_start", "measure_at"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,8 @@ class Schedule:
       augment: ``augment(key, batch) -> batch`` applied to every training batch, or None.
       mesh: the data-parallel mesh, None on one device.
       shard_batch: whether batches are split over the mesh along the example axis.
+      measure: a ``lsgeo.train.measure.Measurement`` run at the clean iterate on the training data at the
+        evaluations whose step is a multiple of ``measure_every`` (NaN metrics at the others), or None.
     """
 
     eval_every: int
@@ -47,12 +49,40 @@ class Schedule:
     augment: Callable | None = None
     mesh: Mesh | None = None
     shard_batch: bool = False
+    measure: Any = None
+    measure_every: int = 1
 
 
-def evaluate_start(objective, eval_fn, schedule: Schedule, state: TrainState, data, eval_data) -> dict:
-    """The evaluation at the start of a run; ``batch_loss`` is the training loss there."""
+def measure_at(schedule: Schedule, state: TrainState, data, due) -> tuple[TrainState, dict]:
+    """``(state, metrics)``: ``schedule.measure.update`` at the clean iterate on ``data`` when ``due`` (a traced
+    bool), else NaN metrics and the measurement state unchanged (``lax.cond``: one compiled body)."""
+    clean = clean_params(state.params, state.opt_state)
+    dtype = jnp.result_type(float)
+
+    def run(measure_state):
+        metrics, measure_state = schedule.measure.update(clean, data, measure_state)
+        return {k: jnp.asarray(v, dtype) for k, v in metrics.items()}, measure_state
+
+    struct = jax.eval_shape(run, state.measure)[0]
+
+    def skip(measure_state):
+        return {k: jnp.full(v.shape, jnp.nan, v.dtype) for k, v in struct.items()}, measure_state
+
+    metrics, measure_state = jax.lax.cond(due, run, skip, state.measure)
+    return state._replace(measure=measure_state), metrics
+
+
+def evaluate_start(objective, eval_fn, schedule: Schedule, state: TrainState, data, eval_data, *,
+                   measure_now: bool = True) -> tuple[TrainState, dict]:
+    """``(state, metrics)`` at the start of a run; ``batch_loss`` is the training loss there. With a
+    measurement, it is taken too (``measure_now``; a resumed run reports NaN there and keeps its state, so
+    that it continues bit for bit)."""
     metrics = evaluate(objective, eval_fn, state, data, eval_data, batch_size=schedule.batch_size)
-    return {"train_loss": metrics["train_loss"], "batch_loss": metrics["train_loss"], **metrics}
+    metrics = {"train_loss": metrics["train_loss"], "batch_loss": metrics["train_loss"], **metrics}
+    if schedule.measure is not None:
+        state, measured = measure_at(schedule, state, data, jnp.asarray(measure_now))
+        metrics = {**metrics, **measured}
+    return state, metrics
 
 
 def run_chunk(objective, optimizer, eval_fn, schedule: Schedule, state: TrainState, data, eval_data):
@@ -75,4 +105,9 @@ def run_chunk(objective, optimizer, eval_fn, schedule: Schedule, state: TrainSta
 
     state, losses = jax.lax.scan(body, state, None, length=schedule.eval_every)
     metrics = evaluate(objective, eval_fn, state, data, eval_data, batch_size=schedule.batch_size)
-    return state, {"train_loss": metrics["train_loss"], "batch_loss": jnp.mean(losses), **metrics}
+    metrics = {"train_loss": metrics["train_loss"], "batch_loss": jnp.mean(losses), **metrics}
+    if schedule.measure is not None:
+        due = (state.step % schedule.measure_every == 0) & (state.divergence.step < 0)
+        state, measured = measure_at(schedule, state, data, due)
+        metrics = {**metrics, **measured}
+    return state, metrics

@@ -42,7 +42,7 @@ import optax
 
 from lsgeo.optim import clean_params
 from lsgeo.streams import as_key, check_seed
-from lsgeo.train.chunk import Schedule, evaluate_start, run_chunk
+from lsgeo.train.chunk import Schedule, evaluate_start, measure_at, run_chunk
 from lsgeo.train.devices import data_mesh, replicate, shard_examples
 from lsgeo.train.state import TrainState, init_state, split_key, with_state_views
 from lsgeo.validation import (
@@ -166,6 +166,30 @@ def stack_history(history: list[dict]) -> dict:
     return {k: np.stack([h[k] for h in history], axis=-1) for k in history[0]}
 
 
+def check_measure(measure, measure_every, eval_every: int) -> int:
+    """``measure_every`` (default ``eval_every``) checked: a positive multiple of ``eval_every``; ``measure`` an
+    ``(init, update)`` pair of callables or None."""
+    if measure is None:
+        if measure_every is not None:
+            raise ValueError("measure_every needs a measure (e.g. lsgeo.train.measure.top_eigenvalue_tracker(f))")
+        return 1
+    if not (callable(getattr(measure, "init", None)) and callable(getattr(measure, "update", None))):
+        raise TypeError(f"measure must be an (init, update) pair such as lsgeo.train.measure.Measurement, "
+                        f"got {type(measure).__name__}")
+    measure_every = eval_every if measure_every is None else measure_every
+    check_positive_int(measure_every, "measure_every")
+    if measure_every % eval_every:
+        raise ValueError(f"measure_every must be a multiple of eval_every={eval_every}, got {measure_every}")
+    return measure_every
+
+
+def measure_keys(schedule, state, data) -> frozenset:
+    """The metric names of the schedule's measurement (none without one)."""
+    if schedule.measure is None:
+        return frozenset()
+    return frozenset(jax.eval_shape(lambda s, d: measure_at(schedule, s, d, True)[1], state, data))
+
+
 def _first_non_finite(metrics: dict, swa_started: bool) -> str | None:
     names = [k for k in metrics if k not in ("step", "batch_loss")] + ["batch_loss"]
     for name in names:
@@ -192,13 +216,18 @@ def split_init_fns(params, model_state):
 
 def _start(objective, optimizer, eval_fn, schedule, init_fns, params, model_state, key, data, eval_data):
     params, model_state = initial_values(init_fns, params, model_state, key)
-    state = init_state(params, optimizer, model_state=model_state, key=key, swa=schedule.swa_start is not None)
-    return state, evaluate_start(objective, eval_fn, schedule, state, data, eval_data)
+    state = init_state(params, optimizer, model_state=model_state, key=key, swa=schedule.swa_start is not None,
+                       measure=schedule.measure)
+    return evaluate_start(objective, eval_fn, schedule, state, data, eval_data)
+
+
+def _resume(objective, eval_fn, schedule, state, data, eval_data):
+    return evaluate_start(objective, eval_fn, schedule, state, data, eval_data, measure_now=False)[1]
 
 
 _STATIC = ("objective", "optimizer", "eval_fn", "schedule")
 _start_jit = jax.jit(_start, static_argnames=_STATIC + ("init_fns",))
-_resume_jit = jax.jit(evaluate_start, static_argnames=("objective", "eval_fn", "schedule"))
+_resume_jit = jax.jit(_resume, static_argnames=("objective", "eval_fn", "schedule"))
 _chunk_jit = jax.jit(run_chunk, static_argnames=_STATIC)
 
 
@@ -220,6 +249,8 @@ def train(
     augment: Callable | None = None,
     devices=None,
     callback: Callable[[int, dict], None] | None = None,
+    measure=None,
+    measure_every: int | None = None,
 ) -> TrainResult:
     """Trains with ``optimizer`` on ``objective`` for ``num_steps`` steps (``lax.scan`` chunks).
 
@@ -251,6 +282,11 @@ def train(
       devices: devices for data parallelism, a non-empty sequence of distinct devices (default
         ``jax.devices()``; one device: unsharded).
       callback: ``callback(step, metrics)`` after each chunk, on the host (e.g. a progress bar).
+      measure: a ``lsgeo.train.measure.Measurement`` (e.g. ``top_eigenvalue_tracker(objective)``) run inside
+        the compiled loop at the clean iterate, on the training data, at the start and every
+        ``measure_every`` steps; its metrics join the history (NaN at the evaluations in between, and at
+        the first row of a resumed run) and its state travels in ``state.measure`` (resume keeps it).
+      measure_every: a multiple of ``eval_every`` (default ``eval_every``).
 
     Returns:
       :class:`TrainResult`. Raises :class:`TrainingDiverged` on a non-finite loss, gradient or metric.
@@ -281,10 +317,13 @@ def train(
                 f"swa_start must be given exactly when the resumed state has an SWA average "
                 f"(state.swa is {'set' if params.swa is not None else 'None'}, swa_start={swa_start})"
             )
+    measure_every = check_measure(measure, measure_every, eval_every)
+    if resume and measure is not None and params.measure is None:
+        params = params._replace(measure=measure.init(clean_params(params.params, params.opt_state)))
     mesh = data_mesh(devices)
     data, shard = shard_examples(mesh, data, n, batch_size)
     eval_data = replicate(mesh, eval_data)
-    schedule = Schedule(eval_every, batch_size, swa_start, swa_every, augment, mesh, shard)
+    schedule = Schedule(eval_every, batch_size, swa_start, swa_every, augment, mesh, shard, measure, measure_every)
     static = dict(objective=objective, eval_fn=eval_fn, schedule=schedule)
 
     if resume:
@@ -305,22 +344,24 @@ def train(
             check_finite_params(state.params, "params(init_key)")
     start = int(state.step)
     history: list[dict] = []
-    _record(history, start, to_numpy(metrics), state)
+    measured = measure_keys(schedule, state, data)
+    _record(history, start, to_numpy(metrics), state, measured)
     for chunk in range(1, num_steps // eval_every + 1):
         state, metrics = _chunk_jit(optimizer=optimizer, state=state, data=data, eval_data=eval_data, **static)
         if int(state.divergence.step) >= 0:
             raise TrainingDiverged(int(state.divergence.step), state.divergence.quantity(), stack_history(history), state)
         step = start + chunk * eval_every
-        _record(history, step, to_numpy(metrics), state)
+        _record(history, step, to_numpy(metrics), state, measured)
         if callback is not None:
             callback(step, history[-1])
     return TrainResult(clean_params(state.params, state.opt_state), stack_history(history), state)
 
 
-def _record(history: list[dict], step: int, metrics: dict, state: TrainState) -> None:
-    """Appends ``{"step": step, **metrics}``, or raises TrainingDiverged on a non-finite metric."""
+def _record(history: list[dict], step: int, metrics: dict, state: TrainState, measured=frozenset()) -> None:
+    """Appends ``{"step": step, **metrics}``, or raises TrainingDiverged on a non-finite metric (a measurement's
+    NaN between measurements excepted)."""
     swa_started = state.swa is not None and int(state.swa.count) > 0
-    bad = _first_non_finite(metrics, swa_started)
+    bad = _first_non_finite({k: v for k, v in metrics.items() if k not in measured}, swa_started)
     if bad is not None:
         raise TrainingDiverged(step, bad, stack_history(history), state)
     history.append({"step": np.asarray(step), **metrics})

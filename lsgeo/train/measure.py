@@ -5,7 +5,9 @@ A measurement is stateful like an optax transformation, a pair of pure functions
     init(params) -> state
     update(params, batch, state) -> (metrics: dict[str, scalar], state)
 
-whose state travels with the run (so a resumed or ``vmap``-ped run keeps it). ``update`` gets the clean
+whose state travels with the run in ``TrainState.measure`` (so a resumed or ``vmap``-ped run keeps it):
+``lsgeo.train.train(f, opt, params, data, ..., measure=top_eigenvalue_tracker(f), measure_every=k)``
+records its metrics every k steps next to the losses, computed inside the compiled loop. ``update`` gets the clean
 iterate w_t and the batch (or data set) it measures on. The trackers here build a curvature operator at
 w_t (``lsgeo.curvature``) and record what it gives:
 

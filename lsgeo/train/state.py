@@ -74,6 +74,7 @@ class TrainState(NamedTuple):
       data_key: raw key data of the data stream (minibatch order, augmentation).
       swa: the SWA running mean, or None without SWA.
       divergence: see :class:`Divergence`.
+      measure: the state of the run's measurement (``lsgeo.train.measure``), or None without one.
     """
 
     params: PyTree
@@ -83,6 +84,7 @@ class TrainState(NamedTuple):
     data_key: jax.Array
     swa: SWAState | None
     divergence: Divergence
+    measure: Any = None
 
 
 def split_key(key) -> tuple[jax.Array, jax.Array]:
@@ -103,12 +105,14 @@ def init_state(
     key=0,
     swa: bool = False,
     step: int = 0,
+    measure=None,
 ) -> TrainState:
     """The state at step ``step`` of a run starting at the clean ``params`` w_0.
 
     ``optimizer.init(params)``; for ``lsgeo.optim.noise_injection`` xi_0 = 0, so the loop's point is w_0.
     ``key`` gives the data stream: ``data_key = split_key(key)[1]`` (``split_key(key)[0]`` is the
     key that initialises parameters given as a function of a key, in ``lsgeo.train.train``).
+    ``measure``: a ``lsgeo.train.measure.Measurement`` whose ``init(params)`` starts ``state.measure``.
     """
     _, data_key = split_key(key)
     return TrainState(
@@ -119,6 +123,7 @@ def init_state(
         data_key=jax.random.key_data(data_key),
         swa=SWAState(params, jnp.zeros((), jnp.int32)) if swa else None,
         divergence=Divergence(jnp.asarray(-1, jnp.int32), *(jnp.asarray(False),) * 3),
+        measure=None if measure is None else measure.init(params),
     )
 
 

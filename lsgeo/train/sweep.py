@@ -37,6 +37,7 @@ from lsgeo.train.chunk import Schedule, evaluate_start, run_chunk
 from lsgeo.train.devices import data_mesh, replicate
 from lsgeo.train.loop import (
     check_finite_params,
+    check_measure,
     check_schedule,
     initial_values,
     split_init_fns,
@@ -125,8 +126,9 @@ def _make_optimizer(optimizer_fn, hyper, seed, params):
 def _member_start(objective, optimizer_fn, eval_fn, schedule, init_fns, params, model_state, hyper, seed, data, eval_data):
     params, model_state = initial_values(init_fns, params, model_state, seed)
     optimizer = _make_optimizer(optimizer_fn, hyper, seed, params)
-    state = init_state(params, optimizer, model_state=model_state, key=seed, swa=schedule.swa_start is not None)
-    return state, evaluate_start(objective, eval_fn, schedule, state, data, eval_data)
+    state = init_state(params, optimizer, model_state=model_state, key=seed, swa=schedule.swa_start is not None,
+                       measure=schedule.measure)
+    return evaluate_start(objective, eval_fn, schedule, state, data, eval_data)
 
 
 def _over_members(fn, members, mesh):
@@ -179,12 +181,15 @@ def sweep(
     members_per_chunk: int | None = None,
     devices=None,
     callback: Callable[[int, dict], None] | None = None,
+    measure=None,
+    measure_every: int | None = None,
 ) -> SweepResult:
     """:func:`lsgeo.train.train` for every (hyperparameter values, seed) member, vmapped, compiled once.
 
     Args:
       objective, data, num_steps, eval_every, batch_size, eval_fn, eval_data, swa_start, swa_every,
-        augment, devices: as in :func:`lsgeo.train.train`.
+        augment, devices, measure, measure_every: as in :func:`lsgeo.train.train` (every member carries
+        its own measurement state: a tracked sweep compiles once).
       optimizer_fn: ``optimizer_fn(**values, seed=seed) -> optax.GradientTransformation``, e.g.
         ``lambda sigma, seed: noise_injection(optax.sgd(0.1), sigma, seed=seed)``. The values and the
         seed arrive traced: Python branching on them is a TypeError (use ``jnp.where``, schedules).
@@ -210,6 +215,7 @@ def sweep(
     check_callable(optimizer_fn, "optimizer_fn")
     n = check_batch(data, "data", common_axis=True)
     eval_every = check_schedule(num_steps, eval_every, batch_size, n, swa_start, swa_every)
+    measure_every = check_measure(measure, measure_every, eval_every)
     grid, seeds_np = _check_grid(hyperparams, seeds)
     if not callable(params):
         check_float_params(params)
@@ -235,7 +241,7 @@ def sweep(
         data, eval_data = replicate(mesh, data), replicate(mesh, eval_data)
         params = params if callable(params) else replicate(mesh, params)
         model_state = model_state if callable(model_state) or model_state is None else replicate(mesh, model_state)
-    schedule = Schedule(eval_every, batch_size, swa_start, swa_every, augment, mesh, False)
+    schedule = Schedule(eval_every, batch_size, swa_start, swa_every, augment, mesh, False, measure, measure_every)
     static = dict(objective=objective, optimizer_fn=optimizer_fn, eval_fn=eval_fn, schedule=schedule)
 
     init_fns, params, model_state = split_init_fns(params, model_state)
