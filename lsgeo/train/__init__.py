@@ -11,6 +11,7 @@ One concept per module:
 - :mod:`~lsgeo.train.chunk`     the compiled unit (``eval_every`` steps + an evaluation);
 - :mod:`~lsgeo.train.loop`      ``train`` (one run, resumable, ``TrainingDiverged``);
 - :mod:`~lsgeo.train.sweep`     ``sweep`` (vmapped over hyperparameters and seeds);
+- :mod:`~lsgeo.train.measure`   measurements inside the loop (``top_eigenvalue_tracker``, ``trace_tracker``);
 - :mod:`~lsgeo.train.devices`   data parallelism over ``jax.devices()``.
 
 Objectives follow the lsgeo contract: ``objective(params, batch) -> scalar``, or with a model state
@@ -20,7 +21,9 @@ argument of the compiled functions, never as a closure constant.
 
 from lsgeo.train.batches import augment_key, epoch_permutation, minibatch
 from lsgeo.train.evaluate import evaluate
+from lsgeo.train import measure
 from lsgeo.train.loop import TrainingDiverged, TrainResult, train
+from lsgeo.train.measure import Measurement, top_eigenvalue_tracker, trace_tracker
 from lsgeo.train.state import Divergence, SWAState, TrainState, init_state, split_key
 from lsgeo.train.step import train_step
 from lsgeo.train.swa import swa_update
@@ -43,4 +46,8 @@ __all__ = [
     "TrainingDiverged",
     "sweep",
     "SweepResult",
+    "measure",
+    "Measurement",
+    "top_eigenvalue_tracker",
+    "trace_tracker",
 ]
