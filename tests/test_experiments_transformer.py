@@ -19,8 +19,8 @@ def test_js_distance_is_zero_for_equal_densities_and_one_for_disjoint_ones():
 
 
 def test_transformer_blocks_smoke(tmp_path):
-    cfg = transformer_blocks.Config(seeds=(0,), modulus=7, d_model=8, heads=2, mlp_widths=(16,), steps=20,
-                                    eval_every=10, slq_iters=6, slq_runs=1, grid_points=200)
+    cfg = transformer_blocks.Config(seeds=(0,), modulus=5, d_model=4, heads=1, mlp_widths=(8,), steps=10,
+                                    eval_every=5, slq_iters=4, slq_runs=1, grid_points=200)
     run_dir, summary = runner.run_experiment(transformer_blocks.EXPERIMENT, cfg, out=tmp_path, progress=False,
                                              verbose=False)
     saved = json.loads((run_dir / "summary.json").read_text())
