@@ -31,7 +31,8 @@ Modules (all names are re-exported here, ``from lsgeo import curvature; curvatur
   products          ``hvp``, ``gnvp``, ``hessian_operator``, ``gauss_newton_operator`` (one-call forms)
   dense             ``hessian`` (small models)
   trace             ``hessian_trace`` (Hutchinson, Hutch++, XTrace), ``hessian_diagonal`` (Hutchinson, XDiag)
-  krylov            ``lanczos``, ``tridiagonal_eigh``, ``ritz_pairs`` (early-stopping Lanczos)
+  krylov            ``lanczos``, ``tridiagonal_eigh``, ``ritz_pairs`` (early-stopping Lanczos), ``ritz_vectors``,
+                    ``vector_shardings`` (flat or pytree vectors; sharded or host-memory bases)
   eigen             ``top_eigenvalues``, ``eigenpairs``, ``min_eigenvalue``
   density           ``slq_nodes``, ``block_slq_nodes`` (all blocks, one program), ``spectral_density``,
                     ``saddle_index``
@@ -39,7 +40,9 @@ Modules (all names are re-exported here, ``from lsgeo import curvature; curvatur
   chunking          vectors per pass (the one memory budget), the balanced ``lax.map``
 
 Iterative methods act on flat vectors ``[m]`` (``jax.flatten_util.ravel_pytree`` order) in the operator's
-work dtype (at least float32). Costs are counted in products: a Hessian product by forward-over-reverse
+work dtype (at least float32); Lanczos (``top_eigenvalues``, ``eigenpairs``, ``slq_nodes``) acts on pytrees
+shaped like the parameters instead when they are sharded (``NamedSharding``), its basis keeping their
+sharding, or optionally in host memory (``basis_memory="host"``). Costs are counted in products: a Hessian product by forward-over-reverse
 costs about 2-3 gradient evaluations (Pearlmutter 1994), a Gauss-Newton or Fisher product about 2.
 
 Data sets larger than a batch: ``microbatch_size`` (and ``devices``) on an operator (or a function form)
@@ -97,7 +100,7 @@ from lsgeo.curvature.eigen import WHICH, eigenpairs, min_eigenvalue, top_eigenva
 from lsgeo.curvature.fisher import EmpiricalFisher, MonteCarloFisher, register_label_sampler
 from lsgeo.curvature.gauss_newton import GaussNewton
 from lsgeo.curvature.hessian_operator import Hessian
-from lsgeo.curvature.krylov import lanczos, ritz_pairs, tridiagonal_eigh
+from lsgeo.curvature.krylov import BASIS_MEMORY, lanczos, ritz_pairs, ritz_vectors, tridiagonal_eigh, vector_shardings
 from lsgeo.curvature.operator import CurvatureOperator, blocks
 from lsgeo.curvature.products import gauss_newton_operator, gnvp, hessian_operator, hvp
 from lsgeo.curvature.solve import SolveDidNotConverge, SolveInfo, low_rank_inverse, solve
@@ -124,6 +127,8 @@ __all__ = [
     "hessian_diagonal",
     "lanczos",
     "ritz_pairs",
+    "ritz_vectors",
+    "vector_shardings",
     "tridiagonal_eigh",
     "top_eigenvalues",
     "eigenpairs",
@@ -138,4 +143,5 @@ __all__ = [
     "WHICH",
     "SADDLE_METHODS",
     "DEFAULT_SADDLE_RTOL",
+    "BASIS_MEMORY",
 ]

@@ -22,7 +22,8 @@ import jax.scipy.stats
 import numpy as np
 
 from lsgeo.curvature import chunking
-from lsgeo.curvature.krylov import lanczos, tridiagonal_eigh
+from lsgeo.curvature.eigen import krylov_space, vector_layout
+from lsgeo.curvature.krylov import BASIS_MEMORY, lanczos, tridiagonal_eigh
 from lsgeo.curvature.operator import resolve
 from lsgeo.validation import check_choice, check_nonnegative_int, check_positive_int, check_sigma, is_concrete
 
@@ -42,6 +43,8 @@ def slq_nodes(
     num_iters: int = 80,
     num_runs: int = 4,
     vectors_per_pass: int | None = None,
+    reorthogonalize: bool = True,
+    basis_memory: str = "device",
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -55,18 +58,30 @@ def slq_nodes(
     spectral measure ``1/m sum_i delta_{lambda_i}`` is approximated by the nodes ``theta`` with
     weights ``tau = (U_1j)^2 / R`` (which sum to 1).
 
+    ``reorthogonalize=False`` runs the plain three-term recurrence (``krylov.lanczos``): no basis is
+    stored (memory ``3 m`` per run instead of ``(K + 1) m``, no ``O(K^2 m)`` reorthogonalisation), and
+    the Gauss quadrature of a finite-precision run still approximates the spectral measure (Paige 1980;
+    Meurant & Strakos 2006: converged eigenvalues reappear as ghost nodes that share their weight). With
+    sharded parameters (``NamedSharding`` leaves) the runs take the pytree path and every vector keeps
+    the parameters' sharding; ``basis_memory="host"`` keeps each run's basis in host memory.
+
     Args:
       f, params, batch, key: an operator and a key, or an objective, parameters, data and a key.
       num_iters: Lanczos steps per run (capped at ``m``).
       num_runs: independent probes ``R``.
       vectors_per_pass: runs vmapped together (``None``: as many as fit in a memory budget that counts
         each run's basis and tangents; one at a time on a large model).
+      reorthogonalize: full reorthogonalisation (default) or the plain recurrence without a basis.
+      basis_memory: ``"device"`` or ``"host"`` (each run's basis in host memory, the runs one at a time;
+        with reorthogonalisation).
       microbatch_size, devices: with an objective, the data plan of its ``Hessian``.
 
     Returns:
       ``(nodes [num_runs, K], weights [num_runs, K])`` with ``K = min(num_iters, m)`` (at least float32).
 
-    Cost: ``num_runs * K`` products. Memory: ``vectors_per_pass (K + 1) m`` plus the products.
+    Cost: ``num_runs * K`` products plus ``O(num_runs K^2 m)`` flops (``O(num_runs K m)`` without
+    reorthogonalisation). Memory: ``vectors_per_pass (K + 1) m`` plus the products (``3 m`` per run
+    without reorthogonalisation; ``O(m)`` device memory per run with a host basis).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -80,23 +95,32 @@ def slq_nodes(
     check_positive_int(num_iters, "num_iters")
     check_positive_int(num_runs, "num_runs")
     chunking.check_vectors_per_pass(vectors_per_pass)
+    if not isinstance(reorthogonalize, (bool, np.bool_)):
+        raise ValueError(f"reorthogonalize must be a bool, got {reorthogonalize!r}")
+    check_choice(basis_memory, "basis_memory", BASIS_MEMORY)
     num_iters = min(num_iters, op.size)
     if vectors_per_pass is None:
-        basis_bytes = (num_iters + 1) * op.size * np.dtype(op.dtype).itemsize
+        stored = num_iters + 1 if reorthogonalize and basis_memory == "device" else 3
+        basis_bytes = stored * op.size * np.dtype(op.dtype).itemsize
         vectors_per_pass = chunking.auto_vectors_per_pass(op, num_runs, state_bytes_per_vector=basis_bytes)
-    return _slq_nodes(op, key, num_iters, num_runs, vectors_per_pass)
+    return _slq_nodes(op, key, num_iters, num_runs, vectors_per_pass, bool(reorthogonalize), vector_layout(op),
+                      basis_memory)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _slq_nodes(op, key, num_iters, num_runs, chunk):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
+def _slq_nodes(op, key, num_iters, num_runs, chunk, reorthogonalize=True, layout=None, basis_memory="device"):
     m, dtype = op.size, op.dtype
+    to_vector, matvec, shardings = krylov_space(op, layout)
 
     def run(k):
-        z = jax.random.rademacher(k, (m,), dtype=dtype)
-        alphas, betas = lanczos(op.matvec, z, num_iters)
+        z = to_vector(jax.random.rademacher(k, (m,), dtype=dtype))
+        alphas, betas = lanczos(matvec, z, num_iters, reorthogonalize=reorthogonalize, shardings=shardings,
+                                basis_memory=basis_memory)
         theta, u = tridiagonal_eigh(alphas, betas)
         return theta, jnp.square(u[0]) / num_runs
 
+    if basis_memory == "host":  # one run at a time: a host basis is for models whose basis does not fit
+        return jax.lax.map(run, jax.random.split(key, num_runs))
     return chunking.chunked_map(run, jax.random.split(key, num_runs), chunk)
 
 
@@ -212,6 +236,8 @@ def spectral_density(
     width=None,
     num_points: int = 1000,
     vectors_per_pass: int | None = None,
+    reorthogonalize: bool = True,
+    basis_memory: str = "device",
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -233,13 +259,14 @@ def spectral_density(
       width: standard deviation of the broadening, > 0. Default: 1% of the span of the Ritz values.
         Network Hessians have a few large outliers, so the bulk needs a smaller ``width`` to be resolved.
       num_points: size of the default grid.
-      vectors_per_pass, microbatch_size, devices: as in ``slq_nodes``.
+      vectors_per_pass, reorthogonalize, basis_memory, microbatch_size, devices: as in ``slq_nodes``
+        (``reorthogonalize=False``: no basis stored, memory ``O(m)`` per run).
 
     Returns:
       ``(grid [P], density [P])``.
 
     Cost: ``num_runs * num_iters`` HVPs plus ``O(num_runs num_iters P)`` for the broadening.
-    Memory: ``vectors_per_pass (num_iters + 1) m``.
+    Memory: ``vectors_per_pass (num_iters + 1) m`` (``3 m`` per run without reorthogonalisation).
 
     Raises:
       ValueError: ``width <= 0``, a grid that is not 1-D with >= 2 points, bad counts.
@@ -250,7 +277,7 @@ def spectral_density(
         raise ValueError(f"grid must be a 1-D array of at least 2 points, got shape {np.shape(grid)}")
     nodes, weights = slq_nodes(
         f, params, batch, key, num_iters=num_iters, num_runs=num_runs, vectors_per_pass=vectors_per_pass,
-        microbatch_size=microbatch_size, devices=devices,
+        reorthogonalize=reorthogonalize, basis_memory=basis_memory, microbatch_size=microbatch_size, devices=devices,
     )
     return _broaden(nodes, weights, grid, width, num_points=num_points)
 

@@ -8,6 +8,11 @@ inside a ``lax.while_loop``. The recursion runs
 in at least float32 (``bfloat16``/``float16`` parameters: the products are evaluated in the parameters'
 dtype, the basis, the reorthogonalisation and the small eigenproblem in float32).
 
+Sharded parameters (leaves laid out over several devices by a ``NamedSharding``, as FSDP or tensor
+parallelism lays them out): the run takes the pytree path of ``lsgeo.curvature.krylov`` automatically,
+the products are ``op.tree_matvec`` (no ravel) and every basis vector keeps the parameters' sharding
+(``krylov.vector_shardings``); ``basis_memory="host"`` keeps the basis in host memory (any parameters).
+
 References: Kaniel-Paige convergence theory (Golub & Van Loan, Section 10.1.5); Y. Dauphin et al.,
 Identifying and attacking the saddle point problem in high-dimensional non-convex optimization, NeurIPS
 2014 (the escape direction); J. Cohen et al., Gradient descent on neural networks typically occurs at
@@ -21,6 +26,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 from lsgeo.curvature import krylov
 from lsgeo.curvature.operator import resolve
@@ -60,22 +66,49 @@ def _check_tol(tol):
     return float(tol)
 
 
-def _prepare(name, f, params, batch, key, k, num_iters, tol, microbatch_size, devices):
+def _prepare(name, f, params, batch, key, k, num_iters, tol, microbatch_size, devices, basis_memory="device"):
+    check_choice(basis_memory, "basis_memory", krylov.BASIS_MEMORY)
     op, key = resolve(f, params, batch, key, name=name, microbatch_size=microbatch_size, devices=devices)
     _check_k(k, op.size)
     return op, key, _resolve_num_iters(num_iters, k, op.size), _check_tol(tol)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
-def _lanczos_pairs(op, key, num_iters, k, which, tol, with_vectors):
+def vector_layout(op):
+    """The static layout of the Krylov vectors of ``op``: ``None`` (flat vectors ``[m]``) unless some
+    variable parameter is laid out over several devices, else the tuple of the leaves'
+    ``NamedSharding`` (``krylov.vector_shardings``; hashable, a ``jit`` static argument)."""
+    shardings = krylov.vector_shardings(op.variable_params)
+    return None if shardings is None else tuple(jax.tree_util.tree_leaves(shardings))
+
+
+def krylov_space(op, layout):
+    """``(to_vector, matvec, shardings)`` of the Krylov vectors of ``op`` for a ``vector_layout``: a flat
+    probe ``[m]`` as the run's start vector (itself when flat; the pytree of its ``ravel_pytree`` pieces,
+    in ``op.dtype``, when sharded, so that both paths start from the same vector), the product and the
+    vectors' shardings. Call inside ``jit``."""
+    if layout is None:
+        return (lambda u: u), op.matvec, None
+    pv = op.variable_params
+    _, unravel = ravel_pytree(jax.tree_util.tree_map(lambda a: jnp.zeros(jnp.shape(a), op.dtype), pv))
+    shardings = jax.tree_util.tree_structure(pv).unflatten(layout)
+    return unravel, op.tree_matvec, shardings
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))
+def _lanczos_pairs(op, key, num_iters, k, which, tol, with_vectors, layout=None, basis_memory="device"):
     """Lanczos on the operator from a Gaussian start: the k wanted Ritz values, their residual norms and,
     with ``with_vectors``, the Ritz vectors as a pytree with a leading axis k."""
-    v0 = jax.random.normal(key, (op.size,), op.dtype)
-    values, coefficients, basis, _, residuals = krylov.ritz_run(op.matvec, v0, num_iters, k=k, which=which, tol=tol)
+    to_vector, matvec, shardings = krylov_space(op, layout)
+    v0 = to_vector(jax.random.normal(key, (op.size,), op.dtype))
+    values, coefficients, basis, _, residuals = krylov.ritz_run(matvec, v0, num_iters, k=k, which=which, tol=tol,
+                                                                shardings=shardings, basis_memory=basis_memory)
     if not with_vectors:
         return values, residuals
-    vectors = jnp.matmul(coefficients.T, basis, precision=_HIGHEST)  # [k, m], V^T u_j
-    return values, residuals, jax.vmap(op.unravel)(vectors)
+    vectors = krylov.ritz_vectors(basis, coefficients, shardings=shardings, basis_memory=basis_memory)
+    if layout is None:
+        return values, residuals, jax.vmap(op.unravel)(vectors)  # [k, m], V^T u_j
+    return values, residuals, jax.tree_util.tree_map(lambda y, p: y.astype(jnp.result_type(p)), vectors,
+                                                     op.variable_params)
 
 
 def top_eigenvalues(
@@ -88,6 +121,7 @@ def top_eigenvalues(
     num_iters: int | None = None,
     tol: float | None = None,
     return_residuals: bool = False,
+    basis_memory: str = "device",
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ) -> jax.Array:
@@ -112,16 +146,21 @@ def top_eigenvalues(
       tol: ``None`` (run ``num_iters`` steps) or a relative residual tolerance > 0 for early stopping.
       return_residuals: also return the residual norms ``||A y_j - theta_j y_j||`` of the Ritz pairs (an
         eigenvalue of A lies within each of its value).
+      basis_memory: ``"device"`` or ``"host"``: the Lanczos basis (``(num_iters + 1) m`` scalars) in host
+        memory, its rows fetched one at a time for the reorthogonalisation, for when it does not fit
+        in device memory (``lsgeo.curvature.krylov``). Sharded parameters keep a sharded basis either way.
       microbatch_size, devices: with an objective, the data plan of its ``Hessian`` (``lsgeo.microbatch``).
 
     Returns:
       ``[k]`` Ritz values, descending (at least float32), or ``(values, residuals)``.
 
     Cost: ``num_iters`` products (fewer with ``tol``) plus ``O(num_iters^2 m)`` flops. Memory:
-    ``(num_iters + 1) m`` plus one product on one microbatch.
+    ``(num_iters + 1) m`` plus one product on one microbatch (per device, ``(num_iters + 1) m / devices``
+    with sharded parameters; in host memory with ``basis_memory="host"``).
 
     Raises:
-      ValueError: ``k`` not in ``[1, m]``, ``num_iters < k``, ``tol <= 0``, ``key`` not a PRNG key,
+      ValueError: ``k`` not in ``[1, m]``, ``num_iters < k``, ``tol <= 0``, unknown ``basis_memory``,
+        ``key`` not a PRNG key,
         integer ``params``, an empty batch, a bad ``microbatch_size``; TypeError: ``f`` not callable.
 
     Example:
@@ -133,8 +172,8 @@ def top_eigenvalues(
       [5.0, 3.0]
     """
     op, key, num_iters, tol = _prepare("top_eigenvalues", f, params, batch, key, k, num_iters, tol,
-                                       microbatch_size, devices)
-    values, residuals = _lanczos_pairs(op, key, num_iters, k, "largest", tol, False)
+                                       microbatch_size, devices, basis_memory)
+    values, residuals = _lanczos_pairs(op, key, num_iters, k, "largest", tol, False, vector_layout(op), basis_memory)
     return (values, residuals) if return_residuals else values
 
 
@@ -149,6 +188,7 @@ def eigenpairs(
     num_iters: int | None = None,
     tol: float | None = None,
     return_residuals: bool = False,
+    basis_memory: str = "device",
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ):
@@ -158,7 +198,9 @@ def eigenpairs(
     The same Lanczos run as ``top_eigenvalues``; returns the ``k`` largest (``which="largest"``,
     descending) or smallest (``which="smallest"``, ascending) Ritz values ``theta_j`` of ``T`` and
     the Ritz vectors ``V^T u_j`` (unit norm, mutually orthogonal; exact eigenvectors once the
-    residual ``|beta_K u_Kj|`` is small, which ``tol`` bounds relative to ``|theta_j|``).
+    residual ``|beta_K u_Kj|`` is small, which ``tol`` bounds relative to ``|theta_j|``). With sharded
+    parameters the vectors keep the parameters' sharding (behind the leading axis k); ``basis_memory``
+    as in ``top_eigenvalues``.
 
     Returns:
       ``(values [k], vectors)`` with ``vectors`` a pytree shaped like the operator's parameters with a
@@ -167,12 +209,14 @@ def eigenpairs(
     Cost: ``num_iters`` products. Memory: ``(num_iters + 1) m``.
 
     Raises:
-      ValueError: ``k`` not in ``[1, m]``, ``num_iters < k``, unknown ``which``, ``tol <= 0``.
+      ValueError: ``k`` not in ``[1, m]``, ``num_iters < k``, unknown ``which``, ``tol <= 0``, unknown
+        ``basis_memory``.
     """
     check_choice(which, "which", WHICH)
     op, key, num_iters, tol = _prepare("eigenpairs", f, params, batch, key, k, num_iters, tol, microbatch_size,
-                                       devices)
-    values, residuals, vectors = _lanczos_pairs(op, key, num_iters, k, which, tol, True)
+                                       devices, basis_memory)
+    values, residuals, vectors = _lanczos_pairs(op, key, num_iters, k, which, tol, True, vector_layout(op),
+                                                basis_memory)
     return (values, vectors, residuals) if return_residuals else (values, vectors)
 
 
@@ -184,6 +228,7 @@ def min_eigenvalue(
     *,
     num_iters: int | None = None,
     tol: float | None = None,
+    basis_memory: str = "device",
     microbatch_size: int | None = None,
     devices: Sequence | None = None,
 ):
@@ -200,7 +245,7 @@ def min_eigenvalue(
     Cost: ``num_iters`` products. Memory: ``(num_iters + 1) m``.
     """
     values, vectors = eigenpairs(
-        f, params, batch, key, k=1, which="smallest", num_iters=num_iters, tol=tol,
+        f, params, batch, key, k=1, which="smallest", num_iters=num_iters, tol=tol, basis_memory=basis_memory,
         microbatch_size=microbatch_size, devices=devices,
     )
     return values[0], jax.tree_util.tree_map(lambda a: a[0], vectors)

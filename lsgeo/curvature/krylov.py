@@ -1,95 +1,322 @@
-"""Lanczos tridiagonalisation with full reorthogonalisation, and the Ritz pairs of the tridiagonal.
+"""Lanczos tridiagonalisation (with or without full reorthogonalisation), and the Ritz pairs of the
+tridiagonal, on flat vectors or on pytrees shaped like the parameters (sharded or not).
 
 ``lanczos`` runs a fixed number of steps as one ``lax.scan``; ``ritz_pairs`` runs up to that number in a
 ``lax.while_loop`` and stops early once the wanted extreme Ritz pairs have converged (relative residual
-``|beta_K u_Kj| <= tol |theta_j|``). Both hold the basis ``V`` (``(K + 1) x m``), the only state that grows
+``|beta_K u_Kj| <= tol |theta_j|``). Both hold the basis ``V`` (``K + 1`` vectors), the only state that grows
 with the number of steps; each step calls the operator once (one compiled body).
 
+Vectors: a flat vector ``[m]`` or any pytree of floating arrays (the parameters' shapes); a flat vector is
+a one-leaf pytree, so there is one code path. The basis is a pytree of the same structure whose leaves
+carry a leading axis ``K + 1`` (leaf ``[K + 1, *leaf.shape]``); inner products are sums over leaves of
+full contractions (``tensordot``, precision HIGHEST). With ``shardings`` (the vectors' ``NamedSharding``
+per leaf, ``vector_shardings(params)``) every vector and every basis leaf is constrained inside ``jit``
+to the parameter's layout (the basis: the same ``PartitionSpec`` behind a replicated leading axis), so
+with FSDP- or tensor-parallel parameters each device holds its shard of every basis vector and the inner
+products are partial contractions plus one all-reduce of ``K + 1`` scalars. With ``basis_memory="host"``
+the basis lives in host memory (``jax.memory.Space.Host``: pinned host memory on GPU/TPU, the memory
+kind ``pinned_host`` of the same sharding) and its rows are fetched one at a time for the
+reorthogonalisation (as Zhang et al. 2024 keep their Lanczos basis on the CPU); on the CPU backend the
+two memories are one and the option changes only the order of the reorthogonalisation (modified
+Gram-Schmidt over rows instead of classical Gram-Schmidt against the whole basis).
+
 References: C. Lanczos, 1950; G. Golub, C. Van Loan, Matrix Computations (4th ed.), Sections 10.1-10.3;
-B. Parlett, The Symmetric Eigenvalue Problem, 1998 (residual bounds of Ritz pairs).
+B. Parlett, The Symmetric Eigenvalue Problem, 1998 (residual bounds of Ritz pairs); C. Paige, Accuracy
+and effectiveness of the Lanczos algorithm for the symmetric eigenproblem, LAA 1980; G. Meurant, Z.
+Strakos, The Lanczos and conjugate gradient algorithms in finite precision arithmetic, Acta Numerica
+2006 (Gauss quadrature from Lanczos without reorthogonalisation); Y. Zhang et al., Why Transformers Need
+Adam: A Hessian Perspective, NeurIPS 2024 (a host-memory basis).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lsgeo.validation import check_choice, check_positive_int, is_concrete
 
-__all__ = ["lanczos", "tridiagonal_eigh", "ritz_pairs", "ritz_run"]
+__all__ = ["lanczos", "tridiagonal_eigh", "ritz_pairs", "ritz_run", "ritz_vectors", "vector_shardings",
+           "BASIS_MEMORY"]
 
-MatVec = Callable[[jax.Array], jax.Array]
+PyTree = Any
+MatVec = Callable[[PyTree], PyTree]
+BASIS_MEMORY = ("device", "host")
+HOST_BLOCK = 8  # basis rows fetched from host memory at a time
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _restart_vector(j, m, dtype):
-    """A fixed, generic pseudo-random vector (a sine hash of the index), the ``j``-th restart of
-    ``lanczos`` after breakdown. Deterministic and free of PRNG state."""
-    i = jnp.arange(1, m + 1, dtype=dtype)
-    h = jnp.sin(i * 12.9898 + (j + 1) * 78.233) * 43758.5453
-    return h - jnp.floor(h) - 0.5
+# -- the vector space: pytrees of arrays, a flat vector being a one-leaf pytree ----------------------------
+def vector_shardings(tree: PyTree):
+    """The layout of a pytree of parameters as Lanczos wants it: ``None`` when no leaf is partitioned over
+    several devices (one device, or replicated over several: the flat path), else a pytree of ``NamedSharding``
+    shaped like ``tree``.
+
+    Leaves with a ``NamedSharding`` keep it; single-device and host (numpy) leaves of a sharded tree are
+    replicated over the mesh of the first sharded leaf (they are replicated there by ``jit`` anyway).
+
+    Raises:
+      ValueError: a leaf laid out over several devices by a sharding that is not a ``NamedSharding``, or
+        leaves sharded over meshes of different devices."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    sharded = [getattr(a, "sharding", None) for a in leaves]
+    sharded = [s for s in sharded if s is not None and len(s.device_set) > 1]
+    if all(s.is_fully_replicated for s in sharded):  # nothing partitioned (e.g. data parallelism): the flat path
+        return None
+    named = [s for s in sharded if isinstance(s, NamedSharding)]
+    if len(named) != len(sharded):
+        bad = next(s for s in sharded if not isinstance(s, NamedSharding))
+        raise ValueError(f"params must be sharded by NamedSharding (a mesh and a PartitionSpec) to keep Krylov "
+                         f"bases sharded, got a leaf with {bad!r}")
+    mesh = named[0].mesh
+    if any(s.mesh.devices.tolist() != mesh.devices.tolist() or s.mesh.axis_names != mesh.axis_names for s in named):
+        raise ValueError("params must be sharded over one mesh, got leaves on different meshes")
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def layout(a):
+        s = getattr(a, "sharding", None)
+        return s if isinstance(s, NamedSharding) and len(s.device_set) > 1 else replicated
+
+    return jax.tree_util.tree_unflatten(treedef, [layout(a) for a in leaves])
 
 
-def _check_start(v0, num_iters):
+class _Space:
+    """Static description of the vectors of a run: the pytree structure, the leaf shapes, their shardings
+    (or None) and where the basis lives. Vectors and bases are handled as lists of leaves."""
+
+    def __init__(self, v0, shardings, basis_memory):
+        leaves, self.treedef = jax.tree_util.tree_flatten(v0)
+        self.shapes = [tuple(a.shape) for a in leaves]
+        self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(int).tolist()
+        self.size = int(sum(self.sizes))
+        self.host = basis_memory == "host"
+        if shardings is None:
+            self.vec_shardings = self.basis_shardings = None
+        else:
+            try:
+                given = self.treedef.flatten_up_to(shardings)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"shardings must be a pytree shaped like v0 with one sharding per leaf: {err}") from err
+            if not all(isinstance(s, NamedSharding) for s in given):
+                raise ValueError(f"shardings must hold a jax.sharding.NamedSharding per leaf, got {given!r}")
+            self.vec_shardings = given
+            self.basis_shardings = [NamedSharding(s.mesh, PartitionSpec(None, *s.spec)) for s in given]
+
+    # layout
+    def constrain(self, w):
+        if self.vec_shardings is None:
+            return w
+        return [jax.lax.with_sharding_constraint(a, s) for a, s in zip(w, self.vec_shardings)]
+
+    def constrain_basis(self, basis):
+        if self.basis_shardings is not None:
+            basis = [jax.lax.with_sharding_constraint(b, s) for b, s in zip(basis, self.basis_shardings)]
+        if self.host:
+            basis = [jax.device_put(b, jax.memory.Space.Host) for b in basis]
+        return basis
+
+    def tree(self, leaves):
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def leaves(self, tree):
+        return self.treedef.flatten_up_to(tree)
+
+    # algebra
+    @staticmethod
+    def inner(x, y):
+        return sum(jnp.tensordot(a, b, axes=a.ndim, precision=_HIGHEST) for a, b in zip(x, y))
+
+    def norm(self, x):
+        return jnp.sqrt(self.inner(x, x))
+
+    @staticmethod
+    def axpy(alpha, x, y):
+        """``y + alpha x``."""
+        return [b + alpha * a for a, b in zip(x, y)]
+
+    # the basis
+    def row(self, basis, i):
+        rows = [jax.lax.dynamic_index_in_dim(b, i, 0, keepdims=False) for b in basis]
+        if self.host:
+            rows = [jax.device_put(r, jax.memory.Space.Device) for r in rows]
+        return self.constrain(rows)
+
+    def block(self, basis, start, size):
+        """Rows ``[start, start + size)`` of a host basis, fetched to device memory (``dynamic_slice``
+        clamps ``start`` so that the block lies inside the basis)."""
+        rows = [jax.device_put(jax.lax.dynamic_slice_in_dim(b, start, size, 0), jax.memory.Space.Device)
+                for b in basis]
+        return self.constrain_rows(rows)
+
+    def write(self, basis, w, i):
+        if self.host:
+            w = [jax.device_put(a, jax.memory.Space.Host) for a in w]
+        return self.constrain_basis([jax.lax.dynamic_update_index_in_dim(b, a, i, axis=0) for b, a in zip(basis, w)])
+
+    @staticmethod
+    def _cgs(rows, w):
+        coeffs = sum(jnp.tensordot(b, a, axes=a.ndim, precision=_HIGHEST) for b, a in zip(rows, w))
+        return [a - jnp.tensordot(coeffs, b, axes=1, precision=_HIGHEST) for a, b in zip(w, rows)]
+
+    def project_out(self, basis, w, rows):
+        """``w`` orthogonalised twice against the first ``rows`` basis vectors ("twice is enough", Kahan /
+        Parlett); the rows after them are zero. Device basis: classical Gram-Schmidt against the whole
+        basis, two matrix-vector products per pass. Host basis: block Gram-Schmidt over blocks of
+        ``HOST_BLOCK`` rows fetched one block at a time (classical within a block, modified across
+        blocks; ``ceil(rows / HOST_BLOCK)`` fetches per pass, device memory ``HOST_BLOCK`` rows)."""
+        if not self.host:
+            for _ in range(2):
+                w = self.constrain(self._cgs(basis, w))
+            return w
+        size = min(HOST_BLOCK, basis[0].shape[0])
+
+        def one(i, w):
+            return self.constrain(self._cgs(self.block(basis, i * size, size), w))
+
+        for _ in range(2):
+            w = jax.lax.fori_loop(0, (rows + size - 1) // size, one, w)
+        return w
+
+    def restart_vector(self, j, dtype):
+        """A fixed, generic pseudo-random vector (a sine hash of the flat index), the ``j``-th restart after
+        breakdown. Deterministic and free of PRNG state; the same values, in ``ravel_pytree`` order,
+        whatever the pytree structure."""
+        out = []
+        for shape, size, offset in zip(self.shapes, self.sizes, self.offsets):
+            i = jnp.arange(offset + 1, offset + size + 1, dtype=dtype).reshape(shape)
+            h = jnp.sin(i * 12.9898 + (j + 1) * 78.233) * 43758.5453
+            out.append(h - jnp.floor(h) - 0.5)
+        return self.constrain(out)
+
+    def combine(self, basis, coefficients):
+        """``sum_i coefficients[i, c] v_i`` for each column ``c``: leaves with a leading axis of the columns."""
+        num = coefficients.shape[0]
+        if not self.host:
+            return self.constrain_rows([jnp.tensordot(coefficients.T, b[:num], axes=1, precision=_HIGHEST)
+                                        for b in basis])
+
+        size = min(HOST_BLOCK, num)
+
+        def add(acc, rows, coeffs):
+            return [c + jnp.tensordot(coeffs.T, b, axes=1, precision=_HIGHEST) for c, b in zip(acc, rows)]
+
+        def one(i, acc):
+            coeffs = jax.lax.dynamic_slice_in_dim(coefficients, i * size, size, 0)
+            return add(acc, self.block(basis, i * size, size), coeffs)
+
+        acc = [jnp.zeros((coefficients.shape[1], *s), coefficients.dtype) for s in self.shapes]
+        full, rest = divmod(num, size)
+        acc = jax.lax.fori_loop(0, full, one, acc)
+        if rest:  # the last, partial block (static)
+            acc = add(acc, self.block(basis, full * size, rest), coefficients[full * size:])
+        return self.constrain_rows(acc)
+
+    def constrain_rows(self, leaves):
+        if self.basis_shardings is None:
+            return leaves
+        return [jax.lax.with_sharding_constraint(a, s) for a, s in zip(leaves, self.basis_shardings)]
+
+
+def _check_start(v0, num_iters, shardings=None, basis_memory="device", what="v0"):
     check_positive_int(num_iters, "num_iters")
-    v0 = jnp.asarray(v0)
-    if v0.ndim != 1:
-        raise ValueError(f"v0 must be a flat vector of shape [m], got shape {v0.shape}")
-    m = v0.shape[0]
-    if num_iters > m:
-        raise ValueError(f"num_iters must be <= the dimension m={m} of v0, got {num_iters}")
-    if not jnp.issubdtype(v0.dtype, jnp.inexact):
-        v0 = v0.astype(jnp.result_type(float))
-    if is_concrete(v0):
-        norm = float(np.linalg.norm(np.asarray(v0, np.float64)))
+    check_choice(basis_memory, "basis_memory", BASIS_MEMORY)
+    scalars = (int, float, np.number)
+    if isinstance(v0, (jax.Array, np.ndarray, *scalars)) or (
+        isinstance(v0, (list, tuple)) and v0 and all(isinstance(a, scalars) for a in v0)
+    ):  # an array, or a sequence of numbers: a flat vector
+        v0 = jnp.asarray(v0)
+        if v0.ndim != 1:
+            raise ValueError(f"{what} must be a flat vector of shape [m] or a pytree of arrays, got an array of "
+                             f"shape {v0.shape}")
+    leaves, treedef = jax.tree_util.tree_flatten(v0)
+    if not leaves:
+        raise ValueError(f"{what} must be a flat vector or a pytree of arrays with at least one leaf, got {v0!r}")
+    leaves = [jnp.asarray(a) for a in leaves]
+    dtype = jnp.result_type(*leaves)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        dtype = jnp.result_type(float)
+    leaves = [a.astype(dtype) for a in leaves]
+    v0 = jax.tree_util.tree_unflatten(treedef, leaves)
+    space = _Space(v0, shardings, basis_memory)
+    if num_iters > space.size:
+        raise ValueError(f"num_iters must be <= the dimension m={space.size} of {what}, got {num_iters}")
+    if is_concrete(leaves):
+        norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64))) for a in leaves)))
         if not np.isfinite(norm):
-            raise ValueError("v0 must be finite, got a vector with NaN or inf entries")
+            raise ValueError(f"{what} must be finite, got a vector with NaN or inf entries")
         if norm == 0.0:
-            raise ValueError("v0 must be a nonzero start vector, got a zero vector")
-    return v0
+            raise ValueError(f"{what} must be a nonzero start vector, got a zero vector")
+    return leaves, space
 
 
-def _initial_state(v0, num_iters):
-    m, dtype = v0.shape[0], v0.dtype
-    basis = jnp.zeros((num_iters + 1, m), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
-    return basis, jnp.zeros((), dtype)
+def _initial_state(space, v0, num_iters):
+    dtype = v0[0].dtype
+    v0 = space.constrain(v0)
+    v1 = [a / space.norm(v0).astype(dtype) for a in v0]
+    basis = space.constrain_basis([jnp.zeros((num_iters + 1, *s), dtype) for s in space.shapes])
+    return space.write(basis, v1, 0), jnp.zeros((), dtype)
 
 
-def _step(matvec, basis, beta_prev, j):
-    """One Lanczos step: ``(basis with row j + 1, beta_j, alpha_j)``.
+def _step(space, matvec, basis, beta_prev, j):
+    """One Lanczos step with full reorthogonalisation: ``(basis with row j + 1, beta_j, alpha_j)``.
 
     Breakdown (an invariant subspace found) is declared when the reorthogonalised residual is at rounding
     level relative to this step's own product, ``beta_j <= 10 eps ||A v_j||``: the new direction is then
     numerically inside ``span(V)``. (A threshold on a running ``||A||`` estimate, ``sqrt(m) eps ||A||``,
     discards genuine small couplings at large m: 3.9e-4 ||A|| at m = 1e7 in float32.)"""
-    m, dtype = basis.shape[1], basis.dtype
+    dtype = basis[0].dtype
     eps, tiny = jnp.finfo(dtype).eps, jnp.finfo(dtype).tiny
-
-    def project_out(w):
-        for _ in range(2):  # twice is enough (Kahan / Parlett)
-            w = w - jnp.matmul(basis.T, jnp.matmul(basis, w, precision=_HIGHEST), precision=_HIGHEST)
-        return w
-
-    v = basis[j]
-    w = matvec(v).astype(dtype)
-    scale = jnp.linalg.norm(w)
-    alpha = jnp.vdot(v, w)
-    w = w - alpha * v - beta_prev * basis[jnp.maximum(j - 1, 0)]
-    w = project_out(w)
-    beta = jnp.linalg.norm(w)
+    v, v_prev = space.row(basis, j), space.row(basis, jnp.maximum(j - 1, 0))
+    w = space.constrain([a.astype(dtype) for a in space.leaves(matvec(space.tree(v)))])
+    scale = space.norm(w)
+    alpha = space.inner(v, w)
+    w = space.axpy(-beta_prev, v_prev, space.axpy(-alpha, v, w))
+    w = space.project_out(basis, w, j + 1)
+    beta = space.norm(w)
     breakdown = beta <= 10 * eps * scale
-    w = jax.lax.cond(breakdown, lambda: project_out(_restart_vector(j, m, dtype)), lambda: w)
+    w = jax.lax.cond(breakdown, lambda: space.project_out(basis, space.restart_vector(j, dtype), j + 1), lambda: w)
     beta = jnp.where(breakdown, jnp.zeros_like(beta), beta)
-    w = w / jnp.maximum(jnp.linalg.norm(w), tiny)
-    basis = jax.lax.dynamic_update_index_in_dim(basis, w, j + 1, axis=0)
+    inv = 1 / jnp.maximum(space.norm(w), tiny)
+    basis = space.write(basis, [a * inv for a in w], j + 1)
     return basis, beta, alpha
 
 
-def lanczos(matvec: MatVec, v0: jax.Array, num_iters: int, *, return_vectors: bool = False):
-    """Lanczos tridiagonalisation of a symmetric operator, with full reorthogonalisation.
+def _plain_step(space, matvec, carry, j):
+    """One step of the three-term recurrence without reorthogonalisation (Paige's A(1)/A(2) ordering:
+    ``w = A v_j - beta_{j-1} v_{j-1}``, ``alpha_j = <v_j, w>``, ``w -= alpha_j v_j``). State: two vectors.
+    Breakdown restarts from the fixed restart vector orthogonalised against ``v_j`` and ``v_{j-1}``."""
+    v_prev, v, beta_prev = carry
+    dtype = v[0].dtype
+    eps, tiny = jnp.finfo(dtype).eps, jnp.finfo(dtype).tiny
+    w = space.constrain([a.astype(dtype) for a in space.leaves(matvec(space.tree(v)))])
+    scale = space.norm(w)
+    w = space.axpy(-beta_prev, v_prev, w)
+    alpha = space.inner(v, w)
+    w = space.axpy(-alpha, v, w)
+    beta = space.norm(w)
+    breakdown = beta <= 10 * eps * scale
+
+    def restart():
+        r = space.restart_vector(j, dtype)
+        for _ in range(2):
+            r = space.axpy(-space.inner(v, r), v, r)
+            r = space.axpy(-space.inner(v_prev, r), v_prev, r)
+        return r
+
+    w = jax.lax.cond(breakdown, restart, lambda: w)
+    beta = jnp.where(breakdown, jnp.zeros_like(beta), beta)
+    inv = 1 / jnp.maximum(space.norm(w), tiny)
+    return (v, space.constrain([a * inv for a in w]), beta), beta, alpha
+
+
+def lanczos(matvec: MatVec, v0, num_iters: int, *, return_vectors: bool = False, reorthogonalize: bool = True,
+            shardings=None, basis_memory: str = "device"):
+    """Lanczos tridiagonalisation of a symmetric operator, with full reorthogonalisation by default.
 
     Builds an orthonormal basis ``V = [v_1 .. v_K]`` of the Krylov space ``K_K(A, v0)`` with
     ``v_1 = v0 / ||v0||`` and the tridiagonal ``T = V^T A V`` (diagonal ``alphas``, off-diagonal
@@ -99,6 +326,19 @@ def lanczos(matvec: MatVec, v0: jax.Array, num_iters: int, *, return_vectors: bo
     extreme eigenvalues of ``A``; ``(U_1j)^2`` with ``T = U diag(theta) U^T`` are the Gauss quadrature
     weights of the spectral measure of ``A`` seen from ``v0`` (``slq_nodes``).
 
+    ``reorthogonalize=False`` runs the plain three-term recurrence and keeps two vectors instead of the
+    basis (memory ``O(m)``, no ``O(K^2 m)`` flops). Orthogonality is then lost as Ritz values converge
+    and copies ("ghosts") of converged eigenvalues appear, so it is not for eigenpairs; but the
+    tridiagonal of a finite-precision run is that of exact Lanczos on a nearby problem whose spectral
+    measure is close to that of ``A`` seen from ``v0`` (Paige 1980; Greenbaum 1989), and the Gauss
+    quadrature ``sum_j (U_1j)^2 g(theta_j)`` still approximates ``v0^T g(A) v0 / ||v0||^2`` (the ghosts
+    share the weight of the eigenvalue they copy: Meurant & Strakos 2006). That is what stochastic
+    Lanczos quadrature needs.
+
+    Vectors may be flat ``[m]`` or pytrees of arrays (see the module docstring); ``shardings`` (a pytree
+    shaped like ``v0`` of ``NamedSharding``, e.g. ``vector_shardings(params)``) keeps every vector and
+    basis leaf in that layout inside ``jit``; ``basis_memory="host"`` keeps the basis in host memory.
+
     Breakdown: when the new residual vanishes (``beta <= 10 eps ||A v_j||``, an invariant subspace
     has been found), ``beta`` is set to 0 and the iteration restarts from a fixed pseudo-random
     vector (projected orthogonal to ``V``); ``T`` then splits into blocks, all of whose eigenvalues are
@@ -106,20 +346,29 @@ def lanczos(matvec: MatVec, v0: jax.Array, num_iters: int, *, return_vectors: bo
     quadrature weight.
 
     Args:
-      matvec: symmetric linear operator on flat vectors ``[m] -> [m]``.
-      v0: starting vector ``[m]``, nonzero and finite (checked when concrete); normalised here. The
-        recursion runs in its dtype.
+      matvec: symmetric linear operator on vectors shaped like ``v0`` (``[m] -> [m]`` for a flat ``v0``).
+      v0: starting vector, a flat ``[m]`` array or a pytree of arrays, nonzero and finite (checked when
+        concrete); normalised here. The recursion runs in its (common) dtype.
       num_iters: Krylov dimension ``K``, ``1 <= K <= m``.
-      return_vectors: also return the basis ``V`` as ``[K, m]`` (rows).
+      return_vectors: also return the basis ``V``: ``[K, m]`` (rows) for a flat ``v0``, else a pytree
+        shaped like ``v0`` with leading axis ``K`` on every leaf (sharded like ``v0`` with ``shardings``,
+        in host memory with ``basis_memory="host"``).
+      reorthogonalize: full reorthogonalisation (``True``) or the plain recurrence (``False``; no basis).
+      shardings: ``None`` or the vectors' ``NamedSharding`` per leaf (a pytree shaped like ``v0``).
+      basis_memory: ``"device"`` or ``"host"`` (the basis in host memory, its rows fetched one at a time).
 
     Returns:
       ``(alphas [K], betas [K - 1])``, or ``(alphas, betas, V)`` when ``return_vectors``.
 
-    Cost: ``K`` matvecs plus ``O(K^2 m)`` flops of reorthogonalisation. Memory: ``(K + 1) m``.
-    Runs as one ``lax.scan``.
+    Cost: ``K`` matvecs plus ``O(K^2 m)`` flops of reorthogonalisation (``O(K m)`` without); with a
+    host basis also ``2 K^2 m`` scalars moved host -> device in all (two passes over ``j`` rows at step j).
+    Memory: ``(K + 1) m`` (sharded: ``(K + 1) m / devices`` per device; host basis: ``(K + 1) m`` host
+    memory and ``O(m)`` device memory); ``3 m`` without reorthogonalisation. Runs as one ``lax.scan``.
 
     Raises:
-      ValueError: ``v0`` not a flat vector, zero or not finite; ``num_iters`` not in ``[1, m]``.
+      ValueError: ``v0`` not a flat vector or a pytree of arrays, zero or not finite; ``num_iters`` not in
+        ``[1, m]``; ``return_vectors`` without reorthogonalisation; unknown ``basis_memory``; bad
+        ``shardings``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -129,16 +378,33 @@ def lanczos(matvec: MatVec, v0: jax.Array, num_iters: int, *, return_vectors: bo
       >>> [round(float(t), 4) for t in curvature.tridiagonal_eigh(alphas, betas)[0]]
       [1.0, 2.0, 3.0]
     """
-    v0 = _check_start(v0, num_iters)
+    if not isinstance(reorthogonalize, (bool, np.bool_)):
+        raise ValueError(f"reorthogonalize must be a bool, got {reorthogonalize!r}")
+    if return_vectors and not reorthogonalize:
+        raise ValueError("return_vectors=True needs reorthogonalize=True (the plain recurrence keeps no basis)")
+    v0, space = _check_start(v0, num_iters, shardings, basis_memory)
+
+    if not reorthogonalize:
+        dtype = v0[0].dtype
+        v0 = space.constrain(v0)
+        v1 = [a / space.norm(v0).astype(dtype) for a in v0]
+        init = ([jnp.zeros_like(a) for a in v1], v1, jnp.zeros((), dtype))
+
+        def plain(carry, j):
+            carry, beta, alpha = _plain_step(space, matvec, carry, j)
+            return carry, (alpha, beta)
+
+        _, (alphas, betas) = jax.lax.scan(plain, init, jnp.arange(num_iters))
+        return alphas, betas[:-1]
 
     def step(carry, j):
         basis, beta_prev = carry
-        basis, beta, alpha = _step(matvec, basis, beta_prev, j)
+        basis, beta, alpha = _step(space, matvec, basis, beta_prev, j)
         return (basis, beta), (alpha, beta)
 
-    (basis, _), (alphas, betas) = jax.lax.scan(step, _initial_state(v0, num_iters), jnp.arange(num_iters))
+    (basis, _), (alphas, betas) = jax.lax.scan(step, _initial_state(space, v0, num_iters), jnp.arange(num_iters))
     if return_vectors:
-        return alphas, betas[:-1], basis[:num_iters]
+        return alphas, betas[:-1], space.tree([b[:num_iters] for b in basis])
     return alphas, betas[:-1]
 
 
@@ -184,41 +450,47 @@ def _wanted(theta, k, which):
     return jnp.arange(num - 1, num - 1 - k, -1) if which == "largest" else jnp.arange(k)
 
 
-def ritz_pairs(matvec: MatVec, v0: jax.Array, num_iters: int, *, k: int, which: str = "largest", tol=None):
+def ritz_pairs(matvec: MatVec, v0, num_iters: int, *, k: int, which: str = "largest", tol=None, shardings=None,
+               basis_memory: str = "device"):
     """Lanczos with early stopping: the ``k`` extreme Ritz pairs of a symmetric operator.
 
     Runs at most ``num_iters`` steps (``lax.while_loop``). With ``tol`` (a float > 0) it stops after the
     first step ``K >= k`` at which every wanted Ritz pair satisfies ``|beta_K u_Kj| <= tol |theta_j|``:
     ``|beta_K u_Kj| = ||A y_j - theta_j y_j||`` is the residual of the Ritz pair ``(theta_j, y_j = V u_j)``,
     so an eigenvalue of ``A`` lies within ``tol |theta_j|`` of ``theta_j`` (Parlett, Theorem 4.5.1).
-    ``tol=None`` runs all ``num_iters`` steps.
+    ``tol=None`` runs all ``num_iters`` steps. ``v0``, ``shardings`` and ``basis_memory`` as in ``lanczos``
+    (full reorthogonalisation always).
 
     Returns:
-      ``(values [k], coefficients [K_max, k], basis [K_max, m], steps)``: the Ritz values (descending for
+      ``(values [k], coefficients [K_max, k], basis, steps)``: the Ritz values (descending for
       ``which="largest"``, ascending for ``"smallest"``), their coordinates ``u_j`` in the basis (rows of
-      the basis beyond ``steps`` are zero), the basis and the number of steps taken.
+      the basis beyond ``steps`` are zero), the basis (``[K_max, m]`` for a flat ``v0``, else a pytree
+      shaped like ``v0`` with leading axis ``K_max``) and the number of steps taken. The Ritz vectors are
+      ``ritz_vectors(basis, coefficients)``.
 
     Cost: ``steps`` matvecs, ``O(steps^2 m)`` reorthogonalisation and, with ``tol``, one ``K_max x K_max``
-    ``eigh`` per step. Memory: ``(num_iters + 1) m``.
+    ``eigh`` per step. Memory: ``(num_iters + 1) m`` (in host memory with ``basis_memory="host"``).
 
     Raises:
       ValueError: ``k`` not in ``[1, num_iters]`` (a Krylov space of dimension K has K Ritz values),
-        unknown ``which``, a bad ``v0`` or ``num_iters``.
+        unknown ``which``, a bad ``v0``, ``num_iters``, ``shardings`` or ``basis_memory``.
     """
-    values, coefficients, basis, steps, _ = ritz_run(matvec, v0, num_iters, k=k, which=which, tol=tol)
+    values, coefficients, basis, steps, _ = ritz_run(matvec, v0, num_iters, k=k, which=which, tol=tol,
+                                                     shardings=shardings, basis_memory=basis_memory)
     return values, coefficients, basis, steps
 
 
-def ritz_run(matvec: MatVec, v0: jax.Array, num_iters: int, *, k: int, which: str = "largest", tol=None):
+def ritz_run(matvec: MatVec, v0, num_iters: int, *, k: int, which: str = "largest", tol=None, shardings=None,
+             basis_memory: str = "device"):
     """``ritz_pairs`` plus the residual norms ``|beta_K u_Kj|`` of the returned Ritz pairs (``[k]``; the
     residual ``||A y_j - theta_j y_j||``, exactly 0 when the run found an invariant subspace)."""
     check_choice(which, "which", ("largest", "smallest"))
-    v0 = _check_start(v0, num_iters)
+    v0, space = _check_start(v0, num_iters, shardings, basis_memory)
     check_positive_int(k, "k")
     if k > num_iters:
         raise ValueError(f"k must be <= num_iters={num_iters} (the Krylov dimension), got k={k}")
-    dtype = v0.dtype
-    basis, beta0 = _initial_state(v0, num_iters)
+    dtype = v0[0].dtype
+    basis, beta0 = _initial_state(space, v0, num_iters)
     zeros = jnp.zeros((num_iters,), dtype)
 
     def residuals(alphas, betas, size):
@@ -239,11 +511,32 @@ def ritz_run(matvec: MatVec, v0: jax.Array, num_iters: int, *, k: int, which: st
 
     def body(state):
         j, basis, beta_prev, alphas, betas, _ = state
-        basis, beta, alpha = _step(matvec, basis, beta_prev, j)
+        basis, beta, alpha = _step(space, matvec, basis, beta_prev, j)
         alphas, betas = alphas.at[j].set(alpha), betas.at[j].set(beta)
         return j + 1, basis, beta, alphas, betas, converged(alphas, betas, j + 1)
 
     init = (jnp.zeros((), jnp.int32), basis, beta0, zeros, zeros, jnp.asarray(False))
     steps, basis, _, alphas, betas, _ = jax.lax.while_loop(cond, body, init)
     values, coefficients, residual = residuals(alphas, betas, steps)
-    return values, coefficients, basis[:num_iters], steps, residual
+    return values, coefficients, space.tree([b[:num_iters] for b in basis]), steps, residual
+
+
+def ritz_vectors(basis, coefficients: jax.Array, *, shardings=None, basis_memory: str = "device"):
+    """The Ritz vectors ``y_c = sum_i coefficients[i, c] v_i`` of a basis returned by ``ritz_pairs`` /
+    ``lanczos``: ``[k, m]`` for a flat basis ``[K, m]``, else a pytree shaped like the basis with leading
+    axis ``k`` (constrained to ``shardings`` behind a replicated leading axis; with
+    ``basis_memory="host"`` the rows are fetched one at a time and the result is in device memory).
+
+    Cost: ``O(K k m)`` flops. Memory: ``k m`` (plus one row with a host basis).
+
+    Raises:
+      ValueError: ``coefficients`` not ``[K', k]`` with ``K' <= K``, unknown ``basis_memory``."""
+    check_choice(basis_memory, "basis_memory", BASIS_MEMORY)
+    leaves, treedef = jax.tree_util.tree_flatten(basis)
+    if np.ndim(coefficients) != 2 or not leaves or np.shape(coefficients)[0] > np.shape(leaves[0])[0]:
+        raise ValueError(f"coefficients must be [K', k] with K' <= the basis length, got shape "
+                         f"{np.shape(coefficients)} for a basis of {np.shape(leaves[0])[:1] if leaves else 0} vectors")
+    rows = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in leaves])
+    space = _Space(rows, shardings, basis_memory)
+    coefficients = jnp.asarray(coefficients, leaves[0].dtype)
+    return space.tree(space.combine(leaves, coefficients))

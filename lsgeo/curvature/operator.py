@@ -17,6 +17,7 @@ Products (``v`` a pytree shaped like the parameters, ``u`` a flat vector in ``ra
   ``op @ v``          a pytree shaped like ``v`` (compiled; the parameters' dtypes)
   ``op @ u``          ``[m] -> [m]``; ``op @ U`` with ``U [p, m]``: p products that share the primal pass
   ``op.matvec(u)``    the traceable flat product in ``op.dtype`` (what estimators call inside ``jit``)
+  ``op.tree_matvec(v)`` the traceable pytree product, no ravel (keeps sharded parameters' layout)
   ``op.matmat(U)``    ``[p, m] -> [p, m]``: the model is linearised once per microbatch, the tangents vmapped
   ``op.to_dense()``   ``[m, m]`` (small models)
   ``op.size``, ``op.dtype`` (work dtype: at least float32), ``op.ravel(v)``, ``op.unravel(u)``
@@ -163,11 +164,25 @@ class CurvatureOperator:
 
         return jax.vmap(apply)(vectors) if batched else apply(vectors)
 
+    def _on_microbatch_tree(self, v, mb):
+        lin = self._linear_map(self.params, mb)
+        pv = self.variable_params
+        out = lin(jax.tree_util.tree_map(lambda a, p: a.astype(jnp.result_type(p)), v, pv))
+        return jax.tree_util.tree_map(lambda o, a: o.astype(a.dtype), out, v)
+
     def _reduce(self, vectors, *, batched: bool):
         operands = (self.replace(data=None), vectors)
         return microbatch.reduce(
             lambda ops, mb: ops[0]._on_microbatch(ops[1], mb, batched=batched), operands, self.data, self.plan
         )
+
+    def tree_matvec(self, v: PyTree) -> PyTree:
+        """``A v`` for a pytree ``v`` shaped like the (variable) parameters (traceable). No ravel: each leaf
+        enters the product in its parameter's dtype and comes back in its own dtype, and under ``jit`` it
+        keeps the layout XLA propagates from the parameters (sharded parameters give sharded products;
+        what ``lanczos`` with ``shardings`` runs on)."""
+        return microbatch.reduce(lambda ops, mb: ops[0]._on_microbatch_tree(ops[1], mb), (self.replace(data=None), v),
+                                 self.data, self.plan)
 
     def matvec(self, u: jax.Array) -> jax.Array:
         """``A u`` for a flat vector ``u [m]`` (traceable; computed in ``self.dtype``)."""
@@ -217,7 +232,8 @@ def _is_tree_like(v, pv) -> bool:
 
 @jax.jit
 def _apply_tree(op, v):
-    return op.unravel(op.matvec(op.ravel(v)))
+    v = jax.tree_util.tree_map(lambda a: a.astype(op.dtype), v)  # what op.ravel did: the work dtype
+    return jax.tree_util.tree_map(lambda o, p: o.astype(jnp.result_type(p)), op.tree_matvec(v), op.variable_params)
 
 
 @jax.jit
