@@ -103,6 +103,7 @@ import numpy as np
 import tyro
 from tqdm.auto import tqdm
 
+from lsgeo import launch
 from lsgeo.data import default_cache_dir, write_atomic
 
 __all__ = [
@@ -544,7 +545,39 @@ def _resume_command(exp: Experiment, run_dir: Path, data: DataOptions) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
+def _writes() -> bool:
+    """Whether this process writes results and prints: always with one process; under ``jax.distributed``
+    (``python -m lsgeo.launch``, a cluster) only process 0, while every process computes every cell."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _agreed(text: str, size: int = 4096) -> str:
+    """``text`` as process 0 has it, on every process (one broadcast of ``size`` bytes; unchanged with one
+    process). ``text`` holds no NUL byte (a path)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return text
+    raw = text.encode()
+    if len(raw) > size:
+        raise ValueError(f"a run folder path longer than {size} bytes cannot be shared between processes: {text!r}")
+    buf = np.zeros(size, np.uint8)
+    buf[: len(raw)] = np.frombuffer(raw, np.uint8)
+    shared = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return bytes(shared).split(b"\0", 1)[0].decode()
+
+
 def _new_run_dir(out: Path, name: str) -> Path:
+    """A fresh ``out/name/<timestamp>`` folder, created by the writing process; every process gets its path."""
+    if not _writes():
+        return Path(_agreed(""))
+    return Path(_agreed(str(_make_run_dir(out, name))))
+
+
+def _make_run_dir(out: Path, name: str) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     for i in range(1000):
         run_dir = out / name / (stamp if i == 0 else f"{stamp}-{i}")
@@ -639,6 +672,9 @@ def run_experiment(
     ``ConfigError`` before any folder is created or written to. Ctrl-C (KeyboardInterrupt) during the
     run raises ``Interrupted``, whose message says which cells were kept and the ``--resume`` command."""
     start = time.perf_counter()
+    writes = _writes()  # under several processes, only process 0 writes and prints
+    verbose, progress = verbose and writes, progress and writes
+    write = write_atomic if writes else lambda path, content: None
     if resume is not None:
         config = _resumed_config(exp, Path(resume), config)
     elif config is None:
@@ -648,7 +684,7 @@ def run_experiment(
     run_dir = Path(resume) if resume is not None else _new_run_dir(Path(out), exp.name)
     tokens = (_DATA.set(data), _PROGRESS.set(progress))
     try:
-        write_atomic(run_dir / "config.json", _dump(dataclasses.asdict(config)))
+        write(run_dir / "config.json", _dump(dataclasses.asdict(config)))
         pending = [c for c in cells if cell_key(c) not in done]
         reused_s = sum(done[cell_key(c)]["elapsed_s"] for c in cells if cell_key(c) in done)
         if verbose:
@@ -672,14 +708,14 @@ def run_experiment(
                         raise RuntimeError(f"{exp.name}.run returned {len(results)} results for {len(group)} cells")
                     for cell, rows in zip(group, results):
                         record = {"cell": cell, "rows": rows, "elapsed_s": elapsed}
-                        write_atomic(run_dir / "cells" / f"{cell_key(cell)}.json", _dump(record))
+                        write(run_dir / "cells" / f"{cell_key(cell)}.json", _dump(record))
                         done[cell_key(cell)] = _plain(record)
                     bar.update(len(group))
 
         rows = [{**c, **r} for c in cells for r in done[cell_key(c)]["rows"]]
-        write_atomic(run_dir / "metrics.csv", _csv(rows))
+        write(run_dir / "metrics.csv", _csv(rows))
         verdict = exp.summarize(config, rows)
-        for name, fig in (exp.plot(config, rows) if exp.plot is not None else {}).items():
+        for name, fig in (exp.plot(config, rows) if exp.plot is not None and writes else {}).items():
             fig.tight_layout()
             save_figure(fig, run_dir / name)
     except KeyboardInterrupt:
@@ -703,7 +739,7 @@ def run_experiment(
         "runtime_s": reused_s + time.perf_counter() - start,
         "devices": _devices(),
     }
-    write_atomic(run_dir / "summary.json", _dump(summary))
+    write(run_dir / "summary.json", _dump(summary))
     if verbose:
         print(_format_table(verdict.table))
         print(
@@ -822,6 +858,7 @@ def _main(exp: Experiment, argv: Sequence[str] | None, compilation_cache: bool) 
     )
     if compilation_cache:
         enable_compilation_cache()
+    launch.initialize()  # under python -m lsgeo.launch or LSGEO_DISTRIBUTED=1: several processes, one run
     return run_experiment(
         exp, args.config, out=args.out, resume=args.resume, data=DataOptions(args.data_dir, args.download)
     )

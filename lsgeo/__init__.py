@@ -16,7 +16,6 @@ from lsgeo import (
     data,
     groups,
     landscape,
-    launch,
     losses,
     microbatch,
     models,

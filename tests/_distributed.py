@@ -1,8 +1,9 @@
 """Run by tests/test_launch.py under ``python -m lsgeo.launch --num-processes 2 --devices-per-process 2``: each
 process holds half of the data as its shard of a global jax.Array (jax.make_array_from_process_local_data);
-curvature operators use it where it lies. Prints one JSON line per process: the relative differences of a
-Hessian product, a Gauss-Newton product, the top eigenvalues and a Hutchinson trace (same key) from the
-single-process values on the whole data (computed in each process on one local device)."""
+curvature operators and lsgeo.train use it where it lies. Prints one JSON line per process: the relative
+differences of a Hessian product, a Gauss-Newton product, the top eigenvalues, a Hutchinson trace (same key),
+20 steps of data-parallel training (full-batch GD and minibatch SGD: the losses along the run and the final
+parameters) from the single-process values (a sweep across processes: the sigma_sweep launcher test) on the whole data (computed in each process on one local device)."""
 
 import json
 import os
@@ -17,10 +18,11 @@ launch.initialize()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from conftest import ce_objective, mlp_apply, mlp_init  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from lsgeo import curvature, losses  # noqa: E402
+from lsgeo import curvature, losses, train  # noqa: E402
 
 
 def value(a):
@@ -30,6 +32,22 @@ def value(a):
 def relative(a, b):
     a, b = np.ravel(value(a)), np.ravel(value(b))
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def flat(tree):
+    return np.concatenate([np.ravel(value(leaf)) for leaf in jax.tree_util.tree_leaves(tree)])
+
+
+def training_errors(f, params, batch, whole, one):
+    """Data-parallel training on the sharded batch against one local device on the whole data."""
+    errors = {}
+    for name, batch_size in (("gd", None), ("sgd", 4)):
+        run = dict(num_steps=20, eval_every=10, batch_size=batch_size, key=3)
+        result = train.train(f, optax.sgd(0.3), params, batch, **run)
+        reference = train.train(f, optax.sgd(0.3), params, whole, devices=one, **run)
+        errors[f"train {name} losses"] = relative(result.history["train_loss"], reference.history["train_loss"])
+        errors[f"train {name} params"] = relative(flat(result.params), flat(reference.params))
+    return errors
 
 
 def main():
@@ -55,6 +73,7 @@ def main():
                                     curvature.top_eigenvalues(reference, key, k=2, num_iters=12)),
         "hutchinson trace": relative(curvature.hessian_trace(hessian, key, num_probes=6),
                                      curvature.hessian_trace(reference, key, num_probes=6)),
+        **training_errors(f, params, batch, (x, y), one),
     }
     print(json.dumps({"process": rank, "processes": count, "devices": jax.device_count(),
                       "local_examples": hessian.plan.local_examples, "errors": errors}), flush=True)

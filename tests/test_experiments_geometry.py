@@ -37,6 +37,7 @@ def _run(module, config, tmp_path):
     return saved, rows
 
 
+@pytest.mark.slow  # 8-11 s of the suite; run with -m slow
 def test_reparametrization(tmp_path):
     cfg = reparametrization.Config(alphas=(0.1, 1.0, 10.0), seeds=(0,), n_train=32, widths=(4, 4), steps=20,
                                    sharpness_steps=2, sharpness_samples=4, lanczos_iters=10)
@@ -50,6 +51,7 @@ def test_reparametrization(tmp_path):
     assert len(rows) == len(cfg.alphas)
 
 
+@pytest.mark.slow  # 15 s of the suite; run with -m slow
 def test_wide_networks(tmp_path):
     cfg = wide_networks.Config(n_points=8, input_dim=4, wide=(8, 4), narrow=(1,), seeds=(0, 1), steps=100)
     summary, rows = _run(wide_networks, cfg, tmp_path)
@@ -73,6 +75,9 @@ def test_hessian_spectrum(tmp_path):
     assert fig["init_lambda_max"] > 0 and 0.0 <= fig["init_saddle_index"] <= 1.0
     eos = [r for r in rows if r["kind"] == "eos"]
     assert [int(r["step"]) for r in eos] == [0, 10, 20]
+    # lambda_max tracked inside the sweep (warm-started Lanczos), with its products per measurement
+    assert all(1 <= float(r["lambda_max_products"]) <= cfg.lanczos_iters for r in eos)
+    assert fig["lr_0.5_lanczos_products_first"] >= 1
     assert sum(r["kind"] == "density" for r in rows) == 3 * cfg.density_points
 
 

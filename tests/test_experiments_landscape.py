@@ -59,6 +59,7 @@ def test_curvature_at_zero_of_a_parabola():
     assert landscape_2d.curvature_at_zero(alphas, 3.0 * alphas**2 + alphas + 0.5, 0.2) == pytest.approx(6.0)
 
 
+@pytest.mark.slow  # 25-40 s of the suite; run with -m slow
 def test_swa_with_batchnorm(tmp_path):
     cfg = swa.Config(n_train=64, arch="resnet", resnet_width=2, stage_sizes=(1,), batch_size=16, steps=16, eval_every=8,
                      lanczos_iters=4, trace_probes=6, seeds=(0, 1))
@@ -87,6 +88,7 @@ def test_batchnorm_objectives_agree_on_the_training_data():
     assert recomputed == pytest.approx(float(batch_mode), rel=1e-5) and abs(running - batch_mode) > 1e-3
 
 
+@pytest.mark.slow  # 25-40 s of the suite; run with -m slow
 def test_batch_size(tmp_path):
     cfg = batch_size.Config(n_train=128, widths=(8,), small_batch=16, target_loss=1.5, check_every=10,
                             max_steps=200, lanczos_iters=5, trace_probes=6, sharpness_steps=2, seeds=(0, 1))

@@ -2,13 +2,18 @@
 
 Each run must write config.json, metrics.csv, summary.json (the common keys, a verdict with its reason)
 and its figures; the sigma sweep is also interrupted inside a cell and resumed without recomputing
-finished cells, and rerun to check that its metrics reproduce exactly. The MLP experiments have a
+finished cells, and rerun from the command line as 2 jax.distributed processes (python -m lsgeo.launch) to check
+that its metrics reproduce exactly and that one results folder is written. The MLP experiments have a
 ``paper-mnist1d`` GPU preset next to ``paper``.
 """
 
 import csv
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +29,7 @@ from experiments import (
     sigma_sweep,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"experiment", "config", "claim", "supported", "reason", "figures", "runtime_s", "devices"}
 
 SMOKE = {
@@ -59,7 +65,12 @@ def _check_outputs(run_dir, summary, name):
     return rows
 
 
-@pytest.mark.parametrize("name", sorted(SMOKE))
+# the CNN and deep-MLP smokes (55 s of the suite, mostly compiling) run with -m slow; the resnet and
+# regularized_loss smokes cover the same training pipelines in the README command
+SLOW_SMOKE = ("cnn", "deep_mlp")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_SMOKE else n for n in sorted(SMOKE)])
 def test_experiment_smoke(name, tmp_path):
     module, overrides = SMOKE[name]
     exp = module.EXPERIMENT
@@ -99,10 +110,19 @@ def test_sigma_sweep_resume_and_reproducibility(tmp_path):
     rows = _check_outputs(run_dir, summary, "sigma_sweep")
     assert len(rows) == 4 * 3 and (run_dir / "accuracy_vs_sigma.png").is_file()
 
-    fresh_dir, fresh = runner.main(sigma_sweep.EXPERIMENT, ["--out", str(tmp_path / "b"), *_flags(SIGMA_SWEEP)],
-                                   compilation_cache=False)
-    assert (fresh_dir / "metrics.csv").read_text() == (run_dir / "metrics.csv").read_text()
-    assert fresh["figures"] == summary["figures"]
+    # a fresh run from the command line, as 2 jax.distributed processes (python -m lsgeo.launch): one results
+    # folder, written by process 0, with exactly the numbers of the interrupted and resumed single-process run
+    command = [sys.executable, "-m", "lsgeo.launch", "--num-processes", "2", "--timeout", "240", "--", sys.executable,
+               "-m", "experiments.sigma_sweep", "--out", str(tmp_path / "c"), *_flags(SIGMA_SWEEP)]
+    env = dict(os.environ, LSGEO_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (two_dir,) = (tmp_path / "c" / "sigma_sweep").iterdir()
+    assert out.stdout.count("supported:") == 1  # only process 0 prints
+    assert (two_dir / "metrics.csv").read_text() == (run_dir / "metrics.csv").read_text()
+    assert sorted(p.name for p in two_dir.iterdir()) == sorted(p.name for p in run_dir.iterdir())
+    two = json.loads((two_dir / "summary.json").read_text())
+    assert two["figures"] == summary["figures"] and len(two["devices"]) == 2
 
 
 def _flags(overrides: dict) -> list[str]:

@@ -1,5 +1,6 @@
 """lsgeo.launch: N local jax.distributed processes on 127.0.0.1 (gloo CPU collectives, a free port, a time
-limit); curvature operators on a batch sharded over the processes equal the single-process values."""
+limit); curvature operators and data-parallel training on a batch sharded over the processes equal the
+single-process values."""
 
 import json
 import os
@@ -15,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def test_two_processes_give_the_single_process_values():
     command = [sys.executable, "-m", "lsgeo.launch", "--num-processes", "2", "--devices-per-process", "2",
-               "--timeout", "300", "--", sys.executable, os.path.join(HERE, "_distributed_curvature.py")]
+               "--timeout", "300", "--", sys.executable, os.path.join(HERE, "_distributed.py")]
     out = subprocess.run(command, capture_output=True, text=True, timeout=400, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     reports = sorted((json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")),

@@ -1,7 +1,8 @@
 """Measurements along a training run (lsgeo.train.measure, train(measure=...)): a tracked top eigenvalue
 equals curvature.top_eigenvalues on the same iterate (GD and noise injection, at the clean point), a warm
 start needs fewer products than a cold one, a resumed run continues bit for bit, a tracked sweep equals
-the separate runs and a tracked run compiles its chunk once."""
+the separate runs and a tracked run compiles its chunk and its measurement once; with measure_data, the measurement runs on that
+batch (an argument of the compiled measurement, not a constant)."""
 
 import jax
 import numpy as np
@@ -99,11 +100,50 @@ def test_a_tracked_sweep_equals_the_separate_runs_and_compiles_once(x64):
             alone = train.train(F, optax.sgd(lr), params, batch, num_steps=4, eval_every=2, key=seed,
                                 measure=tracker)
             np.testing.assert_allclose(swept.history["lambda_max"][i, j], alone.history["lambda_max"], rtol=1e-8)
+    sparse = train.sweep(F, lambda lr, seed: optax.sgd(lr), params, batch, {"lr": lrs}, seeds, num_steps=4,
+                         eval_every=2, measure=tracker, measure_every=4)  # not due at step 2: NaN, not computed
+    assert np.isnan(sparse.history["lambda_max"][:, :, 1]).all()
+    np.testing.assert_allclose(sparse.history["lambda_max"][:, :, ::2], swept.history["lambda_max"][:, :, ::2],
+                               rtol=1e-6)
     objective = sq_objective(mlp_apply)  # a new function: a new compilation
-    before = train.loop._chunk_jit._cache_size()
+    before = train.loop._chunk_jit._cache_size(), train.loop._measure_jit._cache_size()
     train.train(objective, optax.sgd(0.05), params, batch, num_steps=8, eval_every=2,
                 measure=measure.top_eigenvalue_tracker(objective, num_iters=10))
-    assert train.loop._chunk_jit._cache_size() == before + 1  # four measurements, one compiled chunk
+    # five measurements: one compiled chunk and one compiled measurement (not one in the start program and another
+    # in the chunk)
+    assert (train.loop._chunk_jit._cache_size(), train.loop._measure_jit._cache_size()) == (before[0] + 1, before[1] + 1)
+
+
+def test_measure_data_is_the_batch_the_tracker_measures_on(x64):
+    """With measure_data, lambda_max tracked in the compiled loop (train and sweep) equals top_eigenvalues on that
+    batch at the same clean iterate (float64, rtol 1e-6) and differs from the training-data value; training is
+    unchanged; a new batch of the same shapes reuses the compiled programs (an argument, not a constant)."""
+    import jax.numpy as jnp
+
+    params, batch = _problem()
+    other = tuple(map(jnp.asarray, regression_batch(7, 12, 4, 2)))  # another batch, another size
+    m = sum(np.size(a) for a in jax.tree_util.tree_leaves(params))
+    tracker = measure.top_eigenvalue_tracker(F, k=1, num_iters=m, tol=1e-12)
+    opt = optax.sgd(0.05)
+    on_other = train.train(F, opt, params, batch, num_steps=4, eval_every=2, measure=tracker, measure_data=other)
+    on_train = train.train(F, opt, params, batch, num_steps=4, eval_every=2, measure=tracker)
+    swept = train.sweep(F, lambda lr, seed: optax.sgd(lr), params, batch, {"lr": [0.05]}, [0], num_steps=4,
+                        eval_every=2, measure=tracker, measure_data=other)
+    for row, steps in enumerate((0, 2, 4)):
+        point = params if steps == 0 else train.train(F, opt, params, batch, num_steps=steps, eval_every=steps).params
+        expected = curvature.top_eigenvalues(F, point, other, jax.random.key(0), k=1, num_iters=m)[0]
+        on_batch = curvature.top_eigenvalues(F, point, batch, jax.random.key(0), k=1, num_iters=m)[0]
+        np.testing.assert_allclose(on_other.history["lambda_max"][row], expected, rtol=1e-6)
+        np.testing.assert_allclose(swept.history["lambda_max"][0, 0, row], expected, rtol=1e-6)
+        np.testing.assert_allclose(on_train.history["lambda_max"][row], on_batch, rtol=1e-6)
+        assert abs(expected - on_batch) > 1e-3 * abs(on_batch)  # the two batches have different curvature
+    np.testing.assert_array_equal(on_other.history["train_loss"], on_train.history["train_loss"])
+    before = train.loop._chunk_jit._cache_size(), train.loop._measure_jit._cache_size()
+    shifted = jax.tree_util.tree_map(lambda a: a + 1.0, other)
+    again = train.train(F, opt, params, batch, num_steps=4, eval_every=2, measure=tracker, measure_data=shifted)
+    # new values, same shapes: no recompilation
+    assert (train.loop._chunk_jit._cache_size(), train.loop._measure_jit._cache_size()) == before
+    assert not np.allclose(again.history["lambda_max"], on_other.history["lambda_max"])
 
 
 def test_bad_measurements_name_the_argument():
@@ -115,3 +155,12 @@ def test_bad_measurements_name_the_argument():
         train.train(F, optax.sgd(0.1), params, batch, num_steps=4, eval_every=2, measure=lambda p: p)
     with pytest.raises(ValueError, match="measure_every needs a measure"):
         train.train(F, optax.sgd(0.1), params, batch, num_steps=4, eval_every=2, measure_every=2)
+    with pytest.raises(ValueError, match="measure_data needs a measure"):
+        train.train(F, optax.sgd(0.1), params, batch, num_steps=4, measure_data=batch)
+    with pytest.raises(ValueError, match="measure_data needs a measure"):
+        train.sweep(F, lambda seed: optax.sgd(0.1), params, batch, {}, [0], num_steps=4, measure_data=batch)
+    with pytest.raises(ValueError, match="measure_data must be a pytree of arrays"):
+        train.train(F, optax.sgd(0.1), params, batch, num_steps=4, measure=measure.trace_tracker(F), measure_data=())
+    with pytest.raises(ValueError, match="measure_data is empty"):
+        train.train(F, optax.sgd(0.1), params, batch, num_steps=4, measure=measure.trace_tracker(F),
+                    measure_data=(batch[0][:0], batch[1][:0]))

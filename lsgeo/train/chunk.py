@@ -5,6 +5,13 @@
 check for divergence and to call the caller's progress callback. Per step: the batch of the step
 (:mod:`lsgeo.train.batches`), optional augmentation keyed by the step, :func:`lsgeo.train.train_step`,
 and the SWA running mean (:mod:`lsgeo.train.swa`).
+
+A measurement (:mod:`lsgeo.train.measure`) is its own compiled program, ``measure_at``, run on the device after
+the chunks whose step is a multiple of ``measure_every`` (and at the start): the state never leaves the device,
+the measurement is compiled once per run (not once in the start program and again in the chunk), the chunk does
+not depend on which measurement it carries the state of (``chunk_schedule``), and in a ``vmap``-ped sweep a
+measurement that is not due costs nothing (a ``lax.cond`` on a per-member predicate would run both branches
+under ``vmap``).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from lsgeo.train.state import TrainState
 from lsgeo.train.step import train_step
 from lsgeo.train.swa import swa_update
 
-__all__ = ["Schedule", "run_chunk", "evaluate_start", "measure_at"]
+__all__ = ["Schedule", "run_chunk", "evaluate_start", "measure_at", "chunk_schedule"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +45,9 @@ class Schedule:
       augment: ``augment(key, batch) -> batch`` applied to every training batch, or None.
       mesh: the data-parallel mesh, None on one device.
       shard_batch: whether batches are split over the mesh along the example axis.
-      measure: a ``lsgeo.train.measure.Measurement`` run at the clean iterate on the training data at the
-        evaluations whose step is a multiple of ``measure_every`` (NaN metrics at the others), or None.
+      measure: a ``lsgeo.train.measure.Measurement`` run (``measure_at``) at the clean iterate on the measurement
+        data (default the training data) at the start and at the evaluations whose step is a multiple of
+        ``measure_every`` (NaN metrics at the others), or None.
     """
 
     eval_every: int
@@ -53,35 +61,31 @@ class Schedule:
     measure_every: int = 1
 
 
-def measure_at(schedule: Schedule, state: TrainState, data, due) -> tuple[TrainState, dict]:
-    """``(state, metrics)``: ``schedule.measure.update`` at the clean iterate on ``data`` when ``due`` (a traced
-    bool), else NaN metrics and the measurement state unchanged (``lax.cond``: one compiled body)."""
+def chunk_schedule(schedule: Schedule) -> Schedule:
+    """The schedule of the chunk and start programs: ``schedule`` without its measurement (which runs in its own
+    program), so that their compilation does not depend on the measurement object (only on its state's shapes)."""
+    return dataclasses.replace(schedule, measure=None, measure_every=1)
+
+
+def measure_at(schedule: Schedule, state: TrainState, data) -> tuple[TrainState, dict]:
+    """``(state, metrics)``: ``schedule.measure.update`` at the clean iterate w_t on ``data`` (the measurement
+    data: an argument of the compiled program, never a closure constant), its metrics as floats. A state frozen
+    by a divergence keeps its measurement state (its metrics are recorded as NaN by the loops).
+
+    Cost: one ``update`` (for ``top_eigenvalue_tracker``, a few Hessian-vector products when warm)."""
     clean = clean_params(state.params, state.opt_state)
     dtype = jnp.result_type(float)
-
-    def run(measure_state):
-        metrics, measure_state = schedule.measure.update(clean, data, measure_state)
-        return {k: jnp.asarray(v, dtype) for k, v in metrics.items()}, measure_state
-
-    struct = jax.eval_shape(run, state.measure)[0]
-
-    def skip(measure_state):
-        return {k: jnp.full(v.shape, jnp.nan, v.dtype) for k, v in struct.items()}, measure_state
-
-    metrics, measure_state = jax.lax.cond(due, run, skip, state.measure)
-    return state._replace(measure=measure_state), metrics
+    metrics, measure_state = schedule.measure.update(clean, data, state.measure)
+    running = state.divergence.step < 0
+    measure_state = jax.tree_util.tree_map(lambda a, b: jnp.where(running, a, b), measure_state, state.measure)
+    return state._replace(measure=measure_state), {k: jnp.asarray(v, dtype) for k, v in metrics.items()}
 
 
-def evaluate_start(objective, eval_fn, schedule: Schedule, state: TrainState, data, eval_data, *,
-                   measure_now: bool = True) -> tuple[TrainState, dict]:
-    """``(state, metrics)`` at the start of a run; ``batch_loss`` is the training loss there. With a
-    measurement, it is taken too (``measure_now``; a resumed run reports NaN there and keeps its state, so
-    that it continues bit for bit)."""
+def evaluate_start(objective, eval_fn, schedule: Schedule, state: TrainState, data, eval_data) -> tuple[TrainState, dict]:
+    """``(state, metrics)`` at the start of a run; ``batch_loss`` is the training loss there (the measurement,
+    if any, is ``measure_at``'s)."""
     metrics = evaluate(objective, eval_fn, state, data, eval_data, batch_size=schedule.batch_size)
     metrics = {"train_loss": metrics["train_loss"], "batch_loss": metrics["train_loss"], **metrics}
-    if schedule.measure is not None:
-        state, measured = measure_at(schedule, state, data, jnp.asarray(measure_now))
-        metrics = {**metrics, **measured}
     return state, metrics
 
 
@@ -106,8 +110,4 @@ def run_chunk(objective, optimizer, eval_fn, schedule: Schedule, state: TrainSta
     state, losses = jax.lax.scan(body, state, None, length=schedule.eval_every)
     metrics = evaluate(objective, eval_fn, state, data, eval_data, batch_size=schedule.batch_size)
     metrics = {"train_loss": metrics["train_loss"], "batch_loss": jnp.mean(losses), **metrics}
-    if schedule.measure is not None:
-        due = (state.step % schedule.measure_every == 0) & (state.divergence.step < 0)
-        state, measured = measure_at(schedule, state, data, due)
-        metrics = {**metrics, **measured}
     return state, metrics

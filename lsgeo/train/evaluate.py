@@ -8,6 +8,12 @@ prefixed ``swa_``, at the running mean (NaN until the first iterate has been ave
 ``eval_fn`` that would replace a column of the loop (``step``, ``train_loss``, ``batch_loss``, and with
 SWA any ``swa_`` name) is a ValueError naming it.
 
+``eval_data`` may be a data source (``lsgeo.microbatch.is_source``: a zero-argument callable returning a fresh
+iterator of batches, e.g. a numpy memmap read in batches): ``eval_fn`` then runs on each batch inside the
+compiled evaluation (one batch on the device at a time, fetched from the host) and each metric is the
+example-weighted mean over the batches (``StreamedEval``), exact when ``eval_fn``'s metrics are means over the
+examples of its batch (losses, accuracies).
+
 Example:
   >>> import jax.numpy as jnp, optax
   >>> from lsgeo.train import init_state
@@ -22,6 +28,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -30,7 +38,7 @@ from lsgeo.optim import clean_params
 from lsgeo.train.state import TrainState
 from lsgeo.train.step import objective_value
 
-__all__ = ["evaluate", "train_loss", "check_metric_names", "RESERVED"]
+__all__ = ["evaluate", "train_loss", "check_metric_names", "RESERVED", "StreamedEval", "stream_eval"]
 
 
 def train_loss(objective: Callable, params, model_state, data, batch_size: int | None) -> jax.Array:
@@ -43,6 +51,41 @@ def train_loss(objective: Callable, params, model_state, data, batch_size: int |
         return objective_value(objective, params, model_state, data)
     plan = microbatch.make_plan(data, batch_size, devices=jax.devices()[:1])
     return microbatch.reduce(lambda p, b: objective_value(objective, p, model_state, b), params, data, plan)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedEval:
+    """``eval_fn`` evaluated over a data source: the example-weighted mean of ``eval_fn(params, batch)`` (or
+    ``eval_fn(params, model_state, batch)``) over the source's batches (``lsgeo.microbatch.reduce`` on its
+    ``StreamPlan``). Hashable: a static argument of the compiled chunk; its third argument is ignored.
+
+    Cost: one pass over the source per evaluation, one compiled body for its full batches."""
+
+    eval_fn: Callable
+    plan: microbatch.StreamPlan
+
+    def __call__(self, params, *rest):
+        model_state = rest[0] if len(rest) == 2 else None
+
+        def on_batch(operands, batch):
+            p, s = operands
+            metrics = self.eval_fn(p, batch) if s is None else self.eval_fn(p, s, batch)
+            if not isinstance(metrics, dict):
+                raise ValueError(f"eval_fn must return a dict of scalars, got {type(metrics).__name__}")
+            return {k: jnp.asarray(v, jnp.promote_types(jnp.result_type(v), jnp.float32)) for k, v in metrics.items()}
+
+        return microbatch.reduce(on_batch, (params, model_state), None, self.plan)
+
+
+def stream_eval(eval_fn: Callable | None, eval_data):
+    """``(eval_fn, eval_data)`` for the compiled loop: unchanged for in-memory ``eval_data``; for a data source,
+    ``(StreamedEval(eval_fn, plan), None)`` with the source read once here (``microbatch.stream_plan``: its batch
+    sizes and shapes checked). ValueError when a source is given without an ``eval_fn``."""
+    if not microbatch.is_source(eval_data):
+        return eval_fn, eval_data
+    if eval_fn is None:
+        raise ValueError("eval_data is a data source but eval_fn is None: give the eval_fn to run on its batches")
+    return StreamedEval(eval_fn, microbatch.stream_plan(eval_data, name="eval_data")), None
 
 
 #: the history columns the loop writes itself; ``eval_fn`` may not return these names

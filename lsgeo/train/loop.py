@@ -1,7 +1,8 @@
 """``train``: one training run, ``num_steps`` optimizer steps in compiled chunks, evaluated at the clean iterate.
 
 A run is ``num_steps / eval_every`` calls of one compiled chunk (:mod:`lsgeo.train.chunk`); after each,
-Python checks for divergence, records the metrics and calls ``callback(step, metrics)`` (a progress
+Python checks for divergence, runs the measurement when one is due (``measure=``: its own compiled program,
+on the device), records the metrics and calls ``callback(step, metrics)`` (a progress
 bar, logging: the library itself prints nothing). The result carries the final :class:`TrainState`,
 from which ``train`` resumes bit for bit (mid-epoch minibatch SGD, noise injection, transparent SAM
 and SWA included): ``train(objective, optimizer, result.state, data, num_steps=...)``.
@@ -42,8 +43,9 @@ import optax
 
 from lsgeo.optim import clean_params
 from lsgeo.streams import as_key, check_seed
-from lsgeo.train.chunk import Schedule, evaluate_start, measure_at, run_chunk
-from lsgeo.train.devices import data_mesh, replicate, shard_examples
+from lsgeo.train.chunk import Schedule, chunk_schedule, evaluate_start, measure_at, run_chunk
+from lsgeo.train.devices import data_mesh, replicate, shard_examples, to_host
+from lsgeo.train.evaluate import stream_eval
 from lsgeo.train.state import TrainState, init_state, split_key, with_state_views
 from lsgeo.validation import (
     check_batch,
@@ -156,7 +158,8 @@ def check_resume_optimizer(optimizer: optax.GradientTransformation, state: Train
 
 
 def to_numpy(metrics: dict) -> dict:
-    return {k: np.asarray(v) for k, v in metrics.items()}
+    """The metrics as numpy arrays on this process (gathered from every process's devices under several)."""
+    return {k: np.asarray(v) for k, v in to_host(metrics).items()}
 
 
 def stack_history(history: list[dict]) -> dict:
@@ -166,13 +169,22 @@ def stack_history(history: list[dict]) -> dict:
     return {k: np.stack([h[k] for h in history], axis=-1) for k in history[0]}
 
 
-def check_measure(measure, measure_every, eval_every: int) -> int:
+def check_measure(measure, measure_every, eval_every: int, measure_data=None) -> int:
     """``measure_every`` (default ``eval_every``) checked: a positive multiple of ``eval_every``; ``measure`` an
-    ``(init, update)`` pair of callables or None."""
+    ``(init, update)`` pair of callables or None; ``measure_data`` None or a non-empty pytree of arrays, given only
+    with a ``measure``."""
     if measure is None:
         if measure_every is not None:
             raise ValueError("measure_every needs a measure (e.g. lsgeo.train.measure.top_eigenvalue_tracker(f))")
+        if measure_data is not None:
+            raise ValueError("measure_data needs a measure (e.g. lsgeo.train.measure.top_eigenvalue_tracker(f)): it is "
+                             "the batch or data set the measurement runs on")
         return 1
+    if measure_data is not None:
+        if not any(hasattr(leaf, "shape") for leaf in jax.tree_util.tree_leaves(measure_data)):
+            raise ValueError(f"measure_data must be a pytree of arrays (a batch such as (x, y)), got "
+                             f"{type(measure_data).__name__}")
+        check_batch(measure_data, "measure_data")
     if not (callable(getattr(measure, "init", None)) and callable(getattr(measure, "update", None))):
         raise TypeError(f"measure must be an (init, update) pair such as lsgeo.train.measure.Measurement, "
                         f"got {type(measure).__name__}")
@@ -183,11 +195,17 @@ def check_measure(measure, measure_every, eval_every: int) -> int:
     return measure_every
 
 
-def measure_keys(schedule, state, data) -> frozenset:
-    """The metric names of the schedule's measurement (none without one)."""
+#: the measurement program (one compilation per measurement, schedule and shapes; ``chunk`` module docstring)
+_measure_jit = jax.jit(measure_at, static_argnames="schedule")
+
+
+def nan_measurement(schedule, state, data) -> dict:
+    """The schedule's measurement metrics as NaN numpy arrays (``{}`` without one): the rows where it is not
+    due. Shapes only (``eval_shape`` of the compiled measurement: its trace is cached by ``jit``)."""
     if schedule.measure is None:
-        return frozenset()
-    return frozenset(jax.eval_shape(lambda s, d: measure_at(schedule, s, d, True)[1], state, data))
+        return {}
+    struct = _measure_jit.eval_shape(schedule=schedule, state=state, data=data)[1]
+    return {k: np.full(v.shape, np.nan, v.dtype) for k, v in struct.items()}
 
 
 def _first_non_finite(metrics: dict, swa_started: bool) -> str | None:
@@ -218,11 +236,11 @@ def _start(objective, optimizer, eval_fn, schedule, init_fns, params, model_stat
     params, model_state = initial_values(init_fns, params, model_state, key)
     state = init_state(params, optimizer, model_state=model_state, key=key, swa=schedule.swa_start is not None,
                        measure=schedule.measure)
-    return evaluate_start(objective, eval_fn, schedule, state, data, eval_data)
+    return evaluate_start(objective, eval_fn, chunk_schedule(schedule), state, data, eval_data)
 
 
 def _resume(objective, eval_fn, schedule, state, data, eval_data):
-    return evaluate_start(objective, eval_fn, schedule, state, data, eval_data, measure_now=False)[1]
+    return evaluate_start(objective, eval_fn, schedule, state, data, eval_data)[1]
 
 
 _STATIC = ("objective", "optimizer", "eval_fn", "schedule")
@@ -251,6 +269,7 @@ def train(
     callback: Callable[[int, dict], None] | None = None,
     measure=None,
     measure_every: int | None = None,
+    measure_data=None,
 ) -> TrainResult:
     """Trains with ``optimizer`` on ``objective`` for ``num_steps`` steps (``lax.scan`` chunks).
 
@@ -282,11 +301,16 @@ def train(
       devices: devices for data parallelism, a non-empty sequence of distinct devices (default
         ``jax.devices()``; one device: unsharded).
       callback: ``callback(step, metrics)`` after each chunk, on the host (e.g. a progress bar).
-      measure: a ``lsgeo.train.measure.Measurement`` (e.g. ``top_eigenvalue_tracker(objective)``) run inside
-        the compiled loop at the clean iterate, on the training data, at the start and every
-        ``measure_every`` steps; its metrics join the history (NaN at the evaluations in between, and at
-        the first row of a resumed run) and its state travels in ``state.measure`` (resume keeps it).
+      measure: a ``lsgeo.train.measure.Measurement`` (e.g. ``top_eigenvalue_tracker(objective)``) run on the
+        device at the clean iterate w_t, on ``measure_data``, at the start and every ``measure_every`` steps
+        (its own compiled program, between chunks: compiled once per run, the state never leaves the device);
+        its metrics join the history (NaN at the evaluations in between, and at the first row of a resumed
+        run) and its state travels in ``state.measure`` (resume keeps it).
       measure_every: a multiple of ``eval_every`` (default ``eval_every``).
+      measure_data: the batch or data set the measurement runs on, any pytree of arrays (e.g. a fixed
+        batch ``(x, y)`` of training examples, or held-out data); default None: the training data ``data``.
+        Passed into the compiled measurement program as an argument (never a closure constant) and replicated over the
+        devices like ``eval_data``. Given without ``measure``: ValueError.
 
     Returns:
       :class:`TrainResult`. Raises :class:`TrainingDiverged` on a non-finite loss, gradient or metric.
@@ -317,14 +341,16 @@ def train(
                 f"swa_start must be given exactly when the resumed state has an SWA average "
                 f"(state.swa is {'set' if params.swa is not None else 'None'}, swa_start={swa_start})"
             )
-    measure_every = check_measure(measure, measure_every, eval_every)
+    measure_every = check_measure(measure, measure_every, eval_every, measure_data)
     if resume and measure is not None and params.measure is None:
         params = params._replace(measure=measure.init(clean_params(params.params, params.opt_state)))
     mesh = data_mesh(devices)
     data, shard = shard_examples(mesh, data, n, batch_size)
-    eval_data = replicate(mesh, eval_data)
+    eval_fn, eval_data = stream_eval(eval_fn, eval_data)  # a data source: eval_fn runs batch by batch
+    eval_data, measure_data = replicate(mesh, eval_data), replicate(mesh, measure_data)
     schedule = Schedule(eval_every, batch_size, swa_start, swa_every, augment, mesh, shard, measure, measure_every)
-    static = dict(objective=objective, eval_fn=eval_fn, schedule=schedule)
+    static = dict(objective=objective, eval_fn=eval_fn, schedule=chunk_schedule(schedule))
+    measure_data = data if measure_data is None else measure_data
 
     if resume:
         state = replicate(mesh, params)
@@ -338,20 +364,29 @@ def train(
         key = as_key(0 if key is None else key)  # a typed key: seeds up to 2**32 - 1 do not overflow int32 in jit
         state, metrics = _start_jit(
             optimizer=optimizer, init_fns=init_fns, params=params, model_state=model_state, key=key,
-            data=data, eval_data=eval_data, **static,
+            data=data, eval_data=eval_data, **{**static, "schedule": schedule},
         )  # fmt: skip
         if init_fns[0] is not None:
             check_finite_params(state.params, "params(init_key)")
     start = int(state.step)
     history: list[dict] = []
-    measured = measure_keys(schedule, state, data)
-    _record(history, start, to_numpy(metrics), state, measured)
+    not_due = nan_measurement(schedule, state, measure_data)
+
+    def measured(state, metrics, due):
+        if due and measure is not None:
+            state, values = _measure_jit(schedule=schedule, state=state, data=measure_data)
+            return state, {**to_numpy(metrics), **to_numpy(values)}
+        return state, {**to_numpy(metrics), **not_due}
+
+    state, metrics = measured(state, metrics, not resume)
+    _record(history, start, metrics, state, frozenset(not_due))
     for chunk in range(1, num_steps // eval_every + 1):
         state, metrics = _chunk_jit(optimizer=optimizer, state=state, data=data, eval_data=eval_data, **static)
         if int(state.divergence.step) >= 0:
             raise TrainingDiverged(int(state.divergence.step), state.divergence.quantity(), stack_history(history), state)
         step = start + chunk * eval_every
-        _record(history, step, to_numpy(metrics), state, measured)
+        state, metrics = measured(state, metrics, step % measure_every == 0)
+        _record(history, step, metrics, state, frozenset(not_due))
         if callback is not None:
             callback(step, history[-1])
     return TrainResult(clean_params(state.params, state.opt_state), stack_history(history), state)

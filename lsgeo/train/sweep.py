@@ -33,8 +33,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lsgeo.optim import clean_params
-from lsgeo.train.chunk import Schedule, evaluate_start, run_chunk
-from lsgeo.train.devices import data_mesh, replicate
+from lsgeo.train.chunk import Schedule, chunk_schedule, evaluate_start, measure_at, run_chunk
+from lsgeo.train.devices import data_mesh, replicate, to_host
+from lsgeo.train.evaluate import stream_eval
 from lsgeo.train.loop import (
     check_finite_params,
     check_measure,
@@ -128,7 +129,7 @@ def _member_start(objective, optimizer_fn, eval_fn, schedule, init_fns, params, 
     optimizer = _make_optimizer(optimizer_fn, hyper, seed, params)
     state = init_state(params, optimizer, model_state=model_state, key=seed, swa=schedule.swa_start is not None,
                        measure=schedule.measure)
-    return evaluate_start(objective, eval_fn, schedule, state, data, eval_data)
+    return evaluate_start(objective, eval_fn, chunk_schedule(schedule), state, data, eval_data)
 
 
 def _over_members(fn, members, mesh):
@@ -144,7 +145,8 @@ def _over_members(fn, members, mesh):
 
 def _sweep_start(objective, optimizer_fn, eval_fn, schedule, init_fns, params, model_state, hyper, seeds, data, eval_data):
     def fn(h, s):
-        return _member_start(objective, optimizer_fn, eval_fn, schedule, init_fns, params, model_state, h, s, data, eval_data)
+        return _member_start(objective, optimizer_fn, eval_fn, schedule, init_fns, params, model_state, h, s, data,
+                             eval_data)
 
     return _over_members(fn, (hyper, seeds), schedule.mesh)
 
@@ -156,9 +158,15 @@ def _sweep_chunk(objective, optimizer_fn, eval_fn, schedule, state, hyper, seeds
     return _over_members(fn, (state, hyper, seeds), schedule.mesh)
 
 
+def _sweep_measure(schedule, state, data):
+    """The measurement of every member (``lsgeo.train.chunk.measure_at``), chunked and vmapped as the training."""
+    return _over_members(lambda st: measure_at(schedule, st, data), (state,), schedule.mesh)
+
+
 _STATIC = ("objective", "optimizer_fn", "eval_fn", "schedule")
 _sweep_start_jit = jax.jit(_sweep_start, static_argnames=_STATIC + ("init_fns",))
 _sweep_chunk_jit = jax.jit(_sweep_chunk, static_argnames=_STATIC)
+_sweep_measure_jit = jax.jit(_sweep_measure, static_argnames="schedule")
 
 
 def sweep(
@@ -183,13 +191,15 @@ def sweep(
     callback: Callable[[int, dict], None] | None = None,
     measure=None,
     measure_every: int | None = None,
+    measure_data=None,
 ) -> SweepResult:
     """:func:`lsgeo.train.train` for every (hyperparameter values, seed) member, vmapped, compiled once.
 
     Args:
       objective, data, num_steps, eval_every, batch_size, eval_fn, eval_data, swa_start, swa_every,
-        augment, devices, measure, measure_every: as in :func:`lsgeo.train.train` (every member carries
-        its own measurement state: a tracked sweep compiles once).
+        augment, devices, measure, measure_every, measure_data: as in :func:`lsgeo.train.train` (every member
+        carries its own measurement state: a tracked sweep compiles once; ``measure_data``, shared by all
+        members, is an argument of the compiled measurement program, replicated like ``eval_data``).
       optimizer_fn: ``optimizer_fn(**values, seed=seed) -> optax.GradientTransformation``, e.g.
         ``lambda sigma, seed: noise_injection(optax.sgd(0.1), sigma, seed=seed)``. The values and the
         seed arrive traced: Python branching on them is a TypeError (use ``jnp.where``, schedules).
@@ -215,7 +225,7 @@ def sweep(
     check_callable(optimizer_fn, "optimizer_fn")
     n = check_batch(data, "data", common_axis=True)
     eval_every = check_schedule(num_steps, eval_every, batch_size, n, swa_start, swa_every)
-    measure_every = check_measure(measure, measure_every, eval_every)
+    measure_every = check_measure(measure, measure_every, eval_every, measure_data)
     grid, seeds_np = _check_grid(hyperparams, seeds)
     if not callable(params):
         check_float_params(params)
@@ -236,29 +246,45 @@ def sweep(
     dtype = jnp.zeros(()).dtype  # float32, or float64 under x64
     hyper = {k: jnp.asarray(members(np.repeat(v, R).reshape(S, R)), dtype) for k, v in grid.items()}
     keys = jnp.asarray(members(np.tile(seeds_np, (S, 1))).astype(np.int32))
+    eval_fn, eval_data = stream_eval(eval_fn, eval_data)  # a data source: eval_fn runs batch by batch
     if mesh is not None:
         hyper, keys = jax.device_put((hyper, keys), NamedSharding(mesh, P(None, "data")))
-        data, eval_data = replicate(mesh, data), replicate(mesh, eval_data)
+        data, eval_data, measure_data = replicate(mesh, data), replicate(mesh, eval_data), replicate(mesh, measure_data)
         params = params if callable(params) else replicate(mesh, params)
         model_state = model_state if callable(model_state) or model_state is None else replicate(mesh, model_state)
     schedule = Schedule(eval_every, batch_size, swa_start, swa_every, augment, mesh, False, measure, measure_every)
-    static = dict(objective=objective, optimizer_fn=optimizer_fn, eval_fn=eval_fn, schedule=schedule)
+    static = dict(objective=objective, optimizer_fn=optimizer_fn, eval_fn=eval_fn, schedule=chunk_schedule(schedule))
+    measure_data = data if measure_data is None else measure_data
 
     init_fns, params, model_state = split_init_fns(params, model_state)
     state, metrics = _sweep_start_jit(init_fns=init_fns, params=params, model_state=model_state, hyper=hyper,
-                                      seeds=keys, data=data, eval_data=eval_data, **static)
+                                      seeds=keys, data=data, eval_data=eval_data, **{**static, "schedule": schedule})
+    if measure is not None:  # NaN where not due (shapes only: the cached trace of the measurement program)
+        struct = _sweep_measure_jit.eval_shape(schedule=schedule, state=state, data=measure_data)[1]
+        not_due = {k: np.full(v.shape, np.nan, v.dtype) for k, v in struct.items()}
+
+    def measured(state, metrics, due):
+        if measure is None:
+            return state, to_numpy(metrics)
+        if not due:
+            return state, {**to_numpy(metrics), **not_due}
+        state, values = _sweep_measure_jit(schedule=schedule, state=state, data=measure_data)
+        return state, {**to_numpy(metrics), **to_numpy(values)}
 
     def unflat(x):  # [C, B, ...] -> [S, R, ...]
         x = x.reshape((C * B,) + x.shape[2:])[:G]
         return x.reshape((S, R) + x.shape[1:])
 
-    history = [to_numpy(metrics)]
+    state, metrics = measured(state, metrics, True)
+    history = [metrics]
     for chunk in range(1, num_steps // eval_every + 1):
         state, metrics = _sweep_chunk_jit(state=state, hyper=hyper, seeds=keys, data=data, eval_data=eval_data, **static)
-        history.append(to_numpy(metrics))
+        state, metrics = measured(state, metrics, chunk * eval_every % measure_every == 0)
+        history.append(metrics)
         if callback is not None:
             callback(chunk * eval_every, {k: unflat(v) for k, v in history[-1].items()})
 
+    state = to_host(state)  # several processes: every process gets the whole result
     steps = np.arange(0, num_steps + 1, eval_every)
     diverged = np.asarray(unflat(state.divergence.step))
     after = (diverged[..., None] >= 0) & (steps > diverged[..., None])
