@@ -79,9 +79,8 @@ def worker(args):
 
 
 def run_layout(args, processes: int) -> dict:
-    me = [sys.executable, os.path.abspath(__file__), "--worker", *map(str, sum(
-        ([f"--{k}", v] for k, v in (("n", args.n), ("width", args.width), ("microbatch", args.microbatch),
-                                    ("repeats", args.repeats))), []))]
+    options = {"n": args.n, "width": args.width, "microbatch": args.microbatch, "repeats": args.repeats}
+    me = [sys.executable, os.path.abspath(__file__), "--worker", *(w for k, v in options.items() for w in (f"--{k}", str(v)))]
     env = dict(os.environ, PYTHONPATH=os.path.abspath(ROOT))
     if processes == 1:
         env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"

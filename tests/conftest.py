@@ -22,6 +22,16 @@ def x64():
         yield
 
 
+@pytest.fixture
+def global_x64():
+    """float64 set globally, not by the thread-local ``jax.enable_x64`` context: a stream's batches arrive
+    through a host callback that XLA may run on another thread, where the context does not reach."""
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", before)
+
+
 # Tiny models shared by the curvature, risk, NTK and microbatching tests: a tanh MLP (a list of
 # {"w", "b"} dicts) and a small CNN (lax.conv_general_dilated), with numpy float64 parameters (no eager
 # JAX work at import; cast with jnp.asarray(..., jnp.float32) where float32 is wanted), and the dense

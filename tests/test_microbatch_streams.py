@@ -14,16 +14,6 @@ N, BATCH = 70, 16  # 4 batches of 16 and a last one of 6
 
 
 @pytest.fixture
-def global_x64():
-    """float64 set globally, not by the thread-local ``jax.enable_x64`` context: a stream's batches arrive
-    through a host callback that XLA may run on another thread, where the context does not reach."""
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", before)
-
-
-@pytest.fixture
 def on_disk(tmp_path):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "x.npy", rng.standard_normal((N, 5)))

@@ -2,7 +2,6 @@
 batches, here a numpy memmap on disk): each metric is the example-weighted mean over the source's batches, equal
 to ``eval_fn`` on the whole in-memory set, in ``train`` and in a vmapped ``sweep``, one batch at a time."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -11,16 +10,6 @@ import pytest
 from lsgeo import train
 
 N_EVAL, BATCH = 23, 5  # 4 batches of 5 and a last one of 3
-
-
-@pytest.fixture
-def global_x64():
-    """float64 set globally: the source's batches arrive through a host callback that XLA may run on another
-    thread, where the thread-local ``jax.enable_x64`` context does not reach."""
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", before)
 
 
 @pytest.fixture

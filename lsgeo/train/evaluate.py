@@ -26,9 +26,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable
-
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
