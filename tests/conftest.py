@@ -5,7 +5,10 @@ level 0 (set before jax initialises its backend; subprocesses and notebook kerne
 Tests that compare to 1e-10 use the ``x64`` fixture (float64 inside the test only).
 """
 
+import json
 import os
+import subprocess
+import sys
 
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
@@ -14,6 +17,33 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_python(*args, devices: int | None = None, optimize: bool = False, timeout: float = 600) -> str:
+    """Runs ``python *args`` (a script in tests/ by name, or ``"-c", code``) in a fresh interpreter on the CPU and
+    returns its stdout; a non-zero exit fails the test with the end of its stderr. ``devices``: forced host devices
+    (the device count is fixed when jax starts, hence the subprocess); ``optimize``: full XLA optimisation (where
+    run time, not compile time, dominates). The repository root is on ``PYTHONPATH``."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.path.dirname(TESTS) + os.pathsep + env.get("PYTHONPATH", "")
+    flags = env.get("XLA_FLAGS", "").split()
+    if optimize:
+        flags = [f for f in flags if "optimization_level" not in f and "expensive_passes" not in f]
+    if devices:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    script = [args[0] if args[0] == "-c" else os.path.join(TESTS, str(args[0]))]
+    out = subprocess.run([sys.executable, *script, *map(str, args[1:])], env=env, capture_output=True, text=True,
+                         timeout=timeout, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def last_json(stdout: str):
+    """The JSON object on the last line of a script's output (how the device scripts report)."""
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture

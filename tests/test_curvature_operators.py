@@ -3,21 +3,26 @@ dense float64 references built independently: jax.hessian, J^T D2L J from dense 
 per-example gradients; every estimator on a Gauss-Newton and an empirical-Fisher operator against the
 dense matrix; XTrace / XDiag against their leave-one-out definitions; solve against a dense solve."""
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cnn_apply, cnn_init, dense_hessian, dense_jacobian, flat, mlp_apply, mlp_init, random_tree
+from conftest import (
+    cnn_apply,
+    cnn_init,
+    dense_hessian,
+    dense_jacobian,
+    flat,
+    last_json,
+    mlp_apply,
+    mlp_init,
+    random_tree,
+    run_python,
+)
 from jax.flatten_util import ravel_pytree
 
 from lsgeo import curvature, losses
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 N = 13  # examples: microbatches of 5 leave an uneven last one of 3
 
 
@@ -305,12 +310,7 @@ def test_a_batch_coupled_objective_is_refused_with_microbatches():
 
 
 def test_four_devices_hold_a_quarter_of_the_data_each():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
-    out = subprocess.run([sys.executable, os.path.join(HERE, "_operator_devices.py")], env=env, capture_output=True,
-                         text=True, timeout=600, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = last_json(run_python("_operator_devices.py", devices=4))
     assert result["devices"] == 4
     total = result["data_bytes"]
     for device_bytes in result["bytes_per_device"]:

@@ -1,19 +1,13 @@
 """Sharded parameters (issue 18): Lanczos on pytrees shaped like the parameters, keeping their sharding
 (8 forced host devices, a subprocess), a host-memory basis, and SLQ without a stored basis."""
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import last_json, run_python
 
 from lsgeo import curvature
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_eight_way_sharded_mlp_gives_the_unsharded_spectrum_and_keeps_the_basis_sharded():
@@ -22,12 +16,7 @@ def test_eight_way_sharded_mlp_gives_the_unsharded_spectrum_and_keeps_the_basis_
     SLQ density equals the unsharded one (same probes); every leaf of the Lanczos basis and of the Ritz
     vectors is laid out like its parameter behind a replicated leading axis (P(None, None, "model"): one
     columns of the kernel per device), and the basis is orthonormal."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
-    out = subprocess.run([sys.executable, os.path.join(HERE, "_sharded_parameters.py")], env=env, capture_output=True,
-                         text=True, timeout=600, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = last_json(run_python("_sharded_parameters.py", devices=8))
     assert result["devices"] == 8
     # leaves in tree order: b, w of each layer; the kernel [4, 16] sharded, the kernel [16, 2] and biases replicated
     assert result["vector_layout"] == ["P()", "P(None, 'model')", "P()", "P()"]

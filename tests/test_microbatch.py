@@ -1,19 +1,14 @@
 """lsgeo.microbatch: the layout of microbatches, the exact weighted reduction, the memory-bounded
 data-set objective, sharding over 4 forced host devices (a subprocess) and bounded memory (a subprocess)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import last_json, run_python
 
 from lsgeo import curvature, microbatch, risk
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 ONE_DEVICE = [jax.devices()[0]]
 
 
@@ -91,23 +86,10 @@ def test_bad_batches_name_the_batch(batch, message):
             call()
 
 
-def _run(script, *args, devices=None, optimize=False):
-    env = dict(os.environ)
-    if optimize:  # full XLA optimisation: the conv net's run time, not its compile time, dominates there
-        flags = env.get("XLA_FLAGS", "").split()
-        env["XLA_FLAGS"] = " ".join(f for f in flags if "optimization_level" not in f and "expensive_passes" not in f)
-    if devices:
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-    out = subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], env=env, capture_output=True,
-                         text=True, timeout=600, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_four_devices_give_the_single_device_values():
     """hvp, hessian_trace, top_eigenvalues, risk, gauss_newton_trace and ntk_trace with their microbatches
     sharded over a 4-device mesh (one all-reduce per product) equal the one-device values (float32)."""
-    result = _run("_microbatch_devices.py", devices=4)
+    result = last_json(run_python("_microbatch_devices.py", devices=4))
     assert result["devices"] == 4 and result["all_reduce"]
     for name, error in result["errors"].items():
         assert error < 1e-5, (name, error)
@@ -117,7 +99,7 @@ def test_hessian_trace_of_8192_images_runs_in_the_memory_of_one_microbatch():
     """A 3-layer conv net on 8192 CIFAR-shaped images, microbatches of 256: a (compiled) call raises the
     process's RSS by a small fraction of what XLA says the whole batch at once needs (the runtime and the
     data are there before the call)."""
-    result = _run("_microbatch_memory.py", 8192, 256, 4, optimize=True)
+    result = last_json(run_python("_microbatch_memory.py", 8192, 256, 4, optimize=True))
     grew = result["rss_peak"] - result["rss_before"]
     print(f"peak RSS {result['rss_peak'] / 2**20:.0f} MiB during the call, {grew / 2**20:+.0f} MiB over the RSS "
           f"before it (first call {result['seconds']:.1f} s); the whole batch at once needs "

@@ -2,10 +2,9 @@
 (a subprocess: the device count is fixed when jax starts). A small version of the slow
 test_train_loop::test_multi_device_minibatch_matches_one_device that runs in the default suite (issue 22)."""
 
-import os
-import subprocess
-import sys
 import textwrap
+
+from conftest import run_python
 
 _SCRIPT = textwrap.dedent(
     """
@@ -34,10 +33,4 @@ _SCRIPT = textwrap.dedent(
 
 
 def test_minibatch_training_on_four_devices_matches_one_device():
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], check=False, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+    assert "OK" in run_python("-c", _SCRIPT, devices=4, timeout=300)

@@ -1,9 +1,6 @@
 """lsgeo.train.train against the ordinary optax loop written by hand: histories at the clean iterate, SWA,
 SAM, minibatch order, bit-for-bit resume, divergence, bad arguments, several devices."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import chex
@@ -13,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from _train_problem import W0, X, Y, _at, _manual, _minibatches, eval_fn, loss
+from conftest import run_python
 
 from lsgeo.optim import noise_injection
 from lsgeo.train import TrainingDiverged, init_state, sweep, train
@@ -196,14 +194,7 @@ _MULTI_DEVICE = textwrap.dedent(
 
 
 def _run_multi_device(*args):
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run(
-        [sys.executable, "-c", _MULTI_DEVICE, *args], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+    assert "OK" in run_python("-c", _MULTI_DEVICE, *args, devices=4, timeout=300)
 
 
 def test_multi_device_matches_one_device():
