@@ -7,7 +7,7 @@ The model is ``lsgeo.models.ResNet18`` (BatchNorm in evaluation mode, ``models.m
 model_state)``), softmax cross-entropy, CIFAR-shaped random images (32x32x3, 10 classes), float32. For
 each image count n (``--images``) with its ``--microbatch`` size, measured in this one run:
 
-1. one data-set gradient (``lsgeo.microbatch.reduce`` of per-microbatch gradients) and one data-set HVP
+1. one data-set gradient (``lsgeo.dataplan.reduce`` of per-microbatch gradients) and one data-set HVP
    (``curvature.hvp(..., microbatch_size=...)``): compile time, then ``--repeats`` rounds of one run of
    each (alternating, so that a change in load hits both); medians and the median per-round ratio.
 2. on ``--spectrum-images`` (default: the same n) the top-1 and the top-5 eigenvalues and the smallest
@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lsgeo import curvature, losses, microbatch, models
+from lsgeo import curvature, dataplan, losses, models
 
 PRESETS = {
     "cpu": {
@@ -105,10 +105,10 @@ def problem(width, n, seed=0):
 def bench_products(objective, params, batch, size, repeats):
     """Data-set gradient and HVP: both compiled, then ``repeats`` rounds that time one of each in turn
     (so that a change in the machine's load hits both), medians and the median of the per-round ratios."""
-    plan = microbatch.make_plan(batch, size)
+    plan = dataplan.plan(batch, size)
 
     def gradient(p, b):
-        return microbatch.reduce(lambda q, mb: jax.grad(objective)(q, mb), p, b, plan)
+        return dataplan.reduce(lambda q, mb: jax.grad(objective)(q, mb), p, b, plan)
 
     def hvp(p, b, v):
         return curvature.hvp(objective, p, b, v, microbatch_size=size)

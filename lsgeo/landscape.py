@@ -15,7 +15,7 @@ Arguments are validated eagerly; the computation then runs as one ``jax.jit``-co
 ``f`` (and ``optimizer``) static, so repeated calls with the same ``f`` object and shapes reuse it.
 With ``microbatch_size`` every evaluation of ``f`` is the data-set value, the example-weighted mean over
 microbatches of the batch (and gradients likewise, for ``fit_bezier``), in the memory of one microbatch
-and sharded over ``devices`` (:mod:`lsgeo.microbatch`; ``f`` must be a mean over examples).
+and sharded over ``devices`` (:mod:`lsgeo.dataplan`; ``f`` must be a mean over examples).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from lsgeo import microbatch, validation
+from lsgeo import dataplan, validation
 from lsgeo.validation import check_callable, check_choice, check_float_params, check_positive_int
 
 PyTree = Any
@@ -114,7 +114,7 @@ def _check_objective(f, params, batch, microbatch_size, devices, name="params"):
     """``f`` callable, ``params`` floating point, ``batch`` not empty; returns the microbatch plan."""
     check_callable(f, "f")
     check_float_params(params, name)
-    return microbatch.make_plan(batch, microbatch_size, devices=devices)
+    return dataplan.in_memory_plan(batch, microbatch_size, devices=devices)
 
 
 def _chunk(points_per_pass: int, n: int) -> int:
@@ -148,7 +148,7 @@ def slice_1d(
     evaluation is the data-set value by microbatches.
     """
     plan = _check_objective(f, params, batch, microbatch_size, devices)
-    params, batch, direction = microbatch.place(plan, params, batch, direction)
+    params, batch, direction = plan.place(params, batch, direction)
     validation.check_same_structure(params, direction, "direction")
     alphas = _as_grid(alphas, "alphas")
     return _slice_1d(f, params, batch, direction, alphas, points_per_pass=_chunk(points_per_pass, alphas.shape[0]), plan=plan)
@@ -156,7 +156,7 @@ def slice_1d(
 
 @partial(jax.jit, static_argnames=("f", "points_per_pass", "plan"))
 def _slice_1d(f, params, batch, direction, alphas, *, points_per_pass, plan):
-    f = microbatch.objective(f, plan)
+    f = dataplan.dataset_objective(f, plan)
 
     def one(a):
         return f(optax.tree.add_scale(params, a, direction), batch)
@@ -185,7 +185,7 @@ def slice_2d(
     microbatch with ``microbatch_size``).
     """
     plan = _check_objective(f, params, batch, microbatch_size, devices)
-    params, batch, d1, d2 = microbatch.place(plan, params, batch, d1, d2)
+    params, batch, d1, d2 = plan.place(params, batch, d1, d2)
     validation.check_same_structure(params, d1, "d1")
     validation.check_same_structure(params, d2, "d2")
     alphas = _as_grid(alphas, "alphas")
@@ -196,7 +196,7 @@ def slice_2d(
 
 @partial(jax.jit, static_argnames=("f", "points_per_pass", "plan"))
 def _slice_2d(f, params, batch, d1, d2, alphas, betas, *, points_per_pass, plan):
-    f = microbatch.objective(f, plan)
+    f = dataplan.dataset_objective(f, plan)
     aa, bb = jnp.meshgrid(alphas, betas, indexing="ij")
 
     def one(ab):
@@ -247,7 +247,7 @@ def path_losses(
     through ``bend``. Shape ``[len(ts)]``. Cost: len(ts) evaluations of f, ``points_per_pass`` at a time
     (each the data-set value by microbatches with ``microbatch_size``)."""
     plan = _check_objective(f, params_a, batch, microbatch_size, devices, "params_a")
-    params_a, params_b, batch, bend = microbatch.place(plan, params_a, params_b, batch, bend)
+    params_a, params_b, batch, bend = plan.place(params_a, params_b, batch, bend)
     validation.check_same_structure(params_a, params_b, "params_b", "params_a")
     if bend is not None:
         validation.check_same_structure(params_a, bend, "bend", "params_a")
@@ -257,7 +257,7 @@ def path_losses(
 
 @partial(jax.jit, static_argnames=("f", "points_per_pass", "plan"))
 def _path_losses(f, params_a, params_b, bend, batch, ts, *, points_per_pass, plan):
-    f = microbatch.objective(f, plan)
+    f = dataplan.dataset_objective(f, plan)
     def one(t):
         return f(_path_point(params_a, params_b, bend, t), batch)
 
@@ -339,7 +339,7 @@ def fit_bezier(
     ``microbatch_size`` each gradient is the data-set gradient, one microbatch at a time.
     """
     plan = _check_objective(f, params_a, batch, microbatch_size, devices, "params_a")
-    params_a, params_b, batch, key, init_bend = microbatch.place(plan, params_a, params_b, batch, key, init_bend)
+    params_a, params_b, batch, key, init_bend = plan.place(params_a, params_b, batch, key, init_bend)
     check_positive_int(num_steps, "num_steps")
     check_positive_int(num_t, "num_t")
     validation.check_same_structure(params_a, params_b, "params_b", "params_a")
@@ -355,7 +355,7 @@ def fit_bezier(
 
 @partial(jax.jit, static_argnames=("f", "optimizer", "num_steps", "num_t", "plan"))
 def _fit_bezier(f, params_a, params_b, batch, key, init_bend, *, optimizer, num_steps, num_t, plan):
-    f = microbatch.objective(f, plan)
+    f = dataplan.dataset_objective(f, plan)
     def curve_loss(bend, ts):
         return jnp.mean(jax.vmap(lambda t: f(bezier(params_a, bend, params_b, t), batch))(ts))
 

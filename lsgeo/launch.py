@@ -15,7 +15,7 @@ is set, e.g. ``srun -N 4 --ntasks-per-node 1 env LSGEO_DISTRIBUTED=1 python my_s
 
 In the command, each process feeds only its own shard of the data: a batch built with
 ``jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local_part)`` is used where it lies
-by every curvature operator (``lsgeo.microbatch.ShardedPlan``) and by ``lsgeo.train.train`` (data parallel over
+by every curvature operator (``lsgeo.dataplan.ShardedPlan``) and by ``lsgeo.train.train`` (data parallel over
 every process's devices), and every process gets the same result. An experiment runs unchanged under the
 launcher (``python -m lsgeo.launch --num-processes 2 -- python -m experiments.sigma_sweep``): every process
 computes, process 0 alone writes the results folder and prints.

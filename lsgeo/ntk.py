@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsgeo import groups as groups_lib
-from lsgeo import microbatch, per_example
+from lsgeo import dataplan, per_example
 from lsgeo.validation import check_batch, check_callable, check_choice, check_float_params, check_positive_int
 
 __all__ = ["empirical_ntk", "ntk_diagonal_blocks", "ntk_trace"]
 
-_CHUNK_BUDGET = microbatch.MEMORY_BUDGET_BYTES // 4  # float32 numbers of per-example rows per automatic chunk
+_CHUNK_BUDGET = dataplan.MEMORY_BUDGET_BYTES // 4  # float32 numbers of per-example rows per automatic chunk
 
 
 def _check(predict, params, x, name="x"):
@@ -69,7 +69,7 @@ def empirical_ntk(predict, params, x1, x2=None, *, trace_outputs=True, examples_
 def _empirical_ntk_jit(predict, trace_outputs, examples_per_chunk, params, x1, x2):
     n1 = jax.tree_util.tree_leaves(x1)[0].shape[0]
     n2 = jax.tree_util.tree_leaves(x2)[0].shape[0]
-    single = microbatch.single_example(predict)
+    single = per_example.single_example(predict)
     k = int(np.prod(jax.eval_shape(single, params, jax.tree_util.tree_map(lambda a: a[0], x2)).shape))
     m = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
     if examples_per_chunk is None:
@@ -126,7 +126,7 @@ def ntk_trace(
       method: ``"fast"`` (ghost norms for dense layers, generic fallback) or ``"generic"``.
       microbatch_size: ``None`` or examples per microbatch: the trace over all of ``x`` as the sum of the
         traces of its microbatches, computed in a ``lax.scan`` in the memory of one microbatch and
-        sharded over ``devices`` (default ``jax.devices()``); see :mod:`lsgeo.microbatch`.
+        sharded over ``devices`` (default ``jax.devices()``); see :mod:`lsgeo.dataplan`.
 
     Returns:
       A scalar or a dict of scalars. Cost: k backward passes of the one-example model per example
@@ -142,8 +142,8 @@ def ntk_trace(
         check_positive_int(examples_per_chunk, "examples_per_chunk")
     check_choice(method, "method", per_example.METHODS)
     _, names = groups_lib.group_ids(params, groups)
-    plan = microbatch.make_plan(x, microbatch_size, devices=devices, name="x")
-    params, x = microbatch.place(plan, params, x)
+    plan = dataplan.in_memory_plan(x, microbatch_size, devices=devices, name="x")
+    params, x = plan.place(params, x)
     per_group = _ntk_trace(predict, groups, method, examples_per_chunk, plan, params, x)
     if by_layer:
         return {name: per_group[g] for g, name in enumerate(names)}
@@ -159,6 +159,6 @@ def _per_group_trace(predict, groups, method, examples_per_chunk, params, x):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _ntk_trace(predict, groups, method, examples_per_chunk, plan, params, x):
-    return microbatch.reduce(
+    return dataplan.reduce(
         lambda p, mb: _per_group_trace(predict, groups, method, examples_per_chunk, p, mb), params, x, plan, mean=False
     )

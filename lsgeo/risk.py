@@ -15,7 +15,7 @@ examples), ``batch = (x, y)``.
 
 Data sets larger than a batch: every function takes ``microbatch_size`` (and ``devices``); the value is
 then the exact data-set value, the example-weighted mean over microbatches computed with ``lax`` loops in
-the memory of one microbatch and sharded over the devices (:mod:`lsgeo.microbatch`). This needs L to be a
+the memory of one microbatch and sharded over the devices (:mod:`lsgeo.dataplan`). This needs L to be a
 mean over independent examples: a BatchNorm model must be evaluated in evaluation mode (its statistics
 bound into ``predict``, ``lsgeo.models.make_predict(model, model_state)``).
 
@@ -43,8 +43,8 @@ from jax.flatten_util import ravel_pytree
 
 from lsgeo import groups as groups_lib
 from lsgeo import losses as losses_lib
-from lsgeo import microbatch, per_example
-from lsgeo.curvature.gauss_newton import mean_risk
+from lsgeo import dataplan, per_example
+from lsgeo.objective import mean_risk
 from lsgeo.perturbation import MODES, perturbation
 from lsgeo.validation import (
     check_callable,
@@ -65,7 +65,7 @@ __all__ = [
     "effective_risk",
 ]
 
-_DIAGONAL_BUDGET_FLOATS = microbatch.MEMORY_BUDGET_BYTES // 4
+_DIAGONAL_BUDGET_FLOATS = dataplan.MEMORY_BUDGET_BYTES // 4
 
 
 def _check_model(predict, loss, params, batch, microbatch_size, devices):
@@ -75,9 +75,9 @@ def _check_model(predict, loss, params, batch, microbatch_size, devices):
     check_float_params(params)
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise ValueError(f"batch must be a pair (x, y), got {type(batch).__name__}")
-    plan = microbatch.make_plan(batch, microbatch_size, devices=devices)
+    plan = dataplan.in_memory_plan(batch, microbatch_size, devices=devices)
     check_loss_targets(predict, loss, params, batch)
-    microbatch.check_mean_over_examples(mean_risk(predict, loss), params, batch, plan, name="loss(predict(...))")
+    dataplan.check_mean_over_examples(mean_risk(predict, loss), params, batch, plan, name="loss(predict(...))")
     return plan
 
 
@@ -98,22 +98,22 @@ def _risk_on(predict, loss, params, batch):
 
 def risk(predict, loss, params, batch, *, microbatch_size: int | None = None, devices: Sequence | None = None):
     """R(w) = L(Phi(w)). Cost: one forward pass (per microbatch with ``microbatch_size``, the exact
-    data-set value in the memory of one microbatch, see :mod:`lsgeo.microbatch`).
+    data-set value in the memory of one microbatch, see :mod:`lsgeo.dataplan`).
 
     Raises:
       TypeError: ``predict`` or ``loss`` not callable. ValueError: ``loss`` not scalar, integer
       ``params``, ``batch`` not a pair (x, y), an empty batch, a bad ``microbatch_size``.
     """
     plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
-    params, batch = microbatch.place(plan, params, batch)
-    if plan is None:
+    params, batch = plan.place(params, batch)
+    if plan.whole:
         return _risk_on(predict, loss, params, batch)
     return _risk_jit(predict, loss, plan, params, batch)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _risk_jit(predict, loss, plan, params, batch):
-    return microbatch.reduce(lambda p, mb: _risk_on(predict, loss, p, mb), params, batch, plan)
+    return dataplan.reduce(lambda p, mb: _risk_on(predict, loss, p, mb), params, batch, plan)
 
 
 def perturbed_risk(
@@ -147,7 +147,7 @@ def perturbed_risk(
     check_positive_int(num_samples, "num_samples")
     check_positive_int(draws_per_pass, "draws_per_pass")
     plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
-    params, batch, key = microbatch.place(plan, params, batch, key)
+    params, batch, key = plan.place(params, batch, key)
     num_groups = len(groups_lib.group_names(params, groups)) if mode == "layerwise" else 1
     return _perturbed_risk(predict, loss, mode, groups, bool(scale_by_num_groups), num_samples, num_groups,
                            draws_per_pass, plan, params, batch, sigma, key)
@@ -181,7 +181,7 @@ def _perturbed_risk(predict, loss, mode, groups, scale, num_samples, num_groups,
         values = jax.lax.map(one_group, (draw_keys, group_index), batch_size=min(draws_per_pass, num_samples * num_groups))
         return jnp.mean(values)
 
-    return microbatch.reduce(on_batch, (params, sigma, keys), batch, plan)
+    return dataplan.reduce(on_batch, (params, sigma, keys), batch, plan)
 
 
 def _scalar_outputs(predict, params, x) -> bool:
@@ -203,7 +203,7 @@ def _exact_gn_on(predict, loss, groups, method, examples_per_chunk, params, batc
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
 def _exact_gn_jit(predict, loss, groups, method, examples_per_chunk, plan, params, batch):
-    return microbatch.reduce(
+    return dataplan.reduce(
         lambda p, mb: _exact_gn_on(predict, loss, groups, method, examples_per_chunk, p, mb), params, batch, plan
     )
 
@@ -245,7 +245,7 @@ def _probe_gn_on(predict, loss, num_probes, probes_per_pass, params, batch, key)
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _probe_gn(predict, loss, num_probes, probes_per_pass, plan, params, batch, key):
-    return microbatch.reduce(
+    return dataplan.reduce(
         lambda ops, mb: _probe_gn_on(predict, loss, num_probes, probes_per_pass, ops[0], mb, ops[1]),
         (params, key), batch, plan,
     )
@@ -304,7 +304,7 @@ def gauss_newton_trace(
       examples_per_chunk: examples per chunk on the exact path (``None``: automatic).
       method: ``"fast"`` or ``"generic"`` (exact path only).
       probes_per_pass: probes evaluated in parallel.
-      microbatch_size, devices: the exact data-set value by microbatches (:mod:`lsgeo.microbatch`); the
+      microbatch_size, devices: the exact data-set value by microbatches (:mod:`lsgeo.dataplan`); the
         exact trace equals the single-batch one, the probe estimate stays unbiased (every microbatch
         draws its probes from ``key``).
 
@@ -312,7 +312,7 @@ def gauss_newton_trace(
       A scalar.
     """
     plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
-    params, batch, key = microbatch.place(plan, params, batch, key)
+    params, batch, key = plan.place(params, batch, key)
     value, _ = _gn_trace_and_risk(predict, loss, params, batch, key, num_probes, examples_per_chunk, method, probes_per_pass,
                                   plan)
     return value
@@ -339,7 +339,7 @@ def gauss_newton_trace_by_layer(
     """
     check_choice(method, "method", per_example.METHODS)
     plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
-    params, batch = microbatch.place(plan, params, batch)
+    params, batch = plan.place(params, batch)
     per_group, _ = _exact_gn(predict, loss, params, batch, groups, method, examples_per_chunk, plan)
     return per_group
 
@@ -365,11 +365,11 @@ def effective_risk(
     sigma^2/2 <DL, tr D2Phi> that vanishes in expectation at interpolation. The Gauss-Newton trace is
     exact for ``num_probes == 0`` and an unbiased estimate otherwise (see :func:`gauss_newton_trace`);
     R reuses the forward pass. ``sigma``: a finite number >= 0. ``microbatch_size``: the data-set value
-    by microbatches (:mod:`lsgeo.microbatch`).
+    by microbatches (:mod:`lsgeo.dataplan`).
     """
     check_sigma(sigma)
     plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
-    params, batch, key = microbatch.place(plan, params, batch, key)
+    params, batch, key = plan.place(params, batch, key)
     trace, value = _gn_trace_and_risk(predict, loss, params, batch, key, num_probes, examples_per_chunk, method,
                                       probes_per_pass, plan)
     return value + 0.5 * jnp.square(sigma) * trace
@@ -399,7 +399,7 @@ def gauss_newton_diagonal(
       predict, loss, params, batch: the model contract (``batch = (x, y)``); examples must not interact.
       examples_per_chunk: examples per chunk (vmapped; ``None``: as many as fit ~2^26 floats of per-example
         gradients, i.e. ``2^26 / (k m)``), evaluated in a ``lax.scan``.
-      microbatch_size, devices: the exact data-set value by microbatches (:mod:`lsgeo.microbatch`).
+      microbatch_size, devices: the exact data-set value by microbatches (:mod:`lsgeo.dataplan`).
 
     Returns:
       A pytree shaped like ``params``.
@@ -416,7 +416,7 @@ def gauss_newton_diagonal(
       [1.0, 2.0]
     """
     plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
-    params, batch = microbatch.place(plan, params, batch)
+    params, batch = plan.place(params, batch)
     if examples_per_chunk is not None:
         check_positive_int(examples_per_chunk, "examples_per_chunk")
     return _gn_diagonal(predict, loss, examples_per_chunk, plan, params, batch)
@@ -424,7 +424,7 @@ def gauss_newton_diagonal(
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _gn_diagonal(predict, loss, examples_per_chunk, plan, params, batch):
-    return microbatch.reduce(lambda p, mb: _gn_diagonal_on(predict, loss, examples_per_chunk, p, mb), params, batch, plan)
+    return dataplan.reduce(lambda p, mb: _gn_diagonal_on(predict, loss, examples_per_chunk, p, mb), params, batch, plan)
 
 
 def _gn_diagonal_on(predict, loss, examples_per_chunk, params, batch):
@@ -432,7 +432,7 @@ def _gn_diagonal_on(predict, loss, examples_per_chunk, params, batch):
     padded with copies of the last example, masked out)."""
     x, y = batch
     n = int(np.shape(jax.tree_util.tree_leaves(x)[0])[0])
-    single = microbatch.single_example(predict)
+    single = per_example.single_example(predict)
     scalar = _scalar_outputs(predict, params, x)
     flat, unravel = ravel_pytree(params)
     k = int(np.prod(jax.eval_shape(predict, params, x).shape[1:], dtype=np.int64))

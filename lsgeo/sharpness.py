@@ -8,7 +8,7 @@ options static: calling again with the same ``f`` object and shapes reuses the c
 (``rho``, ``sigma``, ``epsilon``, ``alpha`` may be traced; value checks then apply only to concrete
 inputs). With ``microbatch_size`` the objective is the data-set value of ``f``, the example-weighted
 mean over microbatches (values and gradients in the memory of one microbatch, sharded over ``devices``;
-:mod:`lsgeo.microbatch`): ``f`` must then be a mean over examples, BatchNorm in evaluation mode.
+:mod:`lsgeo.dataplan`): ``f`` must then be a mean over examples, BatchNorm in evaluation mode.
 
   epsilon-sharpness (Keskar et al. 2017)   [max_{||delta|| <= rho} f(w + delta) - f(w)] / (1 + f(w))
   average sharpness                        E_eps[f(w + sigma eps)] - f(w),  eps ~ N(0, I)
@@ -38,7 +38,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from lsgeo import groups as groups_lib
-from lsgeo import microbatch
+from lsgeo import dataplan
 from lsgeo.validation import (
     check_callable,
     check_choice,
@@ -133,7 +133,7 @@ def _check_objective(f, params, batch, microbatch_size, devices):
     """``f`` callable, ``params`` floating point, ``batch`` not empty; returns the microbatch plan."""
     check_callable(f, "f")
     check_float_params(params)
-    return microbatch.make_plan(batch, microbatch_size, devices=devices)
+    return dataplan.in_memory_plan(batch, microbatch_size, devices=devices)
 
 
 def _check_ball_args(rho, steps, norm, step_size):
@@ -186,12 +186,12 @@ def epsilon_sharpness(
       relative: divide by 1 + f(w) (Keskar's definition); ``False`` gives the absolute rise.
       microbatch_size: ``None`` or examples per microbatch: f is then the data-set objective, its values
         and gradients the example-weighted means over microbatches, in the memory of one microbatch
-        (:mod:`lsgeo.microbatch`; f must be a mean over examples). ``devices``: where they are sharded.
+        (:mod:`lsgeo.dataplan`; f must be a mean over examples). ``devices``: where they are sharded.
 
     Cost: ``steps`` (+1 without ``key``) gradients of f, plus two evaluations; memory of one gradient.
     """
     plan = _check_objective(f, params, batch, microbatch_size, devices)
-    params, batch, key = microbatch.place(plan, params, batch, key)
+    params, batch, key = plan.place(params, batch, key)
     _check_ball_args(rho, steps, norm, step_size)
     return _epsilon_sharpness(f, params, batch, rho, key, step_size, steps=steps, norm=norm, relative=relative,
                               plan=plan)
@@ -199,7 +199,7 @@ def epsilon_sharpness(
 
 @partial(jax.jit, static_argnames=("f", "steps", "norm", "relative", "plan"))
 def _epsilon_sharpness(f, params, batch, rho, key, step_size, *, steps, norm, relative, plan):
-    f = microbatch.objective(f, plan)
+    f = dataplan.dataset_objective(f, plan)
     eta = rho if step_size is None else step_size
 
     def g(delta):
@@ -246,7 +246,7 @@ def adaptive_sharpness(
     Cost: ``steps`` (+1 without ``key``) gradients of f, plus two evaluations.
     """
     plan = _check_objective(f, params, batch, microbatch_size, devices)
-    params, batch, key = microbatch.place(plan, params, batch, key)
+    params, batch, key = plan.place(params, batch, key)
     _check_ball_args(rho, steps, norm, step_size)
     check_sigma(eta, "eta")
     return _adaptive_sharpness(f, params, batch, rho, key, eta, step_size, steps=steps, norm=norm, relative=relative,
@@ -255,7 +255,7 @@ def adaptive_sharpness(
 
 @partial(jax.jit, static_argnames=("f", "steps", "norm", "relative", "plan"))
 def _adaptive_sharpness(f, params, batch, rho, key, eta, step_size, *, steps, norm, relative, plan):
-    f = microbatch.objective(f, plan)
+    f = dataplan.dataset_objective(f, plan)
     step = rho if step_size is None else step_size
     scales = jax.tree_util.tree_map(lambda w: jnp.abs(w) + eta, params)
 
@@ -292,7 +292,7 @@ def average_sharpness(
     ``epsilon_sharpness``.
     """
     plan = _check_objective(f, params, batch, microbatch_size, devices)
-    params, batch, key = microbatch.place(plan, params, batch, key)
+    params, batch, key = plan.place(params, batch, key)
     check_sigma(sigma, "sigma")
     check_positive_int(num_samples, "num_samples")
     check_positive_int(draws_per_pass, "draws_per_pass")
@@ -302,7 +302,7 @@ def average_sharpness(
 
 @partial(jax.jit, static_argnames=("f", "num_samples", "draws_per_pass", "plan"))
 def _average_sharpness(f, params, batch, sigma, key, *, num_samples, draws_per_pass, plan):
-    f = microbatch.objective(f, plan)
+    f = dataplan.dataset_objective(f, plan)
     base = f(params, batch)
     keys = jax.random.split(key, num_samples)
 
@@ -366,7 +366,7 @@ def volume_flatness(
     ``microbatch_size``: the data-set objective by microbatches, as in ``epsilon_sharpness``.
     """
     plan = _check_objective(f, params, batch, microbatch_size, devices)
-    params, batch, key = microbatch.place(plan, params, batch, key)
+    params, batch, key = plan.place(params, batch, key)
     check_sigma(epsilon, "epsilon")
     check_positive_int(num_directions, "num_directions")
     check_positive_int(num_grid, "num_grid")
@@ -384,7 +384,7 @@ def volume_flatness(
 @partial(jax.jit, static_argnames=("f", "num_directions", "num_grid", "iters", "directions_per_pass", "plan"))
 def _volume_flatness(f, params, batch, epsilon, key, max_radius, *, num_directions, num_grid, iters, directions_per_pass,
                      plan):
-    f = microbatch.objective(f, plan)
+    f = dataplan.dataset_objective(f, plan)
     base = f(params, batch)
     keys = jax.random.split(key, num_directions)
     grid = max_radius * jnp.arange(1, num_grid + 1) / num_grid

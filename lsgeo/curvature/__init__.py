@@ -17,7 +17,7 @@ The operator layer (curvlinops' design): build an operator once, from the model 
     {g: curvature.spectral_density(b, key) for g, b in curvature.blocks(op).items()}   # per-block spectra
     curvature.solve(curvature.GaussNewton(...), g, damping=1e-3)              # (G + lambda I)^-1 g
 
-The data plan (``lsgeo.microbatch``) is validated, cut and placed once, when the operator is built; an
+The data plan (``lsgeo.dataplan``) is validated, cut and placed once, when the operator is built; an
 operator is a pytree (parameters and data as leaves, functions and plan static), so it passes through
 ``jit``. The function forms ``top_eigenvalues(f, params, batch, key, ...)`` etc. build a ``Hessian`` and
 return what they always returned.
@@ -97,11 +97,16 @@ from lsgeo.curvature.density import (
     spectral_density,
 )
 from lsgeo.curvature.eigen import WHICH, eigenpairs, min_eigenvalue, top_eigenvalues
-from lsgeo.curvature.fisher import EmpiricalFisher, MonteCarloFisher, register_label_sampler
-from lsgeo.curvature.gauss_newton import GaussNewton
-from lsgeo.curvature.hessian_operator import Hessian
 from lsgeo.curvature.krylov import BASIS_MEMORY, lanczos, ritz_pairs, ritz_vectors, tridiagonal_eigh, vector_shardings
-from lsgeo.curvature.operator import CurvatureOperator, blocks
+from lsgeo.curvature.operators import (
+    CurvatureOperator,
+    EmpiricalFisher,
+    GaussNewton,
+    Hessian,
+    MonteCarloFisher,
+    blocks,
+    register_label_sampler,
+)
 from lsgeo.curvature.products import gauss_newton_operator, gnvp, hessian_operator, hvp
 from lsgeo.curvature.solve import SolveDidNotConverge, SolveInfo, low_rank_inverse, solve
 from lsgeo.curvature.trace import DIAGONAL_METHODS, TRACE_METHODS, hessian_diagonal, hessian_trace

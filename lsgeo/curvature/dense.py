@@ -6,8 +6,7 @@ from collections.abc import Sequence
 
 import jax
 
-from lsgeo.curvature.hessian_operator import Hessian
-from lsgeo.curvature.operator import DEFAULT_VECTORS_PER_PASS
+from lsgeo.curvature.operators import DEFAULT_VECTORS_PER_PASS, Hessian
 
 __all__ = ["hessian"]
 
@@ -26,7 +25,7 @@ def hessian(
     ``Hessian(f, params, batch, ...).to_dense()``: row ``i`` is ``H e_i`` (``jax.flatten_util.ravel_pytree``
     order), ``vectors_per_pass`` rows per vmapped product, in one ``lax.map`` (the passes balanced: fewer
     than one extra row per pass). Small models only. With ``microbatch_size`` every row is the exact
-    data-set product (``lsgeo.microbatch``).
+    data-set product (``lsgeo.dataplan``).
 
     Cost: ``m`` HVPs. Memory: ``O(m^2)`` for the result plus ``vectors_per_pass`` tangents of one backward
     pass (on one microbatch). Computed in at least float32.

@@ -149,7 +149,7 @@ def top_eigenvalues(
       basis_memory: ``"device"`` or ``"host"``: the Lanczos basis (``(num_iters + 1) m`` scalars) in host
         memory, its rows fetched one at a time for the reorthogonalisation, for when it does not fit
         in device memory (``lsgeo.curvature.krylov``). Sharded parameters keep a sharded basis either way.
-      microbatch_size, devices: with an objective, the data plan of its ``Hessian`` (``lsgeo.microbatch``).
+      microbatch_size, devices: with an objective, the data plan of its ``Hessian`` (``lsgeo.dataplan``).
 
     Returns:
       ``[k]`` Ritz values, descending (at least float32), or ``(values, residuals)``.

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lsgeo import validation
-from lsgeo.curvature.gauss_newton import GaussNewton
-from lsgeo.curvature.hessian_operator import Hessian
+from lsgeo.curvature.operators import GaussNewton
+from lsgeo.curvature.operators import Hessian
 
 PyTree = Any
 MatVec = Callable
@@ -35,7 +35,7 @@ def hvp(f, params: PyTree, batch, v: PyTree, *, microbatch_size: int | None = No
       v: tangent pytree with the structure and leaf shapes of ``params`` (any floating dtype: it is cast
         to the parameters' dtypes).
       microbatch_size: ``None`` (the batch at once) or the examples per microbatch: the exact product
-        over the whole batch as the example-weighted mean of per-microbatch products (``lsgeo.microbatch``).
+        over the whole batch as the example-weighted mean of per-microbatch products (``lsgeo.dataplan``).
       devices: devices the microbatches are sharded over (default: ``jax.devices()``).
 
     Returns:

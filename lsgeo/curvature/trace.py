@@ -82,7 +82,7 @@ def hessian_trace(
       return_stderr: also return the standard error: the sample standard deviation of the stochastic
         terms over the square root of their number (Hutchinson, Hutch++) or of the ``s`` exchangeable
         estimates (XTrace); 0 with a single term.
-      microbatch_size, devices: with an objective, the data plan of its ``Hessian`` (``lsgeo.microbatch``).
+      microbatch_size, devices: with an objective, the data plan of its ``Hessian`` (``lsgeo.dataplan``).
 
     Returns:
       The scalar estimate, or ``(estimate, stderr)`` when ``return_stderr``.

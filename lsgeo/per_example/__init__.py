@@ -14,5 +14,6 @@ from lsgeo.per_example.grams import (
     per_example_grams,
     sq_grad_norms,
 )
+from lsgeo.per_example.single import single_example
 
-__all__ = ["METHODS", "FastPathFallbackWarning", "fast_path_plan", "gram_blocks", "per_example_grams", "sq_grad_norms"]
+__all__ = ["METHODS", "FastPathFallbackWarning", "fast_path_plan", "gram_blocks", "per_example_grams", "sq_grad_norms", "single_example"]

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsgeo import groups as groups_lib
-from lsgeo.microbatch import MEMORY_BUDGET_BYTES
+from lsgeo.dataplan.budget import MEMORY_BUDGET_BYTES
 from lsgeo.per_example import ghost
 from lsgeo.validation import check_choice, check_positive_int
 

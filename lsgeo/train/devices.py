@@ -17,13 +17,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lsgeo.microbatch import resolve_devices
+from lsgeo.dataplan import resolve_devices
 
 __all__ = ["check_devices", "data_mesh", "shard_examples", "replicate", "constrain_examples", "to_host"]
 
 
 def check_devices(devices, name: str = "devices") -> list:
-    """``devices`` as a list: a non-empty sequence of distinct ``jax.Device`` (``lsgeo.microbatch.resolve_devices``,
+    """``devices`` as a list: a non-empty sequence of distinct ``jax.Device`` (``lsgeo.dataplan.resolve_devices``,
     the one device check of lsgeo; ValueError naming ``name``)."""
     return list(resolve_devices(devices, name))
 

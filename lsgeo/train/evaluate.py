@@ -8,7 +8,7 @@ prefixed ``swa_``, at the running mean (NaN until the first iterate has been ave
 ``eval_fn`` that would replace a column of the loop (``step``, ``train_loss``, ``batch_loss``, and with
 SWA any ``swa_`` name) is a ValueError naming it.
 
-``eval_data`` may be a data source (``lsgeo.microbatch.is_source``: a zero-argument callable returning a fresh
+``eval_data`` may be a data source (``lsgeo.dataplan.is_source``: a zero-argument callable returning a fresh
 iterator of batches, e.g. a numpy memmap read in batches): ``eval_fn`` then runs on each batch inside the
 compiled evaluation (one batch on the device at a time, fetched from the host) and each metric is the
 example-weighted mean over the batches (``StreamedEval``), exact when ``eval_fn``'s metrics are means over the
@@ -32,7 +32,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from lsgeo import microbatch
+from lsgeo import dataplan
 from lsgeo.optim import clean_params
 from lsgeo.train.state import TrainState
 from lsgeo.train.step import objective_value
@@ -42,26 +42,26 @@ __all__ = ["evaluate", "train_loss", "check_metric_names", "RESERVED", "Streamed
 
 def train_loss(objective: Callable, params, model_state, data, batch_size: int | None) -> jax.Array:
     """The objective at ``params`` over all of ``data``; with ``batch_size``, computed in batches of that
-    size (``lsgeo.microbatch``: the example-weighted mean, the last batch uneven), in the memory of one.
+    size (``lsgeo.dataplan``: the example-weighted mean, the last batch uneven), in the memory of one.
 
     Cost: one forward pass over the n examples.
     """
     if batch_size is None:
         return objective_value(objective, params, model_state, data)
-    plan = microbatch.make_plan(data, batch_size, devices=jax.devices()[:1])
-    return microbatch.reduce(lambda p, b: objective_value(objective, p, model_state, b), params, data, plan)
+    plan = dataplan.in_memory_plan(data, batch_size, devices=jax.devices()[:1])
+    return dataplan.reduce(lambda p, b: objective_value(objective, p, model_state, b), params, data, plan)
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamedEval:
     """``eval_fn`` evaluated over a data source: the example-weighted mean of ``eval_fn(params, batch)`` (or
-    ``eval_fn(params, model_state, batch)``) over the source's batches (``lsgeo.microbatch.reduce`` on its
+    ``eval_fn(params, model_state, batch)``) over the source's batches (``lsgeo.dataplan.reduce`` on its
     ``StreamPlan``). Hashable: a static argument of the compiled chunk; its third argument is ignored.
 
     Cost: one pass over the source per evaluation, one compiled body for its full batches."""
 
     eval_fn: Callable
-    plan: microbatch.StreamPlan
+    plan: dataplan.StreamPlan
 
     def __call__(self, params, *rest):
         model_state = rest[0] if len(rest) == 2 else None
@@ -73,18 +73,18 @@ class StreamedEval:
                 raise ValueError(f"eval_fn must return a dict of scalars, got {type(metrics).__name__}")
             return {k: jnp.asarray(v, jnp.promote_types(jnp.result_type(v), jnp.float32)) for k, v in metrics.items()}
 
-        return microbatch.reduce(on_batch, (params, model_state), None, self.plan)
+        return dataplan.reduce(on_batch, (params, model_state), None, self.plan)
 
 
 def stream_eval(eval_fn: Callable | None, eval_data):
     """``(eval_fn, eval_data)`` for the compiled loop: unchanged for in-memory ``eval_data``; for a data source,
-    ``(StreamedEval(eval_fn, plan), None)`` with the source read once here (``microbatch.stream_plan``: its batch
+    ``(StreamedEval(eval_fn, plan), None)`` with the source read once here (``dataplan.stream_plan``: its batch
     sizes and shapes checked). ValueError when a source is given without an ``eval_fn``."""
-    if not microbatch.is_source(eval_data):
+    if not dataplan.is_source(eval_data):
         return eval_fn, eval_data
     if eval_fn is None:
         raise ValueError("eval_data is a data source but eval_fn is None: give the eval_fn to run on its batches")
-    return StreamedEval(eval_fn, microbatch.stream_plan(eval_data, name="eval_data")), None
+    return StreamedEval(eval_fn, dataplan.stream_plan(eval_data, name="eval_data")), None
 
 
 #: the history columns the loop writes itself; ``eval_fn`` may not return these names

@@ -8,20 +8,23 @@ curvlinops (the conventions compared below).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lsgeo import dataplan, validation
 from lsgeo import losses as losses_lib
-from lsgeo import microbatch, validation
-from lsgeo.curvature.gauss_newton import PredictorOperator, rowwise_dot
+from lsgeo.curvature.operators.base import operator_dataclass
+from lsgeo.curvature.operators.gauss_newton import PredictorOperator, rowwise_dot
+from lsgeo.objective import Risk
 
 __all__ = ["EmpiricalFisher", "MonteCarloFisher", "register_label_sampler", "label_sampler"]
 
 
-@jax.tree_util.register_pytree_node_class
+@operator_dataclass
 class EmpiricalFisher(PredictorOperator):
     """The empirical Fisher (uncentred gradient covariance) ``E = 1/n sum_i g_i g_i^T``.
 
@@ -99,7 +102,7 @@ register_label_sampler(
 register_label_sampler(losses_lib.softmax_cross_entropy, lambda key, phi: jax.random.categorical(key, phi))
 
 
-@jax.tree_util.register_pytree_node_class
+@operator_dataclass
 class MonteCarloFisher(PredictorOperator):
     """The Monte Carlo Fisher ``F = 1/n sum_i 1/S sum_s g~_is g~_is^T`` with sampled labels.
 
@@ -124,22 +127,32 @@ class MonteCarloFisher(PredictorOperator):
       ValueError: a loss without a label sampler, a bad ``key`` or ``num_samples``.
     """
 
-    _data_fields = ("params", "data", "key")
-    _meta_fields = ("predict", "loss", "num_samples", "plan", "block")
+    key: jax.Array = None
+    num_samples: int = dataclasses.field(default=1, metadata={"static": True}, kw_only=True)
 
-    def __init__(self, predict, loss, params, batch, key, *, num_samples: int = 1,
-                 microbatch_size: int | None = None, devices: Sequence | None = None):
+    @classmethod
+    def _from_functions(cls, predict, loss, params, batch, key, *, num_samples: int = 1,
+                        microbatch_size: int | None = None, devices: Sequence | None = None):
+        return cls(Risk(predict, loss, batch, microbatch_size=microbatch_size, devices=devices, data_name="batch"), params, key,
+                   num_samples=num_samples)
+
+    @classmethod
+    def _from_objective(cls, risk, params, key, *, num_samples: int = 1):
         validation.check_key(key, "key")
         validation.check_positive_int(num_samples, "num_samples")
-        if microbatch.is_source(batch):
+        if not isinstance(risk, Risk):
+            raise ValueError(f"MonteCarloFisher is built from a Risk, got {type(risk).__name__}")
+        if isinstance(risk.plan, dataplan.StreamPlan) or isinstance(risk.data, dataplan.Layout):
             raise ValueError("MonteCarloFisher takes an in-memory batch (its draws are keyed by the example's index), "
                              "not a data source")
-        label_sampler(loss)
-        x, _ = batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (None, None)
-        n = validation.check_batch(x, "batch x", common_axis=True) if x is not None else 0
+        label_sampler(risk.loss)
+        risk.check(params)
+        x, _ = risk.data
+        n = validation.check_batch(x, "batch x", common_axis=True)
+        indexed = risk.replace(data=(x, jnp.arange(n, dtype=np.int32)))  # the labels are drawn, not read
+        (params,) = indexed.place(params)
         key = key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
-        self._build(predict, loss, params, batch, (x, jnp.arange(n, dtype=np.int32)), microbatch_size, devices,
-                    key=key, num_samples=int(num_samples))
+        return cls._make(objective=indexed, params=params, key=key, num_samples=int(num_samples))
 
     def _linear_map(self, params, mb):
         x, index = mb

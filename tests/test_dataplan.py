@@ -1,4 +1,4 @@
-"""lsgeo.microbatch: the layout of microbatches, the exact weighted reduction, the memory-bounded
+"""lsgeo.dataplan: the layout of microbatches, the exact weighted reduction, the memory-bounded
 data-set objective, sharding over 4 forced host devices (a subprocess) and bounded memory (a subprocess)."""
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import last_json, run_python
 
-from lsgeo import curvature, microbatch, risk
+from lsgeo import curvature, dataplan, risk
 
 ONE_DEVICE = [jax.devices()[0]]
 
@@ -24,23 +24,23 @@ def _data(n=23):
 
 @pytest.mark.parametrize("n, size, layout", [(23, 5, (5, 4, 3)), (20, 5, (5, 4, 0)), (4, 10, (4, 1, 0))])
 def test_plan_layout(n, size, layout):
-    plan = microbatch.make_plan(_data(n), size, devices=ONE_DEVICE)
+    plan = dataplan.plan(_data(n), size, devices=ONE_DEVICE)
     assert (plan.size, plan.num_full, plan.remainder) == layout
     assert plan.num_examples == n and plan.num_microbatches == layout[1] + (layout[2] > 0)
-    assert microbatch.make_plan(_data(n), None) is None
+    assert dataplan.plan(_data(n), None).whole
 
 
 def test_reduce_and_objective_are_exact(x64):
     batch, w = _data(), np.array([0.3, -0.2, 0.5])
-    plan = microbatch.make_plan(batch, 5, devices=ONE_DEVICE)  # 4 full microbatches + 3 examples
+    plan = dataplan.plan(batch, 5, devices=ONE_DEVICE)  # 4 full microbatches + 3 examples
     value, grad = jax.jit(
-        lambda w, b: microbatch.reduce(lambda p, mb: jax.value_and_grad(_objective)(p, mb), w, b, plan)
+        lambda w, b: dataplan.reduce(lambda p, mb: jax.value_and_grad(_objective)(p, mb), w, b, plan)
     )(w, batch)
     np.testing.assert_allclose(value, _objective(w, batch), rtol=1e-13)
     np.testing.assert_allclose(grad, jax.grad(_objective)(w, batch), rtol=1e-12)
-    count = microbatch.reduce(lambda p, mb: jnp.asarray(mb[0].shape[0], jnp.float64), (), batch, plan, mean=False)
+    count = dataplan.reduce(lambda p, mb: jnp.asarray(mb[0].shape[0], jnp.float64), (), batch, plan, mean=False)
     assert float(count) == 23.0  # mean=False sums: every example counted once
-    dataset_objective = microbatch.objective(_objective, plan)
+    dataset_objective = dataplan.dataset_objective(_objective, plan)
     got = jax.jit(jax.value_and_grad(dataset_objective))(w, batch)
     np.testing.assert_allclose(got[0], value, rtol=1e-13)
     np.testing.assert_allclose(got[1], grad, rtol=1e-12)
@@ -89,7 +89,7 @@ def test_bad_batches_name_the_batch(batch, message):
 def test_four_devices_give_the_single_device_values():
     """hvp, hessian_trace, top_eigenvalues, risk, gauss_newton_trace and ntk_trace with their microbatches
     sharded over a 4-device mesh (one all-reduce per product) equal the one-device values (float32)."""
-    result = last_json(run_python("_microbatch_devices.py", devices=4))
+    result = last_json(run_python("_dataplan_devices.py", devices=4))
     assert result["devices"] == 4 and result["all_reduce"]
     for name, error in result["errors"].items():
         assert error < 1e-5, (name, error)
@@ -99,7 +99,7 @@ def test_hessian_trace_of_8192_images_runs_in_the_memory_of_one_microbatch():
     """A 3-layer conv net on 8192 CIFAR-shaped images, microbatches of 256: a (compiled) call raises the
     process's RSS by a small fraction of what XLA says the whole batch at once needs (the runtime and the
     data are there before the call)."""
-    result = last_json(run_python("_microbatch_memory.py", 8192, 256, 4, optimize=True))
+    result = last_json(run_python("_dataplan_memory.py", 8192, 256, 4, optimize=True))
     grew = result["rss_peak"] - result["rss_before"]
     print(f"peak RSS {result['rss_peak'] / 2**20:.0f} MiB during the call, {grew / 2**20:+.0f} MiB over the RSS "
           f"before it (first call {result['seconds']:.1f} s); the whole batch at once needs "

@@ -1,5 +1,5 @@
 """Data sources: a zero-argument callable returning a fresh iterator of batches, read one batch at a time on
-every product (lsgeo.microbatch.stream_plan). Products and estimates from a numpy memmap on disk equal the
+every product (lsgeo.dataplan.stream_plan). Products and estimates from a numpy memmap on disk equal the
 in-memory values exactly; the device never holds more than one batch; a source that changes between passes
 is an error, not a wrongly weighted product."""
 
@@ -80,7 +80,7 @@ def test_a_source_that_changes_between_passes_is_an_error(on_disk):
     (lambda b: (lambda: iter([])), "yielded no batch"),
     (lambda b: (lambda: iter([(b[0][:4], b[1][:4]), (b[0][:3], b[1][:3]), (b[0][:4], b[1][:4])])),
      "only the last batch may be smaller"),
-    (lambda b: (lambda: iter([(b[0][:4], b[1][:4]), (b[0][:4, :2], b[1][:4])])), "has structure/shapes"),
+    (lambda b: (lambda: iter([(b[0][:4], b[1][:4]), (b[0][:4, :2], b[1][:4])])), "differs from batch 0: leaf .* has trailing shape"),
 ])
 def test_bad_sources_name_the_batch(on_disk, make_source, message):
     _, batch = on_disk

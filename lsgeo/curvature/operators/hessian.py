@@ -2,36 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
 
-from lsgeo import microbatch, validation
-from lsgeo.curvature.operator import CurvatureOperator
+from lsgeo.curvature.operators.base import CurvatureOperator, operator_dataclass
+from lsgeo.objective import Objective, check_scalar
 
-__all__ = ["Hessian", "check_objective", "check_scalar"]
-
-
-def check_objective(f, params, name: str = "f") -> None:
-    """``f`` callable (TypeError naming it) and ``params`` floating point (ValueError)."""
-    validation.check_callable(f, name)
-    validation.check_float_params(params)
+__all__ = ["Hessian"]
 
 
-def check_scalar(value, name: str, what: str) -> None:
-    """Trace-time check that ``value`` (an objective or a loss) is a scalar."""
-    if jax.numpy.ndim(value) != 0:
-        raise ValueError(f"{name} must return a scalar ({what}), got shape {jax.numpy.shape(value)}")
-
-
-@jax.tree_util.register_pytree_node_class
+@operator_dataclass
 class Hessian(CurvatureOperator):
-    """``H = D^2_w f(w, B)``, the Hessian of the objective ``f`` at ``params`` on the batch ``B``.
+    """``H = D^2_w F(w)``, the Hessian of a data-set objective at ``params``: ``Hessian(objective, params)``,
+    or ``Hessian(f, params, batch, *, microbatch_size=None, devices=None)``, which builds
+    ``lsgeo.Objective(f, batch, microbatch_size=..., devices=...)`` first.
+
+    Not to be confused with ``lsgeo.curvature.hessian(f, params, batch)``, the dense ``[m, m]`` matrix of a
+    small model; ``Hessian(...).to_dense()`` gives the same matrix by products.
 
     Products by forward-over-reverse, ``jax.linearize`` of ``jax.grad f`` (Pearlmutter 1994): exact to
     rounding, no Hessian formed. ``f`` must be a mean over the examples of ``batch``; with
     ``microbatch_size`` each product is the exact data-set product, the example-weighted mean over
-    microbatches (``lsgeo.microbatch``), sharded over ``devices`` (default ``jax.devices()``), each device
+    microbatches (``lsgeo.dataplan``), sharded over ``devices`` (default ``jax.devices()``), each device
     holding its share of the data. The data plan is validated, cut and placed once, here.
 
     Args:
@@ -40,7 +34,7 @@ class Hessian(CurvatureOperator):
       batch: data passed to ``f`` (with ``microbatch_size``, a pytree of arrays ``[n, ...]``), or a data
         source: a zero-argument callable returning a fresh iterator of batches (a generator function, a
         numpy memmap cut into batches, a grain DataLoader), read one batch at a time on every product
-        (``lsgeo.microbatch.stream_plan``: device memory one batch, host memory what the source holds).
+        (``lsgeo.dataplan.stream_plan``: device memory one batch, host memory what the source holds).
       microbatch_size: ``None`` (the batch at once, or a source's own batches) or the examples per microbatch.
       devices: devices the microbatches are sharded over.
 
@@ -61,23 +55,22 @@ class Hessian(CurvatureOperator):
       ([4.0, 0.0], [[4.0, 0.0], [0.0, 6.0]])
     """
 
-    _meta_fields = ("f", "plan", "block")
+    @classmethod
+    def _from_functions(cls, f, params, batch, *, microbatch_size: int | None = None,
+                        devices: Sequence | None = None):
+        return cls(Objective(f, batch, microbatch_size=microbatch_size, devices=devices, data_name="batch"), params)
 
-    def __init__(self, f, params, batch, *, microbatch_size: int | None = None, devices: Sequence | None = None):
-        check_objective(f, params)
-        plan = microbatch.data_plan(batch, microbatch_size, devices=devices)
-        microbatch.check_mean_over_examples(f, params, batch, plan, name="f")
-        (params,) = microbatch.place(plan, params)
-        self._set(f=f, params=params, data=microbatch.layout(plan, batch), plan=plan, block=None)
-
-    def _value_fn(self):
-        return self.f
+    @property
+    def f(self):
+        """The objective's ``f(params, batch)``."""
+        return self.objective.f
 
     def _linear_map(self, params, mb):
         pv, merge = self._variable(params)
+        f = self.objective.f
 
         def value(p):
-            out = self.f(merge(p), mb)
+            out = f(merge(p), mb)
             check_scalar(out, "f", "the mean of the objective over the batch")
             return out
 

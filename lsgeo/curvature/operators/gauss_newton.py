@@ -7,66 +7,37 @@ linearisation of ``predict`` on a microbatch.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from lsgeo import microbatch, validation
-from lsgeo.curvature.hessian_operator import check_objective, check_scalar
-from lsgeo.curvature.operator import CurvatureOperator
+from lsgeo.curvature.operators.base import CurvatureOperator, operator_dataclass
+from lsgeo.objective import Risk, check_scalar, mean_risk
 
-__all__ = ["GaussNewton", "PredictorOperator", "mean_risk"]
-
-
-def mean_risk(predict, loss):
-    """``R(params, (x, y)) = loss(predict(params, x), y)`` as a function of the operator's own arguments."""
-    return _mean_risk(predict, loss)
+__all__ = ["GaussNewton", "PredictorOperator", "rowwise_dot"]
 
 
-class _mean_risk:  # noqa: N801 (a hashable function object: equal for equal (predict, loss), so caches hit)
-    def __init__(self, predict, loss):
-        self.predict, self.loss = predict, loss
-
-    def __call__(self, params, batch):
-        x, y = batch
-        return self.loss(self.predict(params, x), y)
-
-    def __eq__(self, other):
-        return isinstance(other, _mean_risk) and (self.predict, self.loss) == (other.predict, other.loss)
-
-    def __hash__(self):
-        return hash((self.predict, self.loss))
-
-
-def check_pair(batch, name: str = "batch") -> None:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise ValueError(f"{name} must be a pair (x, y) for an operator built from predict and loss, got {type(batch).__name__}")
-
-
+@operator_dataclass
 class PredictorOperator(CurvatureOperator):
-    """Base of the operators built from ``predict(params, x) -> [n, k]`` and a mean loss ``loss(outputs, y)``."""
+    """Base of the operators built from a ``Risk`` (``predict(params, x) -> [n, k]`` and a mean loss):
+    ``Op(risk, params)`` or ``Op(predict, loss, params, batch, *, microbatch_size=None, devices=None)``."""
 
-    _meta_fields = ("predict", "loss", "plan", "block")
+    _objective_type = Risk
 
-    def __init__(self, predict, loss, params, batch, *, microbatch_size: int | None = None,
-                 devices: Sequence | None = None):
-        self._build(predict, loss, params, batch, batch if microbatch.is_source(batch) else tuple(batch),
-                    microbatch_size, devices)
+    @classmethod
+    def _from_functions(cls, predict, loss, params, batch, *, microbatch_size: int | None = None,
+                        devices: Sequence | None = None):
+        return cls(Risk(predict, loss, batch, microbatch_size=microbatch_size, devices=devices, data_name="batch"), params)
 
-    def _build(self, predict, loss, params, batch, data, microbatch_size, devices, **extra):
-        check_objective(predict, params, "predict")
-        validation.check_callable(loss, "loss")
-        if not microbatch.is_source(batch):
-            check_pair(batch)
-        plan = microbatch.data_plan(batch, microbatch_size, devices=devices)
-        if plan is None or isinstance(plan, microbatch.MicrobatchPlan):  # in memory, on this process
-            validation.check_loss_targets(predict, loss, params, batch)
-            microbatch.check_mean_over_examples(mean_risk(predict, loss), params, batch, plan,
-                                                name="loss(predict(...))")
-        (params,) = microbatch.place(plan, params)
-        self._set(predict=predict, loss=loss, params=params, data=microbatch.layout(plan, data), plan=plan,
-                  block=None, **extra)
+    @property
+    def predict(self):
+        return self.objective.predict
+
+    @property
+    def loss(self):
+        return self.objective.loss
 
     def _value_fn(self):
         return mean_risk(self.predict, self.loss)
@@ -92,7 +63,7 @@ def rowwise_dot(a, b):
     return jnp.sum((a * b).reshape(a.shape[0], -1), axis=1)
 
 
-@jax.tree_util.register_pytree_node_class
+@operator_dataclass
 class GaussNewton(PredictorOperator):
     """The Gauss-Newton matrix ``G = J^T D2L(Phi) J`` for R(w) = L(Phi(w)) (the generalised Gauss-Newton
     of Schraudolph 2002; the paper's tr(D2L DPhi DPhi^T) is its trace).
@@ -102,6 +73,9 @@ class GaussNewton(PredictorOperator):
     linearisation. ``G = 1/n sum_i J_i^T H_i J_i`` is PSD when the loss is convex in the outputs, equals
     the Hessian's first term ``H = G + sum_i dL/dphi_i D^2 phi_i``, and is the expectation of
     ``MonteCarloFisher`` for the losses of ``lsgeo.losses``.
+
+    Built as ``GaussNewton(risk, params)`` from an ``lsgeo.Risk``, or positionally as
+    ``GaussNewton(predict, loss, params, batch, *, microbatch_size=None, devices=None)``:
 
     Args:
       predict: ``predict(params, x) -> [n, k]`` (or ``[n]``).

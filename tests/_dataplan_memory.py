@@ -1,4 +1,4 @@
-"""Run by tests/test_microbatch.py in a subprocess: the Hessian trace of a 3-layer conv net over 8192
+"""Run by tests/test_dataplan.py in a subprocess: the Hessian trace of a 3-layer conv net over 8192
 CIFAR-shaped images (32x32x3) by microbatches of 256. The first call compiles; the second is measured:
 the process's RSS just before it (/proc/self/statm) and its peak RSS during it (VmHWM after resetting it
 through /proc/self/clear_refs; ru_maxrss where that is not possible). Prints one JSON line with both and

@@ -1,4 +1,4 @@
-"""Run by tests/test_microbatch.py in a subprocess with 4 forced host devices: every microbatched function
+"""Run by tests/test_dataplan.py in a subprocess with 4 forced host devices: every microbatched function
 on the 4-device mesh against the same function on one device (float32). Prints one JSON line
 {"devices": 4, "errors": {name: relative error ||a - b|| / ||b||}, "all_reduce": bool}."""
 
@@ -47,7 +47,7 @@ def main():
         a = np.concatenate([np.ravel(t) for t in jax.tree_util.tree_leaves(call(None, 7))])
         b = np.concatenate([np.ravel(t) for t in jax.tree_util.tree_leaves(call(one, 7))])
         errors[name] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
-    # arguments committed to one device are replicated over the mesh first (microbatch.place)
+    # arguments committed to one device are replicated over the mesh first (dataplan.place)
     committed = jax.device_put((params, batch, v), jax.devices()[2])
     a = np.concatenate([np.ravel(t) for t in jax.tree_util.tree_leaves(curvature.hvp(f, *committed, microbatch_size=7))])
     b = np.concatenate([np.ravel(t) for t in jax.tree_util.tree_leaves(calls["hvp"](one, 7))])

@@ -1,0 +1,82 @@
+"""The check that an objective is a mean over independent examples, the precondition of every cut.
+
+A BatchNorm layer in training mode couples the examples of a microbatch through its batch statistics; so
+does any objective that is not a mean over examples (a sum, a median). Its "data-set value" by
+microbatches would silently depend on the cut. ``check_mean_over_examples`` compares, on two disjoint
+pieces A and B of the batch (the first two microbatches, or the first one and the uneven remainder, or
+the shares of two devices of a sharded batch),
+
+    f(A u B)  against  (|A| f(A) + |B| f(B)) / (|A| + |B|),
+
+three eager evaluations on at most two microbatches, tolerance ``1000 eps`` relative to the values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsgeo.dataplan.memory import Layout
+from lsgeo.validation import is_concrete
+
+__all__ = ["check_mean_over_examples", "probe_pieces"]
+
+_CHECKED: dict = {}  # (fn, plan) pairs already checked, oldest first (at most _MAX_CHECKED kept)
+_MAX_CHECKED = 128
+
+
+def probe_pieces(batch, plan):
+    """``(A, B)``: the first ``s`` examples of ``batch`` and the next ``min(s, n - s)``, two pieces that ``plan``
+    evaluates separately (``s`` its microbatch size: a second microbatch, the uneven remainder, or another
+    device's share); None when the plan uses the batch whole or the batch is not in this process's memory."""
+    if plan.whole or isinstance(batch, Layout) or plan.num_examples <= plan.size:
+        return None
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves or not all(getattr(a, "is_fully_addressable", True) and np.ndim(a) for a in leaves):
+        return None
+    s = plan.size
+    b = min(s, plan.num_examples - s)
+    return jax.tree_util.tree_map(lambda x: x[:s], batch), jax.tree_util.tree_map(lambda x: x[s : s + b], batch)
+
+
+def check_mean_over_examples(fn: Callable, params, batch, plan, *, name: str = "f") -> None:
+    """Raises ValueError when the scalar ``fn(params, batch)`` is evidently not a mean over independent
+    examples (see the module docstring), once per (``fn``, plan). Nothing is checked when the plan uses the
+    batch whole or under tracing."""
+    if not (is_concrete(params) and is_concrete(batch)):
+        return
+    pieces = probe_pieces(batch, plan)
+    if pieces is None:
+        return
+    try:
+        token = (fn, plan)
+        if token in _CHECKED:
+            return
+    except TypeError:  # an unhashable fn: check every time
+        token = None
+    first, second = pieces
+    sizes = [jax.tree_util.tree_leaves(p)[0].shape[0] for p in pieces]
+    both = jax.tree_util.tree_map(lambda x, y: jnp.concatenate([jnp.asarray(x), jnp.asarray(y)]), first, second)
+    values = [fn(params, b) for b in (first, second, both)]
+    if not is_concrete(values):  # called inside an outer jit: nothing to check
+        return
+    values = [np.asarray(v, np.float64) for v in values]
+    if all(np.ndim(v) == 0 and np.isfinite(v) for v in values):
+        eps = float(jnp.finfo(jnp.result_type(*jax.tree_util.tree_leaves(params))).eps)
+        v1, v2, v12 = (float(v) for v in values)
+        mean = (sizes[0] * v1 + sizes[1] * v2) / (sizes[0] + sizes[1])
+        if abs(v12 - mean) > 1000 * eps * max(abs(v1), abs(v2), abs(v12), 1e-30):
+            raise ValueError(
+                f"{name} is not a mean over independent examples: on two pieces of {sizes[0]} and {sizes[1]} examples "
+                f"it gives {v1:.6g} and {v2:.6g}, but {v12:.6g} on both together (their example-weighted mean is "
+                f"{mean:.6g}). Cut into microbatches ({plan.describe()}) the data-set value would depend on the cut. "
+                f"A BatchNorm layer in training mode does this: bind its running statistics (evaluation mode), e.g. "
+                f"lsgeo.models.make_predict(model, model_state); or pass microbatch_size=None to use the batch whole"
+            )
+    if token is not None:
+        _CHECKED[token] = None
+        if len(_CHECKED) > _MAX_CHECKED:
+            del _CHECKED[next(iter(_CHECKED))]
