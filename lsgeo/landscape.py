@@ -31,7 +31,8 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from lsgeo import dataplan, validation
-from lsgeo.validation import check_callable, check_choice, check_float_params, check_positive_int
+from lsgeo.objective import as_objective
+from lsgeo.validation import check_choice, check_float_params, check_positive_int
 
 PyTree = Any
 Objective = Callable[[PyTree, Any], jax.Array]
@@ -111,10 +112,12 @@ def _random_direction(params, key, *, normalization, ignore_1d):
 
 
 def _check_objective(f, params, batch, microbatch_size, devices, name="params"):
-    """``f`` callable, ``params`` floating point, ``batch`` not empty; returns the microbatch plan."""
-    check_callable(f, "f")
-    check_float_params(params, name)
-    return dataplan.in_memory_plan(batch, microbatch_size, devices=devices)
+    """``(f, data, plan)`` of the data-set objective: ``f`` itself when it is an ``lsgeo.Objective``/``Risk`` (then
+    ``batch`` is None), else ``lsgeo.Objective(f, batch, microbatch_size=..., devices=...)``, checked at ``params``
+    (floating point; a cut objective must be a mean over examples: a batch-coupled one is a ValueError)."""
+    objective = as_objective(f, batch, microbatch_size=microbatch_size, devices=devices)
+    objective.check(params, name)
+    return objective.f, objective.data, objective.plan
 
 
 def _chunk(points_per_pass: int, n: int) -> int:
@@ -147,7 +150,7 @@ def slice_1d(
     Cost: len(alphas) evaluations of f, ``points_per_pass`` at a time (``lax.map``); ``microbatch_size``: each
     evaluation is the data-set value by microbatches.
     """
-    plan = _check_objective(f, params, batch, microbatch_size, devices)
+    f, batch, plan = _check_objective(f, params, batch, microbatch_size, devices)
     params, batch, direction = plan.place(params, batch, direction)
     validation.check_same_structure(params, direction, "direction")
     alphas = _as_grid(alphas, "alphas")
@@ -184,7 +187,7 @@ def slice_2d(
     grid, ``points_per_pass`` at a time (``lax.map``); memory of ``points_per_pass`` parameter copies (times one
     microbatch with ``microbatch_size``).
     """
-    plan = _check_objective(f, params, batch, microbatch_size, devices)
+    f, batch, plan = _check_objective(f, params, batch, microbatch_size, devices)
     params, batch, d1, d2 = plan.place(params, batch, d1, d2)
     validation.check_same_structure(params, d1, "d1")
     validation.check_same_structure(params, d2, "d2")
@@ -246,7 +249,7 @@ def path_losses(
     """[f(path(t), batch) for t in ts] along the line a -> b (``bend=None``) or the Bezier curve
     through ``bend``. Shape ``[len(ts)]``. Cost: len(ts) evaluations of f, ``points_per_pass`` at a time
     (each the data-set value by microbatches with ``microbatch_size``)."""
-    plan = _check_objective(f, params_a, batch, microbatch_size, devices, "params_a")
+    f, batch, plan = _check_objective(f, params_a, batch, microbatch_size, devices, "params_a")
     params_a, params_b, batch, bend = plan.place(params_a, params_b, batch, bend)
     validation.check_same_structure(params_a, params_b, "params_b", "params_a")
     if bend is not None:
@@ -338,7 +341,7 @@ def fit_bezier(
     Cost: ``num_steps * num_t`` gradients of f; memory of one gradient per t (vmapped). With
     ``microbatch_size`` each gradient is the data-set gradient, one microbatch at a time.
     """
-    plan = _check_objective(f, params_a, batch, microbatch_size, devices, "params_a")
+    f, batch, plan = _check_objective(f, params_a, batch, microbatch_size, devices, "params_a")
     params_a, params_b, batch, key, init_bend = plan.place(params_a, params_b, batch, key, init_bend)
     check_positive_int(num_steps, "num_steps")
     check_positive_int(num_t, "num_t")

@@ -39,8 +39,8 @@ from jax.flatten_util import ravel_pytree
 
 from lsgeo import groups as groups_lib
 from lsgeo import dataplan
+from lsgeo.objective import as_objective
 from lsgeo.validation import (
-    check_callable,
     check_choice,
     check_float_params,
     check_nonnegative_int,
@@ -129,11 +129,13 @@ def _maximize_in_ball(g, template: PyTree, rho, *, key, steps: int, norm: str, s
     return g0, jnp.maximum(best, g(u_final))
 
 
-def _check_objective(f, params, batch, microbatch_size, devices):
-    """``f`` callable, ``params`` floating point, ``batch`` not empty; returns the microbatch plan."""
-    check_callable(f, "f")
-    check_float_params(params)
-    return dataplan.in_memory_plan(batch, microbatch_size, devices=devices)
+def _check_objective(f, params, batch, microbatch_size, devices, name="params"):
+    """``(f, data, plan)`` of the data-set objective: ``f`` itself when it is an ``lsgeo.Objective``/``Risk`` (then
+    ``batch`` is None), else ``lsgeo.Objective(f, batch, microbatch_size=..., devices=...)``, checked at ``params``
+    (floating point; a cut objective must be a mean over examples: a batch-coupled one is a ValueError)."""
+    objective = as_objective(f, batch, microbatch_size=microbatch_size, devices=devices)
+    objective.check(params, name)
+    return objective.f, objective.data, objective.plan
 
 
 def _check_ball_args(rho, steps, norm, step_size):
@@ -190,7 +192,7 @@ def epsilon_sharpness(
 
     Cost: ``steps`` (+1 without ``key``) gradients of f, plus two evaluations; memory of one gradient.
     """
-    plan = _check_objective(f, params, batch, microbatch_size, devices)
+    f, batch, plan = _check_objective(f, params, batch, microbatch_size, devices)
     params, batch, key = plan.place(params, batch, key)
     _check_ball_args(rho, steps, norm, step_size)
     return _epsilon_sharpness(f, params, batch, rho, key, step_size, steps=steps, norm=norm, relative=relative,
@@ -245,7 +247,7 @@ def adaptive_sharpness(
 
     Cost: ``steps`` (+1 without ``key``) gradients of f, plus two evaluations.
     """
-    plan = _check_objective(f, params, batch, microbatch_size, devices)
+    f, batch, plan = _check_objective(f, params, batch, microbatch_size, devices)
     params, batch, key = plan.place(params, batch, key)
     _check_ball_args(rho, steps, norm, step_size)
     check_sigma(eta, "eta")
@@ -291,7 +293,7 @@ def average_sharpness(
     ``draws_per_pass`` parameter copies. ``microbatch_size``: the data-set objective by microbatches, as in
     ``epsilon_sharpness``.
     """
-    plan = _check_objective(f, params, batch, microbatch_size, devices)
+    f, batch, plan = _check_objective(f, params, batch, microbatch_size, devices)
     params, batch, key = plan.place(params, batch, key)
     check_sigma(sigma, "sigma")
     check_positive_int(num_samples, "num_samples")
@@ -365,7 +367,7 @@ def volume_flatness(
     Cost: K * (num_grid + iters) + 1 evaluations of f, directions ``directions_per_pass`` at a time.
     ``microbatch_size``: the data-set objective by microbatches, as in ``epsilon_sharpness``.
     """
-    plan = _check_objective(f, params, batch, microbatch_size, devices)
+    f, batch, plan = _check_objective(f, params, batch, microbatch_size, devices)
     params, batch, key = plan.place(params, batch, key)
     check_sigma(epsilon, "epsilon")
     check_positive_int(num_directions, "num_directions")

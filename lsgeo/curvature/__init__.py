@@ -22,12 +22,14 @@ operator is a pytree (parameters and data as leaves, functions and plan static),
 ``jit``. The function forms ``top_eigenvalues(f, params, batch, key, ...)`` etc. build a ``Hessian`` and
 return what they always returned.
 
+``hessian(f, params, batch)`` is the dense ``[m, m]`` Hessian of a small model (a function);
+``Hessian(objective, params)`` / ``Hessian(f, params, batch)`` is the operator (a pytree, never formed).
+
 Modules (all names are re-exported here, ``from lsgeo import curvature; curvature.NAME``):
 
-  operator          ``CurvatureOperator`` (products, flat forms, ``to_dense``), ``blocks``
-  hessian_operator  ``Hessian``
-  gauss_newton      ``GaussNewton``
-  fisher            ``EmpiricalFisher``, ``MonteCarloFisher``, ``register_label_sampler``
+  operators         ``CurvatureOperator`` (products, flat forms, ``to_dense``), ``blocks``, ``Hessian``,
+                    ``GaussNewton``, ``EmpiricalFisher``, ``MonteCarloFisher``, ``register_label_sampler``
+  operator          ``resolve``: the two call forms of an estimator (operator, or f, params, batch)
   products          ``hvp``, ``gnvp``, ``hessian_operator``, ``gauss_newton_operator`` (one-call forms)
   dense             ``hessian`` (small models)
   trace             ``hessian_trace`` (Hutchinson, Hutch++, XTrace), ``hessian_diagonal`` (Hutchinson, XDiag)
@@ -110,6 +112,16 @@ from lsgeo.curvature.operators import (
 from lsgeo.curvature.products import gauss_newton_operator, gnvp, hessian_operator, hvp
 from lsgeo.curvature.solve import SolveDidNotConverge, SolveInfo, low_rank_inverse, solve
 from lsgeo.curvature.trace import DIAGONAL_METHODS, TRACE_METHODS, hessian_diagonal, hessian_trace
+from lsgeo.dataplan import user_errors as _user_errors
+
+# Estimators on any operator are named for what they estimate: ``trace(op, key)``, ``diagonal(op, key)`` (the same
+# functions as ``hessian_trace`` / ``hessian_diagonal``, whose names stay for the Hessian function form). A data
+# source whose batches change between passes is reported as the ValueError it is (``dataplan.SourceChanged``).
+top_eigenvalues, eigenpairs, min_eigenvalue = map(_user_errors, (top_eigenvalues, eigenpairs, min_eigenvalue))
+spectral_density, saddle_index, slq_nodes = map(_user_errors, (spectral_density, saddle_index, slq_nodes))
+hessian_trace, hessian_diagonal, solve = map(_user_errors, (hessian_trace, hessian_diagonal, solve))
+trace = hessian_trace
+diagonal = hessian_diagonal
 
 __all__ = [
     "CurvatureOperator",
@@ -128,6 +140,8 @@ __all__ = [
     "hessian_operator",
     "gauss_newton_operator",
     "hessian",
+    "trace",
+    "diagonal",
     "hessian_trace",
     "hessian_diagonal",
     "lanczos",

@@ -1,0 +1,147 @@
+"""lsgeo.Objective / lsgeo.Risk: built once (plan, checks), a pytree, the one way in for operators and geometry.
+Each test below failed (wrong number, obscure error or crash) before the objective existed."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lsgeo
+from lsgeo import curvature, dataplan, landscape, losses, sharpness
+
+ONE = [jax.devices()[0]]
+
+
+def _mse(w, batch):
+    x, y = batch
+    return jnp.mean((jnp.tanh(x @ w) - y) ** 2)
+
+
+def _coupled(w, batch):
+    """Not a mean over examples: the batch's own mean enters every example (as BatchNorm in training mode)."""
+    x, y = batch
+    h = x @ w
+    return jnp.mean((h - jnp.mean(h)) ** 2 + y)
+
+
+def _data(n=6, d=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d)), rng.standard_normal(n)
+
+
+def _source(batch, size):
+    x, y = batch
+    return lambda: ((x[i : i + size], y[i : i + size]) for i in range(0, len(y), size))
+
+
+def test_objective_is_a_pytree_with_the_data_set_value_and_gradient(x64):
+    batch, w = _data(11), np.array([0.3, -0.2, 0.5])
+    obj = lsgeo.Objective(_mse, batch, microbatch_size=4, devices=ONE)
+    value, grad = jax.jit(lambda o, p: o.value_and_grad(p))(obj, w)
+    np.testing.assert_allclose(value, _mse(w, batch), rtol=1e-13)
+    np.testing.assert_allclose(grad, jax.grad(_mse)(w, batch), rtol=1e-12)
+    count = obj.map(lambda ops, mb: jnp.asarray(mb[0].shape[0], jnp.float64), (), mean=False)
+    assert float(count) == 11.0
+    assert jax.tree_util.tree_structure(obj).num_leaves == 2  # the data; f and the plan are static
+
+
+def test_operators_from_an_objective_equal_the_positional_forms(x64):
+    batch, w = _data(7), np.array([0.3, -0.2, 0.5])
+    predict = lambda p, x: jnp.tanh(x @ p)  # noqa: E731
+    dense = jax.hessian(_mse)(w, batch)
+    np.testing.assert_allclose(curvature.Hessian(lsgeo.Objective(_mse, batch), w).to_dense(), dense, rtol=1e-12)
+    np.testing.assert_allclose(curvature.Hessian(_mse, w, batch, microbatch_size=3).to_dense(), dense, rtol=1e-12)
+    risk = lsgeo.Risk(predict, losses.squared_loss, batch, microbatch_size=3)
+    np.testing.assert_allclose(curvature.GaussNewton(risk, w).to_dense(),
+                               curvature.GaussNewton(predict, losses.squared_loss, w, batch).to_dense(), rtol=1e-12)
+    with pytest.raises(ValueError, match="built from a Risk"):
+        curvature.GaussNewton(lsgeo.Objective(_mse, batch), w)
+
+
+def test_top_eigenvalues_of_an_objective_that_ignores_its_batch():
+    f = lambda w, _: jnp.sum(jnp.array([3.0, 2.0, 1.0]) * w**2) / 2  # noqa: E731
+    values = curvature.top_eigenvalues(f, jnp.ones(3), None, jax.random.key(0), k=2)
+    np.testing.assert_allclose(values, [3.0, 2.0], rtol=1e-5)
+
+
+def test_replace_data_rebuilds_the_plan(x64):
+    a, b, w = _data(8, seed=0), _data(5, seed=1), np.array([0.3, -0.2, 0.5])
+    op = curvature.Hessian(_mse, w, a, microbatch_size=3)
+    moved = op.replace(data=b)
+    assert moved.plan.num_examples == 5
+    np.testing.assert_allclose(moved.to_dense(), jax.hessian(_mse)(w, b), rtol=1e-12)
+
+
+@pytest.mark.parametrize("size", [4, 2])  # one full microbatch + a remainder; two full
+def test_batch_coupled_objective_is_refused_with_microbatches(size):
+    batch, w = _data(6), np.array([0.3, -0.2, 0.5])
+    for call in (
+        lambda: curvature.Hessian(_coupled, w, batch, microbatch_size=size),
+        lambda: landscape.slice_1d(_coupled, w, batch, w, jnp.array([1.0, 2.0]), microbatch_size=size),
+        lambda: landscape.slice_2d(_coupled, w, batch, w, w, jnp.array([1.0]), jnp.array([1.0]), microbatch_size=size),
+        lambda: sharpness.epsilon_sharpness(_coupled, w, batch, 0.1, key=jax.random.key(0), microbatch_size=size),
+        lambda: sharpness.average_sharpness(_coupled, w, batch, 0.1, jax.random.key(0), microbatch_size=size),
+    ):
+        with pytest.raises(ValueError, match="not a mean over independent examples.*microbatch_size=None"):
+            call()
+
+
+def test_slice_on_a_data_source_equals_the_in_memory_slice(global_x64):
+    batch, w = _data(10), np.array([0.3, -0.2, 0.5])
+    d, alphas = np.array([1.0, 0.0, -1.0]), jnp.array([0.0, 0.5, 1.0])
+    expected = landscape.slice_1d(_mse, w, batch, d, alphas)
+    streamed = landscape.slice_1d(_mse, w, _source(batch, 4), d, alphas)
+    by_objective = landscape.slice_1d(lsgeo.Objective(_mse, _source(batch, 4)), w, None, d, alphas)
+    np.testing.assert_allclose(streamed, expected, rtol=1e-12)
+    np.testing.assert_allclose(by_objective, expected, rtol=1e-12)
+    surface = landscape.slice_2d(_mse, w, _source(batch, 3), d, w, alphas, alphas[:2])
+    np.testing.assert_allclose(surface, landscape.slice_2d(_mse, w, batch, d, w, alphas, alphas[:2]), rtol=1e-12)
+
+
+def test_data_source_errors_are_the_users():
+    batch, w = _data(8), np.array([0.3, -0.2, 0.5], np.float32)
+    gen = _source(batch, 4)
+    with pytest.raises(ValueError, match="iterator .* pass the generator function itself"):
+        curvature.Hessian(_mse, w, gen())
+    passes = []
+
+    def changing():  # another permutation on every pass: augmentation
+        passes.append(None)
+        x, y = batch
+        order = np.random.default_rng(len(passes)).permutation(8)
+        return ((x[order][i : i + 4], y[order][i : i + 4]) for i in range(0, 8, 4))
+
+    op = curvature.Hessian(_mse, w, changing)
+    with pytest.raises(dataplan.SourceChanged, match="another batch 0 than on its first pass: its contents differ"):
+        op @ w
+
+
+def test_float64_source_under_x64(global_x64):
+    batch, w = _data(8), np.array([0.3, -0.2, 0.5])
+    op = curvature.Hessian(_mse, w, _source(batch, 3))
+    np.testing.assert_allclose(op.to_dense(), jax.hessian(_mse)(w, batch), rtol=1e-12)
+
+
+def test_risk_checks_labels_of_every_data_form():
+    x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+    y = np.array([0, 1, 2, 3, 0, 1, 2, 1])  # 3 is outside [0, 3)
+    predict = lambda p, x: x @ p  # noqa: E731
+    w = np.ones((3, 3), np.float32)
+    for data in ((x, y), _source((x, y), 3)):
+        with pytest.raises(ValueError, match=r"in \[0, 3\)"):
+            curvature.GaussNewton(predict, losses.softmax_cross_entropy, w, data)
+
+
+def test_operator_errors_say_what_was_wrong():
+    batch, w = _data(6), {"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)}
+    f = lambda p, b: jnp.mean(jnp.tanh(b[0] @ p["a"])) + jnp.sum(p["b"] ** 2)  # noqa: E731
+    op = curvature.Hessian(f, w, batch)
+    with pytest.raises(ValueError, match="a tuple of leaves is not a parameter tree"):
+        op @ (np.ones(3), np.ones(2))
+    block = curvature.blocks(op, "leaf")["a"] if "a" in curvature.blocks(op, "leaf") else next(iter(curvature.blocks(op).values()))
+    with pytest.raises(ValueError, match="is a block of 1 of the 2 parameter leaves"):
+        block @ w
+    with pytest.raises(ValueError, match="params"):
+        op.replace(params=3)
+    with pytest.raises(ValueError, match="predict must return an array"):
+        curvature.GaussNewton(lambda p, x: {"out": x @ p["a"]}, losses.squared_loss, w, (batch[0], batch[1]))
