@@ -59,7 +59,12 @@ def _group_keys(tree: PyTree, groups: GroupSpec) -> list:
             raise ValueError(f"groups must be None, 'leaf' or a callable on the leaf path; got {groups!r}")
         return ["/".join(p) if p else "all" for p in paths]
     if callable(groups):
-        return [groups(p) for p in paths]
+        keys = [groups(p) for p in paths]
+        for p, k in zip(paths, keys):
+            if not isinstance(k, (str, int)) or isinstance(k, bool):
+                raise ValueError(f"groups(path) must return a group name (a str or an int); for the leaf {'/'.join(p)!r} "
+                                 f"it returned {type(k).__name__} {k!r}")
+        return keys
     raise ValueError(f"groups must be None, 'leaf' or a callable on the leaf path; got {type(groups).__name__}")
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from lsgeo import dataplan, validation
+from lsgeo import validation
 from lsgeo.objective import as_objective
 from lsgeo.validation import check_choice, check_float_params, check_positive_int
 
@@ -112,12 +112,12 @@ def _random_direction(params, key, *, normalization, ignore_1d):
 
 
 def _check_objective(f, params, batch, microbatch_size, devices, name="params"):
-    """``(f, data, plan)`` of the data-set objective: ``f`` itself when it is an ``lsgeo.Objective``/``Risk`` (then
-    ``batch`` is None), else ``lsgeo.Objective(f, batch, microbatch_size=..., devices=...)``, checked at ``params``
-    (floating point; a cut objective must be a mean over examples: a batch-coupled one is a ValueError)."""
+    """The data-set objective: ``f`` itself when it is an ``lsgeo.Objective``/``Risk`` (then ``batch`` is None), else
+    ``lsgeo.Objective(f, batch, microbatch_size=..., devices=...)``, checked at ``params`` (floating point; a cut
+    objective must be a mean over examples: a batch-coupled one is a ValueError naming the remedy)."""
     objective = as_objective(f, batch, microbatch_size=microbatch_size, devices=devices)
     objective.check(params, name)
-    return objective.f, objective.data, objective.plan
+    return objective
 
 
 def _chunk(points_per_pass: int, n: int) -> int:
@@ -150,19 +150,19 @@ def slice_1d(
     Cost: len(alphas) evaluations of f, ``points_per_pass`` at a time (``lax.map``); ``microbatch_size``: each
     evaluation is the data-set value by microbatches.
     """
-    f, batch, plan = _check_objective(f, params, batch, microbatch_size, devices)
-    params, batch, direction = plan.place(params, batch, direction)
+    objective = _check_objective(f, params, batch, microbatch_size, devices)
+    params, direction = objective.place(params, direction)
     validation.check_same_structure(params, direction, "direction")
     alphas = _as_grid(alphas, "alphas")
-    return _slice_1d(f, params, batch, direction, alphas, points_per_pass=_chunk(points_per_pass, alphas.shape[0]), plan=plan)
+    return _slice_1d(objective, params, direction, alphas, points_per_pass=_chunk(points_per_pass, alphas.shape[0]))
 
 
-@partial(jax.jit, static_argnames=("f", "points_per_pass", "plan"))
-def _slice_1d(f, params, batch, direction, alphas, *, points_per_pass, plan):
-    f = dataplan.dataset_objective(f, plan)
+@partial(jax.jit, static_argnames=("points_per_pass",))
+def _slice_1d(objective, params, direction, alphas, *, points_per_pass):
+    f = objective.value
 
     def one(a):
-        return f(optax.tree.add_scale(params, a, direction), batch)
+        return f(optax.tree.add_scale(params, a, direction))
 
     return jax.lax.map(one, alphas, batch_size=points_per_pass)
 
@@ -187,24 +187,24 @@ def slice_2d(
     grid, ``points_per_pass`` at a time (``lax.map``); memory of ``points_per_pass`` parameter copies (times one
     microbatch with ``microbatch_size``).
     """
-    f, batch, plan = _check_objective(f, params, batch, microbatch_size, devices)
-    params, batch, d1, d2 = plan.place(params, batch, d1, d2)
+    objective = _check_objective(f, params, batch, microbatch_size, devices)
+    params, d1, d2 = objective.place(params, d1, d2)
     validation.check_same_structure(params, d1, "d1")
     validation.check_same_structure(params, d2, "d2")
     alphas = _as_grid(alphas, "alphas")
     betas = _as_grid(betas, "betas")
     chunk = _chunk(points_per_pass, alphas.shape[0] * betas.shape[0])
-    return _slice_2d(f, params, batch, d1, d2, alphas, betas, points_per_pass=chunk, plan=plan)
+    return _slice_2d(objective, params, d1, d2, alphas, betas, points_per_pass=chunk)
 
 
-@partial(jax.jit, static_argnames=("f", "points_per_pass", "plan"))
-def _slice_2d(f, params, batch, d1, d2, alphas, betas, *, points_per_pass, plan):
-    f = dataplan.dataset_objective(f, plan)
+@partial(jax.jit, static_argnames=("points_per_pass",))
+def _slice_2d(objective, params, d1, d2, alphas, betas, *, points_per_pass):
+    f = objective.value
     aa, bb = jnp.meshgrid(alphas, betas, indexing="ij")
 
     def one(ab):
         a, b = ab
-        return f(optax.tree.add_scale(optax.tree.add_scale(params, a, d1), b, d2), batch)
+        return f(optax.tree.add_scale(optax.tree.add_scale(params, a, d1), b, d2))
 
     values = jax.lax.map(one, (aa.reshape(-1), bb.reshape(-1)), batch_size=points_per_pass)
     return values.reshape(aa.shape)
@@ -249,20 +249,20 @@ def path_losses(
     """[f(path(t), batch) for t in ts] along the line a -> b (``bend=None``) or the Bezier curve
     through ``bend``. Shape ``[len(ts)]``. Cost: len(ts) evaluations of f, ``points_per_pass`` at a time
     (each the data-set value by microbatches with ``microbatch_size``)."""
-    f, batch, plan = _check_objective(f, params_a, batch, microbatch_size, devices, "params_a")
-    params_a, params_b, batch, bend = plan.place(params_a, params_b, batch, bend)
+    objective = _check_objective(f, params_a, batch, microbatch_size, devices, "params_a")
+    params_a, params_b, bend = objective.place(params_a, params_b, bend)
     validation.check_same_structure(params_a, params_b, "params_b", "params_a")
     if bend is not None:
         validation.check_same_structure(params_a, bend, "bend", "params_a")
     ts = _as_grid(ts, "ts")
-    return _path_losses(f, params_a, params_b, bend, batch, ts, points_per_pass=_chunk(points_per_pass, ts.shape[0]), plan=plan)
+    return _path_losses(objective, params_a, params_b, bend, ts, points_per_pass=_chunk(points_per_pass, ts.shape[0]))
 
 
-@partial(jax.jit, static_argnames=("f", "points_per_pass", "plan"))
-def _path_losses(f, params_a, params_b, bend, batch, ts, *, points_per_pass, plan):
-    f = dataplan.dataset_objective(f, plan)
+@partial(jax.jit, static_argnames=("points_per_pass",))
+def _path_losses(objective, params_a, params_b, bend, ts, *, points_per_pass):
+    f = objective.value
     def one(t):
-        return f(_path_point(params_a, params_b, bend, t), batch)
+        return f(_path_point(params_a, params_b, bend, t))
 
     return jax.lax.map(one, ts, batch_size=points_per_pass)
 
@@ -341,8 +341,8 @@ def fit_bezier(
     Cost: ``num_steps * num_t`` gradients of f; memory of one gradient per t (vmapped). With
     ``microbatch_size`` each gradient is the data-set gradient, one microbatch at a time.
     """
-    f, batch, plan = _check_objective(f, params_a, batch, microbatch_size, devices, "params_a")
-    params_a, params_b, batch, key, init_bend = plan.place(params_a, params_b, batch, key, init_bend)
+    objective = _check_objective(f, params_a, batch, microbatch_size, devices, "params_a")
+    params_a, params_b, key, init_bend = objective.place(params_a, params_b, key, init_bend)
     check_positive_int(num_steps, "num_steps")
     check_positive_int(num_t, "num_t")
     validation.check_same_structure(params_a, params_b, "params_b", "params_a")
@@ -352,15 +352,15 @@ def fit_bezier(
         validation.check_same_structure(params_a, init_bend, "init_bend", "params_a")
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
-    return _fit_bezier(f, params_a, params_b, batch, key, init_bend, optimizer=optimizer, num_steps=num_steps,
-                       num_t=num_t, plan=plan)
+    return _fit_bezier(objective, params_a, params_b, key, init_bend, optimizer=optimizer, num_steps=num_steps,
+                       num_t=num_t)
 
 
-@partial(jax.jit, static_argnames=("f", "optimizer", "num_steps", "num_t", "plan"))
-def _fit_bezier(f, params_a, params_b, batch, key, init_bend, *, optimizer, num_steps, num_t, plan):
-    f = dataplan.dataset_objective(f, plan)
+@partial(jax.jit, static_argnames=("optimizer", "num_steps", "num_t"))
+def _fit_bezier(objective, params_a, params_b, key, init_bend, *, optimizer, num_steps, num_t):
+    f = objective.value
     def curve_loss(bend, ts):
-        return jnp.mean(jax.vmap(lambda t: f(bezier(params_a, bend, params_b, t), batch))(ts))
+        return jnp.mean(jax.vmap(lambda t: f(bezier(params_a, bend, params_b, t)))(ts))
 
     grad_fn = jax.value_and_grad(curve_loss)
 

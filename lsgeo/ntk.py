@@ -22,8 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import dataclasses
+from collections.abc import Callable
+
 from lsgeo import groups as groups_lib
 from lsgeo import dataplan, per_example
+from lsgeo.objective import Objective, Risk
 from lsgeo.validation import check_batch, check_callable, check_choice, check_float_params, check_positive_int
 
 __all__ = ["empirical_ntk", "ntk_diagonal_blocks", "ntk_trace"]
@@ -128,6 +132,10 @@ def ntk_trace(
         traces of its microbatches, computed in a ``lax.scan`` in the memory of one microbatch and
         sharded over ``devices`` (default ``jax.devices()``); see :mod:`lsgeo.dataplan`.
 
+    ``predict`` may also be an ``lsgeo.Risk`` (then ``x=None``: its data's inputs, its plan). ``x`` may be a data
+    source of input batches. With microbatches, a ``predict`` that couples the examples of a batch (BatchNorm in
+    training mode) is a ValueError (its per-example Jacobians would depend on the cut).
+
     Returns:
       A scalar or a dict of scalars. Cost: k backward passes of the one-example model per example
       (batched), i.e. about k full-batch backward passes; memory O(examples_per_chunk k width) on the fast
@@ -137,14 +145,23 @@ def ntk_trace(
       TypeError: ``predict`` not callable. ValueError: integer ``params``, an empty ``x`` or leaves of
       ``x`` that disagree on n, a bad ``examples_per_chunk``/``microbatch_size``/``method``/``groups``.
     """
-    _check(predict, params, x)
+    if isinstance(predict, Risk):
+        if x is not None or microbatch_size is not None or devices is not None:
+            raise ValueError("predict is a Risk, which holds its data and plan: pass x=None and no microbatch_size/devices")
+        objective, inputs = predict, _first
+        predict = objective.predict
+    else:
+        check_callable(predict, "predict")
+        objective = Objective(_MeanPrediction(predict), x, microbatch_size=microbatch_size, devices=devices,
+                              data_name="x")
+        inputs = _whole
+    objective.check(params)
     if examples_per_chunk is not None:
         check_positive_int(examples_per_chunk, "examples_per_chunk")
     check_choice(method, "method", per_example.METHODS)
     _, names = groups_lib.group_ids(params, groups)
-    plan = dataplan.in_memory_plan(x, microbatch_size, devices=devices, name="x")
-    params, x = plan.place(params, x)
-    per_group = _ntk_trace(predict, groups, method, examples_per_chunk, plan, params, x)
+    (params,) = objective.place(params)
+    per_group = _ntk_trace(objective, predict, inputs, groups, method, examples_per_chunk, params)
     if by_layer:
         return {name: per_group[g] for g, name in enumerate(names)}
     return jnp.sum(per_group)
@@ -157,8 +174,26 @@ def _per_group_trace(predict, groups, method, examples_per_chunk, params, x):
     return jnp.sum(grams, axis=(0, 2))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _ntk_trace(predict, groups, method, examples_per_chunk, plan, params, x):
-    return dataplan.reduce(
-        lambda p, mb: _per_group_trace(predict, groups, method, examples_per_chunk, p, mb), params, x, plan, mean=False
-    )
+@dataclasses.dataclass(frozen=True)
+class _MeanPrediction:
+    """``mean(predict(params, x))``: a mean over examples exactly when the examples' predictions are independent
+    (what the objective's check tests before a cut)."""
+
+    predict: Callable
+
+    def __call__(self, params, x):
+        return jnp.mean(self.predict(params, x))
+
+
+def _first(batch):
+    return batch[0]
+
+
+def _whole(batch):
+    return batch
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _ntk_trace(objective, predict, inputs, groups, method, examples_per_chunk, params):
+    return objective.map(lambda p, mb: _per_group_trace(predict, groups, method, examples_per_chunk, p, inputs(mb)),
+                         params, mean=False)

@@ -19,6 +19,9 @@ the memory of one microbatch and sharded over the devices (:mod:`lsgeo.dataplan`
 mean over independent examples: a BatchNorm model must be evaluated in evaluation mode (its statistics
 bound into ``predict``, ``lsgeo.models.make_predict(model, model_state)``).
 
+Every function also takes a ``lsgeo.Risk`` in place of ``predict`` (with ``loss`` and ``batch`` None: the
+Risk holds them and its data plan), e.g. ``risk.gauss_newton_trace(R, params=w)``; the positional forms build one.
+
 Example:
   >>> import jax.numpy as jnp
   >>> from lsgeo import losses, risk
@@ -37,20 +40,18 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 
 from lsgeo import groups as groups_lib
 from lsgeo import losses as losses_lib
-from lsgeo import dataplan, per_example
-from lsgeo.objective import mean_risk
+from lsgeo import per_example
+from lsgeo.curvature.operators import gauss_newton_exact
+from lsgeo.objective import Risk
 from lsgeo.perturbation import MODES, perturbation
 from lsgeo.validation import (
     check_callable,
     check_choice,
-    check_float_params,
-    check_loss_targets,
+    check_key,
     check_nonnegative_int,
     check_positive_int,
     check_sigma,
@@ -65,20 +66,23 @@ __all__ = [
     "effective_risk",
 ]
 
-_DIAGONAL_BUDGET_FLOATS = dataplan.MEMORY_BUDGET_BYTES // 4
-
-
 def _check_model(predict, loss, params, batch, microbatch_size, devices):
-    """The checks every entry point runs; returns the microbatch plan."""
-    check_callable(predict, "predict")
-    check_callable(loss, "loss")
-    check_float_params(params)
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise ValueError(f"batch must be a pair (x, y), got {type(batch).__name__}")
-    plan = dataplan.in_memory_plan(batch, microbatch_size, devices=devices)
-    check_loss_targets(predict, loss, params, batch)
-    dataplan.check_mean_over_examples(mean_risk(predict, loss), params, batch, plan, name="loss(predict(...))")
-    return plan
+    """The ``Risk`` every entry point evaluates, checked at ``params``: ``predict`` itself when it is a ``Risk``
+    (then ``loss`` and ``batch`` are None: it holds them), else ``Risk(predict, loss, batch, ...)``. The one
+    place the positional forms build theirs."""
+    if isinstance(predict, Risk):
+        if loss is not None or batch is not None or microbatch_size is not None or devices is not None:
+            raise ValueError("predict is a Risk, which holds its loss, data and plan: pass loss=None, batch=None "
+                             "and no microbatch_size/devices (e.g. risk.gauss_newton_trace(R, params=w))")
+        objective = predict
+    else:
+        check_callable(predict, "predict")
+        check_callable(loss, "loss")
+        objective = Risk(predict, loss, batch, microbatch_size=microbatch_size, devices=devices, data_name="batch")
+    if params is None:
+        raise TypeError("params must be given (a pytree of floating arrays)")
+    objective.check(params)
+    return objective
 
 
 def _loss(loss, outputs, y):
@@ -96,7 +100,7 @@ def _risk_on(predict, loss, params, batch):
     return _loss(loss, predict(params, x), y)
 
 
-def risk(predict, loss, params, batch, *, microbatch_size: int | None = None, devices: Sequence | None = None):
+def risk(predict, loss=None, params=None, batch=None, *, microbatch_size: int | None = None, devices: Sequence | None = None):
     """R(w) = L(Phi(w)). Cost: one forward pass (per microbatch with ``microbatch_size``, the exact
     data-set value in the memory of one microbatch, see :mod:`lsgeo.dataplan`).
 
@@ -104,25 +108,25 @@ def risk(predict, loss, params, batch, *, microbatch_size: int | None = None, de
       TypeError: ``predict`` or ``loss`` not callable. ValueError: ``loss`` not scalar, integer
       ``params``, ``batch`` not a pair (x, y), an empty batch, a bad ``microbatch_size``.
     """
-    plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
-    params, batch = plan.place(params, batch)
-    if plan.whole:
-        return _risk_on(predict, loss, params, batch)
-    return _risk_jit(predict, loss, plan, params, batch)
+    r = _check_model(predict, loss, params, batch, microbatch_size, devices)
+    (params,) = r.place(params)
+    if r.plan.whole:
+        return _risk_on(r.predict, r.loss, params, r.data)
+    return _risk_jit(r, params)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _risk_jit(predict, loss, plan, params, batch):
-    return dataplan.reduce(lambda p, mb: _risk_on(predict, loss, p, mb), params, batch, plan)
+@jax.jit
+def _risk_jit(r, params):
+    return r.map(lambda p, mb: _risk_on(r.predict, r.loss, p, mb), params)
 
 
 def perturbed_risk(
     predict,
-    loss,
-    params,
-    batch,
-    sigma,
-    key,
+    loss=None,
+    params=None,
+    batch=None,
+    sigma=None,
+    key=None,
     *,
     num_samples=1,
     mode="full",
@@ -146,16 +150,17 @@ def perturbed_risk(
     check_sigma(sigma)
     check_positive_int(num_samples, "num_samples")
     check_positive_int(draws_per_pass, "draws_per_pass")
-    plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
-    params, batch, key = plan.place(params, batch, key)
+    check_key(key, "key")
+    r = _check_model(predict, loss, params, batch, microbatch_size, devices)
+    params, key = r.place(params, key)
     num_groups = len(groups_lib.group_names(params, groups)) if mode == "layerwise" else 1
-    return _perturbed_risk(predict, loss, mode, groups, bool(scale_by_num_groups), num_samples, num_groups,
-                           draws_per_pass, plan, params, batch, sigma, key)
+    return _perturbed_risk(mode, groups, bool(scale_by_num_groups), num_samples, num_groups, draws_per_pass, r, params,
+                           sigma, key)
 
 
-@functools.partial(jax.jit, static_argnums=tuple(range(9)))
-def _perturbed_risk(predict, loss, mode, groups, scale, num_samples, num_groups, draws_per_pass, plan, params, batch,
-                    sigma, key):
+@functools.partial(jax.jit, static_argnums=tuple(range(6)))
+def _perturbed_risk(mode, groups, scale, num_samples, num_groups, draws_per_pass, r, params, sigma, key):
+    predict, loss = r.predict, r.loss
     keys = jax.random.split(key, num_samples)
 
     def on_batch(ops, mb):
@@ -181,40 +186,7 @@ def _perturbed_risk(predict, loss, mode, groups, scale, num_samples, num_groups,
         values = jax.lax.map(one_group, (draw_keys, group_index), batch_size=min(draws_per_pass, num_samples * num_groups))
         return jnp.mean(values)
 
-    return dataplan.reduce(on_batch, (params, sigma, keys), batch, plan)
-
-
-def _scalar_outputs(predict, params, x) -> bool:
-    return len(jax.eval_shape(predict, params, x).shape) == 1
-
-
-def _exact_gn_on(predict, loss, groups, method, examples_per_chunk, params, batch):
-    """Per-group mean over the batch of tr(H_i J_{i,g} J_{i,g}^T), and L at the predictions."""
-    x, y = batch
-    grams, _, phi = per_example.per_example_grams(
-        predict, params, x, groups=groups, method=method, examples_per_chunk=examples_per_chunk
-    )
-    n = phi.shape[0]
-    outputs = phi[:, 0] if _scalar_outputs(predict, params, x) else phi
-    value = _loss(loss, outputs, y)
-    hessians = losses_lib.output_hessians(loss, outputs, y).astype(grams.dtype)  # [n, k, k]
-    return jnp.einsum("nkl,ngkl->g", hessians, grams) / n, value
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _exact_gn_jit(predict, loss, groups, method, examples_per_chunk, plan, params, batch):
-    return dataplan.reduce(
-        lambda p, mb: _exact_gn_on(predict, loss, groups, method, examples_per_chunk, p, mb), params, batch, plan
-    )
-
-
-def _exact_gn(predict, loss, params, batch, groups, method, examples_per_chunk, plan):
-    """Exact per-group 1/n sum_i tr(H_i J_{i,g} J_{i,g}^T) and R. Returns (dict, R)."""
-    if examples_per_chunk is not None:
-        check_positive_int(examples_per_chunk, "examples_per_chunk")
-    _, names = groups_lib.group_ids(params, groups)
-    per_group, value = _exact_gn_jit(predict, loss, groups, method, examples_per_chunk, plan, params, batch)
-    return {name: per_group[g] for g, name in enumerate(names)}, value
+    return r.map(on_batch, (params, sigma, keys))
 
 
 def _probe_gn_on(predict, loss, num_probes, probes_per_pass, params, batch, key):
@@ -243,12 +215,11 @@ def _probe_gn_on(predict, loss, num_probes, probes_per_pass, params, batch, key)
     return jnp.mean(values) / n, value
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _probe_gn(predict, loss, num_probes, probes_per_pass, plan, params, batch, key):
-    return dataplan.reduce(
-        lambda ops, mb: _probe_gn_on(predict, loss, num_probes, probes_per_pass, ops[0], mb, ops[1]),
-        (params, key), batch, plan,
-    )
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _probe_gn(r, num_probes, probes_per_pass, params, key):
+    predict, loss = r.predict, r.loss
+    return r.map(lambda ops, mb: _probe_gn_on(predict, loss, num_probes, probes_per_pass, ops[0], mb, ops[1]),
+                 (params, key))
 
 
 def _check_gn_args(key, num_probes, method, probes_per_pass):
@@ -259,19 +230,22 @@ def _check_gn_args(key, num_probes, method, probes_per_pass):
         raise ValueError("key must be a PRNG key when num_probes > 0 (the probe estimate is random)")
 
 
-def _gn_trace_and_risk(predict, loss, params, batch, key, num_probes, examples_per_chunk, method, probes_per_pass, plan):
+def _gn_trace_and_risk(r, params, key, num_probes, examples_per_chunk, method, probes_per_pass):
     _check_gn_args(key, num_probes, method, probes_per_pass)
     if num_probes == 0:
-        per_group, value = _exact_gn(predict, loss, params, batch, None, method, examples_per_chunk, plan)
+        if examples_per_chunk is not None:
+            check_positive_int(examples_per_chunk, "examples_per_chunk")
+        per_group, value = gauss_newton_exact.exact_trace_by_group(r, params, method=method,
+                                                                   examples_per_chunk=examples_per_chunk)
         return sum(per_group.values()), value
-    return _probe_gn(predict, loss, num_probes, probes_per_pass, plan, params, batch, key)
+    return _probe_gn(r, num_probes, probes_per_pass, params, key)
 
 
 def gauss_newton_trace(
     predict,
-    loss,
-    params,
-    batch,
+    loss=None,
+    params=None,
+    batch=None,
     *,
     key=None,
     num_probes=0,
@@ -311,18 +285,17 @@ def gauss_newton_trace(
     Returns:
       A scalar.
     """
-    plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
-    params, batch, key = plan.place(params, batch, key)
-    value, _ = _gn_trace_and_risk(predict, loss, params, batch, key, num_probes, examples_per_chunk, method, probes_per_pass,
-                                  plan)
+    r = _check_model(predict, loss, params, batch, microbatch_size, devices)
+    params, key = r.place(params, key)
+    value, _ = _gn_trace_and_risk(r, params, key, num_probes, examples_per_chunk, method, probes_per_pass)
     return value
 
 
 def gauss_newton_trace_by_layer(
     predict,
-    loss,
-    params,
-    batch,
+    loss=None,
+    params=None,
+    batch=None,
     *,
     groups=None,
     examples_per_chunk=None,
@@ -338,18 +311,21 @@ def gauss_newton_trace_by_layer(
     path. Cost and memory as the exact :func:`gauss_newton_trace` (and its ``microbatch_size``).
     """
     check_choice(method, "method", per_example.METHODS)
-    plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
-    params, batch = plan.place(params, batch)
-    per_group, _ = _exact_gn(predict, loss, params, batch, groups, method, examples_per_chunk, plan)
+    r = _check_model(predict, loss, params, batch, microbatch_size, devices)
+    (params,) = r.place(params)
+    if examples_per_chunk is not None:
+        check_positive_int(examples_per_chunk, "examples_per_chunk")
+    per_group, _ = gauss_newton_exact.exact_trace_by_group(r, params, groups=groups, method=method,
+                                                           examples_per_chunk=examples_per_chunk)
     return per_group
 
 
 def effective_risk(
     predict,
-    loss,
-    params,
-    batch,
-    sigma,
+    loss=None,
+    params=None,
+    batch=None,
+    sigma=None,
     *,
     key=None,
     num_probes=0,
@@ -368,18 +344,17 @@ def effective_risk(
     by microbatches (:mod:`lsgeo.dataplan`).
     """
     check_sigma(sigma)
-    plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
-    params, batch, key = plan.place(params, batch, key)
-    trace, value = _gn_trace_and_risk(predict, loss, params, batch, key, num_probes, examples_per_chunk, method,
-                                      probes_per_pass, plan)
+    r = _check_model(predict, loss, params, batch, microbatch_size, devices)
+    params, key = r.place(params, key)
+    trace, value = _gn_trace_and_risk(r, params, key, num_probes, examples_per_chunk, method, probes_per_pass)
     return value + 0.5 * jnp.square(sigma) * trace
 
 
 def gauss_newton_diagonal(
     predict,
-    loss,
-    params,
-    batch,
+    loss=None,
+    params=None,
+    batch=None,
     *,
     examples_per_chunk: int | None = None,
     microbatch_size: int | None = None,
@@ -415,53 +390,8 @@ def gauss_newton_diagonal(
       >>> d[:, 0].tolist()  # mean over examples of x_ia^2
       [1.0, 2.0]
     """
-    plan = _check_model(predict, loss, params, batch, microbatch_size, devices)
-    params, batch = plan.place(params, batch)
+    r = _check_model(predict, loss, params, batch, microbatch_size, devices)
+    (params,) = r.place(params)
     if examples_per_chunk is not None:
         check_positive_int(examples_per_chunk, "examples_per_chunk")
-    return _gn_diagonal(predict, loss, examples_per_chunk, plan, params, batch)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _gn_diagonal(predict, loss, examples_per_chunk, plan, params, batch):
-    return dataplan.reduce(lambda p, mb: _gn_diagonal_on(predict, loss, examples_per_chunk, p, mb), params, batch, plan)
-
-
-def _gn_diagonal_on(predict, loss, examples_per_chunk, params, batch):
-    """Mean over the batch of diag(J_i^T H_i J_i), a ``lax.scan`` over chunks of examples (the last chunk
-    padded with copies of the last example, masked out)."""
-    x, y = batch
-    n = int(np.shape(jax.tree_util.tree_leaves(x)[0])[0])
-    single = per_example.single_example(predict)
-    scalar = _scalar_outputs(predict, params, x)
-    flat, unravel = ravel_pytree(params)
-    k = int(np.prod(jax.eval_shape(predict, params, x).shape[1:], dtype=np.int64))
-    chunk = examples_per_chunk or max(1, _DIAGONAL_BUDGET_FLOATS // max(1, k * flat.shape[0]))
-    chunk = int(min(chunk, n))
-    steps = -(-n // chunk)
-    pad = steps * chunk - n
-
-    def one(xi, yi):
-        phi, vjp_fn = jax.vjp(lambda p: single(p, xi), params)
-        outputs = phi if scalar else phi[None]
-        factors, signs = losses_lib.output_hessian_factors(loss, outputs, yi[None])
-        columns = factors[0].T.astype(phi.dtype)  # [r, k]
-        (grads,) = jax.vmap(vjp_fn)(columns)  # leaves [r, ...]: J_i^T b_ic
-        rows = jax.vmap(lambda g: ravel_pytree(g)[0])(grads)  # [r, m]
-        weights = jnp.ones(rows.shape[0], rows.dtype) if signs is None else signs[0].astype(rows.dtype)
-        return jnp.einsum("r,rm->m", weights, jnp.square(rows))
-
-    def padded(a):
-        a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) if pad else a
-        return a.reshape(steps, chunk, *a.shape[1:])
-
-    xs = jax.tree_util.tree_map(padded, (x, y))
-    mask = (jnp.arange(steps * chunk) < n).reshape(steps, chunk)
-
-    def step(total, inputs):
-        (xc, yc), valid = inputs
-        d = jax.vmap(one)(xc, yc)
-        return total + jnp.sum(jnp.where(valid[:, None], d, 0.0), axis=0), None
-
-    total, _ = jax.lax.scan(step, jnp.zeros_like(flat), (xs, mask))
-    return unravel(total / n)
+    return gauss_newton_exact.exact_diagonal(r, params, examples_per_chunk=examples_per_chunk)

@@ -38,11 +38,9 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from lsgeo import groups as groups_lib
-from lsgeo import dataplan
 from lsgeo.objective import as_objective
 from lsgeo.validation import (
     check_choice,
-    check_float_params,
     check_nonnegative_int,
     check_positive_int,
     check_sigma,
@@ -130,12 +128,12 @@ def _maximize_in_ball(g, template: PyTree, rho, *, key, steps: int, norm: str, s
 
 
 def _check_objective(f, params, batch, microbatch_size, devices, name="params"):
-    """``(f, data, plan)`` of the data-set objective: ``f`` itself when it is an ``lsgeo.Objective``/``Risk`` (then
-    ``batch`` is None), else ``lsgeo.Objective(f, batch, microbatch_size=..., devices=...)``, checked at ``params``
-    (floating point; a cut objective must be a mean over examples: a batch-coupled one is a ValueError)."""
+    """The data-set objective: ``f`` itself when it is an ``lsgeo.Objective``/``Risk`` (then ``batch`` is None), else
+    ``lsgeo.Objective(f, batch, microbatch_size=..., devices=...)``, checked at ``params`` (floating point; a cut
+    objective must be a mean over examples: a batch-coupled one is a ValueError naming the remedy)."""
     objective = as_objective(f, batch, microbatch_size=microbatch_size, devices=devices)
     objective.check(params, name)
-    return objective.f, objective.data, objective.plan
+    return objective
 
 
 def _check_ball_args(rho, steps, norm, step_size):
@@ -192,20 +190,19 @@ def epsilon_sharpness(
 
     Cost: ``steps`` (+1 without ``key``) gradients of f, plus two evaluations; memory of one gradient.
     """
-    f, batch, plan = _check_objective(f, params, batch, microbatch_size, devices)
-    params, batch, key = plan.place(params, batch, key)
+    objective = _check_objective(f, params, batch, microbatch_size, devices)
+    params, key = objective.place(params, key)
     _check_ball_args(rho, steps, norm, step_size)
-    return _epsilon_sharpness(f, params, batch, rho, key, step_size, steps=steps, norm=norm, relative=relative,
-                              plan=plan)
+    return _epsilon_sharpness(objective, params, rho, key, step_size, steps=steps, norm=norm, relative=relative)
 
 
-@partial(jax.jit, static_argnames=("f", "steps", "norm", "relative", "plan"))
-def _epsilon_sharpness(f, params, batch, rho, key, step_size, *, steps, norm, relative, plan):
-    f = dataplan.dataset_objective(f, plan)
+@partial(jax.jit, static_argnames=("steps", "norm", "relative"))
+def _epsilon_sharpness(objective, params, rho, key, step_size, *, steps, norm, relative):
+    f = objective.value
     eta = rho if step_size is None else step_size
 
     def g(delta):
-        return f(optax.tree.add(params, delta), batch)
+        return f(optax.tree.add(params, delta))
 
     base, top = _maximize_in_ball(g, params, rho, key=key, steps=steps, norm=norm, step_size=eta)
     rise = top - base
@@ -247,23 +244,22 @@ def adaptive_sharpness(
 
     Cost: ``steps`` (+1 without ``key``) gradients of f, plus two evaluations.
     """
-    f, batch, plan = _check_objective(f, params, batch, microbatch_size, devices)
-    params, batch, key = plan.place(params, batch, key)
+    objective = _check_objective(f, params, batch, microbatch_size, devices)
+    params, key = objective.place(params, key)
     _check_ball_args(rho, steps, norm, step_size)
     check_sigma(eta, "eta")
-    return _adaptive_sharpness(f, params, batch, rho, key, eta, step_size, steps=steps, norm=norm, relative=relative,
-                               plan=plan)
+    return _adaptive_sharpness(objective, params, rho, key, eta, step_size, steps=steps, norm=norm, relative=relative)
 
 
-@partial(jax.jit, static_argnames=("f", "steps", "norm", "relative", "plan"))
-def _adaptive_sharpness(f, params, batch, rho, key, eta, step_size, *, steps, norm, relative, plan):
-    f = dataplan.dataset_objective(f, plan)
+@partial(jax.jit, static_argnames=("steps", "norm", "relative"))
+def _adaptive_sharpness(objective, params, rho, key, eta, step_size, *, steps, norm, relative):
+    f = objective.value
     step = rho if step_size is None else step_size
     scales = jax.tree_util.tree_map(lambda w: jnp.abs(w) + eta, params)
 
     def g(u):
         delta = jax.tree_util.tree_map(jnp.multiply, scales, u)
-        return f(optax.tree.add(params, delta), batch)
+        return f(optax.tree.add(params, delta))
 
     base, top = _maximize_in_ball(g, params, rho, key=key, steps=steps, norm=norm, step_size=step)
     rise = top - base
@@ -293,24 +289,23 @@ def average_sharpness(
     ``draws_per_pass`` parameter copies. ``microbatch_size``: the data-set objective by microbatches, as in
     ``epsilon_sharpness``.
     """
-    f, batch, plan = _check_objective(f, params, batch, microbatch_size, devices)
-    params, batch, key = plan.place(params, batch, key)
+    objective = _check_objective(f, params, batch, microbatch_size, devices)
+    params, key = objective.place(params, key)
     check_sigma(sigma, "sigma")
     check_positive_int(num_samples, "num_samples")
     check_positive_int(draws_per_pass, "draws_per_pass")
-    return _average_sharpness(f, params, batch, sigma, key, num_samples=num_samples, draws_per_pass=draws_per_pass,
-                              plan=plan)
+    return _average_sharpness(objective, params, sigma, key, num_samples=num_samples, draws_per_pass=draws_per_pass)
 
 
-@partial(jax.jit, static_argnames=("f", "num_samples", "draws_per_pass", "plan"))
-def _average_sharpness(f, params, batch, sigma, key, *, num_samples, draws_per_pass, plan):
-    f = dataplan.dataset_objective(f, plan)
-    base = f(params, batch)
+@partial(jax.jit, static_argnames=("num_samples", "draws_per_pass"))
+def _average_sharpness(objective, params, sigma, key, *, num_samples, draws_per_pass):
+    f = objective.value
+    base = f(params)
     keys = jax.random.split(key, num_samples)
 
     def one(k):
         eps = optax.tree.random_like(k, params, jax.random.normal)
-        return f(optax.tree.add_scale(params, sigma, eps), batch)
+        return f(optax.tree.add_scale(params, sigma, eps))
 
     values = jax.lax.map(one, keys, batch_size=min(draws_per_pass, num_samples))
     return jnp.mean(values) - base
@@ -367,8 +362,8 @@ def volume_flatness(
     Cost: K * (num_grid + iters) + 1 evaluations of f, directions ``directions_per_pass`` at a time.
     ``microbatch_size``: the data-set objective by microbatches, as in ``epsilon_sharpness``.
     """
-    f, batch, plan = _check_objective(f, params, batch, microbatch_size, devices)
-    params, batch, key = plan.place(params, batch, key)
+    objective = _check_objective(f, params, batch, microbatch_size, devices)
+    params, key = objective.place(params, key)
     check_sigma(epsilon, "epsilon")
     check_positive_int(num_directions, "num_directions")
     check_positive_int(num_grid, "num_grid")
@@ -378,21 +373,20 @@ def volume_flatness(
     if is_concrete(max_radius) and not np.asarray(max_radius) > 0:
         raise ValueError(f"max_radius must be > 0, got {max_radius!r}")
     return _volume_flatness(
-        f, params, batch, epsilon, key, max_radius,
-        num_directions=num_directions, num_grid=num_grid, iters=iters, directions_per_pass=directions_per_pass, plan=plan,
+        objective, params, epsilon, key, max_radius,
+        num_directions=num_directions, num_grid=num_grid, iters=iters, directions_per_pass=directions_per_pass,
     )
 
 
-@partial(jax.jit, static_argnames=("f", "num_directions", "num_grid", "iters", "directions_per_pass", "plan"))
-def _volume_flatness(f, params, batch, epsilon, key, max_radius, *, num_directions, num_grid, iters, directions_per_pass,
-                     plan):
-    f = dataplan.dataset_objective(f, plan)
-    base = f(params, batch)
+@partial(jax.jit, static_argnames=("num_directions", "num_grid", "iters", "directions_per_pass"))
+def _volume_flatness(objective, params, epsilon, key, max_radius, *, num_directions, num_grid, iters, directions_per_pass):
+    f = objective.value
+    base = f(params)
     keys = jax.random.split(key, num_directions)
     grid = max_radius * jnp.arange(1, num_grid + 1) / num_grid
 
     def excess(r, d):
-        return f(optax.tree.add_scale(params, r, d), batch) - base - epsilon
+        return f(optax.tree.add_scale(params, r, d)) - base - epsilon
 
     def radius(k):
         n = optax.tree.random_like(k, params, jax.random.normal)

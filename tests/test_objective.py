@@ -145,3 +145,80 @@ def test_operator_errors_say_what_was_wrong():
         op.replace(params=3)
     with pytest.raises(ValueError, match="predict must return an array"):
         curvature.GaussNewton(lambda p, x: {"out": x @ p["a"]}, losses.squared_loss, w, (batch[0], batch[1]))
+
+
+def _predict(w, x):
+    return jnp.tanh(x @ w)
+
+
+def _coupled_predict(w, x):
+    h = x @ w
+    return h - jnp.mean(h, axis=0)  # the batch's own mean: BatchNorm in training mode
+
+
+def test_gauss_newton_trace_and_diagonal_have_one_implementation(x64):
+    from lsgeo import risk as risk_lib
+
+    batch, w = _data(9), np.array([0.3, -0.2, 0.5])
+    op = curvature.GaussNewton(_predict, losses.squared_loss, w, batch, microbatch_size=4)
+    dense = op.to_dense()
+    by_risk = risk_lib.gauss_newton_trace(_predict, losses.squared_loss, w, batch, microbatch_size=4)
+    assert float(by_risk) == float(op.exact_trace())  # the same code path: equal to the last bit
+    np.testing.assert_allclose(by_risk, jnp.trace(dense), rtol=1e-12)
+    diagonal = risk_lib.gauss_newton_diagonal(_predict, losses.squared_loss, w, batch, microbatch_size=4)
+    np.testing.assert_array_equal(diagonal, op.exact_diagonal())
+    np.testing.assert_allclose(diagonal, jnp.diag(dense), rtol=1e-12)
+    risk = lsgeo.Risk(_predict, losses.squared_loss, batch, microbatch_size=4)
+    assert float(risk_lib.gauss_newton_trace(risk, params=w)) == float(by_risk)
+
+
+def test_risk_functions_refuse_a_batch_coupled_model_with_microbatches():
+    from lsgeo import risk as risk_lib
+
+    batch, w, key = _data(6), np.array([0.3, -0.2, 0.5]), jax.random.key(0)
+    loss = losses.squared_loss
+    for call in (
+        lambda: risk_lib.risk(_coupled_predict, loss, w, batch, microbatch_size=4),
+        lambda: risk_lib.perturbed_risk(_coupled_predict, loss, w, batch, 0.1, key, microbatch_size=4),
+        lambda: risk_lib.effective_risk(_coupled_predict, loss, w, batch, 0.1, microbatch_size=4),
+        lambda: risk_lib.gauss_newton_trace(_coupled_predict, loss, w, batch, microbatch_size=2),
+        lambda: risk_lib.gauss_newton_diagonal(_coupled_predict, loss, w, batch, microbatch_size=2),
+    ):
+        with pytest.raises(ValueError, match="not a mean over independent examples.*microbatch_size=None"):
+            call()
+
+
+def test_risk_functions_on_a_data_source_equal_the_in_memory_values(global_x64):
+    from lsgeo import risk as risk_lib
+
+    batch, w, key = _data(10), np.array([0.3, -0.2, 0.5]), jax.random.key(1)
+    source, loss = _source(batch, 4), losses.squared_loss
+    for name, call in {
+        "risk": lambda b: risk_lib.risk(_predict, loss, w, b),
+        "perturbed": lambda b: risk_lib.perturbed_risk(_predict, loss, w, b, 0.1, key, num_samples=3),
+        "effective": lambda b: risk_lib.effective_risk(_predict, loss, w, b, 0.1),
+        "trace": lambda b: risk_lib.gauss_newton_trace(_predict, loss, w, b),
+        "diagonal": lambda b: risk_lib.gauss_newton_diagonal(_predict, loss, w, b),
+    }.items():
+        np.testing.assert_allclose(call(source), call(batch), rtol=1e-12, err_msg=name)
+
+
+def test_ntk_trace_refuses_coupled_predict_and_reads_sources(global_x64):
+    from lsgeo import ntk
+
+    x, w = _data(10)[0], np.array([[0.3, 0.1], [-0.2, 0.4], [0.5, -0.3]])
+    predict = lambda p, x: jnp.tanh(x @ p)  # noqa: E731
+    with pytest.raises(ValueError, match="not a mean over independent examples"):
+        ntk.ntk_trace(lambda p, x: _coupled_predict(p, x), w, x, microbatch_size=4)
+    expected = ntk.ntk_trace(predict, w, x)
+    np.testing.assert_allclose(ntk.ntk_trace(predict, w, lambda: (x[i : i + 4] for i in range(0, 10, 4))), expected,
+                               rtol=1e-12)
+    risk = lsgeo.Risk(predict, losses.squared_loss, (x, np.zeros((10, 2))), microbatch_size=3)
+    np.testing.assert_allclose(ntk.ntk_trace(risk, w, None), expected, rtol=1e-12)
+
+
+def test_groups_returning_a_list_is_refused():
+    op = curvature.Hessian(lambda p, b: jnp.sum(p["a"] ** 2) + jnp.sum(p["b"] ** 2), {"a": jnp.ones(2), "b": jnp.ones(1)},
+                           None)
+    with pytest.raises(ValueError, match=r"groups\(path\) must return a group name .* returned list"):
+        curvature.blocks(op, lambda path: list(path))

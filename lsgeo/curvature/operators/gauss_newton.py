@@ -7,13 +7,15 @@ linearisation of ``predict`` on a microbatch.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
+from lsgeo import per_example
+from lsgeo.curvature.operators import gauss_newton_exact
 from lsgeo.curvature.operators.base import CurvatureOperator, operator_dataclass
+from lsgeo.validation import check_choice, check_positive_int
 from lsgeo.objective import Risk, check_scalar, mean_risk
 
 __all__ = ["GaussNewton", "PredictorOperator", "rowwise_dot"]
@@ -108,3 +110,28 @@ class GaussNewton(PredictorOperator):
 
         output_hessian = jax.linearize(jax.grad(mean_loss), outputs)[1]
         return lambda v: vjp(output_hessian(jvp(v)))
+
+    def exact_trace(self, *, groups=None, by_group: bool = False, method: str = "fast",
+                    examples_per_chunk: int | None = None):
+        """``tr G = 1/n sum_i tr(H_i J_i J_i^T)``, exactly, from per-example Jacobian Grams (no products, no probes;
+        ``lsgeo.curvature.operators.gauss_newton_exact``, the implementation ``lsgeo.risk.gauss_newton_trace``
+        uses too). ``by_group=True``: ``{group: trace of its diagonal block}`` (``groups`` as in ``blocks``).
+        Cost: about k one-example backward passes per example."""
+        self._check_exact(method, examples_per_chunk)
+        per_group, _ = gauss_newton_exact.exact_trace_by_group(self.objective, self.params, groups=groups,
+                                                               method=method, examples_per_chunk=examples_per_chunk)
+        return per_group if by_group else sum(per_group.values())
+
+    def exact_diagonal(self, *, examples_per_chunk: int | None = None):
+        """``diag G = 1/n sum_i diag(J_i^T H_i J_i)``, exactly, a pytree shaped like the parameters (BackPACK's
+        ``DiagGGNExact``; the implementation ``lsgeo.risk.gauss_newton_diagonal`` uses too)."""
+        self._check_exact("fast", examples_per_chunk)
+        return gauss_newton_exact.exact_diagonal(self.objective, self.params, examples_per_chunk=examples_per_chunk)
+
+    def _check_exact(self, method, examples_per_chunk):
+        check_choice(method, "method", per_example.METHODS)
+        if examples_per_chunk is not None:
+            check_positive_int(examples_per_chunk, "examples_per_chunk")
+        if self.block is not None:
+            raise ValueError("the exact trace/diagonal are computed on the full operator; for a block use "
+                             "op.exact_trace(groups=..., by_group=True) on the operator it was taken from")
