@@ -154,6 +154,8 @@ def test_measure_data_of_the_wrong_shape_names_measure_data():
     with pytest.raises(ValueError, match="the measurement cannot run on measure_data"):
         sweep(loss, lambda seed: optax.sgd(0.1), W0, DATA, {}, [0], num_steps=2, measure=_trace_tracker(),
               measure_data=bad)
+    with pytest.raises(ValueError, match="cannot run on measure_data .*not enough values to unpack"):  # no labels
+        train(loss, optax.sgd(0.1), W0, DATA, num_steps=2, measure=_trace_tracker(), measure_data=(X,))
 
 
 def test_sweep_of_a_train_state_says_it_takes_params():

@@ -146,8 +146,8 @@ class RunOptions:
                                  f"got {type(measure_data).__name__}")
             check_batch(measure_data, "measure_data")
         if not (callable(getattr(measure, "init", None)) and callable(getattr(measure, "update", None))):
-            raise TypeError(f"measure must be an (init, update) pair such as lsgeo.curvature.track.Measurement, "
-                            f"got {type(measure).__name__}")
+            raise TypeError(f"measure must be an (init, update) pair with init and update attributes, such as "
+                            f"lsgeo.curvature.track.Measurement(init, update), got {type(measure).__name__}")
         measure_every = eval_every if self.measure_every is None else self.measure_every
         check_positive_int(measure_every, "measure_every")
         if measure_every % eval_every:
@@ -262,7 +262,7 @@ def measurement_rows(measure, params, inputs: RunInputs, shapes: Callable[[], di
         if getattr(measure, "check", None) is not None:
             measure.check(params, data)
         struct = shapes()
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # any failure to trace the measurement on this data (shapes, structure, dtypes)
         raise ValueError(f"the measurement cannot run on {inputs.measure_name} ({_describe(data)}): "
                          f"{type(e).__name__}: {e}") from e
     for name in struct:
