@@ -77,8 +77,6 @@ def test_operators_import_no_estimator():
     assert _violations("lsgeo.curvature.operators", [f"lsgeo.curvature.{e}" for e in ESTIMATORS]) == []
 
 
-@pytest.mark.xfail(strict=True, reason="lsgeo.train.measure (the trackers) imports lsgeo.curvature.krylov until the "
-                   "trackers move to lsgeo/curvature/track.py (issue 26 item 5, another branch): remove this mark then")
 def test_train_imports_no_curvature_internals():
     internals = [m for m in GRAPH if m.startswith("lsgeo.curvature.")]
     assert _violations("lsgeo.train", internals) == []

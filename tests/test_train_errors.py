@@ -102,3 +102,83 @@ def test_sweep_factory_branching_on_a_traced_hyperparameter_is_a_type_error():
 def test_sweep_seeds_outside_int32_are_refused(seeds):
     with pytest.raises(ValueError, match="seeds must be integers in"):
         sweep(loss, lambda seed: optax.sgd(0.1), W0, DATA, {}, seeds, num_steps=1)
+
+
+def _trace_tracker(**kw):
+    from lsgeo.curvature.track import trace_tracker
+
+    return trace_tracker(loss, num_probes=2, **kw)
+
+
+@pytest.mark.parametrize("name, owner", [("train_loss", "the loop"), ("step", "the loop"), ("batch_loss", "the loop")])
+def test_a_measurement_metric_named_like_a_loop_column_is_refused(name, owner):
+    """Issue 27: a measurement's metric name overwrote the history column silently."""
+    with pytest.raises(ValueError, match=f"the measurement returns a metric named '{name}', and so does {owner}"):
+        train(loss, optax.sgd(0.1), W0, DATA, num_steps=2, measure=_trace_tracker(name=name))
+
+
+def test_a_measurement_metric_named_like_an_eval_fn_metric_is_refused_in_train_and_sweep():
+    """The trace tracker's default name "trace" beside an eval_fn metric "trace": a ValueError naming both."""
+    fn = lambda p, b: {"trace": jnp.sum(p["l2"]["w"] ** 2)}
+    with pytest.raises(ValueError, match="metric named 'trace', and so does eval_fn"):
+        train(loss, optax.sgd(0.1), W0, DATA, num_steps=2, eval_fn=fn, measure=_trace_tracker())
+    with pytest.raises(ValueError, match="metric named 'trace', and so does eval_fn"):
+        sweep(loss, lambda seed: optax.sgd(0.1), W0, DATA, {}, [0], num_steps=2, eval_fn=fn, measure=_trace_tracker())
+    with pytest.raises(ValueError, match="metric named 'swa_train_loss', and so does the SWA evaluation"):
+        train(loss, optax.sgd(0.1), W0, DATA, num_steps=2, swa_start=1, measure=_trace_tracker(name="swa_train_loss"))
+    res = train(loss, optax.sgd(0.1), W0, DATA, num_steps=2, eval_fn=fn, measure=_trace_tracker(name="tr"))
+    assert {"trace", "tr", "tr_stderr"} <= set(res.history)
+
+
+def test_resuming_with_another_measurement_is_a_clear_error():
+    """Issue 27: resuming a run tracked by trace_tracker with top_eigenvalue_tracker failed deep in JAX
+    ("unexpected PRNG key type")."""
+    from lsgeo.curvature.track import top_eigenvalue_tracker
+
+    first = train(loss, optax.sgd(0.1), W0, DATA, num_steps=2, measure=_trace_tracker())
+    with pytest.raises(ValueError, match="measure does not match the resumed state"):
+        train(loss, optax.sgd(0.1), first.state, DATA, num_steps=2, measure=top_eigenvalue_tracker(loss, num_iters=4))
+    eigen = train(loss, optax.sgd(0.1), W0, DATA, num_steps=2, measure=top_eigenvalue_tracker(loss, num_iters=4))
+    with pytest.raises(ValueError, match="measure does not match the resumed state: leaf .vectors"):
+        train(loss, optax.sgd(0.1), eigen.state, DATA, num_steps=2,
+              measure=top_eigenvalue_tracker(loss, k=2, num_iters=4))
+    more = train(loss, optax.sgd(0.1), first.state, DATA, num_steps=2, measure=_trace_tracker())  # the same kind
+    assert more.steps == 4 and np.isfinite(more.history["trace"][-1])
+
+
+def test_measure_data_of_the_wrong_shape_names_measure_data():
+    """Issue 27: 5 input features where the model takes 3 failed inside the objective without naming measure_data."""
+    bad = (np.ones((4, 5), np.float32), np.ones((4, 1), np.float32))
+    with pytest.raises(ValueError, match=r"the measurement cannot run on measure_data \(leaf shapes .*\(4, 5\)"):
+        train(loss, optax.sgd(0.1), W0, DATA, num_steps=2, measure=_trace_tracker(), measure_data=bad)
+    with pytest.raises(ValueError, match="the measurement cannot run on measure_data"):
+        sweep(loss, lambda seed: optax.sgd(0.1), W0, DATA, {}, [0], num_steps=2, measure=_trace_tracker(),
+              measure_data=bad)
+    with pytest.raises(ValueError, match="cannot run on measure_data .*not enough values to unpack"):  # no labels
+        train(loss, optax.sgd(0.1), W0, DATA, num_steps=2, measure=_trace_tracker(), measure_data=(X,))
+
+
+def test_sweep_of_a_train_state_says_it_takes_params():
+    """Issue 27: sweep(state) said "params leaf .step has dtype int32"."""
+    state = train(loss, optax.sgd(0.1), W0, DATA, num_steps=2).state
+    with pytest.raises(ValueError, match="sweep takes params, .* not a TrainState"):
+        sweep(loss, lambda seed: optax.sgd(0.1), state, DATA, {}, [0], num_steps=2)
+
+
+def test_train_and_sweep_share_one_description_of_their_options():
+    """train and sweep take the fields of one RunOptions (their signatures show them); an unknown or missing
+    keyword is a TypeError naming the function."""
+    import dataclasses
+    import inspect
+
+    from lsgeo.train import RunOptions
+
+    fields = [f.name for f in dataclasses.fields(RunOptions)]
+    for fn in (train, sweep):
+        parameters = inspect.signature(fn).parameters
+        assert set(fields) <= set(parameters) and parameters["num_steps"].default is inspect.Parameter.empty
+        assert all(parameters[name].kind is inspect.Parameter.KEYWORD_ONLY for name in fields)
+    with pytest.raises(TypeError, match=r"train\(\) got unexpected keyword argument\(s\) \['num_step'\]"):
+        train(loss, optax.sgd(0.1), W0, DATA, num_step=2)
+    with pytest.raises(TypeError, match=r"sweep\(\) missing required keyword argument 'num_steps'"):
+        sweep(loss, lambda seed: optax.sgd(0.1), W0, DATA, {}, [0])

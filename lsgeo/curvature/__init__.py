@@ -40,6 +40,8 @@ Modules (all names are re-exported here, ``from lsgeo import curvature; curvatur
                     ``saddle_index``
   solve             ``solve`` (CG), ``low_rank_inverse``
   chunking          vectors per pass (the one memory budget), the balanced ``lax.map``
+  track             ``top_eigenvalue_tracker``, ``trace_tracker``: measurements along a training run
+                    (``lsgeo.train.train(..., measure=...)``), imported as ``curvature.track``
 
 Iterative methods act on flat vectors ``[m]`` (``jax.flatten_util.ravel_pytree`` order) in the operator's
 work dtype (at least float32); Lanczos (``top_eigenvalues``, ``eigenpairs``, ``slq_nodes``) acts on pytrees
@@ -88,6 +90,7 @@ References
   non-convex optimization. NeurIPS 2014 (the saddle index).
 """
 
+from lsgeo.curvature import track
 from lsgeo.curvature.dense import hessian
 from lsgeo.curvature.density import (
     DEFAULT_SADDLE_RTOL,

@@ -6,12 +6,12 @@ check for divergence and to call the caller's progress callback. Per step: the b
 (:mod:`lsgeo.train.batches`), optional augmentation keyed by the step, :func:`lsgeo.train.train_step`,
 and the SWA running mean (:mod:`lsgeo.train.swa`).
 
-A measurement (:mod:`lsgeo.train.measure`) is its own compiled program, ``measure_at``, run on the device after
-the chunks whose step is a multiple of ``measure_every`` (and at the start): the state never leaves the device,
-the measurement is compiled once per run (not once in the start program and again in the chunk), the chunk does
-not depend on which measurement it carries the state of (``chunk_schedule``), and in a ``vmap``-ped sweep a
-measurement that is not due costs nothing (a ``lax.cond`` on a per-member predicate would run both branches
-under ``vmap``).
+A measurement (any ``(init, update)`` pair, e.g. :mod:`lsgeo.curvature.track`) is its own compiled program,
+``measure_at``, run on the device after the chunks whose step is a multiple of ``measure_every`` (and at the
+start): the state never leaves the device, the measurement is compiled once per run (not once in the start program
+and again in the chunk), the chunk does not depend on which measurement it carries the state of
+(``chunk_schedule``), and in a ``vmap``-ped sweep a measurement that is not due costs nothing (a ``lax.cond`` on a
+per-member predicate would run both branches under ``vmap``).
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ class Schedule:
       augment: ``augment(key, batch) -> batch`` applied to every training batch, or None.
       mesh: the data-parallel mesh, None on one device.
       shard_batch: whether batches are split over the mesh along the example axis.
-      measure: a ``lsgeo.train.measure.Measurement`` run (``measure_at``) at the clean iterate on the measurement
-        data (default the training data) at the start and at the evaluations whose step is a multiple of
-        ``measure_every`` (NaN metrics at the others), or None.
+      measure: a measurement (an ``(init, update)`` pair, e.g. ``lsgeo.curvature.track.Measurement``) run
+        (``measure_at``) at the clean iterate on the measurement data (default the training data) at the start and
+        at the evaluations whose step is a multiple of ``measure_every`` (NaN metrics at the others), or None.
+      measure_source: a data source the measurement reads itself (``measure_data=source``), in place of the
+        measurement data argument; None for in-memory measurement data.
     """
 
     eval_every: int
@@ -59,22 +61,25 @@ class Schedule:
     shard_batch: bool = False
     measure: Any = None
     measure_every: int = 1
+    measure_source: Callable | None = None
 
 
 def chunk_schedule(schedule: Schedule) -> Schedule:
     """The schedule of the chunk and start programs: ``schedule`` without its measurement (which runs in its own
     program), so that their compilation does not depend on the measurement object (only on its state's shapes)."""
-    return dataclasses.replace(schedule, measure=None, measure_every=1)
+    return dataclasses.replace(schedule, measure=None, measure_every=1, measure_source=None)
 
 
 def measure_at(schedule: Schedule, state: TrainState, data) -> tuple[TrainState, dict]:
     """``(state, metrics)``: ``schedule.measure.update`` at the clean iterate w_t on ``data`` (the measurement
-    data: an argument of the compiled program, never a closure constant), its metrics as floats. A state frozen
+    data: an argument of the compiled program, never a closure constant; or ``schedule.measure_source``, a data
+    source read batch by batch), its metrics as floats. A state frozen
     by a divergence keeps its measurement state (its metrics are recorded as NaN by the loops).
 
     Cost: one ``update`` (for ``top_eigenvalue_tracker``, a few Hessian-vector products when warm)."""
     clean = clean_params(state.params, state.opt_state)
     dtype = jnp.result_type(float)
+    data = data if schedule.measure_source is None else schedule.measure_source
     metrics, measure_state = schedule.measure.update(clean, data, state.measure)
     running = state.divergence.step < 0
     measure_state = jax.tree_util.tree_map(lambda a, b: jnp.where(running, a, b), measure_state, state.measure)

@@ -43,17 +43,21 @@ import optax
 
 from lsgeo.optim import clean_params
 from lsgeo.streams import as_key, check_seed
-from lsgeo.train.chunk import Schedule, chunk_schedule, evaluate_start, measure_at, run_chunk
-from lsgeo.train.devices import data_mesh, replicate, shard_examples, to_host
-from lsgeo.train.evaluate import stream_eval
-from lsgeo.train.state import TrainState, init_state, split_key, with_state_views
-from lsgeo.validation import (
-    check_batch,
-    check_callable,
-    check_float_params,
-    check_nonnegative_int,
-    check_positive_int,
+from lsgeo.train.chunk import chunk_schedule, evaluate_start, measure_at, run_chunk
+from lsgeo.train.devices import data_mesh, replicate, shard_examples
+from lsgeo.train.run import (
+    RunInputs,
+    RunOptions,
+    check_finite_params,
+    initial_values,
+    measurement_rows,
+    split_init_fns,
+    stack_history,
+    to_numpy,
+    with_run_options,
 )
+from lsgeo.train.state import TrainState, init_state, with_state_views
+from lsgeo.validation import check_callable, check_float_params
 
 PyTree = Any
 
@@ -104,108 +108,44 @@ class TrainResult(NamedTuple):
         return int(self.state.step)
 
 
-def check_schedule(num_steps, eval_every, batch_size, n, swa_start, swa_every) -> int:
-    """Validates the loop's integers; returns ``eval_every`` (default ``num_steps``)."""
-    check_positive_int(num_steps, "num_steps")
-    eval_every = num_steps if eval_every is None else eval_every
-    check_positive_int(eval_every, "eval_every")
-    if num_steps % eval_every:
-        raise ValueError(f"eval_every must divide num_steps; got num_steps={num_steps}, eval_every={eval_every}")
-    if batch_size is not None:
-        check_positive_int(batch_size, "batch_size")
-        if batch_size > n:
-            raise ValueError(f"batch_size must be <= the number of examples {n}; got {batch_size}")
-    if swa_start is not None:
-        check_nonnegative_int(swa_start, "swa_start")
-    check_positive_int(swa_every, "swa_every")
-    return eval_every
-
-
-def check_finite_params(params, name: str = "params") -> None:
-    """Raises ValueError naming the leaf when the (concrete) initial parameters hold a NaN or an inf."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if not np.all(np.isfinite(np.asarray(leaf))):
-            raise ValueError(
-                f"{name} leaf {jax.tree_util.keystr(path)} holds non-finite values (NaN or inf): the initial "
-                f"parameters w_0 must be finite"
-            )
-
-
 def _describe(tree) -> str:
     text = str(jax.tree_util.tree_structure(tree))
     return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _check_same_state(expected, have, what: str, hint: str) -> None:
+    """ValueError when ``have`` (a concrete state) does not have the structure, shapes and dtypes of ``expected``
+    (``jax.eval_shape`` of the init that should have built it)."""
+    if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(have):
+        raise ValueError(f"{what} does not match the resumed state: it builds a state of structure "
+                         f"{_describe(expected)}, but the state holds {_describe(have)}; {hint}")
+    leaves = jax.tree_util.tree_flatten_with_path(expected)[0]
+    for (path, want), leaf in zip(leaves, jax.tree_util.tree_leaves(have)):
+        dtype = leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
+        if tuple(want.shape) != tuple(np.shape(leaf)) or want.dtype != dtype:
+            raise ValueError(
+                f"{what} does not match the resumed state: leaf {jax.tree_util.keystr(path)} is "
+                f"{dtype}{list(np.shape(leaf))} in the state, {want.dtype}{list(want.shape)} for this {what}; {hint}"
+            )
 
 
 def check_resume_optimizer(optimizer: optax.GradientTransformation, state: TrainState) -> None:
     """Raises ValueError when ``optimizer`` did not build ``state.opt_state`` (another optimizer, or the
     same one for other parameters): the structure, shapes and dtypes of ``optimizer.init(state.params)``
     (``jax.eval_shape``: nothing is computed) must be those of the state's."""
-    expected = jax.eval_shape(optimizer.init, state.params)
-    hint = "resume with the optimizer the state was trained with"
-    if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(state.opt_state):
-        raise ValueError(
-            f"optimizer does not match the resumed state: optimizer.init builds an opt_state of structure "
-            f"{_describe(expected)}, but state.opt_state has structure {_describe(state.opt_state)}; {hint}"
-        )
-    leaves = jax.tree_util.tree_flatten_with_path(expected)[0]
-    for (path, want), have in zip(leaves, jax.tree_util.tree_leaves(state.opt_state)):
-        if tuple(want.shape) != tuple(np.shape(have)) or want.dtype != np.result_type(have):
-            raise ValueError(
-                f"optimizer does not match the resumed state: opt_state leaf {jax.tree_util.keystr(path)} is "
-                f"{np.result_type(have)}{list(np.shape(have))} in the state, {want.dtype}{list(want.shape)} for this "
-                f"optimizer; {hint}"
-            )
+    _check_same_state(jax.eval_shape(optimizer.init, state.params), state.opt_state, "optimizer",
+                      "resume with the optimizer the state was trained with")
 
 
-def to_numpy(metrics: dict) -> dict:
-    """The metrics as numpy arrays on this process (gathered from every process's devices under several)."""
-    return {k: np.asarray(v) for k, v in to_host(metrics).items()}
-
-
-def stack_history(history: list[dict]) -> dict:
-    """A list of per-evaluation dicts as one dict of arrays with the evaluations on the last axis."""
-    if not history:
-        return {}
-    return {k: np.stack([h[k] for h in history], axis=-1) for k in history[0]}
-
-
-def check_measure(measure, measure_every, eval_every: int, measure_data=None) -> int:
-    """``measure_every`` (default ``eval_every``) checked: a positive multiple of ``eval_every``; ``measure`` an
-    ``(init, update)`` pair of callables or None; ``measure_data`` None or a non-empty pytree of arrays, given only
-    with a ``measure``."""
-    if measure is None:
-        if measure_every is not None:
-            raise ValueError("measure_every needs a measure (e.g. lsgeo.train.measure.top_eigenvalue_tracker(f))")
-        if measure_data is not None:
-            raise ValueError("measure_data needs a measure (e.g. lsgeo.train.measure.top_eigenvalue_tracker(f)): it is "
-                             "the batch or data set the measurement runs on")
-        return 1
-    if measure_data is not None:
-        if not any(hasattr(leaf, "shape") for leaf in jax.tree_util.tree_leaves(measure_data)):
-            raise ValueError(f"measure_data must be a pytree of arrays (a batch such as (x, y)), got "
-                             f"{type(measure_data).__name__}")
-        check_batch(measure_data, "measure_data")
-    if not (callable(getattr(measure, "init", None)) and callable(getattr(measure, "update", None))):
-        raise TypeError(f"measure must be an (init, update) pair such as lsgeo.train.measure.Measurement, "
-                        f"got {type(measure).__name__}")
-    measure_every = eval_every if measure_every is None else measure_every
-    check_positive_int(measure_every, "measure_every")
-    if measure_every % eval_every:
-        raise ValueError(f"measure_every must be a multiple of eval_every={eval_every}, got {measure_every}")
-    return measure_every
-
-
-#: the measurement program (one compilation per measurement, schedule and shapes; ``chunk`` module docstring)
-_measure_jit = jax.jit(measure_at, static_argnames="schedule")
-
-
-def nan_measurement(schedule, state, data) -> dict:
-    """The schedule's measurement metrics as NaN numpy arrays (``{}`` without one): the rows where it is not
-    due. Shapes only (``eval_shape`` of the compiled measurement: its trace is cached by ``jit``)."""
-    if schedule.measure is None:
-        return {}
-    struct = _measure_jit.eval_shape(schedule=schedule, state=state, data=data)[1]
-    return {k: np.full(v.shape, np.nan, v.dtype) for k, v in struct.items()}
+def check_resume_measure(measure, state: TrainState) -> None:
+    """Raises ValueError when ``measure`` did not build ``state.measure`` (another measurement, or the same kind
+    with other settings): ``measure.init`` at the clean iterate must give the state's structure, shapes and
+    dtypes. A state without a measurement state starts one (``measure.init``)."""
+    if measure is None or state.measure is None:
+        return
+    expected = jax.eval_shape(measure.init, clean_params(state.params, state.opt_state))
+    _check_same_state(expected, state.measure, "measure", "resume with the measurement the state was trained with "
+                      "(or measure=None to carry its state along unmeasured)")
 
 
 def _first_non_finite(metrics: dict, swa_started: bool) -> str | None:
@@ -216,20 +156,6 @@ def _first_non_finite(metrics: dict, swa_started: bool) -> str | None:
         if not np.all(np.isfinite(metrics[name])):
             return name
     return None
-
-
-def initial_values(init_fns, params, model_state, key):
-    """``(params, model_state)``: the given values, or ``init_fns[i](init_key)`` where a callable was given."""
-    init_key, _ = split_key(key)
-    params_fn, state_fn = init_fns
-    return (params_fn(init_key) if params_fn else params), (state_fn(init_key) if state_fn else model_state)
-
-
-def split_init_fns(params, model_state):
-    """``(init_fns, params, model_state)``: callables (static, hashable) apart from arrays (traced)."""
-    params_fn = params if callable(params) else None
-    state_fn = model_state if callable(model_state) else None
-    return (params_fn, state_fn), (None if params_fn else params), (None if state_fn else model_state)
 
 
 def _start(objective, optimizer, eval_fn, schedule, init_fns, params, model_state, key, data, eval_data):
@@ -247,29 +173,19 @@ _STATIC = ("objective", "optimizer", "eval_fn", "schedule")
 _start_jit = jax.jit(_start, static_argnames=_STATIC + ("init_fns",))
 _resume_jit = jax.jit(_resume, static_argnames=("objective", "eval_fn", "schedule"))
 _chunk_jit = jax.jit(run_chunk, static_argnames=_STATIC)
+#: the measurement program (one compilation per measurement, schedule and shapes; ``chunk`` module docstring)
+_measure_jit = jax.jit(measure_at, static_argnames="schedule")
 
 
+@with_run_options
 def train(
     objective: Callable,
     optimizer: optax.GradientTransformation,
     params,
     data,
     *,
-    num_steps: int,
-    eval_every: int | None = None,
-    batch_size: int | None = None,
-    eval_fn: Callable | None = None,
-    eval_data=None,
-    model_state=None,
     key=None,
-    swa_start: int | None = None,
-    swa_every: int = 1,
-    augment: Callable | None = None,
-    devices=None,
-    callback: Callable[[int, dict], None] | None = None,
-    measure=None,
-    measure_every: int | None = None,
-    measure_data=None,
+    **options,
 ) -> TrainResult:
     """Trains with ``optimizer`` on ``objective`` for ``num_steps`` steps (``lax.scan`` chunks).
 
@@ -280,37 +196,14 @@ def train(
         or ``optax.contrib.sam(...)``.
       params: the clean initial parameters w_0 (finite floats), a callable ``init_key -> params``, or a
         :class:`TrainState` to resume from (``result.state``; then ``key`` and ``model_state`` must be None,
-        and ``optimizer`` must be the one that built ``state.opt_state``: checked, ValueError otherwise).
+        and ``optimizer`` and ``measure`` must be the ones that built ``state.opt_state`` and ``state.measure``:
+        checked, ValueError otherwise).
       data: pytree of arrays with a leading example axis n (e.g. ``(x, y)``).
-      num_steps: number of optimizer steps (a multiple of ``eval_every``).
-      eval_every: evaluate every this many steps (default ``num_steps``: at the start and the end).
-      batch_size: None for full-batch GD, else minibatch SGD with per-epoch shuffling.
-      eval_fn: ``eval_fn(params, eval_data) -> dict of scalars`` (``eval_fn(params, model_state,
-        eval_data)`` with ``model_state``), called at the clean parameters. Its keys may not be ``step``,
-        ``train_loss``, ``batch_loss`` (nor start with ``swa_`` under SWA): ValueError.
-      eval_data: any pytree passed to ``eval_fn``.
-      model_state: initial non-parameter state (or a callable ``init_key -> state``); selects the
-        stateful objective signature.
       key: int seed in [-2**31, 2**32) or PRNG key (default 0); ``init_key, data_key = split_key(key)``,
         disjoint from the noise stream of ``noise_injection(seed=key)`` (:mod:`lsgeo.streams`).
-      swa_start, swa_every: stochastic weight averaging of the clean iterates w_t for t >= swa_start,
-        t - swa_start a multiple of swa_every (:mod:`lsgeo.train.swa`).
-      augment: ``augment(key, batch) -> batch``, applied on device to every training batch with a key
-        derived from the data key and the step (reproducible, resumable); e.g.
-        ``lsgeo.train.augment.random_crop_flip``.
-      devices: devices for data parallelism, a non-empty sequence of distinct devices (default
-        ``jax.devices()``; one device: unsharded).
-      callback: ``callback(step, metrics)`` after each chunk, on the host (e.g. a progress bar).
-      measure: a ``lsgeo.train.measure.Measurement`` (e.g. ``top_eigenvalue_tracker(objective)``) run on the
-        device at the clean iterate w_t, on ``measure_data``, at the start and every ``measure_every`` steps
-        (its own compiled program, between chunks: compiled once per run, the state never leaves the device);
-        its metrics join the history (NaN at the evaluations in between, and at the first row of a resumed
-        run) and its state travels in ``state.measure`` (resume keeps it).
-      measure_every: a multiple of ``eval_every`` (default ``eval_every``).
-      measure_data: the batch or data set the measurement runs on, any pytree of arrays (e.g. a fixed
-        batch ``(x, y)`` of training examples, or held-out data); default None: the training data ``data``.
-        Passed into the compiled measurement program as an argument (never a closure constant) and replicated over the
-        devices like ``eval_data``. Given without ``measure``: ValueError.
+      **options: the keywords of :class:`lsgeo.train.run.RunOptions` (``num_steps`` required; ``eval_every``,
+        ``batch_size``, ``eval_fn``, ``eval_data``, ``model_state``, ``swa_start``, ``swa_every``, ``augment``,
+        ``devices``, ``callback``, ``measure``, ``measure_every``, ``measure_data``), described there once.
 
     Returns:
       :class:`TrainResult`. Raises :class:`TrainingDiverged` on a non-finite loss, gradient or metric.
@@ -320,12 +213,10 @@ def train(
     ``objective``/``optimizer``/``eval_fn`` objects to reuse it.
     """
     check_callable(objective, "objective")
-    if eval_fn is not None:
-        check_callable(eval_fn, "eval_fn")
     if not isinstance(optimizer, optax.GradientTransformation):
         raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
-    n = check_batch(data, "data", common_axis=True)
-    eval_every = check_schedule(num_steps, eval_every, batch_size, n, swa_start, swa_every)
+    run, n = RunOptions.of("train", options).checked(data)
+    measure, model_state = run.measure, run.model_state
     resume = isinstance(params, TrainState)
     if not resume and not callable(params):
         check_float_params(params)
@@ -336,21 +227,20 @@ def train(
         if key is not None or model_state is not None:
             raise ValueError("key and model_state come from the TrainState when resuming; pass None")
         check_resume_optimizer(optimizer, params)
-        if (swa_start is None) != (params.swa is None):
+        check_resume_measure(measure, params)
+        if (run.swa_start is None) != (params.swa is None):
             raise ValueError(
                 f"swa_start must be given exactly when the resumed state has an SWA average "
-                f"(state.swa is {'set' if params.swa is not None else 'None'}, swa_start={swa_start})"
+                f"(state.swa is {'set' if params.swa is not None else 'None'}, swa_start={run.swa_start})"
             )
-    measure_every = check_measure(measure, measure_every, eval_every, measure_data)
-    if resume and measure is not None and params.measure is None:
-        params = params._replace(measure=measure.init(clean_params(params.params, params.opt_state)))
-    mesh = data_mesh(devices)
-    data, shard = shard_examples(mesh, data, n, batch_size)
-    eval_fn, eval_data = stream_eval(eval_fn, eval_data)  # a data source: eval_fn runs batch by batch
-    eval_data, measure_data = replicate(mesh, eval_data), replicate(mesh, measure_data)
-    schedule = Schedule(eval_every, batch_size, swa_start, swa_every, augment, mesh, shard, measure, measure_every)
-    static = dict(objective=objective, eval_fn=eval_fn, schedule=chunk_schedule(schedule))
-    measure_data = data if measure_data is None else measure_data
+        if measure is not None and params.measure is None:
+            params = params._replace(measure=measure.init(clean_params(params.params, params.opt_state)))
+    mesh = data_mesh(run.devices)
+    data, shard = shard_examples(mesh, data, n, run.batch_size)
+    inputs = RunInputs.of(run, mesh, data)
+    schedule = run.schedule(mesh, shard, inputs.measure_source)
+    static = dict(objective=objective, eval_fn=inputs.eval_fn, schedule=chunk_schedule(schedule))
+    eval_data, measure_data = inputs.eval_data, inputs.measure_data
 
     if resume:
         state = replicate(mesh, params)
@@ -370,7 +260,10 @@ def train(
             check_finite_params(state.params, "params(init_key)")
     start = int(state.step)
     history: list[dict] = []
-    not_due = nan_measurement(schedule, state, measure_data)
+    not_due = measurement_rows(
+        measure, clean_params(state.params, state.opt_state), inputs,
+        lambda: _measure_jit.eval_shape(schedule=schedule, state=state, data=measure_data)[1], metrics,
+    )  # fmt: skip
 
     def measured(state, metrics, due):
         if due and measure is not None:
@@ -380,15 +273,15 @@ def train(
 
     state, metrics = measured(state, metrics, not resume)
     _record(history, start, metrics, state, frozenset(not_due))
-    for chunk in range(1, num_steps // eval_every + 1):
+    for chunk in range(1, run.num_steps // run.eval_every + 1):
         state, metrics = _chunk_jit(optimizer=optimizer, state=state, data=data, eval_data=eval_data, **static)
         if int(state.divergence.step) >= 0:
             raise TrainingDiverged(int(state.divergence.step), state.divergence.quantity(), stack_history(history), state)
-        step = start + chunk * eval_every
-        state, metrics = measured(state, metrics, step % measure_every == 0)
+        step = start + chunk * run.eval_every
+        state, metrics = measured(state, metrics, step % run.measure_every == 0)
         _record(history, step, metrics, state, frozenset(not_due))
-        if callback is not None:
-            callback(step, history[-1])
+        if run.callback is not None:
+            run.callback(step, history[-1])
     return TrainResult(clean_params(state.params, state.opt_state), stack_history(history), state)
 
 

@@ -74,7 +74,7 @@ class TrainState(NamedTuple):
       data_key: raw key data of the data stream (minibatch order, augmentation).
       swa: the SWA running mean, or None without SWA.
       divergence: see :class:`Divergence`.
-      measure: the state of the run's measurement (``lsgeo.train.measure``), or None without one.
+      measure: the state of the run's measurement (any ``(init, update)`` pair, e.g. ``lsgeo.curvature.track``), or None without one.
     """
 
     params: PyTree
@@ -112,7 +112,7 @@ def init_state(
     ``optimizer.init(params)``; for ``lsgeo.optim.noise_injection`` xi_0 = 0, so the loop's point is w_0.
     ``key`` gives the data stream: ``data_key = split_key(key)[1]`` (``split_key(key)[0]`` is the
     key that initialises parameters given as a function of a key, in ``lsgeo.train.train``).
-    ``measure``: a ``lsgeo.train.measure.Measurement`` whose ``init(params)`` starts ``state.measure``.
+    ``measure``: a measurement (e.g. ``lsgeo.curvature.track.Measurement``) whose ``init(params)`` starts ``state.measure``.
     """
     _, data_key = split_key(key)
     return TrainState(

@@ -33,20 +33,21 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lsgeo.optim import clean_params
-from lsgeo.train.chunk import Schedule, chunk_schedule, evaluate_start, measure_at, run_chunk
+from lsgeo.train.chunk import chunk_schedule, evaluate_start, measure_at, run_chunk
 from lsgeo.train.devices import data_mesh, replicate, to_host
-from lsgeo.train.evaluate import stream_eval
-from lsgeo.train.loop import (
+from lsgeo.train.run import (
+    RunInputs,
+    RunOptions,
     check_finite_params,
-    check_measure,
-    check_schedule,
     initial_values,
+    measurement_rows,
     split_init_fns,
     stack_history,
     to_numpy,
+    with_run_options,
 )
 from lsgeo.train.state import TrainState, init_state, with_state_views
-from lsgeo.validation import check_batch, check_callable, check_float_params, check_positive_int
+from lsgeo.validation import check_callable, check_float_params, check_positive_int
 
 PyTree = Any
 
@@ -169,6 +170,7 @@ _sweep_chunk_jit = jax.jit(_sweep_chunk, static_argnames=_STATIC)
 _sweep_measure_jit = jax.jit(_sweep_measure, static_argnames="schedule")
 
 
+@with_run_options
 def sweep(
     objective: Callable,
     optimizer_fn: Callable,
@@ -177,34 +179,19 @@ def sweep(
     hyperparams: Mapping[str, Sequence[float]],
     seeds: Sequence[int],
     *,
-    num_steps: int,
-    eval_every: int | None = None,
-    batch_size: int | None = None,
-    eval_fn: Callable | None = None,
-    eval_data=None,
-    model_state=None,
-    swa_start: int | None = None,
-    swa_every: int = 1,
-    augment: Callable | None = None,
     members_per_chunk: int | None = None,
-    devices=None,
-    callback: Callable[[int, dict], None] | None = None,
-    measure=None,
-    measure_every: int | None = None,
-    measure_data=None,
+    **options,
 ) -> SweepResult:
     """:func:`lsgeo.train.train` for every (hyperparameter values, seed) member, vmapped, compiled once.
 
     Args:
-      objective, data, num_steps, eval_every, batch_size, eval_fn, eval_data, swa_start, swa_every,
-        augment, devices, measure, measure_every, measure_data: as in :func:`lsgeo.train.train` (every member
-        carries its own measurement state: a tracked sweep compiles once; ``measure_data``, shared by all
-        members, is an argument of the compiled measurement program, replicated like ``eval_data``).
+      objective, data: as in :func:`lsgeo.train.train`.
       optimizer_fn: ``optimizer_fn(**values, seed=seed) -> optax.GradientTransformation``, e.g.
         ``lambda sigma, seed: noise_injection(optax.sgd(0.1), sigma, seed=seed)``. The values and the
         seed arrive traced: Python branching on them is a TypeError (use ``jnp.where``, schedules).
       params: the clean w_0 shared by all members, or a callable ``init_key -> params`` (one
-        initialisation per seed); ``model_state`` likewise.
+        initialisation per seed); ``model_state`` likewise. Not a ``TrainState``: a sweep starts its runs, it
+        does not resume one (ValueError).
       hyperparams: ``{name: [S] values}``, zipped (all the same length S); the names are the keywords
         of ``optimizer_fn``. ``sigma`` values must be >= 0. ``{}``: S = 1, ``optimizer_fn(seed=seed)``
         (a sweep over seeds only).
@@ -212,7 +199,10 @@ def sweep(
         streams of one seed, :mod:`lsgeo.streams`).
       members_per_chunk: members evaluated together (``vmap``); default all S * R. Rounded up to a
         multiple of the device count.
-      callback: ``callback(step, metrics)`` after each chunk (metrics ``[S, R]`` arrays).
+      **options: the keywords of :class:`lsgeo.train.run.RunOptions`, as in :func:`lsgeo.train.train`, except
+        that ``devices`` shard the members, ``callback(step, metrics)`` gets ``[S, R]`` metric arrays, and every
+        member carries its own measurement state (a tracked sweep compiles once; ``measure_data``, shared by all
+        members, is an argument of the compiled measurement program, replicated like ``eval_data``).
 
     Returns:
       :class:`SweepResult`. Diverged members do not raise (module docstring).
@@ -223,16 +213,21 @@ def sweep(
     """
     check_callable(objective, "objective")
     check_callable(optimizer_fn, "optimizer_fn")
-    n = check_batch(data, "data", common_axis=True)
-    eval_every = check_schedule(num_steps, eval_every, batch_size, n, swa_start, swa_every)
-    measure_every = check_measure(measure, measure_every, eval_every, measure_data)
+    if isinstance(params, TrainState):
+        raise ValueError(
+            "sweep takes params, the clean initial parameters w_0 of every member (or a callable init_key -> params), "
+            "not a TrainState: a sweep starts its runs and cannot resume one; pass result.params to start from "
+            "trained parameters, or resume a run with lsgeo.train.train(..., params=state)"
+        )
+    run, n = RunOptions.of("sweep", options).checked(data)
+    measure, model_state = run.measure, run.model_state
     grid, seeds_np = _check_grid(hyperparams, seeds)
     if not callable(params):
         check_float_params(params)
         check_finite_params(params)
     S, R = next(iter(grid.values())).size if grid else 1, seeds_np.size
     G = S * R
-    mesh = data_mesh(devices)
+    mesh = data_mesh(run.devices)
     num_devices = 1 if mesh is None else mesh.size
     B = G if members_per_chunk is None else members_per_chunk
     check_positive_int(B, "members_per_chunk")
@@ -246,27 +241,28 @@ def sweep(
     dtype = jnp.zeros(()).dtype  # float32, or float64 under x64
     hyper = {k: jnp.asarray(members(np.repeat(v, R).reshape(S, R)), dtype) for k, v in grid.items()}
     keys = jnp.asarray(members(np.tile(seeds_np, (S, 1))).astype(np.int32))
-    eval_fn, eval_data = stream_eval(eval_fn, eval_data)  # a data source: eval_fn runs batch by batch
     if mesh is not None:
         hyper, keys = jax.device_put((hyper, keys), NamedSharding(mesh, P(None, "data")))
-        data, eval_data, measure_data = replicate(mesh, data), replicate(mesh, eval_data), replicate(mesh, measure_data)
+        data = replicate(mesh, data)
         params = params if callable(params) else replicate(mesh, params)
         model_state = model_state if callable(model_state) or model_state is None else replicate(mesh, model_state)
-    schedule = Schedule(eval_every, batch_size, swa_start, swa_every, augment, mesh, False, measure, measure_every)
-    static = dict(objective=objective, optimizer_fn=optimizer_fn, eval_fn=eval_fn, schedule=chunk_schedule(schedule))
-    measure_data = data if measure_data is None else measure_data
+    inputs = RunInputs.of(run, mesh, data)
+    schedule = run.schedule(mesh, False, inputs.measure_source)
+    static = dict(objective=objective, optimizer_fn=optimizer_fn, eval_fn=inputs.eval_fn,
+                  schedule=chunk_schedule(schedule))
+    eval_data, measure_data = inputs.eval_data, inputs.measure_data
 
     init_fns, params, model_state = split_init_fns(params, model_state)
     state, metrics = _sweep_start_jit(init_fns=init_fns, params=params, model_state=model_state, hyper=hyper,
                                       seeds=keys, data=data, eval_data=eval_data, **{**static, "schedule": schedule})
-    if measure is not None:  # NaN where not due (shapes only: the cached trace of the measurement program)
-        struct = _sweep_measure_jit.eval_shape(schedule=schedule, state=state, data=measure_data)[1]
-        not_due = {k: np.full(v.shape, np.nan, v.dtype) for k, v in struct.items()}
+    first = jax.tree_util.tree_map(lambda a: a[0, 0], clean_params(state.params, state.opt_state))
+    not_due = measurement_rows(  # NaN where not due (shapes only: the cached trace of the measurement program)
+        measure, first, inputs,
+        lambda: _sweep_measure_jit.eval_shape(schedule=schedule, state=state, data=measure_data)[1], metrics,
+    )  # fmt: skip
 
     def measured(state, metrics, due):
-        if measure is None:
-            return state, to_numpy(metrics)
-        if not due:
+        if not due or measure is None:
             return state, {**to_numpy(metrics), **not_due}
         state, values = _sweep_measure_jit(schedule=schedule, state=state, data=measure_data)
         return state, {**to_numpy(metrics), **to_numpy(values)}
@@ -277,15 +273,15 @@ def sweep(
 
     state, metrics = measured(state, metrics, True)
     history = [metrics]
-    for chunk in range(1, num_steps // eval_every + 1):
+    for chunk in range(1, run.num_steps // run.eval_every + 1):
         state, metrics = _sweep_chunk_jit(state=state, hyper=hyper, seeds=keys, data=data, eval_data=eval_data, **static)
-        state, metrics = measured(state, metrics, chunk * eval_every % measure_every == 0)
+        state, metrics = measured(state, metrics, chunk * run.eval_every % run.measure_every == 0)
         history.append(metrics)
-        if callback is not None:
-            callback(chunk * eval_every, {k: unflat(v) for k, v in history[-1].items()})
+        if run.callback is not None:
+            run.callback(chunk * run.eval_every, {k: unflat(v) for k, v in history[-1].items()})
 
     state = to_host(state)  # several processes: every process gets the whole result
-    steps = np.arange(0, num_steps + 1, eval_every)
+    steps = np.arange(0, run.num_steps + 1, run.eval_every)
     diverged = np.asarray(unflat(state.divergence.step))
     after = (diverged[..., None] >= 0) & (steps > diverged[..., None])
     hist = {k: np.where(after, np.nan, unflat(v)) for k, v in stack_history(history).items()}

@@ -1,8 +1,10 @@
-"""Measurements along a training run (lsgeo.train.measure, train(measure=...)): a tracked top eigenvalue
+"""Measurements along a training run (lsgeo.curvature.track, train(measure=...)): a tracked top eigenvalue
 equals curvature.top_eigenvalues on the same iterate (GD and noise injection, at the clean point), a warm
 start needs fewer products than a cold one, a resumed run continues bit for bit, a tracked sweep equals
 the separate runs and a tracked run compiles its chunk and its measurement once; with measure_data, the measurement runs on that
-batch (an argument of the compiled measurement, not a constant)."""
+batch (an argument of the compiled measurement, not a constant); on microbatches or a data source a tracker gives
+the whole-batch value (float64); a batch-coupled objective with microbatches, an unknown method and k > m are
+refused naming the argument (issue 27)."""
 
 import jax
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 from conftest import mlp_apply, mlp_init, regression_batch, sq_objective
 
 from lsgeo import curvature, optim, train
-from lsgeo.train import measure
+from lsgeo.curvature import track as measure
 
 F = sq_objective(mlp_apply)
 
@@ -164,3 +166,100 @@ def test_bad_measurements_name_the_argument():
     with pytest.raises(ValueError, match="measure_data is empty"):
         train.train(F, optax.sgd(0.1), params, batch, num_steps=4, measure=measure.trace_tracker(F),
                     measure_data=(batch[0][:0], batch[1][:0]))
+
+
+def test_the_trackers_are_reexported_by_lsgeo_train():
+    assert train.top_eigenvalue_tracker is measure.top_eigenvalue_tracker
+    assert train.trace_tracker is measure.trace_tracker and train.measure is measure
+
+
+@pytest.mark.parametrize("make", ["eigen", "trace"])
+def test_a_tracker_on_microbatches_or_a_source_equals_the_whole_batch(global_x64, make):
+    """The tracker's operator on 20 examples cut into microbatches of 6 (three full and a remainder of 2), or
+    streamed from a source in batches of 6, gives the whole-batch metrics to rounding (same start vector / probes)."""
+    params, batch = mlp_init(0, (4, 5, 2)), regression_batch(1, 20, 4, 2)
+    source = lambda: ((batch[0][i:i + 6], batch[1][i:i + 6]) for i in range(0, 20, 6))
+    if make == "eigen":
+        build = lambda **kw: measure.top_eigenvalue_tracker(F, k=2, num_iters=12, tol=1e-10, **kw)
+        names = ["lambda_max_1", "lambda_max_2"]
+    else:
+        build = lambda **kw: measure.trace_tracker(F, num_probes=8, method="hutch++", key=2, **kw)
+        names = ["trace", "trace_stderr"]
+    plain, cut = build(), build(microbatch_size=6)
+    cut.check(params, batch)
+    whole, _ = jax.jit(plain.update)(params, batch, plain.init(params))
+    on_microbatches, _ = jax.jit(cut.update)(params, batch, cut.init(params))
+    on_source, _ = jax.jit(lambda p, s: plain.update(p, source, s))(params, plain.init(params))
+    for name in names:
+        np.testing.assert_allclose(on_microbatches[name], whole[name], rtol=1e-9)
+        np.testing.assert_allclose(on_source[name], whole[name], rtol=1e-9)
+
+
+def test_train_measures_on_a_source_and_on_microbatches_as_on_the_batch(global_x64):
+    """measure_data a data source (read by the tracker's operator) or a tracker with microbatch_size: the tracked
+    lambda_max equals the one tracked on the in-memory batch, in train and in sweep."""
+    params, batch = _problem()
+    other = tuple(map(np.asarray, regression_batch(7, 12, 4, 2)))
+    source = lambda: ((other[0][i:i + 5], other[1][i:i + 5]) for i in range(0, 12, 5))
+    opt = optax.sgd(0.05)
+    tracker = measure.top_eigenvalue_tracker(F, k=1, num_iters=12, tol=1e-10)
+    on_batch = train.train(F, opt, params, batch, num_steps=2, measure=tracker, measure_data=other)
+    on_source = train.train(F, opt, params, batch, num_steps=2, measure=tracker, measure_data=source)
+    cut = measure.top_eigenvalue_tracker(F, k=1, num_iters=12, tol=1e-10, microbatch_size=5)
+    on_microbatches = train.train(F, opt, params, batch, num_steps=2, measure=cut, measure_data=other)
+    swept = train.sweep(F, lambda seed: opt, params, batch, {}, [0], num_steps=2, measure=tracker,
+                        measure_data=source)
+    expected = on_batch.history["lambda_max"]
+    np.testing.assert_allclose(on_source.history["lambda_max"], expected, rtol=1e-9)
+    np.testing.assert_allclose(on_microbatches.history["lambda_max"], expected, rtol=1e-9)
+    np.testing.assert_allclose(swept.history["lambda_max"][0, 0], expected, rtol=1e-9)
+
+
+def test_a_batch_coupled_objective_with_microbatches_is_refused_before_training():
+    """The objective centres the predictions on the batch mean (not a mean over independent examples): with
+    microbatches the tracker's value would depend on the cut, so train refuses it naming the remedy."""
+    params, batch = _problem()
+
+    def coupled(p, b):
+        out = mlp_apply(p, b[0])
+        return jax.numpy.mean((out - jax.numpy.mean(out, axis=0) - b[1]) ** 2)
+
+    tracker = measure.top_eigenvalue_tracker(coupled, num_iters=5, microbatch_size=5)
+    with pytest.raises(ValueError, match="cannot run on measure_data.*not a mean over independent examples"):
+        train.train(F, optax.sgd(0.1), params, batch, num_steps=2, measure=tracker, measure_data=batch)
+    with pytest.raises(ValueError, match="cannot run on data .*not a mean over independent examples"):
+        train.sweep(F, lambda seed: optax.sgd(0.1), params, batch, {}, [0], num_steps=2, measure=tracker)
+
+
+def test_trace_tracker_refuses_an_unknown_method_at_construction():
+    with pytest.raises(ValueError, match=r"method must be one of \['hutchinson', 'hutch\+\+', 'xtrace'\], got 'xtrce'"):
+        measure.trace_tracker(F, method="xtrce")
+    with pytest.raises(ValueError, match="num_probes must be >= 3 for method='hutch\\+\\+'"):
+        measure.trace_tracker(F, method="hutch++", num_probes=2)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(tol=0.0), "tol must be None or a relative tolerance"), (dict(tol=-1e-3), "tol must be"),
+    (dict(name=""), "name must be a non-empty string"), (dict(key="a"), "key must be"),
+    (dict(key=-1), "key must be an int seed"), (dict(microbatch_size=0), "microbatch_size must be"),
+    (dict(operator=lambda p, b: None, microbatch_size=4), "with operator=, build the operator"),
+])
+def test_tracker_arguments_outside_their_meaning_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        measure.top_eigenvalue_tracker(F, **bad)
+
+
+def test_k_larger_than_the_operator_names_k_and_m():
+    """k = 3 eigenvalues of a 2-parameter model with num_iters=5: the message names k and m (not the internal
+    num_iters=2 of a run capped at m), when updated directly and in train (before training)."""
+    import jax.numpy as jnp
+
+    f = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)
+    w, batch = jnp.ones(2), (jnp.ones((4, 2)), jnp.zeros(4))
+    tracker = measure.top_eigenvalue_tracker(f, k=3, num_iters=5)
+    with pytest.raises(ValueError, match="k=3 eigenvalues asked of an operator of size m=2"):
+        tracker.update(w, batch, tracker.init(w))
+    with pytest.raises(ValueError, match="k=3 eigenvalues asked of an operator of size m=2"):
+        train.train(f, optax.sgd(0.1), w, batch, num_steps=2, measure=tracker)
+    with pytest.raises(ValueError, match="k must be <= num_iters .*got k=6, num_iters=5"):
+        measure.top_eigenvalue_tracker(f, k=6, num_iters=5)
