@@ -5,6 +5,8 @@
 #
 #   scripts/check_floors.sh                         # fast suite: pytest -q -n 2 -m "not slow"
 #   scripts/check_floors.sh tests/test_optim.py     # a subset (any pytest arguments)
+#   scripts/check_floors.sh --resolve               # only: do exactly the floors resolve together? (pip
+#                                                   # install --dry-run of the pins; a minute, no test run)
 #
 # Environment: PYTHON (default python3), FLOORS_VENV (default /tmp/lsgeo-floors-venv; removed first),
 # FLOORS_WORKERS (pytest-xdist workers, default 2). Needs PyPI (or a configured index). Exit status: pytest's,
@@ -36,6 +38,12 @@ EOF
 echo "== floors (from pyproject.toml)"; cat "$pins"
 
 "$venv/bin/pip" install -q --upgrade pip
+if [[ "${1:-}" == "--resolve" ]]; then
+  # every declared package at exactly its floor, with the dependencies those versions declare themselves
+  "$venv/bin/pip" install --dry-run --ignore-installed -r "$pins"
+  echo "== check_floors: the floors resolve together"
+  exit 0
+fi
 # the floors as constraints: every declared package at exactly its floor, the rest resolved by pip
 "$venv/bin/pip" install -q -c "$pins" -e "$root[test]"
 

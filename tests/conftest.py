@@ -46,6 +46,17 @@ def last_json(stdout: str):
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def rounding_floor(scale, dtype=None, factor: float = 64.0):
+    """The arithmetic's own precision as a floor under a statistical bound: ``factor * eps * |scale|`` with
+    ``scale`` the magnitude the compared quantity is accumulated from (``sum |A_ij|`` for a trace, the row
+    sums ``sum_j |A_ij|`` for a diagonal). A bound of ``c * stderr`` alone fails where an estimator is exact
+    (XTrace on a low-rank operator: stderr 3.5e-16, the reference's rounding 1.8e-15); eps is float64's unless
+    x64 is off (float32) or ``dtype`` is given."""
+    if dtype is None:
+        dtype = np.float64 if jax.config.jax_enable_x64 else np.float32
+    return factor * np.finfo(dtype).eps * np.abs(np.asarray(scale, np.float64))
+
+
 @pytest.fixture
 def x64():
     with jax.enable_x64(True):

@@ -171,10 +171,11 @@ def test_every_estimator_takes_an_operator(x64, kind):
     np.testing.assert_allclose(lam, eigs[0], atol=1e-9 * eigs[-1])
     for method in ("hutchinson", "hutch++", "xtrace"):
         est, se = curvature.hessian_trace(op, key, num_probes=30, method=method, return_stderr=True)
-        assert se > 0 and abs(est - np.trace(dense)) <= 4 * se, (method, est, np.trace(dense), se)
+        floor = rounding_floor(np.abs(dense).sum())  # XTrace is exact on a low-rank operator: s.e. ~ rounding
+        assert se >= 0 and abs(est - np.trace(dense)) <= 4 * se + floor, (method, est, np.trace(dense), se)
     for method in ("hutchinson", "xdiag"):
         diag, se = curvature.hessian_diagonal(op, key, num_probes=40, method=method, return_stderr=True)
-        z = (flat(diag) - np.diag(dense)) / flat(se)
+        z = (flat(diag) - np.diag(dense)) / (flat(se) + rounding_floor(np.abs(dense).sum(axis=1)))
         assert np.mean(np.abs(z) < 4) > 0.95, (method, np.sort(np.abs(z))[-5:])
     grid, density = curvature.spectral_density(op, key, num_iters=30, num_runs=3)
     np.testing.assert_allclose(np.trapezoid(density, grid), 1.0, atol=1e-3)

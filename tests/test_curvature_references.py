@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import (
+    rounding_floor,
     ce_objective,
     cnn_apply,
     cnn_init,
@@ -149,8 +150,9 @@ def test_slq_saddle_index_with_threshold_and_width_against_exact_index(x64, sadd
     key = jax.random.key(11)
     slq = float(curvature.saddle_index(F_MLP, params, batch, key, method="slq", tol=tol, rtol=rtol, width=width,
                                        num_iters=m, num_runs=runs))
-    assert abs(slq - expected) <= 4 * se, (slq, expected, se)
-    assert abs(slq - exact_index) <= 4 * se + abs(expected - exact_index), (slq, exact_index, se)
+    floor = rounding_floor(1.0)  # a fraction of eigenvalues: the arithmetic's precision on a scale of 1
+    assert abs(slq - expected) <= 4 * se + floor, (slq, expected, se)
+    assert abs(slq - exact_index) <= 4 * se + floor + abs(expected - exact_index), (slq, exact_index, se)
     # the same number from its own nodes and weights, broadened here with scipy's normal CDF
     nodes, weights = curvature.slq_nodes(F_MLP, params, batch, key, num_iters=m, num_runs=runs)
     nodes, weights = np.asarray(nodes), np.asarray(weights)
@@ -185,7 +187,7 @@ def test_hutchinson_trace_within_four_exact_standard_errors_detects_a_five_perce
     assert 4 * se < 0.05 * abs(exact) - 2 * se  # the power to see a 5% bias at this sample size
     est, est_se = curvature.hessian_trace(F_MLP, params, batch, jax.random.key(4), num_probes=num_probes,
                                           return_stderr=True)
-    assert abs(est - exact) <= 4 * se, (est, exact, se)
+    assert abs(est - exact) <= 4 * se + rounding_floor(np.abs(h).sum()), (est, exact, se)
     np.testing.assert_allclose(est_se, se, rtol=0.15)  # its own stderr estimates the exact one
 
 
@@ -232,7 +234,7 @@ def test_hessian_diagonal_on_every_model_kind_within_four_exact_standard_errors(
     diag = curvature.hessian_diagonal(f, params, batch, jax.random.key(2), num_probes=num_probes)
     assert jax.tree_util.tree_structure(diag) == jax.tree_util.tree_structure(params)
     est, exact, se = flat(diag), np.diag(h), _diagonal_se(h, num_probes)
-    np.testing.assert_array_less(np.abs(est - exact), 4 * se + 1e-10)
+    np.testing.assert_array_less(np.abs(est - exact), 4 * se + np.maximum(1e-10, rounding_floor(np.abs(h).sum(axis=1))))
     z = (est - exact)[se > 0] / se[se > 0]
     assert 0.6 < np.mean(z**2) < 1.5, np.mean(z**2)
 

@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import (
+    rounding_floor,
     ce_objective,
     cnn_apply,
     cnn_init,
@@ -26,12 +27,13 @@ F_CNN = ce_objective(cnn_apply)
 def test_hessian_trace_within_three_standard_errors(x64):
     params = mlp_init(0, (5, 8, 8, 3))
     batch = regression_batch(1, 20, 5, 3)
-    exact = np.trace(dense_hessian(F_MLP, params, batch))
+    h = np.asarray(dense_hessian(F_MLP, params, batch))
+    exact = np.trace(h)
     est, se = curvature.hessian_trace(
         F_MLP, params, batch, jax.random.key(4), num_probes=2000, vectors_per_pass=100, return_stderr=True
     )
     assert se > 0
-    assert abs(est - exact) < 3 * se, (est, exact, se)
+    assert abs(est - exact) < 3 * se + rounding_floor(np.abs(h).sum()), (est, exact, se)
     assert se < 0.05 * abs(exact)
 
 

@@ -4,8 +4,10 @@ single-process values."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -43,3 +45,79 @@ def test_a_failing_process_stops_the_others_and_its_code_is_returned():
 def test_bad_launches_say_what_is_wrong(argv, message, capsys):
     assert launch.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie waiting for init to reap it is gone
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def _start(tmp_path, *argv):
+    """The launcher in a subprocess running ``sh -c`` whose grandchild (``sleep``) writes its pid to a file."""
+    script = f'sleep 60 & echo $! > {tmp_path}/pid_$LSGEO_PROCESS_ID; wait'
+    proc = subprocess.Popen([sys.executable, "-m", "lsgeo.launch", *argv, "--", "sh", "-c", script],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = []
+    deadline = time.monotonic() + 30
+    while len(pids) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        pids = [int(p.read_text()) for p in tmp_path.glob("pid_*") if p.read_text().strip()]
+    assert len(pids) == 2, "the grandchildren did not start"
+    return proc, pids
+
+
+def _gone(pids, within_s=15):
+    deadline = time.monotonic() + within_s
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(_alive(p) for p in pids)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_a_signal_to_the_launcher_ends_every_descendant(tmp_path, sig, code):
+    proc, pids = _start(tmp_path, "--num-processes", "2")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err, err  # Ctrl-C: no launcher traceback
+    assert _gone(pids), "grandchildren survived the launcher"
+
+
+def test_the_time_limit_ends_the_grandchildren_too(tmp_path):
+    proc, pids = _start(tmp_path, "--num-processes", "2", "--timeout", "2")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 124, err
+    assert _gone(pids)
+
+
+def test_a_failing_process_ends_the_grandchildren_of_the_others(tmp_path):
+    script = (f'if [ "$LSGEO_PROCESS_ID" = 1 ]; then sleep 1; exit 5; fi; '
+              f'sleep 60 & echo $! > {tmp_path}/pid; wait')
+    out = subprocess.run([sys.executable, "-m", "lsgeo.launch", "--num-processes", "2", "--", "sh", "-c", script],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 5, out.stderr
+    assert _gone([int((tmp_path / "pid").read_text())])
+
+
+def test_a_process_killed_by_a_signal_exits_128_plus_the_signal():
+    out = subprocess.run([sys.executable, "-m", "lsgeo.launch", "--num-processes", "1", "--", "sh", "-c",
+                          "kill -KILL $$"], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 137, (out.returncode, out.stderr)
+    assert launch.exit_code(-15) == 143 and launch.exit_code(3) == 3
+
+
+def test_an_unknown_command_is_a_clean_message(capsys):
+    assert launch.main(["--num-processes", "2", "--", "lsgeo-no-such-command"]) == 127
+    err = capsys.readouterr().err
+    assert "cannot run 'lsgeo-no-such-command'" in err and "Traceback" not in err
+
+
+def test_help_prints_the_options_and_exits_zero():
+    out = subprocess.run([sys.executable, "-m", "lsgeo.launch", "--help"], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "--num-processes" in out.stdout and "--timeout" in out.stdout and "128 + N" in out.stdout

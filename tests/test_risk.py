@@ -10,6 +10,7 @@ from flax import linen as nn
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+from conftest import rounding_floor
 from lsgeo import losses, ntk
 from lsgeo import risk as risk_lib
 
@@ -127,7 +128,7 @@ def test_exact_gn_trace_generic_loss(x64):
     b = evecs * np.sqrt(np.abs(evals))
     a = b.T @ jac @ jac.T @ b * np.sign(evals)[None, :]
     se = np.sqrt(2 * np.sum(np.square((a + a.T) / 2)) / N**2 / num_probes)
-    assert abs(estimate - expected) <= 4 * se, (estimate, expected, se)
+    assert abs(estimate - expected) <= 4 * se + rounding_floor(np.abs(a).sum() / N), (estimate, expected, se)
 
 
 def test_squared_loss_gn_trace_is_ntk_trace_over_n(x64):

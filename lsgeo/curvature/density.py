@@ -23,11 +23,12 @@ import numpy as np
 
 from lsgeo.curvature import chunking
 from lsgeo.curvature.eigen import krylov_space, vector_layout
-from lsgeo.curvature.krylov import BASIS_MEMORY, lanczos, tridiagonal_eigh
+from lsgeo.curvature.krylov import BASIS_MEMORY, lanczos, rounding_rtol, tridiagonal_eigh
 from lsgeo.curvature.operator import resolve
 from lsgeo.validation import check_choice, check_nonnegative_int, check_positive_int, check_sigma, is_concrete
 
-__all__ = ["slq_nodes", "block_slq_nodes", "spectral_density", "saddle_index", "default_saddle_rtol", "SADDLE_METHODS", "DEFAULT_SADDLE_RTOL"]
+__all__ = ["slq_nodes", "block_slq_nodes", "spectral_density", "saddle_index", "default_saddle_rtol",
+           "saddle_rounding_rtol", "SADDLE_METHODS", "DEFAULT_SADDLE_RTOL"]
 
 SADDLE_METHODS = ("auto", "exact", "slq")
 DEFAULT_SADDLE_RTOL = 1e-3
@@ -282,38 +283,38 @@ def spectral_density(
     return _broaden(nodes, weights, grid, width, num_points=num_points)
 
 
-def _robust_width(nodes, weights, fraction=0.01):
-    """``fraction`` times the 5%-95% inter-quantile range of the SLQ measure (outliers, which carry
-    weight ~1/m, do not inflate it), floored at a tiny multiple of the node scale."""
-    nodes, weights = nodes.reshape(-1), weights.reshape(-1)
-    order = jnp.argsort(nodes)
-    cdf = jnp.cumsum(weights[order]) / jnp.sum(weights)
-    sorted_nodes = nodes[order]
-    lo = sorted_nodes[jnp.clip(jnp.searchsorted(cdf, 0.05), 0, nodes.shape[0] - 1)]
-    hi = sorted_nodes[jnp.clip(jnp.searchsorted(cdf, 0.95), 0, nodes.shape[0] - 1)]
-    floor = 1e-6 * (1.0 + jnp.max(jnp.abs(nodes)))
-    return fraction * jnp.maximum(hi - lo, floor)
-
-
-def _threshold(values, tol, rtol):
-    """``max(tol, rtol * max|values|)``: eigenvalues below minus this count as negative."""
+def _threshold(values, tol, rtol, floor):
+    """``max(tol, rtol * max|values|, floor * max|values|)``: eigenvalues below minus this count as negative
+    (``floor``: the relative rounding level of the arithmetic, ``rounding_rtol``)."""
     scale = jnp.max(jnp.abs(values))
-    return jnp.maximum(jnp.asarray(tol, values.dtype), jnp.asarray(rtol, values.dtype) * scale)
+    dtype = values.dtype
+    relative = jnp.maximum(jnp.asarray(rtol, dtype), jnp.asarray(floor, dtype))
+    return jnp.maximum(jnp.asarray(tol, dtype), relative * scale)
 
 
-def default_saddle_rtol(exact: bool, m: int, dtype) -> float:
+def saddle_rounding_rtol(size: int, dtype, param_dtype=None) -> float:
+    """The relative rounding level, against ``max|lambda|``, under which ``saddle_index`` cannot tell an
+    eigenvalue's sign: ``max(size eps(dtype), rounding_rtol(param_dtype))``. ``size``: ``m`` for the exact
+    count (the dense matrix is assembled from ``m`` products and ``eigvalsh`` errs by about ``m eps ||H||``:
+    4.4e-13 at m = 2000 in float64, 2.4e-4 in float32), the Krylov dimension ``K`` for SLQ (its Ritz values are
+    exact to about ``K eps ||A||`` with full reorthogonalisation: 9.5e-6 at K = 80 in float32). ``dtype``: the
+    work dtype; ``param_dtype`` (default ``dtype``): the products' dtype (``rounding_rtol``: 7.8e-3 with
+    bfloat16 parameters, whatever the work dtype)."""
+    return max(float(size * jnp.finfo(dtype).eps), rounding_rtol(dtype if param_dtype is None else param_dtype))
+
+
+def default_saddle_rtol(exact: bool, m: int, dtype, param_dtype=None) -> float:
     """The default relative threshold of ``saddle_index``: what the computation can resolve.
 
-    Exact (dense ``eigvalsh``): ``m eps`` of the work dtype, a rounding bound of the eigenvalues of a
-    dense Hessian assembled from ``m`` products (the error matrix has norm at most about ``m eps
-    ||H||``): ``4.4e-13`` at m = 2000 in float64, ``2.4e-4`` in float32; eigenvalues below that are the
-    sign noise of rounding, above it they are counted. SLQ: ``DEFAULT_SADDLE_RTOL = 1e-3``, since a Gauss
-    quadrature node resolves the measure only to the spacing of its nodes, and the large bulk of
-    eigenvalues at zero of a network Hessian would otherwise be split by the broadening around 0.
+    Exact (dense ``eigvalsh``): ``saddle_rounding_rtol(m, dtype, param_dtype)``, the rounding of the
+    eigenvalues (``m eps`` of the work dtype unless the products' precision is coarser); eigenvalues below it
+    are the sign noise of rounding, above it they are counted. SLQ: ``DEFAULT_SADDLE_RTOL = 1e-3``, the
+    resolution of a Gauss quadrature node (the large bulk of eigenvalues at zero of a network Hessian has Ritz
+    values of either sign at that scale), or the products' rounding where that is coarser (bfloat16).
     """
     if not exact:
-        return DEFAULT_SADDLE_RTOL
-    return float(m * jnp.finfo(dtype).eps)
+        return max(DEFAULT_SADDLE_RTOL, rounding_rtol(dtype if param_dtype is None else param_dtype))
+    return saddle_rounding_rtol(m, dtype, param_dtype)
 
 
 def _resolve_tolerances(tol, rtol, default_rtol):
@@ -346,24 +347,30 @@ def saddle_index(
     ``f`` by default), ``#{i: lambda_i < -t} / m``.
 
     0 at a strict local minimum, 1 at a strict local maximum, in between at a saddle (lecture 001,
-    Section 1; Dauphin et al. 2014). The threshold is ``t = max(tol, rtol * max_i |lambda_i|)``. By
-    default (``tol`` and ``rtol`` both None) ``rtol`` is what the computation resolves
-    (``default_saddle_rtol``): ``m eps`` of the work dtype for the exact count (rounding noise only: the
-    textbook count of negative eigenvalues, 4.4e-13 relative at m = 2000 in float64), ``1e-3`` for the SLQ
-    estimate (the resolution of its quadrature nodes; network Hessians have a large bulk at zero whose
-    signs are noise). Passing ``tol`` alone keeps a purely absolute threshold (``tol=0.0``: every negative
-    eigenvalue); passing both takes the larger.
+    Section 1; Dauphin et al. 2014). The threshold is ``t = max(tol, rtol * s, saddle_rounding_rtol * s)``
+    with ``s = max_i |lambda_i|`` (the last term: the rounding of the computation, ``m eps`` exact, ``K eps``
+    by SLQ, at least the products' ``rounding_rtol``). By default (``tol`` and ``rtol`` both None)
+    ``rtol`` is what the computation resolves (``default_saddle_rtol``): ``m eps`` of the work dtype for the
+    exact count (rounding noise only: the textbook count of negative eigenvalues, 4.4e-13 relative at
+    m = 2000 in float64), ``1e-3`` for the SLQ estimate (the resolution of its quadrature nodes; network
+    Hessians have a large bulk at zero whose signs are noise). Passing ``tol`` alone keeps an absolute
+    threshold (``tol=0.0``: every negative eigenvalue the arithmetic resolves); passing both takes the
+    larger. The rounding floor always applies: an eigenvalue within the computation's rounding of 0 has no
+    resolvable sign (with bfloat16 parameters that is at least 7.8e-3 s; float32's eps would claim a
+    resolution the products do not have).
 
-    ``method="exact"`` counts the eigenvalues of the dense matrix (``eigvalsh``; ``max|lambda|`` exact).
-    ``method="slq"`` estimates the count as the mass below ``-t`` of the Gaussian-broadened SLQ spectral
-    measure (``spectral_density``), ``sum_{r,j} tau_rj Phi((-t - theta_rj) / width)`` with ``Phi`` the
-    standard normal CDF, and ``max|lambda|`` the largest ``|node|`` (Lanczos finds the extremes first).
-    Broadening matters: Gauss quadrature of a step function placed inside the dense bulk of a network
-    Hessian is biased by up to the weight of the nodes next to the step, a bias that more runs do not
-    remove; smoothing over ~``width`` removes most of it. ``width`` defaults to 1% of the 5%-95%
-    inter-quantile range of the measure (insensitive to outlier eigenvalues); ``width=0`` counts the
-    nodes below ``-t`` (the zero-width limit). ``method="auto"`` is exact when ``m <= max_dense``,
-    SLQ otherwise. NaN parameters or data give NaN (never a count of 0).
+    ``method="exact"`` counts the eigenvalues of the dense matrix (``eigvalsh``; ``s`` exact).
+    ``method="slq"`` counts the SLQ quadrature nodes below ``-t`` with their weights,
+    ``sum_{r,j} tau_rj [theta_rj < -t]`` (``slq_nodes``), and takes ``s`` as the largest ``|node|`` (Lanczos
+    finds the extremes first). The Ritz values lie inside ``[lambda_min, lambda_max]`` up to rounding, so
+    the count is exact in expectation over probes when ``-t`` falls in a gap of the spectrum, in particular
+    0 for a positive semidefinite operator (a null space, a zero operator) and 1 for a negative definite
+    one; when ``-t`` falls inside a dense bulk, a run's count is off by at most the weight of its node
+    nearest ``-t`` (Gauss quadrature of a step function), a bias that more runs do not remove but more
+    ``num_iters`` do. ``width > 0`` instead takes the mass below ``-t`` of the Gaussian-broadened measure
+    (``spectral_density``), ``sum tau_rj Phi((-t - theta_rj) / width)``, which smooths that bias but puts
+    half of any mass at 0 below 0 when ``width`` exceeds ``t``. ``method="auto"`` is exact when
+    ``m <= max_dense``, SLQ otherwise. NaN parameters or data give NaN (never a count of 0).
 
     Args:
       f, params, batch: an operator, or an objective, parameters and data.
@@ -373,7 +380,7 @@ def saddle_index(
       tol: absolute threshold >= 0 (see above).
       rtol: threshold relative to ``max|lambda|``, >= 0 (see above).
       num_iters, num_runs, vectors_per_pass: SLQ settings (see ``slq_nodes``).
-      width: SLQ broadening (standard deviation, >= 0); ``None`` for the default above.
+      width: SLQ broadening (standard deviation, >= 0); ``None`` or 0: the nodes are counted (above).
       microbatch_size, devices: with an objective, the data plan of its ``Hessian``.
 
     Cost: exact, ``m`` products plus an ``O(m^3)`` ``eigvalsh`` and ``O(m^2)`` memory; SLQ,
@@ -398,16 +405,17 @@ def saddle_index(
     op, key = resolve(f, params, batch, key, name="saddle_index", microbatch_size=microbatch_size, devices=devices,
                       key_required=False)
     exact = method == "exact" or (method == "auto" and op.size <= max_dense)
-    tol, rtol = _resolve_tolerances(tol, rtol, default_saddle_rtol(exact, op.size, op.dtype))
+    tol, rtol = _resolve_tolerances(tol, rtol, default_saddle_rtol(exact, op.size, op.dtype, op.param_dtype))
+    floor = saddle_rounding_rtol(op.size if exact else min(num_iters, op.size), op.dtype, op.param_dtype)
     if exact:
-        return _exact_index(op.to_dense(), tol, rtol)
+        return _exact_index(op.to_dense(), tol, rtol, floor)
     if key is None:
         raise ValueError(
             f"key must be a PRNG key for the SLQ estimate of the saddle index "
             f"(method={method!r}, m={op.size} > max_dense={max_dense}); got None"
         )
     nodes, weights = slq_nodes(op, key, num_iters=num_iters, num_runs=num_runs, vectors_per_pass=vectors_per_pass)
-    return _mass_below(nodes, weights, tol, rtol, width)
+    return _mass_below(nodes, weights, tol, rtol, floor, width)
 
 
 def _nan_unless_finite(values, result):
@@ -415,19 +423,17 @@ def _nan_unless_finite(values, result):
 
 
 @jax.jit
-def _exact_index(h, tol, rtol):
+def _exact_index(h, tol, rtol, floor):
     dtype = jnp.promote_types(h.dtype, jnp.float32)
     h = h.astype(dtype)
     eigs = jnp.linalg.eigvalsh(jnp.where(jnp.isfinite(h), h, 0.0))
-    return _nan_unless_finite(h, jnp.mean(eigs < -_threshold(eigs, tol, rtol)))
+    return _nan_unless_finite(h, jnp.mean(eigs < -_threshold(eigs, tol, rtol, floor)))
 
 
 @jax.jit
-def _mass_below(nodes, weights, tol, rtol, width):
-    threshold = _threshold(nodes, tol, rtol)
-    if width is None:
-        width = _robust_width(nodes, weights)
-    width = jnp.asarray(width, nodes.dtype)
+def _mass_below(nodes, weights, tol, rtol, floor, width):
+    threshold = _threshold(nodes, tol, rtol, floor)
+    width = jnp.asarray(0.0 if width is None else width, nodes.dtype)
     z = (-threshold - nodes) / jnp.where(width > 0, width, 1.0)
     below = jnp.where(width > 0, jax.scipy.stats.norm.cdf(z), (nodes < -threshold).astype(nodes.dtype))
     return _nan_unless_finite(nodes, jnp.sum(weights * below))

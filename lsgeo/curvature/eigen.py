@@ -6,7 +6,14 @@ matrix, a Fisher, a block) or build the Hessian from ``(f, params, batch, key)``
 program per (operator, options): a Lanczos run (``ritz_pairs``) from a Gaussian start, one product body
 inside a ``lax.while_loop``. The recursion runs
 in at least float32 (``bfloat16``/``float16`` parameters: the products are evaluated in the parameters'
-dtype, the basis, the reorthogonalisation and the small eigenproblem in float32).
+dtype, the basis, the reorthogonalisation and the small eigenproblem in float32). The error claims are the
+products' precision, not float32's: every residual includes ``krylov.rounding_rtol(param dtype) max|theta|``
+(7.8e-3 relative with bfloat16 parameters) and a ``tol`` below that is refused.
+
+With ``tol``, the early stop checks for a repeated eigenvalue (``lsgeo.curvature.locking``): one start vector
+sees one direction of each eigenspace, so the converged Ritz vectors are locked and a fresh run on the deflated
+operator looks for a hidden copy (a repeated top eigenvalue, e.g. a zero-initialised head, is then returned
+with its multiplicity); this costs one more early-stopped run, plus one per hidden copy.
 
 Sharded parameters (leaves laid out over several devices by a ``NamedSharding``, as FSDP or tensor
 parallelism lays them out): the run takes the pytree path of ``lsgeo.curvature.krylov`` automatically,
@@ -28,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from lsgeo.curvature import krylov
+from lsgeo.curvature import krylov, locking
 from lsgeo.curvature.operator import resolve
 from lsgeo.validation import check_choice, check_positive_int, check_sigma
 
@@ -57,12 +64,18 @@ def _resolve_num_iters(num_iters, k, m):
     return min(num_iters, m)
 
 
-def _check_tol(tol):
+def _check_tol(tol, param_dtype=None):
     if tol is None:
         return None
     check_sigma(tol, "tol")
     if not float(tol) > 0:
         raise ValueError(f"tol must be None or a relative tolerance > 0, got {tol!r}")
+    if param_dtype is not None and float(tol) <= krylov.rounding_rtol(param_dtype):
+        raise ValueError(
+            f"tol={float(tol):.3g} is below what products in {jnp.dtype(param_dtype).name} resolve "
+            f"(rounding_rtol = {krylov.rounding_rtol(param_dtype):.3g} relative): no residual can certify it; "
+            f"raise tol or evaluate the operator with float32/float64 parameters"
+        )
     return float(tol)
 
 
@@ -70,7 +83,7 @@ def _prepare(name, f, params, batch, key, k, num_iters, tol, microbatch_size, de
     check_choice(basis_memory, "basis_memory", krylov.BASIS_MEMORY)
     op, key = resolve(f, params, batch, key, name=name, microbatch_size=microbatch_size, devices=devices)
     _check_k(k, op.size)
-    return op, key, _resolve_num_iters(num_iters, k, op.size), _check_tol(tol)
+    return op, key, _resolve_num_iters(num_iters, k, op.size), _check_tol(tol, op.param_dtype)
 
 
 def vector_layout(op):
@@ -100,11 +113,17 @@ def _lanczos_pairs(op, key, num_iters, k, which, tol, with_vectors, layout=None,
     with ``with_vectors``, the Ritz vectors as a pytree with a leading axis k."""
     to_vector, matvec, shardings = krylov_space(op, layout)
     v0 = to_vector(jax.random.normal(key, (op.size,), op.dtype))
-    values, coefficients, basis, _, residuals = krylov.ritz_run(matvec, v0, num_iters, k=k, which=which, tol=tol,
-                                                                shardings=shardings, basis_memory=basis_memory)
-    if not with_vectors:
-        return values, residuals
-    vectors = krylov.ritz_vectors(basis, coefficients, shardings=shardings, basis_memory=basis_memory)
+    run = dict(k=k, which=which, tol=tol, shardings=shardings, basis_memory=basis_memory,
+               product_rtol=krylov.rounding_rtol(op.param_dtype))
+    if tol is None:
+        values, coefficients, basis, _, residuals = krylov.ritz_run(matvec, v0, num_iters, **run)
+        if not with_vectors:
+            return values, residuals
+        vectors = krylov.ritz_vectors(basis, coefficients, shardings=shardings, basis_memory=basis_memory)
+    else:  # an early stop: locked Ritz vectors and a deflated run check for a repeated eigenvalue
+        values, vectors, residuals, _ = locking.checked_ritz_run(matvec, v0, num_iters, start_key=key, **run)
+        if not with_vectors:
+            return values, residuals
     if layout is None:
         return values, residuals, jax.vmap(op.unravel)(vectors)  # [k, m], V^T u_j
     return values, residuals, jax.tree_util.tree_map(lambda y, p: y.astype(jnp.result_type(p)), vectors,
@@ -134,6 +153,8 @@ def top_eigenvalues(
     ``min(m, max(2k + 20, 40))`` and is capped at ``m`` (where the Ritz values are exact). With ``tol`` the
     run stops as soon as each of the k Ritz pairs has a relative residual ``||A y - theta y|| <= tol
     |theta|`` (an eigenvalue within ``tol |theta|``; ``num_iters`` is then the cap).
+    With ``tol`` the run also checks for a repeated eigenvalue before stopping (module docstring: one more
+    early-stopped run); ``tol`` must exceed the products' rounding (``krylov.rounding_rtol``).
     ``top_eigenvalues(...)[0]`` of the Hessian is the sharpness ``lambda_max`` of the stability bound
     ``lr < 2 / lambda_max``.
 
@@ -144,8 +165,8 @@ def top_eigenvalues(
       k: number of eigenvalues, ``1 <= k <= m``.
       num_iters: Lanczos steps (products), at least ``k``.
       tol: ``None`` (run ``num_iters`` steps) or a relative residual tolerance > 0 for early stopping.
-      return_residuals: also return the residual norms ``||A y_j - theta_j y_j||`` of the Ritz pairs (an
-        eigenvalue of A lies within each of its value).
+      return_residuals: also return bounds on the residual norms ``||A y_j - theta_j y_j||`` of the Ritz
+        pairs (an eigenvalue of A lies within each of its value), the products' rounding included.
       basis_memory: ``"device"`` or ``"host"``: the Lanczos basis (``(num_iters + 1) m`` scalars) in host
         memory, its rows fetched one at a time for the reorthogonalisation, for when it does not fit
         in device memory (``lsgeo.curvature.krylov``). Sharded parameters keep a sharded basis either way.
@@ -154,13 +175,14 @@ def top_eigenvalues(
     Returns:
       ``[k]`` Ritz values, descending (at least float32), or ``(values, residuals)``.
 
-    Cost: ``num_iters`` products (fewer with ``tol``) plus ``O(num_iters^2 m)`` flops. Memory:
+    Cost: ``num_iters`` products (with ``tol``: an early-stopped run, one more to check for a repeated
+    eigenvalue) plus ``O(num_iters^2 m)`` flops. Memory:
     ``(num_iters + 1) m`` plus one product on one microbatch (per device, ``(num_iters + 1) m / devices``
     with sharded parameters; in host memory with ``basis_memory="host"``).
 
     Raises:
-      ValueError: ``k`` not in ``[1, m]``, ``num_iters < k``, ``tol <= 0``, unknown ``basis_memory``,
-        ``key`` not a PRNG key,
+      ValueError: ``k`` not in ``[1, m]``, ``num_iters < k``, ``tol <= 0`` or below the products' rounding,
+        unknown ``basis_memory``, ``key`` not a PRNG key,
         integer ``params``, an empty batch, a bad ``microbatch_size``; TypeError: ``f`` not callable.
 
     Example:

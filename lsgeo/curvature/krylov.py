@@ -41,13 +41,30 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lsgeo.validation import check_choice, check_positive_int, is_concrete
 
 __all__ = ["lanczos", "tridiagonal_eigh", "ritz_pairs", "ritz_run", "ritz_vectors", "vector_shardings",
-           "BASIS_MEMORY"]
+           "rounding_rtol", "BASIS_MEMORY", "PRODUCT_ROUNDING"]
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
 BASIS_MEMORY = ("device", "host")
 HOST_BLOCK = 8  # basis rows fetched from host memory at a time
+PRODUCT_ROUNDING = 1  # a product's relative rounding error, in units of its dtype's eps (see rounding_rtol)
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def rounding_rtol(param_dtype) -> float:
+    """The relative size, against ``||A||``, of what the arithmetic cannot resolve in an eigenvalue:
+    ``PRODUCT_ROUNDING eps`` of the dtype the products are evaluated in (the parameters' dtype).
+
+    A product ``fl(A v) = A v + e`` with ``||e|| <~ c eps ||A|| ||v||`` makes every estimate see ``A + E`` with
+    ``||E|| <~ c eps ||A||``, and Weyl's inequality moves each eigenvalue by at most ``||E||``: the null space of
+    a positive semidefinite ``A`` shows up as eigenvalues of either sign of that size, and a Ritz residual
+    computed from the recursion (which sees ``A + E``) must be widened by it. ``c = PRODUCT_ROUNDING`` = 1
+    (measured: bfloat16 Hessian and Gauss-Newton products of small MLPs move eigenvalues by eps / 10 to
+    eps / 45 of ``||A||``): 1.2e-7 in float32, 2.2e-16 in float64, but 7.8e-3 with bfloat16 parameters and
+    9.8e-4 with float16 (the products' precision, not float32's, even though the recursion and the
+    eigenproblems run in float32).
+    """
+    return float(PRODUCT_ROUNDING * jnp.finfo(param_dtype).eps)
 
 
 # -- the vector space: pytrees of arrays, a flat vector being a one-leaf pytree ----------------------------
@@ -481,9 +498,15 @@ def ritz_pairs(matvec: MatVec, v0, num_iters: int, *, k: int, which: str = "larg
 
 
 def ritz_run(matvec: MatVec, v0, num_iters: int, *, k: int, which: str = "largest", tol=None, shardings=None,
-             basis_memory: str = "device"):
+             basis_memory: str = "device", product_rtol: float = 0.0):
     """``ritz_pairs`` plus the residual norms ``|beta_K u_Kj|`` of the returned Ritz pairs (``[k]``; the
-    residual ``||A y_j - theta_j y_j||``, exactly 0 when the run found an invariant subspace)."""
+    residual ``||A y_j - theta_j y_j||``, exactly 0 when the run found an invariant subspace).
+
+    ``product_rtol``: the relative rounding of the products (``rounding_rtol`` of the parameters' dtype). The
+    recursion sees ``A + E`` with ``||E|| <= product_rtol ||A||``, so ``product_rtol max|theta|`` is added to
+    every residual and to the stopping test: with bfloat16 products a residual computed in float32 alone reads
+    0 while the value is 3e-4 to 8e-4 off. An early stop from one start vector can miss a repeated
+    eigenvalue: ``lsgeo.curvature.locking.checked_ritz_run`` checks for it."""
     check_choice(which, "which", ("largest", "smallest"))
     v0, space = _check_start(v0, num_iters, shardings, basis_memory)
     check_positive_int(k, "k")
@@ -496,7 +519,10 @@ def ritz_run(matvec: MatVec, v0, num_iters: int, *, k: int, which: str = "larges
     def residuals(alphas, betas, size):
         theta, u = _padded_eigh(alphas, betas, size, which)
         idx = _wanted(theta, k, which)
-        return theta[idx], u[:, idx], jnp.abs(betas[size - 1]) * jnp.abs(u[size - 1, idx])
+        num = theta.shape[0]
+        ends = (theta[num - size], theta[-1]) if which == "largest" else (theta[0], theta[size - 1])
+        rounding = product_rtol * jnp.maximum(jnp.abs(ends[0]), jnp.abs(ends[1]))  # ||A|| >= max |Ritz value|
+        return theta[idx], u[:, idx], rounding + jnp.abs(betas[size - 1]) * jnp.abs(u[size - 1, idx])
 
     def converged(alphas, betas, size):
         if tol is None:

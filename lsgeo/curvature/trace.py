@@ -69,7 +69,9 @@ def hessian_trace(
     of ``Q``: ``Q (I - s_i s_i^T)`` with ``s_i`` the normalised ``i``-th column of ``R^-T``) and the
     Hutch++ estimate ``tr(Q_(i)^T A Q_(i)) + omega_i^T (I - P_(i)) A (I - P_(i)) omega_i``; the estimate is
     their mean (unbiased, every product used as sketch and as probe), its standard error their spread.
-    Needs ``s < m`` and ``A Omega`` of full rank ``s``.
+    Needs ``s < m``. A sketch ``A Omega`` of rank below ``s`` (``rank A < s``: a zero block, an unused
+    parameter) has vanishing pivots in ``R``; they are replaced by 1 so that the estimate stays finite (0 for a
+    zero operator, as Hutchinson gives).
 
     Args:
       f: a curvature operator, or the objective ``f(params, batch) -> scalar`` of a ``Hessian``.
@@ -81,7 +83,9 @@ def hessian_trace(
         (``lsgeo.curvature.chunking``; one at a time on a large model, up to 16 on a small one).
       return_stderr: also return the standard error: the sample standard deviation of the stochastic
         terms over the square root of their number (Hutchinson, Hutch++) or of the ``s`` exchangeable
-        estimates (XTrace); 0 with a single term.
+        estimates (XTrace); NaN when the estimate rests on one random term (Hutchinson with one probe,
+        Hutch++ with ``num_probes = 3`` (one residual probe), XTrace with ``num_probes < 4`` (one estimate)):
+        one term's spread is unknown, and reporting 0 would claim an exact value.
       microbatch_size, devices: with an objective, the data plan of its ``Hessian`` (``lsgeo.dataplan``).
 
     Returns:
@@ -111,10 +115,12 @@ def hessian_trace(
 
 
 def _stats(values):
+    """Mean and standard error of ``n`` exchangeable terms; the standard error is NaN for ``n < 2``: the spread
+    of one term is unknown (not 0: a one-probe estimate can be far off)."""
     n = values.shape[0]
     mean = jnp.mean(values)
     if n < 2:
-        return mean, jnp.zeros((), values.dtype)
+        return mean, jnp.full((), jnp.nan, values.dtype)
     return mean, jnp.std(values, ddof=1) / np.sqrt(n)
 
 
@@ -190,6 +196,11 @@ def _sketch(op, key, m, dtype, s, chunk):
     y = chunking.chunked_map(op.matmat, omega, chunk, batched=True)  # rows (A omega_i)^T
     q, r = jnp.linalg.qr(y.T)  # [m, s], [s, s]
     z = chunking.chunked_map(op.matmat, q.T, chunk, batched=True).T  # A Q, [m, s]
+    # a rank-deficient sketch (rank A < s: a zero block, an unused parameter) has vanishing pivots; they are
+    # set to 1 so that S stays finite (a zero operator gives exactly 0, as Hutchinson does)
+    pivots = jnp.abs(jnp.diagonal(r))
+    vanishing = pivots <= s * jnp.finfo(dtype).eps * jnp.max(pivots)
+    r = jnp.where(jnp.eye(s, dtype=bool) & vanishing[None, :], 1.0, jnp.where(vanishing[None, :], 0.0, r))
     r_inv_t = jax.scipy.linalg.solve_triangular(r, jnp.eye(s, dtype=dtype), lower=False).T
     s_mat = r_inv_t / jnp.linalg.norm(r_inv_t, axis=0, keepdims=True)
     return omega.T, y.T, q, r, z, s_mat
@@ -243,7 +254,8 @@ def hessian_diagonal(
       num_probes: number of products ``N`` (>= 1; >= 2 for XDiag).
       method: ``"hutchinson"`` or ``"xdiag"``.
       vectors_per_pass: probes vmapped together (``None``: from a memory budget, as in ``hessian_trace``).
-      return_stderr: also return the per-coordinate standard error (zeros with one probe).
+      return_stderr: also return the per-coordinate standard error (NaN with one probe, or with XDiag's
+        ``num_probes < 4``: one term's spread is unknown).
       microbatch_size, devices: with an objective, the data plan of its ``Hessian``.
 
     Returns:
@@ -295,7 +307,7 @@ def _hessian_diagonal(op, key, num_probes, method, chunk):
         var = jnp.maximum(total_sq - num_probes * jnp.square(mean), 0.0) / (num_probes - 1)
         stderr = jnp.sqrt(var / num_probes)
     else:
-        stderr = jnp.zeros_like(mean)
+        stderr = jnp.full_like(mean, jnp.nan)  # one probe: the spread is unknown
     return mean, stderr
 
 
@@ -308,5 +320,5 @@ def _xdiag(op, key, m, dtype, s, chunk):
     captured = jnp.sum(q * z, axis=1)  # diag(Q Q^T A)
     estimates = captured[:, None] - qs * zs + omega * (y - _mm(q, t) + qs * c[None, :])  # [m, s]
     mean = jnp.mean(estimates, axis=1)
-    stderr = jnp.std(estimates, axis=1, ddof=1) / np.sqrt(s) if s > 1 else jnp.zeros_like(mean)
+    stderr = jnp.std(estimates, axis=1, ddof=1) / np.sqrt(s) if s > 1 else jnp.full_like(mean, jnp.nan)
     return mean, stderr
