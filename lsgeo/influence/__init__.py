@@ -16,7 +16,20 @@ descent (TracIn), NeurIPS 2020.
 """
 
 from lsgeo.influence.inverse import INVERSES, Preconditioner, default_damping, resolve_inverse
+from lsgeo.influence.lds import (
+    LDSResult,
+    SubsetRetrains,
+    lds,
+    lds_from_predictions,
+    masked_objective,
+    predicted_changes,
+    query_losses,
+    retrain_on_subsets,
+    subset_mask,
+)
 from lsgeo.influence.scores import DEFAULT_INVERSE, pairwise_scores, self_scores
 
 __all__ = ["pairwise_scores", "self_scores", "INVERSES", "DEFAULT_INVERSE", "Preconditioner", "resolve_inverse",
-           "default_damping"]
+           "default_damping",
+           "lds", "LDSResult", "retrain_on_subsets", "SubsetRetrains", "query_losses", "predicted_changes",
+           "lds_from_predictions", "masked_objective", "subset_mask"]
