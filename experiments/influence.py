@@ -92,7 +92,8 @@ def _draw(split, n, key):
 
 def _mlp(hidden):
     def predict(p, x):
-        return jnp.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]) @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+        hidden = jnp.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+        return hidden @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
 
     def init(key):
         k0, k1 = jax.random.split(key)
@@ -178,7 +179,8 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     out = []
     for cell in group:
         with jax.enable_x64(cell["part"] == "loo"):
-            out.append(_lds_cell(cfg, data, cell["seed"]) if cell["part"] == "lds" else _loo_cell(cfg, data, cell["seed"]))
+            part = _lds_cell if cell["part"] == "lds" else _loo_cell
+            out.append(part(cfg, data, cell["seed"]))
     return out
 
 

@@ -47,11 +47,12 @@ def lsgeo_side(path: str) -> dict:
     centers = 2.0 * jax.random.normal(k[0], (SIZES[2], SIZES[0]))
     y = jax.random.randint(k[1], (N_TRAIN + N_QUERY,), 0, SIZES[2])
     x = centers[y] + jax.random.normal(k[2], (N_TRAIN + N_QUERY, SIZES[0])) * 1.5
-    params = {"Dense_0": {"kernel": jax.random.normal(k[3], SIZES[:2]) / np.sqrt(SIZES[0]), "bias": jnp.zeros(SIZES[1])},
-              "Dense_1": {"kernel": jax.random.normal(k[4], SIZES[1:]) / np.sqrt(SIZES[1]), "bias": jnp.zeros(SIZES[2])}}
+    params = {f"Dense_{i}": {"kernel": jax.random.normal(k[3 + i], SIZES[i:i + 2]) / np.sqrt(SIZES[i]),
+                             "bias": jnp.zeros(SIZES[i + 1])} for i in range(2)}
 
     def predict(p, x):
-        return jnp.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]) @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+        hidden = jnp.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+        return hidden @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
 
     loss = losses.softmax_cross_entropy
     tr, q = (x[:N_TRAIN], y[:N_TRAIN]), (x[N_TRAIN:], y[N_TRAIN:])
@@ -139,7 +140,8 @@ def main() -> None:
         peer = os.environ.get("PEER_PYTHON", "/work/peers-venv/bin/python")
         subprocess.run([peer, os.path.abspath(__file__), "--torch", src, dst], check=True)
         theirs = dict(np.load(dst))
-    rel = np.max(np.abs(ours["lsgeo_identity"] - theirs["kronfluence_identity"])) / np.max(np.abs(ours["lsgeo_identity"]))
+    diff = np.abs(ours["lsgeo_identity"] - theirs["kronfluence_identity"])
+    rel = np.max(diff) / np.max(np.abs(ours["lsgeo_identity"]))
     print(f"MLP {SIZES}, {N_TRAIN} train x {N_QUERY} queries, damping {DAMPING:g}, float64")
     print(f"identity: max |lsgeo - kronfluence| / max |score| = {rel:.2e}; "
           f"Spearman {spearman(ours['lsgeo_identity'], theirs['kronfluence_identity']):.6f}")

@@ -215,6 +215,13 @@ def test_inverse_choices_and_errors(x64):
 
     np.testing.assert_allclose(influence.pairwise_scores(predict, loss, params, train, query, inverse=Scaled(),
                                                          damping=1.0), 0.5 * g @ gq.T, rtol=1e-12, atol=1e-14)
+    class AsPartial:  # inverse(damping) returns a pytree of arrays with a call (travels as a jit argument)
+        def inverse(self, damping):
+            scale = jnp.asarray(1.0 / (1.0 + damping))
+            return jax.tree_util.Partial(lambda s, b: jax.tree_util.tree_map(lambda a: s * a, b), scale)
+
+    np.testing.assert_allclose(influence.pairwise_scores(predict, loss, params, train, query, inverse=AsPartial(),
+                                                         damping=3.0), 0.25 * g @ gq.T, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="give damping"):
         influence.pairwise_scores(predict, loss, params, train, query, inverse=Scaled())
     with pytest.raises(ValueError, match="inverse must be one of"):

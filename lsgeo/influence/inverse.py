@@ -35,6 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from lsgeo import curvature
 
@@ -102,18 +103,17 @@ def apply_linear_map(lin, b):
     if hasattr(lin, "__matmul__"):
         return lin @ b
     if hasattr(lin, "matvec"):
-        flat, unravel = jax.flatten_util.ravel_pytree(b)
+        flat, unravel = ravel_pytree(b)
         return unravel(lin.matvec(flat))
     raise ValueError(f"inverse(damping) must return a function, an object with @ or matvec; got {type(lin).__name__}")
 
 
 @dataclasses.dataclass(frozen=True)
-class _ObjectInverse:
-    static: Any = None  # the object, when it is not a pytree of arrays
+class _LinearMap:
+    static: Any = None  # the map, when it is not a pytree of arrays (a closure: its arrays become constants)
 
     def __call__(self, operands, b):
-        obj, damping = operands if self.static is None else (self.static, operands)
-        return apply_linear_map(obj.inverse(damping), b), jnp.asarray(True)
+        return apply_linear_map(operands if self.static is None else self.static, b), jnp.asarray(True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +142,9 @@ def _is_pytree_of_arrays(obj) -> bool:
 def _kronecker(name, predict, loss, params, train_data):
     cls = getattr(curvature, name.upper(), None)
     if cls is None:
-        raise ValueError(f"inverse={name!r} needs lsgeo.curvature.{name.upper()}, which this installation does not have; "
-                         f"use inverse='cg', 'lowrank' or 'identity', or pass an operator with an inverse(damping) method")
+        raise ValueError(f"inverse={name!r} needs lsgeo.curvature.{name.upper()}, which this installation does not "
+                         f"have; use inverse='cg', 'lowrank' or 'identity', or pass an operator with an "
+                         f"inverse(damping) method")
     return cls(predict, loss, params, train_data)
 
 
@@ -166,7 +167,8 @@ def resolve_inverse(inverse, predict, loss, params, train_data, *, damping=None,
         if op is None:
             op = curvature.GaussNewton(predict, loss, params, train_data, microbatch_size=microbatch_size)
         elif not isinstance(op, curvature.CurvatureOperator):
-            raise ValueError(f"curvature must be a curvature operator (GaussNewton, Hessian, ...), got {type(op).__name__}")
+            raise ValueError(f"curvature must be a curvature operator (GaussNewton, Hessian, ...), got "
+                             f"{type(op).__name__}")
         d = _damping(damping, op, key, num_probes)
         if inverse == "cg":
             return Preconditioner(_CG(float(tol), maxiter), (op, d), d, "cg")
@@ -198,12 +200,16 @@ def _damping(damping, op, key, num_probes) -> float:
 
 
 def _object(obj, damping, key, num_probes, name) -> Preconditioner:
+    """The inverse of an object with ``inverse(damping)``, built once here (outside any trace): a map that is a
+    pytree of arrays (e.g. ``jax.tree_util.Partial``, a registered operator) travels as an argument of the compiled
+    programs; any other map is static."""
     if damping is None:
         if not isinstance(obj, curvature.CurvatureOperator):
             raise ValueError(f"damping=None needs the mean eigenvalue of the curvature; {type(obj).__name__} is not a "
                              f"curvature operator: give damping")
         damping = default_damping(obj, key, num_probes)
     damping = float(damping)
-    if _is_pytree_of_arrays(obj):
-        return Preconditioner(_ObjectInverse(), (obj, damping), damping, name)
-    return Preconditioner(_ObjectInverse(obj), damping, damping, name)
+    lin = obj.inverse(damping)
+    if _is_pytree_of_arrays(lin):
+        return Preconditioner(_LinearMap(), lin, damping, name)
+    return Preconditioner(_LinearMap(lin), None, damping, name)

@@ -152,7 +152,8 @@ def predicted_changes(scores, masks) -> np.ndarray:
     training on subset j (module docstring), from scores ``[n, Q]`` and masks ``[M, n]``."""
     scores, masks = np.asarray(scores, np.float64), np.asarray(masks, np.float64)
     if scores.ndim != 2 or masks.ndim != 2 or masks.shape[1] != scores.shape[0]:
-        raise ValueError(f"scores must be [n, Q] and masks [M, n] with the same n; got {scores.shape} and {masks.shape}")
+        raise ValueError(f"scores must be [n, Q] and masks [M, n] with the same n; got {scores.shape} and "
+                         f"{masks.shape}")
     weights = masks / np.maximum(masks.sum(axis=1, keepdims=True), 1.0) - 1.0 / masks.shape[1]
     return -weights @ scores
 
@@ -163,7 +164,8 @@ def lds_from_predictions(predicted, actual) -> tuple[float, float, np.ndarray]:
     ``per_query``) and is left out of the mean."""
     predicted, actual = np.asarray(predicted, np.float64), np.asarray(actual, np.float64)
     if predicted.shape != actual.shape or predicted.ndim != 2 or predicted.shape[0] < 3:
-        raise ValueError(f"predicted and actual must be [M, Q] with M >= 3 subsets; got {predicted.shape}, {actual.shape}")
+        raise ValueError(f"predicted and actual must be [M, Q] with M >= 3 subsets; got {predicted.shape}, "
+                         f"{actual.shape}")
     rp, ra = scipy.stats.rankdata(predicted, axis=0), scipy.stats.rankdata(actual, axis=0)
     rp, ra = rp - rp.mean(axis=0), ra - ra.mean(axis=0)
     denominator = np.sqrt((rp**2).sum(axis=0) * (ra**2).sum(axis=0))

@@ -24,7 +24,8 @@ class ScoreFile:
         if resume:
             self.array = np.load(self.path, mmap_mode="r+")
             self.done = np.load(self.flags_path, mmap_mode="r+")
-            if self.array.shape != tuple(shape) or self.array.dtype != np.dtype(dtype) or self.done.shape != (num_blocks,):
+            same = self.array.shape == tuple(shape) and self.array.dtype == np.dtype(dtype)
+            if not same or self.done.shape != (num_blocks,):
                 raise ValueError(
                     f"out={self.path!r} holds scores of shape {self.array.shape} ({self.array.dtype}) in "
                     f"{self.done.shape[0]} blocks, this run writes {tuple(shape)} ({np.dtype(dtype)}) in {num_blocks}: "
