@@ -236,3 +236,27 @@ def test_inverse_choices_and_errors(x64):
         if not hasattr(curvature, name.upper()):
             with pytest.raises(ValueError, match=f"lsgeo.curvature.{name.upper()}"):
                 influence.pairwise_scores(predict, loss, params, train, query, inverse=name, damping=0.1)
+
+
+_FOUR_DEVICES = """
+import json, jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+import sys; sys.path.insert(0, TESTS)
+from test_influence import _mlp
+from lsgeo import influence
+assert len(jax.devices()) == 4
+predict, loss, params, train, query = _mlp()
+kw = dict(inverse="cg", damping=0.1, tol=1e-12)
+one = influence.pairwise_scores(predict, loss, params, train, query, **kw)
+four = influence.pairwise_scores(predict, loss, params, train, query, microbatch_size=2, **kw)
+print(json.dumps({"max_rel": float(np.max(np.abs(four - one)) / np.max(np.abs(one)))}))
+"""
+
+
+@pytest.mark.slow
+def test_scores_on_four_forced_host_devices():
+    """The Gauss-Newton operator's microbatches sharded over 4 devices: the same scores as on one batch."""
+    from conftest import TESTS, last_json, run_python
+
+    code = _FOUR_DEVICES.replace("TESTS", repr(TESTS))
+    assert last_json(run_python("-c", code, devices=4))["max_rel"] < 1e-10
