@@ -15,6 +15,14 @@ peak memory against n_train.
    to the inputs and the [n_train, n_query] output (CPU; the process's RSS includes XLA and the compiler).
 
 Model: ReLU MLP 784-512-512-10 (669,706 parameters), softmax cross-entropy, Gaussian inputs, float32.
+
+Measured (2 CPU cores shared with other jobs, load 9-14; not the issue's size, which is too slow there):
+  512 x 32:    gradients 2.13 s; identity 2.07x, lowrank 2.28x
+  2048 x 128:  gradients 7.81 s; identity 10.8x, lowrank 11.5x; peak RSS 1756 MiB at n_train 1024 and 4096
+The dense contraction costs 2 m Q flops per training example against about 6 m for its gradient, so at Q = 128
+the ratio is bound by the GEMM (Kronfluence's dense path pays the same); reaching <= 3 needs factored per-layer
+gradients (a_i, delta_i of each dense layer: (a_i . a_q)(delta_i . delta_q) for identity, or Kronfluence's
+low-rank query gradients), which lsgeo.per_example does not expose publicly yet.
 """
 
 from __future__ import annotations
