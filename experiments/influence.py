@@ -20,7 +20,8 @@ Setup: MLP 64-``hidden``-10 (tanh), softmax cross-entropy + ``weight_decay``/2 |
 (``lsgeo.train.train``, then ``lsgeo.influence.retrain_on_subsets``: ``num_subsets`` retrains on random halves,
 one vmapped sweep, the same optimizer and steps), queries from the test split. Scores:
 ``lsgeo.influence.pairwise_scores`` at the final parameters; LDS: ``lsgeo.influence.lds`` (Spearman per query,
-mean over the queries). Not shown (follow-up): the top influential images of a few queries.
+mean over the queries). Figures: the leave-one-out scatter, the LDS per method with intervals, and the strongest
+proponents / opponents of three queries as images (CG-GGN, first seed).
 """
 
 from __future__ import annotations
@@ -84,10 +85,13 @@ def cells(cfg: Config) -> list[dict]:
     return [{"part": part, "seed": s} for part in ("lds", "loo") for s in cfg.seeds]
 
 
+def _indices(split, n, key):
+    return np.asarray(jax.random.permutation(key, split[0].shape[0])[:n])
+
+
 def _draw(split, n, key):
-    x, y = split
-    idx = jax.random.permutation(key, x.shape[0])[:n]
-    return x[idx], y[idx]
+    idx = _indices(split, n, key)
+    return split[0][idx], split[1][idx]
 
 
 def _mlp(hidden):
@@ -135,6 +139,12 @@ def _lds_cell(cfg: Config, data, seed: int) -> list[dict]:
         result = influence.lds(predict, loss, params, train_data, query_data, scores, retrains=runs)
         rows.append({"part": "lds", "seed": seed, "method": method, "lds": result.score, "lds_se": result.stderr,
                      "full_train_loss": float(full.history["train_loss"][0, -1])})
+        if method == "cg" and seed == cfg.seeds[0]:  # the examples figure: top proponents / opponents of 3 queries
+            train_idx = _indices(data.train, cfg.n_train, jax.random.fold_in(key, 1))
+            query_idx = _indices(data.test, cfg.n_query, jax.random.fold_in(key, 2))[:3]
+            order = np.argsort(-np.asarray(scores)[:, :3], axis=0)
+            rows[-1].update(examples_query=query_idx.tolist(), examples_proponents=train_idx[order[:4]].T.tolist(),
+                            examples_opponents=train_idx[order[-2:][::-1]].T.tolist())
     return rows
 
 
@@ -246,7 +256,27 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     ax1.set(xticks=range(len(methods)), xticklabels=methods, ylabel="LDS (Spearman, mean over queries)",
             title=f"LDS on digits MLP ({cfg.num_subsets} half-subset retrains; 95% t-interval over seeds)")
     fig.tight_layout()
-    return {"influence.png": fig}
+    return {"influence.png": fig, **_examples_figure(rows)}
+
+
+def _examples_figure(rows: list[dict]) -> dict:
+    """The top proponents (largest scores) and opponents (most negative) of three queries (CG-GGN, first seed)."""
+    shown = [r for r in rows if r.get("examples_query")]
+    if not shown:
+        return {}
+    plt, r, data = runner.plt, shown[0], prepare(None)
+    fig, axes = plt.subplots(3, 7, figsize=(10, 4.6))
+    for row, q in enumerate(r["examples_query"]):
+        pictures = [("query", data.test, q)] + [("proponent", data.train, i) for i in r["examples_proponents"][row]]
+        pictures += [("opponent", data.train, i) for i in r["examples_opponents"][row]]
+        for ax, (kind, (x, y), i) in zip(axes[row], pictures):
+            ax.imshow(np.asarray(x[i]).reshape(8, 8), cmap="gray_r")
+            ax.set_title(f"{kind} ({int(y[i])})", fontsize=8)
+            ax.set(xticks=[], yticks=[])
+    fig.suptitle(f"influence with CG on the Gauss-Newton matrix (seed {r['seed']}): a query, its 4 strongest "
+                 f"proponents, its 2 strongest opponents (label in brackets)", fontsize=9)
+    fig.tight_layout()
+    return {"influence_examples.png": fig}
 
 
 EXPERIMENT = runner.Experiment.from_module(__name__)

@@ -22,6 +22,7 @@ def test_influence_experiment_smoke(tmp_path):
     assert figures["loo_corr_exact_hessian"] > 0.9 and abs(figures["loo_corr_random"]) < 0.5
     assert {"lds_identity", "lds_cg", "lds_random"} <= set(figures)
     assert (run_dir / "influence.png").exists() and (run_dir / "metrics.csv").exists()
+    assert (run_dir / "influence_examples.png").exists()
 
 
 def test_influence_config_checks():
