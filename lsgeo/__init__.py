@@ -5,7 +5,8 @@ regularised risk of Orvieto et al. (AISTATS 2023) (``lsgeo.risk``, ``lsgeo.theor
 (``lsgeo.curvature``: Hessian, Gauss-Newton and Fisher operators, their spectra, traces, blocks and inverse
 products), NTK traces (``lsgeo.ntk``), sharpness and landscapes
 (``lsgeo.sharpness``, ``lsgeo.landscape``), optax transformations for noise injection
-(``lsgeo.optim``), a lax.scan training engine (``lsgeo.train``), flax models and data sets.
+(``lsgeo.optim``), a lax.scan training engine (``lsgeo.train``), training-data attribution
+(``lsgeo.influence``), flax models and data sets.
 
 The way in is a data-set objective, built once: ``lsgeo.Objective(f, data, microbatch_size=..., devices=...)``
 or ``lsgeo.Risk(predict, loss, data, ...)``; operators are built from it (``lsgeo.Hessian(objective, params)``,
@@ -19,6 +20,7 @@ from lsgeo import (
     curvature,
     data,
     groups,
+    influence,
     landscape,
     dataplan,
     losses,

@@ -1,0 +1,141 @@
+"""Benchmark of lsgeo.influence: pairwise influence scores against the cost of the per-example gradients, and
+peak memory against n_train.
+
+    python benchmarks/bench_influence.py                        # the issue's size: 8192 x 128, 784-512-512-10 MLP
+    python benchmarks/bench_influence.py --n-train 1024         # what a shared 2-core CPU finishes in minutes
+
+1. Time of ``pairwise_scores`` (n_train x n_query) divided by the time of computing the n_train per-example
+   loss gradients once (the same chunked ``vmap`` of ``jax.grad``, each gradient reduced to its squared norm so
+   that nothing of size n m is kept: the floor any method that touches every training gradient pays), for the
+   inverses ``identity`` (gradient dot products), ``lowrank`` (rank 32; the Lanczos eigenpairs, built once,
+   timed apart) and ``ekfac`` when ``lsgeo.curvature.EKFAC`` exists. Each after a warm-up call (compilation),
+   median of ``--repeats``; ratios of timings taken in the same round.
+2. Peak memory vs n_train: the peak resident set of a fresh process that scores n_train examples against 8
+   queries (identity, blocks of 1024 examples, ``examples_per_chunk`` gradients at a time): flat in n_train up
+   to the inputs and the [n_train, n_query] output (CPU; the process's RSS includes XLA and the compiler).
+
+Model: ReLU MLP 784-512-512-10 (669,706 parameters), softmax cross-entropy, Gaussian inputs, float32.
+
+Measured (2 CPU cores shared with other jobs, load 9-14; not the issue's size, which is too slow there):
+  512 x 32:    gradients 2.13 s; identity 2.07x, lowrank 2.28x
+  2048 x 128:  gradients 7.81 s; identity 10.8x, lowrank 11.5x; peak RSS 1756 MiB at n_train 1024 and 4096
+The dense contraction costs 2 m Q flops per training example against about 6 m for its gradient, so at Q = 128
+the ratio is bound by the GEMM (Kronfluence's dense path pays the same); reaching <= 3 needs factored per-layer
+gradients (a_i, delta_i of each dense layer: (a_i . a_q)(delta_i . delta_q) for identity, or Kronfluence's
+low-rank query gradients), which lsgeo.per_example does not expose publicly yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsgeo import curvature, influence, losses
+from lsgeo.influence import gradients as grads_lib
+
+
+def mlp(key, sizes=(784, 512, 512, 10)):
+    keys = jax.random.split(key, len(sizes) - 1)
+    params = {f"Dense_{i}": {"kernel": jax.random.normal(k, (a, b)) * np.sqrt(2.0 / a), "bias": jnp.zeros(b)}
+              for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))}
+
+    def predict(p, x):
+        for i in range(len(sizes) - 1):
+            x = x @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"]
+            x = jax.nn.relu(x) if i < len(sizes) - 2 else x
+        return x
+
+    return predict, params
+
+
+def data(key, n):
+    kx, ky = jax.random.split(key)
+    return jax.random.normal(kx, (n, 784)), jax.random.randint(ky, (n,), 0, 10)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def gradient_norms(predict, loss, chunk, params, x, y):
+    """The per-example gradients, each reduced to its squared norm (the baseline)."""
+    square = lambda g, i: sum(jnp.sum(a * a) for a in jax.tree_util.tree_leaves(g))  # noqa: E731
+    return grads_lib.example_gradients(predict, loss, params, x, y, square, chunk)
+
+
+def timed(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-train", type=int, default=8192)
+    parser.add_argument("--n-query", type=int, default=128)
+    parser.add_argument("--chunk", type=int, default=64, help="examples_per_chunk")
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--memory-sizes", type=str, default="1024,2048,4096,8192")
+    args = parser.parse_args()
+
+    predict, params = mlp(jax.random.key(0))
+    loss = losses.softmax_cross_entropy
+    train, query = data(jax.random.key(1), args.n_train), data(jax.random.key(2), args.n_query)
+    m = sum(a.size for a in jax.tree_util.tree_leaves(params))
+    print(f"devices: {jax.devices()}; MLP 784-512-512-10, m = {m:,}; {args.n_train} train x {args.n_query} queries, "
+          f"examples_per_chunk = {args.chunk}")
+
+    base = timed(lambda: gradient_norms(predict, loss, args.chunk, params, *train), args.repeats)
+    print(f"per-example gradients of {args.n_train} examples: {base:.2f} s")
+
+    runs = {"identity": dict(inverse="identity")}
+    t0 = time.perf_counter()
+    op = curvature.GaussNewton(predict, loss, params, (train[0][:1024], train[1][:1024]))
+    pre = influence.resolve_inverse("lowrank", predict, loss, params, None, damping=None, curvature_op=op,
+                                    rank=args.rank)
+    jax.block_until_ready(pre.operands)
+    print(f"lowrank: rank-{args.rank} Lanczos eigenpairs of the GGN on 1024 examples + damping "
+          f"{pre.damping:.3g} (Hutch++ trace): {time.perf_counter() - t0:.2f} s (once; not in the ratio)")
+    runs["lowrank"] = dict(inverse=lambda b: pre.fn(pre.operands, b)[0])
+    if hasattr(curvature, "EKFAC"):
+        runs["ekfac"] = dict(inverse=curvature.EKFAC(predict, loss, params, train), damping=1e-3)
+    for name, kw in runs.items():
+        t = timed(lambda kw=kw: influence.pairwise_scores(predict, loss, params, train, query,
+                                                          examples_per_chunk=args.chunk, **kw), args.repeats)
+        print(f"pairwise {name:9s}: {t:.2f} s = {t / base:.2f} x the per-example gradients")
+
+    print("peak resident memory (ru_maxrss of a fresh process running pairwise_scores, identity, 8 queries):")
+    for n in (int(v) for v in args.memory_sizes.split(",")):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--peak-rss", str(n), "--chunk",
+                              str(args.chunk)], capture_output=True, text=True, check=True)
+        print(f"  n_train {n:6d}: {int(out.stdout.split()[-1]) / 2**20:8.1f} MiB")
+
+
+def peak_rss(n, chunk):
+    predict, params = mlp(jax.random.key(0))
+    scores = influence.pairwise_scores(predict, losses.softmax_cross_entropy, params, data(jax.random.key(1), n),
+                                       data(jax.random.key(2), 8), inverse="identity", examples_per_chunk=chunk,
+                                       block_size=1024)
+    assert scores.shape == (n, 8)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+if __name__ == "__main__":
+    if "--peak-rss" in sys.argv:
+        peak_rss(int(sys.argv[sys.argv.index("--peak-rss") + 1]), int(sys.argv[sys.argv.index("--chunk") + 1]))
+    else:
+        main()
