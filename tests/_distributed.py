@@ -3,7 +3,7 @@ process holds half of the data as its shard of a global jax.Array (jax.make_arra
 curvature operators and lsgeo.train use it where it lies. Prints one JSON line per process: the relative
 differences of a Hessian product, a Gauss-Newton product, the top eigenvalues, a Hutchinson trace (same key),
 20 steps of data-parallel training (full-batch GD and minibatch SGD: the losses along the run and the final
-parameters) from the single-process values (a sweep across processes: the sigma_sweep launcher test) on the whole data (computed in each process on one local device)."""
+parameters; lambda_max tracked on microbatches) from the single-process values (a sweep across processes: the sigma_sweep launcher test) on the whole data (computed in each process on one local device)."""
 
 import json
 import os
@@ -47,6 +47,12 @@ def training_errors(f, params, batch, whole, one):
         reference = train.train(f, optax.sgd(0.3), params, whole, devices=one, **run)
         errors[f"train {name} losses"] = relative(result.history["train_loss"], reference.history["train_loss"])
         errors[f"train {name} params"] = relative(flat(result.params), flat(reference.params))
+    run = dict(num_steps=10, eval_every=10, key=3)  # a tracker on microbatches of the sharded batch
+    tracked = train.train(f, optax.sgd(0.3), params, batch, measure=train.top_eigenvalue_tracker(
+        f, num_iters=12, tol=None, microbatch_size=3), **run)
+    reference = train.train(f, optax.sgd(0.3), params, whole, devices=one, measure=train.top_eigenvalue_tracker(
+        f, num_iters=12, tol=None), **run)
+    errors["train tracked lambda_max"] = relative(tracked.history["lambda_max"], reference.history["lambda_max"])
     return errors
 
 

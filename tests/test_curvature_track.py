@@ -1,8 +1,8 @@
 """Measurements along a training run (lsgeo.curvature.track, train(measure=...)): a tracked top eigenvalue
 equals curvature.top_eigenvalues on the same iterate (GD and noise injection, at the clean point), a warm
 start needs fewer products than a cold one, a resumed run continues bit for bit, a tracked sweep equals
-the separate runs and a tracked run compiles its chunk and its measurement once; with measure_data, the measurement runs on that
-batch (an argument of the compiled measurement, not a constant); on microbatches or a data source a tracker gives
+the separate runs and a tracked run compiles its chunk and its measurement once; with measure_data, the
+measurement runs on that batch (an argument of the compiled measurement, not a constant); on microbatches or a data source a tracker gives
 the whole-batch value (float64); a batch-coupled objective with microbatches, an unknown method and k > m are
 refused naming the argument (issue 27)."""
 

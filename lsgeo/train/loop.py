@@ -261,7 +261,7 @@ def train(
     start = int(state.step)
     history: list[dict] = []
     not_due = measurement_rows(
-        measure, clean_params(state.params, state.opt_state), inputs,
+        measure, lambda: clean_params(state.params, state.opt_state), inputs,
         lambda: _measure_jit.eval_shape(schedule=schedule, state=state, data=measure_data)[1], metrics,
     )  # fmt: skip
 

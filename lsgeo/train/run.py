@@ -249,18 +249,21 @@ def _owner(name: str) -> str:
     return "eval_fn"
 
 
-def measurement_rows(measure, params, inputs: RunInputs, shapes: Callable[[], dict], columns: dict) -> dict:
+def measurement_rows(measure, params: Callable[[], Any], inputs: RunInputs, shapes: Callable[[], dict],
+                     columns: dict) -> dict:
     """The NaN rows of the measurement's metrics (the evaluations where it is not due; ``{}`` without one), after
-    checking that it can run: ``measure.check(params, data)`` when it has one (eager), then the shapes of its
-    metrics (``shapes()``, an ``eval_shape`` of the compiled measurement: its trace is then cached by ``jit``).
-    ValueError naming ``measure_data`` (or ``data``) when it cannot run on it, and naming both sides when one of
-    its metrics would overwrite a history column (``columns``: the evaluated metrics, ``step`` added)."""
+    checking that it can run: ``measure.check(params(), data)`` when it has one (eager, at the clean iterate
+    ``params()`` gathered to the host: under several processes every process checks its own copy), then the
+    shapes of its metrics (``shapes()``, an ``eval_shape`` of the compiled measurement: its trace is then cached
+    by ``jit``). ValueError naming ``measure_data`` (or ``data``) when it cannot run on it, and naming both sides
+    when one of its metrics would overwrite a history column (``columns``: the evaluated metrics, ``step``
+    added)."""
     if measure is None:
         return {}
     data = inputs.measure_source if inputs.measure_source is not None else inputs.measure_data
     try:
         if getattr(measure, "check", None) is not None:
-            measure.check(params, data)
+            measure.check(to_host(params()), data)
         struct = shapes()
     except Exception as e:  # any failure to trace the measurement on this data (shapes, structure, dtypes)
         raise ValueError(f"the measurement cannot run on {inputs.measure_name} ({_describe(data)}): "

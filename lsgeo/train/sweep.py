@@ -255,9 +255,12 @@ def sweep(
     init_fns, params, model_state = split_init_fns(params, model_state)
     state, metrics = _sweep_start_jit(init_fns=init_fns, params=params, model_state=model_state, hyper=hyper,
                                       seeds=keys, data=data, eval_data=eval_data, **{**static, "schedule": schedule})
-    first = jax.tree_util.tree_map(lambda a: a[0, 0], clean_params(state.params, state.opt_state))
+    def first_member():  # the clean w_0 of member (0, 0), gathered to the host
+        clean = to_host(clean_params(state.params, state.opt_state))
+        return jax.tree_util.tree_map(lambda a: np.asarray(a)[0, 0], clean)
+
     not_due = measurement_rows(  # NaN where not due (shapes only: the cached trace of the measurement program)
-        measure, first, inputs,
+        measure, first_member, inputs,
         lambda: _sweep_measure_jit.eval_shape(schedule=schedule, state=state, data=measure_data)[1], metrics,
     )  # fmt: skip
 
