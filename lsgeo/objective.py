@@ -74,7 +74,6 @@ class DataSetObjective:
     plan: Any = dataclasses.field(default=None, metadata=_STATIC)
     data_name: dataclasses.InitVar[str] = "data"
 
-
     # -- primitives (traceable) ----------------------------------------------------------------------
     def value(self, params) -> jax.Array:
         """``F(w)``, the data-set value; under ``jax.grad`` a memory-bounded gradient (``dataplan.dataset_objective``)."""
