@@ -31,7 +31,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from lsgeo import validation
-from lsgeo.objective import as_objective
+from lsgeo.objective import objective_at
 from lsgeo.validation import check_choice, check_float_params, check_positive_int
 
 PyTree = Any
@@ -111,15 +111,6 @@ def _random_direction(params, key, *, normalization, ignore_1d):
     return normalize_direction(d, params, normalization=normalization, ignore_1d=ignore_1d)
 
 
-def _check_objective(f, params, batch, microbatch_size, devices, name="params"):
-    """The data-set objective: ``f`` itself when it is an ``lsgeo.Objective``/``Risk`` (then ``batch`` is None), else
-    ``lsgeo.Objective(f, batch, microbatch_size=..., devices=...)``, checked at ``params`` (floating point; a cut
-    objective must be a mean over examples: a batch-coupled one is a ValueError naming the remedy)."""
-    objective = as_objective(f, batch, microbatch_size=microbatch_size, devices=devices)
-    objective.check(params, name)
-    return objective
-
-
 def _chunk(points_per_pass: int, n: int) -> int:
     check_positive_int(points_per_pass, "points_per_pass")
     return max(1, min(points_per_pass, n))
@@ -150,7 +141,7 @@ def slice_1d(
     Cost: len(alphas) evaluations of f, ``points_per_pass`` at a time (``lax.map``); ``microbatch_size``: each
     evaluation is the data-set value by microbatches.
     """
-    objective = _check_objective(f, params, batch, microbatch_size, devices)
+    objective = objective_at(f, params, batch, microbatch_size=microbatch_size, devices=devices)
     params, direction = objective.place(params, direction)
     validation.check_same_structure(params, direction, "direction")
     alphas = _as_grid(alphas, "alphas")
@@ -187,7 +178,7 @@ def slice_2d(
     grid, ``points_per_pass`` at a time (``lax.map``); memory of ``points_per_pass`` parameter copies (times one
     microbatch with ``microbatch_size``).
     """
-    objective = _check_objective(f, params, batch, microbatch_size, devices)
+    objective = objective_at(f, params, batch, microbatch_size=microbatch_size, devices=devices)
     params, d1, d2 = objective.place(params, d1, d2)
     validation.check_same_structure(params, d1, "d1")
     validation.check_same_structure(params, d2, "d2")
@@ -249,7 +240,7 @@ def path_losses(
     """[f(path(t), batch) for t in ts] along the line a -> b (``bend=None``) or the Bezier curve
     through ``bend``. Shape ``[len(ts)]``. Cost: len(ts) evaluations of f, ``points_per_pass`` at a time
     (each the data-set value by microbatches with ``microbatch_size``)."""
-    objective = _check_objective(f, params_a, batch, microbatch_size, devices, "params_a")
+    objective = objective_at(f, params_a, batch, microbatch_size=microbatch_size, devices=devices, name="params_a")
     params_a, params_b, bend = objective.place(params_a, params_b, bend)
     validation.check_same_structure(params_a, params_b, "params_b", "params_a")
     if bend is not None:
@@ -341,7 +332,7 @@ def fit_bezier(
     Cost: ``num_steps * num_t`` gradients of f; memory of one gradient per t (vmapped). With
     ``microbatch_size`` each gradient is the data-set gradient, one microbatch at a time.
     """
-    objective = _check_objective(f, params_a, batch, microbatch_size, devices, "params_a")
+    objective = objective_at(f, params_a, batch, microbatch_size=microbatch_size, devices=devices, name="params_a")
     params_a, params_b, key, init_bend = objective.place(params_a, params_b, key, init_bend)
     check_positive_int(num_steps, "num_steps")
     check_positive_int(num_t, "num_t")

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from lsgeo import dataplan, validation
 
-__all__ = ["Objective", "Risk", "DataSetObjective", "as_objective", "mean_risk", "check_scalar"]
+__all__ = ["Objective", "Risk", "DataSetObjective", "as_objective", "objective_at", "mean_risk", "check_scalar"]
 
 PyTree = Any
 _STATIC = {"static": True}
@@ -62,8 +62,17 @@ class mean_risk:  # noqa: N801 (a hashable function: equal for equal (predict, l
         return self.loss(self.predict(params, x), y)
 
 
+@dataclasses.dataclass(frozen=True, repr=False)
 class DataSetObjective:
-    """What ``Objective`` and ``Risk`` share: the plan's primitives and the checks."""
+    """What ``Objective`` and ``Risk`` share: the keyword-only settings (``microbatch_size``, ``devices``; the
+    ``plan`` they give, set once when built; ``data_name``, the data's name in error messages), the plan's
+    primitives and the checks."""
+
+    _: dataclasses.KW_ONLY
+    microbatch_size: int | None = dataclasses.field(default=None, metadata=_STATIC)
+    devices: Sequence | None = dataclasses.field(default=None, metadata=_STATIC)
+    plan: Any = dataclasses.field(default=None, metadata=_STATIC)
+    data_name: dataclasses.InitVar[str] = "data"
 
     # -- primitives (traceable) ----------------------------------------------------------------------
     def value(self, params) -> jax.Array:
@@ -149,11 +158,6 @@ class Objective(DataSetObjective):
 
     f: Callable = dataclasses.field(metadata=_STATIC)
     data: PyTree = None
-    _: dataclasses.KW_ONLY
-    microbatch_size: int | None = dataclasses.field(default=None, metadata=_STATIC)
-    devices: Sequence | None = dataclasses.field(default=None, metadata=_STATIC)
-    plan: Any = dataclasses.field(default=None, metadata=_STATIC)
-    data_name: dataclasses.InitVar[str] = "data"
 
     _name = "f"
 
@@ -181,11 +185,6 @@ class Risk(DataSetObjective):
     predict: Callable = dataclasses.field(metadata=_STATIC)
     loss: Callable = dataclasses.field(metadata=_STATIC)
     data: PyTree = None
-    _: dataclasses.KW_ONLY
-    microbatch_size: int | None = dataclasses.field(default=None, metadata=_STATIC)
-    devices: Sequence | None = dataclasses.field(default=None, metadata=_STATIC)
-    plan: Any = dataclasses.field(default=None, metadata=_STATIC)
-    data_name: dataclasses.InitVar[str] = "data"
 
     _name = "loss(predict(...))"
 
@@ -229,6 +228,15 @@ class Risk(DataSetObjective):
                 yield jax.tree_util.tree_map(lambda a: a.addressable_shards[i].data, x), y.addressable_shards[i].data
         elif self.data is not None and validation.is_concrete(self.data):
             yield self.data
+
+
+def objective_at(f, params, batch=None, *, microbatch_size=None, devices=None, name: str = "params"):
+    """``as_objective(f, batch, ...)`` checked at ``params`` (``objective.check``: floating point; a cut objective
+    must be a mean over examples, a batch-coupled one is a ValueError naming the remedy): what the geometry
+    functions (``landscape``, ``sharpness``) evaluate."""
+    objective = as_objective(f, batch, microbatch_size=microbatch_size, devices=devices)
+    objective.check(params, name)
+    return objective
 
 
 def as_objective(f, batch=None, *, microbatch_size=None, devices=None, name: str = "f") -> DataSetObjective:

@@ -38,7 +38,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from lsgeo import groups as groups_lib
-from lsgeo.objective import as_objective
+from lsgeo.objective import objective_at
 from lsgeo.validation import (
     check_choice,
     check_nonnegative_int,
@@ -127,15 +127,6 @@ def _maximize_in_ball(g, template: PyTree, rho, *, key, steps: int, norm: str, s
     return g0, jnp.maximum(best, g(u_final))
 
 
-def _check_objective(f, params, batch, microbatch_size, devices, name="params"):
-    """The data-set objective: ``f`` itself when it is an ``lsgeo.Objective``/``Risk`` (then ``batch`` is None), else
-    ``lsgeo.Objective(f, batch, microbatch_size=..., devices=...)``, checked at ``params`` (floating point; a cut
-    objective must be a mean over examples: a batch-coupled one is a ValueError naming the remedy)."""
-    objective = as_objective(f, batch, microbatch_size=microbatch_size, devices=devices)
-    objective.check(params, name)
-    return objective
-
-
 def _check_ball_args(rho, steps, norm, step_size):
     check_sigma(rho, "rho")
     check_nonnegative_int(steps, "steps")
@@ -190,7 +181,7 @@ def epsilon_sharpness(
 
     Cost: ``steps`` (+1 without ``key``) gradients of f, plus two evaluations; memory of one gradient.
     """
-    objective = _check_objective(f, params, batch, microbatch_size, devices)
+    objective = objective_at(f, params, batch, microbatch_size=microbatch_size, devices=devices)
     params, key = objective.place(params, key)
     _check_ball_args(rho, steps, norm, step_size)
     return _epsilon_sharpness(objective, params, rho, key, step_size, steps=steps, norm=norm, relative=relative)
@@ -244,7 +235,7 @@ def adaptive_sharpness(
 
     Cost: ``steps`` (+1 without ``key``) gradients of f, plus two evaluations.
     """
-    objective = _check_objective(f, params, batch, microbatch_size, devices)
+    objective = objective_at(f, params, batch, microbatch_size=microbatch_size, devices=devices)
     params, key = objective.place(params, key)
     _check_ball_args(rho, steps, norm, step_size)
     check_sigma(eta, "eta")
@@ -289,7 +280,7 @@ def average_sharpness(
     ``draws_per_pass`` parameter copies. ``microbatch_size``: the data-set objective by microbatches, as in
     ``epsilon_sharpness``.
     """
-    objective = _check_objective(f, params, batch, microbatch_size, devices)
+    objective = objective_at(f, params, batch, microbatch_size=microbatch_size, devices=devices)
     params, key = objective.place(params, key)
     check_sigma(sigma, "sigma")
     check_positive_int(num_samples, "num_samples")
@@ -362,7 +353,7 @@ def volume_flatness(
     Cost: K * (num_grid + iters) + 1 evaluations of f, directions ``directions_per_pass`` at a time.
     ``microbatch_size``: the data-set objective by microbatches, as in ``epsilon_sharpness``.
     """
-    objective = _check_objective(f, params, batch, microbatch_size, devices)
+    objective = objective_at(f, params, batch, microbatch_size=microbatch_size, devices=devices)
     params, key = objective.place(params, key)
     check_sigma(epsilon, "epsilon")
     check_positive_int(num_directions, "num_directions")

@@ -51,7 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CURVATURE = ["tests/test_curvature_references.py", "tests/test_curvature_krylov.py", "tests/test_curvature_trace.py",
              "tests/test_curvature_products.py", "tests/test_curvature_operators.py"]
 MODULES = {
-    "lsgeo/microbatch.py": ["tests/test_microbatch.py", "tests/test_curvature_trace.py", "tests/test_launch.py"],
+    "lsgeo/dataplan/summation.py": ["tests/test_dataplan.py", "tests/test_curvature_trace.py", "tests/test_launch.py"],
+    "lsgeo/dataplan/memory.py": ["tests/test_dataplan.py", "tests/test_curvature_trace.py"],
+    "lsgeo/objective.py": ["tests/test_objective.py", "tests/test_dataplan.py"],
     "lsgeo/risk.py": ["tests/test_risk_references.py", "tests/test_risk.py"],
     "lsgeo/optim.py": ["tests/test_optim_references.py", "tests/test_optim.py"],
     "lsgeo/perturbation.py": ["tests/test_perturbation.py", "tests/test_optim_references.py",
@@ -232,7 +234,7 @@ def main(argv=None) -> int:
     parser.add_argument("--deselect-failing", action="store_true",
                         help="deselect tests that already fail unmutated (else: stop)")
     args = parser.parse_args(argv)
-    for path in sorted((args.source / "lsgeo" / "curvature").glob("*.py")):
+    for path in sorted((args.source / "lsgeo" / "curvature").rglob("*.py")):
         if path.name != "__init__.py":
             MODULES.setdefault(f"lsgeo/curvature/{path.name}", CURVATURE)
     for module, tests in MODULES.items():

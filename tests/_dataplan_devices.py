@@ -53,8 +53,17 @@ def main():
     b = np.concatenate([np.ravel(t) for t in jax.tree_util.tree_leaves(calls["hvp"](one, 7))])
     errors["hvp, committed arguments"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
     hlo = jax.jit(lambda p, b, v: curvature.hvp(f, p, b, v, microbatch_size=7)).lower(params, batch, v).as_text()
+    # a batch-coupled objective on a batch sharded along its examples (each device's share used whole) is refused
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    sharded = jax.device_put(batch[0][:48], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    coupled = lambda p, x: jnp.mean(((x - jnp.mean(x, axis=0)) @ p[0]["w"]) ** 2)  # noqa: E731
+    try:
+        curvature.Hessian(coupled, params, sharded)
+        refused = False
+    except ValueError as error:
+        refused = "not a mean over independent examples" in str(error)
     print(json.dumps({"devices": len(jax.devices()), "errors": errors, "all_reduce": "all_reduce" in hlo
-                      or "all-reduce" in hlo or "psum" in hlo}))
+                      or "all-reduce" in hlo or "psum" in hlo, "sharded_coupled_refused": refused}))
 
 
 if __name__ == "__main__":

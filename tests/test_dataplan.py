@@ -91,6 +91,7 @@ def test_four_devices_give_the_single_device_values():
     sharded over a 4-device mesh (one all-reduce per product) equal the one-device values (float32)."""
     result = last_json(run_python("_dataplan_devices.py", devices=4))
     assert result["devices"] == 4 and result["all_reduce"]
+    assert result["sharded_coupled_refused"]  # a batch-coupled objective on a sharded batch: a ValueError
     for name, error in result["errors"].items():
         assert error < 1e-5, (name, error)
 

@@ -222,3 +222,10 @@ def test_groups_returning_a_list_is_refused():
                            None)
     with pytest.raises(ValueError, match=r"groups\(path\) must return a group name .* returned list"):
         curvature.blocks(op, lambda path: list(path))
+
+
+def test_monte_carlo_fisher_replace_data_draws_for_the_new_examples(x64):
+    a, b, w = _data(8, seed=0), _data(5, seed=1), np.array([0.3, -0.2, 0.5])
+    op = curvature.MonteCarloFisher(_predict, losses.squared_loss, w, a, jax.random.key(0), num_samples=2)
+    fresh = curvature.MonteCarloFisher(_predict, losses.squared_loss, w, b, jax.random.key(0), num_samples=2)
+    np.testing.assert_allclose(op.replace(data=b).to_dense(), fresh.to_dense(), rtol=1e-12)

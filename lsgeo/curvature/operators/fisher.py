@@ -154,6 +154,18 @@ class MonteCarloFisher(PredictorOperator):
         key = key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
         return cls._make(objective=indexed, params=params, key=key, num_samples=int(num_samples))
 
+    def replace(self, **changes):
+        """As ``CurvatureOperator.replace``; new ``data=(x, y)`` is indexed again (the labels are drawn)."""
+        if "data" not in changes:
+            return super().replace(**changes)
+        risk = self.objective
+        new = Risk(risk.predict, risk.loss, changes.pop("data"), microbatch_size=risk.microbatch_size,
+                   devices=risk.devices)
+        params = changes.pop("params", self.params)
+        op = type(self)._from_objective(new, params, changes.pop("key", self.key),
+                                        num_samples=changes.pop("num_samples", self.num_samples))
+        return super(MonteCarloFisher, op).replace(**changes) if changes else op
+
     def _linear_map(self, params, mb):
         x, index = mb
         outputs, jvp, vjp = self._linearize(params, x)

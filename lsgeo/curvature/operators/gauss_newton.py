@@ -1,7 +1,7 @@
 """The Gauss-Newton matrix ``G = J^T D2L J`` of R(w) = L(Phi(w)), as a curvature operator.
 
 ``PredictorOperator`` is the shared part of the operators built from a predictor and a loss (this one and
-the Fisher operators of ``lsgeo.curvature.fisher``): the argument checks, the data plan and the
+the Fisher operators of ``lsgeo.curvature.operators.fisher``): the argument checks, the data plan and the
 linearisation of ``predict`` on a microbatch.
 """
 
