@@ -88,9 +88,15 @@ def test_a_signal_to_the_launcher_ends_every_descendant(tmp_path, sig, code):
 
 
 def test_the_time_limit_ends_the_grandchildren_too(tmp_path):
-    proc, pids = _start(tmp_path, "--num-processes", "2", "--timeout", "2")
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 124, err
+    """A Python child whose own child (a grandchild of the launcher) outlives it unless its group is ended."""
+    code = ("import os, subprocess, sys, time; p = subprocess.Popen(['sleep', '60']); "
+            f"open(os.path.join({str(tmp_path)!r}, 'pid_' + os.environ['LSGEO_PROCESS_ID']), 'w').write(str(p.pid)); "
+            "time.sleep(60)")
+    out = subprocess.run([sys.executable, "-m", "lsgeo.launch", "--num-processes", "2", "--timeout", "5", "--",
+                          sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 124, out.stderr
+    pids = [int(p.read_text()) for p in tmp_path.glob("pid_*")]
+    assert len(pids) == 2
     assert _gone(pids)
 
 
