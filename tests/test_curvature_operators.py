@@ -17,6 +17,7 @@ from conftest import (
     mlp_apply,
     mlp_init,
     random_tree,
+    rounding_floor,
     run_python,
 )
 from jax.flatten_util import ravel_pytree
