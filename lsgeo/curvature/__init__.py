@@ -28,6 +28,9 @@ Modules (all names are re-exported here, ``from lsgeo import curvature; curvatur
   hessian_operator  ``Hessian``
   gauss_newton      ``GaussNewton``
   fisher            ``EmpiricalFisher``, ``MonteCarloFisher``, ``register_label_sampler``
+  kfac, ekfac       ``KFAC``, ``EKFAC`` (Kronecker-factored; ``inverse``, ``logdet``, ``eigenvalues`` exact and cheap);
+                    kronecker_layers (layers found in the jaxpr), kronecker_fit (factors over the data plan),
+                    kronecker_algebra (the eigenbasis), kronecker_operator (the shared base, ``KroneckerInverse``)
   products          ``hvp``, ``gnvp``, ``hessian_operator``, ``gauss_newton_operator`` (one-call forms)
   dense             ``hessian`` (small models)
   trace             ``hessian_trace`` (Hutchinson, Hutch++, XTrace), ``hessian_diagonal`` (Hutchinson, XDiag)
@@ -100,6 +103,8 @@ from lsgeo.curvature.eigen import WHICH, eigenpairs, min_eigenvalue, top_eigenva
 from lsgeo.curvature.fisher import EmpiricalFisher, MonteCarloFisher, register_label_sampler
 from lsgeo.curvature.gauss_newton import GaussNewton
 from lsgeo.curvature.hessian_operator import Hessian
+from lsgeo.curvature.kfac import KFAC
+from lsgeo.curvature.kronecker_operator import KroneckerInverse
 from lsgeo.curvature.krylov import BASIS_MEMORY, lanczos, ritz_pairs, ritz_vectors, tridiagonal_eigh, vector_shardings
 from lsgeo.curvature.operator import CurvatureOperator, blocks
 from lsgeo.curvature.products import gauss_newton_operator, gnvp, hessian_operator, hvp
@@ -113,6 +118,8 @@ __all__ = [
     "EmpiricalFisher",
     "MonteCarloFisher",
     "register_label_sampler",
+    "KFAC",
+    "KroneckerInverse",
     "blocks",
     "solve",
     "SolveInfo",
