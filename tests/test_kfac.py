@@ -215,3 +215,54 @@ def test_argument_errors():
     with pytest.raises(ValueError, match=r"forward-only.*\['s'\]"):
         curvature.KFAC(scaled, losses.softmax_cross_entropy, dict(p, s=jnp.ones(())), (x, y),
                        fisher_type="forward-only")
+
+
+# -- EKFAC ------------------------------------------------------------------------------------------------------
+
+_EKFAC_GRID = [pytest.param("type-2", "expand", True, True, id="type-2-expand-separate-sequence"),
+               pytest.param("empirical", "reduce", False, False, id="empirical-reduce-joint-mlp"),
+               pytest.param("mc", "expand", False, True, id="mc-expand-joint-sequence", marks=pytest.mark.slow),
+               pytest.param("type-2", "reduce", False, True, id="type-2-reduce-joint-sequence", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("fisher_type, approx, separate, seq", _EKFAC_GRID)
+def test_ekfac_equals_the_hand_built_reference(fisher_type, approx, separate, seq):
+    p, x, y = ref.params_and_data(jax.random.PRNGKey(6), seq=seq)
+    predict, tapped = (ref.seq_predict, ref.seq_tapped) if seq else (ref.mlp_predict, ref.mlp_tapped)
+    key, loss = jax.random.PRNGKey(3), losses.softmax_cross_entropy
+    inputs, grads = ref.layer_data(tapped, loss, p, x, y, fisher_type, key, 1)
+    fs = ref.factors(inputs, grads, approx, separate, p)
+    expected = ref.dense(lambda v: ref.ekfac_apply(fs, inputs, grads, separate, v), p)
+    op = curvature.EKFAC(predict, loss, p, (x, y), fisher_type=fisher_type, kfac_approx=approx,
+                         separate_weight_and_bias=separate, key=key if fisher_type == "mc" else None,
+                         microbatch_size=3)
+    np.testing.assert_allclose(op.to_dense(), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("fisher_type, exact", [("type-2", curvature.GaussNewton),
+                                                ("empirical", curvature.EmpiricalFisher)])
+def test_ekfac_is_the_exact_diagonal_in_the_kronecker_eigenbasis_and_beats_kfac(mlp_problem, fisher_type, exact):
+    p, x, y = mlp_problem
+    args = (ref.mlp_predict, losses.softmax_cross_entropy, p, (x, y))
+    op = curvature.EKFAC(*args, fisher_type=fisher_type, separate_weight_and_bias=False)
+    f = exact(*args).to_dense()
+    sizes = {name: a.size for name, a in p.items()}  # ravel order: b1, b2, w1, w2
+    start = dict(zip(sorted(p), np.cumsum([0] + [sizes[n] for n in sorted(p)])))
+    for i, (w, b) in enumerate(ref.LAYERS.values()):
+        # the layer's coordinates [w; b] row-major, as in the canonical matrix
+        idx = np.r_[start[w]:start[w] + sizes[w], start[b]:start[b] + sizes[b]]
+        q = np.kron(op.factors["qa"][i], op.factors["qg"][i])
+        np.testing.assert_allclose(op.factors["lam"][i].reshape(-1), np.diag(q.T @ f[np.ix_(idx, idx)] @ q),
+                                   atol=1e-12)
+    kfac = curvature.KFAC(*args, fisher_type=fisher_type, separate_weight_and_bias=False).to_dense()
+    assert np.linalg.norm(op.to_dense() - f) <= np.linalg.norm(kfac - f) + 1e-12
+    k, d = op.to_dense(), 0.2
+    v = jax.random.normal(jax.random.PRNGKey(5), (op.size,))
+    inv = op.inverse(d)
+    np.testing.assert_allclose(inv @ (op @ v) + d * (inv @ v), v, atol=1e-10)
+    np.testing.assert_allclose(op.logdet(d), np.linalg.slogdet(k + d * np.eye(op.size))[1], atol=1e-10)
+    np.testing.assert_allclose(op.trace(), np.trace(k), atol=1e-10)
+    np.testing.assert_allclose(op.ravel(op.diagonal()), np.diag(k), atol=1e-12)
+    np.testing.assert_allclose(op.eigenvalues(), np.linalg.eigvalsh(k)[::-1], atol=1e-10)
+    with pytest.raises(ValueError, match="heuristic"):
+        op.inverse(d, heuristic_damping=True)

@@ -99,6 +99,7 @@ from lsgeo.curvature.density import (
     slq_nodes,
     spectral_density,
 )
+from lsgeo.curvature.ekfac import EKFAC
 from lsgeo.curvature.eigen import WHICH, eigenpairs, min_eigenvalue, top_eigenvalues
 from lsgeo.curvature.fisher import EmpiricalFisher, MonteCarloFisher, register_label_sampler
 from lsgeo.curvature.gauss_newton import GaussNewton
@@ -119,6 +120,7 @@ __all__ = [
     "MonteCarloFisher",
     "register_label_sampler",
     "KFAC",
+    "EKFAC",
     "KroneckerInverse",
     "blocks",
     "solve",
