@@ -137,3 +137,19 @@ def ekfac_apply(fs, inputs, grads, separate, v):
         else:
             out[w], out[b] = m[:-1], m[-1]
     return out
+
+
+def patches_3x3_same(xi):
+    """``[H W, 9 C]`` patches of a ``[H, W, C]`` image (3x3 window, stride 1, zero 'SAME' padding), each in
+    the (kh, kw, c) order of a flax ``Conv`` kernel ``[3, 3, C, O]`` reshaped to ``[9 C, O]``."""
+    h, w, _ = xi.shape
+    xp = jnp.pad(xi, ((1, 1), (1, 1), (0, 0)))
+    return jnp.stack([xp[i:i + 3, j:j + 3, :].reshape(-1) for i in range(h) for j in range(w)])
+
+
+def cnn_tapped(p, xi, taps):
+    """A 3x3 convolution (``w1 [9 C, O]``) by explicit patches, tanh, then a dense layer on the flattened map."""
+    pt = patches_3x3_same(xi)
+    z = pt @ p["w1"] + p["b1"] + taps["1"].reshape(pt.shape[0], -1)
+    h = jnp.tanh(z)
+    return h.reshape(-1) @ p["w2"] + p["b2"] + taps["2"], {"1": pt, "2": h.reshape(1, -1)}

@@ -266,3 +266,45 @@ def test_ekfac_is_the_exact_diagonal_in_the_kronecker_eigenbasis_and_beats_kfac(
     np.testing.assert_allclose(op.eigenvalues(), np.linalg.eigvalsh(k)[::-1], atol=1e-10)
     with pytest.raises(ValueError, match="heuristic"):
         op.inverse(d, heuristic_damping=True)
+
+
+# -- convolutions -----------------------------------------------------------------------------------------------
+
+class _FlaxCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Conv(2, (3, 3))(x))
+        return nn.Dense(3)(h.reshape(h.shape[0], -1))
+
+
+def _cnn_problem(n=5, size=4, channels=2):
+    keys = jax.random.split(jax.random.PRNGKey(7), 6)
+    p = {"w1": jax.random.normal(keys[0], (9 * channels, 2)) / 3, "b1": jax.random.normal(keys[1], (2,)),
+         "w2": jax.random.normal(keys[2], (size * size * 2, 3)) / 4, "b2": jax.random.normal(keys[3], (3,))}
+    x = jax.random.normal(keys[4], (n, size, size, channels))
+    y = jax.random.randint(keys[5], (n,), 0, 3)
+    flax_params = {"Conv_0": {"kernel": p["w1"].reshape(3, 3, channels, 2), "bias": p["b1"]},
+                   "Dense_0": {"kernel": p["w2"], "bias": p["b2"]}}
+    # lsgeo's ravel order (Conv_0 bias, kernel, Dense_0 bias, kernel) -> the reference's (b1, b2, w1, w2)
+    sizes = {k: a.size for k, a in p.items()}
+    start = dict(zip(sorted(p), np.cumsum([0] + [sizes[k] for k in sorted(p)])))
+    order = np.concatenate([np.arange(start[k], start[k] + sizes[k]) for k in ("b1", "w1", "b2", "w2")])
+    return p, flax_params, x, y, order
+
+
+@pytest.mark.parametrize("approx, separate, cls", [("expand", True, "KFAC"), ("reduce", False, "KFAC"),
+                                                   ("expand", False, "EKFAC")])
+def test_convolution_equals_the_hand_built_patch_reference(approx, separate, cls):
+    p, flax_params, x, y, order = _cnn_problem()
+    model = _FlaxCNN()
+    predict = lambda params, x: model.apply({"params": params}, x)  # noqa: E731
+    inputs, grads = ref.layer_data(ref.cnn_tapped, losses.softmax_cross_entropy, p, x, y, "type-2")
+    fs = ref.factors(inputs, grads, approx, separate, p)
+    if cls == "KFAC":
+        expected = ref.dense(lambda v: ref.kfac_apply(fs, separate, v), p)
+    else:
+        expected = ref.dense(lambda v: ref.ekfac_apply(fs, inputs, grads, separate, v), p)
+    op = getattr(curvature, cls)(predict, losses.softmax_cross_entropy, flax_params, (x, y), kfac_approx=approx,
+                                 separate_weight_and_bias=separate, microbatch_size=2)
+    assert len(op.structure.layers) == 2 and not op.diagonal_parameters
+    np.testing.assert_allclose(op.to_dense(), expected[np.ix_(order, order)], atol=1e-12)
