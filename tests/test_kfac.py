@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import kronecker_reference as ref
+from conftest import last_json, run_python
 from lsgeo import curvature, losses
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -308,3 +309,25 @@ def test_convolution_equals_the_hand_built_patch_reference(approx, separate, cls
                                  separate_weight_and_bias=separate, microbatch_size=2)
     assert len(op.structure.layers) == 2 and not op.diagonal_parameters
     np.testing.assert_allclose(op.to_dense(), expected[np.ix_(order, order)], atol=1e-12)
+
+
+# -- data plans: a data source, four devices -----------------------------------------------------------------------
+
+def test_a_data_source_gives_the_in_memory_factors(global_x64):
+    p, x, y = ref.params_and_data(jax.random.PRNGKey(8), seq=True)
+    source = lambda: iter([(x[i:i + 3], y[i:i + 3]) for i in range(0, 7, 3)])  # noqa: E731  (3 + 3 + 1)
+    for cls in (curvature.KFAC, curvature.EKFAC):
+        streamed = cls(ref.seq_predict, losses.softmax_cross_entropy, p, source, kfac_approx="reduce")
+        in_memory = cls(ref.seq_predict, losses.softmax_cross_entropy, p, (x, y), kfac_approx="reduce")
+        np.testing.assert_allclose(streamed.to_dense(), in_memory.to_dense(), atol=1e-12)
+    with pytest.raises(ValueError, match="data source"):
+        curvature.KFAC(ref.seq_predict, losses.softmax_cross_entropy, p, source, fisher_type="mc",
+                       key=jax.random.PRNGKey(0))
+
+
+@pytest.mark.slow
+def test_four_devices_give_the_one_device_factors():
+    result = last_json(run_python("_kfac_devices.py", devices=4))
+    assert result["devices"] == 4
+    for name, error in result["errors"].items():
+        assert error < 1e-5, (name, error)
