@@ -130,20 +130,16 @@ def factor_statistics(op, params, mb):
     a_factors, g_factors = [], []
     for layer in op.structure.layers:
         a = _with_ones(op, layer, inputs[layer.path])  # [n, T, c']
-        if op.kfac_approx == "reduce":
-            abar = jnp.mean(a, axis=1)
-            a_factors.append(abar.T @ abar / n)
-        else:
-            a_factors.append(jnp.einsum("ntc,ntd->cd", a, a) / (n * a.shape[1]))
+        rows_a = jnp.mean(a, axis=1) if op.kfac_approx == "reduce" else a.reshape(-1, a.shape[-1])
+        a_factors.append(rows_a.T @ rows_a / (n if op.kfac_approx == "reduce" else n * a.shape[1]))
         if grads is None:
             g_factors.append(jnp.eye(layer.f, dtype=a.dtype))
             continue
         d = grads[layer.path]  # [n, r, T, f]
         if op.kfac_approx == "reduce":
-            gbar = jnp.sum(d, axis=2)
-            g_factors.append(jnp.einsum("nrf,nrg,nr->fg", gbar, gbar, signs) / n)
-        else:
-            g_factors.append(jnp.einsum("nrtf,nrtg,nr->fg", d, d, signs) / n)
+            d = jnp.sum(d, axis=2, keepdims=True)
+        signed = d * signs[:, :, None, None]
+        g_factors.append(signed.reshape(-1, layer.f).T @ d.reshape(-1, layer.f) / n)  # sum over (i, r, t)
     diag = () if squares is None else tuple(jnp.mean(s, axis=0) for s in squares)
     return {"A": tuple(a_factors), "G": tuple(g_factors), "diag": diag}
 
@@ -158,7 +154,8 @@ def correction_statistics(op, bases, mb):
         a = _with_ones(op, layer, inputs[layer.path]) @ q_in  # [n, T, c'] rotated
         d = grads[layer.path] @ q_out  # [n, r, T, f] rotated
         if a.shape[1] == 1:
-            kernel.append(jnp.einsum("nc,nrf,nr->cf", jnp.square(a[:, 0]), jnp.square(d[:, :, 0]), signs) / n)
+            weighted = jnp.sum(jnp.square(d[:, :, 0]) * signs[:, :, None], axis=1)  # [n, f]
+            kernel.append(jnp.square(a[:, 0]).T @ weighted / n)
         else:
             def one(acc, ex):
                 ai, di, si = ex
@@ -168,7 +165,7 @@ def correction_statistics(op, bases, mb):
             zero = jnp.zeros((a.shape[2], d.shape[3]), a.dtype)
             kernel.append(jax.lax.scan(one, zero, (a, d, signs))[0] / n)
         if layer.bias is not None and op.separate_weight_and_bias:
-            bias.append(jnp.einsum("nrf,nr->f", jnp.square(jnp.sum(d, axis=2)), signs) / n)
+            bias.append(jnp.sum(jnp.square(jnp.sum(d, axis=2)) * signs[:, :, None], axis=(0, 1)) / n)
         else:
             bias.append(None)
     return {"kernel": tuple(kernel), "bias": tuple(bias)}
