@@ -21,8 +21,9 @@ def main():
     errors = {}
     for name, cls in (("kfac", curvature.KFAC), ("ekfac", curvature.EKFAC)):
         for approx in ("expand", "reduce"):
-            build = lambda d: cls(ref.seq_predict, losses.softmax_cross_entropy, p, (x, y), kfac_approx=approx,  # noqa: E731
-                                  separate_weight_and_bias=False, microbatch_size=4, devices=d)
+            def build(d, cls=cls, approx=approx):
+                return cls(ref.seq_predict, losses.softmax_cross_entropy, p, (x, y), kfac_approx=approx,
+                           separate_weight_and_bias=False, microbatch_size=4, devices=d)
             sharded, single = build(None).to_dense(), build(one).to_dense()
             errors[f"{name} {approx}"] = float(np.linalg.norm(sharded - single) / np.linalg.norm(single))
     print(json.dumps({"devices": len(jax.devices()), "errors": errors}))

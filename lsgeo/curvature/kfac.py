@@ -34,7 +34,9 @@ class KFAC(KroneckerOperator):
     ``EmpiricalFisher``); ``"forward-only"`` ``G = I`` (FOOF, Benzing 2022). With one example, ``T = 1``
     and type-2, ``A (x) G`` is exactly the layer's Gauss-Newton block.
 
-    Conventions (curvlinops 3.0.1 ``KFACLinearOperator``, checked by scripts/peer_kfac_curvlinops.py):
+    Conventions (curvlinops 3.0.1 ``KFACLinearOperator``: the same matrices to 1e-15 on an MLP and a CNN for
+    type-2, empirical and forward-only, expand and reduce, both bias treatments, cross-entropy;
+    scripts/peer_kfac_curvlinops.py; ``"mc"`` draws other labels):
       * normalisation: lsgeo's loss is a mean over examples, and ``A``, ``G`` are the means over the ``N``
         examples above, as curvlinops' for ``reduction="mean"`` with one loss term per example (lsgeo
         has no sequence-averaged losses: a per-token loss is a per-example loss over ``[T, k]`` outputs).

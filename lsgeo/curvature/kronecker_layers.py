@@ -103,7 +103,8 @@ class Structure:
 @dataclasses.dataclass(frozen=True)
 class _Alias:
     leaf: int
-    state: str  # "direct" (the leaf or a cast), "lead1" (leading 1s added), "bcast" (broadcast along leading axes), "view"
+    # "direct" (the leaf or a cast), "lead1" (leading 1s added), "bcast" (broadcast along leading axes), "view"
+    state: str
 
 
 def _view_state(eqn, alias, leaf_shape):
