@@ -191,9 +191,28 @@ def test_unsupported_uses_of_a_kernel_are_clear_errors():
     reshaped = lambda p, x: x @ p["w"].reshape(3, 3)  # noqa: E731
     with pytest.raises(ValueError, match=r"\['w'\].*reshape"):
         curvature.KFAC(reshaped, losses.squared_loss, {"w": jnp.ones(9)}, (x, y))
+    normed = lambda p, x: x @ (p["g"] * p["v"] / jnp.linalg.norm(p["v"], axis=0))  # noqa: E731  (weight norm)
+    with pytest.raises(ValueError, match=r"\['g'\].*transformed kernel"):
+        curvature.KFAC(normed, losses.squared_loss, {"g": jnp.ones(3), "v": jnp.ones((3, 3))}, (x, y))
     batched = lambda p, x: jnp.einsum("nc,ncf->nf", x, jnp.broadcast_to(p["w"], (x.shape[0], 3, 3)))  # noqa: E731
     with pytest.raises(ValueError, match=r"\['w'\]"):
         curvature.KFAC(batched, losses.squared_loss, {"w": jnp.ones((3, 3))}, (x, y))
+
+
+def test_a_bias_whose_layer_output_is_used_elsewhere_is_not_joined_to_the_layer():
+    # z = x W feeds both the bias add and a skip connection: the bias's gradient is not sum_t D_t, so the bias
+    # gets its exact diagonal instead of a ones column in A
+    p, x, y = ref.params_and_data(jax.random.PRNGKey(0), seq=False, hidden=3, k=3)
+
+    def skip(p, x):
+        z = x @ p["w1"]
+        return jnp.tanh(z + p["b1"]) + z
+
+    op = curvature.KFAC(skip, losses.softmax_cross_entropy, {"w1": p["w1"], "b1": p["b1"]}, (x, y),
+                        separate_weight_and_bias=False)
+    assert op.diagonal_parameters == ("['b1']",)
+    gn = curvature.GaussNewton(skip, losses.softmax_cross_entropy, {"w1": p["w1"], "b1": p["b1"]}, (x, y))
+    np.testing.assert_allclose(op.diagonal()["b1"], np.diag(gn.to_dense())[:3], atol=1e-12)
 
 
 def test_argument_errors():

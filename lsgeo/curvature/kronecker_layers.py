@@ -33,6 +33,7 @@ Cost: one trace of the predictor, no FLOPs.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any
 
@@ -125,10 +126,32 @@ def _view_state(eqn, alias, leaf_shape):
     return "view"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Derived:
+    """A value computed from parameter leaves only (no data), by primitive ``via``: a transformed kernel."""
+
+    leaves: tuple
+    via: str
+
+
+_DATA = "data"  # a value that depends on the example (an activation)
+
+
+def _leaves_of(info) -> tuple:
+    return (info.leaf,) if isinstance(info, _Alias) else info.leaves if isinstance(info, _Derived) else ()
+
+
+def _derived(ins, via) -> _Derived:
+    return _Derived(tuple(sorted({j for i in ins for j in _leaves_of(i)})), via)
+
+
 def _analyze(jaxpr, in_infos, path, uses, site_outs, top, shapes):
     """Records in ``uses[leaf]`` every use: ``("kernel", path, side, eqn)``, ``("bias", site_path)``,
-    ``("bad", reason)`` or ``("other",)``."""
+    ``("bad", reason)`` or ``("other",)``. ``in_infos``: per input an ``_Alias``/``_Derived`` (parameters),
+    ``_DATA`` or None (a constant)."""
     env = dict(zip(jaxpr.invars, in_infos))
+    reads = collections.Counter(a for eqn in jaxpr.eqns for a in eqn.invars if not isinstance(a, interp.LITERAL))
+    reads.update(a for a in jaxpr.outvars if not isinstance(a, interp.LITERAL))
 
     def read(a):
         return None if isinstance(a, interp.LITERAL) else env.get(a)
@@ -137,48 +160,57 @@ def _analyze(jaxpr, in_infos, path, uses, site_outs, top, shapes):
         p = path + (idx,)
         ins = [read(a) for a in eqn.invars]
         prim = eqn.primitive
+        params_in = [i for i in ins if isinstance(i, (_Alias, _Derived))]
+        data_in = any(i is _DATA for i in ins)
+        body = interp.call_body(eqn)
+        if body is not None and params_in:
+            outs = _analyze(body.jaxpr, ins, p, uses, {}, False, shapes)
+            env.update((v, o) for v, o in zip(eqn.outvars, outs) if o is not None)
+            continue
+        out = _DATA if data_in else (_derived(params_in, prim.name) if params_in else None)
+        if out is not None:
+            env.update((v, out) for v in eqn.outvars)
+        if not params_in:
+            continue
         if prim in _ADD and len(ins) == 2:
             for s in (0, 1):
                 a, other = ins[s], eqn.invars[1 - s]
-                if a is None:
+                if a is None or a is _DATA:
                     continue
                 site = None if isinstance(other, interp.LITERAL) else site_outs.get(other)
-                if site is not None and a.state in ("direct", "lead1", "bcast") and ins[1 - s] is None:
+                if (site is not None and isinstance(a, _Alias) and a.state in ("direct", "lead1", "bcast")
+                        and reads[other] == 1):
                     uses[a.leaf].append(("bias", site))
                 else:
-                    uses[a.leaf].append(("other",))
-            continue
-        if all(i is None for i in ins):
-            if prim in _DOT or prim in _CONV:
-                site_outs.pop(eqn.outvars[0], None)
-            continue
-        body = interp.call_body(eqn)
-        if body is not None:
-            env.update((v, o) for v, o in zip(eqn.outvars, _analyze(body.jaxpr, ins, p, uses, {}, False, shapes))
-                       if o is not None)
+                    for j in _leaves_of(a):
+                        uses[j].append(("other",))
         elif (prim in _CASTS or prim in _RESHAPE or prim in _BROADCAST or prim in _OTHER_VIEWS) and len(ins) == 1:
-            env[eqn.outvars[0]] = _Alias(ins[0].leaf, _view_state(eqn, ins[0], shapes[ins[0].leaf]))
+            a = ins[0]
+            env[eqn.outvars[0]] = (_Alias(a.leaf, _view_state(eqn, a, shapes[a.leaf])) if isinstance(a, _Alias)
+                                   else a)
         elif prim in _DOT or prim in _CONV:
             _kernel_use(eqn, prim in _CONV, ins, p, uses, site_outs)
         else:
-            for a in ins:
-                if a is not None:
-                    uses[a.leaf].append(("other",))
+            for j in sorted({j for a in params_in for j in _leaves_of(a)}):
+                uses[j].append(("other",))
     outs = [read(a) for a in jaxpr.outvars]
     if top:
         for a in outs:
-            if a is not None:
-                uses[a.leaf].append(("other",))
+            for j in _leaves_of(a):
+                uses[j].append(("other",))
     return outs
 
 
 def _kernel_use(eqn, is_conv, ins, p, uses, site_outs):
     name = "conv_general_dilated" if is_conv else "dot_general"
     for s, a in enumerate(ins):
-        if a is None:
+        if not isinstance(a, (_Alias, _Derived)):
             continue
         other = ins[1 - s]
-        if other is not None:
+        if isinstance(a, _Derived):
+            for j in a.leaves:
+                uses[j].append(("bad", f"it reaches a {name} through {a.via} (a transformed kernel)"))
+        elif isinstance(other, (_Alias, _Derived)):
             uses[a.leaf].append(("bad", f"both operands of a {name} are parameters"))
         elif a.state != "direct":
             uses[a.leaf].append(("bad", f"it reaches a {name} through a reshape, transpose or broadcast"))
@@ -241,7 +273,7 @@ def find_layers(single, leaves, x_leaves, names=None) -> Structure:
     closed = jax.make_jaxpr(single)(specs, xspecs)
     uses = {j: [] for j in range(len(leaves))}
     shapes = [tuple(np.shape(a)) for a in leaves]
-    _analyze(closed.jaxpr, [_Alias(j, "direct") for j in range(len(leaves))] + [None] * len(xspecs), (), uses, {},
+    _analyze(closed.jaxpr, [_Alias(j, "direct") for j in range(len(leaves))] + [_DATA] * len(xspecs), (), uses, {},
              True, shapes)
     layers, unmatched, biases = {}, [], {}
     for j in range(len(leaves)):
