@@ -112,8 +112,7 @@ def _per_example(op, params, x_i, y_i, index_i):
 def _per_microbatch(op, params, mb):
     x, y, index = _unpack(mb)
     n = jax.tree_util.tree_leaves(x)[0].shape[0]
-    index = jnp.zeros(n, jnp.int32) if index is None else index
-    y = jnp.zeros(n) if y is None else y
+    index = jnp.zeros(n, jnp.int32) if index is None else index  # a data source: no index (mc is refused there)
     return jax.vmap(lambda xi, yi, ii: _per_example(op, params, xi, yi, ii))(x, y, index), n
 
 
