@@ -30,6 +30,9 @@ Modules (all names are re-exported here, ``from lsgeo import curvature; curvatur
   operators         ``CurvatureOperator`` (products, flat forms, ``to_dense``), ``blocks``, ``Hessian``,
                     ``GaussNewton``, ``EmpiricalFisher``, ``MonteCarloFisher``, ``register_label_sampler``
   operator          ``resolve``: the two call forms of an estimator (operator, or f, params, batch)
+  kfac, ekfac       ``KFAC``, ``EKFAC`` (Kronecker-factored; ``inverse``, ``logdet``, ``eigenvalues`` exact and cheap);
+                    kronecker_layers (layers found in the jaxpr), kronecker_fit (factors over the data plan),
+                    kronecker_algebra (the eigenbasis), kronecker_operator (the shared base, ``KroneckerInverse``); all under ``operators/``
   products          ``hvp``, ``gnvp``, ``hessian_operator``, ``gauss_newton_operator`` (one-call forms)
   dense             ``hessian`` (small models)
   trace             ``hessian_trace`` (Hutchinson, Hutch++, XTrace), ``hessian_diagonal`` (Hutchinson, XDiag)
@@ -101,7 +104,10 @@ from lsgeo.curvature.density import (
     slq_nodes,
     spectral_density,
 )
+from lsgeo.curvature.operators.ekfac import EKFAC
 from lsgeo.curvature.eigen import WHICH, eigenpairs, min_eigenvalue, top_eigenvalues
+from lsgeo.curvature.operators.kfac import KFAC
+from lsgeo.curvature.operators.kronecker_operator import KroneckerInverse
 from lsgeo.curvature.krylov import BASIS_MEMORY, lanczos, ritz_pairs, ritz_vectors, tridiagonal_eigh, vector_shardings
 from lsgeo.curvature.operators import (
     CurvatureOperator,
@@ -133,6 +139,9 @@ __all__ = [
     "EmpiricalFisher",
     "MonteCarloFisher",
     "register_label_sampler",
+    "KFAC",
+    "EKFAC",
+    "KroneckerInverse",
     "blocks",
     "solve",
     "SolveInfo",
