@@ -107,7 +107,7 @@ from lsgeo.curvature.density import (
 from lsgeo.curvature.operators.ekfac import EKFAC
 from lsgeo.curvature.eigen import WHICH, eigenpairs, min_eigenvalue, top_eigenvalues
 from lsgeo.curvature.operators.kfac import KFAC
-from lsgeo.curvature.operators.kronecker_operator import KroneckerInverse
+from lsgeo.curvature.operators.kronecker_operator import KroneckerInverse, KroneckerOperator
 from lsgeo.curvature.krylov import BASIS_MEMORY, lanczos, ritz_pairs, ritz_vectors, tridiagonal_eigh, vector_shardings
 from lsgeo.curvature.operators import (
     CurvatureOperator,
@@ -142,6 +142,7 @@ __all__ = [
     "KFAC",
     "EKFAC",
     "KroneckerInverse",
+    "KroneckerOperator",
     "blocks",
     "solve",
     "SolveInfo",

@@ -10,8 +10,9 @@
                   then ``O(rank m)`` per vector; exact on the top eigenspace, ``1/d`` on its complement.
   ``"identity"``  no curvature: scores are gradient dot products (TracIn at one checkpoint; Kronfluence's
                   ``identity`` strategy). ``damping`` is not used (must be None).
-  ``"kfac"``, ``"ekfac"``  ``lsgeo.curvature.KFAC`` / ``EKFAC`` of the training data (when that module is
-                  installed; a ValueError otherwise), inverted by their own ``inverse(damping)``.
+  ``"kfac"``, ``"ekfac"``  ``lsgeo.curvature.KFAC`` / ``EKFAC`` (type-2) of the training data, inverted exactly
+                  through their eigenbases by their own ``inverse(damping)``: one fit (one data pass, two for
+                  EKFAC), then ``O(sum_l c_l^2 f_l + c_l f_l^2)`` per vector.
   an object with ``inverse(damping)``   its inverse (a function of a pytree, or an object with ``@`` /
                   ``matvec``), e.g. a KFAC operator built with other options.
   a ``CurvatureOperator``  (``Hessian``, ``GaussNewton``, a Fisher, a block) solved by CG, as ``"cg"``.
@@ -126,7 +127,9 @@ class _GivenMap:
 
 def default_damping(op, key, num_probes: int = 30) -> float:
     """``0.1 tr(A) / m``, Kronfluence's default (``damping=None``): 0.1 x the mean eigenvalue of ``A``, with
-    ``tr(A)`` by Hutch++ (exact once ``num_probes // 3 >= m``)."""
+    ``tr(A)`` exact for a Kronecker operator (``op.trace()``), else by Hutch++ (exact once ``num_probes // 3 >= m``)."""
+    if isinstance(op, curvature.KroneckerOperator):
+        return 0.1 * float(op.trace()) / op.size
     trace = curvature.hessian_trace(op, key, num_probes=max(3, int(num_probes)), method="hutch++")
     return 0.1 * float(trace) / op.size
 
@@ -139,13 +142,9 @@ def _is_pytree_of_arrays(obj) -> bool:
     return bool(leaves) and all(isinstance(a, (jax.Array, np.ndarray)) for a in leaves) and not leaves == [obj]
 
 
-def _kronecker(name, predict, loss, params, train_data):
-    cls = getattr(curvature, name.upper(), None)
-    if cls is None:
-        raise ValueError(f"inverse={name!r} needs lsgeo.curvature.{name.upper()}, which this installation does not "
-                         f"have; use inverse='cg', 'lowrank' or 'identity', or pass an operator with an "
-                         f"inverse(damping) method")
-    return cls(predict, loss, params, train_data)
+def _kronecker(name, predict, loss, params, train_data, microbatch_size):
+    cls = {"kfac": curvature.KFAC, "ekfac": curvature.EKFAC}[name]
+    return cls(predict, loss, params, train_data, microbatch_size=microbatch_size)
 
 
 def resolve_inverse(inverse, predict, loss, params, train_data, *, damping=None, curvature_op=None, key=None,
@@ -162,7 +161,8 @@ def resolve_inverse(inverse, predict, loss, params, train_data, *, damping=None,
                 raise ValueError("damping must be None for inverse='identity' (gradient dot products use no curvature)")
             return Preconditioner(_identity, None, None, "identity")
         if inverse in ("kfac", "ekfac"):
-            return _object(_kronecker(inverse, predict, loss, params, train_data), damping, key, num_probes, inverse)
+            return _object(_kronecker(inverse, predict, loss, params, train_data, microbatch_size), damping, key,
+                           num_probes, inverse)
         op = curvature_op
         if op is None:
             op = curvature.GaussNewton(predict, loss, params, train_data, microbatch_size=microbatch_size)

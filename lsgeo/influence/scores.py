@@ -43,7 +43,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsgeo import curvature as curvature_lib
 from lsgeo import validation
 from lsgeo.influence import gradients as grads_lib
 from lsgeo.influence.inverse import check_converged, resolve_inverse
@@ -51,8 +50,8 @@ from lsgeo.influence.storage import open_scores
 
 __all__ = ["pairwise_scores", "self_scores", "DEFAULT_INVERSE"]
 
-#: ``"ekfac"`` (the DESIGN contract, Kronfluence's default) once ``lsgeo.curvature.EKFAC`` exists, else ``"cg"``
-DEFAULT_INVERSE = "ekfac" if hasattr(curvature_lib, "EKFAC") else "cg"
+#: ``"ekfac"``: the DESIGN contract and Kronfluence's default
+DEFAULT_INVERSE = "ekfac"
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
