@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import (
+    rounding_floor,
     cnn_apply,
     cnn_init,
     dense_hessian,
