@@ -49,7 +49,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from lsgeo import validation
-from lsgeo.curvature import krylov
+from lsgeo.curvature import krylov, locking
 from lsgeo.curvature.operators import Hessian
 from lsgeo.curvature.trace import TRACE_METHODS, hessian_trace
 
@@ -57,7 +57,6 @@ PyTree = Any
 
 __all__ = ["Measurement", "TopEigenState", "top_eigenvalue_tracker", "trace_tracker"]
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Measurement(NamedTuple):
@@ -129,8 +128,9 @@ def top_eigenvalue_tracker(
 ) -> Measurement:
     """The top-k eigenvalues of a curvature operator at w_t, warm-started, as a ``Measurement``.
 
-    Each ``update`` runs Lanczos (``lsgeo.curvature.krylov.ritz_run``, full reorthogonalisation, early
-    stopping when every wanted Ritz pair has relative residual <= ``tol``) on ``operator(params, batch)``
+    Each ``update`` runs Lanczos (``lsgeo.curvature.locking.checked_ritz_run``: ``krylov.ritz_run`` with the
+    multiplicity check that finds repeated top eigenvalues, full reorthogonalisation, early stopping when every
+    wanted Ritz pair has relative residual <= ``tol``) on ``operator(params, batch)``
     (default: the Hessian of ``objective``). The start is the sum of the previous measurement's k Ritz
     vectors plus a small random part (1e-3 of its norm, so that the start is never exactly orthogonal to an
     eigenvector); the first measurement starts from a Gaussian vector.
@@ -195,9 +195,14 @@ def top_eigenvalue_tracker(
         warm_start = warm_start / jnp.maximum(jnp.linalg.norm(warm_start), jnp.finfo(op.dtype).tiny)
         noise = noise / jnp.linalg.norm(noise)
         v0 = jnp.where(state.warm, warm_start + 1e-3 * noise, noise)
-        values, coefficients, basis, steps, _ = krylov.ritz_run(op.matvec, v0, min(num_iters, op.size), k=k,
-                                                                tol=tol)
-        vectors = jnp.matmul(coefficients.T, basis, precision=_HIGHEST)
+        steps_cap, precision = min(num_iters, op.size), krylov.rounding_rtol(op.param_dtype)
+        if tol is None:  # every step: the Krylov space is as large as asked, no early stop to miss a copy
+            values, coefficients, basis, steps, _ = krylov.ritz_run(op.matvec, v0, steps_cap, k=k, tol=None,
+                                                                    product_rtol=precision)
+            vectors = jnp.matmul(coefficients.T, basis, precision=jax.lax.Precision.HIGHEST)
+        else:
+            values, vectors, _, steps = locking.checked_ritz_run(op.matvec, v0, steps_cap, k=k, tol=tol,
+                                                                 product_rtol=precision, start_key=key_now)
         metrics = {name: values[0]} if k == 1 else {f"{name}_{j + 1}": values[j] for j in range(k)}
         metrics[f"{name}_products"] = steps
         return metrics, TopEigenState(vectors.astype(state.vectors.dtype), key_next, jnp.asarray(True))
