@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import common, runner
+from experiments import cli, experiment, plots, records, verdicts
 
 CLAIM = (
     "The test error of min-norm least squares peaks at gamma = p/n = 1 with variance sigma^2 gamma/(1-gamma) "
@@ -220,8 +220,8 @@ def _by_gamma(cfg: Config, rows):
     """Per gamma: means over all trials and seeds of the measured terms, with the formulas."""
     table = []
     for g in cfg.gammas:
-        sel = common.select(rows, part="risk", gamma=g)
-        var, var_se = common.mean_se([r["variance"] for r in sel])
+        sel = records.select(rows, part="risk", gamma=g)
+        var, var_se = verdicts.mean_se([r["variance"] for r in sel])
         table.append(
             dict(
                 gamma=g,
@@ -244,7 +244,7 @@ def summarize(cfg: Config, rows):
     table = _by_gamma(cfg, rows)
     away = [t for t in table if abs(t["gamma"] - 1.0) >= cfg.away_from_one]
     var_err = max(abs(t["variance"] / t["variance_formula"] - 1.0) for t in away) if away else float("nan")
-    gd = common.select(rows, part="gd")
+    gd = records.select(rows, part="gd")
     gd_dist = max(r["gd_from_zero_rel_dist"] for r in gd)
     overparam = [r for r in gd if r["gamma"] > 1]
     gd_random = min(r["gd_from_random_rel_dist"] for r in overparam) if overparam else float("nan")
@@ -269,24 +269,24 @@ def summarize(cfg: Config, rows):
     gd_table = [
         dict(
             gamma=g,
-            gd_from_zero=max(r["gd_from_zero_rel_dist"] for r in common.select(gd, gamma=g)),
-            gd_from_random=min(r["gd_from_random_rel_dist"] for r in common.select(gd, gamma=g)),
+            gd_from_zero=max(r["gd_from_zero_rel_dist"] for r in records.select(gd, gamma=g)),
+            gd_from_random=min(r["gd_from_random_rel_dist"] for r in records.select(gd, gamma=g)),
         )
         for g in cfg.gd_gammas
     ]
-    return runner.Verdict(all(parts.values()), figures, table + gd_table, reason)
+    return experiment.Verdict(all(parts.values()), figures, table + gd_table, reason)
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
     table = _by_gamma(cfg, rows)
     gammas = np.array([t["gamma"] for t in table])
     fine = np.concatenate([np.geomspace(min(gammas), 0.97, 100), np.geomspace(1.03, max(gammas), 100)])
-    fig, axes = runner.plt.subplots(1, 3, figsize=(17, 4.5))
+    fig, axes = plots.plt.subplots(1, 3, figsize=(17, 4.5))
     variance = asymptotic_variance(fine, cfg.noise)
     test_error = cfg.noise**2 + asymptotic_bias(fine, cfg.signal) + variance
     runs = len(cfg.seeds) * cfg.trials
     for ax, key, formula in ((axes[0], "test_error", test_error), (axes[1], "variance", variance)):
-        stats = np.array([common.mean_se([r[key] for r in common.select(rows, part="risk", gamma=g)]) for g in gammas])
+        stats = np.array([verdicts.mean_se([r[key] for r in records.select(rows, part="risk", gamma=g)]) for g in gammas])
         away = np.abs(gammas - 1.0) >= 0.05  # the axis is scaled to these; closer to 1 the values explode
         top = 3.0 * np.max(stats[away, 0] + stats[away, 1])
         bottom = 0.5 * np.min(np.concatenate([stats[away, 0] - stats[away, 1], formula[formula > 0]]))
@@ -303,11 +303,11 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
         ax.legend(fontsize=8, loc="upper left")
     axes[0].set_title("min-norm least squares: double descent")
     axes[1].set_title("variance ||X^+ eps||^2")
-    gd = common.select(rows, part="gd")
+    gd = records.select(rows, part="gd")
     g_gd = sorted({r["gamma"] for r in gd})
     for key, label, marker in (("gd_from_zero_rel_dist", "GD from zero", "o"),
                                ("gd_from_random_rel_dist", "GD from a random start", "s")):  # fmt: skip
-        axes[2].plot(g_gd, [max(r[key] for r in common.select(gd, gamma=g)) for g in g_gd], marker, ls="-",
+        axes[2].plot(g_gd, [max(r[key] for r in records.select(gd, gamma=g)) for g in g_gd], marker, ls="-",
                      label=f"{label} (max over seeds)")  # fmt: skip
     axes[2].axhline(cfg.gd_rtol, color="gray", ls=":", label=f"tolerance {cfg.gd_rtol:g}")
     axes[2].axvline(1.0, color="gray", ls=":")
@@ -320,7 +320,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     return {"double_descent.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("gamma", "seed"))
+EXPERIMENT = experiment.Experiment.from_module(__name__, batch_over=("gamma", "seed"))
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)

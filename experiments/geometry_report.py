@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import common, runner
+from experiments import cli, experiment, nets, plots, verdicts
 from lsgeo import curvature, losses, models, ntk, risk, train
 
 QUANTITIES = (
@@ -78,17 +78,17 @@ def cells(cfg: Config) -> list[dict]:
 
 
 def prepare(cfg: Config):
-    data = common.splits("digits", n_train=None, flatten=True)
+    data = nets.splits("digits", n_train=None, flatten=True)
     model = models.MLP(widths=cfg.widths, num_outputs=data.num_classes)
     trained = {}
     for seed in cfg.seeds:
         result = train.train(
-            common.Objective(model),
+            nets.Objective(model),
             optax.sgd(cfg.lr),
-            common.init_fn(model, data.train[0]),
+            nets.init_fn(model, data.train[0]),
             data.train,
             num_steps=cfg.steps,
-            eval_fn=common.Evaluate(model),
+            eval_fn=nets.Evaluate(model),
             eval_data={"test": data.test},
             key=seed,
         )
@@ -125,7 +125,7 @@ def run(cfg: Config, prep, group: list[dict]) -> list[list[dict]]:
         data.train,
         jax.random.key(seed),
     )
-    f = common.Objective(model)
+    f = nets.Objective(model)
     if quantity == "R":
         value, t, tw = _timed(lambda: jax.jit(risk.risk, static_argnums=(0, 1))(predict, loss, params, batch))
         return [[_row("R", value, t, tw, test_acc=final["test_acc"])]]
@@ -142,7 +142,7 @@ def run(cfg: Config, prep, group: list[dict]) -> list[list[dict]]:
         out = []
         for s in cfg.sigmas:
             values, t, tw = _timed(lambda: fn(params, batch, jnp.float32(s)))
-            mean, se = common.mean_se(np.atleast_1d(np.asarray(values)))
+            mean, se = verdicts.mean_se(np.atleast_1d(np.asarray(values)))
             out.append(_row(f"{quantity} sigma={s:g}", mean, t, tw, sigma=s, **({"mc_se": se} if values.ndim else {})))
         return [out]
     if quantity == "hessian_trace":
@@ -189,7 +189,7 @@ def ratios(cfg: Config, rows: list[dict], seed: int | None = None) -> list[tuple
     return out
 
 
-def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
+def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     first = [r for r in rows if r["seed"] == cfg.seeds[0] and r["name"] != "spectral density"]
     by_name = {r["name"]: r for r in first}
     figures = {"R": by_name["R"]["value"], "test_acc": by_name["R"]["test_acc"]}
@@ -222,13 +222,13 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
         f"({cfg.mc_samples} draws): {sum(passes)}/{len(passes)} networks pass (all must)"
     )
     supported = bool(ok)
-    if len(cfg.seeds) < common.MIN_SEEDS and supported:
+    if len(cfg.seeds) < verdicts.MIN_SEEDS and supported:
         supported, reason = None, f"{len(cfg.seeds)} network(s): too few to speak of trained networks; {reason}"
-    return runner.Verdict(supported, figures, table, reason)
+    return experiment.Verdict(supported, figures, table, reason)
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    fig, (ax, ax_z, ax_r) = runner.plt.subplots(1, 3, figsize=(18, 4.5))
+    fig, (ax, ax_z, ax_r) = plots.plt.subplots(1, 3, figsize=(18, 4.5))
     first = [r for r in rows if r["seed"] == cfg.seeds[0]]
     density = [r for r in first if r["name"] == "spectral density"]
     by_name = {r["name"]: r for r in first}
@@ -254,7 +254,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     sig, mc, mc_tol, eff = (np.array(v) for v in zip(*ratios(cfg, rows)))
     ax_r.errorbar(sig, mc, yerr=mc_tol, marker="o", capsize=3, label="R_sigma - R (Monte Carlo, ± 2 s.e.)")
     ax_r.plot(sig, eff, "k--", marker="s", label="R_eff - R = sigma^2/2 tr(D2L DPhi DPhi^T)")
-    common.sigma_axis(ax_r, cfg.sigmas)
+    plots.sigma_axis(ax_r, cfg.sigmas)
     ax_r.set(
         yscale="log",
         ylabel="increase of the risk over R",
@@ -264,7 +264,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     return {"geometry_report.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__)
+EXPERIMENT = experiment.Experiment.from_module(__name__)
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)

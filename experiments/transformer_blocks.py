@@ -17,7 +17,7 @@ quadrature (``curvature.block_slq_nodes``: all blocks in one compiled program), 
 model and stage. Heterogeneity is the mean pairwise Jensen-Shannon distance (base 2, in [0, 1]) between the block densities.
 
 Verdict: paired over seeds (the same seed initialises both models and splits the data), the gain of the
-transformer's mean JS distance over the MLP's after training (``common.paired_gain``, a two-sided 95% t
+transformer's mean JS distance over the MLP's after training (``verdicts.paired_gain``, a two-sided 95% t
 test); with fewer than 3 seeds, null.
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 import optax
 import scipy.spatial.distance
 
-from experiments import common, runner
+from experiments import cli, experiment, plots, records, verdicts
 from lsgeo import curvature, losses, models, train
 
 CLAIM = (
@@ -210,32 +210,32 @@ def run(cfg: Config, data: dict, cell_list: list[dict]) -> list[list[dict]]:
     return out
 
 
-def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
+def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     seeds = list(cfg.seeds)
-    js = {(m, s): common.per_seed(rows, "js_mean", seeds, model=m, stage=s) for m in MODELS for s in STAGES}
-    gain = common.paired_gain(js[("transformer", "trained")], js[("mlp", "trained")])
+    js = {(m, s): records.per_seed(rows, "js_mean", seeds, model=m, stage=s) for m in MODELS for s in STAGES}
+    gain = verdicts.paired_gain(js[("transformer", "trained")], js[("mlp", "trained")])
     figures = {f"js_{m}_{s}": float(np.mean(js[(m, s)])) for m in MODELS for s in STAGES}
     figures["gain_trained"], figures["gain_trained_se"] = float(gain.mean), float(gain.se)
-    figures.update({f"train_acc_{m}": float(np.mean(common.per_seed(rows, "train_acc", seeds, model=m,
+    figures.update({f"train_acc_{m}": float(np.mean(records.per_seed(rows, "train_acc", seeds, model=m,
                                                                     stage="trained"))) for m in MODELS})
-    table = [dict(model=m, stage=s, js_mean=f"{np.mean(js[(m, s)]):.3f} +- {common.mean_se(js[(m, s)])[1]:.3f}",
-                  train_acc=f"{np.mean(common.per_seed(rows, 'train_acc', seeds, model=m, stage=s)):.3f}")
+    table = [dict(model=m, stage=s, js_mean=f"{np.mean(js[(m, s)]):.3f} +- {verdicts.mean_se(js[(m, s)])[1]:.3f}",
+                  train_acc=f"{np.mean(records.per_seed(rows, 'train_acc', seeds, model=m, stage=s)):.3f}")
              for m in MODELS for s in STAGES]
-    return runner.Verdict(gain.supported, figures, table, reason=gain.describe("transformer - MLP mean JS distance"))
+    return experiment.Verdict(gain.supported, figures, table, reason=gain.describe("transformer - MLP mean JS distance"))
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    fig, (ax, ax_top) = runner.plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
+    fig, (ax, ax_top) = plots.plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
     ticks, labels, start = [], [], 0
     for i, m in enumerate(MODELS):
         for j, s in enumerate(STAGES):
-            values = common.per_seed(rows, "js_mean", list(cfg.seeds), model=m, stage=s)
+            values = records.per_seed(rows, "js_mean", list(cfg.seeds), model=m, stage=s)
             x = i * 3 + j
             ax.bar(x, np.mean(values), color=f"C{i}", alpha=0.45 if s == "init" else 1.0)
             ax.scatter(np.full(len(values), x), values, color="k", s=10, zorder=3)
             ticks.append(x)
             labels.append(f"{m}\n{s}")
-        trained = common.select(rows, model=m, stage="trained")  # each block's largest eigenvalue, every seed
+        trained = records.select(rows, model=m, stage="trained")  # each block's largest eigenvalue, every seed
         names = sorted({k[4:] for r in trained for k in r if k.startswith("top/") and np.isfinite(r[k])})
         for j, name in enumerate(names):
             tops = [abs(r[f"top/{name}"]) for r in trained if f"top/{name}" in r]
@@ -255,7 +255,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     return {"block_heterogeneity.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__)
+EXPERIMENT = experiment.Experiment.from_module(__name__)
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import common, runner
+from experiments import cli, experiment, nets, plots, records
 from lsgeo import models, train
 
 CLAIM = (
@@ -66,7 +66,7 @@ ARCHITECTURES = ("wide", "narrow")
 
 
 def validate(cfg: Config) -> None:
-    """Checks beyond the runner's field conventions (``runner.check_config``), before a run folder exists."""
+    """Checks beyond the runner's field conventions (``config_checks.check_config``), before a run folder exists."""
     if cfg.wide[0] < cfg.n_points - 1 or list(cfg.wide) != sorted(cfg.wide, reverse=True):
         raise ValueError(
             f"--wide {' '.join(map(str, cfg.wide))} must start with a layer >= --n-points - 1 = {cfg.n_points - 1} "
@@ -114,9 +114,9 @@ def train_from_seeds(cfg: Config, arch: str, batch, seeds):
     model = make_model(cfg, arch)
     schedule = optax.cosine_decay_schedule(cfg.lr, cfg.steps)
     result = train.sweep(
-        common.Objective(model, "squared_loss"),
+        nets.Objective(model, "squared_loss"),
         lambda seed: optax.adam(schedule),
-        common.init_fn(model, batch[0]),
+        nets.init_fn(model, batch[0]),
         batch,
         {},
         list(seeds),
@@ -132,7 +132,7 @@ def cells(cfg: Config):
 def run(cfg: Config, batch, group):
     arch = group[0]["arch"]
     model = make_model(cfg, arch)
-    objective = common.Objective(model, "squared_loss")
+    objective = nets.Objective(model, "squared_loss")
     params, losses = train_from_seeds(cfg, arch, batch, [c["seed"] for c in group])
     grad_norms = jax.vmap(lambda p: optax.tree.norm(jax.grad(objective)(p, batch)))(params)
     with jax.enable_x64(True):  # F_1 of the trained float32 weights, formed and factored in float64
@@ -159,7 +159,7 @@ def run(cfg: Config, batch, group):
 
 
 def _arch_summary(cfg: Config, rows, arch: str) -> dict:
-    sel = common.select(rows, arch=arch)
+    sel = records.select(rows, arch=arch)
     losses = np.array([r["train_loss"] for r in sel])
     return dict(
         arch=arch,
@@ -204,19 +204,19 @@ def summarize(cfg: Config, rows):
     )
     if len(cfg.seeds) < 5:
         supported, reason = None, f"too few initialisations to speak of nearly every one; {reason}"
-    return runner.Verdict(supported, figures, [wide, narrow], reason)
+    return experiment.Verdict(supported, figures, [wide, narrow], reason)
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    fig, axes = runner.plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plots.plt.subplots(1, 2, figsize=(12, 4.5))
     jitter = np.random.default_rng(0)
     floor = 1e-30  # a loss of exactly 0 is drawn here
-    losses = {a: [r["train_loss"] for r in common.select(rows, arch=a)] for a in ARCHITECTURES}
+    losses = {a: [r["train_loss"] for r in records.select(rows, arch=a)] for a in ARCHITECTURES}
     logs = {a: np.log10(np.maximum(v, floor)) for a, v in losses.items()}
     bins = np.linspace(min(v.min() for v in logs.values()) - 0.5, max(v.max() for v in logs.values()) + 0.5, 40)
     ranks = {cfg.n_points}
     for i, arch in enumerate(ARCHITECTURES):
-        rank = np.array([r["rank_F"] for r in common.select(rows, arch=arch)])
+        rank = np.array([r["rank_F"] for r in records.select(rows, arch=arch)])
         ranks |= set(rank.tolist())
         axes[0].hist(logs[arch], bins=bins, alpha=0.6, color=f"C{i}", label=f"{arch} {getattr(cfg, arch)}")
         axes[1].scatter(rank + jitter.uniform(-0.3, 0.3, rank.size), 10.0 ** logs[arch], color=f"C{i}", s=12,
@@ -232,7 +232,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     return {"wide_networks.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("seed",))
+EXPERIMENT = experiment.Experiment.from_module(__name__, batch_over=("seed",))
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)

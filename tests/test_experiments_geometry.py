@@ -11,16 +11,12 @@ import json
 
 import pytest
 
-from experiments import (
-    double_descent,
-    hessian_spectrum,
-    reparametrization,
-    runner,
-    saddle_escape,
-    wide_networks,
-)
+from experiments import double_descent, hessian_spectrum, reparametrization, runner, saddle_escape, wide_networks
 
-SUMMARY_KEYS = {"experiment", "config", "claim", "supported", "reason", "figures", "runtime_s", "devices"}
+SUMMARY_KEYS = {
+    "experiment", "config", "claim", "supported", "reason", "controls", "power", "figures", "runtime_s", "devices",
+    "code_version",
+}  # fmt: skip
 
 
 def _run(module, config, tmp_path):

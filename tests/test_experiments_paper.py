@@ -30,7 +30,10 @@ from experiments import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SUMMARY_KEYS = {"experiment", "config", "claim", "supported", "reason", "figures", "runtime_s", "devices"}
+SUMMARY_KEYS = {
+    "experiment", "config", "claim", "supported", "reason", "controls", "power", "figures", "runtime_s", "devices",
+    "code_version",
+}  # fmt: skip
 
 SMOKE = {
     "regularized_loss": (regularized_loss, dict(widths=(8,), n_train=16, steps=20, eval_every=10, methods=("noise", "layer"), seeds=(0,))),

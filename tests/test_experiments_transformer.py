@@ -6,8 +6,6 @@ import json
 import numpy as np
 
 from experiments import runner, transformer_blocks
-
-
 def test_js_distance_is_zero_for_equal_densities_and_one_for_disjoint_ones():
     grid = np.linspace(-1.0, 1.0, 201)
     bump = lambda c: np.exp(-0.5 * ((grid - c) / 0.05) ** 2)  # noqa: E731

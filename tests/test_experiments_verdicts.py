@@ -46,7 +46,9 @@ def test_nuclear_norm_verdict():
 # ---------------------------------------------------------------- lasso
 
 
-def _lasso_rows(cfg, *, eff_scale=1.0, end_dist=0.1, off_support=0.0):
+def _lasso_rows(cfg, *, eff_scale=1.0, end_dist=0.02, off_support=0.0, eff_moves=0.0, gd_scale=0.5):
+    """Rows of a lasso run: the Lasso solution, GD on R_eff (scaled), noisy GD (at ``end_dist`` from it, with a
+    spurious coefficient ``off_support``) and the plain-GD control (the solution scaled by ``gd_scale``)."""
     rng = np.random.default_rng(0)
     ref = np.zeros(cfg.d)
     ref[:3] = [1.0, -0.8, 0.5]
@@ -55,26 +57,41 @@ def _lasso_rows(cfg, *, eff_scale=1.0, end_dist=0.1, off_support=0.0):
     rows = []
     for s in cfg.sigmas:
         rows += coef(ref, method="lasso", sigma=s, seed=cfg.seeds[0])
-        eff = ref * eff_scale
-        rows += [dict(method="eff", sigma=s, seed=cfg.seeds[0], step=t, rel_dist=0.01) for t in (quarter, cfg.steps)]
-        rows += coef(eff, method="eff", sigma=s, seed=cfg.seeds[0])
+        rows += [
+            dict(method="eff", sigma=s, seed=cfg.seeds[0], step=t, rel_dist=0.01 + eff_moves * (t == cfg.steps))
+            for t in sorted({quarter, cfg.steps - cfg.eval_every, cfg.steps})
+        ]
+        rows += coef(ref * eff_scale, method="eff", sigma=s, seed=cfg.seeds[0])
+        rows += coef(ref * gd_scale, method="gd", sigma=s, seed=cfg.seeds[0])
         for k in cfg.seeds:
-            beta = ref + rng.normal(0, 0.003, cfg.d)
+            direction = rng.normal(0, 1, cfg.d)
+            beta = ref + end_dist * np.linalg.norm(ref) * (1 + rng.normal(0, 0.05)) * direction / np.linalg.norm(direction)
             beta[-1] += off_support
             rows.append(dict(method="noise", sigma=s, seed=k, step=quarter, rel_dist=0.5 + rng.normal(0, 0.02)))
-            rows.append(dict(method="noise", sigma=s, seed=k, step=cfg.steps, rel_dist=end_dist + rng.normal(0, 0.02)))
             rows += coef(beta, method="noise", sigma=s, seed=k)
     return rows
 
 
 def test_lasso_verdict():
     cfg = lasso.Config(d=8, sigmas=(0.1, 0.2), steps=400, eval_every=100, seeds=tuple(range(5)))
-    assert lasso.summarize(cfg, _lasso_rows(cfg)).supported is True
+    verdict = lasso.summarize(cfg, _lasso_rows(cfg))  # claims hold, plain GD (half the solution) fails both
+    assert verdict.supported is True
+    assert all(c["discriminates"] for c in verdict.controls.values()) and set(verdict.controls) == {
+        "eff_sigma=0.1", "near_sigma=0.1", "eff_sigma=0.2", "near_sigma=0.2"}  # fmt: skip
+    assert all(p["detectable"] and p["mde"] < cfg.near for p in verdict.power.values())
+    # the control passes too (plain GD lands on the Lasso solution): the test does not discriminate
+    loose = lasso.summarize(cfg, _lasso_rows(cfg, gd_scale=1.0))
+    assert loose.supported is None and "does not discriminate" in loose.reason
+    assert lasso.summarize(cfg, _lasso_rows(cfg, gd_scale=0.95)).supported is None  # within --near only
+    # a claim fails: contradicted
     assert lasso.summarize(cfg, _lasso_rows(cfg, eff_scale=1.1)).supported is False  # R_eff 10% from the Lasso
     assert lasso.summarize(cfg, _lasso_rows(cfg, eff_scale=0.9)).supported is False
-    assert lasso.summarize(cfg, _lasso_rows(cfg, end_dist=0.9)).supported is False  # noisy GD moves away
-    assert lasso.summarize(cfg, _lasso_rows(cfg, end_dist=0.5)).supported is None  # no progress: within noise
+    assert lasso.summarize(cfg, _lasso_rows(cfg, end_dist=0.3)).supported is False  # noisy GD ends far away
+    assert lasso.summarize(cfg, _lasso_rows(cfg, end_dist=0.1)).supported is None  # at --near: within noise
     assert lasso.summarize(cfg, _lasso_rows(cfg, off_support=0.6)).supported is False  # a spurious coefficient
+    # GD on R_eff still moving at the end (too few --steps): the run cannot tell, whatever its numbers
+    unconverged = lasso.summarize(cfg, _lasso_rows(cfg, eff_scale=1.1, eff_moves=0.05))
+    assert unconverged.supported is None and "not converged" in unconverged.reason
 
 
 def test_lasso_support_recovery_reads_the_support_by_rank():
