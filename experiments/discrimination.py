@@ -110,18 +110,19 @@ class Power(NamedTuple):
     (both in ``unit``, with the same sign convention: positive is the claimed direction)."""
 
     mde: float
-    source_effect: float
+    source_effect: float | None  # None: the source gives no effect in these units (``source`` says why)
     unit: str
     source: str  # where the source reports it, e.g. "Orvieto et al. 2023, Table 2: 0.3-1 points"
 
     @classmethod
-    def of(cls, gain: Gain, source_effect: float, unit: str, source: str, power: float = POWER) -> Power:
-        return cls(minimum_detectable_effect(gain, power), float(source_effect), unit, source)
+    def of(cls, gain: Gain, source_effect: float | None, unit: str, source: str, power: float = POWER) -> Power:
+        effect = None if source_effect is None else float(source_effect)
+        return cls(minimum_detectable_effect(gain, power), effect, unit, source)
 
     @property
-    def detectable(self) -> bool:
-        """Whether the run can detect the source's effect: MDE <= the source's effect."""
-        return bool(self.mde <= self.source_effect)
+    def detectable(self) -> bool | None:
+        """Whether the run can detect the source's effect: MDE <= the source's effect (None: no such effect)."""
+        return None if self.source_effect is None else bool(self.mde <= self.source_effect)
 
     def record(self) -> dict:
         """The entry of ``summary.json``'s ``power``."""
@@ -129,15 +130,17 @@ class Power(NamedTuple):
                 "detectable": self.detectable, "power": POWER}  # fmt: skip
 
     def describe(self) -> str:
+        mde = f"minimum detectable effect {self.mde:.3g}{self.unit} ({100 * POWER:.0f}% power)"
+        if self.source_effect is None:
+            return f"{mde}; no source effect in these units ({self.source})"
         word = "can detect" if self.detectable else "cannot detect"
-        return (f"minimum detectable effect {self.mde:.3g}{self.unit} ({100 * POWER:.0f}% power) vs the source's "
-                f"{self.source_effect:.3g}{self.unit} ({self.source}): {word} it")  # fmt: skip
+        return f"{mde} vs the source's {self.source_effect:.3g}{self.unit} ({self.source}): {word} it"
 
 
 def with_power(supported: bool | None, powers: Mapping[str, Power]) -> tuple[bool | None, str]:
     """``supported`` made null when a part's rule cannot detect the source's effect (MDE above it), with the
     reason clause; a contradiction stands (the opposite sign beyond noise is not a matter of power)."""
-    blind = [name for name, p in powers.items() if not p.detectable]
+    blind = [name for name, p in powers.items() if p.detectable is False]
     clause = "; ".join(f"{name}: {p.describe()}" for name, p in powers.items())
     if blind and supported is True:
         return None, f"too small to detect the source's effect ({', '.join(blind)}): {clause}"

@@ -113,16 +113,14 @@ def _resnet(f: dict, c: dict) -> str:
 
 
 def _geometry_report(f: dict, c: dict) -> str:
-    ratios = ", ".join(f"{f[f'ratio_sigma={s:g}']:.2f}" for s in c["sigmas"])
-    smallest = [f[f"ratio_smallest_sigma_seed={k}"] for k in c["seeds"] if f"ratio_smallest_sigma_seed={k}" in f]
-    spread = (
-        f" ({min(smallest):.2f}-{max(smallest):.2f} at sigma {min(c['sigmas']):g} over {len(smallest)} networks)"
-        if len(smallest) > 1 else ""
-    )
+    smooth = next(a for a in c["activations"] if a != "relu")
+    order = lambda a, k: f"{f[f'order_{a}_{k}']:.2f} [{f[f'order_{a}_{k}_lo']:.2f}, {f[f'order_{a}_{k}_hi']:.2f}]"
     return (
-        f"(R_sigma - R)/(R_eff - R) = {ratios} at sigma {', '.join(f'{s:g}' for s in c['sigmas'])}{spread}; "
-        f"saddle index {f['saddle_index']:.3g} (eigenvalues < -{c['saddle_rtol']:g} max|lambda|), lambda_min "
-        f"{f['smallest_Hessian_eigenvalue']:.3g} vs lambda_max {f['Hessian_eigenvalue_1']:.3g}"
+        f"order of R_sigma - R - sigma^2/2 tr(C) over sigma {', '.join(f'{s:g}' for s in c['sigmas'])} "
+        f"({len(c['seeds'])} networks, 95% interval): {smooth} with the Hessian {order(smooth, 'hessian')}, with the "
+        f"Gauss-Newton trace (control) {order(smooth, 'gauss_newton')}; relu, R_sigma - R_eff "
+        f"{order('relu', 'gauss_newton')}; saddle index {f['saddle_index']:.3g} (eigenvalues < -{c['saddle_rtol']:g} "
+        f"max|lambda|), lambda_min {f['smallest_Hessian_eigenvalue']:.3g} vs lambda_max {f['Hessian_eigenvalue_1']:.3g}"
     )
 
 
@@ -260,7 +258,8 @@ ROWS: dict[str, tuple[str, str, Formatter]] = {
     ),
     "geometry_report": (
         "R, R_sigma^(eff), Hessian trace and spectrum, saddle index, NTK trace of a digits MLP, each timed",
-        "R_sigma = R_eff + O(sigma^3) (Sections 2.1-2.2)",
+        "R_sigma = R_eff + O(sigma^3) for ReLU (Sections 2.1-2.2); exactly: the second-order term is "
+        "sigma^2/2 tr(Hessian)",
         _geometry_report,
     ),
     "reparametrization": (

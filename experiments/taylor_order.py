@@ -24,6 +24,7 @@ evaluations and num_pairs second directional derivatives, vmapped over the pairs
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -51,19 +52,30 @@ def remainders(predict: Callable, loss: Callable, params, batch, sigmas: Sequenc
     """``{kind: (mean [len(sigmas)], standard error [len(sigmas)])}`` of r(sigma) = R_sigma - R - sigma^2/2 tr(C),
     C the Hessian ("hessian") or the Gauss-Newton matrix ("gauss_newton"), from ``num_pairs`` antithetic pairs
     (module docstring). Compute in float64 (``jax.enable_x64``): r is a small difference of risks."""
-    flat, unravel = ravel_pytree(params)
-    risk = lambda w: loss(predict(unravel(w), batch[0]), batch[1])
-    sig = jnp.asarray(sigmas, flat.dtype)
+    draws = _draws(predict, loss)(params, batch, jnp.asarray(sigmas), jax.random.split(key, num_pairs))
+    return {k: (np.asarray(v.mean(0)), np.asarray(v.std(0, ddof=1) / np.sqrt(num_pairs))) for k, v in draws.items()}
 
-    def one(k):
-        eps = jax.random.normal(k, flat.shape, flat.dtype)
-        quads = quadratic_forms(predict, loss, params, batch, eps)
-        sym = jax.vmap(lambda s: (risk(flat + s * eps) + risk(flat - s * eps)) / 2)(sig) - risk(flat)
-        return {kind: sym - sig**2 / 2 * q for kind, q in quads.items()}
 
-    draws = jax.lax.map(one, jax.random.split(key, num_pairs))
-    n = num_pairs
-    return {k: (np.asarray(v.mean(0)), np.asarray(v.std(0, ddof=1) / np.sqrt(n))) for k, v in draws.items()}
+@functools.cache
+def _draws(predict: Callable, loss: Callable) -> Callable:
+    """The compiled ``(params, batch, sigmas, keys) -> {kind: [num_pairs, len(sigmas)]}`` of ``remainders``: the
+    data are arguments, never closure constants; the pairs run one at a time (``lax.map``: bounded memory)."""
+
+    @jax.jit
+    def draws(params, batch, sigmas, keys):
+        flat, unravel = ravel_pytree(params)
+        risk = lambda w: loss(predict(unravel(w), batch[0]), batch[1])
+        sig = sigmas.astype(flat.dtype)
+
+        def one(k):
+            eps = jax.random.normal(k, flat.shape, flat.dtype)
+            quads = quadratic_forms(predict, loss, params, batch, eps)
+            sym = jax.vmap(lambda s: (risk(flat + s * eps) + risk(flat - s * eps)) / 2)(sig) - risk(flat)
+            return {kind: sym - sig**2 / 2 * q for kind, q in quads.items()}
+
+        return jax.lax.map(one, keys)
+
+    return draws
 
 
 def fit_order(sigmas: Sequence[float], values: Sequence[float]) -> float:

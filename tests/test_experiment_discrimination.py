@@ -84,3 +84,10 @@ def test_a_run_that_cannot_detect_the_source_effect_is_null():
     assert discrimination.with_power(False, {"gain": blind})[0] is False  # a reversal beyond noise stands
     sharp = discrimination.Power.of(verdicts.paired_gain([1.0, 1.01, 0.99], [0, 0, 0]), 0.5, "", "s")
     assert sharp.detectable and discrimination.with_power(True, {"gain": sharp})[0] is True
+
+
+def test_a_source_without_an_effect_in_these_units_blocks_nothing():
+    power = discrimination.Power.of(verdicts.paired_gain([1.0, 1.1, 0.9], [0, 0, 0]), None, "", "other units")
+    assert power.detectable is None and power.record()["source_effect"] is None
+    assert discrimination.with_power(True, {"gain": power}) == (True, "gain: " + power.describe())
+    assert "no source effect in these units (other units)" in power.describe()

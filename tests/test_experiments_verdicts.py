@@ -11,6 +11,7 @@ import pytest
 
 from experiments import (
     double_descent,
+    geometry_report,
     hessian_spectrum,
     lasso,
     mode_connectivity,
@@ -322,3 +323,38 @@ def test_swa_verdict():
     assert swa.summarize(cfg, _swa_rows(cfg, acc_shift=-0.05)).supported is False  # 5 points worse
     assert swa.summarize(cfg, _swa_rows(cfg, flatter=False)).supported is False  # sharper
     assert swa.summarize(cfg, _swa_rows(cfg, acc_shift=-0.009)).supported is None  # the interval straddles -1 point
+
+
+# ---------------------------------------------------------------- geometry_report (orders of the remainder)
+
+
+def _geometry_rows(cfg, *, smooth_hessian=4.0, smooth_gn=2.0, relu=2.3):
+    """Remainders c sigma^p with the given orders p (plus a little per-network spread), and the R row."""
+    rng = np.random.default_rng(0)
+    orders = {("tanh", "hessian"): smooth_hessian, ("tanh", "gauss_newton"): smooth_gn,
+              ("relu", "hessian"): relu, ("relu", "gauss_newton"): relu}  # fmt: skip
+    rows = [dict(quantity="R", activation="relu", seed=k, name="R", value=0.1, time_s=0.0, time_warm_s=0.0,
+                 test_acc=0.9) for k in cfg.seeds]  # fmt: skip
+    for (a, kind), p in orders.items():
+        for k in cfg.seeds:
+            p_k = p + rng.normal(0, 0.05)
+            rows += [dict(quantity="remainder", activation=a, seed=k, kind=kind, sigma=s, value=3.0 * s**p_k,
+                          name=f"remainder {kind} sigma={s:g}", mc_se=0.0) for s in cfg.sigmas]  # fmt: skip
+    return rows
+
+
+def test_geometry_report_verdict_judges_the_order_beside_its_control():
+    cfg = geometry_report.Config()
+    verdict = geometry_report.summarize(cfg, _geometry_rows(cfg))
+    assert verdict.supported is True and verdict.controls["second_order_term"]["discriminates"] is True
+    assert verdict.figures["order_tanh_hessian"] == pytest.approx(4.0, abs=0.1)
+    assert verdict.figures["order_relu_gauss_newton_lo"] < 2.3 < verdict.figures["order_relu_gauss_newton_hi"]
+    assert verdict.power["second_order_term"]["detectable"] is True
+    # the control passes too (R_eff's remainder also above 2.5): the test does not discriminate
+    loose = geometry_report.summarize(cfg, _geometry_rows(cfg, smooth_gn=3.5))
+    assert loose.supported is None and "does not discriminate" in loose.reason
+    # the Hessian remainder is second order: contradicted
+    assert geometry_report.summarize(cfg, _geometry_rows(cfg, smooth_hessian=2.0)).supported is False
+    assert geometry_report.summarize(cfg, _geometry_rows(cfg, smooth_hessian=2.5)).supported is None
+    # ReLU's order is reported, never judged
+    assert geometry_report.summarize(cfg, _geometry_rows(cfg, relu=1.0)).supported is True
