@@ -46,7 +46,7 @@ import jax
 import numpy as np
 import optax
 
-from experiments import cli, experiment, nets, plots, records, training, verdicts
+from experiments import cli, discrimination, experiment, nets, plots, records, training, verdicts
 from lsgeo import curvature, models
 from lsgeo.train.augment import random_crop_flip
 
@@ -200,6 +200,10 @@ def judge(cfg: Config, rows: list[dict], last: int) -> tuple[dict, dict, list[st
     return parts, figures, reasons
 
 
+SOURCE_POINTS = 0.3  # the paper's layer-wise gain over SGD (Figure 6: +0.3 points over 94.4%)
+SOURCE = "Orvieto et al. 2023, Figure 6: layer-wise +0.3 points over a 94.4% SGD baseline"
+
+
 def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     last = max(r["step"] for r in rows)
     table = training.method_table(
@@ -216,7 +220,14 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     parts, judged, reasons = judge(cfg, rows, last)
     figures.update(judged)
     supported = None if "fitted" in parts else verdicts.combine(parts)  # under-trained: no test, either way
-    return experiment.Verdict(supported, figures, table, "; ".join(reasons))
+    powers = {}
+    if isinstance(parts.get("layer_improves"), verdicts.Gain):
+        mde = 100 * discrimination.minimum_detectable_effect(parts["layer_improves"])
+        powers["layer_improves"] = discrimination.Power(mde, SOURCE_POINTS, " points", SOURCE)
+        figures["mde_layer_gain_points"] = mde
+    supported, power_clause = discrimination.with_power(supported, powers)
+    return experiment.Verdict(supported, figures, table, "; ".join([*reasons, power_clause] if powers else reasons),
+                              power={k: p.record() for k, p in powers.items()})  # fmt: skip
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:

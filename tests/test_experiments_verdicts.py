@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import (
+    cnn,
     double_descent,
     geometry_report,
     hessian_spectrum,
@@ -17,7 +18,9 @@ from experiments import (
     mode_connectivity,
     nuclear_norm,
     reparametrization,
+    resnet,
     saddle_escape,
+    training,
     wide_networks,
 )
 
@@ -358,3 +361,52 @@ def test_geometry_report_verdict_judges_the_order_beside_its_control():
     assert geometry_report.summarize(cfg, _geometry_rows(cfg, smooth_hessian=2.5)).supported is None
     # ReLU's order is reported, never judged
     assert geometry_report.summarize(cfg, _geometry_rows(cfg, relu=1.0)).supported is True
+
+
+# ---------------------------------------------------------------- resnet (power against the paper's 0.3 points)
+
+
+def _resnet_rows(cfg, gain, spread, n_test=100_000):
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in cfg.seeds:
+        base = 0.9 + rng.normal(0, 0.01)
+        accs = {("gd", 0.0): base, ("layer", 0.05): base + gain + rng.normal(0, spread), ("layer", 0.2): base - 0.05,
+                ("noise", 0.05): base, ("noise", 0.2): base - 0.1}  # fmt: skip
+        rows += [dict(method=m, sigma=s, seed=k, step=100, test_acc=a, val_acc=a, train_loss=0.01, hessian_trace=1.0,
+                      n_test=n_test) for (m, s), a in accs.items()]  # fmt: skip
+    return rows
+
+
+def test_resnet_is_null_when_its_size_cannot_detect_the_papers_effect():
+    cfg = resnet.Config(seeds=tuple(range(5)))
+    sharp = resnet.summarize(cfg, _resnet_rows(cfg, gain=0.005, spread=0.0002))  # +0.5 points, MDE ~0.05 points
+    assert sharp.supported is True and sharp.power["layer_improves"]["detectable"] is True
+    assert sharp.figures["mde_layer_gain_points"] < 0.3
+    noisy = resnet.summarize(cfg, _resnet_rows(cfg, gain=0.05, spread=0.01))  # +5 points beyond its margin ...
+    assert noisy.figures["layer_gain"] > noisy.figures["layer_gain_margin"]
+    assert noisy.supported is None and "too small to detect the source's effect" in noisy.reason  # ... MDE > 0.3
+    assert noisy.power["layer_improves"]["mde"] > 0.3
+    worse = resnet.summarize(cfg, _resnet_rows(cfg, gain=-0.05, spread=0.005))  # a reversal beyond noise stands
+    assert worse.supported is False
+
+
+def _cnn_rows(cfg, gain, spread, n_test=100_000):
+    rng = np.random.default_rng(1)
+    rows = []
+    for a in cfg.archs:
+        for k in cfg.seeds:
+            base = 0.9 + rng.normal(0, 0.01)
+            for m, s in training.method_grid(cfg.methods, cfg.sigmas):
+                acc = base if m == "gd" else base + gain + rng.normal(0, spread)
+                rows.append(dict(arch=a, method=m, sigma=s, seed=k, step=cfg.steps, test_acc=acc, val_acc=acc,
+                                 train_loss=0.01, hessian_trace=1.0, n_test=n_test))  # fmt: skip
+    return rows
+
+
+def test_cnn_is_null_when_its_size_cannot_detect_the_papers_effect():
+    cfg = cnn.Config(seeds=tuple(range(5)))
+    assert cnn.summarize(cfg, _cnn_rows(cfg, gain=0.02, spread=0.0005)).supported is True  # MDE ~0.1 points
+    noisy = cnn.summarize(cfg, _cnn_rows(cfg, gain=0.06, spread=0.015))  # +6 points, but MDE > 1 point
+    assert all(noisy.figures[f"{a}_layer_gain"] > noisy.figures[f"{a}_layer_gain_margin"] for a in cfg.archs)
+    assert noisy.supported is None and all(not p["detectable"] for p in noisy.power.values())
