@@ -202,7 +202,8 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
                                                           step=cfg.steps)) for s in sigmas])  # fmt: skip
             if m == "gd":
                 ax.axhline(100 * ms[0, 0], color=training.COLORS[m], label="SGD (± s.e.)")
-                ax.axhspan(100 * (ms[0, 0] - ms[0, 1]), 100 * (ms[0, 0] + ms[0, 1]), color=training.COLORS[m], alpha=0.15)
+                low, high = 100 * (ms[0, 0] - ms[0, 1]), 100 * (ms[0, 0] + ms[0, 1])
+                ax.axhspan(low, high, color=training.COLORS[m], alpha=0.15)
                 continue
             dodge = 1.0 + 0.05 * (i - 1)
             ax.errorbar(np.array(cfg.sigmas) * dodge, 100 * ms[:, 0], yerr=100 * ms[:, 1], marker="o", capsize=3,

@@ -286,7 +286,9 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     test_error = cfg.noise**2 + asymptotic_bias(fine, cfg.signal) + variance
     runs = len(cfg.seeds) * cfg.trials
     for ax, key, formula in ((axes[0], "test_error", test_error), (axes[1], "variance", variance)):
-        stats = np.array([verdicts.mean_se([r[key] for r in records.select(rows, part="risk", gamma=g)]) for g in gammas])
+        stats = np.array(
+            [verdicts.mean_se([r[key] for r in records.select(rows, part="risk", gamma=g)]) for g in gammas]
+        )
         away = np.abs(gammas - 1.0) >= 0.05  # the axis is scaled to these; closer to 1 the values explode
         top = 3.0 * np.max(stats[away, 0] + stats[away, 1])
         bottom = 0.5 * np.min(np.concatenate([stats[away, 0] - stats[away, 1], formula[formula > 0]]))

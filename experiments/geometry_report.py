@@ -161,8 +161,10 @@ def run(cfg: Config, prep, group: list[dict]) -> list[list[dict]]:
             as64 = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
             out = taylor_order.remainders(predict, loss, as64(params), (as64(batch[0]), batch[1]), cfg.sigmas,
                                           jax.random.fold_in(key, 1), cfg.mc_samples)  # fmt: skip
-        return [[{"name": f"remainder {kind} sigma={s:g}", "kind": kind, "sigma": s, "value": float(m), "mc_se": float(e)}
-                 for kind, (mean, se) in out.items() for s, m, e in zip(cfg.sigmas, mean, se)]]  # fmt: skip
+        return [[
+            {"name": f"remainder {kind} sigma={s:g}", "kind": kind, "sigma": s, "value": float(m), "mc_se": float(e)}
+            for kind, (mean, se) in out.items() for s, m, e in zip(cfg.sigmas, mean, se)
+        ]]  # fmt: skip
     if quantity == "R":
         value, t, tw = _timed(lambda: jax.jit(risk.risk, static_argnums=(0, 1))(predict, loss, params, batch))
         return [[_row("R", value, t, tw, test_acc=final["test_acc"])]]
@@ -273,7 +275,8 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
         f"trace {fmt('relu', 'hessian')}",
         judgement.reason, power_clause,
     ])  # fmt: skip
-    return experiment.Verdict(supported, figures, table, reason, judgement.controls, {"second_order_term": power.record()})
+    powers = {"second_order_term": power.record()}
+    return experiment.Verdict(supported, figures, table, reason, judgement.controls, powers)
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:

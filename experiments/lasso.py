@@ -61,8 +61,8 @@ COLORS = {"lasso": "black", "eff": "tab:green", "noise": "tab:blue", "gd": "tab:
 
 CLAIM = (
     "Noise injection on a diagonal network minimises a Lasso with weights 2 sigma^2 diag(X^T X/n): "
-    "training on R_sigma^(eff) reaches scikit-learn's weighted Lasso solution and noisy GD ends near it, where plain GD "
-    "does not (Section 2.3)."
+    "training on R_sigma^(eff) reaches scikit-learn's weighted Lasso solution and noisy GD ends near it, where "
+    "plain GD does not (Section 2.3)."
 )
 
 
@@ -233,7 +233,9 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
         early = _curve(rows, "noise", s, quarter)
         figures[f"noise_rel_dist_at_{quarter}_sigma={s:g}"] = float(early.mean())
         exact = {m: bool(sol[m]["dist"].mean() < 0.05 and sol[m]["same_support"] == 1.0) for m in ("eff", "gd")}
-        parts[f"eff_sigma={s:g}"] = discrimination.Part(exact["eff"], exact["gd"], "plain GD within 5% with the support")
+        parts[f"eff_sigma={s:g}"] = discrimination.Part(
+            exact["eff"], exact["gd"], "plain GD within 5% with the support"
+        )
         near = verdicts.paired_gain(cfg.near - sol["noise"]["dist"], np.zeros_like(sol["noise"]["dist"]))
         gd_near = bool(sol["gd"]["dist"].mean() < cfg.near)
         parts[f"near_sigma={s:g}"] = discrimination.Part(near, gd_near, f"plain GD within {cfg.near:g}")

@@ -215,7 +215,8 @@ def _transformer_blocks(f: dict, c: dict) -> str:
     js = lambda k: f.get(f"js_{k}", float("nan"))  # noqa: E731
     return (
         f"JS^0 (own-support block densities, at initialisation): transformer {js('transformer_init'):.3g} vs MLP "
-        f"{js('mlp_init'):.3g}, gain {f.get('js0_gain', float('nan')):+.3g} ± {f.get('js0_gain_se', float('nan')):.2g} "
+        f"{js('mlp_init'):.3g}, gain {f.get('js0_gain', float('nan')):+.3g} ± "
+        f"{f.get('js0_gain_se', float('nan')):.2g} "
         f"({len(c['seeds'])} seeds); control, MLP at twice the width: {js('mlp_wide_init'):.3g}; after training "
         f"(reported): {js('transformer_trained'):.3g} vs {js('mlp_trained'):.3g}"
     )
@@ -310,8 +311,10 @@ ROWS: dict[str, tuple[str, str, Formatter]] = {
         _batch_size,
     ),
     "transformer_blocks": (
-        "per-block Hessian spectra (SLQ, 100 x 10) of a one-block transformer vs a 3-hidden-layer MLP, modular addition",
-        "JS^0 at initialisation: a transformer's blocks are heterogeneous, an MLP's are not (Zhang et al. 2024, Sec. 3)",
+        "per-block Hessian spectra (SLQ, 100 x 10) of a one-block transformer vs a 3-hidden-layer MLP, "
+        "modular addition",
+        "JS^0 at initialisation: a transformer's blocks are heterogeneous, an MLP's are not "
+        "(Zhang et al. 2024, Sec. 3)",
         _transformer_blocks,
     ),
 }

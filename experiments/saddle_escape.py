@@ -260,7 +260,9 @@ def summarize(cfg: Config, rows):
         )
     faster = [m for m in ("noise_full", "noise_layerwise", "momentum", "adam") if m in by]
     if "gd" not in by or not faster:
-        return experiment.Verdict(None, figures, table, "needs gd and one of noise_full, noise_layerwise, momentum, adam")
+        return experiment.Verdict(
+            None, figures, table, "needs gd and one of noise_full, noise_layerwise, momentum, adam"
+        )
     steps = {
         m: np.array([escape_step(records.select(rows, method=m, seed=s), threshold) for s in cfg.seeds])
         for m in ["gd", *faster]

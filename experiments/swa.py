@@ -164,7 +164,9 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
                 entry["test_acc_se"] = se
         table.append(entry)
     gains = {k: verdicts.paired_gain(-final[("swa", k)], -final[("sgd", k)]) for k in ("lambda_max", "hessian_trace")}
-    acc = verdicts.paired_gain(final[("swa", "test_acc")], final[("sgd", "test_acc")], resolution=records.resolution(rows))
+    acc = verdicts.paired_gain(
+        final[("swa", "test_acc")], final[("sgd", "test_acc")], resolution=records.resolution(rows)
+    )
     for k, g in gains.items():
         figures.update(
             {f"{k}_ratio": figures[f"swa_{k}"] / figures[f"sgd_{k}"], f"{k}_drop": g.mean, f"{k}_drop_se": g.se}

@@ -168,7 +168,9 @@ def unfit(rows: list[dict], cells: Mapping[str, dict], seeds, step: int, fit_los
     ``{"GD": dict(method="gd")}``) ends (at ``step``) with a mean train loss over ``seeds`` at most ``fit_loss``,
     else a clause naming the under-trained ones: a comparison of runs that have not fit their data does not
     test a claim about trained networks (the verdict is then null)."""
-    losses = {name: float(np.mean(records.per_seed(rows, "train_loss", seeds, step=step, **f))) for name, f in cells.items()}
+    losses = {
+        name: float(np.mean(records.per_seed(rows, "train_loss", seeds, step=step, **f))) for name, f in cells.items()
+    }
     bad = {name: v for name, v in losses.items() if not v <= fit_loss}
     if not bad:
         return ""

@@ -75,7 +75,8 @@ def _lasso_rows(cfg, *, eff_scale=1.0, end_dist=0.02, off_support=0.0, eff_moves
         rows += coef(ref * gd_scale, method="gd", sigma=s, seed=cfg.seeds[0])
         for k in cfg.seeds:
             direction = rng.normal(0, 1, cfg.d)
-            beta = ref + end_dist * np.linalg.norm(ref) * (1 + rng.normal(0, 0.05)) * direction / np.linalg.norm(direction)
+            scale = end_dist * np.linalg.norm(ref) * (1 + rng.normal(0, 0.05))
+            beta = ref + scale * direction / np.linalg.norm(direction)
             beta[-1] += off_support
             rows.append(dict(method="noise", sigma=s, seed=k, step=quarter, rel_dist=0.5 + rng.normal(0, 0.02)))
             rows += coef(beta, method="noise", sigma=s, seed=k)

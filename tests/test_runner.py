@@ -213,7 +213,8 @@ def test_sigma_is_chosen_on_validation_never_on_test():
     ]
     best, gain = training.compare_to_gd(rows, "layer", (0.01, 0.1), seeds, 10)
     assert best == 0.1 and gain.mean == pytest.approx(0.1) and gain.supported is True
-    assert verdicts.paired_gain([0.9, 0.8], [0.1, 0.2]).supported is None  # two seeds: the s.e. has one degree of freedom
+    # two seeds: the s.e. has one degree of freedom
+    assert verdicts.paired_gain([0.9, 0.8], [0.1, 0.2]).supported is None
 
 
 @pytest.mark.parametrize("first_diverged", [False, True])
