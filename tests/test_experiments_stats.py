@@ -156,3 +156,47 @@ def test_unfit_names_the_under_trained_runs():
     assert training.unfit(rows, {"GD": dict(method="gd")}, (0, 1), 5, 0.3) == ""
     text = training.unfit(rows, {"GD": dict(method="gd"), "layer": dict(method="layer")}, (0, 1), 5, 0.3)
     assert "layer 0.5" in text and "GD" not in text
+
+
+@pytest.mark.parametrize(
+    "treated, control, resolution, expected",
+    [
+        ([1.0, 2.0, 3.0], [0.0, 1.0, 2.0], 0.0, True),  # +1 every seed: s.e. 0
+        ([1.0, 2.0, 3.0], [0.9, 2.1, 2.9], 0.0, None),  # +0.1, -0.1, +0.1: within noise
+        ([0.0, 1.0, 2.0], [1.0, 2.0, 3.0], 0.0, False),  # -1 every seed: contradicted
+        ([0.60, 0.62, 0.61], [0.59, 0.61, 0.60], 0.0, True),  # +0.01 exactly, s.e. 0
+        ([0.60, 0.62, 0.61], [0.59, 0.61, 0.60], 0.01, None),  # ... but one test example of 100 is 0.01
+        ([0.5], [0.4], 0.0, None),  # one seed: cannot tell
+        ([0.5, 0.6], [0.4, 0.5], 0.0, None),  # two seeds: the s.e. has one degree of freedom
+    ],
+)
+def test_paired_verdict_on_constructed_rows(treated, control, resolution, expected):
+    assert verdicts.paired_gain(treated, control, resolution=resolution).supported is expected
+
+
+def test_paired_se_is_that_of_the_differences_and_no_single_example_decides():
+    # the seeds differ a lot, the methods little: unpaired s.e. would hide a consistent gain
+    control = np.array([0.50, 0.70, 0.90, 0.60])
+    gain = verdicts.paired_gain(control + [0.021, 0.019, 0.020, 0.020], control)
+    assert gain.se == pytest.approx(np.std([0.021, 0.019, 0.020, 0.020], ddof=1) / 2) and gain.supported is True
+    assert np.hypot(*(np.std(v, ddof=1) / 2 for v in (control, control + 0.02))) > gain.mean  # unpaired: null
+    # a verdict beyond the margin survives moving any one per-seed value by one example (1/500)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        d = rng.normal(0.01, 0.01, size=int(rng.integers(2, 6)))
+        g = verdicts.paired_gain(d, np.zeros_like(d), resolution=1 / 500)
+        if g.supported is None:
+            continue
+        for i in range(d.size):
+            for step in (-1 / 500, 1 / 500):
+                moved = d.copy()
+                moved[i] += step
+                assert verdicts.paired_gain(moved, np.zeros_like(d)).supported is g.supported
+
+
+def test_combine_and_describe():
+    assert verdicts.combine({"a": True, "b": True}) is True
+    assert verdicts.combine({"a": True, "b": None}) is None
+    assert verdicts.combine({"a": None, "b": False}) is False and verdicts.combine({}) is None
+    text = verdicts.paired_gain([0.62, 0.63, 0.61], [0.60, 0.60, 0.60]).describe("gain", scale=100, unit=" points")
+    assert text.startswith("gain +2 ± 0.58 points (3 seeds)") and "within ±2.48 (noise; 95% paired t, t=4.3)" in text

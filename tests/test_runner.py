@@ -1,5 +1,6 @@
-"""The shared experiment runner and verdict rule: results folder, summary keys, resume, atomic files,
-CLI (presets, options that fail early, data options, file modes), paired verdicts, validation selection."""
+"""The shared experiment runner: results folder, summary keys, resume, atomic files, CLI (presets, options that
+fail early, data options, file modes). The verdict rule: test_experiments_stats.py; run folders:
+test_experiment_rundir.py; training cells: test_experiment_training.py."""
 
 import csv
 import dataclasses
@@ -8,10 +9,9 @@ import os
 import stat
 from typing import Literal
 
-import numpy as np
 import pytest
 
-from experiments import cli, config_checks, context, experiment, nets, plots, records, runner, training, verdicts
+from experiments import cli, config_checks, context, experiment, nets, plots, runner
 
 SUMMARY_KEYS = {
     "experiment", "config", "claim", "supported", "reason", "controls", "power", "figures", "runtime_s", "devices",
@@ -158,87 +158,6 @@ def test_load_dataset_passes_the_data_options(monkeypatch, tmp_path):
     with context.running(context.DataOptions(tmp_path, True)):
         nets.load_dataset("cifar10", n_train=5)
     assert seen == dict(name="cifar10", data_dir=tmp_path, download=True, n_train=5)
-
-
-@pytest.mark.parametrize(
-    "treated, control, resolution, expected",
-    [
-        ([1.0, 2.0, 3.0], [0.0, 1.0, 2.0], 0.0, True),  # +1 every seed: s.e. 0
-        ([1.0, 2.0, 3.0], [0.9, 2.1, 2.9], 0.0, None),  # +0.1, -0.1, +0.1: within noise
-        ([0.0, 1.0, 2.0], [1.0, 2.0, 3.0], 0.0, False),  # -1 every seed: contradicted
-        ([0.60, 0.62, 0.61], [0.59, 0.61, 0.60], 0.0, True),  # +0.01 exactly, s.e. 0
-        ([0.60, 0.62, 0.61], [0.59, 0.61, 0.60], 0.01, None),  # ... but one test example of 100 is 0.01
-        ([0.5], [0.4], 0.0, None),  # one seed: cannot tell
-        ([0.5, 0.6], [0.4, 0.5], 0.0, None),  # two seeds: the s.e. has one degree of freedom
-    ],
-)
-def test_paired_verdict_on_constructed_rows(treated, control, resolution, expected):
-    assert verdicts.paired_gain(treated, control, resolution=resolution).supported is expected
-
-
-def test_paired_se_is_that_of_the_differences_and_no_single_example_decides():
-    # the seeds differ a lot, the methods little: unpaired s.e. would hide a consistent gain
-    control = np.array([0.50, 0.70, 0.90, 0.60])
-    gain = verdicts.paired_gain(control + [0.021, 0.019, 0.020, 0.020], control)
-    assert gain.se == pytest.approx(np.std([0.021, 0.019, 0.020, 0.020], ddof=1) / 2) and gain.supported is True
-    assert np.hypot(*(np.std(v, ddof=1) / 2 for v in (control, control + 0.02))) > gain.mean  # unpaired: null
-    # a verdict beyond the margin survives moving any one per-seed value by one example (1/500)
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        d = rng.normal(0.01, 0.01, size=int(rng.integers(2, 6)))
-        g = verdicts.paired_gain(d, np.zeros_like(d), resolution=1 / 500)
-        if g.supported is None:
-            continue
-        for i in range(d.size):
-            for step in (-1 / 500, 1 / 500):
-                moved = d.copy()
-                moved[i] += step
-                assert verdicts.paired_gain(moved, np.zeros_like(d)).supported is g.supported
-
-
-def test_combine_and_describe():
-    assert verdicts.combine({"a": True, "b": True}) is True
-    assert verdicts.combine({"a": True, "b": None}) is None
-    assert verdicts.combine({"a": None, "b": False}) is False and verdicts.combine({}) is None
-    text = verdicts.paired_gain([0.62, 0.63, 0.61], [0.60, 0.60, 0.60]).describe("gain", scale=100, unit=" points")
-    assert text.startswith("gain +2 ± 0.58 points (3 seeds)") and "within ±2.48 (noise; 95% paired t, t=4.3)" in text
-
-
-def test_sigma_is_chosen_on_validation_never_on_test():
-    rows, seeds = [], (0, 1, 2)
-    for s, (val, test) in {0.01: (0.70, 0.90), 0.1: (0.80, 0.60)}.items():  # test prefers 0.01, validation 0.1
-        rows += [dict(method="layer", sigma=s, seed=k, step=10, val_acc=val, test_acc=test + 0.01 * k) for k in seeds]
-    rows += [
-        dict(method="gd", sigma=0.0, seed=k, step=10, val_acc=0.7, test_acc=0.5 + 0.01 * k, n_test=100) for k in seeds
-    ]
-    best, gain = training.compare_to_gd(rows, "layer", (0.01, 0.1), seeds, 10)
-    assert best == 0.1 and gain.mean == pytest.approx(0.1) and gain.supported is True
-    # two seeds: the s.e. has one degree of freedom
-    assert verdicts.paired_gain([0.9, 0.8], [0.1, 0.2]).supported is None
-
-
-@pytest.mark.parametrize("first_diverged", [False, True])
-def test_a_sigma_with_a_diverged_seed_is_never_chosen(first_diverged):
-    """A sigma whose seeds partly diverged (NaN) is not judged on its survivors, even when listed first."""
-    nan = float("nan")
-    vals = {0.05: [0.70, 0.72, 0.71], 0.2: [nan, nan, nan] if first_diverged else [0.95, nan, nan]}
-    sigmas = (0.2, 0.05)
-    rows = [dict(method="layer", sigma=s, seed=k, step=10, val_acc=v) for s in sigmas for k, v in enumerate(vals[s])]
-    assert training.best_sigma(rows, "layer", sigmas, 10) == 0.05
-
-
-def test_history_rows_drop_swa_before_averaging():
-    history = {
-        "step": np.array([[[0, 5, 10]]]),
-        "train_loss": np.array([[[3.0, 2.0, 1.0]]]),
-        "swa_train_loss": np.array([[[np.nan, np.nan, 1.5]]]),
-    }
-    assert records.history_rows(history, (0, 0)) == [
-        {"step": 0, "train_loss": 3.0},
-        {"step": 5, "train_loss": 2.0},
-        {"step": 10, "train_loss": 1.0},
-    ]
-    assert records.history_rows(history, (0, 0), "swa_", kind="swa") == [{"kind": "swa", "step": 10, "train_loss": 1.5}]
 
 
 # --- config checks before the run folder (issue 20), Ctrl-C, --resume of a foreign folder --------------
