@@ -298,7 +298,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
             for name in sorted(n[len("density/"):] for n in row if n.startswith("density/")):
                 d = _density(row, name)
                 axd.plot(np.linspace(0, 1, len(d)), d / d.sum(), lw=1, label=name)
-            axd.set(yscale="log", ylim=(1e-6, None), xlabel="eigenvalue, rescaled to the block's own support [0, 1]",
+            axd.set(yscale="log", ylim=(1e-6, 1.5), xlabel="eigenvalue, rescaled to the block's own support [0, 1]",
                     ylabel="mass per bin (100 bins shown)",
                     title=f"{m}, {stage} (seed {cfg.seeds[0]}): per-block spectra")  # fmt: skip
             axd.legend(fontsize=6, ncol=2)
