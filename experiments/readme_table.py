@@ -136,7 +136,8 @@ def _reparametrization(f: dict, c: dict) -> str:
 def _wide_networks(f: dict, c: dict) -> str:
     return (
         f"wide: {f['wide_fraction_global_min']:.0%} of runs reach a global minimum, rank F_1 = "
-        f"{f['wide_min_rank_F']:g} = N; narrow: {f['narrow_fraction_global_min']:.0%}"
+        f"{f['wide_min_rank_F']:g} = N; control, narrow first layer with {f['narrow_num_params']:g} parameters: "
+        f"{f['narrow_fraction_global_min']:.0%}"
     )
 
 
