@@ -16,11 +16,11 @@ Keskar's epsilon-sharpness [max_{||delta||_2 <= rho} R(w + delta) - R(w)] / (1 +
 (``lsgeo.sharpness.epsilon_sharpness``, projected gradient ascent from a random start); the test
 accuracy on the held-out set (497 digits). A seed fixes the initialisation of both batch sizes.
 
-Verdict (paired over seeds, ``common.paired_gain``, 95% Student-t): three parts, large-batch lambda_max
+Verdict (paired over seeds, ``verdicts.paired_gain``, 95% Student-t): three parts, large-batch lambda_max
 above small-batch's beyond t s.e., the same for epsilon-sharpness, and small-batch test accuracy above
 large-batch's beyond t s.e. plus one test example (so that no single test image decides it).
 Supported when all three hold, false when one is contradicted beyond noise after Holm's correction for
-the three (``common.combine``), null otherwise, and null
+the three (``verdicts.combine``), null otherwise, and null
 when a run did not reach the target loss (the comparison is then not at equal loss).
 """
 
@@ -31,7 +31,7 @@ import dataclasses
 import numpy as np
 import optax
 
-from experiments import common, runner
+from experiments import cli, context, experiment, nets, plots, records, verdicts
 from lsgeo import models, train
 
 BATCHES = ("small", "large")
@@ -80,7 +80,7 @@ PRESETS = {
 
 
 def validate(cfg: Config) -> None:
-    """Checks beyond the runner's field conventions (``runner.check_config``), before a run folder exists."""
+    """Checks beyond the runner's field conventions (``config_checks.check_config``), before a run folder exists."""
     if cfg.large_batch is not None and cfg.large_batch <= cfg.small_batch:
         raise ValueError(f"--large-batch {cfg.large_batch} must exceed --small-batch {cfg.small_batch}")
 
@@ -89,15 +89,15 @@ def cells(cfg: Config) -> list[dict]:
     return [dict(batch=b, seed=s) for b in BATCHES for s in cfg.seeds]
 
 
-def prepare(cfg: Config) -> common.Splits:
-    return common.splits(cfg.dataset, n_train=cfg.n_train, flatten=True)
+def prepare(cfg: Config) -> nets.Splits:
+    return nets.splits(cfg.dataset, n_train=cfg.n_train, flatten=True)
 
 
 def train_to_target(cfg: Config, objective, init, data, batch_size: int, seed: int):
     """SGD from ``init(key)`` until the training loss is <= ``target_loss``; returns (params, steps, history)."""
     optimizer = optax.sgd(cfg.lr)
     start, key, steps, history = init, seed, 0, []
-    with runner.progress_bar(cfg.max_steps, f"batch {batch_size}, seed {seed}") as callback:
+    with context.progress_bar(cfg.max_steps, f"batch {batch_size}, seed {seed}") as callback:
         while steps < cfg.max_steps:
             result = train.train(
                 objective, optimizer, start, data, num_steps=cfg.check_every, batch_size=batch_size, key=key
@@ -111,17 +111,17 @@ def train_to_target(cfg: Config, objective, init, data, batch_size: int, seed: i
     return result.params, steps, history
 
 
-def run(cfg: Config, data: common.Splits, group: list[dict]) -> list[list[dict]]:
+def run(cfg: Config, data: nets.Splits, group: list[dict]) -> list[list[dict]]:
     n, which = len(data.train[1]), group[0]["batch"]
     model = models.MLP(widths=cfg.widths, num_outputs=data.num_classes)
     batch_size = cfg.small_batch if which == "small" else (cfg.large_batch or n)
-    objective = common.Objective(model)
+    objective = nets.Objective(model)
     seeds = [c["seed"] for c in group]
     runs = [
-        train_to_target(cfg, objective, common.init_fn(model, data.train[0]), data.train, batch_size, s) for s in seeds
+        train_to_target(cfg, objective, nets.init_fn(model, data.train[0]), data.train, batch_size, s) for s in seeds
     ]
-    params = common.stack([r[0] for r in runs])
-    final = common.final_measures(
+    params = records.stack([r[0] for r in runs])
+    final = nets.final_measures(
         objective,
         params,
         seeds,
@@ -150,7 +150,7 @@ def run(cfg: Config, data: common.Splits, group: list[dict]) -> list[list[dict]]
     return out
 
 
-def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
+def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     keys = (
         "step",
         "epochs",
@@ -161,16 +161,16 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
         "epsilon_sharpness",
         "weight_norm",
     )
-    final = {(b, k): common.per_seed(rows, k, cfg.seeds, batch=b, kind="final") for b in BATCHES for k in keys}
+    final = {(b, k): records.per_seed(rows, k, cfg.seeds, batch=b, kind="final") for b in BATCHES for k in keys}
     table, figures = [], {}
     for b in BATCHES:
-        entry = dict(batch=b, batch_size=common.select(rows, batch=b, kind="final")[0]["batch_size"])
+        entry = dict(batch=b, batch_size=records.select(rows, batch=b, kind="final")[0]["batch_size"])
         for k in keys:
             entry[k] = figures[f"{b}_{k}"] = float(np.mean(final[(b, k)]))
         table.append(entry)
-    gains = {f"large_sharper_{k}": common.paired_gain(final[("large", k)], final[("small", k)]) for k in SHARPNESS}
-    gains["small_generalises_better"] = common.paired_gain(
-        final[("small", "test_acc")], final[("large", "test_acc")], resolution=common.resolution(rows)
+    gains = {f"large_sharper_{k}": verdicts.paired_gain(final[("large", k)], final[("small", k)]) for k in SHARPNESS}
+    gains["small_generalises_better"] = verdicts.paired_gain(
+        final[("small", "test_acc")], final[("large", "test_acc")], resolution=records.resolution(rows)
     )
     for k in (*SHARPNESS, "hessian_trace"):
         figures[f"{k}_ratio"] = figures[f"large_{k}"] / figures[f"small_{k}"]
@@ -187,28 +187,28 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
         )
         for k, g in gains.items()
     )
-    supported = common.combine(gains)
-    if not all(r["reached"] for r in common.select(rows, kind="final")):
+    supported = verdicts.combine(gains)
+    if not all(r["reached"] for r in records.select(rows, kind="final")):
         supported, reason = (
             None,
             f"cannot test the claim: a run did not reach the target loss {cfg.target_loss:g}; {reason}",
         )
-    return runner.Verdict(supported, figures, table, reason)
+    return experiment.Verdict(supported, figures, table, reason)
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    plt = runner.plt
+    plt = plots.plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     groups = {}
     for b in BATCHES:
-        final = common.select(rows, batch=b, kind="final")
+        final = records.select(rows, batch=b, kind="final")
         groups[f"{b} (batch {final[0]['batch_size']})"] = (final, COLORS[b])
         for s in cfg.seeds:
-            hist = common.select(rows, batch=b, seed=s, kind="history")
+            hist = records.select(rows, batch=b, seed=s, kind="history")
             axes[0].plot([r["step"] for r in hist], [r["train_loss"] for r in hist], color=COLORS[b], alpha=0.6,
                          label=f"{b} (batch {final[0]['batch_size']})" if s == cfg.seeds[0] else None)
     for ax, key in zip(axes[1:], SHARPNESS):
-        common.paired_scatter(ax, groups, key, "test_acc")
+        plots.paired_scatter(ax, groups, key, "test_acc")
     axes[0].axhline(cfg.target_loss, color="k", ls=":", label="target loss")
     axes[0].set(xscale="log", yscale="log", xlabel="step", ylabel="train loss", title="training to the same loss")
     axes[1].set(xlabel="lambda_max of the Hessian", ylabel="test accuracy", title="one point per seed, joined by seed")
@@ -219,7 +219,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     return {"batch_size.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("seed",))
+EXPERIMENT = experiment.Experiment.from_module(__name__, batch_over=("seed",))
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)

@@ -18,9 +18,9 @@ validation and test accuracy and a Hutchinson estimate of the Hessian trace of t
 (``lsgeo.curvature.hessian_trace``, on ``trace_examples`` training points, ``trace_probes`` probes).
 
 Verdict, per architecture (final evaluation): sigma chosen on the validation split; the test-accuracy
-gain of SGD+noise (layer) over SGD paired over seeds (``common.paired_gain``: beyond t s.e. plus one
+gain of SGD+noise (layer) over SGD paired over seeds (``verdicts.paired_gain``: beyond t s.e. plus one
 test example, 95% Student-t). Supported when it holds for both architectures, false when one is
-contradicted beyond noise after Holm's correction for the two (``common.combine``), null otherwise, and
+contradicted beyond noise after Holm's correction for the two (``verdicts.combine``), null otherwise, and
 null when SGD or the chosen layer-wise run ends above ``fit_loss`` (under-trained: not a test).
 """
 
@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import optax
 
-from experiments import common, runner
+from experiments import cli, discrimination, experiment, nets, plots, records, training, verdicts
 from lsgeo import curvature, models
 
 ARCHS = ("toy", "wide")
@@ -63,7 +63,7 @@ class Config:
     sigmas: tuple[float, ...] = (0.02, 0.05)  # noise levels: the one of each method chosen on validation
     trace_examples: int = 256  # training points for the Hessian trace
     trace_probes: int = 2  # Hutchinson probes
-    methods: tuple[Literal[common.METHODS], ...] = ("gd", "layer")  # add "noise" for the paper's full noise
+    methods: tuple[Literal[training.METHODS], ...] = ("gd", "layer")  # add "noise" for the paper's full noise
     fit_loss: float = 0.3  # SGD or the chosen layer-wise run ending above this train loss: under-trained (null)
     members_per_chunk: int | None = 1  # runs vmapped at once (None: all); on CPU 1, since XLA:CPU runs the
     # grouped convolutions of vmapped kernels slowly
@@ -91,11 +91,11 @@ def cells(cfg: Config) -> list[dict]:
     for a in cfg.archs:
         if a not in ARCHS:
             raise ValueError(f"archs must be among {ARCHS}, got {a!r}")
-    return [c for a in cfg.archs for c in common.method_cells(cfg.methods, cfg.sigmas, cfg.seeds, arch=a)]
+    return [c for a in cfg.archs for c in training.method_cells(cfg.methods, cfg.sigmas, cfg.seeds, arch=a)]
 
 
-def prepare(cfg: Config) -> common.Splits:
-    return common.splits(cfg.dataset, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, flatten=False)
+def prepare(cfg: Config) -> nets.Splits:
+    return nets.splits(cfg.dataset, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, flatten=False)
 
 
 def _model(cfg: Config, arch: str, num_classes: int):
@@ -104,9 +104,9 @@ def _model(cfg: Config, arch: str, num_classes: int):
     return models.WideConvNet(num_classes=num_classes, width=cfg.wide_width)
 
 
-def run(cfg: Config, data: common.Splits, group: list[dict]) -> list[list[dict]]:
+def run(cfg: Config, data: nets.Splits, group: list[dict]) -> list[list[dict]]:
     model = _model(cfg, group[0]["arch"], data.num_classes)
-    objective, evaluate = common.Objective(model), common.Evaluate(model)
+    objective, evaluate = nets.Objective(model), nets.Evaluate(model)
 
     def eval_fn(params, eval_data):
         trace = curvature.hessian_trace(
@@ -115,25 +115,29 @@ def run(cfg: Config, data: common.Splits, group: list[dict]) -> list[list[dict]]
         return {**evaluate(params, eval_data), "hessian_trace": trace}
 
     trace_batch = jax.tree_util.tree_map(lambda a: a[: cfg.trace_examples], data.train)
-    return common.train_cells(
-        objective, common.init_fn(model, data.train[0]), data.train, group, inner=optax.sgd(cfg.lr),
+    return training.train_cells(
+        objective, nets.init_fn(model, data.train[0]), data.train, group, inner=optax.sgd(cfg.lr),
         num_steps=cfg.steps, eval_every=cfg.eval_every, batch_size=cfg.batch_size, eval_fn=eval_fn,
         eval_data={"val": data.val, "test": data.test, "train": trace_batch}, members_per_chunk=cfg.members_per_chunk,
     )  # fmt: skip
 
 
-def comparisons(cfg: Config, rows: list[dict]) -> dict[str, tuple[float, common.Gain]]:
+def comparisons(cfg: Config, rows: list[dict]) -> dict[str, tuple[float, verdicts.Gain]]:
     """{arch: (validation-best sigma, paired test-accuracy gain of SGD+noise (layer) over SGD)}."""
     if not {"gd", "layer"} <= set(cfg.methods):
         return {}
-    return {a: common.compare_to_gd(rows, "layer", cfg.sigmas, cfg.seeds, cfg.steps, arch=a) for a in cfg.archs}
+    return {a: training.compare_to_gd(rows, "layer", cfg.sigmas, cfg.seeds, cfg.steps, arch=a) for a in cfg.archs}
 
 
-def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
+SOURCE_POINTS = 1.0  # the paper's gains of layer-wise noise over SGD are 0.3-1 point (Figure 5): the largest
+SOURCE = "Orvieto et al. 2023, Figure 5: layer-wise gains over SGD of at most about 1 point"
+
+
+def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     table = [
         t
         for a in cfg.archs
-        for t in common.method_table(
+        for t in training.method_table(
             rows,
             cfg.methods,
             cfg.sigmas,
@@ -144,7 +148,7 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
             arch=a,
         )
     ]
-    grid = [(a, m, s) for a in cfg.archs for m, s in common.method_grid(cfg.methods, cfg.sigmas)]
+    grid = [(a, m, s) for a in cfg.archs for m, s in training.method_grid(cfg.methods, cfg.sigmas)]
     figures = {
         f"{k}_{a}_{m}_sigma={s:g}": t[k] for (a, m, s), t in zip(grid, table) for k in ("test_acc", "hessian_trace")
     }
@@ -166,21 +170,26 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
             )
         )
     parts = {a: g for a, (_, g) in gains.items()}
-    supported = common.combine(parts) if gains else None
+    supported = verdicts.combine(parts) if gains else None
     if gains:
-        reasons.append(common.combine_reason(parts))
-        fit = common.unfit(rows, {
+        reasons.append(verdicts.combine_reason(parts))
+        fit = training.unfit(rows, {
             f"{ARCH_NAMES[a]} {name}": dict(arch=a, **fields)
             for a, (best, _) in gains.items()
             for name, fields in (("SGD", dict(method="gd")), ("layer-wise", dict(method="layer", sigma=best)))
         }, cfg.seeds, cfg.steps, cfg.fit_loss)  # fmt: skip
         if fit:
             supported, reasons = None, [fit, *reasons]
-    return runner.Verdict(supported, figures, table, "; ".join(reasons))
+    powers = {f"{a}_layer_gain": discrimination.Power(100 * discrimination.minimum_detectable_effect(g), SOURCE_POINTS,
+                                                      " points", SOURCE) for a, (_, g) in gains.items()}  # fmt: skip
+    supported, power_clause = discrimination.with_power(supported, powers)
+    figures.update({f"mde_{name}_points": p.mde for name, p in powers.items()})
+    return experiment.Verdict(supported, figures, table, "; ".join([*reasons, power_clause]),
+                              power={k: p.record() for k, p in powers.items()})  # fmt: skip
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    plt = runner.plt
+    plt = plots.plt
     fig, axes = plt.subplots(3, len(cfg.archs), figsize=(6 * len(cfg.archs), 12), squeeze=False)
     gains = comparisons(cfg, rows)
     for col, a in enumerate(cfg.archs):
@@ -189,35 +198,36 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
         ax = axes[0, col]  # final test accuracy per sigma, on an axis that resolves the differences
         for i, m in enumerate(cfg.methods):
             sigmas = (0.0,) if m == "gd" else cfg.sigmas
-            ms = np.array([common.mean_se(common.per_seed(rows, "test_acc", cfg.seeds, arch=a, method=m, sigma=s,
+            ms = np.array([verdicts.mean_se(records.per_seed(rows, "test_acc", cfg.seeds, arch=a, method=m, sigma=s,
                                                           step=cfg.steps)) for s in sigmas])  # fmt: skip
             if m == "gd":
-                ax.axhline(100 * ms[0, 0], color=common.COLORS[m], label="SGD (± s.e.)")
-                ax.axhspan(100 * (ms[0, 0] - ms[0, 1]), 100 * (ms[0, 0] + ms[0, 1]), color=common.COLORS[m], alpha=0.15)
+                ax.axhline(100 * ms[0, 0], color=training.COLORS[m], label="SGD (± s.e.)")
+                low, high = 100 * (ms[0, 0] - ms[0, 1]), 100 * (ms[0, 0] + ms[0, 1])
+                ax.axhspan(low, high, color=training.COLORS[m], alpha=0.15)
                 continue
             dodge = 1.0 + 0.05 * (i - 1)
             ax.errorbar(np.array(cfg.sigmas) * dodge, 100 * ms[:, 0], yerr=100 * ms[:, 1], marker="o", capsize=3,
-                        color=common.COLORS[m], label=common.label(m, minibatch=True) + " (± s.e.)")  # fmt: skip
+                        color=training.COLORS[m], label=training.label(m, minibatch=True) + " (± s.e.)")  # fmt: skip
         if a in gains:
             best, gain = gains[a]
-            ax.axvline(best, color=common.COLORS["layer"], ls=":", lw=1,
+            ax.axvline(best, color=training.COLORS["layer"], ls=":", lw=1,
                        label=f"layer-wise sigma chosen on validation ({best:g}); gain {100 * gain.mean:+.2g} "
                              f"± {100 * gain.se:.2g} points")  # fmt: skip
-        common.sigma_axis(ax, cfg.sigmas)
+        plots.sigma_axis(ax, cfg.sigmas)
         ax.set(ylabel=f"test accuracy after {cfg.steps} steps (%)",
                title=f"{arch} ({cfg.dataset}), {len(cfg.seeds)} seeds")
         ax.legend(fontsize=7)
         series = {}
-        for m, s in common.method_grid(cfg.methods, cfg.sigmas):
+        for m, s in training.method_grid(cfg.methods, cfg.sigmas):
             if m != "gd" and a in gains and s != gains[a][0]:
                 continue  # the curves at the chosen sigma only
-            name = common.label(m, minibatch=True) + ("" if m == "gd" else f", sigma={s:g}")
-            series[name] = (dict(arch=a, method=m, sigma=s), common.COLORS[m])
+            name = training.label(m, minibatch=True) + ("" if m == "gd" else f", sigma={s:g}")
+            series[name] = (dict(arch=a, method=m, sigma=s), training.COLORS[m])
         keys = (("train_loss", "training loss (under-training check)"),
                 ("hessian_trace",
                  f"Hessian trace (Hutchinson, {cfg.trace_probes} probes, {cfg.trace_examples} points)"))
         for row, (key, name) in enumerate(keys, start=1):
-            common.plot_curves(axes[row, col], rows, key, series, alpha=0.85)
+            plots.plot_curves(axes[row, col], rows, key, series, alpha=0.85)
             axes[row, col].set(ylabel=name, xlabel="SGD step", yscale="log" if key == "train_loss" else "linear")
             axes[row, col].legend(fontsize=7)
         axes[1, col].axhline(cfg.fit_loss, color="gray", ls=":", lw=1)
@@ -225,7 +235,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     return {"cnn.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("sigma", "seed"))
+EXPERIMENT = experiment.Experiment.from_module(__name__, batch_over=("sigma", "seed"))
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)

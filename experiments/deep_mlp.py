@@ -15,11 +15,11 @@ Default (CPU): MNIST-1D, widths 32 and 128, lr 0.1 and 0.05 (larger than the pap
 couple of thousand CPU steps train), sigma 0.02, 3 seeds. Recorded at the clean iterate: test
 accuracy, test loss and the exact Gauss-Newton trace on the training data.
 
-Verdict (every width, paired over seeds, ``common.paired_gain``, 95% Student-t): per width four parts,
+Verdict (every width, paired over seeds, ``verdicts.paired_gain``, 95% Student-t): per width four parts,
 layer-wise noise beats GD and beats full noise in final test accuracy (beyond t s.e. plus one test
 example), and its Gauss-Newton trace is below GD's and below full noise's at equal training loss (the
 loss all three methods reach in a seed; the trace interpolated in log-loss between evaluations,
-``common.at_loss``), since the trace still falls while a run trains; supported when all parts of all
+``records.at_loss``), since the trace still falls while a run trains; supported when all parts of all
 widths hold, false when one is contradicted after Holm's correction for their number, null otherwise.
 A run whose final train loss is above ``fit_loss`` has not fit its data: the comparison then cannot test
 the claim (the paper's networks are trained to fit), and the verdict is null, saying so.
@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 import optax
 
-from experiments import common, runner
+from experiments import cli, experiment, nets, plots, records, training, verdicts
 from lsgeo import losses, models, risk
 
 CLAIM = (
@@ -56,7 +56,7 @@ class Config:
     steps: int = 2000  # GD steps
     eval_every: int = 250  # steps between evaluations (each computes the Gauss-Newton trace)
     fit_loss: float = 0.3  # a run ending above this train loss has not fit its data (verdict: null)
-    methods: tuple[Literal[common.METHODS], ...] = common.METHODS
+    methods: tuple[Literal[training.METHODS], ...] = training.METHODS
     seeds: tuple[int, ...] = (0, 1, 2)  # initialisation and noise seeds
 
 
@@ -75,7 +75,7 @@ PRESETS = {
 
 
 def validate(cfg: Config) -> None:
-    """Checks beyond the runner's field conventions (``runner.check_config``), before a run folder exists."""
+    """Checks beyond the runner's field conventions (``config_checks.check_config``), before a run folder exists."""
     if len(cfg.widths) != len(cfg.lrs):
         raise ValueError(
             f"--widths and --lrs must have the same length (one step size per width); got {cfg.widths} and {cfg.lrs}"
@@ -85,17 +85,17 @@ def validate(cfg: Config) -> None:
 def cells(cfg: Config) -> list[dict]:
     if len(cfg.widths) != len(cfg.lrs):
         raise ValueError(f"widths and lrs must have the same length, got {cfg.widths} and {cfg.lrs}")
-    return [c for w in cfg.widths for c in common.method_cells(cfg.methods, (cfg.sigma,), cfg.seeds, width=w)]
+    return [c for w in cfg.widths for c in training.method_cells(cfg.methods, (cfg.sigma,), cfg.seeds, width=w)]
 
 
 def prepare(cfg: Config):
-    return common.splits(cfg.dataset, n_train=cfg.n_train, n_test=cfg.n_test, flatten=True)
+    return nets.splits(cfg.dataset, n_train=cfg.n_train, n_test=cfg.n_test, flatten=True)
 
 
-def run(cfg: Config, data: common.Splits, group: list[dict]) -> list[list[dict]]:
+def run(cfg: Config, data: nets.Splits, group: list[dict]) -> list[list[dict]]:
     train_batch, test_batch, width = data.train, data.test, group[0]["width"]
     model = models.MLP(widths=(width,) * cfg.depth, num_outputs=data.num_classes)
-    evaluate = common.Evaluate(model)
+    evaluate = nets.Evaluate(model)
 
     def eval_fn(params, eval_data):
         gn = risk.gauss_newton_trace(
@@ -103,8 +103,8 @@ def run(cfg: Config, data: common.Splits, group: list[dict]) -> list[list[dict]]
         )
         return {**evaluate(params, eval_data), "gn_trace": gn}
 
-    return common.train_cells(
-        common.Objective(model), common.init_fn(model, train_batch[0]), train_batch, group,
+    return training.train_cells(
+        nets.Objective(model), nets.init_fn(model, train_batch[0]), train_batch, group,
         inner=optax.sgd(cfg.lrs[cfg.widths.index(width)]), num_steps=cfg.steps, eval_every=cfg.eval_every,
         eval_fn=eval_fn, eval_data={"test": test_batch, "train": train_batch},
     )  # fmt: skip
@@ -114,7 +114,7 @@ def equal_loss_targets(cfg: Config, rows: list[dict], width: int) -> np.ndarray:
     """``[seeds]``: per seed, the training loss every method reaches at this width (the largest of their lowest
     evaluated losses), at which their Gauss-Newton traces are compared."""
     return np.array([
-        max(min(r["train_loss"] for r in common.select(rows, width=width, method=m, seed=k)) for m in common.METHODS)
+        max(min(r["train_loss"] for r in records.select(rows, width=width, method=m, seed=k)) for m in training.METHODS)
         for k in cfg.seeds
     ])  # fmt: skip
 
@@ -124,10 +124,10 @@ def judge(cfg: Config, rows: list[dict]) -> tuple[bool | None, dict, str]:
 
     Per width, four paired tests: layer-wise noise beats GD and beats full noise in final test accuracy, and
     its Gauss-Newton trace is below theirs *at equal training loss* (``equal_loss_targets``,
-    ``common.at_loss``): the trace falls while a run trains, so traces at the same step would reward the method
+    ``records.at_loss``): the trace falls while a run trains, so traces at the same step would reward the method
     that trains slowest or fastest, not the flattest. All widths' parts together, Holm-corrected
-    (``common.combine``)."""
-    resolution = common.resolution(rows)
+    (``verdicts.combine``)."""
+    resolution = records.resolution(rows)
     what = {
         "acc_vs_gd": "test accuracy, layer-wise minus GD",
         "acc_vs_noise": "test accuracy, layer-wise minus full",
@@ -137,72 +137,72 @@ def judge(cfg: Config, rows: list[dict]) -> tuple[bool | None, dict, str]:
     gains, figures, reasons, unfit = {}, {}, [], {}
     for w in cfg.widths:
         final = {
-            (m, k): common.per_seed(rows, k, cfg.seeds, width=w, method=m, step=cfg.steps)
-            for m in common.METHODS
+            (m, k): records.per_seed(rows, k, cfg.seeds, width=w, method=m, step=cfg.steps)
+            for m in training.METHODS
             for k in ("test_acc", "train_loss")
         }
         targets = equal_loss_targets(cfg, rows, w)
         trace = {
             m: np.array([
-                common.at_loss(rows, "gn_trace", t, width=w, method=m, seed=k) for t, k in zip(targets, cfg.seeds)
+                records.at_loss(rows, "gn_trace", t, width=w, method=m, seed=k) for t, k in zip(targets, cfg.seeds)
             ])
-            for m in common.METHODS
+            for m in training.METHODS
         }  # fmt: skip
         figures[f"equal_train_loss_w{w}"] = float(np.mean(targets))
-        for m in common.METHODS:
+        for m in training.METHODS:
             figures[f"gn_trace_at_equal_loss_w{w}_{m}"] = float(np.mean(trace[m]))
         for m in ("gd", "noise"):
-            gains[f"w{w}_acc_vs_{m}"] = common.paired_gain(
+            gains[f"w{w}_acc_vs_{m}"] = verdicts.paired_gain(
                 final[("layer", "test_acc")], final[(m, "test_acc")], resolution=resolution
             )
-            gains[f"w{w}_gn_trace_vs_{m}"] = common.paired_gain(-trace["layer"], -trace[m])
+            gains[f"w{w}_gn_trace_vs_{m}"] = verdicts.paired_gain(-trace["layer"], -trace[m])
         for name in what:
             g = gains[f"w{w}_{name}"]
             figures.update({f"layer_{name}_w{w}": g.mean, f"layer_{name}_se_w{w}": g.se})
             reasons.append(g.describe(f"width {w}: " + what[name].format(loss=np.mean(targets))))
-        for m in common.METHODS:
+        for m in training.METHODS:
             if np.mean(final[(m, "train_loss")]) > cfg.fit_loss:
-                unfit[f"{common.label(m)} at width {w}"] = float(np.mean(final[(m, "train_loss")]))
-    reason = "; ".join(reasons + [common.combine_reason(gains)])
+                unfit[f"{training.label(m)} at width {w}"] = float(np.mean(final[(m, "train_loss")]))
+    reason = "; ".join(reasons + [verdicts.combine_reason(gains)])
     if unfit:
         losses_text = ", ".join(f"{name} {v:.3g}" for name, v in unfit.items())
         text = f"cannot test the claim: final train loss above fit_loss={cfg.fit_loss:g} ({losses_text}); {reason}"
         return None, figures, text
-    return common.combine(gains), figures, reason
+    return verdicts.combine(gains), figures, reason
 
 
-def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
+def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     figures, table = {}, []
     for w in cfg.widths:
         for m in cfg.methods:
-            entry = {"width": w, "method": common.label(m)}
+            entry = {"width": w, "method": training.label(m)}
             for k in ("test_acc", "gn_trace", "train_loss"):
-                entry[k], se = common.mean_se(common.per_seed(rows, k, cfg.seeds, width=w, method=m, step=cfg.steps))
+                entry[k], se = verdicts.mean_se(records.per_seed(rows, k, cfg.seeds, width=w, method=m, step=cfg.steps))
                 figures[f"{k}_w{w}_{m}"] = entry[k]
                 if k == "test_acc":
                     entry["se"] = figures[f"test_acc_se_w{w}_{m}"] = se
             table.append(entry)
     supported, reason = None, "needs the three methods"
-    if set(common.METHODS) <= set(cfg.methods):
+    if set(training.METHODS) <= set(cfg.methods):
         supported, judged, reason = judge(cfg, rows)
         figures.update(judged)
-    return runner.Verdict(supported, figures, table, reason)
+    return experiment.Verdict(supported, figures, table, reason)
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    plt = runner.plt
+    plt = plots.plt
     fig, axes = plt.subplots(3, len(cfg.widths), figsize=(5.5 * len(cfg.widths), 11), squeeze=False)
     keys = (("test_acc", "test accuracy"), ("train_loss", "train loss"))
     for col, w in enumerate(cfg.widths):
-        series = {common.label(m): (dict(width=w, method=m), common.COLORS[m]) for m in cfg.methods}
+        series = {training.label(m): (dict(width=w, method=m), training.COLORS[m]) for m in cfg.methods}
         for row, (key, name) in enumerate(keys):
-            common.plot_curves(axes[row, col], rows, key, series)
+            plots.plot_curves(axes[row, col], rows, key, series)
             axes[row, col].set(ylabel=f"{name} (seed mean)", yscale="linear" if row == 0 else "log", xlabel="GD step")
         for m in cfg.methods:  # the trace against the training loss: the comparison the verdict makes
-            _, loss = common.curve(rows, "train_loss", width=w, method=m)
-            _, trace = common.curve(rows, "gn_trace", width=w, method=m)
-            axes[2, col].plot(loss, trace, "o-", ms=3, color=common.COLORS[m], label=common.label(m))
-        if set(common.METHODS) <= set(cfg.methods):
+            _, loss = records.curve(rows, "train_loss", width=w, method=m)
+            _, trace = records.curve(rows, "gn_trace", width=w, method=m)
+            axes[2, col].plot(loss, trace, "o-", ms=3, color=training.COLORS[m], label=training.label(m))
+        if set(training.METHODS) <= set(cfg.methods):
             axes[2, col].axvline(np.mean(equal_loss_targets(cfg, rows, w)), color="gray", ls=":",
                                  label="compared at this train loss")  # fmt: skip
         axes[2, col].set(xscale="log", yscale="log", xlabel="train loss (seed mean; training runs left to right)",
@@ -217,7 +217,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     return {"deep_mlp.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("sigma", "seed"))
+EXPERIMENT = experiment.Experiment.from_module(__name__, batch_over=("sigma", "seed"))
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)

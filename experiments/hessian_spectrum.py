@@ -15,7 +15,7 @@ of lambda_max / (2/lr) over the last half of training lies in [edge_low, edge_hi
 at the end is below its value at the half (the loss keeps falling); false otherwise. A run has no sampling
 noise, so one initialisation outside the band is a counterexample, and "every initialisation" is stricter than
 a t-interval of the mean over them. The paired statistics over seeds are reported alongside (figures, not the
-verdict): per lr, the mean of the per-seed medians with its 95% Student-t interval (``common.t_critical``).
+verdict): per lr, the mean of the per-seed medians with its 95% Student-t interval (``verdicts.t_critical``).
 
 Setup: a two-hidden-layer ReLU MLP (``lsgeo.models.MLP``, 1482 parameters) on a subset of
 scikit-learn digits (pixels in [0, 1], not standardised), squared loss on one-hot targets (the MSE
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import common, runner
+from experiments import cli, experiment, nets, plots, records, verdicts
 from lsgeo import curvature, models, train
 from lsgeo.data import load_dataset
 
@@ -120,7 +120,7 @@ def cells(cfg: Config):
 
 def run(cfg: Config, batch, group):
     model = make_model(cfg)
-    objective = common.Objective(model, "squared_loss")
+    objective = nets.Objective(model, "squared_loss")
     if group[0]["part"] == "spectrum":
         return [spectrum_run(cfg, model, objective, batch, c["seed"]) for c in group]
     return eos_run(cfg, model, objective, batch, group)
@@ -139,7 +139,7 @@ def spectrum_at(cfg: Config, objective, params, batch, key):
 
 def spectrum_run(cfg: Config, model, objective, batch, seed: int):
     """GD at ``spectrum_lr``: the spectrum at initialisation, after steps/2 and after steps."""
-    params = common.init_fn(model, batch[0])(train.split_key(seed)[0])  # the initialisation the sweep uses
+    params = nets.init_fn(model, batch[0])(train.split_key(seed)[0])  # the initialisation the sweep uses
     optimizer = optax.sgd(cfg.spectrum_lr)
     half = cfg.steps // 2
     snapshots, start, key = {"init": (params, float(objective(params, batch)))}, params, seed
@@ -174,7 +174,7 @@ def eos_run(cfg: Config, model, objective, batch, group):
     result = train.sweep(
         objective,
         lambda lr, seed: optax.sgd(lr),
-        common.init_fn(model, batch[0]),
+        nets.init_fn(model, batch[0]),
         batch,
         {"lr": lrs},
         seeds,
@@ -205,28 +205,28 @@ def eos_run(cfg: Config, model, objective, batch, group):
 
 def _edge_ratios(cfg: Config, rows, lr: float, **fields):
     """lambda_max / (2 / lr) over the last half of training, pooled over seeds (NaN after divergence)."""
-    sel = [r for r in common.select(rows, part="eos", lr=lr, **fields) if r["step"] >= cfg.steps // 2]
+    sel = [r for r in records.select(rows, part="eos", lr=lr, **fields) if r["step"] >= cfg.steps // 2]
     return np.array([r["lambda_max"] * lr / 2.0 for r in sel])
 
 
 def _loss_drop(cfg: Config, rows, lr: float, seed: int) -> float:
     """log(loss at the half / loss at the end) of one run: > 0 when the loss still falls over the last half."""
-    loss = {r["step"]: r["train_loss"] for r in common.select(rows, part="eos", lr=lr, seed=seed)}
+    loss = {r["step"]: r["train_loss"] for r in records.select(rows, part="eos", lr=lr, seed=seed)}
     return float(np.log(loss[cfg.steps // 2 // cfg.eval_every * cfg.eval_every] / loss[cfg.steps]))
 
 
 def seed_interval(values) -> tuple[float, float, float, float]:
     """``(mean, se, low, high)`` of per-seed values: the mean with its two-sided 95% Student-t interval
-    (``common.t_critical`` for the number of seeds; infinite with one seed)."""
-    mean, se = common.mean_se(values)
-    half = common.t_critical(len(values)) * se if len(values) > 1 else float("inf")
+    (``verdicts.t_critical`` for the number of seeds; infinite with one seed)."""
+    mean, se = verdicts.mean_se(values)
+    half = verdicts.t_critical(len(values)) * se if len(values) > 1 else float("inf")
     return mean, se, mean - half, mean + half
 
 
 def _products(rows, lr: float) -> tuple[float, float]:
     """Lanczos products per lambda_max measurement at ``lr``: ``(first, median of the later ones)``, over seeds
     (the first measurement starts cold, the later ones warm)."""
-    sel = [r for r in common.select(rows, part="eos", lr=lr) if "lambda_max_products" in r]
+    sel = [r for r in records.select(rows, part="eos", lr=lr) if "lambda_max_products" in r]
     first = [r["lambda_max_products"] for r in sel if r["step"] == 0]
     later = [r["lambda_max_products"] for r in sel if r["step"] > 0 and np.isfinite(r["lambda_max_products"])]
     nan = float("nan")
@@ -239,7 +239,7 @@ def summarize(cfg: Config, rows):
         ratios = _edge_ratios(cfg, rows, lr)
         per_seed = [float(np.nanmedian(_edge_ratios(cfg, rows, lr, seed=k))) for k in cfg.seeds]
         drops = [_loss_drop(cfg, rows, lr, k) for k in cfg.seeds]
-        start = [r["lambda_max"] for r in common.select(rows, part="eos", lr=lr, step=0)]
+        start = [r["lambda_max"] for r in records.select(rows, part="eos", lr=lr, step=0)]
         mean, se, low, high = seed_interval(per_seed)
         products_first, products_warm = _products(rows, lr)
         entry = dict(
@@ -257,7 +257,7 @@ def summarize(cfg: Config, rows):
             products_first=products_first,
             products_warm_median=products_warm,
             final_loss=float(
-                np.mean([r["train_loss"] for r in common.select(rows, part="eos", lr=lr, step=cfg.steps)])
+                np.mean([r["train_loss"] for r in records.select(rows, part="eos", lr=lr, step=cfg.steps)])
             ),
         )
         table.append(entry)
@@ -304,19 +304,19 @@ def summarize(cfg: Config, rows):
         f"every one (no averaging). Over seeds (reported, not judged): mean of the per-seed medians with its 95% "
         f"Student-t interval: {intervals}"
     )
-    supported = bool(ok and falls) if len(cfg.seeds) >= common.MIN_SEEDS else None
+    supported = bool(ok and falls) if len(cfg.seeds) >= verdicts.MIN_SEEDS else None
     if supported is None:
         reason = f"{len(cfg.seeds)} initialisation(s): too few to speak for GD in general (needs 3); {reason}"
-    return runner.Verdict(supported, figures, table, reason)
+    return experiment.Verdict(supported, figures, table, reason)
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    fig, axes = runner.plt.subplots(1, 4, figsize=(24, 4.5))
+    fig, axes = plots.plt.subplots(1, 4, figsize=(24, 4.5))
     ax_loss, ax_products = axes[2], axes[3]
     axes = axes[:2]
     for i, lr in enumerate(cfg.lrs):
         for j, seed in enumerate(cfg.seeds):
-            sel = common.select(rows, part="eos", lr=lr, seed=seed)
+            sel = records.select(rows, part="eos", lr=lr, seed=seed)
             steps = [r["step"] for r in sel]
             label = f"lr = {lr:g}" if j == 0 else None
             axes[0].plot(steps, [r["lambda_max"] for r in sel], color=f"C{i}", lw=1.2 if j == 0 else 0.6, label=label)
@@ -352,7 +352,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     return {"hessian_spectrum.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("lr", "seed"))
+EXPERIMENT = experiment.Experiment.from_module(__name__, batch_over=("lr", "seed"))
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)

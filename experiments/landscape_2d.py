@@ -34,7 +34,7 @@ does not train and the residual one diverges at 0.1.
 
 Verdict: a comparison (small_batch < large_batch, noise < large_batch, deep_skip < deep_plain, in
 curvature) is the curvature gap of the pair paired over seeds (a seed fixes the initialisation of
-both; ``common.paired_gain``, 95% Student-t): it holds beyond t s.e., fails below minus t s.e., and is
+both; ``verdicts.paired_gain``, 95% Student-t): it holds beyond t s.e., fails below minus t s.e., and is
 null in between. Only seeds whose two minima both converged (train loss <= ``converged_loss``) are
 paired: a run stuck at a high loss is not a minimum (fewer than 3 such seeds: null). "Smoother" (skip) is
 a part of its own: the ``roughness`` of the 1-D slices (the fraction of points where a slice bends down)
@@ -52,7 +52,7 @@ import jax
 import numpy as np
 import optax
 
-from experiments import common, runner
+from experiments import cli, experiment, nets, plots, records, verdicts
 from lsgeo import landscape, models, optim, train
 
 VARIANTS = ("small_batch", "large_batch", "noise", "deep_plain", "deep_skip")
@@ -113,7 +113,7 @@ PRESETS = {
 
 
 def prepare(cfg: Config):
-    data = common.splits(cfg.dataset, n_train=cfg.n_train, flatten=True)
+    data = nets.splits(cfg.dataset, n_train=cfg.n_train, flatten=True)
     return data.train, data.test
 
 
@@ -154,9 +154,9 @@ def cells(cfg: Config) -> list[dict]:
 def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     (train_batch, test_batch), variant = data, group[0]["variant"]
     model = make_model(cfg, variant)
-    objective = common.Objective(model)
+    objective = nets.Objective(model)
     result = train.sweep(
-        objective, optimizer_fn(cfg, variant), common.init_fn(model, train_batch[0]), train_batch,
+        objective, optimizer_fn(cfg, variant), nets.init_fn(model, train_batch[0]), train_batch,
         {"sigma": [cfg.sigma if variant == "noise" else 0.0]}, [c["seed"] for c in group], num_steps=cfg.steps,
         batch_size=cfg.small_batch if variant == "small_batch" else None,
     )  # fmt: skip
@@ -165,7 +165,7 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     evaluate = jax.jit(
         lambda w, train_data, test_data: (
             objective(w, train_data),
-            common.Objective(model, "accuracy")(w, test_data),
+            nets.Objective(model, "accuracy")(w, test_data),
             objective(w, test_data),
         )
     )
@@ -203,7 +203,7 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
 
 
 def minimum(rows: list[dict], variant: str, seed: int) -> dict:
-    return common.select(rows, variant=variant, seed=seed, kind="minimum")[0]
+    return records.select(rows, variant=variant, seed=seed, kind="minimum")[0]
 
 
 def roughness(rows: list[dict], variant: str, seed: int) -> float:
@@ -211,8 +211,8 @@ def roughness(rows: list[dict], variant: str, seed: int) -> float:
     second difference beyond rounding): 0 for a convex bowl, large for a chaotic landscape (Li et al.'s
     "smoother"), averaged over the directions."""
     out = []
-    for j in sorted({r["direction"] for r in common.select(rows, variant=variant, seed=seed, kind="slice")}):
-        sel = common.select(rows, variant=variant, seed=seed, kind="slice", direction=j)
+    for j in sorted({r["direction"] for r in records.select(rows, variant=variant, seed=seed, kind="slice")}):
+        sel = records.select(rows, variant=variant, seed=seed, kind="slice", direction=j)
         sel = sorted(sel, key=lambda r: r["alpha"])
         loss = np.array([r["loss"] for r in sel])
         d2 = loss[2:] - 2 * loss[1:-1] + loss[:-2]
@@ -220,7 +220,7 @@ def roughness(rows: list[dict], variant: str, seed: int) -> float:
     return float(np.mean(out))
 
 
-def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
+def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     table, figures = [], {}
     for v in variants(cfg):
         ms = [minimum(rows, v, s) for s in cfg.seeds]
@@ -240,8 +240,8 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
             k for k in cfg.seeds if all(minimum(rows, v, k)["train_loss"] <= cfg.converged_loss for v in (flat, sharp))
         ]
         left_out = [k for k in cfg.seeds if k not in seeds]
-        curvature = {v: common.per_seed(rows, "curvature", seeds, variant=v, kind="minimum") for v in (flat, sharp)}
-        gains[name] = common.paired_gain(curvature[sharp], curvature[flat])
+        curvature = {v: records.per_seed(rows, "curvature", seeds, variant=v, kind="minimum") for v in (flat, sharp)}
+        gains[name] = verdicts.paired_gain(curvature[sharp], curvature[flat])
         figures[f"{name}_curvature_ratio"] = float(
             np.divide(figures[f"{sharp}_curvature"], figures[f"{flat}_curvature"])
         )
@@ -255,19 +255,19 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
         )
         if name == "skip":  # "a flatter, smoother landscape": smoothness is a part of its own
             rough = {v: np.array([roughness(rows, v, k) for k in seeds]) for v in (flat, sharp)}
-            gains["skip_smoother"] = common.paired_gain(rough[sharp], rough[flat])
+            gains["skip_smoother"] = verdicts.paired_gain(rough[sharp], rough[flat])
             reasons.append(gains["skip_smoother"].describe(
                 f"skip: roughness (fraction of slice points bending down) of {sharp} minus {flat}"))
-    supported = common.combine(gains)
-    reasons.append(common.combine_reason(gains))
-    return runner.Verdict(supported, figures, table, "; ".join(reasons))
+    supported = verdicts.combine(gains)
+    reasons.append(verdicts.combine_reason(gains))
+    return experiment.Verdict(supported, figures, table, "; ".join(reasons))
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    plt, seed = runner.plt, cfg.seeds[0]
+    plt, seed = plots.plt, cfg.seeds[0]
     surfaces = {}
     for v in variants(cfg):
-        sel = common.select(rows, variant=v, seed=seed, kind="surface")
+        sel = records.select(rows, variant=v, seed=seed, kind="surface")
         grid = np.array(sorted({r["alpha"] for r in sel}))
         surfaces[v] = np.log10(np.maximum([r["loss"] for r in sel], 1e-12)).reshape(grid.size, grid.size)
     low, high = min(z.min() for z in surfaces.values()), max(z.max() for z in surfaces.values())
@@ -293,7 +293,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
             for s in cfg.seeds:
                 for j in range(cfg.num_directions):
                     sel = sorted(
-                        common.select(rows, variant=v, seed=s, kind="slice", direction=j), key=lambda r: r["alpha"]
+                        records.select(rows, variant=v, seed=s, kind="slice", direction=j), key=lambda r: r["alpha"]
                     )
                     ax.plot(
                         [r["alpha"] for r in sel],
@@ -325,7 +325,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     return figures
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("seed",))
+EXPERIMENT = experiment.Experiment.from_module(__name__, batch_over=("seed",))
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)

@@ -17,7 +17,7 @@ BatchNorm: a point on a path has no running statistics of its own (Garipov et al
 training loss along a path, and the curve fit, use training mode on the whole training set, i.e. the
 exact population statistics at that point; test loss and accuracy use evaluation mode with the
 statistics recomputed at that point on the training inputs (``lsgeo.models.recompute_batch_stats``,
-``common.Objective(stats=...)``): the same statistics.
+``nets.Objective(stats=...)``): the same statistics.
 
 Barrier (``lsgeo.landscape.barrier_height``, reference "max"): max_t R(path(t)) - max(R(a), R(b)) on
 the training loss, on the same grid of t. Verdict: supported when, for every pair (3 by default; null
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import common, runner
+from experiments import cli, experiment, nets, plots, records, verdicts
 from lsgeo import landscape, train
 
 PATHS = ("line", "curve")
@@ -56,7 +56,7 @@ class Config:
 
     dataset: str = "digits"  # "digits" or "mnist1d" (arch "resnet": an image set, e.g. digits)
     n_train: int | None = None  # training points (None: all; digits has 1300)
-    arch: Literal[common.ARCHS] = "mlp"  # "mlp" or "resnet" (BatchNorm: statistics recomputed along the paths)
+    arch: Literal[nets.ARCHS] = "mlp"  # "mlp" or "resnet" (BatchNorm: statistics recomputed along the paths)
     widths: tuple[int, ...] = (64, 64)  # hidden widths of the ReLU MLP
     resnet_width: int = 4  # base width of the ResNet
     stage_sizes: tuple[int, ...] = (1, 1, 1, 1)  # BasicBlocks per stage of the ResNet
@@ -79,16 +79,16 @@ PRESETS = {
 
 
 def cells(cfg: Config) -> list[dict]:
-    common.check_arch(cfg.arch)
+    nets.check_arch(cfg.arch)
     return [dict(seed=s) for s in cfg.seeds]
 
 
-def prepare(cfg: Config) -> common.Splits:
-    return common.splits(cfg.dataset, n_train=cfg.n_train, flatten=cfg.arch == "mlp")
+def prepare(cfg: Config) -> nets.Splits:
+    return nets.splits(cfg.dataset, n_train=cfg.n_train, flatten=cfg.arch == "mlp")
 
 
-def run(cfg: Config, data: common.Splits, group: list[dict]) -> list[list[dict]]:
-    net = common.Net.of(cfg, data)
+def run(cfg: Config, data: nets.Splits, group: list[dict]) -> list[list[dict]]:
+    net = nets.Net.of(cfg, data)
     init_seeds = [k for c in group for k in (2 * c["seed"], 2 * c["seed"] + 1)]
     result = train.sweep(
         net.train_objective,
@@ -102,10 +102,10 @@ def run(cfg: Config, data: common.Splits, group: list[dict]) -> list[list[dict]]
     )
     minima = jax.tree_util.tree_map(lambda p: np.asarray(p)[0], (result.params, result.model_state))
     ts = jnp.linspace(0.0, 1.0, cfg.num_points)
-    train_loss = common.Objective(net.model, stats="batch")
+    train_loss = nets.Objective(net.model, stats="batch")
     test = {
-        "test_loss": common.Objective(net.model, stats="recompute"),
-        "test_acc": common.Objective(net.model, "accuracy", stats="recompute"),
+        "test_loss": nets.Objective(net.model, stats="recompute"),
+        "test_acc": nets.Objective(net.model, "accuracy", stats="recompute"),
     }
     out = []
     for i, c in enumerate(group):
@@ -146,10 +146,10 @@ def accuracy_drop(rows: list[dict]) -> float:
     return min(acc[0], acc[-1]) - min(acc)
 
 
-def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
+def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     table, ok = [], []
     for s in cfg.seeds:
-        line, curve = (sorted(common.select(rows, seed=s, path=p), key=lambda r: r["t"]) for p in PATHS)
+        line, curve = (sorted(records.select(rows, seed=s, path=p), key=lambda r: r["t"]) for p in PATHS)
         entry = dict(
             pair=s,
             loss_a=line[0]["train_loss"],
@@ -175,16 +175,16 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
         f"{cfg.max_curve_fraction:g} x line's), {sum(ok)}/{len(ok)} pairs pass (each pair is deterministic: all must)"
     )
     supported = all(ok)
-    if len(table) < common.MIN_SEEDS and supported:
+    if len(table) < verdicts.MIN_SEEDS and supported:
         supported, reason = None, f"{len(table)} pair(s) of minima: too few to speak of minima in general; {reason}"
-    return runner.Verdict(supported, figures, table, reason)
+    return experiment.Verdict(supported, figures, table, reason)
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    fig, axes = runner.plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plots.plt.subplots(1, 3, figsize=(15, 4.5))
     for s in cfg.seeds:
         for path in PATHS:
-            sel = sorted(common.select(rows, seed=s, path=path), key=lambda r: r["t"])
+            sel = sorted(records.select(rows, seed=s, path=path), key=lambda r: r["t"])
             for ax, key in zip(axes, ("train_loss", "test_loss", "test_acc")):
                 ax.plot(
                     [r["t"] for r in sel],
@@ -202,7 +202,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     return {"paths.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("seed",))
+EXPERIMENT = experiment.Experiment.from_module(__name__, batch_over=("seed",))
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)

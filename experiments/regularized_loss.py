@@ -14,8 +14,8 @@ R_sigma^(eff) (closed form of Section 2.4, ``lsgeo.theory.linear_net_effective_r
 sigma for every method, so the curves are comparable), plus the exact full-noise risk R_sigma
 (``lsgeo.theory.linear_net_full_noise_risk``) whose excess over R_sigma^(eff) is the exploding term.
 
-Verdict, two parts (``common.combine``, Holm over the two), paired over seeds (a seed fixes the
-initialisation of every method, ``common.paired_gain``, 95% Student-t): (1) at the largest width, the
+Verdict, two parts (``verdicts.combine``, Holm over the two), paired over seeds (a seed fixes the
+initialisation of every method, ``verdicts.paired_gain``, 95% Student-t): (1) at the largest width, the
 final R_sigma^(eff) of full noise exceeds that of layer-wise noise; (2) that gap grows with the width
 (largest minus smallest width, per seed), as the exploding term sigma^4 d1 d2 ||X||_F^2 / (2n) says it
 should. Null when layer-wise R_sigma^(eff) at the largest width still falls by more than
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import common, runner
+from experiments import cli, experiment, nets, plots, records, training, verdicts
 from lsgeo import data as data_lib
 from lsgeo import models, theory
 
@@ -55,7 +55,7 @@ class Config:
     steps: int = 10_000  # GD steps (layer-wise R_eff at width 300 is still falling after 3000)
     eval_every: int = 200  # steps between evaluations
     settle_rtol: float = 0.05  # layer-wise R_eff may fall at most this much over the last fifth (else: null)
-    methods: tuple[Literal[common.METHODS], ...] = common.METHODS
+    methods: tuple[Literal[training.METHODS], ...] = training.METHODS
     seeds: tuple[int, ...] = (0, 1, 2)  # initialisation and noise seeds (the data are fixed)
 
 
@@ -63,7 +63,7 @@ PRESETS = {"paper": Config(seeds=(0, 1, 2, 3, 4), steps=20_000)}
 
 
 def validate(cfg: Config) -> None:
-    """Checks beyond the runner's field conventions (``runner.check_config``), before a run folder exists."""
+    """Checks beyond the runner's field conventions (``config_checks.check_config``), before a run folder exists."""
     if cfg.num_nonzero > cfg.d:
         raise ValueError(f"--num-nonzero {cfg.num_nonzero} exceeds --d {cfg.d}")
 
@@ -76,7 +76,7 @@ def prepare(cfg: Config):
 
 
 def cells(cfg: Config) -> list[dict]:
-    return [c for w in cfg.widths for c in common.method_cells(cfg.methods, (cfg.sigma,), cfg.seeds, width=w)]
+    return [c for w in cfg.widths for c in training.method_cells(cfg.methods, (cfg.sigma,), cfg.seeds, width=w)]
 
 
 def _regulariser(params, batch):
@@ -98,8 +98,8 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
             "R_sigma_full": theory.linear_net_full_noise_risk(W1, W2, X, Y, cfg.sigma),
         }
 
-    results = common.train_cells(
-        common.Objective(model, "squared_loss"), common.init_fn(model, data[0]), data, group, inner=optax.sgd(cfg.lr),
+    results = training.train_cells(
+        nets.Objective(model, "squared_loss"), nets.init_fn(model, data[0]), data, group, inner=optax.sgd(cfg.lr),
         num_steps=cfg.steps, eval_every=cfg.eval_every, eval_fn=eval_fn, eval_data=data,
     )  # fmt: skip
     for rows in results:
@@ -110,10 +110,10 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
 
 def final(cfg: Config, rows, width, method, key) -> tuple[float, float]:
     """Mean and standard error over seeds of ``key`` at the last evaluation."""
-    return common.mean_se([r[key] for r in common.select(rows, width=width, method=method, step=cfg.steps)])
+    return verdicts.mean_se([r[key] for r in records.select(rows, width=width, method=method, step=cfg.steps)])
 
 
-def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
+def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     figures, table = {}, []
     for w in cfg.widths:
         for m in cfg.methods:
@@ -125,7 +125,7 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
             table.append(
                 {
                     "width": w,
-                    "method": common.label(m),
+                    "method": training.label(m),
                     "R": R,
                     "R_eff": eff,
                     "se": eff_se,
@@ -139,13 +139,13 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
     supported, reason = None, "needs both noise methods"
     if {"noise", "layer"} <= set(cfg.methods):
         gaps = {
-            w: common.per_seed(rows, "R_eff", cfg.seeds, width=w, method="noise", step=cfg.steps)
-            - common.per_seed(rows, "R_eff", cfg.seeds, width=w, method="layer", step=cfg.steps)
+            w: records.per_seed(rows, "R_eff", cfg.seeds, width=w, method="noise", step=cfg.steps)
+            - records.per_seed(rows, "R_eff", cfg.seeds, width=w, method="layer", step=cfg.steps)
             for w in cfg.widths
         }
-        parts = {f"gap_w{widest}": common.paired_gain(gaps[widest], np.zeros(len(cfg.seeds)))}
+        parts = {f"gap_w{widest}": verdicts.paired_gain(gaps[widest], np.zeros(len(cfg.seeds)))}
         if narrowest != widest:
-            parts["gap_grows_with_width"] = common.paired_gain(gaps[widest], gaps[narrowest])
+            parts["gap_grows_with_width"] = verdicts.paired_gain(gaps[widest], gaps[narrowest])
         gain = parts[f"gap_w{widest}"]
         figures[f"R_eff_gap_full_minus_layer_w{widest}"] = gain.mean
         figures[f"R_eff_gap_se_w{widest}"] = gain.se
@@ -154,29 +154,29 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
         if "gap_grows_with_width" in parts:
             reasons.append(parts["gap_grows_with_width"].describe(f"that gap at width {widest} minus at {narrowest}"))
         late = cfg.steps - cfg.steps // 5 // cfg.eval_every * cfg.eval_every
-        before = np.mean(common.per_seed(rows, "R_eff", cfg.seeds, width=widest, method="layer", step=late))
+        before = np.mean(records.per_seed(rows, "R_eff", cfg.seeds, width=widest, method="layer", step=late))
         after = figures[f"R_eff_w{widest}_layer"]
         figures[f"layer_R_eff_fall_last_fifth_w{widest}"] = fall = float(1.0 - after / before)
         reasons.append(f"layer-wise R_eff at width {widest} falls {100 * fall:.2g}% over the last fifth of the steps "
                        f"(needs <= {100 * cfg.settle_rtol:g}%: at its minimum)")  # fmt: skip
-        reasons.append(common.combine_reason(parts))
-        supported = common.combine(parts)
+        reasons.append(verdicts.combine_reason(parts))
+        supported = verdicts.combine(parts)
         if not fall <= cfg.settle_rtol:
             supported, reasons = None, ["still training, cannot judge the minimum", *reasons]
         reason = "; ".join(reasons)
-    return runner.Verdict(supported, figures, table, reason)
+    return experiment.Verdict(supported, figures, table, reason)
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    plt = runner.plt
+    plt = plots.plt
     fig = plt.figure(figsize=(5.5 * max(len(cfg.widths), 2), 11))
     grid = fig.add_gridspec(3, len(cfg.widths))
     keys = (("train_loss", "R"), ("R_eff", f"R_sigma^(eff), sigma={cfg.sigma:g}"))
     for col, w in enumerate(cfg.widths):
         for row, (key, name) in enumerate(keys):
             ax = fig.add_subplot(grid[row, col])
-            common.plot_curves(
-                ax, rows, key, {common.label(m): (dict(width=w, method=m), common.COLORS[m]) for m in cfg.methods}
+            plots.plot_curves(
+                ax, rows, key, {training.label(m): (dict(width=w, method=m), training.COLORS[m]) for m in cfg.methods}
             )
             ax.set(yscale="log", ylabel=f"{name} (seed mean)", title=f"width {w}", xlabel="GD step")
             if key == "R_eff":
@@ -184,14 +184,14 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
             ax.legend(fontsize=8)
     ax = fig.add_subplot(grid[2, :])  # the cause: full noise's excess grows with the width, and so does the gap
     widths = np.array(cfg.widths)
-    excess = [np.mean([r["R_sigma_full"] - r["R_eff"] for r in common.select(rows, width=w, step=cfg.steps)])
+    excess = [np.mean([r["R_sigma_full"] - r["R_eff"] for r in records.select(rows, width=w, step=cfg.steps)])
               for w in widths]  # fmt: skip
     ax.plot(widths, excess, "s--", color="gray", label="R_sigma - R_sigma^(eff) (exact; sigma^4 d1 d2 ||X||^2 / 2n)")
     if {"noise", "layer"} <= set(cfg.methods):
-        gap = np.array([common.mean_se(
-            common.per_seed(rows, "R_eff", cfg.seeds, width=w, method="noise", step=cfg.steps)
-            - common.per_seed(rows, "R_eff", cfg.seeds, width=w, method="layer", step=cfg.steps)) for w in widths])
-        ax.errorbar(widths, gap[:, 0], yerr=gap[:, 1], marker="o", capsize=3, color=common.COLORS["noise"],
+        gap = np.array([verdicts.mean_se(
+            records.per_seed(rows, "R_eff", cfg.seeds, width=w, method="noise", step=cfg.steps)
+            - records.per_seed(rows, "R_eff", cfg.seeds, width=w, method="layer", step=cfg.steps)) for w in widths])
+        ax.errorbar(widths, gap[:, 0], yerr=gap[:, 1], marker="o", capsize=3, color=training.COLORS["noise"],
                     label="final R_sigma^(eff): full noise minus layer-wise (paired, ± s.e.)")  # fmt: skip
     ax.set(xscale="log", yscale="log", xlabel="width d1", ylabel="at the end of training", xticks=list(widths),
            xticklabels=[str(w) for w in widths], title="the variance explosion grows with the width")  # fmt: skip
@@ -201,7 +201,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     return {"regularized_loss.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("sigma", "seed"))
+EXPERIMENT = experiment.Experiment.from_module(__name__, batch_over=("sigma", "seed"))
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from experiments import common, runner
+from experiments import cli, experiment, nets, plots, records
 from lsgeo import curvature, models, sharpness, train
 from lsgeo.data import load_dataset
 
@@ -78,7 +78,7 @@ PRESETS = {
 
 
 def validate(cfg: Config) -> None:
-    """Checks beyond the runner's field conventions (``runner.check_config``), before a run folder exists."""
+    """Checks beyond the runner's field conventions (``config_checks.check_config``), before a run folder exists."""
     if cfg.n_train > DIGITS_TRAIN:
         raise ValueError(f"--n-train must be <= {DIGITS_TRAIN} (the digits training split), got {cfg.n_train}")
     if 1.0 not in cfg.alphas:
@@ -99,11 +99,11 @@ def make_model(cfg: Config) -> models.MLP:
 def train_networks(cfg: Config, batch, seeds):
     """One trained network per seed (full-batch Adam), vmapped; returns params with a leading seed axis."""
     model = make_model(cfg)
-    objective = common.Objective(model)
+    objective = nets.Objective(model)
     result = train.sweep(
         objective,
         lambda seed: optax.adam(cfg.lr),
-        common.init_fn(model, batch[0]),
+        nets.init_fn(model, batch[0]),
         batch,
         {},
         list(seeds),
@@ -160,7 +160,7 @@ def cells(cfg: Config):
 
 def run(cfg: Config, batch, group):
     model = make_model(cfg)
-    objective = common.Objective(model)
+    objective = nets.Objective(model)
     predict = models.make_predict(model)
     trained = train_networks(cfg, batch, [c["seed"] for c in group])
     out = []
@@ -183,7 +183,7 @@ def _span(values) -> float:
 
 def _block_scaling_err(rows) -> float:
     """max over alpha of |(||H_00(alpha)|| / ||H_00(1)||) alpha^2 - 1| and the same with alpha^-2 for H_11."""
-    ref = common.select(rows, alpha=1.0)[0]
+    ref = records.select(rows, alpha=1.0)[0]
     errs = []
     for r in rows:
         a = r["alpha"]
@@ -193,7 +193,7 @@ def _block_scaling_err(rows) -> float:
 
 
 def summarize(cfg: Config, rows):
-    per_seed = [common.select(rows, seed=s) for s in cfg.seeds]
+    per_seed = [records.select(rows, seed=s) for s in cfg.seeds]
     spans = {
         k: min(_span([r[k] for r in rs]) for rs in per_seed)
         for k in ("lambda_max", "hessian_trace", "epsilon_sharpness", "average_sharpness")
@@ -203,7 +203,7 @@ def summarize(cfg: Config, rows):
         "max_rel_function_change": max(r["rel_max_diff"] for r in rows),
         "max_abs_function_change": max(r["max_abs_diff"] for r in rows),
         "max_train_loss_change": max(
-            abs(r["train_loss"] - common.select(rows, seed=r["seed"], alpha=1.0)[0]["train_loss"]) for r in rows
+            abs(r["train_loss"] - records.select(rows, seed=r["seed"], alpha=1.0)[0]["train_loss"]) for r in rows
         ),
         "max_hessian_identity_rel_err": max(r["hessian_identity_rel_err"] for r in rows),
         "max_block_scaling_rel_err": max(_block_scaling_err(rs) for rs in per_seed),
@@ -238,19 +238,19 @@ def summarize(cfg: Config, rows):
         "average_sharpness",
         "adaptive_sharpness",
     )
-    table = [{k: r[k] for k in columns} for r in common.select(rows, seed=cfg.seeds[0])]
+    table = [{k: r[k] for k in columns} for r in records.select(rows, seed=cfg.seeds[0])]
     reason += (
         f"; every bound must hold for each of the {len(cfg.seeds)} trained networks: T_alpha is an exact identity, so "
         "a deterministic check on one network already decides it for that network (no averaging, no test)"
     )
-    return runner.Verdict(supported, figures, table, reason)
+    return experiment.Verdict(supported, figures, table, reason)
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    rows = common.select(rows, seed=cfg.seeds[0])
+    rows = records.select(rows, seed=cfg.seeds[0])
     alphas = np.array([r["alpha"] for r in rows])
-    ref = common.select(rows, alpha=1.0)[0]
-    fig, axes = runner.plt.subplots(1, 4, figsize=(21, 4.5))
+    ref = records.select(rows, alpha=1.0)[0]
+    fig, axes = plots.plt.subplots(1, 4, figsize=(21, 4.5))
     # 1. the same function: the largest change of the outputs, relative to their size
     moved = [r for r in rows if r["alpha"] != 1.0]  # alpha = 1 is the identity: a change of exactly 0
     axes[0].plot([r["alpha"] for r in moved], [r["rel_max_diff"] for r in moved], "o", color="k",
@@ -283,7 +283,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     return {"reparametrization.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("seed",))
+EXPERIMENT = experiment.Experiment.from_module(__name__, batch_over=("seed",))
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)

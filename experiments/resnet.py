@@ -20,20 +20,20 @@ as 8x8x1 images (and 128 validation points), a ResNet-10 (one BasicBlock per sta
 two) of width 4, 6 epochs of batch 64, noise off after epoch 5, sigmas 0.05 and 0.2 (above 0.1: both parts
 of the claim are tested), three seeds, no augmentation
 (``augment_padding=0``; 4 pixels would be half of a digit). Its cost is XLA compilation, so on a
-CPU-only machine the CLI compiles at XLA backend optimisation level 0 (``runner.fast_cpu_compile``),
+CPU-only machine the CLI compiles at XLA backend optimisation level 0 (``cli.fast_cpu_compile``),
 the SGD runs share the compiled program of full noise (as its sigma = 0 members,
-``common.train_methods``), all methods are trained in one ``run`` call, and the runs of a sweep go
+``training.train_methods``), all methods are trained in one ``run`` call, and the runs of a sweep go
 one at a time (``members_per_chunk=1``: XLA:CPU runs the grouped convolutions of vmapped kernels
 slowly). It is far too small to reproduce the claim's +0.3 points: with 3 seeds (t = 4.30) a verdict needs a
 gain of several points, so it tests the pipeline and is usually null.
 
 The Hessian trace is a Hutchinson estimate (``lsgeo.curvature.hessian_trace``) of the training loss in
 evaluation mode (BatchNorm running averages), on ``trace_examples`` training points, at the end.
-Verdict (paired over seeds, ``common.paired_gain``, sigma of layer-wise noise chosen on validation):
+Verdict (paired over seeds, ``verdicts.paired_gain``, sigma of layer-wise noise chosen on validation):
 part 1, SGD+noise (layer) beats SGD beyond t s.e. plus one test example (95% Student-t for the number of
 seeds); part 2, full noise at every sigma > 0.1 of the grid is below SGD beyond that margin (not tested
 without such a sigma). Supported when all hold, false when one is contradicted after Holm's correction
-for the number of parts (``common.combine``), null otherwise.
+for the number of parts (``verdicts.combine``), null otherwise.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import jax
 import numpy as np
 import optax
 
-from experiments import common, runner
+from experiments import cli, discrimination, experiment, nets, plots, records, training, verdicts
 from lsgeo import curvature, models
 from lsgeo.train.augment import random_crop_flip
 
@@ -78,7 +78,7 @@ class Config:
     trace_examples: int = 128  # training points for the Hessian trace
     trace_probes: int = 2  # Hutchinson probes
     fit_loss: float = 0.3  # SGD or the chosen layer-wise run ending above this train loss: under-trained (null)
-    methods: tuple[Literal[common.METHODS], ...] = common.METHODS
+    methods: tuple[Literal[training.METHODS], ...] = training.METHODS
     members_per_chunk: int | None = 1  # runs vmapped at once (None: all); on CPU 1, since XLA:CPU runs the
     # grouped convolutions of vmapped kernels slowly
     seeds: tuple[int, ...] = (0, 1, 2)  # initialisation, batch order and noise seeds
@@ -107,7 +107,7 @@ PRESETS = {
 
 
 def validate(cfg: Config) -> None:
-    """Checks beyond the runner's field conventions (``runner.check_config``), before a run folder exists."""
+    """Checks beyond the runner's field conventions (``config_checks.check_config``), before a run folder exists."""
     if cfg.n_train is not None and cfg.batch_size <= cfg.n_train:  # else checked on the data (prepare)
         steps = cfg.epochs * (cfg.n_train // cfg.batch_size)
         if steps % cfg.evals:
@@ -118,11 +118,11 @@ def validate(cfg: Config) -> None:
 
 
 def cells(cfg: Config) -> list[dict]:
-    return common.method_cells(cfg.methods, cfg.sigmas, cfg.seeds)
+    return training.method_cells(cfg.methods, cfg.sigmas, cfg.seeds)
 
 
 def prepare(cfg: Config):
-    data = common.splits(cfg.dataset, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, flatten=False)
+    data = nets.splits(cfg.dataset, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, flatten=False)
     steps_per_epoch = len(data.train[1]) // cfg.batch_size
     if cfg.epochs * steps_per_epoch % cfg.evals:
         raise ValueError(f"evals={cfg.evals} must divide the {cfg.epochs * steps_per_epoch} training steps")
@@ -139,7 +139,7 @@ def run(cfg: Config, prep, group: list[dict]) -> list[list[dict]]:
     data, steps_per_epoch = prep
     steps = cfg.epochs * steps_per_epoch
     model = models.ResNet18(num_classes=data.num_classes, width=cfg.width, stage_sizes=cfg.stage_sizes)
-    objective = common.Objective(model)
+    objective = nets.Objective(model)
 
     @jax.jit
     def hessian_trace(params, model_state, batch):
@@ -153,10 +153,10 @@ def run(cfg: Config, prep, group: list[dict]) -> list[list[dict]]:
     )
     trace_batch = jax.tree_util.tree_map(lambda a: a[: cfg.trace_examples], data.train)
     augment = functools.partial(random_crop_flip, padding=cfg.augment_padding) if cfg.augment_padding else None
-    return common.train_methods(
-        common.TrainObjective(model), common.init_fn(model, data.train[0]), data.train, group, inner=inner,
-        num_steps=steps, eval_every=steps // cfg.evals, batch_size=cfg.batch_size, eval_fn=common.Evaluate(model),
-        eval_data={"val": data.val, "test": data.test}, model_state=common.state_init_fn(model, data.train[0]),
+    return training.train_methods(
+        nets.TrainObjective(model), nets.init_fn(model, data.train[0]), data.train, group, inner=inner,
+        num_steps=steps, eval_every=steps // cfg.evals, batch_size=cfg.batch_size, eval_fn=nets.Evaluate(model),
+        eval_data={"val": data.val, "test": data.test}, model_state=nets.state_init_fn(model, data.train[0]),
         noise_until=cfg.noise_off_epoch * steps_per_epoch, members_per_chunk=cfg.members_per_chunk, augment=augment,
         final_fn=lambda params, model_state: {"hessian_trace": hessian_trace(params, model_state, trace_batch)},
     )  # fmt: skip
@@ -166,7 +166,7 @@ def judge(cfg: Config, rows: list[dict], last: int) -> tuple[dict, dict, list[st
     """(parts, figures, reasons) of the two parts of the claim."""
     parts, figures, reasons = {}, {}, []
     if {"gd", "layer"} <= set(cfg.methods):
-        best, gain = common.compare_to_gd(rows, "layer", cfg.sigmas, cfg.seeds, last)
+        best, gain = training.compare_to_gd(rows, "layer", cfg.sigmas, cfg.seeds, last)
         parts["layer_improves"] = gain
         figures.update(
             layer_best_sigma=best, layer_gain=gain.mean, layer_gain_se=gain.se, layer_gain_margin=gain.margin
@@ -178,21 +178,21 @@ def judge(cfg: Config, rows: list[dict], last: int) -> tuple[dict, dict, list[st
         )
     large = [s for s in cfg.sigmas if s > 0.1]
     if {"gd", "noise"} <= set(cfg.methods) and large:
-        control = common.per_seed(rows, "test_acc", cfg.seeds, method="gd", step=last)
+        control = records.per_seed(rows, "test_acc", cfg.seeds, method="gd", step=last)
         for s in large:
-            treated = common.per_seed(rows, "test_acc", cfg.seeds, method="noise", sigma=s, step=last)
-            hurt = common.paired_gain(control, treated, resolution=common.resolution(rows))  # > 0: noise hurts
+            treated = records.per_seed(rows, "test_acc", cfg.seeds, method="noise", sigma=s, step=last)
+            hurt = verdicts.paired_gain(control, treated, resolution=records.resolution(rows))  # > 0: noise hurts
             parts[f"full_noise_hurts_sigma={s:g}"] = hurt
             figures[f"noise_gain_sigma={s:g}"] = -hurt.mean
             reasons.append(hurt.describe(f"SGD minus SGD+noise at sigma {s:g}", scale=100, unit=" points"))
     else:
         reasons.append("full noise above sigma 0.1 not tested (no such sigma in the grid)")
         parts["full_noise_hurts_above_0.1"] = None
-    if len(cfg.seeds) < common.MIN_SEEDS:
-        reasons.insert(0, f"{len(cfg.seeds)} seed(s): a paired test needs {common.MIN_SEEDS} or more, so null")
-    reasons.append(common.combine_reason(parts))
+    if len(cfg.seeds) < verdicts.MIN_SEEDS:
+        reasons.insert(0, f"{len(cfg.seeds)} seed(s): a paired test needs {verdicts.MIN_SEEDS} or more, so null")
+    reasons.append(verdicts.combine_reason(parts))
     if "layer_best_sigma" in figures:
-        fit = common.unfit(rows, {"SGD": dict(method="gd"), "layer-wise at the chosen sigma": dict(
+        fit = training.unfit(rows, {"SGD": dict(method="gd"), "layer-wise at the chosen sigma": dict(
             method="layer", sigma=figures["layer_best_sigma"])}, cfg.seeds, last, cfg.fit_loss)  # fmt: skip
         if fit:
             parts["fitted"] = None  # the run cannot test the claim: the verdict is null at best
@@ -200,9 +200,13 @@ def judge(cfg: Config, rows: list[dict], last: int) -> tuple[dict, dict, list[st
     return parts, figures, reasons
 
 
-def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
+SOURCE_POINTS = 0.3  # the paper's layer-wise gain over SGD (Figure 6: +0.3 points over 94.4%)
+SOURCE = "Orvieto et al. 2023, Figure 6: layer-wise +0.3 points over a 94.4% SGD baseline"
+
+
+def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     last = max(r["step"] for r in rows)
-    table = common.method_table(
+    table = training.method_table(
         rows,
         cfg.methods,
         cfg.sigmas,
@@ -211,39 +215,46 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
         minibatch=True,
         keys=("test_acc", "val_acc", "hessian_trace", "train_loss"),
     )
-    grid = common.method_grid(cfg.methods, cfg.sigmas)
+    grid = training.method_grid(cfg.methods, cfg.sigmas)
     figures = {f"{k}_{m}_sigma={s:g}": t[k] for (m, s), t in zip(grid, table) for k in ("test_acc", "hessian_trace")}
     parts, judged, reasons = judge(cfg, rows, last)
     figures.update(judged)
-    supported = None if "fitted" in parts else common.combine(parts)  # under-trained: no test, either way
-    return runner.Verdict(supported, figures, table, "; ".join(reasons))
+    supported = None if "fitted" in parts else verdicts.combine(parts)  # under-trained: no test, either way
+    powers = {}
+    if isinstance(parts.get("layer_improves"), verdicts.Gain):
+        mde = 100 * discrimination.minimum_detectable_effect(parts["layer_improves"])
+        powers["layer_improves"] = discrimination.Power(mde, SOURCE_POINTS, " points", SOURCE)
+        figures["mde_layer_gain_points"] = mde
+    supported, power_clause = discrimination.with_power(supported, powers)
+    return experiment.Verdict(supported, figures, table, "; ".join([*reasons, power_clause] if powers else reasons),
+                              power={k: p.record() for k, p in powers.items()})  # fmt: skip
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    plt = runner.plt
+    plt = plots.plt
     last = max(r["step"] for r in rows)
     keys = {"test_acc": "final test accuracy", "hessian_trace": "Hessian trace at the end (eval mode)",
             "train_loss": "final training loss (under-training check)"}  # fmt: skip
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     bars = len(cfg.seeds) > 1
     for m in cfg.methods:
-        name = common.label(m, minibatch=True) + (" (mean ± s.e.)" if bars else " (1 seed)")
+        name = training.label(m, minibatch=True) + (" (mean ± s.e.)" if bars else " (1 seed)")
         for ax, k in zip(axes, keys):
             values = np.array([
-                common.mean_se(common.per_seed(rows, k, cfg.seeds, method=m, sigma=s, step=last))
+                verdicts.mean_se(records.per_seed(rows, k, cfg.seeds, method=m, sigma=s, step=last))
                 for s in ((0.0,) if m == "gd" else cfg.sigmas)
             ])  # fmt: skip
             if m == "gd":
                 ends = [min(cfg.sigmas) / 1.2, max(cfg.sigmas) * 1.2]  # a segment, so autoscaling keeps it in view
                 (mean, se), = values
-                ax.plot(ends, [mean, mean], color=common.COLORS[m], label=name)
+                ax.plot(ends, [mean, mean], color=training.COLORS[m], label=name)
                 if bars:
-                    ax.fill_between(ends, mean - se, mean + se, color=common.COLORS[m], alpha=0.15)
+                    ax.fill_between(ends, mean - se, mean + se, color=training.COLORS[m], alpha=0.15)
                 continue
             ax.errorbar(cfg.sigmas, values[:, 0], yerr=values[:, 1] if bars else None, marker="o", capsize=3,
-                        color=common.COLORS[m], label=name)  # fmt: skip
+                        color=training.COLORS[m], label=name)  # fmt: skip
     for ax, k in zip(axes, keys):
-        common.sigma_axis(ax, cfg.sigmas)
+        plots.sigma_axis(ax, cfg.sigmas)
         ax.set(ylabel=keys[k])
         ax.legend(fontsize=8)
     axes[0].set_title(f"{title(cfg)}, {cfg.dataset}, {len(cfg.seeds)} seed(s)", fontsize=10)
@@ -253,8 +264,8 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     return {"resnet.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("method", "sigma", "seed"))
+EXPERIMENT = experiment.Experiment.from_module(__name__, batch_over=("method", "sigma", "seed"))
 
 if __name__ == "__main__":
-    runner.fast_cpu_compile()
-    runner.main(EXPERIMENT)
+    cli.fast_cpu_compile()
+    cli.main(EXPERIMENT)

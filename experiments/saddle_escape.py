@@ -27,10 +27,10 @@ eigenvalue and the saddle index (the fraction of eigenvalues below -tol, as
 Verdict: every method escapes in every run; GD escapes at the rate set by lambda_min (``escape_rate``:
 the growth rate of R(0) - R(w_t) in the linear phase within ``rate_rtol`` of 2 log(1 + lr |lambda_min|)
 in every run); and for each of noise (full, layer-wise), momentum and Adam the escape step of GD minus
-its own, paired over seeds (the same w_0 per seed, ``common.paired_gain``, 95% Student-t, one
+its own, paired over seeds (the same w_0 per seed, ``verdicts.paired_gain``, 95% Student-t, one
 evaluation interval as the resolution), exceeds its margin. False when a method does not escape, GD's
 rate is off, or a method escapes later than GD beyond the margin after Holm's correction for the four
-comparisons (``common.combine``); null otherwise.
+comparisons (``verdicts.combine``); null otherwise.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import common, runner
+from experiments import cli, experiment, nets, plots, records, verdicts
 from lsgeo import curvature, models, optim, train
 from lsgeo.data import low_rank_regression
 from lsgeo.losses import squared_loss
@@ -85,7 +85,7 @@ PRESETS = {"paper": Config(seeds=tuple(range(32)), n_train=256, d_in=32, d_out=1
 
 
 def validate(cfg: Config) -> None:
-    """Checks beyond the runner's field conventions (``runner.check_config``), before a run folder exists."""
+    """Checks beyond the runner's field conventions (``config_checks.check_config``), before a run folder exists."""
     if not 0 < cfg.escape_fraction < 1:
         raise ValueError(
             f"--escape-fraction must be in (0, 1), the fraction of the gap R(0) - R* closed at escape; "
@@ -152,10 +152,10 @@ def cells(cfg: Config):
 def run(cfg: Config, batch, group):
     method = group[0]["method"]
     model = models.LinearNet(d1=cfg.hidden, d_out=cfg.d_out)
-    objective = common.Objective(model, "squared_loss")
+    objective = nets.Objective(model, "squared_loss")
 
     def init(key):  # w_0 = delta * eps, the same for every method at a given seed
-        w = common.init_fn(model, batch[0])(key)
+        w = nets.init_fn(model, batch[0])(key)
         return optax.tree.scale(cfg.init_scale, optax.tree.random_like(key, w, jax.random.normal))
 
     result = train.sweep(
@@ -211,7 +211,7 @@ def escape_rate(rows, r0: float, r_star: float) -> float:
 def _method_table(cfg: Config, rows, threshold: float):
     table = []
     for m in cfg.methods:
-        runs = [common.select(rows, method=m, seed=s) for s in cfg.seeds]
+        runs = [records.select(rows, method=m, seed=s) for s in cfg.seeds]
         steps = np.array([escape_step(r, threshold) for r in runs])
         finals = [r[-1] for r in runs]
         table.append(
@@ -246,7 +246,7 @@ def summarize(cfg: Config, rows):
     if "gd" in by and figures["saddle_lambda_min"] < 0:
         # GD's linearised escape: R(0) - R(w_t) grows like (1 + lr |lambda_min|)^(2t)
         predicted = 2.0 * np.log1p(cfg.lr * abs(figures["saddle_lambda_min"]))
-        rates = np.array([escape_rate(common.select(rows, method="gd", seed=k), r0, r_star) for k in cfg.seeds])
+        rates = np.array([escape_rate(records.select(rows, method="gd", seed=k), r0, r_star) for k in cfg.seeds])
         figures["gd_escape_steps_per_e_fold"] = 1.0 / np.log1p(cfg.lr * abs(figures["saddle_lambda_min"]))
         figures["gd_escape_rate_predicted"] = float(predicted)
         figures["gd_escape_rate_min"], figures["gd_escape_rate_max"] = float(np.min(rates)), float(np.max(rates))
@@ -260,12 +260,14 @@ def summarize(cfg: Config, rows):
         )
     faster = [m for m in ("noise_full", "noise_layerwise", "momentum", "adam") if m in by]
     if "gd" not in by or not faster:
-        return runner.Verdict(None, figures, table, "needs gd and one of noise_full, noise_layerwise, momentum, adam")
+        return experiment.Verdict(
+            None, figures, table, "needs gd and one of noise_full, noise_layerwise, momentum, adam"
+        )
     steps = {
-        m: np.array([escape_step(common.select(rows, method=m, seed=s), threshold) for s in cfg.seeds])
+        m: np.array([escape_step(records.select(rows, method=m, seed=s), threshold) for s in cfg.seeds])
         for m in ["gd", *faster]
     }
-    gains = {m: common.paired_gain(steps["gd"], steps[m], resolution=cfg.eval_every) for m in faster}
+    gains = {m: verdicts.paired_gain(steps["gd"], steps[m], resolution=cfg.eval_every) for m in faster}
     # a run too short for GD (the slowest, by the claim) to escape cannot test the claim: null, not false
     all_escape = all(t["escaped"] == 1.0 for t in table) or (None if by["gd"]["escaped"] < 1.0 else False)
     too_short = f"GD did not escape within --steps {cfg.steps} in every run: too short to test the claim"
@@ -274,17 +276,17 @@ def summarize(cfg: Config, rows):
         [f"{sum(t['escaped'] == 1.0 for t in table)}/{len(table)} methods escaped in every run", rate_reason]
         + ([too_short] if all_escape is None else [])
         + [g.describe(f"escape step, GD minus {m}") for m, g in gains.items()]
-        + [common.combine_reason(parts)]
+        + [verdicts.combine_reason(parts)]
     )
-    return runner.Verdict(common.combine(parts), figures, table, reason)
+    return experiment.Verdict(verdicts.combine(parts), figures, table, reason)
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
     r0, r_star = landmarks(prepare(cfg))
-    fig, axes = runner.plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plots.plt.subplots(1, 3, figsize=(16, 4.5))
     floor = 1e-3  # of the gap: below it every run has long escaped; a lower axis squeezes the escape region
     for i, m in enumerate(cfg.methods):
-        runs = [common.select(rows, method=m, seed=s) for s in cfg.seeds]
+        runs = [records.select(rows, method=m, seed=s) for s in cfg.seeds]
         steps = [r["step"] for r in runs[0]]
         ls = "--" if m in ("sgd", "noise_layerwise") else "-"
         for ax, key in zip(axes, ("train_loss", "lambda_min", "saddle_index")):
@@ -302,7 +304,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     return {"saddle_escape.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("seed",))
+EXPERIMENT = experiment.Experiment.from_module(__name__, batch_over=("seed",))
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)

@@ -21,7 +21,7 @@ and noise; the same initialisation for every method at a given seed).
 
 Verdict: sigma is chosen per method on ``n_val`` validation points carved from the training split
 (disjoint from the 1024), never on the test set; gain = test accuracy of GD+noise (layer) at that
-sigma minus GD's, paired over seeds (``common.paired_gain``: supported beyond t s.e. plus one test
+sigma minus GD's, paired over seeds (``verdicts.paired_gain``: supported beyond t s.e. plus one test
 example's worth, t the 95% Student-t critical value for the number of seeds, contradicted below minus
 that margin, null in between or with fewer than 3 seeds; null too when GD or the chosen layer-wise run
 has not fitted its data, ``fit_loss``).
@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 import optax
 
-from experiments import common, runner
+from experiments import cli, experiment, nets, plots, records, training, verdicts
 from lsgeo import models
 
 CLAIM = (
@@ -62,7 +62,7 @@ class Config:
     steps: int = 1500  # GD steps
     eval_every: int = 100  # steps between evaluations (at the clean iterate)
     sigmas: tuple[float, ...] = (0.01, 0.03, 0.05, 0.1)  # noise levels of GD+noise / GD+noise (layer)
-    methods: tuple[Literal[common.METHODS], ...] = common.METHODS  # among gd, noise, layer
+    methods: tuple[Literal[training.METHODS], ...] = training.METHODS  # among gd, noise, layer
     fit_loss: float = 0.3  # GD or the chosen layer-wise run ending above this train loss: under-trained (null)
     seeds: tuple[int, ...] = (0, 1, 2)  # initialisation and noise seeds
 
@@ -85,32 +85,32 @@ PRESETS = {
 
 
 def cells(cfg: Config) -> list[dict]:
-    return common.method_cells(cfg.methods, cfg.sigmas, cfg.seeds)
+    return training.method_cells(cfg.methods, cfg.sigmas, cfg.seeds)
 
 
-def prepare(cfg: Config) -> common.Splits:
-    return common.splits(cfg.dataset, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, flatten=True)
+def prepare(cfg: Config) -> nets.Splits:
+    return nets.splits(cfg.dataset, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, flatten=True)
 
 
-def run(cfg: Config, data: common.Splits, group: list[dict]) -> list[list[dict]]:
+def run(cfg: Config, data: nets.Splits, group: list[dict]) -> list[list[dict]]:
     model = models.MLP(widths=(cfg.width, cfg.width), num_outputs=data.num_classes)
-    return common.train_cells(
-        common.Objective(model), common.init_fn(model, data.train[0]), data.train, group, inner=optax.sgd(cfg.lr),
-        num_steps=cfg.steps, eval_every=cfg.eval_every, eval_fn=common.Evaluate(model),
+    return training.train_cells(
+        nets.Objective(model), nets.init_fn(model, data.train[0]), data.train, group, inner=optax.sgd(cfg.lr),
+        num_steps=cfg.steps, eval_every=cfg.eval_every, eval_fn=nets.Evaluate(model),
         eval_data={"val": data.val, "test": data.test},
     )  # fmt: skip
 
 
-def comparisons(cfg: Config, rows: list[dict]) -> dict[str, tuple[float, common.Gain]]:
+def comparisons(cfg: Config, rows: list[dict]) -> dict[str, tuple[float, verdicts.Gain]]:
     """{noise method: (validation-best sigma, paired test-accuracy gain over GD)}."""
     if "gd" not in cfg.methods:
         return {}
-    return {m: common.compare_to_gd(rows, m, cfg.sigmas, cfg.seeds, cfg.steps) for m in cfg.methods if m != "gd"}
+    return {m: training.compare_to_gd(rows, m, cfg.sigmas, cfg.seeds, cfg.steps) for m in cfg.methods if m != "gd"}
 
 
-def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
-    table = common.method_table(rows, cfg.methods, cfg.sigmas, cfg.seeds, cfg.steps)
-    grid = common.method_grid(cfg.methods, cfg.sigmas)
+def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
+    table = training.method_table(rows, cfg.methods, cfg.sigmas, cfg.seeds, cfg.steps)
+    grid = training.method_grid(cfg.methods, cfg.sigmas)
     figures = {f"acc_{m}_sigma={s:g}": t["test_acc"] for (m, s), t in zip(grid, table)}
     reasons, gains = [], comparisons(cfg, rows)
     for m, (best, gain) in gains.items():
@@ -119,76 +119,76 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
         )
         reasons.append(
             gain.describe(
-                f"{common.label(m)} at sigma {best:g} (validation) vs GD: test accuracy", scale=100, unit=" points"
+                f"{training.label(m)} at sigma {best:g} (validation) vs GD: test accuracy", scale=100, unit=" points"
             )
         )
     gain = gains.get("layer", (None, None))[1]
     supported = None if gain is None else gain.supported
     if gain is not None:
-        fit = common.unfit(rows, {"GD": dict(method="gd"), "layer-wise at the chosen sigma": dict(
+        fit = training.unfit(rows, {"GD": dict(method="gd"), "layer-wise at the chosen sigma": dict(
             method="layer", sigma=gains["layer"][0])}, cfg.seeds, cfg.steps, cfg.fit_loss)  # fmt: skip
         if fit:
             supported, reasons = None, [fit, *reasons]
-    return runner.Verdict(supported, figures, table, "; ".join(reasons))
+    return experiment.Verdict(supported, figures, table, "; ".join(reasons))
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    plt = runner.plt
+    plt = plots.plt
     fig, (ax, ax_g, ax_t) = plt.subplots(1, 3, figsize=(18, 4.8))
     best = {m: b for m, (b, _) in comparisons(cfg, rows).items()}
     final = {
-        (m, s): common.mean_se(common.per_seed(rows, "test_acc", cfg.seeds, method=m, sigma=s, step=cfg.steps))
-        for m, s in common.method_grid(cfg.methods, cfg.sigmas)
+        (m, s): verdicts.mean_se(records.per_seed(rows, "test_acc", cfg.seeds, method=m, sigma=s, step=cfg.steps))
+        for m, s in training.method_grid(cfg.methods, cfg.sigmas)
     }
     if "gd" in cfg.methods:
         mean, se = final[("gd", 0.0)]
-        ax.axhline(mean, color=common.COLORS["gd"], label="GD (± s.e.)")
-        ax.axhspan(mean - se, mean + se, color=common.COLORS["gd"], alpha=0.15)
+        ax.axhline(mean, color=training.COLORS["gd"], label="GD (± s.e.)")
+        ax.axhspan(mean - se, mean + se, color=training.COLORS["gd"], alpha=0.15)
     noisy = [m for m in cfg.methods if m != "gd"]
     for i, m in enumerate(noisy):
         ms = np.array([final[(m, s)] for s in cfg.sigmas])
         dodge = 1.0 + 0.06 * (i - (len(noisy) - 1) / 2)  # side by side, so the error bars do not hide each other
         ax.errorbar(np.array(cfg.sigmas) * dodge, ms[:, 0], yerr=ms[:, 1], marker="o", capsize=3,
-                    color=common.COLORS[m], label=f"{common.label(m)} (± s.e.)")
+                    color=training.COLORS[m], label=f"{training.label(m)} (± s.e.)")
         if m in best:  # a marker above the chosen sigma's error bar, each method at its own dodged x
             mean, se = final[(m, best[m])]
-            ax.plot(best[m] * dodge, mean + se, "v", ms=9, color=common.COLORS[m], zorder=5, clip_on=False,
-                    label=f"sigma chosen on validation ({common.label(m)}: {best[m]:g})")
+            ax.plot(best[m] * dodge, mean + se, "v", ms=9, color=training.COLORS[m], zorder=5, clip_on=False,
+                    label=f"sigma chosen on validation ({training.label(m)}: {best[m]:g})")
         if "gd" in cfg.methods:  # the paired gain the verdict uses, with its t interval
-            control = common.per_seed(rows, "test_acc", cfg.seeds, method="gd", step=cfg.steps)
+            control = records.per_seed(rows, "test_acc", cfg.seeds, method="gd", step=cfg.steps)
             gains = [
-                common.paired_gain(
-                    common.per_seed(rows, "test_acc", cfg.seeds, method=m, sigma=s, step=cfg.steps), control
+                verdicts.paired_gain(
+                    records.per_seed(rows, "test_acc", cfg.seeds, method=m, sigma=s, step=cfg.steps), control
                 )
                 for s in cfg.sigmas
             ]
             half = [g.t * g.se if np.isfinite(g.t) else np.nan for g in gains]
             ax_g.errorbar(np.array(cfg.sigmas) * dodge, [100 * g.mean for g in gains], yerr=100 * np.array(half),
-                          marker="o", capsize=3, color=common.COLORS[m], label=common.label(m))
-    common.sigma_axis(ax, cfg.sigmas)
+                          marker="o", capsize=3, color=training.COLORS[m], label=training.label(m))
+    plots.sigma_axis(ax, cfg.sigmas)
     ax.set(ylabel=f"test accuracy after {cfg.steps} steps (mean ± s.e.)",
            title=f"{cfg.dataset}, width {cfg.width}, {len(cfg.seeds)} seeds")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
-    common.sigma_axis(ax_g, cfg.sigmas)
-    ax_g.axhline(0.0, color=common.COLORS["gd"], lw=1)
+    plots.sigma_axis(ax_g, cfg.sigmas)
+    ax_g.axhline(0.0, color=training.COLORS["gd"], lw=1)
     ax_g.set(ylabel="test accuracy minus GD's, paired by seed (points)",
-             title=f"paired gain, ± t s.e. (95%, t = {common.t_critical(len(cfg.seeds)):.2f})")
+             title=f"paired gain, ± t s.e. (95%, t = {verdicts.t_critical(len(cfg.seeds)):.2f})")
     ax_g.legend(fontsize=8)
     series = {
-        common.label(m) + ("" if m == "gd" else f", sigma={best.get(m, cfg.sigmas[0]):g}"): (
+        training.label(m) + ("" if m == "gd" else f", sigma={best.get(m, cfg.sigmas[0]):g}"): (
             dict(method=m, sigma=0.0 if m == "gd" else best.get(m, cfg.sigmas[0])),
-            common.COLORS[m],
+            training.COLORS[m],
         )
         for m in cfg.methods
     }
-    common.plot_curves(ax_t, rows, "test_acc", series)
+    plots.plot_curves(ax_t, rows, "test_acc", series)
     ax_t.set(xlabel="GD step", ylabel="test accuracy (mean over seeds)", title="training at the chosen sigma")
     ax_t.legend(fontsize=8)
     fig.tight_layout()
     return {"accuracy_vs_sigma.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("sigma", "seed"))
+EXPERIMENT = experiment.Experiment.from_module(__name__, batch_over=("sigma", "seed"))
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)

@@ -24,7 +24,7 @@ Hessian (``lsgeo.curvature.top_eigenvalues``, Lanczos) and its trace (``lsgeo.cu
 Hutch++); test accuracy on the held-out set. The SWA curves start where averaging starts (before it
 there is no average to evaluate).
 
-Verdict (paired over seeds, ``common.paired_gain``, 95% Student-t): SWA's lambda_max and its trace
+Verdict (paired over seeds, ``verdicts.paired_gain``, 95% Student-t): SWA's lambda_max and its trace
 below SGD's beyond t s.e. (two parts), and "equal or better" test accuracy as a non-inferiority test
 (``Gain.noninferior``): the whole interval gain ± (t s.e. + one test example's worth) lies above
 -``acc_bound`` (1 point), false when it lies below. Supported when all hold, false when one is
@@ -40,7 +40,7 @@ import jax
 import numpy as np
 import optax
 
-from experiments import common, runner
+from experiments import cli, context, experiment, nets, plots, records, verdicts
 from lsgeo import train
 
 METHODS = ("sgd", "swa")
@@ -59,7 +59,7 @@ class Config:
 
     dataset: str = "digits"  # "digits" or "mnist1d" (arch "resnet": an image set, e.g. digits)
     n_train: int | None = 1024  # training points (None: all)
-    arch: Literal[common.ARCHS] = "mlp"  # "mlp" or "resnet" (BatchNorm: the SWA statistics are recomputed)
+    arch: Literal[nets.ARCHS] = "mlp"  # "mlp" or "resnet" (BatchNorm: the SWA statistics are recomputed)
     widths: tuple[int, ...] = (64, 64)  # hidden widths of the MLP
     resnet_width: int = 4  # base width of the ResNet
     stage_sizes: tuple[int, ...] = (1, 1, 1, 1)  # BasicBlocks per stage of the ResNet
@@ -90,12 +90,12 @@ PRESETS = {
 
 
 def cells(cfg: Config) -> list[dict]:
-    common.check_arch(cfg.arch)
+    nets.check_arch(cfg.arch)
     return [dict(method=m, seed=s) for m in METHODS for s in cfg.seeds]
 
 
-def prepare(cfg: Config) -> common.Splits:
-    return common.splits(cfg.dataset, n_train=cfg.n_train, flatten=cfg.arch == "mlp")
+def prepare(cfg: Config) -> nets.Splits:
+    return nets.splits(cfg.dataset, n_train=cfg.n_train, flatten=cfg.arch == "mlp")
 
 
 def swa_start_step(cfg: Config, steps_per_epoch: int) -> int:
@@ -111,13 +111,13 @@ def schedule(cfg: Config, method: str, swa_start: int) -> optax.Schedule:
     return optax.join_schedules([optax.constant_schedule(cfg.lr), decay], [half])
 
 
-def run(cfg: Config, data: common.Splits, group: list[dict]) -> list[list[dict]]:
+def run(cfg: Config, data: nets.Splits, group: list[dict]) -> list[list[dict]]:
     method, seeds = group[0]["method"], [c["seed"] for c in group]
-    net = common.Net.of(cfg, data)
+    net = nets.Net.of(cfg, data)
     steps_per_epoch = len(data.train[1]) // cfg.batch_size
     swa_start = swa_start_step(cfg, steps_per_epoch)
     swa = dict(swa_start=swa_start, swa_every=steps_per_epoch) if method == "swa" else {}
-    with runner.progress_bar(cfg.steps, f"{method} x {len(seeds)} seeds") as callback:
+    with context.progress_bar(cfg.steps, f"{method} x {len(seeds)} seeds") as callback:
         result = train.sweep(
             net.train_objective, lambda seed: optax.sgd(schedule(cfg, method, swa_start)), net.init, data.train, {},
             seeds, num_steps=cfg.steps, eval_every=cfg.eval_every, batch_size=cfg.batch_size, eval_fn=net.evaluate,
@@ -127,7 +127,7 @@ def run(cfg: Config, data: common.Splits, group: list[dict]) -> list[list[dict]]
     states = net.population_stats(
         final, jax.tree_util.tree_map(lambda s: np.asarray(s)[0], result.model_state), data.train[0]
     )
-    measures = common.final_measures(
+    measures = nets.final_measures(
         net.objective,
         final,
         seeds,
@@ -139,18 +139,18 @@ def run(cfg: Config, data: common.Splits, group: list[dict]) -> list[list[dict]]
     )
     out = []
     for i in range(len(seeds)):
-        rows = common.history_rows(result.history, (0, i), kind="iterate" if method == "swa" else "history")
+        rows = records.history_rows(result.history, (0, i), kind="iterate" if method == "swa" else "history")
         if method == "swa":
-            rows += common.history_rows(result.history, (0, i), "swa_", kind="history")
+            rows += records.history_rows(result.history, (0, i), "swa_", kind="history")
         final = {k: float(v[i]) for k, v in measures.items()}
         rows.append(dict(kind="final", step=cfg.steps, swa_start=swa_start, n_test=len(data.test[1]), **final))
         out.append(rows)
     return out
 
 
-def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
+def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     final = {
-        (m, k): common.per_seed(rows, k, cfg.seeds, method=m, kind="final")
+        (m, k): records.per_seed(rows, k, cfg.seeds, method=m, kind="final")
         for m in METHODS
         for k in ("lambda_max", "hessian_trace", "test_acc", "test_loss", "train_loss")
     }
@@ -158,13 +158,15 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
     for m in METHODS:
         entry = dict(method=m)
         for k in ("lambda_max", "hessian_trace", "test_acc", "test_loss", "train_loss"):
-            entry[k], se = common.mean_se(final[(m, k)])
+            entry[k], se = verdicts.mean_se(final[(m, k)])
             figures[f"{m}_{k}"] = entry[k]
             if k == "test_acc":
                 entry["test_acc_se"] = se
         table.append(entry)
-    gains = {k: common.paired_gain(-final[("swa", k)], -final[("sgd", k)]) for k in ("lambda_max", "hessian_trace")}
-    acc = common.paired_gain(final[("swa", "test_acc")], final[("sgd", "test_acc")], resolution=common.resolution(rows))
+    gains = {k: verdicts.paired_gain(-final[("swa", k)], -final[("sgd", k)]) for k in ("lambda_max", "hessian_trace")}
+    acc = verdicts.paired_gain(
+        final[("swa", "test_acc")], final[("sgd", "test_acc")], resolution=records.resolution(rows)
+    )
     for k, g in gains.items():
         figures.update(
             {f"{k}_ratio": figures[f"swa_{k}"] / figures[f"sgd_{k}"], f"{k}_drop": g.mean, f"{k}_drop_se": g.se}
@@ -179,39 +181,39 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
         + [acc.describe("test accuracy, SWA minus SGD", scale=100, unit=" points")]
         + [f"equal or better: interval [{low:+.2g}, {high:+.2g}] points "
            f"{'above' if not_worse else 'not above'} -{100 * cfg.acc_bound:g} (non-inferiority bound)"]
-        + [common.combine_reason(parts)]
+        + [verdicts.combine_reason(parts)]
     )  # fmt: skip
-    return runner.Verdict(common.combine(parts), figures, table, reason)
+    return experiment.Verdict(verdicts.combine(parts), figures, table, reason)
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    plt = runner.plt
+    plt = plots.plt
     fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
-    start = common.select(rows, kind="final")[0]["swa_start"]
+    start = records.select(rows, kind="final")[0]["swa_start"]
     late = [r for r in rows if r["step"] >= cfg.steps // 2]  # test accuracy: the second half, where they differ
     n_test = max(r.get("n_test", 0) for r in rows) or None
     for key, ax, sel in (("train_loss", axes[0], rows), ("test_acc", axes[1], late)):
-        common.plot_curves(ax, sel, key, {LABELS[m]: (dict(method=m, kind="history"), COLORS[m]) for m in METHODS})
-        common.plot_curves(ax, sel, key, {"SWA run's SGD iterate": (dict(method="swa", kind="iterate"), COLORS["swa"])},
+        plots.plot_curves(ax, sel, key, {LABELS[m]: (dict(method=m, kind="history"), COLORS[m]) for m in METHODS})
+        plots.plot_curves(ax, sel, key, {"SWA run's SGD iterate": (dict(method="swa", kind="iterate"), COLORS["swa"])},
                            ls=":", lw=1)
         ax.axvline(start, color="gray", lw=0.8, ls="--")
         ax.legend(fontsize=8)
     lo, hi = axes[1].get_ylim()  # at least 2 points of accuracy tall: one test example is not a "steep drop"
     mid = (lo + hi) / 2
     axes[1].set_ylim(min(lo, mid - 0.01), max(hi, mid + 0.01))
-    final = {m: common.select(rows, method=m, kind="final") for m in METHODS}
+    final = {m: records.select(rows, method=m, kind="final") for m in METHODS}
     seeds = sorted({r["seed"] for r in final["sgd"]})
     x = np.arange(len(METHODS))
     for k in seeds:  # lambda_max per seed, SGD -> SWA, one line per seed
-        values = [common.select(final[m], seed=k)[0]["lambda_max"] for m in METHODS]
+        values = [records.select(final[m], seed=k)[0]["lambda_max"] for m in METHODS]
         axes[2].plot(x, values, "o-", color="gray", lw=0.8, ms=4)
     axes[2].set(xticks=x, xticklabels=[LABELS[m] for m in METHODS], xlim=(-0.4, len(METHODS) - 0.6),
                 ylabel="lambda_max of the Hessian at the end", title=f"one line per seed ({len(seeds)} seeds)")
-    diff = 100 * (common.per_seed(rows, "test_acc", seeds, method="swa", kind="final")
-                  - common.per_seed(rows, "test_acc", seeds, method="sgd", kind="final"))  # fmt: skip
+    diff = 100 * (records.per_seed(rows, "test_acc", seeds, method="swa", kind="final")
+                  - records.per_seed(rows, "test_acc", seeds, method="sgd", kind="final"))  # fmt: skip
     jitter = np.linspace(-0.15, 0.15, len(seeds))
     axes[3].plot(jitter, diff, "o", color=COLORS["swa"], label="per seed")
-    acc = common.paired_gain(diff / 100, np.zeros_like(diff), resolution=1.0 / n_test if n_test else 0.0)
+    acc = verdicts.paired_gain(diff / 100, np.zeros_like(diff), resolution=1.0 / n_test if n_test else 0.0)
     if np.isfinite(acc.margin):
         axes[3].errorbar([0.4], [100 * acc.mean], yerr=[100 * acc.margin], fmt="s", capsize=4, color="k",
                          label="mean ± margin (t s.e. + one example)")  # fmt: skip
@@ -227,7 +229,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     return {"swa.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__, batch_over=("seed",))
+EXPERIMENT = experiment.Experiment.from_module(__name__, batch_over=("seed",))
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)

@@ -8,17 +8,27 @@ attention; this "block heterogeneity" is their explanation of why one learning r
 
 Setup: modular addition ``(a + b) mod p`` from the tokens ``a b =`` (generated, embedded), a one-block
 decoder-only transformer (``lsgeo.models``-style flax linen: token and position embeddings, a causal
-multi-head self-attention, a GELU MLP, layer norms, a linear head reading the last position) and an
-MLP of similar size on the one-hot tokens; full-batch Adam on the training pairs, softmax
-cross-entropy. At initialisation and after training, the Hessian of the training loss is restricted to
-each block (the blocks of a ``curvature.Hessian`` operator; layer norms and the position embedding, a few
-dozen parameters, are not compared), and each block's spectral density is estimated by stochastic Lanczos
-quadrature (``curvature.block_slq_nodes``: all blocks in one compiled program), broadened on one grid per
-model and stage. Heterogeneity is the mean pairwise Jensen-Shannon distance (base 2, in [0, 1]) between the block densities.
+multi-head self-attention, a GELU MLP, layer norms, a linear head reading the last position) and a deeper
+GELU MLP of similar size on the one-hot tokens, whose hidden layers are blocks of the same kind (the
+homogeneous side: its blocks are its weight tensors, the kernels; biases left out); full-batch Adam on the
+training pairs, softmax cross-entropy. The Hessian of the training loss is restricted to each block (the
+blocks of a ``curvature.Hessian`` operator; layer norms and the position embedding are not compared) and each
+block's spectrum estimated by stochastic Lanczos quadrature (``curvature.block_slq_nodes``, the reference
+code's 100 Lanczos steps x 10 probes by default, capped at the smallest block's size).
 
-Verdict: paired over seeds (the same seed initialises both models and splits the data), the gain of the
-transformer's mean JS distance over the MLP's after training (``common.paired_gain``, a two-sided 95% t
-test); with fewer than 3 seeds, null.
+JS^0 as Zhang et al. define it: the mean over pairs of blocks of the Jensen-Shannon distance between their
+spectral densities at initialisation, each block's density normalised on its own support (a grid of
+``grid_points`` over the block's own [lambda_min, lambda_max], Gaussian broadening of ``width_fraction`` of
+that span), the two densities compared bin by bin (``js0``; base 2, in [0, 1]). So a block's scale does not
+matter, only the shape of its spectrum: a block whose eigenvalues are 1000x another's but alike in shape
+is at distance 0, not in a spike on a shared grid.
+
+Verdict (``discrimination.judge``): JS^0 of the transformer above the MLP's, paired over seeds (the same seed
+initialises both and splits the data; ``verdicts.paired_gain``, 95% Student-t); negative control: a second
+homogeneous network (the MLP at twice the width) in place of the transformer must not pass the same test.
+The trained stage is reported separately (JS at the end of training and the accuracies), not judged. Power:
+the minimum detectable effect of the rule, in JS units (Zhang et al. report JS^0 per model, not a difference
+in these units).
 """
 
 from __future__ import annotations
@@ -31,18 +41,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import scipy.spatial.distance
+import scipy.special
 
-from experiments import common, runner
+from experiments import cli, discrimination, experiment, plots, records, verdicts
 from lsgeo import curvature, losses, models, train
 
 CLAIM = (
-    "The Hessian spectra of a transformer's parameter blocks differ from one another much more than the blocks "
-    "of a network of similar size without attention (block heterogeneity, Zhang et al. 2024)."
+    "At initialisation, the Hessian spectra of a transformer's parameter blocks differ from one another more than "
+    "the blocks of a homogeneous network of similar size: JS^0, the mean pairwise Jensen-Shannon distance between "
+    "block densities each normalised on its own support, is larger (block heterogeneity, Zhang et al. 2024, Sec. 3)."
 )
-MODELS = ("transformer", "mlp")
+MODELS = ("transformer", "mlp", "mlp_wide")  # mlp_wide: the negative control, at initialisation only
 STAGES = ("init", "trained")
-SKIPPED = ("ln_", "pos_embed")  # tiny blocks (scales, offsets, positions) left out of the comparison
+SKIPPED = ("ln_", "pos_embed", "bias")  # tiny blocks (scales, offsets, positions, MLP biases) left out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,18 +65,18 @@ class Config:
     train_fraction: float = 0.8
     d_model: int = 16
     heads: int = 2
-    mlp_widths: tuple[int, ...] = (64,)  # the MLP's hidden widths (4.5k parameters at p = 23)
+    mlp_widths: tuple[int, ...] = (32, 32, 32)  # the MLP's hidden widths (4.6k parameters at p = 23)
     steps: int = 400
     eval_every: int = 100
     lr: float = 3e-3
-    slq_iters: int = 30  # Lanczos steps per block (capped at the block's size)
-    slq_runs: int = 2
-    grid_points: int = 400
+    slq_iters: int = 100  # Lanczos steps per block (the reference code's; capped at the smallest block's size)
+    slq_runs: int = 10  # probes per block (the reference code's)
+    grid_points: int = 1000  # bins of each block's own grid
+    width_fraction: float = 0.01  # Gaussian broadening: this fraction of the block's own eigenvalue span
 
 
 PRESETS = {
-    "paper": Config(modulus=97, d_model=128, heads=4, mlp_widths=(512, 512), steps=5000, eval_every=500,
-                    slq_iters=100, slq_runs=10, grid_points=1000),
+    "paper": Config(modulus=97, d_model=128, heads=4, mlp_widths=(256, 256, 256, 256), steps=5000, eval_every=500),
 }
 
 
@@ -104,8 +115,13 @@ class TinyTransformer(nn.Module):
 
 
 def block_name(path: tuple[str, ...]) -> str:
-    """Zhang et al.'s blocks: the attention's query / key / value / output apart, every other module whole."""
-    return "/".join(path[:2]) if path[0] == "attention" else path[0]
+    """Zhang et al.'s blocks: the attention's query / key / value / output apart, every other module whole; an
+    MLP layer's (``Dense_i``) kernel is its block, its bias is named ``bias ...`` (``SKIPPED``)."""
+    if path[0] == "attention":
+        return "/".join(path[:2])
+    if path[0].startswith("Dense_"):
+        return path[0] if path[-1] == "kernel" else f"bias {path[0]}"
+    return path[0]
 
 
 def prepare(cfg: Config) -> dict:
@@ -127,7 +143,8 @@ def _networks(cfg: Config, model: str):
         def predict(params, t):
             return module.apply({"params": params}, t)
     else:
-        module = models.MLP(widths=cfg.mlp_widths, num_outputs=p, activation="gelu")
+        widths = cfg.mlp_widths if model == "mlp" else tuple(2 * w for w in cfg.mlp_widths)
+        module = models.MLP(widths=widths, num_outputs=p, activation="gelu")
 
         def predict(params, t):
             onehot = jax.nn.one_hot(t[:, :2], p).reshape(t.shape[0], 2 * p)
@@ -146,38 +163,45 @@ def _init(cfg: Config, model: str, key):
     return module.init(key, example)["params"]
 
 
-def _densities(cfg: Config, op, key) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, float]]:
-    """SLQ densities of every compared block of ``op`` (``curvature.block_slq_nodes``: all blocks in one
-    compiled program) on one common grid, and each block's largest Ritz value:
-    ({block: density}, grid, {block: top})."""
-    found = curvature.block_slq_nodes(op, key, block_name, num_iters=cfg.slq_iters, num_runs=cfg.slq_runs,
-                                      skip=SKIPPED)
-    nodes = {name: (np.asarray(t, np.float64).ravel(), np.asarray(w, np.float64).ravel())
-             for name, (t, w) in found.items()}
-    every = np.concatenate([t for t, _ in nodes.values()])
-    span = max(every.max() - every.min(), 1e-12)
-    width = 0.01 * span
-    grid = np.linspace(every.min() - 5 * width, every.max() + 5 * width, cfg.grid_points)
-    dens = {}
-    for name, (theta, tau) in nodes.items():
-        kernel = np.exp(-0.5 * ((grid[None, :] - theta[:, None]) / width) ** 2) / (width * np.sqrt(2 * np.pi))
-        dens[name] = tau @ kernel
-    return dens, grid, {name: float(theta.max()) for name, (theta, _) in nodes.items()}
+def own_support_density(theta, tau, grid_points: int, width_fraction: float) -> np.ndarray:
+    """One block's SLQ density normalised on its own support: nodes ``theta`` and weights ``tau`` (flat) broadened by
+    a Gaussian of ``width_fraction`` of the block's eigenvalue span, on ``grid_points`` bins over
+    [min theta - 5 width, max theta + 5 width]; returned as the masses of the bins (summing to 1)."""
+    theta, tau = np.asarray(theta, np.float64).ravel(), np.asarray(tau, np.float64).ravel()
+    span = theta.max() - theta.min()
+    width = width_fraction * (span if span > 0 else max(abs(theta.max()), 1e-12))
+    grid = np.linspace(theta.min() - 5 * width, theta.max() + 5 * width, grid_points)
+    kernel = np.exp(-0.5 * ((grid[None, :] - theta[:, None]) / width) ** 2)
+    mass = tau @ (kernel / kernel.sum(axis=1, keepdims=True))  # each node's Gaussian as masses over the bins
+    return mass / mass.sum()
 
 
-def js_distance(p: np.ndarray, q: np.ndarray, grid: np.ndarray) -> float:
-    """Jensen-Shannon distance (base 2, in [0, 1]) between two densities on the uniform ``grid``
-    (``scipy.spatial.distance.jensenshannon`` of their masses per grid cell; values below 1e-200 of a
-    density's peak, whose halves underflow, count as 0)."""
-    p, q = (np.where(a > 1e-200 * a.max(), a, 0.0) for a in (np.asarray(p), np.asarray(q)))
-    return float(scipy.spatial.distance.jensenshannon(p, q, base=2))
+def _densities(cfg: Config, op, key) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Every compared block's density on its own support (``own_support_density``) and largest Ritz value, from
+    ``curvature.block_slq_nodes`` (all blocks in one compiled program)."""
+    sizes = {name: b.size for name, b in curvature.blocks(op, block_name).items() if not name.startswith(SKIPPED)}
+    iters = min(cfg.slq_iters, *sizes.values())
+    found = curvature.block_slq_nodes(op, key, block_name, num_iters=iters, num_runs=cfg.slq_runs, skip=SKIPPED)
+    dens = {name: own_support_density(t, w, cfg.grid_points, cfg.width_fraction) for name, (t, w) in found.items()}
+    return dens, {name: float(np.max(np.asarray(t))) for name, (t, _) in found.items()}
 
 
-def heterogeneity(densities: dict[str, np.ndarray], grid: np.ndarray) -> float:
-    """Mean pairwise Jensen-Shannon distance between the block densities."""
+def js_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon distance (base 2, in [0, 1]) between two densities given as masses on index-aligned bins:
+    sqrt(KL(p || m) / 2 + KL(q || m) / 2), m = (p + q) / 2, each normalised to sum 1 (0 log 0 = 0; the
+    divergence clipped at 0 against rounding, where ``scipy.spatial.distance.jensenshannon`` returns NaN)."""
+    p, q = (np.asarray(a, np.float64) / np.sum(a) for a in (p, q))
+    m = (p + q) / 2
+    divergence = (scipy.special.rel_entr(p, m).sum() + scipy.special.rel_entr(q, m).sum()) / (2 * np.log(2))
+    return float(np.sqrt(max(divergence, 0.0)))
+
+
+def js0(densities: dict[str, np.ndarray]) -> float:
+    """Zhang et al.'s JS^0 at initialisation (or the same statistic at another stage): the mean over pairs of
+    blocks of the Jensen-Shannon distance between their own-support densities."""
     names = list(densities)
     pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
-    return float(np.mean([js_distance(densities[names[i]], densities[names[j]], grid) for i, j in pairs]))
+    return float(np.mean([js_distance(densities[names[i]], densities[names[j]]) for i, j in pairs]))
 
 
 def run(cfg: Config, data: dict, cell_list: list[dict]) -> list[list[dict]]:
@@ -191,71 +215,113 @@ def run(cfg: Config, data: dict, cell_list: list[dict]) -> list[list[dict]]:
         train_batch = (jnp.asarray(data["tokens"][order[:cut]]), jnp.asarray(data["labels"][order[:cut]]))
         test_batch = (jnp.asarray(data["tokens"][order[cut:]]), jnp.asarray(data["labels"][order[cut:]]))
         params = _init(cfg, model, jax.random.key(seed))
-        result = train.train(objective, optax.adam(cfg.lr), params, train_batch, num_steps=cfg.steps,
-                             eval_every=cfg.eval_every, key=seed)
+        points = {"init": params}
+        if model != "mlp_wide":  # the control is judged at initialisation only
+            points["trained"] = train.train(objective, optax.adam(cfg.lr), params, train_batch, num_steps=cfg.steps,
+                                            eval_every=cfg.eval_every, key=seed).params  # fmt: skip
         rows = []
-        for stage, point in zip(STAGES, (params, result.params)):
+        for stage, point in points.items():
             op = curvature.Hessian(objective, point, train_batch)
-            densities, grid, tops = _densities(cfg, op, jax.random.key(1000 + seed))
-            masses = [float(np.trapezoid(d, grid)) for d in densities.values()]
+            densities, tops = _densities(cfg, op, jax.random.key(1000 + seed))
             rows.append(dict(
-                stage=stage, js_mean=heterogeneity(densities, grid), blocks=len(densities),
-                min_mass=min(masses), max_mass=max(masses), size=op.size,
+                stage=stage, js=js0(densities), blocks=len(densities), size=op.size,
                 train_loss=float(objective(point, train_batch)),
                 train_acc=float(losses.accuracy(predict(point, train_batch[0]), train_batch[1])),
                 test_acc=float(losses.accuracy(predict(point, test_batch[0]), test_batch[1])),
                 **{f"top/{name}": top for name, top in tops.items()},
-            ))
+                **{f"density/{name}": ",".join(f"{v:.4g}" for v in d[:: max(1, len(d) // 100)])
+                   for name, d in densities.items()},
+            ))  # fmt: skip
         out.append(rows)
     return out
 
 
-def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
+def _density(row: dict, name: str) -> np.ndarray:
+    return np.array([float(v) for v in row[f"density/{name}"].split(",")])
+
+
+def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     seeds = list(cfg.seeds)
-    js = {(m, s): common.per_seed(rows, "js_mean", seeds, model=m, stage=s) for m in MODELS for s in STAGES}
-    gain = common.paired_gain(js[("transformer", "trained")], js[("mlp", "trained")])
-    figures = {f"js_{m}_{s}": float(np.mean(js[(m, s)])) for m in MODELS for s in STAGES}
-    figures["gain_trained"], figures["gain_trained_se"] = float(gain.mean), float(gain.se)
-    figures.update({f"train_acc_{m}": float(np.mean(common.per_seed(rows, "train_acc", seeds, model=m,
-                                                                    stage="trained"))) for m in MODELS})
-    table = [dict(model=m, stage=s, js_mean=f"{np.mean(js[(m, s)]):.3f} +- {common.mean_se(js[(m, s)])[1]:.3f}",
-                  train_acc=f"{np.mean(common.per_seed(rows, 'train_acc', seeds, model=m, stage=s)):.3f}")
-             for m in MODELS for s in STAGES]
-    return runner.Verdict(gain.supported, figures, table, reason=gain.describe("transformer - MLP mean JS distance"))
+    js = {(m, s): records.per_seed(rows, "js", seeds, model=m, stage=s)
+          for m in MODELS for s in STAGES if records.select(rows, model=m, stage=s)}  # fmt: skip
+    claim = verdicts.paired_gain(js[("transformer", "init")], js[("mlp", "init")])
+    control = verdicts.paired_gain(js[("mlp_wide", "init")], js[("mlp", "init")])
+    trained = verdicts.paired_gain(js[("transformer", "trained")], js[("mlp", "trained")])
+    part = discrimination.Part(claim, control, "a second homogeneous net (the MLP at twice the width) in place of "
+                               "the transformer")  # fmt: skip
+    judgement = discrimination.judge({"js0": part})
+    power = discrimination.Power.of(claim, None, " (JS distance)", "Zhang et al. 2024 report JS^0 per model "
+                                    "(transformers far above CNNs), not a difference in these units")  # fmt: skip
+    figures = {f"js_{m}_{s}": float(np.mean(v)) for (m, s), v in js.items()}
+    figures.update({"js0_gain": claim.mean, "js0_gain_se": claim.se, "control_gain": control.mean,
+                    "control_gain_se": control.se, "trained_gain": trained.mean, "trained_gain_se": trained.se,
+                    "mde_js0": power.mde})  # fmt: skip
+    figures.update({f"{k}_{m}": float(np.mean(records.per_seed(rows, k, seeds, model=m, stage="trained")))
+                    for m in ("transformer", "mlp") for k in ("train_acc", "test_acc")})  # fmt: skip
+    table = [dict(model=m, stage=s, js=f"{np.mean(v):.3f} +- {verdicts.mean_se(v)[1]:.3f}",
+                  test_acc=f"{np.mean(records.per_seed(rows, 'test_acc', seeds, model=m, stage=s)):.3f}")
+             for (m, s), v in js.items()]  # fmt: skip
+    reason = "; ".join([
+        claim.describe("JS^0 at initialisation, transformer - MLP"),
+        control.describe("control: JS^0, MLP at twice the width - MLP"),
+        "trained stage (reported, not judged): " + trained.describe("JS after training, transformer - MLP"),
+        judgement.reason, power.describe(),
+    ])  # fmt: skip
+    return experiment.Verdict(judgement.supported, figures, table, reason, judgement.controls, {"js0": power.record()})
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    fig, (ax, ax_top) = runner.plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
-    ticks, labels, start = [], [], 0
+    plt = plots.plt
+    fig = plt.figure(figsize=(16, 8))
+    ax = fig.add_subplot(2, 3, 1)
+    ticks, labels = [], []
     for i, m in enumerate(MODELS):
         for j, s in enumerate(STAGES):
-            values = common.per_seed(rows, "js_mean", list(cfg.seeds), model=m, stage=s)
+            if not records.select(rows, model=m, stage=s):
+                continue
+            values = records.per_seed(rows, "js", list(cfg.seeds), model=m, stage=s)
             x = i * 3 + j
-            ax.bar(x, np.mean(values), color=f"C{i}", alpha=0.45 if s == "init" else 1.0)
+            mean, se = verdicts.mean_se(values)
+            ax.bar(x, mean, color=f"C{i}", alpha=1.0 if s == "init" else 0.45)
+            ax.errorbar(x, mean, yerr=verdicts.t_critical(len(values)) * se if len(values) > 1 else 0, color="k",
+                        capsize=4)  # fmt: skip
             ax.scatter(np.full(len(values), x), values, color="k", s=10, zorder=3)
             ticks.append(x)
             labels.append(f"{m}\n{s}")
-        trained = common.select(rows, model=m, stage="trained")  # each block's largest eigenvalue, every seed
-        names = sorted({k[4:] for r in trained for k in r if k.startswith("top/") and np.isfinite(r[k])})
-        for j, name in enumerate(names):
-            tops = [abs(r[f"top/{name}"]) for r in trained if f"top/{name}" in r]
-            ax_top.scatter(np.full(len(tops), start + j), tops, color=f"C{i}", s=14, label=m if j == 0 else None)
-        for j, name in enumerate(names):
-            ax_top.annotate(name, (start + j, 0), xycoords=("data", "axes fraction"), rotation=45,
-                            ha="right", va="top", fontsize=8, xytext=(0, -3), textcoords="offset points")
-        start += len(names) + 1
     ax.set_xticks(ticks, labels, fontsize=8)
+    ax.set(ylabel="mean pairwise JS distance between\nown-support block densities",
+           title="JS^0 (init: judged; mlp_wide: control)\nbars: mean, 95% t interval; dots: seeds")  # fmt: skip
+    for k, m in enumerate(("transformer", "mlp")):
+        for j, stage in enumerate(STAGES):
+            axd = fig.add_subplot(2, 3, 2 + k + 3 * j)
+            (row,) = records.select(rows, model=m, stage=stage, seed=cfg.seeds[0])
+            for name in sorted(n[len("density/"):] for n in row if n.startswith("density/")):
+                d = _density(row, name)
+                axd.plot(np.linspace(0, 1, len(d)), d / d.sum(), lw=1, label=name)
+            axd.set(yscale="log", ylim=(1e-6, 1.5), xlabel="eigenvalue, rescaled to the block's own support [0, 1]",
+                    ylabel="mass per bin (100 bins shown)",
+                    title=f"{m}, {stage} (seed {cfg.seeds[0]}): per-block spectra")  # fmt: skip
+            axd.legend(fontsize=6, ncol=2)
+    ax_top = fig.add_subplot(2, 3, 4)
+    start = 0
+    for i, m in enumerate(("transformer", "mlp")):
+        init = records.select(rows, model=m, stage="init")
+        names = sorted({k[4:] for r in init for k in r if k.startswith("top/") and np.isfinite(r[k])})
+        for j, name in enumerate(names):
+            tops = [abs(r[f"top/{name}"]) for r in init if f"top/{name}" in r]
+            ax_top.scatter(np.full(len(tops), start + j), tops, color=f"C{i}", s=14, label=m if j == 0 else None)
+            ax_top.annotate(name, (start + j, 0), xycoords=("data", "axes fraction"), rotation=45,
+                            ha="right", va="top", fontsize=7, xytext=(0, -3), textcoords="offset points")  # fmt: skip
+        start += len(names) + 1
     ax_top.set_xticks([])
-    ax.set(ylabel="mean pairwise JS distance\nbetween block spectra", title="block heterogeneity (dots: seeds)")
-    ax_top.set_yscale("log")
-    ax_top.set_xlim(-1, start - 1)
+    ax_top.set(yscale="log", ylabel="largest Ritz value of the block",
+               title="per-block top eigenvalue at initialisation\n(scales differ; JS^0 compares shapes)")  # fmt: skip
     ax_top.legend(fontsize=8)
-    ax_top.set(ylabel="largest Ritz value of the block", title="per-block top Hessian eigenvalue after training")
     fig.tight_layout()
     return {"block_heterogeneity.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__)
+EXPERIMENT = experiment.Experiment.from_module(__name__)
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)

@@ -1,5 +1,5 @@
 """Invalid options of the real experiment CLIs fail before a run folder exists, with one line naming the
-flag (``runner.check_config``: the field conventions, the module's ``validate`` hook, the data it needs),
+flag (``config_checks.check_config``: the field conventions, the module's ``validate`` hook, the data it needs),
 and ``--resume`` refuses a folder that another experiment wrote. No training runs here: every case
 stops in the checks (each well under a second after the imports)."""
 
@@ -10,14 +10,16 @@ import json
 import pytest
 
 from experiments import (
+    cli,
     cnn,
+    config_checks,
     deep_mlp,
+    experiment,
     hessian_spectrum,
     lasso,
     nuclear_norm,
     regularized_loss,
     reparametrization,
-    runner,
     saddle_escape,
     sigma_sweep,
     swa,
@@ -79,7 +81,7 @@ def _fails(module, argv, tmp_path, capsys) -> str:
     argv = [str(empty) if a == EMPTY else a for a in argv]
     out = tmp_path / "results"
     with pytest.raises(SystemExit) as info:
-        runner.main(module.EXPERIMENT, [*argv, "--out", str(out)], compilation_cache=False)
+        cli.main(module.EXPERIMENT, [*argv, "--out", str(out)], compilation_cache=False)
     assert info.value.code not in (0, None)
     assert not out.exists(), "a results folder was created"
     return (info.value.code if isinstance(info.value.code, str) else "") + capsys.readouterr().err
@@ -112,7 +114,7 @@ def _fake_run(folder, module, *, summary=True):
     (folder / "cells").mkdir()
     cell = module.cells(module.Config())[0]
     record = {"cell": cell, "rows": [], "elapsed_s": 1.0}
-    (folder / "cells" / f"{runner.cell_key(cell)}.json").write_text(json.dumps(record))
+    (folder / "cells" / f"{experiment.cell_key(cell)}.json").write_text(json.dumps(record))
     if summary:
         (folder / "summary.json").write_text(json.dumps({"experiment": module.__name__.split(".")[-1]}))
     return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
@@ -124,7 +126,7 @@ def test_resume_refuses_a_folder_of_another_experiment(tmp_path, capsys, summary
     folder = tmp_path / "results" / "saddle_escape" / "20260101-000000"
     before = _fake_run(folder, saddle_escape, summary=summary)
     with pytest.raises(SystemExit) as info:
-        runner.main(lasso.EXPERIMENT, ["--resume", str(folder)], compilation_cache=False)
+        cli.main(lasso.EXPERIMENT, ["--resume", str(folder)], compilation_cache=False)
     said = str(info.value.code)
     assert "--resume" in said and "not a run of lasso" in said and "saddle_escape" in said
     after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
@@ -139,7 +141,7 @@ def test_resume_of_a_folder_that_is_not_a_run_names_resume(tmp_path, make):
     if make == "bad_json":
         (folder / "config.json").write_text("{not json")
     with pytest.raises(SystemExit) as info:
-        runner.main(lasso.EXPERIMENT, ["--resume", str(folder)], compilation_cache=False)
+        cli.main(lasso.EXPERIMENT, ["--resume", str(folder)], compilation_cache=False)
     assert str(info.value.code).startswith("python -m experiments.lasso: error: --resume ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if make == "missing" else ["run"])
 
@@ -156,10 +158,10 @@ def test_every_default_and_preset_passes_the_checks(name):
     """The conventions must not reject what the modules ship (the data are not loaded here)."""
     exp = importlib.import_module(f"experiments.{name}").EXPERIMENT
     for cfg in (exp.config(), *exp.presets.values()):
-        runner._check_fields(cfg)
-        runner._check_relations(cfg)
+        config_checks._check_fields(cfg)
+        config_checks._check_relations(cfg)
         exp.validate is None or exp.validate(cfg)
-        runner._check_cells(cfg, exp.cells(cfg))
+        config_checks._check_cells(cfg, exp.cells(cfg))
 
 
 def _saddle_rows(cfg, escape_at: dict):

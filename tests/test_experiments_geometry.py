@@ -9,18 +9,15 @@ saddle index of the linear-network saddle, finite sharpness along GD.
 import csv
 import json
 
+import numpy as np
 import pytest
 
-from experiments import (
-    double_descent,
-    hessian_spectrum,
-    reparametrization,
-    runner,
-    saddle_escape,
-    wide_networks,
-)
+from experiments import double_descent, hessian_spectrum, reparametrization, runner, saddle_escape, wide_networks
 
-SUMMARY_KEYS = {"experiment", "config", "claim", "supported", "reason", "figures", "runtime_s", "devices"}
+SUMMARY_KEYS = {
+    "experiment", "config", "claim", "supported", "reason", "controls", "power", "figures", "runtime_s", "devices",
+    "code_version",
+}  # fmt: skip
 
 
 def _run(module, config, tmp_path):
@@ -107,3 +104,12 @@ def test_saddle_escape(tmp_path):
     assert fig["saddle_index_at_start"] == pytest.approx(min(cfg.d_in, cfg.d_out) / (cfg.d_in + cfg.d_out))
     assert fig["saddle_lambda_min"] < 0
     assert len(rows) == 2 * 2 * 3
+
+
+@pytest.mark.parametrize("n, p", [(30, 10), (10, 30)])
+def test_exact_variance_is_the_monte_carlo_mean(n, p):
+    """E ||X^+ eps||^2 by Monte Carlo (numpy pinv, 4000 Gaussian problems) against ``exact_variance``."""
+    rng = np.random.default_rng(0)
+    x, eps = rng.standard_normal((4000, n, p)), 0.5 * rng.standard_normal((4000, n))
+    v = np.sum(np.einsum("kpn,kn->kp", np.linalg.pinv(x), eps) ** 2, axis=1)
+    assert abs(v.mean() - double_descent.exact_variance(n, p, 0.5)) < 4 * v.std() / np.sqrt(v.size)

@@ -7,9 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from experiments import batch_size, common, landscape_2d, mode_connectivity, runner, swa
+from experiments import batch_size, landscape_2d, mode_connectivity, nets, records, runner, swa
 
-SUMMARY_KEYS = {"experiment", "config", "claim", "supported", "reason", "figures", "runtime_s", "devices"}
+SUMMARY_KEYS = {
+    "experiment", "config", "claim", "supported", "reason", "controls", "power", "figures", "runtime_s", "devices",
+    "code_version",
+}  # fmt: skip
 
 
 def _run(exp, cfg, tmp_path, figures):
@@ -30,7 +33,7 @@ def _run(exp, cfg, tmp_path, figures):
 def test_mode_connectivity(tmp_path):
     cfg = mode_connectivity.Config(n_train=200, widths=(8,), steps=50, curve_steps=20, num_points=5, seeds=(0,))
     summary, rows = _run(mode_connectivity.EXPERIMENT, cfg, tmp_path, ["paths.png"])
-    line, curve = (sorted(common.select(rows, path=p), key=lambda r: r["t"]) for p in ("line", "curve"))
+    line, curve = (sorted(records.select(rows, path=p), key=lambda r: r["t"]) for p in ("line", "curve"))
     assert [r["t"] for r in line] == [0.0, 0.25, 0.5, 0.75, 1.0]
     for end in (0, -1):  # both paths start and end at the same two minima
         for key in ("train_loss", "test_loss", "test_acc"):
@@ -47,8 +50,8 @@ def test_landscape_2d(tmp_path):
     assert landscape_2d.variants(cfg) == ["large_batch", "noise"]
     for v in landscape_2d.variants(cfg):  # the centre of every slice and of the surface is the minimum itself
         center = landscape_2d.minimum(rows, v, 0)["train_loss"]
-        at_zero = [r["loss"] for r in common.select(rows, variant=v, kind="slice", alpha=0.0)]
-        at_zero += [r["loss"] for r in common.select(rows, variant=v, kind="surface", alpha=0.0, beta=0.0)]
+        at_zero = [r["loss"] for r in records.select(rows, variant=v, kind="slice", alpha=0.0)]
+        at_zero += [r["loss"] for r in records.select(rows, variant=v, kind="surface", alpha=0.0, beta=0.0)]
         assert len(at_zero) == cfg.num_directions + 1
         np.testing.assert_allclose(at_zero, center, rtol=1e-5)
     assert "noise_curvature_gap" in summary["figures"] and "batch_curvature_gap" not in summary["figures"]
@@ -65,10 +68,10 @@ def test_swa_with_batchnorm(tmp_path):
                      lanczos_iters=4, trace_probes=6, seeds=(0, 1))
     summary, rows = _run(swa.EXPERIMENT, cfg, tmp_path, ["swa.png"])
     for m in swa.METHODS:  # the final measures are taken at the point the last evaluation saw, statistics recomputed
-        final = common.select(rows, method=m, kind="final")[0]
-        last = max(common.select(rows, method=m, kind="history", seed=0), key=lambda r: r["step"])
+        final = records.select(rows, method=m, kind="final")[0]
+        last = max(records.select(rows, method=m, kind="history", seed=0), key=lambda r: r["step"])
         assert final["test_acc"] == pytest.approx(last["test_acc"], abs=1e-6)
-    swa_steps = [r["step"] for r in common.select(rows, method="swa", kind="history", seed=0)]
+    swa_steps = [r["step"] for r in records.select(rows, method="swa", kind="history", seed=0)]
     assert swa_steps == [16]  # averaging starts at step 12 (an epoch end): no SWA row before it
     assert swa.swa_start_step(cfg, 4) == 12 and swa.swa_start_step(swa.Config(), 32) == 2400
 
@@ -82,9 +85,9 @@ def test_batchnorm_objectives_agree_on_the_training_data():
     x = jax.random.normal(jax.random.key(0), (8, 8, 8, 1))
     y = jax.numpy.arange(8) % 3
     params, state = models.init_model(model, jax.random.key(1), x[:1])
-    batch_mode = common.Objective(model, stats="batch")(params, (x, y, state))
-    recomputed = common.Objective(model, stats="recompute")(params, (x, y, state, x))
-    running = common.Objective(model)(params, (x, y, state))
+    batch_mode = nets.Objective(model, stats="batch")(params, (x, y, state))
+    recomputed = nets.Objective(model, stats="recompute")(params, (x, y, state, x))
+    running = nets.Objective(model)(params, (x, y, state))
     assert recomputed == pytest.approx(float(batch_mode), rel=1e-5) and abs(running - batch_mode) > 1e-3
 
 
@@ -94,7 +97,7 @@ def test_batch_size(tmp_path):
                             max_steps=200, lanczos_iters=5, trace_probes=6, sharpness_steps=2, seeds=(0, 1))
     summary, rows = _run(batch_size.EXPERIMENT, cfg, tmp_path, ["batch_size.png"])
     for b, size in (("small", 16), ("large", 128)):
-        final = common.select(rows, batch=b, kind="final")[0]
+        final = records.select(rows, batch=b, kind="final")[0]
         assert final["batch_size"] == size and final["epochs"] == pytest.approx(final["step"] * size / 128)
         if final["reached"] == "True" or final["reached"] is True:  # stopped at the first check below the target
             assert final["train_loss"] <= cfg.target_loss + 1e-5

@@ -30,7 +30,10 @@ from experiments import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SUMMARY_KEYS = {"experiment", "config", "claim", "supported", "reason", "figures", "runtime_s", "devices"}
+SUMMARY_KEYS = {
+    "experiment", "config", "claim", "supported", "reason", "controls", "power", "figures", "runtime_s", "devices",
+    "code_version",
+}  # fmt: skip
 
 SMOKE = {
     "regularized_loss": (regularized_loss, dict(widths=(8,), n_train=16, steps=20, eval_every=10, methods=("noise", "layer"), seeds=(0,))),
@@ -44,7 +47,7 @@ SMOKE = {
     "resnet": (resnet, dict(n_train=16, n_val=8, n_test=16, width=2, stage_sizes=(1,), augment_padding=2, batch_size=8,
                             epochs=2, noise_off_epoch=1, evals=1, trace_examples=4, trace_probes=1,
                             methods=("gd", "noise"), sigmas=(0.2,), seeds=(0,))),
-    "geometry_report": (geometry_report, dict(widths=(4,), steps=2, sigmas=(0.05,), mc_samples=4, trace_probes=3,
+    "geometry_report": (geometry_report, dict(widths=(4,), steps=2, sigmas=(0.02, 0.05), mc_samples=4, trace_probes=3,
                                               seeds=(0,))),
 }
 SIGMA_SWEEP = dict(n_train=32, n_val=16, n_test=32, width=8, steps=4, eval_every=2, sigmas=(0.05,), methods=("gd", "layer"),

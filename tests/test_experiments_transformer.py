@@ -4,6 +4,7 @@ integrates to 1 on its grid, and the Jensen-Shannon distance behaves as a distan
 import json
 
 import numpy as np
+import pytest
 
 from experiments import runner, transformer_blocks
 
@@ -11,15 +12,37 @@ from experiments import runner, transformer_blocks
 def test_js_distance_is_zero_for_equal_densities_and_one_for_disjoint_ones():
     grid = np.linspace(-1.0, 1.0, 201)
     bump = lambda c: np.exp(-0.5 * ((grid - c) / 0.05) ** 2)  # noqa: E731
-    assert transformer_blocks.js_distance(bump(0.0), bump(0.0), grid) < 1e-12
-    assert abs(transformer_blocks.js_distance(bump(-0.7), bump(0.7), grid) - 1.0) < 1e-6
-    near, far = (transformer_blocks.js_distance(bump(0.0), bump(c), grid) for c in (0.05, 0.3))
+    assert transformer_blocks.js_distance(bump(0.0), bump(0.0)) < 1e-12
+    assert abs(transformer_blocks.js_distance(bump(-0.7), bump(0.7)) - 1.0) < 1e-6
+    near, far = (transformer_blocks.js_distance(bump(0.0), bump(c)) for c in (0.05, 0.3))
     assert 0 < near < far < 1
-    assert transformer_blocks.heterogeneity({"a": bump(0.0), "b": bump(0.0), "c": bump(0.0)}, grid) < 1e-12
+    assert transformer_blocks.js0({"a": bump(0.0), "b": bump(0.0), "c": bump(0.0)}) < 1e-12
+
+
+def test_js0_equals_a_hand_computation_on_two_constructed_densities():
+    # block a: eigenvalues 0 and 1 with weights 1/2, 1/2; block b: 0 and 1000 with weights 0.8, 0.2. On its own
+    # support each density is two narrow bumps at the two ends of its grid, so the bins hold the two-point
+    # masses (1/2, 1/2) and (0.8, 0.2) at the same ends: JS^0 is the JS distance of those two distributions,
+    # whatever the scales (1 vs 1000)
+    dens = {name: transformer_blocks.own_support_density(np.array(theta), np.array(tau), 1000, 0.001)
+            for name, theta, tau in (("a", [0.0, 1.0], [0.5, 0.5]), ("b", [0.0, 1000.0], [0.8, 0.2]))}  # fmt: skip
+    p, q = np.array([0.5, 0.5]), np.array([0.8, 0.2])
+    m = (p + q) / 2
+    kl = lambda x, y: float(np.sum(x * np.log2(x / y)))  # noqa: E731
+    hand = np.sqrt(0.5 * kl(p, m) + 0.5 * kl(q, m))  # = sqrt((0.0680 + 0.0782) / 2) = 0.2704
+    assert transformer_blocks.js0(dens) == pytest.approx(hand, abs=1e-9)
+    assert hand == pytest.approx(0.27038, abs=1e-4)
+    # same shape at another scale: distance 0 (a spike on a shared grid would make it 1)
+    same = {name: transformer_blocks.own_support_density(np.array(theta), np.array([0.3, 0.7]), 1000, 0.01)
+            for name, theta in (("a", [0.0, 1.0]), ("b", [5.0, 3005.0]))}  # fmt: skip
+    assert transformer_blocks.js0(same) < 1e-12
+    # three blocks: the mean of the three pairwise distances
+    dens["c"] = dens["a"]
+    assert transformer_blocks.js0(dens) == pytest.approx((hand + hand + 0.0) / 3, abs=1e-9)
 
 
 def test_transformer_blocks_smoke(tmp_path):
-    cfg = transformer_blocks.Config(seeds=(0,), modulus=5, d_model=4, heads=1, mlp_widths=(8,), steps=10,
+    cfg = transformer_blocks.Config(seeds=(0,), modulus=5, d_model=4, heads=1, mlp_widths=(8, 8), steps=10,
                                     eval_every=5, slq_iters=4, slq_runs=1, grid_points=200)
     run_dir, summary = runner.run_experiment(transformer_blocks.EXPERIMENT, cfg, out=tmp_path, progress=False,
                                              verbose=False)
@@ -28,9 +51,12 @@ def test_transformer_blocks_smoke(tmp_path):
     cells = [json.loads(path.read_text()) for path in (run_dir / "cells").glob("*.json")]
     rows = [(cell["cell"]["model"], r) for cell in cells for r in cell["rows"]]
     assert {r["stage"] for _, r in rows} == {"init", "trained"}
-    for _, r in rows:  # every block density integrates to 1 on its grid (quadrature and tails: 1e-3)
-        assert abs(r["min_mass"] - 1.0) < 1e-3 and abs(r["max_mass"] - 1.0) < 1e-3, r
-        assert 0.0 <= r["js_mean"] <= 1.0
+    assert {(model, r["stage"]) for model, r in rows} == {
+        ("transformer", "init"), ("transformer", "trained"), ("mlp", "init"), ("mlp", "trained"), ("mlp_wide", "init")}
+    for _, r in rows:
+        assert 0.0 <= r["js"] <= 1.0
     blocks = {model: r["blocks"] for model, r in rows}
-    assert blocks == {"transformer": 8, "mlp": 2}  # embed, query, key, value, out, mlp_in, mlp_out, head
+    # embed, query, key, value, out, mlp_in, mlp_out, head; the MLPs' three kernels (biases left out)
+    assert blocks == {"transformer": 8, "mlp": 3, "mlp_wide": 3}
+    assert saved["controls"]["js0"]["control"].startswith("a second homogeneous net")
     assert list(run_dir.glob("*.png"))

@@ -5,8 +5,6 @@ import json
 import pytest
 
 from experiments import readme_table
-
-
 def _summary(results, name, stamp, config, figures, supported=True, runtime=12.0):
     folder = results / name / stamp
     folder.mkdir(parents=True)
@@ -40,7 +38,7 @@ def test_every_experiment_has_a_row():
 
     import experiments
 
-    modules = {m.name for m in pkgutil.iter_modules(experiments.__path__)} - {"runner", "common", "readme_table"}
+    modules = {m.name for m in pkgutil.iter_modules(experiments.__path__)} - experiments.SHARED - {"readme_table"}
     assert modules == set(readme_table.ROWS)
 
 
@@ -64,7 +62,8 @@ def test_rendered_table_has_six_cells_in_every_row_and_keeps_pipes(tmp_path):
     """A ``|`` in a cell (geometry_report's ``max|lambda|``) is escaped: rendered, every row has the header's six
     columns and the verdict stays in its column."""
     default = readme_table.default_config("geometry_report")
-    figures = {f"ratio_sigma={s:g}": 1.1 for s in default["sigmas"]}
+    figures = {f"order_{a}_{k}{end}": 3.0 for a in default["activations"] for k in ("hessian", "gauss_newton")
+               for end in ("", "_lo", "_hi")}  # fmt: skip
     figures.update(saddle_index=0.01, smallest_Hessian_eigenvalue=-0.016, Hessian_eigenvalue_1=8.0)
     _summary(tmp_path, "geometry_report", "20240101-000000", default, figures, supported=True)
     text = readme_table.table(tmp_path, machine_note="test machine, load 1.0")

@@ -1,5 +1,6 @@
-"""The shared experiment runner and verdict rule: results folder, summary keys, resume, atomic files,
-CLI (presets, options that fail early, data options, file modes), paired verdicts, validation selection."""
+"""The shared experiment runner: results folder, summary keys, resume, atomic files, CLI (presets, options that
+fail early, data options, file modes). The verdict rule: test_experiments_stats.py; run folders:
+test_experiment_rundir.py; training cells: test_experiment_training.py."""
 
 import csv
 import dataclasses
@@ -8,12 +9,14 @@ import os
 import stat
 from typing import Literal
 
-import numpy as np
 import pytest
 
-from experiments import common, runner
+from experiments import cli, config_checks, context, experiment, nets, plots, runner
 
-SUMMARY_KEYS = {"experiment", "config", "claim", "supported", "reason", "figures", "runtime_s", "devices"}
+SUMMARY_KEYS = {
+    "experiment", "config", "claim", "supported", "reason", "controls", "power", "figures", "runtime_s", "devices",
+    "code_version",
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +28,7 @@ class ToyConfig:
     steps: int = 3
 
 
-def _toy(calls: list, fail_on=None, seen_options=None) -> runner.Experiment:
+def _toy(calls: list, fail_on=None, seen_options=None) -> experiment.Experiment:
     def cells(cfg):
         if cfg.steps <= 0:
             raise ValueError(f"steps must be positive, got {cfg.steps}")
@@ -33,7 +36,7 @@ def _toy(calls: list, fail_on=None, seen_options=None) -> runner.Experiment:
 
     def prepare(cfg):
         if seen_options is not None:
-            seen_options.append(runner.data_options())
+            seen_options.append(context.data_options())
         return 10.0
 
     def run(cfg, data, cells):
@@ -45,7 +48,7 @@ def _toy(calls: list, fail_on=None, seen_options=None) -> runner.Experiment:
 
     def summarize(cfg, rows):
         final = [r["loss"] for r in rows if r["step"] == cfg.steps - 1]
-        return runner.Verdict(
+        return experiment.Verdict(
             supported=len(final) > 1 or None,
             figures={"mean_final": sum(final) / len(final), "undefined": float("nan")},
             table=[{"n": len(final)}],
@@ -53,11 +56,11 @@ def _toy(calls: list, fail_on=None, seen_options=None) -> runner.Experiment:
         )
 
     def plot(cfg, rows):
-        fig, ax = runner.plt.subplots()
+        fig, ax = plots.plt.subplots()
         ax.plot([r["loss"] for r in rows])
         return {"loss.png": fig}
 
-    return runner.Experiment(
+    return experiment.Experiment(
         name="toy",
         claim="A toy claim.",
         config=ToyConfig,
@@ -109,7 +112,7 @@ def test_resume_with_more_seeds_computes_only_new_cells(tmp_path):
     calls = []
     runner.run_experiment(_toy(calls), ToyConfig(seeds=(0, 1)), resume=run_dir, progress=False)
     assert [c["seed"] for group in calls for c in group] == [1, 1]
-    with pytest.raises(runner.ConfigError, match="only --seeds may change, got --steps 5"):
+    with pytest.raises(experiment.ConfigError, match="only --seeds may change, got --steps 5"):
         runner.run_experiment(_toy([]), ToyConfig(steps=5), resume=run_dir, progress=False)
 
 
@@ -126,118 +129,35 @@ def test_cli_presets_overrides_and_data_options(tmp_path, capsys):
         str(tmp_path / "d"),
         "--download",
     ]
-    run_dir, summary = runner.main(_toy([], seen_options=seen), argv, compilation_cache=False)
+    run_dir, summary = cli.main(_toy([], seen_options=seen), argv, compilation_cache=False)
     assert summary["config"]["steps"] == 7 and summary["config"]["seeds"] == (3,)
-    assert seen == [runner.DataOptions(tmp_path / "d", True)] and runner.data_options() == runner.DataOptions()
+    assert seen == [context.DataOptions(tmp_path / "d", True)] and context.data_options() == context.DataOptions()
     assert "A toy claim." in capsys.readouterr().out
-    _, again = runner.main(_toy([]), ["--resume", str(run_dir), "--seeds", "3", "4"], compilation_cache=False)
+    _, again = cli.main(_toy([]), ["--resume", str(run_dir), "--seeds", "3", "4"], compilation_cache=False)
     assert again["config"]["steps"] == 7 and again["config"]["seeds"] == (3, 4)
     with pytest.raises(SystemExit, match="--resume .* only --seeds may change, got --steps 2"):
-        runner.main(_toy([]), ["--resume", str(run_dir), "--steps", "2"], compilation_cache=False)
+        cli.main(_toy([]), ["--resume", str(run_dir), "--steps", "2"], compilation_cache=False)
 
 
 def test_cli_help_lists_presets_and_bad_options_fail_before_a_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        runner.main(_toy([]), ["--help"], compilation_cache=False)
+        cli.main(_toy([]), ["--help"], compilation_cache=False)
     out = capsys.readouterr().out
     assert "paper: steps=7" in out and "--data-dir" in out and "--download" in out and "default" in out
     for argv in (["--preset", "nope"], ["--steps", "many"], ["--no-such-flag", "1"]):
         with pytest.raises(SystemExit):
-            runner.main(_toy([]), [*argv, "--out", str(tmp_path)], compilation_cache=False)
+            cli.main(_toy([]), [*argv, "--out", str(tmp_path)], compilation_cache=False)
     with pytest.raises(SystemExit, match="--steps must be >= 1; got 0"):  # the runner's own check, before the folder
-        runner.main(_toy([]), ["--steps", "0", "--out", str(tmp_path)], compilation_cache=False)
+        cli.main(_toy([]), ["--steps", "0", "--out", str(tmp_path)], compilation_cache=False)
     assert not (tmp_path / "toy").exists()
 
 
-def test_common_load_dataset_passes_the_data_options(monkeypatch, tmp_path):
+def test_load_dataset_passes_the_data_options(monkeypatch, tmp_path):
     seen = {}
-    monkeypatch.setattr(common.data_lib, "load_dataset", lambda name, **kw: seen.update(name=name, **kw))
-    token = runner._DATA.set(runner.DataOptions(tmp_path, True))
-    try:
-        common.load_dataset("cifar10", n_train=5)
-    finally:
-        runner._DATA.reset(token)
+    monkeypatch.setattr(nets.data_lib, "load_dataset", lambda name, **kw: seen.update(name=name, **kw))
+    with context.running(context.DataOptions(tmp_path, True)):
+        nets.load_dataset("cifar10", n_train=5)
     assert seen == dict(name="cifar10", data_dir=tmp_path, download=True, n_train=5)
-
-
-@pytest.mark.parametrize(
-    "treated, control, resolution, expected",
-    [
-        ([1.0, 2.0, 3.0], [0.0, 1.0, 2.0], 0.0, True),  # +1 every seed: s.e. 0
-        ([1.0, 2.0, 3.0], [0.9, 2.1, 2.9], 0.0, None),  # +0.1, -0.1, +0.1: within noise
-        ([0.0, 1.0, 2.0], [1.0, 2.0, 3.0], 0.0, False),  # -1 every seed: contradicted
-        ([0.60, 0.62, 0.61], [0.59, 0.61, 0.60], 0.0, True),  # +0.01 exactly, s.e. 0
-        ([0.60, 0.62, 0.61], [0.59, 0.61, 0.60], 0.01, None),  # ... but one test example of 100 is 0.01
-        ([0.5], [0.4], 0.0, None),  # one seed: cannot tell
-        ([0.5, 0.6], [0.4, 0.5], 0.0, None),  # two seeds: the s.e. has one degree of freedom
-    ],
-)
-def test_paired_verdict_on_constructed_rows(treated, control, resolution, expected):
-    assert common.paired_gain(treated, control, resolution=resolution).supported is expected
-
-
-def test_paired_se_is_that_of_the_differences_and_no_single_example_decides():
-    # the seeds differ a lot, the methods little: unpaired s.e. would hide a consistent gain
-    control = np.array([0.50, 0.70, 0.90, 0.60])
-    gain = common.paired_gain(control + [0.021, 0.019, 0.020, 0.020], control)
-    assert gain.se == pytest.approx(np.std([0.021, 0.019, 0.020, 0.020], ddof=1) / 2) and gain.supported is True
-    assert np.hypot(*(np.std(v, ddof=1) / 2 for v in (control, control + 0.02))) > gain.mean  # unpaired: null
-    # a verdict beyond the margin survives moving any one per-seed value by one example (1/500)
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        d = rng.normal(0.01, 0.01, size=int(rng.integers(2, 6)))
-        g = common.paired_gain(d, np.zeros_like(d), resolution=1 / 500)
-        if g.supported is None:
-            continue
-        for i in range(d.size):
-            for step in (-1 / 500, 1 / 500):
-                moved = d.copy()
-                moved[i] += step
-                assert common.paired_gain(moved, np.zeros_like(d)).supported is g.supported
-
-
-def test_combine_and_describe():
-    assert common.combine({"a": True, "b": True}) is True
-    assert common.combine({"a": True, "b": None}) is None
-    assert common.combine({"a": None, "b": False}) is False and common.combine({}) is None
-    text = common.paired_gain([0.62, 0.63, 0.61], [0.60, 0.60, 0.60]).describe("gain", scale=100, unit=" points")
-    assert text.startswith("gain +2 ± 0.58 points (3 seeds)") and "within ±2.48 (noise; 95% paired t, t=4.3)" in text
-
-
-def test_sigma_is_chosen_on_validation_never_on_test():
-    rows, seeds = [], (0, 1, 2)
-    for s, (val, test) in {0.01: (0.70, 0.90), 0.1: (0.80, 0.60)}.items():  # test prefers 0.01, validation 0.1
-        rows += [dict(method="layer", sigma=s, seed=k, step=10, val_acc=val, test_acc=test + 0.01 * k) for k in seeds]
-    rows += [
-        dict(method="gd", sigma=0.0, seed=k, step=10, val_acc=0.7, test_acc=0.5 + 0.01 * k, n_test=100) for k in seeds
-    ]
-    best, gain = common.compare_to_gd(rows, "layer", (0.01, 0.1), seeds, 10)
-    assert best == 0.1 and gain.mean == pytest.approx(0.1) and gain.supported is True
-    assert common.paired_gain([0.9, 0.8], [0.1, 0.2]).supported is None  # two seeds: the s.e. has one degree of freedom
-
-
-@pytest.mark.parametrize("first_diverged", [False, True])
-def test_a_sigma_with_a_diverged_seed_is_never_chosen(first_diverged):
-    """A sigma whose seeds partly diverged (NaN) is not judged on its survivors, even when listed first."""
-    nan = float("nan")
-    vals = {0.05: [0.70, 0.72, 0.71], 0.2: [nan, nan, nan] if first_diverged else [0.95, nan, nan]}
-    sigmas = (0.2, 0.05)
-    rows = [dict(method="layer", sigma=s, seed=k, step=10, val_acc=v) for s in sigmas for k, v in enumerate(vals[s])]
-    assert common.best_sigma(rows, "layer", sigmas, 10) == 0.05
-
-
-def test_history_rows_drop_swa_before_averaging():
-    history = {
-        "step": np.array([[[0, 5, 10]]]),
-        "train_loss": np.array([[[3.0, 2.0, 1.0]]]),
-        "swa_train_loss": np.array([[[np.nan, np.nan, 1.5]]]),
-    }
-    assert common.history_rows(history, (0, 0)) == [
-        {"step": 0, "train_loss": 3.0},
-        {"step": 5, "train_loss": 2.0},
-        {"step": 10, "train_loss": 1.0},
-    ]
-    assert common.history_rows(history, (0, 0), "swa_", kind="swa") == [{"kind": "swa", "step": 10, "train_loss": 1.5}]
 
 
 # --- config checks before the run folder (issue 20), Ctrl-C, --resume of a foreign folder --------------
@@ -245,7 +165,7 @@ def test_history_rows_drop_swa_before_averaging():
 
 @dataclasses.dataclass(frozen=True)
 class RichConfig:
-    """One field of each convention of ``runner._RANGES`` and the relations."""
+    """One field of each convention of ``config_checks._RANGES`` and the relations."""
 
     methods: tuple[Literal["gd", "noise"], ...] = ("gd",)
     sigmas: tuple[float, ...] = (0.0, 0.1)
@@ -262,14 +182,14 @@ class RichConfig:
     activation: Literal["relu", "tanh"] = "relu"
 
 
-def _rich(validate=None) -> runner.Experiment:
-    return runner.Experiment(
+def _rich(validate=None) -> experiment.Experiment:
+    return experiment.Experiment(
         name="rich",
         claim="A claim.",
         config=RichConfig,
         cells=lambda cfg: [dict(method=m, sigma=s, seed=k) for m in cfg.methods for s in cfg.sigmas for k in cfg.seeds],
         run=lambda cfg, data, cells: [[dict(step=0, loss=0.0)] for _ in cells],
-        summarize=lambda cfg, rows: runner.Verdict(None, {}, []),
+        summarize=lambda cfg, rows: experiment.Verdict(None, {}, []),
         validate=validate,
     )
 
@@ -304,34 +224,34 @@ def _rich(validate=None) -> runner.Experiment:
 )
 def test_check_config_names_the_flag(override, message, tmp_path):
     exp = _rich()
-    with pytest.raises(runner.ConfigError) as info:
+    with pytest.raises(experiment.ConfigError) as info:
         runner.run_experiment(exp, RichConfig(**override), out=tmp_path, progress=False, verbose=False)
     assert message in str(info.value)
     assert not list(tmp_path.iterdir())
 
 
 def test_check_config_accepts_the_defaults_and_none_and_runs_the_hook(tmp_path):
-    assert len(runner.check_config(_rich(), RichConfig(n_train=None))) == 4
+    assert len(config_checks.check_config(_rich(), RichConfig(n_train=None))) == 4
 
     def validate(cfg):
         if cfg.escape_fraction == 0:
             raise ValueError("--escape-fraction must be in (0, 1)")
 
-    with pytest.raises(runner.ConfigError, match=r"--escape-fraction must be in \(0, 1\)"):
+    with pytest.raises(experiment.ConfigError, match=r"--escape-fraction must be in \(0, 1\)"):
         runner.run_experiment(_rich(validate), RichConfig(escape_fraction=0.0), out=tmp_path, progress=False)
     with pytest.raises(SystemExit, match=r"^python -m experiments.rich: error: --escape-fraction must be in \(0, 1\)$"):
-        runner.main(_rich(validate), ["--escape-fraction", "0", "--out", str(tmp_path)], compilation_cache=False)
+        cli.main(_rich(validate), ["--escape-fraction", "0", "--out", str(tmp_path)], compilation_cache=False)
     assert not list(tmp_path.iterdir())
     # a grid whose cells repeat (a tuple read by cells() without the runner knowing it is a grid axis)
     exp = dataclasses.replace(_rich(), cells=lambda cfg: [dict(width=w) for w in cfg.widths])
-    with pytest.raises(runner.ConfigError, match="repeats the cell width=4: --widths repeat a value"):
-        runner.check_config(exp, RichConfig())
+    with pytest.raises(experiment.ConfigError, match="repeats the cell width=4: --widths repeat a value"):
+        config_checks.check_config(exp, RichConfig())
 
 
 def test_ctrl_c_prints_one_line_with_the_kept_cells_and_the_resume_command(tmp_path, capsys):
     argv = ["--out", str(tmp_path), "--data-dir", str(tmp_path / "d")]
     with pytest.raises(SystemExit) as info:
-        runner.main(_toy([], fail_on=(0.5, 1)), argv, compilation_cache=False)
+        cli.main(_toy([], fail_on=(0.5, 1)), argv, compilation_cache=False)
     assert info.value.code == 130
     (run_dir,) = (tmp_path / "toy").iterdir()
     err = capsys.readouterr().err
@@ -339,7 +259,7 @@ def test_ctrl_c_prints_one_line_with_the_kept_cells_and_the_resume_command(tmp_p
     command = f"python -m experiments.toy --resume {run_dir} --data-dir {tmp_path / 'd'}"
     assert err.splitlines()[-1] == f"interrupted: 2 of 4 cells kept in {run_dir}; resume with: {command}"
     calls = []
-    _, summary = runner.main(_toy(calls), command.split()[3:], compilation_cache=False)
+    _, summary = cli.main(_toy(calls), command.split()[3:], compilation_cache=False)
     assert [c["sigma"] for group in calls for c in group] == [0.5, 0.5] and summary["supported"] is True
 
 
@@ -347,17 +267,17 @@ def test_resume_refuses_a_folder_of_another_experiment_or_config(tmp_path):
     run_dir, _ = runner.run_experiment(_toy([]), ToyConfig(), out=tmp_path, progress=False, verbose=False)
     files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit, match=r"--resume .* is not a run of rich but of toy \(it lacks fields of rich: "):
-        runner.main(_rich(), ["--resume", str(run_dir)], compilation_cache=False)
+        cli.main(_rich(), ["--resume", str(run_dir)], compilation_cache=False)
     # the same Config, another grid: an interrupted run (no summary.json) is recognised by its cells
     (run_dir / "summary.json").unlink()
     del files[run_dir / "summary.json"]
     other = dataclasses.replace(_toy([]), name="toy2", cells=lambda cfg: [dict(part="x", seed=k) for k in cfg.seeds])
     with pytest.raises(SystemExit, match="--resume .*: its cells/ holds cells of another experiment"):
-        runner.main(other, ["--resume", str(run_dir)], compilation_cache=False)
+        cli.main(other, ["--resume", str(run_dir)], compilation_cache=False)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
     with pytest.raises(SystemExit, match="--resume .* no such folder"):
-        runner.main(_toy([]), ["--resume", str(tmp_path / "nope")], compilation_cache=False)
+        cli.main(_toy([]), ["--resume", str(tmp_path / "nope")], compilation_cache=False)
     # the same experiment, another version of its config (a field since removed): refused, not defaulted
     (run_dir / "config.json").write_text(json.dumps({**json.loads(files[run_dir / "config.json"]), "width": 3}))
     with pytest.raises(SystemExit, match="another version of toy's config \\(it has fields toy lacks: --width\\)"):
-        runner.main(_toy([]), ["--resume", str(run_dir)], compilation_cache=False)
+        cli.main(_toy([]), ["--resume", str(run_dir)], compilation_cache=False)

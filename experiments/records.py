@@ -1,0 +1,76 @@
+"""Reading the rows of a run: a training history as rows, the rows of some cells, one value per seed,
+a value at a given training loss, a mean curve."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def history_rows(history: dict, index: tuple = (), prefix: str = "", **fields) -> list[dict]:
+    """Rows ``{**fields, step, train_loss, ...}`` of one run of a ``lsgeo.train`` history (``index`` picks the
+    member of a sweep's ``[S, R]`` axes), without the SWA keys. With ``prefix="swa_"``, only the SWA
+    average's keys (``swa_k`` named ``k``), at the evaluations where they are finite (NaN before averaging starts)."""
+    if prefix:
+        history = {"step": history["step"], **{k[len(prefix) :]: v for k, v in history.items() if k.startswith(prefix)}}
+    h = {k: np.asarray(v)[index] for k, v in history.items() if prefix or not k.startswith("swa_")}
+    rows = [
+        {**fields, "step": int(t), **{k: float(v[e]) for k, v in h.items() if k != "step"}}
+        for e, t in enumerate(h["step"])
+    ]
+    if prefix:
+        rows = [r for r in rows if all(np.isfinite(r[k]) for k in h if k != "step")]
+    return rows
+
+
+def resolution(rows: list[dict]) -> float:
+    """1 / n_test: what one test example changes in a run's accuracy (``train_cells`` records n_test)."""
+    return 1.0 / max(r.get("n_test", 0) for r in rows)
+
+
+def select(rows: list[dict], **fields) -> list[dict]:
+    """The rows whose fields equal ``fields`` (e.g. ``select(rows, method="gd", sigma=0.0)``)."""
+    return [r for r in rows if all(r.get(k) == v for k, v in fields.items())]
+
+
+def stack(trees: Sequence) -> Any:
+    """The pytrees ``trees`` stacked along a new leading axis (numpy)."""
+    return jax.tree_util.tree_map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *trees)
+
+
+def per_seed(rows: list[dict], key: str, seeds: Sequence[int], **fields) -> np.ndarray:
+    """``[len(seeds)]``: ``key`` of the one row per seed that matches ``fields`` (e.g. the final step)."""
+    out = []
+    for s in seeds:
+        (row,) = select(rows, seed=s, **fields) or [None]
+        if row is None:
+            raise KeyError(f"no row with seed={s} and {fields}")
+        out.append(row[key])
+    return np.asarray(out, dtype=float)
+
+
+def at_loss(rows: list[dict], key: str, target: float, loss_key: str = "train_loss", **fields) -> float:
+    """``key`` of one run (the rows matching ``fields``, by step) where its ``loss_key`` first falls to ``target``:
+    linear in log(loss) between the two evaluations around that point; NaN if the run never gets there.
+
+    Comparing runs at the same training loss (rather than the same step) keeps a method that merely trains
+    slower from looking flatter or sharper."""
+    run = sorted((r for r in select(rows, **fields) if key in r), key=lambda r: r["step"])
+    for prev, row in zip([None, *run], run):
+        if row[loss_key] <= target:
+            if prev is None or prev[loss_key] <= row[loss_key]:
+                return float(row[key])
+            lo, hi = np.log(row[loss_key]), np.log(prev[loss_key])
+            frac = (hi - np.log(target)) / (hi - lo)
+            return float(prev[key] + frac * (row[key] - prev[key]))
+    return float("nan")
+
+
+def curve(rows: list[dict], key: str, **fields) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, mean over the matching rows at each step)`` of ``key`` (e.g. over the seeds of a method)."""
+    sel = [r for r in select(rows, **fields) if key in r]
+    steps = np.array(sorted({r["step"] for r in sel}))
+    return steps, np.array([np.mean([r[key] for r in sel if r["step"] == t]) for t in steps])
