@@ -1,6 +1,6 @@
 """Training-data attribution checked by retraining: LDS of influence with several inverses, leave-one-out.
 
-Claims, two parts (``common.combine``, Holm over the two), judged over seeds:
+Claims, two parts (``verdicts.combine``, Holm over the two), judged over seeds:
 
 (1) Curvature-aware attribution scores a higher linear datamodeling score than gradient dot products
     (Grosse et al. 2023; Kronfluence's benchmarks; Park et al. 2023 for the LDS): on a tanh MLP trained on
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import common, runner
+from experiments import cli, experiment, nets, plots, records, verdicts
 from lsgeo import curvature, influence, losses
 
 CLAIM = (
@@ -78,7 +78,7 @@ def validate(cfg: Config) -> None:
 
 
 def prepare(cfg: Config):
-    return common.splits("digits", n_train=None, n_test=None)
+    return nets.splits("digits", n_train=None, n_test=None)
 
 
 def cells(cfg: Config) -> list[dict]:
@@ -195,34 +195,34 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
 
 
 def _values(rows, key, **fields):
-    return np.array([r[key] for r in common.select(rows, **fields)], dtype=float)
+    return np.array([r[key] for r in records.select(rows, **fields)], dtype=float)
 
 
-def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
+def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     figures, table = {}, []
     lds_rows = [r for r in rows if r["part"] == "lds"]
     for method in dict.fromkeys(r["method"] for r in lds_rows):
-        mean, se = common.mean_se(_values(lds_rows, "lds", method=method))
+        mean, se = verdicts.mean_se(_values(lds_rows, "lds", method=method))
         figures[f"lds_{method}"], figures[f"lds_{method}_se"] = mean, se
         table.append({"part": "LDS", "method": method, "value": mean, "se_over_seeds": se,
                       "mean_se_over_queries": float(np.mean(_values(lds_rows, "lds_se", method=method)))})
     identity = _values(lds_rows, "lds", method="identity")
-    gain = common.paired_gain(_values(lds_rows, "lds", method="cg"), identity)
-    control = common.paired_gain(_values(lds_rows, "lds", method="random"), identity) \
+    gain = verdicts.paired_gain(_values(lds_rows, "lds", method="cg"), identity)
+    control = verdicts.paired_gain(_values(lds_rows, "lds", method="random"), identity) \
         if "random" in cfg.methods else None
     loo = _values(rows, "loo_corr", part="loo", method="exact_hessian")
     loo_random = _values(rows, "loo_corr", part="loo", method="random")
     threshold = np.full(len(loo), cfg.loo_threshold)
-    loo_gain, loo_control = common.paired_gain(loo, threshold), common.paired_gain(loo_random, threshold)
+    loo_gain, loo_control = verdicts.paired_gain(loo, threshold), verdicts.paired_gain(loo_random, threshold)
     for name, values in (("exact_hessian", loo), ("random", loo_random)):
-        mean, se = common.mean_se(values)
+        mean, se = verdicts.mean_se(values)
         figures[f"loo_corr_{name}"], figures[f"loo_corr_{name}_se"] = mean, se
         table.append({"part": "leave-one-out", "method": name, "value": mean, "se_over_seeds": se})
     figures["lds_gain_cg_over_identity"], figures["lds_gain_margin"] = gain.mean, gain.margin
     parts = {"lds_cg_over_identity": gain, "loo_corr_above_threshold": loo_gain}
     reasons = [gain.describe("LDS of CG-GGN minus gradient dot products"),
                loo_gain.describe(f"leave-one-out correlation minus {cfg.loo_threshold:g}")]
-    supported = common.combine(parts)
+    supported = verdicts.combine(parts)
     controls_fail = loo_control.supported is not True and (control is None or control.supported is not True)
     reasons.append(("negative controls fail as they must" if controls_fail else
                     "a negative control passed (random scores): the tests do not discriminate") +
@@ -230,14 +230,14 @@ def summarize(cfg: Config, rows: list[dict]) -> runner.Verdict:
                    f"random LOO correlation {float(np.mean(loo_random)):+.3g})")
     if supported and not controls_fail:
         supported = None
-    reasons.append(common.combine_reason(parts))
-    return runner.Verdict(supported, figures, table, "; ".join(reasons))
+    reasons.append(verdicts.combine_reason(parts))
+    return experiment.Verdict(supported, figures, table, "; ".join(reasons))
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    plt = runner.plt
+    plt = plots.plt
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.5))
-    loo = common.select(rows, part="loo", method="exact_hessian")
+    loo = records.select(rows, part="loo", method="exact_hessian")
     for r in loo:
         ax0.scatter(r["actual"], r["predicted"], s=6, alpha=0.6, label=f"seed {r['seed']}: r = {r['loo_corr']:.3f}")
     lim = max(max(abs(v) for r in loo for v in r["actual"]), 1e-12)
@@ -250,8 +250,8 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     for i, method in enumerate(methods):
         values = _values(lds_rows, "lds", method=method)
         ax1.scatter(np.full(values.size, i), values, color="gray", s=12)
-        mean, se = common.mean_se(values)
-        ax1.errorbar(i, mean, yerr=common.t_critical(max(values.size, 2)) * se, fmt="o", capsize=4, color="tab:blue")
+        mean, se = verdicts.mean_se(values)
+        ax1.errorbar(i, mean, yerr=verdicts.t_critical(max(values.size, 2)) * se, fmt="o", capsize=4, color="tab:blue")
     ax1.axhline(0.0, color="k", lw=0.5)
     ax1.set(xticks=range(len(methods)), xticklabels=methods, ylabel="LDS (Spearman, mean over queries)",
             title=f"LDS on digits MLP ({cfg.num_subsets} half-subset retrains; 95% t-interval over seeds)")
@@ -264,7 +264,7 @@ def _examples_figure(rows: list[dict]) -> dict:
     shown = [r for r in rows if r.get("examples_query")]
     if not shown:
         return {}
-    plt, r, data = runner.plt, shown[0], prepare(None)
+    plt, r, data = plots.plt, shown[0], prepare(None)
     fig, axes = plt.subplots(3, 7, figsize=(10, 4.6))
     for row, q in enumerate(r["examples_query"]):
         pictures = [("query", data.test, q)] + [("proponent", data.train, i) for i in r["examples_proponents"][row]]
@@ -279,7 +279,7 @@ def _examples_figure(rows: list[dict]) -> dict:
     return {"influence_examples.png": fig}
 
 
-EXPERIMENT = runner.Experiment.from_module(__name__)
+EXPERIMENT = experiment.Experiment.from_module(__name__)
 
 if __name__ == "__main__":
-    runner.main(EXPERIMENT)
+    cli.main(EXPERIMENT)
