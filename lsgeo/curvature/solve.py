@@ -95,7 +95,9 @@ def solve(op: CurvatureOperator, b, *, damping, tol: float = 1e-6, maxiter: int 
       x0: starting guess shaped like ``b`` (default 0); finite.
       preconditioner: ``None``, a callable ``v -> M^-1 v`` or an object with a ``.matvec`` method doing that,
         taking and returning a vector of the structure of ``b`` (a pytree shaped like the parameters, or a
-        flat ``[m]`` vector when ``b`` is flat); ``M^-1`` must be symmetric positive definite and linear.
+        flat ``[m]`` vector when ``b`` is flat); an object with ``.tree_matvec`` (lsgeo's operators and
+        ``KFAC(...).inverse(d)``: ``matvec`` flat, ``tree_matvec`` on pytrees) gets the one that fits ``b``.
+        ``M^-1`` must be symmetric positive definite and linear.
         A pytree (an operator holding arrays) is traced, not baked into the program.
       return_info: return ``(x, SolveInfo)``.
 
@@ -143,7 +145,7 @@ def solve(op: CurvatureOperator, b, *, damping, tol: float = 1e-6, maxiter: int 
             validation.check_same_structure(b, x0, "x0", "b")
     for value, name in ((b, "b"), (x0, "x0")):
         _check_finite(value, name)
-    precondition = _preconditioner(preconditioner)
+    precondition = _preconditioner(preconditioner, flat)
     dynamic, static = _partition(precondition)
     b, x0 = op.place(b, x0)
     x, info = _cg(op, b, x0, jnp.asarray(damping, op.dtype), jnp.asarray(tol, op.dtype), int(maxiter), flat,
@@ -180,9 +182,13 @@ def _check_finite(tree, name):
             raise ValueError(f"{name} must be finite, got NaN or inf in {name}{jax.tree_util.keystr(path)}")
 
 
-def _preconditioner(preconditioner):
+def _preconditioner(preconditioner, flat: bool):
+    """The map ``v -> M^-1 v`` on vectors shaped like ``b``: lsgeo's convention for operators (``matvec`` on flat
+    vectors, ``tree_matvec`` on pytrees; a ``KFAC``/``EKFAC`` inverse) first, then ``matvec``, then the callable."""
     if preconditioner is None:
         return None
+    if not flat and callable(getattr(preconditioner, "tree_matvec", None)):
+        return preconditioner.tree_matvec
     if hasattr(preconditioner, "matvec") and callable(preconditioner.matvec):
         return preconditioner.matvec
     if callable(preconditioner):
