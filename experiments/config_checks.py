@@ -34,7 +34,7 @@ from experiments.experiment import Cell, ConfigError, Experiment, cell_key, flag
 # must be >= 1 (sizes, steps, widths, counts); a float field must be finite whatever its name.
 _RANGES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("seeds", "*_seed"), "seed"),
-    (("augment_padding", "noise_off_epoch"), ">= 0"),
+    (("augment_padding", "noise_off_epoch", "checkpoints"), ">= 0"),
     (("lr", "lrs", "*_lr"), "> 0"),
     (("sigma", "sigmas", "*noise", "weight_decay", "*tol", "away_from_one", "min_line_barrier"), ">= 0"),
     (("momentum",), "in [0, 1)"),
@@ -55,7 +55,7 @@ _IN_RANGE: dict[str, Callable[[float], bool]] = {
 }
 
 
-_DISTINCT = ("seeds", "sigmas", "methods", "gammas", "gd_gammas", "alphas", "archs", "comparisons")  # grid axes
+_DISTINCT = ("seeds", "sigmas", "methods", "gammas", "gd_gammas", "alphas", "archs", "comparisons", "checkpoints")  # grid axes
 
 
 _DIVIDES = (("eval_every", "steps"),)  # (a, b): a <= b and a divides b (evaluations every a steps, one at the end)

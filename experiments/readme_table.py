@@ -227,6 +227,30 @@ def _transformer_blocks(f: dict, c: dict) -> str:
     )
 
 
+def _influence(f: dict, c: dict) -> str:
+    return (
+        f"LDS: CG-GGN {f['lds_cg']:.3g} vs gradient dot products {f['lds_identity']:.3g}, gain "
+        f"{f['lds_gain_cg_over_identity']:+.3g} (margin {f['lds_gain_margin']:.2g}); leave-one-out correlation "
+        f"{f['loo_corr_exact_hessian']:.3f} (needs > {c['loo_threshold']:g}); control, random scores: "
+        f"{f['loo_corr_random']:+.2f}"
+    )
+
+
+def _kfac_fidelity(f: dict, c: dict) -> str:
+    steps, last = c["checkpoints"], c["checkpoints"][-1]
+    errors = {m: ", ".join(f"{f[f'frobenius_{m}_step={t}']:.3g}" for t in steps) for m in ("kfac", "ekfac")}
+    at_last = {k: f"{f[f'{k}_kfac_step={last}']:.4g} / {f[f'{k}_ekfac_step={last}']:.4g}"
+               for k in ("inverse_error", "trace_ratio")}  # fmt: skip
+    return (
+        f"relative Frobenius error at steps {', '.join(map(str, steps))}: KFAC {errors['kfac']}, EKFAC "
+        f"{errors['ekfac']}; EKFAC / KFAC {f['ekfac_over_kfac_min']:.4f}-{f['ekfac_over_kfac_max']:.4f}, not above "
+        f"in {f['pairs_ekfac_not_above']:.0f} of {f['pairs']:.0f} (seed, step) pairs; control, the reversed test "
+        f"(KFAC not above EKFAC): {f['pairs_kfac_not_above']:.0f} of {f['pairs']:.0f}; at step {last} "
+        f"(KFAC / EKFAC): damped-inverse error {at_last['inverse_error']}, trace ratio "
+        f"{at_last['trace_ratio']}"
+    )
+
+
 Formatter = Callable[[dict, dict], str]
 ROWS: dict[str, tuple[str, str, Formatter]] = {
     "sigma_sweep": (
@@ -321,6 +345,20 @@ ROWS: dict[str, tuple[str, str, Formatter]] = {
         "JS^0 at initialisation: a transformer's blocks are heterogeneous, an MLP's are not "
         "(Zhang et al. 2024, Sec. 3)",
         _transformer_blocks,
+    ),
+    "influence": (
+        "LDS of influence (CG on the Gauss-Newton matrix, low-rank, KFAC, EKFAC) vs gradient dot products, digits "
+        "MLP; leave-one-out on L2 logistic regression",
+        "curvature-aware influence beats gradient dot products (Grosse et al. 2023); exact-Hessian influence "
+        "predicts leave-one-out (Koh & Liang 2017)",
+        _influence,
+    ),
+    "kfac_fidelity": (
+        "KFAC and EKFAC (type-2) vs the exact Gauss-Newton matrix along GD on a digits MLP: Frobenius error, trace, "
+        "damped inverse, top-k eigenspaces",
+        "EKFAC is the Frobenius-best diagonal in the Kronecker eigenbasis: never farther than KFAC "
+        "(George et al. 2018)",
+        _kfac_fidelity,
     ),
 }
 VERDICTS = {True: "supported", False: "contradicted", None: "null"}

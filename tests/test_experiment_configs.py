@@ -16,6 +16,7 @@ from experiments import (
     deep_mlp,
     experiment,
     hessian_spectrum,
+    kfac_fidelity,
     lasso,
     nuclear_norm,
     regularized_loss,
@@ -71,6 +72,11 @@ BAD = [
     (swa, ["--batch-size", "5000"], "--batch-size"),  # digits: 1024 training points
     (swa, ["--n-train", "100000"], "--n-train"),
     (cnn, ["--batch-size", "1001"], "--batch-size"),  # digits: 1300 - 300 validation points
+    # checkpoints: steps >= 0, each once, in order
+    (kfac_fidelity, ["--checkpoints", "-1", "10"], "--checkpoints"),
+    (kfac_fidelity, ["--checkpoints", "10", "10"], "--checkpoints"),
+    (kfac_fidelity, ["--checkpoints", "100", "0"], "--checkpoints"),
+    (kfac_fidelity, ["--damping", "0"], "--damping"),
 ]
 
 
