@@ -172,13 +172,14 @@ def solve(op: CurvatureOperator, b, *, damping, tol: float = 1e-6, maxiter: int 
 
 def _check_finite(tree, name):
     """ValueError naming the first leaf of ``tree`` with a NaN or inf (concrete trees; one scalar is fetched)."""
-    if tree is None or not validation.is_concrete(jax.tree_util.tree_leaves(tree)):
+    if tree is None or not all(validation.is_concrete(a) for a in jax.tree_util.tree_leaves(tree)):
         return
-    finite = [jnp.all(jnp.isfinite(jnp.asarray(a))) for a in jax.tree_util.tree_leaves(tree)]
-    if bool(jnp.all(jnp.stack(finite))):
+    with jax.ensure_compile_time_eval():  # concrete (closed-over) values under an enclosing jit stay concrete
+        finite = [bool(jnp.all(jnp.isfinite(jnp.asarray(a)))) for a in jax.tree_util.tree_leaves(tree)]
+    if all(finite):
         return
     for (path, _), ok in zip(jax.tree_util.tree_leaves_with_path(tree), finite):
-        if not bool(ok):
+        if not ok:
             raise ValueError(f"{name} must be finite, got NaN or inf in {name}{jax.tree_util.keystr(path)}")
 
 

@@ -203,11 +203,17 @@ def _sketch(op, key, m, dtype, s, chunk):
     r = jnp.where(jnp.eye(s, dtype=bool) & vanishing[None, :], 1.0, jnp.where(vanishing[None, :], 0.0, r))
     r_inv_t = jax.scipy.linalg.solve_triangular(r, jnp.eye(s, dtype=dtype), lower=False).T
     s_mat = r_inv_t / jnp.linalg.norm(r_inv_t, axis=0, keepdims=True)
-    return omega.T, y.T, q, r, z, s_mat
+    return omega.T, y.T, q, r, z, s_mat, jnp.any(vanishing)
+
+
+# A rank-deficient sketch (rank Y < s) means rank A = rank Y < s almost surely, so range(A) = range(Y), which
+# the orthonormal Q (s columns, spanning range(Y) and more) contains: then A = Q Q^T A exactly, tr A = tr(Q^T A Q)
+# and diag A = diag(Q (A Q)^T). The leave-one-out formulas need R invertible and are wrong there (on a rank-6
+# operator with s = 8 they gave 33 for 21), so XTrace / XDiag return the exact captured values instead.
 
 
 def _xtrace(op, key, m, dtype, s, chunk):
-    omega, y, q, r, z, s_mat = _sketch(op, key, m, dtype, s, chunk)
+    omega, y, q, r, z, s_mat, deficient = _sketch(op, key, m, dtype, s, chunk)
     h = _mm(q.T, z)  # Q^T A Q
     w = _mm(q.T, omega)
     c = jnp.sum(s_mat * w, axis=0)  # s_i^T w_i
@@ -221,7 +227,7 @@ def _xtrace(op, key, m, dtype, s, chunk):
         - 2 * jnp.sum(r * v, axis=0)
         + jnp.sum(v * _mm(h, v), axis=0)
     )
-    return _stats(estimates)
+    return _stats(jnp.where(deficient, jnp.trace(h), estimates))
 
 
 def hessian_diagonal(
@@ -312,13 +318,14 @@ def _hessian_diagonal(op, key, num_probes, method, chunk):
 
 
 def _xdiag(op, key, m, dtype, s, chunk):
-    omega, y, q, _, z, s_mat = _sketch(op, key, m, dtype, s, chunk)
+    omega, y, q, _, z, s_mat, deficient = _sketch(op, key, m, dtype, s, chunk)
     t = _mm(z.T, omega)  # Q^T A Omega
     c = jnp.sum(s_mat * t, axis=0)  # s_i^T t_i
     qs, zs = _mm(q, s_mat), _mm(z, s_mat)
     # estimate i: diag(Q Z^T) - (Q s_i) * (Z s_i) + omega_i * (y_i - Q t_i + Q s_i c_i)
     captured = jnp.sum(q * z, axis=1)  # diag(Q Q^T A)
     estimates = captured[:, None] - qs * zs + omega * (y - _mm(q, t) + qs * c[None, :])  # [m, s]
+    estimates = jnp.where(deficient, captured[:, None], estimates)
     mean = jnp.mean(estimates, axis=1)
     stderr = jnp.std(estimates, axis=1, ddof=1) / np.sqrt(s) if s > 1 else jnp.full_like(mean, jnp.nan)
     return mean, stderr

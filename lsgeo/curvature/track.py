@@ -129,7 +129,8 @@ def top_eigenvalue_tracker(
     """The top-k eigenvalues of a curvature operator at w_t, warm-started, as a ``Measurement``.
 
     Each ``update`` runs Lanczos (``lsgeo.curvature.locking.checked_ritz_run``: ``krylov.ritz_run`` with the
-    multiplicity check that finds repeated top eigenvalues, full reorthogonalisation, early stopping when every
+    multiplicity check that finds repeated top eigenvalues when ``k > 1`` and ``tol`` stops early (at least one
+    more early-stopped run per measurement; ``k = 1`` needs none), full reorthogonalisation, early stopping when every
     wanted Ritz pair has relative residual <= ``tol``) on ``operator(params, batch)``
     (default: the Hessian of ``objective``). The start is the sum of the previous measurement's k Ritz
     vectors plus a small random part (1e-3 of its norm, so that the start is never exactly orthogonal to an
@@ -196,8 +197,8 @@ def top_eigenvalue_tracker(
         noise = noise / jnp.linalg.norm(noise)
         v0 = jnp.where(state.warm, warm_start + 1e-3 * noise, noise)
         steps_cap, precision = min(num_iters, op.size), krylov.rounding_rtol(op.param_dtype)
-        if tol is None:  # every step: the Krylov space is as large as asked, no early stop to miss a copy
-            values, coefficients, basis, steps, _ = krylov.ritz_run(op.matvec, v0, steps_cap, k=k, tol=None,
+        if tol is None or k == 1:  # no early stop to miss a copy, or one value (a copy does not change it)
+            values, coefficients, basis, steps, _ = krylov.ritz_run(op.matvec, v0, steps_cap, k=k, tol=tol,
                                                                     product_rtol=precision)
             vectors = jnp.matmul(coefficients.T, basis, precision=jax.lax.Precision.HIGHEST)
         else:
