@@ -37,7 +37,8 @@ Modules (all names are re-exported here, ``from lsgeo import curvature; curvatur
   dense             ``hessian`` (small models)
   trace             ``hessian_trace`` (Hutchinson, Hutch++, XTrace), ``hessian_diagonal`` (Hutchinson, XDiag)
   krylov            ``lanczos``, ``tridiagonal_eigh``, ``ritz_pairs`` (early-stopping Lanczos), ``ritz_vectors``,
-                    ``vector_shardings`` (flat or pytree vectors; sharded or host-memory bases)
+                    ``rounding_rtol``; krylov_space: ``vector_shardings``, ``KrylovSpace`` (flat or pytree
+                    vectors; sharded or host-memory bases); locking: ``checked_ritz_run`` (repeated eigenvalues)
   eigen             ``top_eigenvalues``, ``eigenpairs``, ``min_eigenvalue``
   density           ``slq_nodes``, ``block_slq_nodes`` (all blocks, one program), ``spectral_density``,
                     ``saddle_index``
