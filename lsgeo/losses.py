@@ -85,11 +85,17 @@ def logistic_loss(outputs: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def softmax_cross_entropy(outputs: jax.Array, labels: jax.Array) -> jax.Array:
-    """1/n sum_i (logsumexp(phi_i) - phi_i[y_i]) with integer labels ``[n]`` in ``[0, k)``; outputs ``[n, k]``."""
+    """1/n sum_i (logsumexp(phi_i) - phi_i[y_i]) with integer labels ``[n]`` in ``[0, k)``; outputs ``[n, k]``.
+
+    Labels outside ``[0, k)`` are a ValueError when they are concrete, and make the loss NaN when they are traced
+    (under ``jit``, inside an operator's microbatch loop, from a data source): a label of -1 or k would otherwise
+    index a wrong class and give a finite, wrong value (and every curvature estimate built on it)."""
     if labels.ndim != 1 or labels.shape[0] != outputs.shape[0]:
         raise ValueError(f"labels must be integers of shape ({outputs.shape[0]},), got {labels.shape}")
     check_class_labels(labels, outputs.shape[-1])
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, labels))
+    per_example = optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
+    poison = jnp.where((labels >= 0) & (labels < outputs.shape[-1]), 1.0, jnp.nan).astype(per_example.dtype)
+    return jnp.mean(per_example * poison)  # a factor, not a where: derivatives of every order are NaN too
 
 
 def accuracy(outputs: jax.Array, labels: jax.Array) -> jax.Array:

@@ -116,3 +116,20 @@ def test_wrong_number_of_labels_is_a_clear_error(call, match):
 def test_scalar_outputs_accept_column_labels():
     np.testing.assert_allclose(losses.logistic_loss(PHI[:, :1], SIGNS[:, None]), losses.logistic_loss(PHI[:, 0], SIGNS))
     assert float(losses.accuracy(PHI[:, 0], SIGNS[:, None])) == float(losses.accuracy(PHI[:, 0], SIGNS))
+
+
+def test_traced_labels_outside_the_classes_make_the_loss_nan_not_a_wrong_number():
+    """Labels -1 and k inside a compiled objective (where they cannot be checked): NaN, and so is every curvature
+    estimate of an objective written by hand with this loss (before: finite, wrong values)."""
+    import jax
+
+    from lsgeo import curvature
+
+    outputs = jnp.array([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0]])
+    assert np.isfinite(jax.jit(losses.softmax_cross_entropy)(outputs, jnp.array([0, 2])))
+    for bad in ([0, 3], [-1, 2]):
+        assert np.isnan(jax.jit(losses.softmax_cross_entropy)(outputs, jnp.array(bad)))
+    f = lambda w, b: losses.softmax_cross_entropy(b[0] @ w, b[1])  # noqa: E731
+    w, x = jnp.ones((2, 3)) / 3, jnp.array([[1.0, 0.0], [0.5, 2.0]])
+    assert np.isfinite(curvature.hessian_trace(f, w, (x, jnp.array([0, 2])), jax.random.key(0), num_probes=4))
+    assert np.isnan(curvature.hessian_trace(f, w, (x, jnp.array([0, 3])), jax.random.key(0), num_probes=4))
