@@ -3,12 +3,20 @@
 The suite is dominated by XLA compile time on tiny models, so it compiles at backend optimisation
 level 0 (set before jax initialises its backend; subprocesses and notebook kernels inherit it).
 Tests that compare to 1e-10 use the ``x64`` fixture (float64 inside the test only).
+
+Each test process gets its own lsgeo cache folder (``LSGEO_CACHE_DIR``, inherited by subprocesses): an
+experiment run in-process turns on JAX's persistent compilation cache for the rest of that process, and two
+pytest-xdist workers writing and reading one shared cache folder crashed a worker (a segmentation fault while
+loading an entry the other was writing).
 """
 
 import json
 import os
 import subprocess
 import sys
+import tempfile
+
+os.environ["LSGEO_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"lsgeo-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
 
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
