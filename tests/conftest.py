@@ -6,8 +6,8 @@ Tests that compare to 1e-10 use the ``x64`` fixture (float64 inside the test onl
 
 Each test process gets its own lsgeo cache folder (``LSGEO_CACHE_DIR``, inherited by subprocesses): an
 experiment run in-process turns on JAX's persistent compilation cache for the rest of that process, and two
-pytest-xdist workers writing and reading one shared cache folder crashed a worker (a segmentation fault while
-loading an entry the other was writing).
+pytest-xdist workers would otherwise write and read one folder at once (and the user's ~/.cache). Suspected of
+an intermittent worker crash, it did not remove it: see the closing note of 2026-12-07.
 """
 
 import json
