@@ -4,12 +4,18 @@ The suite is dominated by XLA compile time on tiny models, so it compiles at bac
 level 0 (set before jax initialises its backend; subprocesses and notebook kernels inherit it).
 Tests that compare to 1e-10 use the ``x64`` fixture (float64 inside the test only).
 
-Each test process gets its own lsgeo cache folder (``LSGEO_CACHE_DIR``, inherited by subprocesses): an
-experiment run in-process turns on JAX's persistent compilation cache for the rest of that process, and two
-pytest-xdist workers would otherwise write and read one folder at once (and the user's ~/.cache). Suspected of
-an intermittent worker crash, it did not remove it: see the closing note of 2026-12-07.
+Each test process gets its own lsgeo cache folder (``LSGEO_CACHE_DIR``, inherited by subprocesses), so that
+two pytest-xdist workers never write one folder at once (nor the user's ~/.cache).
+
+Memory maps: every XLA:CPU executable maps its code and data as separate regions (13 for a tiny function, one
+set per kernel), and the kernel refuses a process more than ``vm.max_map_count`` (65530 by default) regions.
+A worker that compiles ~1,000 tests' programs crosses it after ~14 minutes, and LLVM then fails ("LLVM
+compilation error: Cannot allocate memory") and segfaults: the intermittent worker crash of 2026-12-07, shown
+by pre-filling a process's maps (scripts/xla_map_limit.py). After each test, a process past half the limit
+drops JAX's compiled programs (``jax.clear_caches``), which unmaps them (test_conftest.py checks that it does).
 """
 
+import gc
 import json
 import os
 import subprocess
@@ -63,6 +69,35 @@ def rounding_floor(scale, dtype=None, factor: float = 64.0):
     if dtype is None:
         dtype = np.float64 if jax.config.jax_enable_x64 else np.float32
     return factor * np.finfo(dtype).eps * np.abs(np.asarray(scale, np.float64))
+
+
+def mapped_regions() -> int:
+    """How many memory regions this process maps (lines of /proc/self/maps; 0 where there is no /proc)."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return 0
+
+
+def _max_map_count() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as limit:
+            return int(limit.read())
+    except (OSError, ValueError):
+        return 65530
+
+
+MAPS_BEFORE_CLEARING = _max_map_count() // 2
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    """After a test, drop JAX's compiled programs once the process maps half the kernel's limit (module doc)."""
+    yield
+    if mapped_regions() > MAPS_BEFORE_CLEARING:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture
