@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 
 from experiments import (
-    cnn,
     double_descent,
     geometry_report,
     lasso,
     nuclear_norm,
     reparametrization,
     resnet,
-    training,
     wide_networks,
 )
 
@@ -283,24 +281,3 @@ def test_resnet_is_null_when_its_size_cannot_detect_the_papers_effect():
     assert noisy.power["layer_improves"]["mde"] > 0.3
     worse = resnet.summarize(cfg, _resnet_rows(cfg, gain=-0.05, spread=0.005))  # a reversal beyond noise stands
     assert worse.supported is False
-
-
-def _cnn_rows(cfg, gain, spread, n_test=100_000):
-    rng = np.random.default_rng(1)
-    rows = []
-    for a in cfg.archs:
-        for k in cfg.seeds:
-            base = 0.9 + rng.normal(0, 0.01)
-            for m, s in training.method_grid(cfg.methods, cfg.sigmas):
-                acc = base if m == "gd" else base + gain + rng.normal(0, spread)
-                rows.append(dict(arch=a, method=m, sigma=s, seed=k, step=cfg.steps, test_acc=acc, val_acc=acc,
-                                 train_loss=0.01, hessian_trace=1.0, n_test=n_test))  # fmt: skip
-    return rows
-
-
-def test_cnn_is_null_when_its_size_cannot_detect_the_papers_effect():
-    cfg = cnn.Config(seeds=tuple(range(5)))
-    assert cnn.summarize(cfg, _cnn_rows(cfg, gain=0.02, spread=0.0005)).supported is True  # MDE ~0.1 points
-    noisy = cnn.summarize(cfg, _cnn_rows(cfg, gain=0.06, spread=0.015))  # +6 points, but MDE > 1 point
-    assert all(noisy.figures[f"{a}_layer_gain"] > noisy.figures[f"{a}_layer_gain_margin"] for a in cfg.archs)
-    assert noisy.supported is None and all(not p["detectable"] for p in noisy.power.values())

@@ -7,7 +7,16 @@ import dataclasses
 import numpy as np
 import pytest
 
-from experiments import deep_mlp, discrimination, hessian_spectrum, mode_connectivity, saddle_escape
+from experiments import (
+    cnn,
+    deep_mlp,
+    discrimination,
+    hessian_spectrum,
+    mode_connectivity,
+    saddle_escape,
+    sigma_sweep,
+    training,
+)
 
 # ---------------------------------------------------------------- deep_mlp (judged window, spikes, GD control)
 
@@ -213,3 +222,52 @@ def test_mode_connectivity_random_bend_has_the_trained_size():
     trained, moved = (optax.tree.norm(jax.tree_util.tree_map(jnp.subtract, p, mid)) for p in (bend, control))
     assert float(moved) == pytest.approx(float(trained), rel=1e-5)
     assert abs(float(control["w"][0] - mid["w"][0])) < 3.0  # not the trained direction
+
+
+# ---------------------------------------------------------------- sigma_sweep and cnn (GD from other inits)
+
+
+def _accuracy_rows(cfg, *, gain, spread, control_gain=0.0, n_test=100_000, **fields):
+    """Final rows of every (method, sigma, seed) and of the control: GD at a per-seed base, the noisy methods
+    ``gain`` above it (validation = test), the control ``control_gain`` above it."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for k in cfg.seeds:
+        base = 0.9 + rng.normal(0, 0.01)
+        runs = [(m, s, k, gain if m != "gd" else 0.0) for m, s in training.method_grid(cfg.methods, cfg.sigmas)]
+        runs.append(("gd_control", 0.0, discrimination.control_seeds([k])[0], control_gain))
+        for m, s, seed, shift in runs:
+            acc = base + shift + (rng.normal(0, spread) if m != "gd" else 0.0)
+            rows.append(dict(**fields, method=m, sigma=s, seed=seed, step=cfg.steps, test_acc=acc, val_acc=acc,
+                             train_loss=0.01, hessian_trace=1.0, n_test=n_test))  # fmt: skip
+    return rows
+
+
+def test_sigma_sweep_verdict_beside_its_control():
+    cfg = sigma_sweep.Config(seeds=tuple(range(5)))
+    good = sigma_sweep.summarize(cfg, _accuracy_rows(cfg, gain=0.02, spread=0.0005))
+    assert good.supported is True, good.reason
+    assert good.controls["layer"]["control_passed"] is not True and good.power["layer"]["source_effect"] is None
+    loose = sigma_sweep.summarize(cfg, _accuracy_rows(cfg, gain=0.02, spread=0.0005, control_gain=0.02))
+    assert loose.supported is None and "does not discriminate" in loose.reason
+    assert sigma_sweep.summarize(cfg, _accuracy_rows(cfg, gain=-0.02, spread=0.0005)).supported is False
+    bare = [r for r in _accuracy_rows(cfg, gain=0.02, spread=0.0005) if r["method"] != "gd_control"]
+    assert sigma_sweep.summarize(cfg, bare).supported is None  # no control run: cannot tell
+    assert {"method": "gd_control", "sigma": 0.0, "seed": 1000} in sigma_sweep.cells(cfg)
+
+
+def _cnn_rows(cfg, **kwargs):
+    return [r for a in cfg.archs for r in _accuracy_rows(cfg, arch=a, **kwargs)]
+
+
+def test_cnn_verdict_beside_its_control_and_power():
+    cfg = cnn.Config(seeds=tuple(range(5)))
+    good = cnn.summarize(cfg, _cnn_rows(cfg, gain=0.02, spread=0.0005))  # MDE ~0.1 points
+    assert good.supported is True, good.reason
+    assert set(good.controls) == set(cfg.archs)
+    loose = cnn.summarize(cfg, _cnn_rows(cfg, gain=0.02, spread=0.0005, control_gain=0.02))
+    assert loose.supported is None and "does not discriminate" in loose.reason
+    assert cnn.summarize(cfg, _cnn_rows(cfg, gain=-0.02, spread=0.0005)).supported is False
+    noisy = cnn.summarize(cfg, _cnn_rows(cfg, gain=0.06, spread=0.015))  # +6 points, but MDE > 1 point
+    assert all(noisy.figures[f"{a}_layer_gain"] > noisy.figures[f"{a}_layer_gain_margin"] for a in cfg.archs)
+    assert noisy.supported is None and all(not p["detectable"] for p in noisy.power.values())
