@@ -14,7 +14,6 @@ from experiments import (
     geometry_report,
     lasso,
     nuclear_norm,
-    reparametrization,
     resnet,
     wide_networks,
 )
@@ -142,29 +141,6 @@ def test_double_descent_verdict():
     # controls that pass too: so noisy that 1.1 sigma is not rejected either; GD from random ends at X^+ y
     assert double_descent.summarize(cfg, _dd_rows(cfg, spread=2.0)).supported is None
     assert double_descent.summarize(cfg, _dd_rows(cfg, gd_random=1e-9)).supported is None
-
-
-# ---------------------------------------------------------------- reparametrization
-
-
-def _rp_rows(cfg, *, function_change=1e-7, adaptive_drift=0.0, sharpness_power=1.0):
-    rows = []
-    for k in cfg.seeds:
-        for a in cfg.alphas:
-            lam = 10.0 * max(a, 1 / a) ** (2 * sharpness_power)
-            rows.append(dict(seed=k, alpha=a, rel_max_diff=function_change, max_abs_diff=function_change, train_loss=0.1,
-                             hessian_identity_rel_err=1e-6, block_0_norm=3.0 / a**2, block_1_kernel_norm=2.0 * a**2,
-                             lambda_max=lam, lambda_max_dense=lam, hessian_trace=2 * lam, epsilon_sharpness=lam / 100,
-                             average_sharpness=lam / 1000, adaptive_sharpness=0.5 * (1 + adaptive_drift * np.log10(a))))  # fmt: skip
-    return rows
-
-
-def test_reparametrization_verdict():
-    cfg = reparametrization.Config()
-    assert reparametrization.summarize(cfg, _rp_rows(cfg)).supported is True
-    assert reparametrization.summarize(cfg, _rp_rows(cfg, function_change=1e-2)).supported is False  # not the same f
-    assert reparametrization.summarize(cfg, _rp_rows(cfg, adaptive_drift=0.05)).supported is False  # not invariant
-    assert reparametrization.summarize(cfg, _rp_rows(cfg, sharpness_power=0.1)).supported is False  # barely moves
 
 
 # ---------------------------------------------------------------- wide_networks

@@ -13,6 +13,8 @@ from experiments import (
     discrimination,
     hessian_spectrum,
     mode_connectivity,
+    regularized_loss,
+    reparametrization,
     saddle_escape,
     sigma_sweep,
     training,
@@ -271,3 +273,63 @@ def test_cnn_verdict_beside_its_control_and_power():
     noisy = cnn.summarize(cfg, _cnn_rows(cfg, gain=0.06, spread=0.015))  # +6 points, but MDE > 1 point
     assert all(noisy.figures[f"{a}_layer_gain"] > noisy.figures[f"{a}_layer_gain_margin"] for a in cfg.archs)
     assert noisy.supported is None and all(not p["detectable"] for p in noisy.power.values())
+
+
+# ---------------------------------------------------------------- reparametrization (one-sided scaling, measures)
+
+
+def _rp_rows(cfg, *, function_change=1e-7, one_sided=0.5, adaptive_drift=0.0, sharpness_power=1.0, eps_power=1.0):
+    rows = []
+    for k in cfg.seeds:
+        for a in cfg.alphas:
+            lam = 10.0 * max(a, 1 / a) ** (2 * sharpness_power)
+            rows.append(dict(seed=k, alpha=a, rel_max_diff=function_change, max_abs_diff=function_change, train_loss=0.1,
+                             one_sided_rel_diff=0.0 if a == 1.0 else one_sided,
+                             hessian_identity_rel_err=1e-6, block_0_norm=3.0 / a**2, block_1_kernel_norm=2.0 * a**2,
+                             lambda_max=lam, lambda_max_dense=lam, hessian_trace=2 * lam,
+                             epsilon_sharpness=10.0 * max(a, 1 / a) ** (2 * eps_power) / 100,
+                             average_sharpness=lam / 1000, adaptive_sharpness=0.5 * (1 + adaptive_drift * np.log10(a))))  # fmt: skip
+    return rows
+
+
+def test_reparametrization_verdict_beside_its_controls():
+    cfg = reparametrization.Config()
+    good = reparametrization.summarize(cfg, _rp_rows(cfg))
+    assert good.supported is True, good.reason
+    assert good.controls["same_function"]["control_passed"] is False
+    loose = reparametrization.summarize(cfg, _rp_rows(cfg, one_sided=1e-6))  # the one-sided scaling keeps f too
+    assert loose.supported is None and "does not discriminate" in loose.reason
+    bare = [{k: v for k, v in r.items() if k != "one_sided_rel_diff"} for r in _rp_rows(cfg)]
+    assert reparametrization.summarize(cfg, bare).supported is None  # no control: cannot tell
+    assert reparametrization.summarize(cfg, _rp_rows(cfg, function_change=1e-2)).supported is False  # not the same f
+    assert reparametrization.summarize(cfg, _rp_rows(cfg, adaptive_drift=0.05)).supported is False  # not invariant
+    assert reparametrization.summarize(cfg, _rp_rows(cfg, sharpness_power=0.1)).supported is False  # barely moves
+
+
+# ---------------------------------------------------------------- regularized_loss (narrow width, GD controls)
+
+
+def _rl_rows(cfg, *, wide_gap=5.0, narrow_gap=0.2, gd_gap=0.1):
+    """Final R_eff per (width, method, seed): layer-wise 0.1, full noise ``gap`` x 0.1 above it at each width
+    (relative gap), GD ``gd_gap`` above it at every width; layer-wise settled (constant over the last fifth)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for w in cfg.widths:
+        for m in cfg.methods:
+            for k in cfg.seeds:
+                rel = {"layer": 0.0, "noise": wide_gap if w == max(cfg.widths) else narrow_gap, "gd": gd_gap}[m]
+                eff = 0.1 * (1 + rel) * (1 + rng.normal(0, 0.01))
+                for t in range(0, cfg.steps + 1, cfg.eval_every):
+                    rows.append(dict(width=w, method=m, sigma=0.0 if m == "gd" else cfg.sigma, seed=k, step=t,
+                                     train_loss=0.05, R_eff=eff, gn_trace=1.0, R_sigma_full=eff + 0.01 * w))  # fmt: skip
+    return rows
+
+
+def test_regularized_loss_verdict_beside_its_controls():
+    cfg = regularized_loss.Config(steps=100, eval_every=10)
+    good = regularized_loss.summarize(cfg, _rl_rows(cfg))
+    assert good.supported is True, good.reason
+    assert set(good.controls) == {"relative_gap", "gap_grows_with_width"}
+    narrow_too = regularized_loss.summarize(cfg, _rl_rows(cfg, narrow_gap=4.0))  # the narrow net shows it as well
+    assert narrow_too.supported is None and "does not discriminate" in narrow_too.reason
+    assert regularized_loss.summarize(cfg, _rl_rows(cfg, wide_gap=0.0)).supported is False  # no gap at the wide width
