@@ -183,7 +183,7 @@ WHAT = {
 }
 
 
-def gains(cfg: Config, rows: list[dict], width: int) -> tuple[dict, dict, float]:
+def gains(cfg: Config, rows: list[dict], width: int, figures: dict | None = None) -> tuple[dict, dict, float]:
     """``({part: Gain}, {part: Gain of the control}, equal train loss)`` at one width. The control of each part is
     the same paired test with layer-wise noise replaced by plain GD from other initialisations (it must fail)."""
     resolution = records.resolution(rows)
@@ -195,6 +195,8 @@ def gains(cfg: Config, rows: list[dict], width: int) -> tuple[dict, dict, float]
                      for t, k in zip(targets, cfg.seeds)])
         for m in arms
     }  # fmt: skip
+    if figures is not None:
+        figures.update({f"gn_trace_at_equal_loss_w{width}_{m}": float(np.mean(trace[m])) for m in arms})
     claim, control = {}, {}
     for ref in ("gd", "noise"):
         claim[f"acc_vs_{ref}"] = verdicts.paired_gain(acc["layer"], acc[ref], resolution=resolution)
@@ -217,7 +219,7 @@ def judge(cfg: Config, rows: list[dict]) -> tuple[bool | None, dict, str, dict, 
     Holm-corrected. Power: the minimum detectable effect of each accuracy part, in points."""
     parts, figures, reasons, unfit, powers = {}, {}, [], {}, {}
     for w in cfg.widths:
-        claim, control, loss = gains(cfg, rows, w)
+        claim, control, loss = gains(cfg, rows, w, figures)
         figures[f"equal_train_loss_w{w}"] = loss
         for name, g in claim.items():
             figures.update({f"layer_{name}_w{w}": g.mean, f"layer_{name}_se_w{w}": g.se})
