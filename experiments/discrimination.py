@@ -145,3 +145,14 @@ def with_power(supported: bool | None, powers: Mapping[str, Power]) -> tuple[boo
     if blind and supported is True:
         return None, f"too small to detect the source's effect ({', '.join(blind)}): {clause}"
     return supported, clause
+
+
+CONTROL_SEED_OFFSET = 1000  # control runs from other initialisations: seed k's control is seed k + offset
+
+
+def control_seeds(seeds) -> tuple[int, ...]:
+    """The initialisation seeds of an A/A control (plain GD in place of the method, from independent starts):
+    seed k's control run uses seed k + ``CONTROL_SEED_OFFSET``, so it pairs with seed k's runs but shares no
+    initialisation with them. The paired test "method beats GD" applied to (GD from the control seeds, GD) must
+    fail: a rule that passes it reads seed-to-seed variation as a gain."""
+    return tuple(int(k) + CONTROL_SEED_OFFSET for k in seeds)

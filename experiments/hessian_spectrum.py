@@ -9,6 +9,11 @@ sharpening towards the edge from below takes far longer than a CPU budget at thi
 (seed 001) the spectral density, the top eigenvalues and the saddle index (the fraction of negative
 eigenvalues) are reported at initialisation, mid-training and the end (not judged).
 
+Negative control (``control_lr``, run beside the claimed lrs): GD at a learning rate whose edge 2/lr lies far above
+the sharpness at initialisation; the same test must fail there (lambda_max stays well below its edge), else the
+test would pass whatever GD did (e.g. a tracker that returned 2/lr). The verdict requires it to fail
+(``discrimination.judge``).
+
 Verdict: GD is deterministic given its initialisation, so the claim is checked on each of ``seeds``
 (3 initialisations; null with fewer): supported when, for every lr and every initialisation, the median
 of lambda_max / (2/lr) over the last half of training lies in [edge_low, edge_high] and the training loss
@@ -42,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import cli, experiment, nets, plots, records, verdicts
+from experiments import cli, discrimination, experiment, nets, plots, records, verdicts
 from lsgeo import curvature, models, train
 from lsgeo.data import load_dataset
 
@@ -51,8 +56,9 @@ DIGITS_TRAIN = 1300  # scikit-learn digits: 1797 images, 497 held out for the te
 PHASES = ("init", "mid", "end")
 
 CLAIM = (
-    "Under full-batch GD the sharpness lambda_max is driven to the stability edge 2/lr and hovers there while "
-    "the loss keeps falling (edge of stability, Cohen et al. 2021)."
+    "Under full-batch GD started above its stability edge, the sharpness lambda_max of the training loss is driven "
+    "to 2/lr (median over the last half of training within [0.8, 1.25] x 2/lr in every run) and hovers there while "
+    "the loss keeps falling (Cohen et al. 2021, Sections 3-4; seed 000)."
 )
 
 
@@ -77,6 +83,7 @@ class Config:
     saddle_tol: float = 1e-4  # eigenvalues below -saddle_tol * max|lambda| count as negative
     edge_low: float = 0.8  # supported if lambda_max / (2 / lr) over the last half lies in [edge_low, edge_high]
     edge_high: float = 1.25
+    control_lr: float | None = 0.05  # negative control: 2 / lr = 40, far above lambda_max at init; must not be at the edge
 
 
 PRESETS = {
@@ -112,9 +119,14 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--n-train must be <= {DIGITS_TRAIN} (the digits training split), got {cfg.n_train}")
 
 
+def eos_lrs(cfg: Config) -> tuple[float, ...]:
+    """The learning rates of the edge-of-stability sweep: the claimed ones and the control's."""
+    return (*cfg.lrs, *([] if cfg.control_lr is None or cfg.control_lr in cfg.lrs else [cfg.control_lr]))
+
+
 def cells(cfg: Config):
     return [dict(part="spectrum", seed=s) for s in cfg.seeds] + [
-        dict(part="eos", lr=lr, seed=s) for lr in cfg.lrs for s in cfg.seeds
+        dict(part="eos", lr=lr, seed=s) for lr in eos_lrs(cfg) for s in cfg.seeds
     ]
 
 
@@ -304,21 +316,44 @@ def summarize(cfg: Config, rows):
         f"every one (no averaging). Over seeds (reported, not judged): mean of the per-seed medians with its 95% "
         f"Student-t interval: {intervals}"
     )
-    supported = bool(ok and falls) if len(cfg.seeds) >= verdicts.MIN_SEEDS else None
-    if supported is None:
+    claim = bool(ok and falls) if len(cfg.seeds) >= verdicts.MIN_SEEDS else None
+    control, control_text = None, "no control run (--control-lr None): cannot tell whether the test discriminates"
+    if cfg.control_lr is not None and cfg.control_lr not in cfg.lrs:
+        per_seed = [float(np.nanmedian(_edge_ratios(cfg, rows, cfg.control_lr, seed=k))) for k in cfg.seeds]
+        drops = [_loss_drop(cfg, rows, cfg.control_lr, k) for k in cfg.seeds]
+        control = all(cfg.edge_low <= r <= cfg.edge_high for r in per_seed) and all(d > 0 for d in drops)
+        figures["control_lr"] = cfg.control_lr
+        figures["control_lambda_max_over_edge_median_min_seed"] = min(per_seed)
+        figures["control_lambda_max_over_edge_median_max_seed"] = max(per_seed)
+        control_text = (f"control lr {cfg.control_lr:g} (2/lr = {2 / cfg.control_lr:.3g}, above lambda_max at "
+                        f"initialisation): median lambda_max / (2/lr) {min(per_seed):.3g}-{max(per_seed):.3g}, "
+                        f"{'inside' if control else 'outside'} the band: the test "
+                        f"{'passes too' if control else 'fails, as it must'}")  # fmt: skip
+    judgement = discrimination.judge({"edge": discrimination.Part(
+        claim, control, f"GD at lr {cfg.control_lr} whose edge 2/lr lies far above the sharpness (not at the edge)")})
+    supported = judgement.supported if control is not None else (None if claim else claim)
+    reason = "; ".join([reason, control_text, judgement.reason, POWER_TEXT.format(low=cfg.edge_low, high=cfg.edge_high)])
+    if claim is None:
         reason = f"{len(cfg.seeds)} initialisation(s): too few to speak for GD in general (needs 3); {reason}"
-    return experiment.Verdict(supported, figures, table, reason)
+    return experiment.Verdict(supported, figures, table, reason, judgement.controls)
+
+
+POWER_TEXT = (
+    "power: a deterministic check per run (no sampling noise), so its resolution is the band [{low:g}, {high:g}] "
+    "itself; Cohen et al. (2021, Section 3) report lambda_max hovering at or just above 2/lr (ratio about 1-1.1), "
+    "inside the band, and a sharpness at half or double the edge outside it"
+)
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
-    fig, axes = plots.plt.subplots(1, 4, figsize=(24, 4.5))
-    ax_loss, ax_products = axes[2], axes[3]
+    fig, axes = plots.plt.subplots(1, 5, figsize=(30, 4.8))
+    ax_loss, ax_products, ax_ratio = axes[2], axes[3], axes[4]
     axes = axes[:2]
-    for i, lr in enumerate(cfg.lrs):
+    for i, lr in enumerate(eos_lrs(cfg)):
         for j, seed in enumerate(cfg.seeds):
             sel = records.select(rows, part="eos", lr=lr, seed=seed)
             steps = [r["step"] for r in sel]
-            label = f"lr = {lr:g}" if j == 0 else None
+            label = (f"lr = {lr:g}" + (" (control)" if lr not in cfg.lrs else "")) if j == 0 else None
             axes[0].plot(steps, [r["lambda_max"] for r in sel], color=f"C{i}", lw=1.2 if j == 0 else 0.6, label=label)
             ax_loss.plot(steps, [r["train_loss"] for r in sel], color=f"C{i}", lw=1.2 if j == 0 else 0.6, label=label)
             ax_products.plot(steps, [r.get("lambda_max_products", np.nan) for r in sel], color=f"C{i}",
@@ -349,6 +384,19 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
         title=f"Hessian spectrum, GD lr = {cfg.spectrum_lr:g} (index: eigenvalues < -{cfg.saddle_tol:g} max|lambda|)",
     )
     axes[1].legend()
+    for i, lr in enumerate(eos_lrs(cfg)):  # the judged statistic: per-seed medians of lambda_max / (2/lr), last half
+        per_seed = [float(np.nanmedian(_edge_ratios(cfg, rows, lr, seed=k))) for k in cfg.seeds]
+        mean, _, low, high = seed_interval(per_seed)
+        color = f"C{i}" if lr in cfg.lrs else "tab:gray"
+        ax_ratio.plot([i] * len(per_seed), per_seed, "o", color=color, alpha=0.6, ms=5)
+        ax_ratio.errorbar([i + 0.15], [mean], yerr=[[mean - low], [high - mean]] if np.isfinite(low) else None,
+                          fmt="s", capsize=5, color=color)  # fmt: skip
+    ax_ratio.axhspan(cfg.edge_low, cfg.edge_high, color="gold", alpha=0.2, label="band every run must lie in")
+    ax_ratio.set_xticks(range(len(eos_lrs(cfg))),
+                        [f"lr {lr:g}" + ("\n(control)" if lr not in cfg.lrs else "") for lr in eos_lrs(cfg)])
+    ax_ratio.set(yscale="log", ylabel="median lambda_max / (2/lr), last half",
+                 title="judged: every run (dots) in the band; mean with 95% t interval (squares)")  # fmt: skip
+    ax_ratio.legend(fontsize=8)
     return {"hessian_spectrum.png": fig}
 
 

@@ -48,3 +48,41 @@ def plot_curves(ax, rows: list[dict], key: str, series: Mapping[str, tuple[dict,
     for name, (fields, color) in series.items():
         steps, values = records.curve(rows, key, **fields)
         ax.plot(steps, values, color=color, label=name, **style)
+
+
+def plot_band_curves(ax, rows: list[dict], key: str, series: Mapping[str, tuple[dict, Any]], *, scale: float = 1.0,
+                     **style) -> None:
+    """On ``ax``: for each ``label -> (fields, color)`` of ``series`` the mean over seeds of ``scale * key`` vs step,
+    with a band from the lowest to the highest seed at each step (the seed spread)."""
+    import numpy as np
+
+    for name, (fields, color) in series.items():
+        sel = [r for r in records.select(rows, **fields) if key in r]
+        steps = np.array(sorted({r["step"] for r in sel}))
+        values = [np.array([r[key] for r in sel if r["step"] == t], dtype=float) * scale for t in steps]
+        ax.plot(steps, [v.mean() for v in values], color=color, label=f"{name} (mean, band: seed min-max)", **style)
+        ax.fill_between(steps, [v.min() for v in values], [v.max() for v in values], color=color, alpha=0.15, lw=0)
+
+
+def gain_panel(ax, gains: Mapping[str, Any], *, controls: Sequence[str] = (), scale: float = 1.0, unit: str = "",
+               mde: Mapping[str, float] | None = None) -> None:
+    """On ``ax``: each paired gain (``verdicts.Gain``) of ``gains`` as its mean with the bar mean ± margin (the
+    verdict's interval: supported when the bar lies above 0); the names in ``controls`` (negative controls, which
+    must not lie above 0) in grey; ``mde`` (name -> value) drawn as a diamond where given."""
+    import numpy as np
+
+    names, labelled = list(gains), False
+    for i, name in enumerate(names):
+        g = gains[name]
+        color = "tab:gray" if name in controls else "tab:red"
+        margin = g.margin if np.isfinite(g.margin) else 0.0
+        ax.errorbar([i], [scale * g.mean], yerr=[[scale * margin], [scale * margin]], fmt="o", capsize=5, ms=6,
+                    color=color, elinewidth=2)
+        if mde is not None and name in mde and np.isfinite(mde[name]):
+            ax.plot([i + 0.15], [scale * mde[name]], "D", color="tab:purple", ms=5,
+                    label=None if labelled else "minimum detectable effect (80% power)")
+            labelled = True
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(names)), [n + (" (control)" if n in controls else "") for n in names], rotation=30,
+                  ha="right", fontsize=7)
+    ax.set_ylabel(f"paired gain{f' ({unit.strip()})' if unit else ''}: mean ± margin (95% t)")

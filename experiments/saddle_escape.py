@@ -24,13 +24,22 @@ eigenvalue and the saddle index (the fraction of eigenvalues below -tol, as
 ``lsgeo.curvature.saddle_index(method="exact")`` counts it). Noise injection
 (``lsgeo.optim.noise_injection``) is evaluated at the clean iterate w_t.
 
-Verdict: every method escapes in every run; GD escapes at the rate set by lambda_min (``escape_rate``:
-the growth rate of R(0) - R(w_t) in the linear phase within ``rate_rtol`` of 2 log(1 + lr |lambda_min|)
-in every run); and for each of noise (full, layer-wise), momentum and Adam the escape step of GD minus
-its own, paired over seeds (the same w_0 per seed, ``verdicts.paired_gain``, 95% Student-t, one
-evaluation interval as the resolution), exceeds its margin. False when a method does not escape, GD's
-rate is off, or a method escapes later than GD beyond the margin after Holm's correction for the four
-comparisons (``verdicts.combine``); null otherwise.
+Matched step sizes (the comparison is of the methods, not of larger steps): heavy-ball momentum runs at step
+lr (1 - beta), so its effective step lr / (1 - beta) is GD's lr (``momentum_lr``); noise injection's sigma is the
+starting distance per coordinate, ``init_scale`` (a sigma far above it moves the start instead); Adam moves about
+adam_lr per coordinate whatever the gradient's size, so its part is judged against *normalised GD* of the same step
+length (adam_lr sqrt(m), direction g / |g|): what remains is Adam's adaptivity, not its normalisation.
+
+Verdict (``discrimination.judge``): every judged method escapes in every run; GD escapes at the rate set by
+lambda_min (``escape_rate``: the growth rate of R(0) - R(w_t) in the linear phase within ``rate_rtol`` of
+2 log(1 + lr |lambda_min|) in every run); and for each of noise (full, layer-wise), momentum and Adam the escape step
+of GD minus its own, paired over seeds (the same w_0 per seed, ``verdicts.paired_gain``, 95% Student-t, one
+evaluation interval as the resolution), exceeds its margin, beside its negative control, which must fail the same
+test: for noise and momentum, plain GD from other starting points (``gd_control``, ``discrimination.control_seeds``)
+in their place; for Adam, normalised GD (``normalized_gd``). False when a method does not escape, GD's rate is off,
+or a method escapes later than GD beyond the margin after Holm's correction (``verdicts.combine``); null otherwise,
+or when a control passes too ("does not discriminate"). Power: the minimum detectable effect of each comparison in
+steps (the source gives no escape times to compare with).
 """
 
 from __future__ import annotations
@@ -43,17 +52,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import cli, experiment, nets, plots, records, verdicts
+from experiments import cli, discrimination, experiment, nets, plots, records, verdicts
 from lsgeo import curvature, models, optim, train
 from lsgeo.data import low_rank_regression
 from lsgeo.losses import squared_loss
 
-METHODS = ("gd", "sgd", "momentum", "adam", "noise_full", "noise_layerwise")
+METHODS = ("gd", "sgd", "momentum", "adam", "noise_full", "noise_layerwise", "normalized_gd", "gd_control")
+FASTER = ("noise_full", "noise_layerwise", "momentum", "adam")  # the methods the claim says leave the saddle sooner
+CONTROLS = {  # part -> the run that replaces the method in its negative control, and what it is
+    "noise_full": ("gd_control", "plain GD from other starting points in place of the method"),
+    "noise_layerwise": ("gd_control", "plain GD from other starting points in place of the method"),
+    "momentum": ("gd_control", "plain GD from other starting points in place of the method"),
+    "adam": ("normalized_gd", "GD with Adam's step length (adam_lr sqrt(m), direction g/|g|): the normalisation "
+                              "without Adam's per-coordinate adaptivity"),
+}
+SOURCE = "seed 001, Section 2 (qualitative: no escape times given)"
 
 CLAIM = (
-    "Started next to a strict saddle, every method leaves it, GD only at the rate set by the most negative "
-    "Hessian eigenvalue, while noise injection (full and layer-wise), momentum and Adam leave it in fewer "
-    "steps."
+    "Started next to a strict saddle, every method leaves it, GD only at the rate 2 log(1 + lr |lambda_min|) set by "
+    "the most negative Hessian eigenvalue, while at matched step sizes noise injection (full and layer-wise, sigma "
+    "on the scale of the starting distance), heavy-ball momentum (at GD's effective step lr) and Adam (beyond what "
+    "its normalised step length alone gives) leave it in fewer steps (seed 001, Section 2)."
 )
 
 
@@ -69,13 +88,14 @@ class Config:
     hidden: int = 6  # h; m = h (d_in + d_out) = 54 parameters
     rank: int = 3  # rank of M*
     init_scale: float = 1e-4  # delta, distance of w_0 from the saddle (per coordinate)
-    steps: int = 500
+    steps: int = 600  # momentum at matched effective step escapes by ~560 (GD by ~440)
     eval_every: int = 10
-    lr: float = 0.01  # GD, SGD, momentum and the SGD inside noise injection
+    lr: float = 0.01  # GD, SGD and the SGD inside noise injection
     momentum: float = 0.9
-    adam_lr: float = 0.01
+    momentum_lr: float | None = None  # heavy ball's step (None: lr (1 - momentum): its effective step lr/(1-b) = lr)
+    adam_lr: float = 0.01  # also the per-coordinate step of the normalised-GD control (length adam_lr sqrt(m))
     batch_size: int = 8  # SGD
-    sigma: float = 0.01  # noise-injection std
+    sigma: float | None = None  # noise-injection std (None: init_scale, the scale of the starting distance)
     escape_fraction: float = 0.5  # escaped once half of the gap R(0) - R* is closed
     rate_rtol: float = 0.1  # GD's measured escape rate must be within this of 2 log(1 + lr |lambda_min|)
     eigen_tol: float = 1e-5  # eigenvalues below -tol count as negative
@@ -119,16 +139,43 @@ def optimizer_fn(cfg: Config, method: str):
     """``(sigma, seed) -> optax transformation`` for ``lsgeo.train.sweep``."""
 
     def make(sigma, seed):
-        if method in ("gd", "sgd"):
+        if method in ("gd", "sgd", "gd_control"):
             return optax.sgd(cfg.lr)
         if method == "momentum":
-            return optax.sgd(cfg.lr, momentum=cfg.momentum)
+            return optax.sgd(momentum_lr(cfg), momentum=cfg.momentum)
         if method == "adam":
             return optax.adam(cfg.adam_lr)
+        if method == "normalized_gd":
+            return normalized_gd(cfg.adam_lr * np.sqrt(num_params(cfg)))
         mode = "full" if method == "noise_full" else "layerwise"
         return optim.noise_injection(optax.sgd(cfg.lr), sigma, mode=mode, seed=seed)
 
     return make
+
+
+def momentum_lr(cfg: Config) -> float:
+    """Heavy ball's step: ``momentum_lr``, or lr (1 - momentum) so that its effective step lr / (1 - momentum) (the
+    step of a constant gradient at steady state) is GD's lr: the comparison is of the method, not of a larger step."""
+    return cfg.lr * (1.0 - cfg.momentum) if cfg.momentum_lr is None else cfg.momentum_lr
+
+
+def noise_sigma(cfg: Config) -> float:
+    """The noise-injection std: ``sigma``, or ``init_scale``, the per-coordinate scale of w_0 - 0 (a noise far above
+    the starting distance moves the start, rather than helping a run leave the saddle it started next to)."""
+    return cfg.init_scale if cfg.sigma is None else cfg.sigma
+
+
+def num_params(cfg: Config) -> int:
+    """m = h (d_in + d_out): the parameters of the bias-free two-layer linear net."""
+    return cfg.hidden * (cfg.d_in + cfg.d_out)
+
+
+def normalized_gd(step_length: float) -> optax.GradientTransformation:
+    """w <- w - step_length g / |g|: Adam's step length (about adam_lr per coordinate, adam_lr sqrt(m) in all, while
+    the gradient keeps its sign) without its per-coordinate adaptivity: the control of the Adam part."""
+    return optax.stateless(
+        lambda g, _: optax.tree.scale(-step_length / jnp.maximum(optax.tree.norm(g), 1e-30), g)
+    )
 
 
 def curvature_metrics(objective, tol: float):
@@ -146,7 +193,12 @@ def curvature_metrics(objective, tol: float):
 
 
 def cells(cfg: Config):
-    return [dict(method=m, seed=s) for m in cfg.methods for s in cfg.seeds]
+    return [dict(method=m, seed=run_seed(m, s)) for m in cfg.methods for s in cfg.seeds]
+
+
+def run_seed(method: str, seed: int) -> int:
+    """The starting point of ``method``'s run paired with ``seed``: the A/A control starts elsewhere."""
+    return discrimination.control_seeds([seed])[0] if method == "gd_control" else seed
 
 
 def run(cfg: Config, batch, group):
@@ -154,7 +206,7 @@ def run(cfg: Config, batch, group):
     model = models.LinearNet(d1=cfg.hidden, d_out=cfg.d_out)
     objective = nets.Objective(model, "squared_loss")
 
-    def init(key):  # w_0 = delta * eps, the same for every method at a given seed
+    def init(key):  # w_0 = delta * eps, the same for every method at a given seed (gd_control: other seeds)
         w = nets.init_fn(model, batch[0])(key)
         return optax.tree.scale(cfg.init_scale, optax.tree.random_like(key, w, jax.random.normal))
 
@@ -163,7 +215,7 @@ def run(cfg: Config, batch, group):
         optimizer_fn(cfg, method),
         init,
         batch,
-        {"sigma": [cfg.sigma]},
+        {"sigma": [noise_sigma(cfg)]},
         [c["seed"] for c in group],
         num_steps=cfg.steps,
         eval_every=cfg.eval_every,
@@ -211,7 +263,7 @@ def escape_rate(rows, r0: float, r_star: float) -> float:
 def _method_table(cfg: Config, rows, threshold: float):
     table = []
     for m in cfg.methods:
-        runs = [records.select(rows, method=m, seed=s) for s in cfg.seeds]
+        runs = [records.select(rows, method=m, seed=run_seed(m, s)) for s in cfg.seeds]
         steps = np.array([escape_step(r, threshold) for r in runs])
         finals = [r[-1] for r in runs]
         table.append(
@@ -258,35 +310,66 @@ def summarize(cfg: Config, rows):
             f"{np.min(rates):.3g}-{np.max(rates):.3g} per step over {len(rates)} seeds vs 2 log(1 + lr |lambda_min|) = "
             f"{predicted:.3g} (needs within {100 * cfg.rate_rtol:g}% in every run)"
         )
-    faster = [m for m in ("noise_full", "noise_layerwise", "momentum", "adam") if m in by]
+    faster = [m for m in FASTER if m in by]
     if "gd" not in by or not faster:
         return experiment.Verdict(
             None, figures, table, "needs gd and one of noise_full, noise_layerwise, momentum, adam"
         )
     steps = {
-        m: np.array([escape_step(records.select(rows, method=m, seed=s), threshold) for s in cfg.seeds])
-        for m in ["gd", *faster]
+        m: np.array([escape_step(records.select(rows, method=m, seed=run_seed(m, s)), threshold) for s in cfg.seeds])
+        for m in by
     }
     gains = {m: verdicts.paired_gain(steps["gd"], steps[m], resolution=cfg.eval_every) for m in faster}
     # a run too short for GD (the slowest, by the claim) to escape cannot test the claim: null, not false
-    all_escape = all(t["escaped"] == 1.0 for t in table) or (None if by["gd"]["escaped"] < 1.0 else False)
+    judged = [t for t in table if t["method"] in ("gd", *faster)]
+    all_escape = all(t["escaped"] == 1.0 for t in judged) or (None if by["gd"]["escaped"] < 1.0 else False)
     too_short = f"GD did not escape within --steps {cfg.steps} in every run: too short to test the claim"
-    parts = {"all_escape": all_escape, "gd_rate": rate_ok, **gains}
-    reason = "; ".join(
-        [f"{sum(t['escaped'] == 1.0 for t in table)}/{len(table)} methods escaped in every run", rate_reason]
-        + ([too_short] if all_escape is None else [])
-        + [g.describe(f"escape step, GD minus {m}") for m, g in gains.items()]
-        + [verdicts.combine_reason(parts)]
-    )
-    return experiment.Verdict(verdicts.combine(parts), figures, table, reason)
+    parts = {
+        "all_escape": discrimination.Part(all_escape, None, "none: an exact check of every run"),
+        "gd_rate": discrimination.Part(rate_ok, None, "none: an exact check of GD's linearised rate"),
+    }
+    powers = {}
+    for m, g in gains.items():
+        control, description = CONTROLS[m]
+        control_gain = (verdicts.paired_gain(steps["gd"], steps[control], resolution=cfg.eval_every)
+                        if control in steps else None)  # fmt: skip
+        parts[m] = discrimination.Part(g, control_gain, description if control in steps else
+                                       f"not run (needs {control} in --methods): cannot tell")  # fmt: skip
+        figures[f"{m}_escape_gain"], figures[f"{m}_escape_gain_se"] = g.mean, g.se
+        if control_gain is not None:
+            figures[f"{m}_control_escape_gain"] = control_gain.mean
+        powers[m] = discrimination.Power.of(g, None, " steps", SOURCE)
+        figures[f"{m}_mde_steps"] = powers[m].mde
+    judgement = discrimination.judge(parts)
+    unrun = [m for m in gains if parts[m].control is None]
+    supported = judgement.supported
+    settings = (f"matched step sizes: momentum lr {momentum_lr(cfg):.3g} (effective step lr/(1-b) = "
+                f"{momentum_lr(cfg) / (1 - cfg.momentum):.3g} vs GD's {cfg.lr:g}), noise sigma {noise_sigma(cfg):.3g} "
+                f"(starting distance per coordinate {cfg.init_scale:g}), Adam lr {cfg.adam_lr:g} against normalised "
+                f"GD of the same step length {cfg.adam_lr * np.sqrt(num_params(cfg)):.3g}")  # fmt: skip
+    reasons = [settings, f"{sum(t['escaped'] == 1.0 for t in table)}/{len(table)} methods escaped in every run",
+               rate_reason]  # fmt: skip
+    reasons += [too_short] if all_escape is None else []
+    for m, g in gains.items():
+        reasons.append(g.describe(f"escape step, GD minus {m}", unit=" steps"))
+        if parts[m].control is not None:
+            reasons.append(parts[m].control.describe(f"control ({CONTROLS[m][0]}): GD minus {CONTROLS[m][0]}",
+                                                     unit=" steps"))  # fmt: skip
+    if unrun and supported is True:
+        supported = None
+        reasons.append(f"no control run for {', '.join(unrun)}: cannot tell whether the test discriminates")
+    _, power_clause = discrimination.with_power(supported, powers)
+    reasons += [judgement.reason, power_clause]
+    return experiment.Verdict(supported, figures, table, "; ".join(reasons), judgement.controls,
+                              {k: p.record() for k, p in powers.items()})  # fmt: skip
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
     r0, r_star = landmarks(prepare(cfg))
-    fig, axes = plots.plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plots.plt.subplots(1, 4, figsize=(22, 4.8))
     floor = 1e-3  # of the gap: below it every run has long escaped; a lower axis squeezes the escape region
     for i, m in enumerate(cfg.methods):
-        runs = [records.select(rows, method=m, seed=s) for s in cfg.seeds]
+        runs = [records.select(rows, method=m, seed=run_seed(m, s)) for s in cfg.seeds]
         steps = [r["step"] for r in runs[0]]
         ls = "--" if m in ("sgd", "noise_layerwise") else "-"
         for ax, key in zip(axes, ("train_loss", "lambda_min", "saddle_index")):
@@ -300,7 +383,18 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
                 title=f"loss gap left (median, band: min-max over {len(cfg.seeds)} seeds)")  # fmt: skip
     axes[1].set(xlabel="step", ylabel="lambda_min(H)", title="most negative Hessian eigenvalue")
     axes[2].set(xlabel="step", ylabel="fraction of negative eigenvalues", title="saddle index")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
+    threshold = r0 - cfg.escape_fraction * (r0 - r_star)
+    steps = {m: np.array([escape_step(records.select(rows, method=m, seed=run_seed(m, s)), threshold)
+                          for s in cfg.seeds]) for m in cfg.methods}  # fmt: skip
+    if "gd" in steps:
+        shown = {m: verdicts.paired_gain(steps["gd"], steps[m], resolution=cfg.eval_every)
+                 for m in (*FASTER, "gd_control", "normalized_gd") if m in steps}  # fmt: skip
+        mde = {m: discrimination.minimum_detectable_effect(g) for m, g in shown.items() if m in FASTER}
+        plots.gain_panel(axes[3], shown, controls=("gd_control", "normalized_gd"), unit="steps", mde=mde)
+        axes[3].set_title("judged: escape step of GD minus the method's\n(supported when the bar is above 0; "
+                          "controls in grey must not be)", fontsize=9)  # fmt: skip
+        axes[3].legend(fontsize=7)
     return {"saddle_escape.png": fig}
 
 

@@ -24,7 +24,10 @@ Verdict: sigma is chosen per method on ``n_val`` validation points carved from t
 sigma minus GD's, paired over seeds (``verdicts.paired_gain``: supported beyond t s.e. plus one test
 example's worth, t the 95% Student-t critical value for the number of seeds, contradicted below minus
 that margin, null in between or with fewer than 3 seeds; null too when GD or the chosen layer-wise run
-has not fitted its data, ``fit_loss``).
+has not fitted its data, ``fit_loss``). Negative control (``discrimination.judge``): the same paired test with
+layer-wise noise replaced by plain GD from other initialisations (``gd_control``, ``discrimination.control_seeds``),
+which must fail. Power: the rule's minimum detectable effect in points, stored beside the source's effect (Figure 3
+is a figure: the text gives no number).
 """
 
 from __future__ import annotations
@@ -35,12 +38,13 @@ from typing import Literal
 import numpy as np
 import optax
 
-from experiments import cli, experiment, nets, plots, records, training, verdicts
+from experiments import cli, discrimination, experiment, nets, plots, records, training, verdicts
 from lsgeo import models
 
 CLAIM = (
-    "Layer-wise noise injection (GD+noise (layer)) at a well-chosen sigma reaches a higher test "
-    "accuracy than plain GD in a wide 2-hidden-layer ReLU MLP (Figure 3)."
+    "Layer-wise noise injection (GD+noise (layer)) at the sigma chosen on validation data reaches a higher test "
+    "accuracy than plain full-batch GD in a wide 2-hidden-layer ReLU MLP, beyond what GD from other "
+    "initialisations gains (Orvieto et al. 2023, Section 5, Figure 3)."
 )
 
 
@@ -84,8 +88,15 @@ PRESETS = {
 }
 
 
+CONTROL = "gd_control"  # plain GD from other initialisations, in place of layer-wise noise (the negative control)
+SOURCE = "Orvieto et al. 2023, Figure 3 (curves only; the source text gives no number for the gain)"
+
+
 def cells(cfg: Config) -> list[dict]:
-    return training.method_cells(cfg.methods, cfg.sigmas, cfg.seeds)
+    out = training.method_cells(cfg.methods, cfg.sigmas, cfg.seeds)
+    if "gd" in cfg.methods:
+        out += [dict(method=CONTROL, sigma=0.0, seed=k) for k in discrimination.control_seeds(cfg.seeds)]
+    return out
 
 
 def prepare(cfg: Config) -> nets.Splits:
@@ -94,6 +105,7 @@ def prepare(cfg: Config) -> nets.Splits:
 
 def run(cfg: Config, data: nets.Splits, group: list[dict]) -> list[list[dict]]:
     model = models.MLP(widths=(cfg.width, cfg.width), num_outputs=data.num_classes)
+    group = [dict(c, method="gd") if c["method"] == CONTROL else c for c in group]
     return training.train_cells(
         nets.Objective(model), nets.init_fn(model, data.train[0]), data.train, group, inner=optax.sgd(cfg.lr),
         num_steps=cfg.steps, eval_every=cfg.eval_every, eval_fn=nets.Evaluate(model),
@@ -123,23 +135,50 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
             )
         )
     gain = gains.get("layer", (None, None))[1]
-    supported = None if gain is None else gain.supported
+    supported, controls, powers = None if gain is None else gain.supported, {}, {}
     if gain is not None:
+        control = control_gain(cfg, rows)
+        description = "plain GD from other initialisations in place of layer-wise noise"
+        judgement = discrimination.judge({"layer": discrimination.Part(
+            gain, control, description if control is not None else "not run: cannot tell")})
+        supported, controls = judgement.supported, judgement.controls
+        if control is None:
+            supported = None if supported else supported
+        else:
+            figures.update({"control_gain": control.mean, "control_gain_se": control.se})
+            reasons.append(control.describe(f"control, {description}, minus GD: test accuracy", scale=100,
+                                            unit=" points"))  # fmt: skip
+        reasons.append(judgement.reason)
+        powers = {"layer": discrimination.Power(100 * discrimination.minimum_detectable_effect(gain), None,
+                                                " points", SOURCE)}  # fmt: skip
+        figures["mde_layer_points"] = powers["layer"].mde
+        reasons.append(discrimination.with_power(supported, powers)[1])
         fit = training.unfit(rows, {"GD": dict(method="gd"), "layer-wise at the chosen sigma": dict(
             method="layer", sigma=gains["layer"][0])}, cfg.seeds, cfg.steps, cfg.fit_loss)  # fmt: skip
         if fit:
             supported, reasons = None, [fit, *reasons]
-    return experiment.Verdict(supported, figures, table, "; ".join(reasons))
+    return experiment.Verdict(supported, figures, table, "; ".join(reasons), controls,
+                              {k: p.record() for k, p in powers.items()})  # fmt: skip
+
+
+def control_gain(cfg: Config, rows: list[dict]) -> verdicts.Gain | None:
+    """The control's paired test-accuracy "gain": GD from other initialisations minus GD (None when not run)."""
+    if not records.select(rows, method=CONTROL):
+        return None
+    treated = records.per_seed(rows, "test_acc", discrimination.control_seeds(cfg.seeds), method=CONTROL, step=cfg.steps)
+    reference = records.per_seed(rows, "test_acc", cfg.seeds, method="gd", step=cfg.steps)
+    return verdicts.paired_gain(treated, reference, resolution=records.resolution(rows))
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
     plt = plots.plt
     fig, (ax, ax_g, ax_t) = plt.subplots(1, 3, figsize=(18, 4.8))
     best = {m: b for m, (b, _) in comparisons(cfg, rows).items()}
-    final = {
-        (m, s): verdicts.mean_se(records.per_seed(rows, "test_acc", cfg.seeds, method=m, sigma=s, step=cfg.steps))
+    final = {  # in percent
+        (m, s): tuple(100 * np.array(verdicts.mean_se(
+            records.per_seed(rows, "test_acc", cfg.seeds, method=m, sigma=s, step=cfg.steps))))
         for m, s in training.method_grid(cfg.methods, cfg.sigmas)
-    }
+    }  # fmt: skip
     if "gd" in cfg.methods:
         mean, se = final[("gd", 0.0)]
         ax.axhline(mean, color=training.COLORS["gd"], label="GD (± s.e.)")
@@ -150,10 +189,10 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
         dodge = 1.0 + 0.06 * (i - (len(noisy) - 1) / 2)  # side by side, so the error bars do not hide each other
         ax.errorbar(np.array(cfg.sigmas) * dodge, ms[:, 0], yerr=ms[:, 1], marker="o", capsize=3,
                     color=training.COLORS[m], label=f"{training.label(m)} (± s.e.)")
-        if m in best:  # a marker above the chosen sigma's error bar, each method at its own dodged x
+        if m in best:  # a hollow marker well above the chosen sigma's error cap (never on it)
             mean, se = final[(m, best[m])]
-            ax.plot(best[m] * dodge, mean + se, "v", ms=9, color=training.COLORS[m], zorder=5, clip_on=False,
-                    label=f"sigma chosen on validation ({training.label(m)}: {best[m]:g})")
+            ax.plot(best[m] * dodge, mean + se + 1.0, "v", ms=8, mfc="none", mew=1.5, color=training.COLORS[m],
+                    zorder=5, clip_on=False, label=f"sigma chosen on validation ({training.label(m)}: {best[m]:g})")
         if "gd" in cfg.methods:  # the paired gain the verdict uses, with its t interval
             control = records.per_seed(rows, "test_acc", cfg.seeds, method="gd", step=cfg.steps)
             gains = [
@@ -165,8 +204,12 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
             half = [g.t * g.se if np.isfinite(g.t) else np.nan for g in gains]
             ax_g.errorbar(np.array(cfg.sigmas) * dodge, [100 * g.mean for g in gains], yerr=100 * np.array(half),
                           marker="o", capsize=3, color=training.COLORS[m], label=training.label(m))
+    control = control_gain(cfg, rows)
+    if control is not None and np.isfinite(control.margin):
+        ax_g.axhspan(100 * (control.mean - control.margin), 100 * (control.mean + control.margin), color="tab:gray",
+                     alpha=0.25, label="control: GD (other inits) minus GD, mean ± margin")  # fmt: skip
     plots.sigma_axis(ax, cfg.sigmas)
-    ax.set(ylabel=f"test accuracy after {cfg.steps} steps (mean ± s.e.)",
+    ax.set(ylabel=f"test accuracy (%) after {cfg.steps} steps (mean ± s.e.)",
            title=f"{cfg.dataset}, width {cfg.width}, {len(cfg.seeds)} seeds")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     plots.sigma_axis(ax_g, cfg.sigmas)
@@ -181,8 +224,8 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
         )
         for m in cfg.methods
     }
-    plots.plot_curves(ax_t, rows, "test_acc", series)
-    ax_t.set(xlabel="GD step", ylabel="test accuracy (mean over seeds)", title="training at the chosen sigma")
+    plots.plot_band_curves(ax_t, rows, "test_acc", series, scale=100)
+    ax_t.set(xlabel="GD step", ylabel="test accuracy (%)", title="training at the chosen sigma")
     ax_t.legend(fontsize=8)
     fig.tight_layout()
     return {"accuracy_vs_sigma.png": fig}

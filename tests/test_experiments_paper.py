@@ -111,9 +111,9 @@ def test_sigma_sweep_resume_and_reproducibility(tmp_path):
     calls.clear()
     resumed = dataclasses.replace(sigma_sweep.EXPERIMENT, run=lambda c, d, g: calls.append(g) or sigma_sweep.run(c, d, g))
     _, summary = runner.run_experiment(resumed, resume=run_dir, progress=False, verbose=False)
-    assert [[c["method"] for c in g] for g in calls] == [["layer", "layer"]]
+    assert [[c["method"] for c in g] for g in calls] == [["layer", "layer"], ["gd_control", "gd_control"]]
     rows = _check_outputs(run_dir, summary, "sigma_sweep")
-    assert len(rows) == 4 * 3 and (run_dir / "accuracy_vs_sigma.png").is_file()
+    assert len(rows) == 6 * 3 and (run_dir / "accuracy_vs_sigma.png").is_file()  # gd, layer and the GD control
 
     # a fresh run from the command line, as 2 jax.distributed processes (python -m lsgeo.launch): one results
     # folder, written by process 0, with exactly the numbers of the interrupted and resumed single-process run

@@ -10,17 +10,11 @@ import numpy as np
 import pytest
 
 from experiments import (
-    cnn,
     double_descent,
     geometry_report,
-    hessian_spectrum,
     lasso,
-    mode_connectivity,
     nuclear_norm,
-    reparametrization,
     resnet,
-    saddle_escape,
-    training,
     wide_networks,
 )
 
@@ -149,114 +143,6 @@ def test_double_descent_verdict():
     assert double_descent.summarize(cfg, _dd_rows(cfg, gd_random=1e-9)).supported is None
 
 
-# ---------------------------------------------------------------- mode_connectivity
-
-
-def _mc_rows(seeds, *, line=1.0, curve=0.01):
-    rows = []
-    for k in seeds:
-        for path, barrier in (("line", line), ("curve", curve)):
-            for t in np.linspace(0, 1, 5):
-                bump = barrier * np.sin(np.pi * t)
-                rows.append(dict(seed=k, path=path, t=float(t), barrier=barrier, train_loss=1e-4 + bump,
-                                 test_loss=0.1 + bump, test_acc=0.97 - 0.1 * bump))  # fmt: skip
-    return rows
-
-
-def test_mode_connectivity_verdict():
-    cfg = mode_connectivity.Config(seeds=(0, 1, 2))
-    assert mode_connectivity.summarize(cfg, _mc_rows(cfg.seeds)).supported is True
-    assert mode_connectivity.summarize(cfg, _mc_rows(cfg.seeds, curve=0.5)).supported is False  # curve as high
-    assert mode_connectivity.summarize(cfg, _mc_rows(cfg.seeds, line=0.05, curve=0.001)).supported is False  # no barrier
-    one = mode_connectivity.Config(seeds=(0,))
-    assert mode_connectivity.summarize(one, _mc_rows(one.seeds)).supported is None  # one pair decides nothing
-
-
-# ---------------------------------------------------------------- hessian_spectrum
-
-
-def _hs_rows(cfg, *, ratio=1.0, late_loss_factor=0.5):
-    rows = []
-    half = cfg.steps // 2
-    for lr in cfg.lrs:
-        for k in cfg.seeds:
-            for t in range(0, cfg.steps + 1, cfg.eval_every):
-                lam = (2.0 / lr) * (1.5 if t == 0 else ratio)
-                loss = 1.0 if t <= half else 1.0 * late_loss_factor ** ((t - half) / half)
-                rows.append(dict(part="eos", lr=lr, seed=k, kind="eos", step=t, train_loss=loss, lambda_max=lam,
-                                 two_over_lr=2.0 / lr))  # fmt: skip
-    for k in cfg.seeds:
-        for i, phase in enumerate(hessian_spectrum.PHASES):
-            rows.append(dict(part="spectrum", seed=k, kind="snapshot", phase=phase, step=i * half, train_loss=1.0,
-                             saddle_index=0.1, **{f"top_{j}": 5.0 / j for j in range(1, cfg.top_k + 1)}))  # fmt: skip
-    return rows
-
-
-def test_hessian_spectrum_verdict():
-    cfg = hessian_spectrum.Config(lrs=(0.2, 0.4), steps=100, eval_every=10, top_k=3)
-    assert hessian_spectrum.summarize(cfg, _hs_rows(cfg)).supported is True
-    assert hessian_spectrum.summarize(cfg, _hs_rows(cfg, ratio=1.2)).supported is True
-    assert hessian_spectrum.summarize(cfg, _hs_rows(cfg, ratio=1.5)).supported is False  # far above the edge
-    assert hessian_spectrum.summarize(cfg, _hs_rows(cfg, ratio=0.5)).supported is False  # far below it
-    assert hessian_spectrum.summarize(cfg, _hs_rows(cfg, late_loss_factor=2.0)).supported is False  # loss rises
-    one = hessian_spectrum.Config(lrs=(0.2,), steps=100, eval_every=10, top_k=3, seeds=(0,))
-    assert hessian_spectrum.summarize(one, _hs_rows(one)).supported is None
-
-
-# ---------------------------------------------------------------- saddle_escape
-
-
-def _se_rows(cfg, *, gd_rate_factor=1.0, noise_delay=-100.0):
-    r0, r_star = saddle_escape.landmarks(saddle_escape.prepare(cfg))
-    lam = -2.0
-    rate = 2.0 * np.log1p(cfg.lr * abs(lam))
-    rng = np.random.default_rng(0)
-    rows = []
-    for m in cfg.methods:
-        for k in cfg.seeds:
-            shift = {"gd": 0.0, "noise_full": noise_delay, "momentum": -300.0}[m] + rng.normal(0, 5)
-            for t in range(0, cfg.steps + 1, cfg.eval_every):
-                rr = rate * (gd_rate_factor if m == "gd" else 1.0)
-                closed = min(1.0, 1e-6 * np.exp(rr * (t - shift)))
-                rows.append(dict(method=m, seed=k, step=t, train_loss=r0 - closed * (r0 - r_star), lambda_min=lam,
-                                 saddle_index=1 / 3))  # fmt: skip
-    return rows
-
-
-def test_saddle_escape_verdict():
-    cfg = saddle_escape.Config(methods=("gd", "noise_full", "momentum"), seeds=tuple(range(6)), steps=600)
-    verdict = saddle_escape.summarize(cfg, _se_rows(cfg))
-    assert verdict.supported is True, verdict.reason
-    assert verdict.figures["gd_escape_rate_min"] == pytest.approx(2 * np.log1p(cfg.lr * 2.0), rel=1e-3)
-    assert saddle_escape.summarize(cfg, _se_rows(cfg, gd_rate_factor=1.3)).supported is False  # not lambda_min's rate
-    assert saddle_escape.summarize(cfg, _se_rows(cfg, gd_rate_factor=0.7)).supported is False
-    assert saddle_escape.summarize(cfg, _se_rows(cfg, noise_delay=100.0)).supported is False  # noise escapes later
-    assert saddle_escape.summarize(cfg, _se_rows(cfg, noise_delay=0.0)).supported is None  # as fast as GD
-
-
-# ---------------------------------------------------------------- reparametrization
-
-
-def _rp_rows(cfg, *, function_change=1e-7, adaptive_drift=0.0, sharpness_power=1.0):
-    rows = []
-    for k in cfg.seeds:
-        for a in cfg.alphas:
-            lam = 10.0 * max(a, 1 / a) ** (2 * sharpness_power)
-            rows.append(dict(seed=k, alpha=a, rel_max_diff=function_change, max_abs_diff=function_change, train_loss=0.1,
-                             hessian_identity_rel_err=1e-6, block_0_norm=3.0 / a**2, block_1_kernel_norm=2.0 * a**2,
-                             lambda_max=lam, lambda_max_dense=lam, hessian_trace=2 * lam, epsilon_sharpness=lam / 100,
-                             average_sharpness=lam / 1000, adaptive_sharpness=0.5 * (1 + adaptive_drift * np.log10(a))))  # fmt: skip
-    return rows
-
-
-def test_reparametrization_verdict():
-    cfg = reparametrization.Config()
-    assert reparametrization.summarize(cfg, _rp_rows(cfg)).supported is True
-    assert reparametrization.summarize(cfg, _rp_rows(cfg, function_change=1e-2)).supported is False  # not the same f
-    assert reparametrization.summarize(cfg, _rp_rows(cfg, adaptive_drift=0.05)).supported is False  # not invariant
-    assert reparametrization.summarize(cfg, _rp_rows(cfg, sharpness_power=0.1)).supported is False  # barely moves
-
-
 # ---------------------------------------------------------------- wide_networks
 
 
@@ -282,41 +168,6 @@ def test_wide_networks_verdict():
     assert wide_networks.summarize(cfg, _wn_rows(cfg, wide_rank=cfg.n_points - 2)).supported is False  # F_1 rank-deficient
     few = wide_networks.Config(seeds=(0, 1, 2))
     assert wide_networks.summarize(few, _wn_rows(few)).supported is None
-
-
-# ---------------------------------------------------------------- deep_mlp (traces compared at equal train loss)
-
-
-def _dm_rows(cfg, *, layer_trace=0.5, layer_acc=0.05, slow_layer=False):
-    rng = np.random.default_rng(0)
-    rows = []
-    for w in cfg.widths:
-        for m in ("gd", "noise", "layer"):
-            for k in cfg.seeds:
-                for t in range(0, cfg.steps + 1, cfg.eval_every):
-                    speed = 0.5 if (slow_layer and m == "layer") else 1.0
-                    loss = 2.0 * np.exp(-speed * 4.0 * t / cfg.steps)
-                    trace = 100.0 * loss * (layer_trace if m == "layer" else 1.0) * (1 + rng.normal(0, 0.01))
-                    acc = 0.5 + (layer_acc if m == "layer" else 0.0) + rng.normal(0, 0.002)
-                    rows.append(dict(width=w, method=m, sigma=0.0 if m == "gd" else cfg.sigma, seed=k, step=t,
-                                     train_loss=loss, gn_trace=trace, test_acc=acc, n_test=1000))  # fmt: skip
-    return rows
-
-
-def test_deep_mlp_verdict_judges_every_width_at_equal_loss():
-    from experiments import deep_mlp
-
-    cfg = deep_mlp.Config(widths=(8, 16), lrs=(0.1, 0.1), steps=20, eval_every=5, fit_loss=1.0, seeds=(0, 1, 2, 3, 4))
-    assert deep_mlp.summarize(cfg, _dm_rows(cfg)).supported is True
-    assert deep_mlp.summarize(cfg, _dm_rows(cfg, layer_trace=2.0)).supported is False  # larger trace
-    assert deep_mlp.summarize(cfg, _dm_rows(cfg, layer_acc=-0.05)).supported is False  # worse accuracy
-    # a layer-wise run that merely trains slower ends with a larger loss and so a larger trace at the last step,
-    # but at equal train loss its trace is the smaller one: the verdict compares there
-    verdict = deep_mlp.summarize(cfg, _dm_rows(cfg, slow_layer=True))
-    assert verdict.figures["gn_trace_w16_layer"] > verdict.figures["gn_trace_w16_gd"]
-    assert verdict.supported is True, verdict.reason
-    unfit = dataclasses.replace(cfg, fit_loss=0.01)
-    assert deep_mlp.summarize(unfit, _dm_rows(unfit)).supported is None  # not fitted: no test
 
 
 # ---------------------------------------------------------------- swa ("equal or better" as non-inferiority)
@@ -406,24 +257,3 @@ def test_resnet_is_null_when_its_size_cannot_detect_the_papers_effect():
     assert noisy.power["layer_improves"]["mde"] > 0.3
     worse = resnet.summarize(cfg, _resnet_rows(cfg, gain=-0.05, spread=0.005))  # a reversal beyond noise stands
     assert worse.supported is False
-
-
-def _cnn_rows(cfg, gain, spread, n_test=100_000):
-    rng = np.random.default_rng(1)
-    rows = []
-    for a in cfg.archs:
-        for k in cfg.seeds:
-            base = 0.9 + rng.normal(0, 0.01)
-            for m, s in training.method_grid(cfg.methods, cfg.sigmas):
-                acc = base if m == "gd" else base + gain + rng.normal(0, spread)
-                rows.append(dict(arch=a, method=m, sigma=s, seed=k, step=cfg.steps, test_acc=acc, val_acc=acc,
-                                 train_loss=0.01, hessian_trace=1.0, n_test=n_test))  # fmt: skip
-    return rows
-
-
-def test_cnn_is_null_when_its_size_cannot_detect_the_papers_effect():
-    cfg = cnn.Config(seeds=tuple(range(5)))
-    assert cnn.summarize(cfg, _cnn_rows(cfg, gain=0.02, spread=0.0005)).supported is True  # MDE ~0.1 points
-    noisy = cnn.summarize(cfg, _cnn_rows(cfg, gain=0.06, spread=0.015))  # +6 points, but MDE > 1 point
-    assert all(noisy.figures[f"{a}_layer_gain"] > noisy.figures[f"{a}_layer_gain_margin"] for a in cfg.archs)
-    assert noisy.supported is None and all(not p["detectable"] for p in noisy.power.values())
