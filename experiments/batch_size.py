@@ -55,7 +55,8 @@ SOURCE = {
     "large_sharper_lambda_max": (None, " (log ratio)", "Keskar et al. 2017 report epsilon-sharpness, not lambda_max"),
     "large_sharper_epsilon_sharpness": (float(np.log(10.0)), " (log ratio)",
                                         "Keskar et al. 2017, Table 3: large-batch sharpness 10-100x small-batch's"),
-    "small_generalises_better": (0.002, " (accuracy)", "Keskar et al. 2017, Table 2: smallest gap about 0.2 points, MNIST"),
+    "small_generalises_better": (0.002, " (accuracy)",
+                                 "Keskar et al. 2017, Table 2: smallest gap about 0.2 points, MNIST"),
 }
 
 

@@ -213,7 +213,9 @@ def roughness_of(slices: np.ndarray) -> float:
 
 
 def cells(cfg: Config) -> list[dict]:
-    return [dict(variant=v, step_size=lr, seed=s) for v in variants(cfg) for lr in step_sizes(cfg, v) for s in cfg.seeds]
+    return [
+        dict(variant=v, step_size=lr, seed=s) for v in variants(cfg) for lr in step_sizes(cfg, v) for s in cfg.seeds
+    ]
 
 
 def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
@@ -244,7 +246,8 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
         directions = [landscape.random_direction(w, k, normalization="filter") for k in keys]
         slices = np.stack([np.asarray(landscape.slice_1d(objective, w, train_batch, d, alphas)) for d in directions])
         center, test_acc, test_loss = (float(v) for v in evaluate(w, train_batch, test_batch))
-        minimum = dict(kind="minimum", reached=bool(kept["reached"][0, i]), step=int(kept["checks"][0, i]) * cfg.check_every,
+        minimum = dict(kind="minimum", reached=bool(kept["reached"][0, i]),
+                       step=int(kept["checks"][0, i]) * cfg.check_every,
                        train_loss=center, test_acc=test_acc, test_loss=test_loss,
                        curvature=float(np.mean([curvature_at_zero(alphas, s, cfg.fit_radius) for s in slices])),
                        roughness=roughness_of(slices))  # fmt: skip
@@ -252,7 +255,9 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
         rows += [dict(kind="slice", direction=j, alpha=float(a), loss=float(slices[j, k]))
                  for j in range(cfg.num_directions) for k, a in enumerate(alphas)]  # fmt: skip
         if c["seed"] == cfg.seeds[0]:  # the 2-D surface is drawn, not judged: the first seed only
-            surface = np.asarray(landscape.slice_2d(objective, w, train_batch, directions[0], directions[1], grid, grid))
+            surface = np.asarray(
+                landscape.slice_2d(objective, w, train_batch, directions[0], directions[1], grid, grid)
+            )
             minimum["area"] = float(np.mean(surface <= center + cfg.level))
             rows += [dict(kind="surface", alpha=float(a), beta=float(b), loss=float(surface[j, k]))
                      for j, a in enumerate(grid) for k, b in enumerate(grid)]  # fmt: skip
@@ -339,7 +344,8 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
     plt, seed = plots.plt, cfg.seeds[0]
-    drawn = [(v, step_sizes(cfg, v)[0]) for v in variants(cfg) if v not in ("large_twin", "shallow_plain", "shallow_skip")]
+    controls_only = ("large_twin", "shallow_plain", "shallow_skip")
+    drawn = [(v, step_sizes(cfg, v)[0]) for v in variants(cfg) if v not in controls_only]
     surfaces = {}
     for v, lr in drawn:
         sel = records.select(rows, variant=v, step_size=lr, seed=seed, kind="surface")

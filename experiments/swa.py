@@ -240,9 +240,10 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
                    log_ratio_at_equal_loss=flat.mean, log_ratio_at_equal_loss_se=flat.se,
                    log_ratio_at_equal_loss_margin=flat.margin, matched_pairs=flat.n,
                    control_log_ratio=control.mean, control_log_ratio_se=control.se, control_matched_pairs=control.n)
-    acc = verdicts.paired_gain(final[("swa", "test_acc")], final[("sgd", "test_acc")], resolution=records.resolution(rows))
+    resolution = records.resolution(rows)
+    acc = verdicts.paired_gain(final[("swa", "test_acc")], final[("sgd", "test_acc")], resolution=resolution)
     worse = verdicts.paired_gain(final[("swa", "test_acc")] - 2 * cfg.acc_bound, final[("sgd", "test_acc")],
-                                 resolution=records.resolution(rows))  # fmt: skip
+                                 resolution=resolution)  # fmt: skip
     figures.update(acc_gain=acc.mean, acc_gain_se=acc.se, acc_gain_margin=acc.margin)
     parts = {
         "flatter_at_equal_loss": discrimination.Part(
@@ -299,7 +300,8 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
                          lw=0.8, ms=3, alpha=0.8, label=LABELS[curve] if k == cfg.seeds[0] else None)  # fmt: skip
     for k in cfg.seeds:
         loss, sgd, swa = at_equal_loss(rows, k, "sgd", "swa")
-        axes[1].plot([loss, loss], [sgd, swa], "k-", lw=2, alpha=0.6, label="judged pair at L*" if k == cfg.seeds[0] else None)
+        axes[1].plot([loss, loss], [sgd, swa], "k-", lw=2, alpha=0.6,
+                     label="judged pair at L*" if k == cfg.seeds[0] else None)
     axes[0].axvline(start, color="gray", lw=0.8, ls="--")
     axes[0].set(yscale="log", xlabel="step", ylabel="training loss (whole set)", title="dashed: averaging starts")
     axes[1].set(xscale="log", yscale="log", xlabel="training loss (whole set)", ylabel="lambda_max of the Hessian",
