@@ -317,9 +317,11 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     table, figures = [], {}
     for v in variants(cfg):
         for lr in step_sizes(cfg, v):
-            ms = [minimum(rows, v, s, lr) for s in cfg.seeds]
+            every = [minimum(rows, v, s, lr) for s in cfg.seeds]
+            reached = [m for m in every if _true(m["reached"])]
+            ms = reached or every  # means over the runs that reached the target loss (all when none did)
             curv = np.array([m["curvature"] for m in ms])
-            entry = dict(variant=v, step_size=lr, reached=sum(_true(m["reached"]) for m in ms),
+            entry = dict(variant=v, step_size=lr, reached=len(reached),
                          train_loss=float(np.mean([m["train_loss"] for m in ms])),
                          test_acc=float(np.mean([m["test_acc"] for m in ms])),
                          curvature=float(np.exp(np.mean(np.log(curv)))) if np.all(curv > 0) else float(np.mean(curv)),
