@@ -109,8 +109,8 @@ class Config:
     deep_depth: int = 10  # hidden layers of the deep MLP
     shallow_depth: int = 2  # hidden layers of the control pair (shallow_plain, shallow_skip)
     steps: int = 2000  # at most this many SGD steps per deep run (the residual net needs up to 1700)
-    base_steps: int = 600  # at most this many steps per run of the base MLP and the shallow pair (they reach the
-    # target loss by about 420)
+    base_steps: int = 600  # at most min(steps, this) steps per run of the base MLP and the shallow pair (they reach
+    # the target loss by about 420)
     target_loss: float = 0.05  # every run is measured at the first check with a training loss <= this
     check_every: int = 20  # steps between checks of the training loss
     lr: float = 0.1  # SGD step of the base MLP
@@ -234,7 +234,7 @@ def run(cfg: Config, data, group: list[dict]) -> list[list[dict]]:
     result = train.sweep(
         objective, optimizer_fn(variant, step_size), nets.init_fn(model, train_batch[0]), train_batch,
         {"sigma": [cfg.sigma if variant == "noise" else 0.0]}, seeds,
-        num_steps=cfg.steps if variant.startswith("deep") else cfg.base_steps,
+        num_steps=cfg.steps if variant.startswith("deep") else min(cfg.steps, cfg.base_steps),
         eval_every=cfg.check_every, batch_size=cfg.small_batch if variant == "small_batch" else None,
         measure=first_at_loss(objective, cfg.target_loss), measure_every=cfg.check_every,
     )  # fmt: skip
