@@ -1,27 +1,34 @@
 """Small against large batches, trained to the same training loss: sharpness and generalisation.
 
-Claim (Keskar et al. 2017, Sections 2-3): large-batch training converges to sharper minima of the
-training loss (larger Hessian eigenvalues, larger epsilon-sharpness) than small-batch SGD, and these
-minima generalise worse (lower test accuracy), at the same training loss.
+Claim (Keskar et al. 2017, Section 2, Tables 2-3): at the same training loss, large-batch training ends at
+sharper minima of the training loss (larger Hessian eigenvalues, larger epsilon-sharpness) than small-batch SGD,
+and these minima generalise worse (lower test accuracy).
 
 Setup: a ReLU MLP (``lsgeo.models.MLP``) on scikit-learn digits (or MNIST-1D), softmax
 cross-entropy, SGD with the same step size ``lr`` for both batch sizes (Keskar et al. keep the
 optimiser and change only the batch): ``small`` draws ``small_batch`` examples per step, ``large``
 ``large_batch`` (the whole training set by default, i.e. full-batch GD). Each run stops at the
 first check (every ``check_every`` steps, ``lsgeo.train.train`` resumed from its state) at which its
-training loss is <= ``target_loss`` (at most ``max_steps`` steps), so both are compared at the same
-training loss. At that point, on the whole training set: lambda_max of the Hessian
-(``lsgeo.curvature.top_eigenvalues``), its trace (``lsgeo.curvature.hessian_trace``, Hutch++) and
-Keskar's epsilon-sharpness [max_{||delta||_2 <= rho} R(w + delta) - R(w)] / (1 + R(w))
-(``lsgeo.sharpness.epsilon_sharpness``, projected gradient ascent from a random start); the test
-accuracy on the held-out set (497 digits). A seed fixes the initialisation of both batch sizes.
+training loss on the whole training set is <= ``target_loss`` (at most ``max_steps`` steps), so both are compared
+at the same training loss (the two stopping losses are recorded: they differ by at most one check's decrease).
+At that point, on the whole training set: lambda_max of the Hessian (``lsgeo.curvature.top_eigenvalues``), its
+trace (``lsgeo.curvature.hessian_trace``, Hutch++) and Keskar's epsilon-sharpness
+[max_{||delta||_2 <= rho} R(w + delta) - R(w)] / (1 + R(w)) (``lsgeo.sharpness.epsilon_sharpness``, projected
+gradient ascent from a random start); the test accuracy on the held-out set (497 digits). A seed fixes the
+initialisation of both batch sizes. The negative control ``twin`` is the small-batch run again from another
+seed (seed + ``TWIN_OFFSET``: another initialisation and data order), trained to the same loss.
 
-Verdict (paired over seeds, ``verdicts.paired_gain``, 95% Student-t): three parts, large-batch lambda_max
-above small-batch's beyond t s.e., the same for epsilon-sharpness, and small-batch test accuracy above
-large-batch's beyond t s.e. plus one test example (so that no single test image decides it).
-Supported when all three hold, false when one is contradicted beyond noise after Holm's correction for
-the three (``verdicts.combine``), null otherwise, and null
-when a run did not reach the target loss (the comparison is then not at equal loss).
+Verdict (``discrimination.judge``), three parts paired over seeds (``verdicts.paired_gain``, 95% Student-t), each
+beside its control, the same test with the small-batch twin in place of the large batch (two runs of one
+procedure: the test must not find a difference):
+  ``large_sharper_lambda_max``:        log lambda_max(large) - log lambda_max(small) above t s.e.;
+  ``large_sharper_epsilon_sharpness``: the same for epsilon-sharpness;
+  ``small_generalises_better``:        test accuracy small minus large above t s.e. plus one test example.
+Supported when all three hold and no control passes, false when one is contradicted beyond noise after Holm's
+correction for the three, null otherwise, and null when a run did not reach the target loss (the comparison is
+then not at equal loss). Power (``discrimination.Power``): the minimum detectable effect of each rule at the run's
+spread next to Keskar et al.'s effect: epsilon-sharpness one to two orders of magnitude larger for large batches
+(Table 3; here the floor log 10) and test-accuracy gaps from about 0.2 points (MNIST, Table 2) up.
 """
 
 from __future__ import annotations
@@ -31,17 +38,26 @@ import dataclasses
 import numpy as np
 import optax
 
-from experiments import cli, context, experiment, nets, plots, records, verdicts
+from experiments import cli, context, discrimination, experiment, nets, plots, records, verdicts
 from lsgeo import models, train
 
-BATCHES = ("small", "large")
-COLORS = {"small": "tab:blue", "large": "tab:red"}
+BATCHES = ("small", "large", "twin")  # twin: the small-batch run from another seed, the negative control
+COLORS = {"small": "tab:blue", "large": "tab:red", "twin": "tab:gray"}
+TWIN_OFFSET = 1000  # the twin of seed s trains from seed s + TWIN_OFFSET
 SHARPNESS = ("lambda_max", "epsilon_sharpness")
 
 CLAIM = (
-    "Large-batch training converges to sharper minima (larger lambda_max and epsilon-sharpness) than "
-    "small-batch SGD at the same training loss, and these minima generalise worse (Keskar et al. 2017)."
+    "At the same training loss, large-batch training ends at sharper minima (larger lambda_max and "
+    "epsilon-sharpness) than small-batch SGD, and these minima generalise worse (Keskar et al. 2017, Section 2, "
+    "Tables 2-3)."
 )
+SOURCE = {
+    "large_sharper_lambda_max": (None, " (log ratio)", "Keskar et al. 2017 report epsilon-sharpness, not lambda_max"),
+    "large_sharper_epsilon_sharpness": (float(np.log(10.0)), " (log ratio)",
+                                        "Keskar et al. 2017, Table 3: large-batch sharpness 10-100x small-batch's"),
+    "small_generalises_better": (0.002, " (accuracy)",
+                                 "Keskar et al. 2017, Table 2: smallest gap about 0.2 points, MNIST"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,9 +130,9 @@ def train_to_target(cfg: Config, objective, init, data, batch_size: int, seed: i
 def run(cfg: Config, data: nets.Splits, group: list[dict]) -> list[list[dict]]:
     n, which = len(data.train[1]), group[0]["batch"]
     model = models.MLP(widths=cfg.widths, num_outputs=data.num_classes)
-    batch_size = cfg.small_batch if which == "small" else (cfg.large_batch or n)
+    batch_size = (cfg.large_batch or n) if which == "large" else cfg.small_batch
     objective = nets.Objective(model)
-    seeds = [c["seed"] for c in group]
+    seeds = [c["seed"] + (TWIN_OFFSET if which == "twin" else 0) for c in group]
     runs = [
         train_to_target(cfg, objective, nets.init_fn(model, data.train[0]), data.train, batch_size, s) for s in seeds
     ]
@@ -168,54 +184,95 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
         for k in keys:
             entry[k] = figures[f"{b}_{k}"] = float(np.mean(final[(b, k)]))
         table.append(entry)
-    gains = {f"large_sharper_{k}": verdicts.paired_gain(final[("large", k)], final[("small", k)]) for k in SHARPNESS}
-    gains["small_generalises_better"] = verdicts.paired_gain(
-        final[("small", "test_acc")], final[("large", "test_acc")], resolution=records.resolution(rows)
-    )
-    for k in (*SHARPNESS, "hessian_trace"):
+    resolution = records.resolution(rows)
+
+    def gains(sharp: str) -> dict[str, verdicts.Gain]:
+        """The three tests with ``sharp`` ("large", or the control "twin") as the batch claimed sharper."""
+        out = {f"large_sharper_{k}": verdicts.paired_gain(np.log(final[(sharp, k)]), np.log(final[("small", k)]))
+               for k in SHARPNESS}  # fmt: skip
+        out["small_generalises_better"] = verdicts.paired_gain(
+            final[("small", "test_acc")], final[(sharp, "test_acc")], resolution=resolution
+        )
+        return out
+
+    claims, controls = gains("large"), gains("twin")
+    for k in (*SHARPNESS, "hessian_trace", "train_loss"):
         figures[f"{k}_ratio"] = figures[f"large_{k}"] / figures[f"small_{k}"]
-    g = gains["small_generalises_better"]
+        figures[f"control_{k}_ratio"] = figures[f"twin_{k}"] / figures[f"small_{k}"]
+    for name in claims:
+        figures[f"{name}_gain"], figures[f"{name}_se"] = claims[name].mean, claims[name].se
+        figures[f"{name}_control_gain"], figures[f"{name}_control_se"] = controls[name].mean, controls[name].se
+    g = claims["small_generalises_better"]
     figures.update(acc_gap=g.mean, acc_gap_se=g.se, acc_gap_margin=g.margin)
     what = {
-        "large_sharper_lambda_max": "lambda_max, large minus small",
-        "large_sharper_epsilon_sharpness": "epsilon-sharpness, large minus small",
+        "large_sharper_lambda_max": "log lambda_max, large minus small",
+        "large_sharper_epsilon_sharpness": "log epsilon-sharpness, large minus small",
         "small_generalises_better": "test accuracy, small minus large",
     }
+    control = f"the small-batch run from seed + {TWIN_OFFSET} in place of the large batch"
+    parts = {name: discrimination.Part(claims[name], controls[name], control) for name in claims}
+    judgement = discrimination.judge(parts)
+    powers = {name: discrimination.Power.of(claims[name], *SOURCE[name]) for name in claims}
+    supported, power_clause = discrimination.with_power(judgement.supported, powers)
+    scale = lambda k: (100.0, " points") if k.startswith("small") else (1.0, "")  # noqa: E731
     reason = "; ".join(
-        g.describe(
-            what[k], scale=100 if k.startswith("small") else 1.0, unit=" points" if k.startswith("small") else ""
-        )
-        for k, g in gains.items()
-    )
-    supported = verdicts.combine(gains)
+        [f"stopped at training loss {figures['small_train_loss']:.3g} (small) vs {figures['large_train_loss']:.3g} "
+         f"(large), target {cfg.target_loss:g}"]
+        + [claims[k].describe(what[k], *scale(k)) + "; control " + controls[k].describe("(twin)", *scale(k))
+           for k in claims]
+        + [judgement.reason, power_clause]
+    )  # fmt: skip
     if not all(r["reached"] for r in records.select(rows, kind="final")):
         supported, reason = (
             None,
             f"cannot test the claim: a run did not reach the target loss {cfg.target_loss:g}; {reason}",
         )
-    return experiment.Verdict(supported, figures, table, reason)
+    return experiment.Verdict(supported, figures, table, reason, judgement.controls,
+                              {k: p.record() for k, p in powers.items()})  # fmt: skip
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
     plt = plots.plt
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     groups = {}
     for b in BATCHES:
         final = records.select(rows, batch=b, kind="final")
-        groups[f"{b} (batch {final[0]['batch_size']})"] = (final, COLORS[b])
+        label = f"{b} (batch {final[0]['batch_size']})" + (" control" if b == "twin" else "")
+        groups[label] = (final, COLORS[b])
         for s in cfg.seeds:
             hist = records.select(rows, batch=b, seed=s, kind="history")
             axes[0].plot([r["step"] for r in hist], [r["train_loss"] for r in hist], color=COLORS[b], alpha=0.6,
-                         label=f"{b} (batch {final[0]['batch_size']})" if s == cfg.seeds[0] else None)
-    for ax, key in zip(axes[1:], SHARPNESS):
-        plots.paired_scatter(ax, groups, key, "test_acc")
+                         ls="--" if b == "twin" else "-", label=label if s == cfg.seeds[0] else None)  # fmt: skip
+    claimed = {k: v for k, v in groups.items() if not k.endswith("control")}
+    plots.paired_scatter(axes[1], claimed, "lambda_max", "test_acc")  # small and large joined by seed
+    (twin, color), = [v for k, v in groups.items() if k.endswith("control")]
+    axes[1].scatter([r["lambda_max"] for r in twin], [r["test_acc"] for r in twin], color=color, marker="x",
+                    label=next(k for k in groups if k.endswith("control")), zorder=3)
     axes[0].axhline(cfg.target_loss, color="k", ls=":", label="target loss")
-    axes[0].set(xscale="log", yscale="log", xlabel="step", ylabel="train loss", title="training to the same loss")
-    axes[1].set(xlabel="lambda_max of the Hessian", ylabel="test accuracy", title="one point per seed, joined by seed")
-    axes[2].set(xlabel=f"epsilon-sharpness (rho = {cfg.rho:g})", ylabel="test accuracy",
-                title="one point per seed, joined by seed")
+    axes[0].set(xscale="log", yscale="log", xlabel="step", ylabel="train loss (whole set)",
+                title="every run stops at the same loss (one line per seed)")  # fmt: skip
+    axes[1].set(xscale="log", xlabel="lambda_max of the Hessian at the stop", ylabel="test accuracy",
+                title="one point per seed, joined by seed")  # fmt: skip
+    verdict = summarize(cfg, rows)
+    names = list(verdict.controls)
+    for i, name in enumerate(names):  # the judged statistic, claim and control, in units of its own margin
+        record = verdict.controls[name]
+        for dx, who, color in ((-0.15, "claim", COLORS["large"]), (0.15, "control", COLORS["twin"])):
+            mean, margin = record.get(f"{who}_mean"), record.get(f"{who}_margin")
+            if mean is None or not np.isfinite(margin) or margin <= 0:
+                continue
+            axes[2].errorbar([i + dx], [mean / margin], yerr=[1.0], fmt="o", capsize=4, color=color,
+                             label=("large vs small (claim)" if who == "claim" else "twin vs small (control)")
+                             if i == 0 else None)  # fmt: skip
+    axes[2].axhline(1.0, color="k", ls=":", lw=0.8, label="supported above 1 (mean > margin)")
+    axes[2].axhline(0.0, color="k", lw=0.8)
+    axes[2].set(xticks=range(len(names)), xticklabels=["log lambda_max\n(large - small)", "log eps-sharpness\n"
+                "(large - small)", "test accuracy\n(small - large)"][: len(names)],
+                ylabel="mean difference / its 95% margin (± 1 = interval)",
+                title=f"judged, paired over {len(cfg.seeds)} seeds; verdict: {verdict.supported}")  # fmt: skip
     for ax in axes:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
     return {"batch_size.png": fig}
 
 

@@ -180,21 +180,13 @@ def _mode_connectivity(f: dict, c: dict) -> str:
 
 
 def _landscape_2d(f: dict, c: dict) -> str:
-    pairs = {
-        "batch": ("small_batch", "large_batch"),
-        "noise": ("noise", "large_batch"),
-        "skip": ("deep_skip", "deep_plain"),
-    }
-    out = "slice curvature " + ", ".join(
-        f"{f[f'{a}_curvature']:.3g} vs {f[f'{b}_curvature']:.3g} ({name}"
-        + (f", {f[f'{name}_converged_pairs']:g} converged pairs" if f"{name}_converged_pairs" in f else "")
-        + ")"
-        for name, (a, b) in pairs.items()
-        if name in c["comparisons"]
+    parts = [(k[: -len("_gain")], f[k]) for k in f if k.endswith("_gain") and not k.endswith("control_gain")]
+    out = ", ".join(
+        f"{name} {gain:+.2g} ± {f.get(f'{name}_gain_se', float('nan')):.2g} (control "
+        f"{f.get(f'{name}_control_gain', float('nan')):+.2g}, {f.get(f'{name}_pairs', 0):g} pairs)"
+        for name, gain in parts
     )
-    if "deep_skip_roughness" in f and "skip" in c["comparisons"]:
-        out += f"; slice roughness {f['deep_skip_roughness']:.2g} vs {f['deep_plain_roughness']:.2g} (skip)"
-    return out
+    return f"at training loss {c.get('target_loss', float('nan')):g}, log curvature sharper minus flatter: {out}"
 
 
 def _swa(f: dict, c: dict) -> str:
@@ -204,14 +196,20 @@ def _swa(f: dict, c: dict) -> str:
         bound = 100 * c["acc_bound"]
         interval = f" (interval {100 * low:+.2g} to {100 * high:+.2g}; equal or better: above -{bound:g})"
     return (
-        f"lambda_max {f['swa_lambda_max']:.3g} vs {f['sgd_lambda_max']:.3g}, trace {f['swa_hessian_trace']:.3g} vs "
-        f"{f['sgd_hessian_trace']:.3g} (SWA vs SGD); accuracy {_pts(f['acc_gain'], f['acc_gain_se'])}{interval}"
+        f"at equal training loss {f.get('equal_loss', float('nan')):.2g}: log lambda_max SGD minus SWA "
+        f"{f.get('log_ratio_at_equal_loss', float('nan')):+.2g} ± "
+        f"{f.get('log_ratio_at_equal_loss_se', float('nan')):.2g}"
+        f" (control, un-averaged iterate: {f.get('control_log_ratio', float('nan')):+.2g}); at the end lambda_max "
+        f"{f['swa_lambda_max']:.3g} vs {f['sgd_lambda_max']:.3g} (SWA vs SGD, unequal losses); accuracy "
+        f"{_pts(f['acc_gain'], f['acc_gain_se'])}{interval}"
     )
 
 
 def _batch_size(f: dict, c: dict) -> str:
     return (
-        f"large batch: lambda_max x{f['lambda_max_ratio']:.2f}, epsilon-sharpness x{f['epsilon_sharpness_ratio']:.2f}; "
+        f"large batch: lambda_max x{f['lambda_max_ratio']:.2f}, epsilon-sharpness x{f['epsilon_sharpness_ratio']:.2f} "
+        f"(control, small batch from another seed: x{f.get('control_lambda_max_ratio', float('nan')):.2f}, "
+        f"x{f.get('control_epsilon_sharpness_ratio', float('nan')):.2f}); "
         f"accuracy gap (small - large) {_pts(f['acc_gap'], f['acc_gap_se'])}"
     )
 
@@ -325,17 +323,19 @@ ROWS: dict[str, tuple[str, str, Formatter]] = {
         _mode_connectivity,
     ),
     "landscape_2d": (
-        "filter-normalised 2-D surfaces and 1-D slices: batch size, noise, skip connections",
-        "small batch, noise and skips give flatter minima (Li et al. 2018)",
+        "filter-normalised 1-D slices and 2-D surfaces at equal training loss: batch size, noise, skip connections "
+        "(controls: GD from another seed, the skip pair at depth 2)",
+        "small batch, noise and skips give flatter regions at equal loss (Li et al. 2018)",
         _landscape_2d,
     ),
     "swa": (
-        "SGD vs SWA: test accuracy, lambda_max, Hessian trace",
+        "SGD vs SWA: lambda_max at equal training loss (control: the un-averaged iterate), test accuracy",
         "SWA finds flatter solutions, equal or better accuracy (Izmailov et al. 2018)",
         _swa,
     ),
     "batch_size": (
-        "small vs large batch at the same train loss: lambda_max, epsilon-sharpness, accuracy",
+        "small vs large batch at the same train loss: lambda_max, epsilon-sharpness, accuracy (control: the small "
+        "batch from another seed)",
         "large batch: sharper minima that generalise worse (Keskar et al. 2017)",
         _batch_size,
     ),

@@ -1,8 +1,9 @@
-"""Stochastic weight averaging (Izmailov et al. 2018) against SGD: flatness and test accuracy.
+"""Stochastic weight averaging (Izmailov et al. 2018) against SGD: flatness at equal loss and test accuracy.
 
-Claim (Izmailov et al. 2018, Sections 3-5): averaging the SGD iterates of a constant (high) learning
-rate phase finds a solution in a flatter region of the loss surface than conventional SGD with a
-decaying learning rate, with equal or better test accuracy.
+Claim (Izmailov et al. 2018, Section 3.4 "solution width" and Section 4): the average of the SGD iterates of a
+constant (high) learning-rate phase lies in a flatter region of the training loss than conventional SGD with a
+decaying learning rate, with equal or better test accuracy. Izmailov et al. measure width along random rays;
+the statistic here is the Hessian's lambda_max, compared at the same training loss.
 
 Setup: a ReLU MLP (``arch="mlp"``, ``lsgeo.models.MLP``) or a ResNet with BatchNorm (``arch="resnet"``,
 ``lsgeo.models.ResNet18`` with ``stage_sizes``) on scikit-learn digits (or MNIST-1D), softmax
@@ -19,16 +20,31 @@ For a BatchNorm net the statistics of the SWA average are recomputed on the trai
 (Izmailov et al.'s bn_update; ``lsgeo.models.recompute_batch_stats``: exact population statistics), at
 every evaluation and at the end; the SGD solution gets its population statistics the same way, so
 both are measured alike. Both methods are vmapped over seeds (a seed fixes the initialisation and the
-data order, so the methods are paired). At the end, on the whole training set: lambda_max of the
-Hessian (``lsgeo.curvature.top_eigenvalues``, Lanczos) and its trace (``lsgeo.curvature.hessian_trace``,
-Hutch++); test accuracy on the held-out set. The SWA curves start where averaging starts (before it
-there is no average to evaluate).
+data order, so the methods are paired).
 
-Verdict (paired over seeds, ``verdicts.paired_gain``, 95% Student-t): SWA's lambda_max and its trace
-below SGD's beyond t s.e. (two parts), and "equal or better" test accuracy as a non-inferiority test
-(``Gain.noninferior``): the whole interval gain ± (t s.e. + one test example's worth) lies above
--``acc_bound`` (1 point), false when it lies below. Supported when all hold, false when one is
-contradicted (Holm over the two curvature tests), null otherwise.
+Flatness at equal training loss (the curvature of a cross-entropy minimum falls with its loss, so a method that
+merely ends at a lower loss looks flatter): at every evaluation (every ``eval_every`` steps) the whole training
+set's loss and the Hessian's lambda_max (Lanczos, ``track_iters`` steps, ``lsgeo.curvature.top_eigenvalues``) are
+recorded for the SGD iterate, the SWA average and the SWA run's own (un-averaged) iterate. Per seed the common
+loss L* is the higher of the two final losses (a loss both runs reach), and each run's lambda_max at L* is read
+where its loss first falls to L*, log-linear between the two evaluations around it (``records.at_loss``). A seed
+where a run's curve does not reach L* (the SWA average starts below it) is left out of the pairs.
+
+Verdict (``discrimination.judge``), two parts, paired over seeds (``verdicts.paired_gain``, 95% Student-t):
+
+- ``flatter_at_equal_loss``: log lambda_max(SGD) - log lambda_max(SWA) at L* above t s.e.; negative control: the
+  same test with the SWA run's last iterate, un-averaged, in place of the average (the same schedule without the
+  averaging the claim credits: it must not be flatter, or the flatness comes from the learning rate);
+- ``accuracy_not_worse``: "equal or better" test accuracy at the end as a non-inferiority test
+  (``Gain.noninferior``): the interval gain ± (t s.e. + one test example's worth) above -``acc_bound``;
+  negative control: the same test on SWA's accuracy lowered by 2 ``acc_bound`` (a model known to be worse by
+  twice the bound must not be called equal: the rule is not vacuous).
+
+Supported when both hold and both controls fail; null when a control passes ("does not discriminate"); false
+when a part is contradicted (Holm over the parts). Power: the minimum detectable effect of each rule at the
+run's spread (``discrimination.Power``), in log lambda_max (Izmailov et al. report no Hessian numbers) and
+against the non-inferiority bound. The final lambda_max and Hutch++ trace at the end of the budget (unequal
+losses) are recorded, not judged.
 """
 
 from __future__ import annotations
@@ -40,16 +56,18 @@ import jax
 import numpy as np
 import optax
 
-from experiments import cli, context, experiment, nets, plots, records, verdicts
-from lsgeo import train
+from experiments import cli, context, discrimination, experiment, nets, plots, records, verdicts
+from lsgeo import curvature, models, train
 
 METHODS = ("sgd", "swa")
-COLORS = {"sgd": "black", "swa": "tab:green"}
-LABELS = {"sgd": "SGD (decaying lr)", "swa": "SWA average"}
+COLORS = {"sgd": "black", "swa": "tab:green", "iterate": "tab:olive"}
+LABELS = {"sgd": "SGD (decaying lr)", "swa": "SWA average", "iterate": "SWA run's iterate (control)"}
+SOURCE = "Izmailov et al. 2018, Sec. 3.4: widths along random rays (Fig. 5), no Hessian eigenvalues"
 
 CLAIM = (
-    "Stochastic weight averaging finds flatter solutions than SGD (lower Hessian lambda_max and trace) with "
-    "equal or better test accuracy (Izmailov et al. 2018)."
+    "At equal training loss the SWA average of a constant-learning-rate SGD phase has a smaller Hessian lambda_max "
+    "than SGD with a decaying learning rate, with test accuracy not worse by more than acc_bound (Izmailov et al. "
+    "2018, Sections 3.4 and 4)."
 )
 
 
@@ -68,7 +86,8 @@ class Config:
     lr: float = 0.1  # initial learning rate of both methods
     swa_lr: float = 0.05  # constant learning rate of the SWA phase
     swa_start: float = 0.75  # SWA averages from this fraction of the steps on
-    eval_every: int = 320  # steps between evaluations
+    eval_every: int = 160  # steps between evaluations (the curves lambda_max is read from at equal loss)
+    track_iters: int = 12  # Lanczos steps of the lambda_max recorded at every evaluation
     lanczos_iters: int = 30
     trace_probes: int = 60  # Hutch++ Hessian-vector products
     acc_bound: float = 0.01  # "equal or better": SWA's accuracy interval must lie above -acc_bound (1 point)
@@ -82,11 +101,31 @@ PRESETS = {
         widths=(256, 256),
         batch_size=128,
         steps=31_250,
-        eval_every=3125,
+        eval_every=625,
         lanczos_iters=60,
         trace_probes=150,
     )
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateCurvature:
+    """``eval_fn``: accuracy and loss on val / test (``nets.Evaluate``) and lambda_max of the Hessian of the training
+    loss (``eval_data["train"]``; a BatchNorm net in evaluation mode at recomputed statistics)."""
+
+    evaluate: nets.Evaluate
+    num_iters: int
+
+    def __call__(self, params, *args):
+        out = self.evaluate(params, *args)
+        state, eval_data = (None, args[0]) if len(args) == 1 else args
+        batch = eval_data["train"]
+        if state:
+            batch = (*batch, models.recompute_batch_stats(self.evaluate.model, params, state, eval_data["stats"]))
+        objective = nets.Objective(self.evaluate.model)
+        out["lambda_max"] = curvature.top_eigenvalues(objective, params, batch, jax.random.key(0),
+                                                      num_iters=self.num_iters)[0]  # fmt: skip
+        return out
 
 
 def cells(cfg: Config) -> list[dict]:
@@ -120,8 +159,10 @@ def run(cfg: Config, data: nets.Splits, group: list[dict]) -> list[list[dict]]:
     with context.progress_bar(cfg.steps, f"{method} x {len(seeds)} seeds") as callback:
         result = train.sweep(
             net.train_objective, lambda seed: optax.sgd(schedule(cfg, method, swa_start)), net.init, data.train, {},
-            seeds, num_steps=cfg.steps, eval_every=cfg.eval_every, batch_size=cfg.batch_size, eval_fn=net.evaluate,
-            eval_data=net.eval_data(data), model_state=net.init_state, callback=callback, **swa,
+            seeds, num_steps=cfg.steps, eval_every=cfg.eval_every, batch_size=cfg.batch_size,
+            eval_fn=EvaluateCurvature(net.evaluate, cfg.track_iters),
+            eval_data={**net.eval_data(data), "train": data.train}, model_state=net.init_state, callback=callback,
+            **swa,
         )  # fmt: skip
     final = jax.tree_util.tree_map(lambda p: np.asarray(p)[0], result.swa_params if method == "swa" else result.params)
     states = net.population_stats(
@@ -148,83 +189,156 @@ def run(cfg: Config, data: nets.Splits, group: list[dict]) -> list[list[dict]]:
     return out
 
 
+CURVES = {"sgd": dict(method="sgd", kind="history"), "swa": dict(method="swa", kind="history"),
+          "iterate": dict(method="swa", kind="iterate")}  # fmt: skip
+
+
+def final_loss(rows: list[dict], seed: int, curve: str) -> float:
+    """The training loss of ``curve`` ("sgd", "swa", "iterate") at its last evaluation."""
+    return max(records.select(rows, seed=seed, **CURVES[curve]), key=lambda r: r["step"])["train_loss"]
+
+
+def at_equal_loss(rows: list[dict], seed: int, reference: str, other: str) -> tuple[float, float, float]:
+    """(L*, lambda_max of ``reference`` at L*, that of ``other`` at L*): L* is the higher of the two curves' final
+    training losses (a loss both reach); each lambda_max is read where its curve first falls to L*, log-linear
+    between evaluations (``records.at_loss``); NaN where a curve never gets there (it starts below L*)."""
+    loss = max(final_loss(rows, seed, reference), final_loss(rows, seed, other))
+    read = lambda c: records.at_loss(rows, "lambda_max", loss, seed=seed, **CURVES[c])  # noqa: E731
+    return loss, read(reference), read(other)
+
+
+def equal_loss_gain(cfg: Config, rows: list[dict], other: str) -> tuple[verdicts.Gain, dict]:
+    """log lambda_max(SGD) - log lambda_max(``other``) at the loss both reach, paired over the seeds where both
+    curves reach it; and the per-seed values (for the figures)."""
+    values = {k: at_equal_loss(rows, k, "sgd", other) for k in cfg.seeds}
+    matched = [k for k, (_, a, b) in values.items() if np.isfinite(a) and np.isfinite(b) and a > 0 and b > 0]
+    sgd = np.log([values[k][1] for k in matched])
+    gain = verdicts.paired_gain(sgd, np.log([values[k][2] for k in matched]))
+    return gain, {k: values[k] for k in matched}
+
+
 def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
-    final = {
-        (m, k): records.per_seed(rows, k, cfg.seeds, method=m, kind="final")
-        for m in METHODS
-        for k in ("lambda_max", "hessian_trace", "test_acc", "test_loss", "train_loss")
-    }
+    keys = ("lambda_max", "hessian_trace", "test_acc", "test_loss", "train_loss")
+    final = {(m, k): records.per_seed(rows, k, cfg.seeds, method=m, kind="final") for m in METHODS for k in keys}
+    flat, per_seed = equal_loss_gain(cfg, rows, "swa")
+    control, control_seed = equal_loss_gain(cfg, rows, "iterate")
     table, figures = [], {}
     for m in METHODS:
         entry = dict(method=m)
-        for k in ("lambda_max", "hessian_trace", "test_acc", "test_loss", "train_loss"):
+        for k in keys:
             entry[k], se = verdicts.mean_se(final[(m, k)])
             figures[f"{m}_{k}"] = entry[k]
             if k == "test_acc":
                 entry["test_acc_se"] = se
+        column = 1 if m == "sgd" else 2
+        entry["lambda_max_at_equal_loss"] = figures[f"{m}_lambda_max_at_equal_loss"] = (
+            float(np.exp(np.mean(np.log([v[column] for v in per_seed.values()])))) if per_seed else float("nan"))
         table.append(entry)
-    gains = {k: verdicts.paired_gain(-final[("swa", k)], -final[("sgd", k)]) for k in ("lambda_max", "hessian_trace")}
-    acc = verdicts.paired_gain(
-        final[("swa", "test_acc")], final[("sgd", "test_acc")], resolution=records.resolution(rows)
-    )
-    for k, g in gains.items():
-        figures.update(
-            {f"{k}_ratio": figures[f"swa_{k}"] / figures[f"sgd_{k}"], f"{k}_drop": g.mean, f"{k}_drop_se": g.se}
-        )
+    for k in ("lambda_max", "hessian_trace", "train_loss"):  # at the end of the budget, unequal losses: recorded
+        figures[f"{k}_ratio"] = figures[f"swa_{k}"] / figures[f"sgd_{k}"]
+    figures.update(equal_loss=float(np.mean([v[0] for v in per_seed.values()])) if per_seed else float("nan"),
+                   log_ratio_at_equal_loss=flat.mean, log_ratio_at_equal_loss_se=flat.se,
+                   log_ratio_at_equal_loss_margin=flat.margin, matched_pairs=flat.n,
+                   control_log_ratio=control.mean, control_log_ratio_se=control.se, control_matched_pairs=control.n)
+    resolution = records.resolution(rows)
+    acc = verdicts.paired_gain(final[("swa", "test_acc")], final[("sgd", "test_acc")], resolution=resolution)
+    worse = verdicts.paired_gain(final[("swa", "test_acc")] - 2 * cfg.acc_bound, final[("sgd", "test_acc")],
+                                 resolution=resolution)  # fmt: skip
     figures.update(acc_gain=acc.mean, acc_gain_se=acc.se, acc_gain_margin=acc.margin)
-    # "equal or better": a non-inferiority test with an explicit bound (null with too few seeds to tell).
-    not_worse = acc.noninferior(cfg.acc_bound)
-    parts = {**{f"lower_{k}": g for k, g in gains.items()}, "accuracy_not_worse": not_worse}
+    parts = {
+        "flatter_at_equal_loss": discrimination.Part(
+            flat, control, "the SWA run's last iterate, un-averaged, in place of the SWA average"),
+        "accuracy_not_worse": discrimination.Part(
+            acc.noninferior(cfg.acc_bound), worse.noninferior(cfg.acc_bound),
+            f"SWA's accuracy lowered by {200 * cfg.acc_bound:g} points (twice the bound)"),
+    }  # fmt: skip
+    judgement = discrimination.judge(parts)
+    powers = {
+        "flatter_at_equal_loss": discrimination.Power.of(flat, None, " (log lambda_max)", SOURCE),
+        "accuracy_not_worse": discrimination.Power.of(
+            acc, cfg.acc_bound, " (accuracy)", "the non-inferiority bound acc_bound: a drop this large must be seen"),
+    }
+    supported, power_clause = discrimination.with_power(judgement.supported, powers)
     low, high = 100 * (acc.mean - acc.margin), 100 * (acc.mean + acc.margin)
+    left_out = sorted(set(cfg.seeds) - set(per_seed))
     reason = "; ".join(
-        [g.describe(f"{k}, SGD minus SWA") for k, g in gains.items()]
-        + [acc.describe("test accuracy, SWA minus SGD", scale=100, unit=" points")]
-        + [f"equal or better: interval [{low:+.2g}, {high:+.2g}] points "
-           f"{'above' if not_worse else 'not above'} -{100 * cfg.acc_bound:g} (non-inferiority bound)"]
-        + [verdicts.combine_reason(parts)]
+        [flat.describe(f"log lambda_max at equal training loss (L* = {figures['equal_loss']:.3g}), SGD minus SWA")
+         + (f" (seeds {left_out} left out: a curve never reaches L*)" if left_out else ""),
+         control.describe("control: the same with the SWA run's un-averaged iterate"),
+         f"at the end (unequal losses, recorded): lambda_max ratio SWA/SGD {figures['lambda_max_ratio']:.3g}, "
+         f"train-loss ratio {figures['train_loss_ratio']:.3g}",
+         acc.describe("test accuracy, SWA minus SGD", scale=100, unit=" points"),
+         f"equal or better: interval [{low:+.2g}, {high:+.2g}] points "
+         f"{'above' if parts['accuracy_not_worse'].claim else 'not above'} -{100 * cfg.acc_bound:g} (non-inferiority)",
+         judgement.reason, power_clause]
     )  # fmt: skip
-    return experiment.Verdict(verdicts.combine(parts), figures, table, reason)
+    return experiment.Verdict(supported, figures, table, reason, judgement.controls,
+                              {k: p.record() for k, p in powers.items()})  # fmt: skip
+
+
+def _band(ax, rows: list[dict], key: str, fields: dict, color, label: str, **style) -> None:
+    """Mean over seeds of ``key`` against the step, with a band from the lowest to the highest seed."""
+    seeds = sorted({r["seed"] for r in records.select(rows, **fields)})
+    steps = sorted({r["step"] for r in records.select(rows, **fields)})
+    table = np.full((len(seeds), len(steps)), np.nan)
+    for r in records.select(rows, **fields):
+        table[seeds.index(r["seed"]), steps.index(r["step"])] = r[key]
+    ax.plot(steps, np.nanmean(table, axis=0), color=color, label=f"{label} (mean, band: seed range)", **style)
+    ax.fill_between(steps, np.nanmin(table, axis=0), np.nanmax(table, axis=0), color=color, alpha=0.15, lw=0)
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
     plt = plots.plt
-    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.8))
     start = records.select(rows, kind="final")[0]["swa_start"]
-    late = [r for r in rows if r["step"] >= cfg.steps // 2]  # test accuracy: the second half, where they differ
+    for curve in ("sgd", "iterate", "swa"):
+        _band(axes[0], rows, "train_loss", CURVES[curve], COLORS[curve], LABELS[curve])
+        for k in cfg.seeds:  # lambda_max against the training loss: equal loss is a vertical line
+            sel = sorted(records.select(rows, seed=k, **CURVES[curve]), key=lambda r: r["step"])
+            sel = [r for r in sel if r["step"] >= cfg.steps // 2]
+            axes[1].plot([r["train_loss"] for r in sel], [r["lambda_max"] for r in sel], ".-", color=COLORS[curve],
+                         lw=0.8, ms=3, alpha=0.8, label=LABELS[curve] if k == cfg.seeds[0] else None)  # fmt: skip
+    for k in cfg.seeds:
+        loss, sgd, swa = at_equal_loss(rows, k, "sgd", "swa")
+        axes[1].plot([loss, loss], [sgd, swa], "k-", lw=2, alpha=0.6,
+                     label="judged pair at L*" if k == cfg.seeds[0] else None)
+    axes[0].axvline(start, color="gray", lw=0.8, ls="--")
+    axes[0].set(yscale="log", xlabel="step", ylabel="training loss (whole set)", title="dashed: averaging starts")
+    axes[1].set(xscale="log", yscale="log", xlabel="training loss (whole set)", ylabel="lambda_max of the Hessian",
+                title="second half of training; L* = the higher final loss")
+    verdict = summarize(cfg, rows)
+    for x, (name, other, color) in enumerate((("claim: SWA average", "swa", COLORS["swa"]),
+                                              ("control: un-averaged iterate", "iterate", COLORS["iterate"]))):
+        gain, per_seed = equal_loss_gain(cfg, rows, other)
+        diff = [np.log(a / b) for _, a, b in per_seed.values()]
+        axes[2].plot(x + np.linspace(-0.12, 0.12, len(diff)), diff, "o", color=color, label=f"{name}, per seed")
+        if np.isfinite(gain.margin):
+            axes[2].errorbar([x + 0.3], [gain.mean], yerr=[gain.margin], fmt="s", capsize=4, color="k",
+                             label="mean ± t s.e. (95%)" if x == 0 else None)  # fmt: skip
+    axes[2].axhline(0.0, color="k", lw=0.8)
+    axes[2].set(xticks=[0, 1], xticklabels=["SGD vs SWA average", "SGD vs SWA iterate\n(control)"], xlim=(-0.5, 1.6),
+                ylabel="log lambda_max(SGD) - log lambda_max(other) at L*", title="judged: > 0 = flatter than SGD")
+    axes[2].legend(fontsize=7)
+    seeds = list(cfg.seeds)
     n_test = max(r.get("n_test", 0) for r in rows) or None
-    for key, ax, sel in (("train_loss", axes[0], rows), ("test_acc", axes[1], late)):
-        plots.plot_curves(ax, sel, key, {LABELS[m]: (dict(method=m, kind="history"), COLORS[m]) for m in METHODS})
-        plots.plot_curves(ax, sel, key, {"SWA run's SGD iterate": (dict(method="swa", kind="iterate"), COLORS["swa"])},
-                           ls=":", lw=1)
-        ax.axvline(start, color="gray", lw=0.8, ls="--")
-        ax.legend(fontsize=8)
-    lo, hi = axes[1].get_ylim()  # at least 2 points of accuracy tall: one test example is not a "steep drop"
-    mid = (lo + hi) / 2
-    axes[1].set_ylim(min(lo, mid - 0.01), max(hi, mid + 0.01))
-    final = {m: records.select(rows, method=m, kind="final") for m in METHODS}
-    seeds = sorted({r["seed"] for r in final["sgd"]})
-    x = np.arange(len(METHODS))
-    for k in seeds:  # lambda_max per seed, SGD -> SWA, one line per seed
-        values = [records.select(final[m], seed=k)[0]["lambda_max"] for m in METHODS]
-        axes[2].plot(x, values, "o-", color="gray", lw=0.8, ms=4)
-    axes[2].set(xticks=x, xticklabels=[LABELS[m] for m in METHODS], xlim=(-0.4, len(METHODS) - 0.6),
-                ylabel="lambda_max of the Hessian at the end", title=f"one line per seed ({len(seeds)} seeds)")
     diff = 100 * (records.per_seed(rows, "test_acc", seeds, method="swa", kind="final")
                   - records.per_seed(rows, "test_acc", seeds, method="sgd", kind="final"))  # fmt: skip
-    jitter = np.linspace(-0.15, 0.15, len(seeds))
-    axes[3].plot(jitter, diff, "o", color=COLORS["swa"], label="per seed")
+    axes[3].plot(np.linspace(-0.15, 0.15, len(seeds)), diff, "o", color=COLORS["swa"], label="per seed")
     acc = verdicts.paired_gain(diff / 100, np.zeros_like(diff), resolution=1.0 / n_test if n_test else 0.0)
     if np.isfinite(acc.margin):
         axes[3].errorbar([0.4], [100 * acc.mean], yerr=[100 * acc.margin], fmt="s", capsize=4, color="k",
-                         label="mean ± margin (t s.e. + one example)")  # fmt: skip
+                         label="mean ± margin (t s.e. + one example)")
+        axes[3].errorbar([0.8], [100 * (acc.mean - 2 * cfg.acc_bound)], yerr=[100 * acc.margin], fmt="s", capsize=4,
+                         color="tab:red", label=f"control: {200 * cfg.acc_bound:g} points worse")  # fmt: skip
     axes[3].axhspan(-100 * cfg.acc_bound, max(axes[3].get_ylim()[1], 100 * cfg.acc_bound), color=COLORS["swa"],
                     alpha=0.1, label=f"equal or better (above -{100 * cfg.acc_bound:g} point)")  # fmt: skip
     axes[3].axhline(0.0, color="k", lw=0.8)
-    axes[3].set(xticks=[], xlim=(-0.5, 0.7), ylabel="test accuracy, SWA minus SGD (points)",
+    axes[3].set(xticks=[], xlim=(-0.5, 1.1), ylabel="test accuracy, SWA minus SGD (points)",
                 title=f"paired by seed{f'; one test example = {100 / n_test:.2g} points' if n_test else ''}")
+    for ax in axes[:2]:
+        ax.legend(fontsize=7)
     axes[3].legend(fontsize=7)
-    axes[0].set(yscale="log", xlabel="step", ylabel="train loss (mean over seeds)", title="dashed: SWA starts")
-    axes[1].set(xlabel="step", ylabel="test accuracy (mean over seeds)", title="second half of training")
+    fig.suptitle(f"verdict: {verdict.supported}")
     fig.tight_layout()
     return {"swa.png": fig}
 

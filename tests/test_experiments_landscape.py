@@ -47,14 +47,15 @@ def test_landscape_2d(tmp_path):
     cfg = landscape_2d.Config(n_train=128, widths=(8,), deep_width=8, deep_depth=2, steps=20, small_batch=32,
                               num_directions=2, num_alphas=5, grid=3, fit_radius=0.5, comparisons=("noise",), seeds=(0,))
     summary, rows = _run(landscape_2d.EXPERIMENT, cfg, tmp_path, ["surfaces.png", "slices.png", "flatness.png"])
-    assert landscape_2d.variants(cfg) == ["large_batch", "noise"]
+    assert landscape_2d.variants(cfg) == ["large_batch", "large_twin", "noise"]  # large_twin: the control
     for v in landscape_2d.variants(cfg):  # the centre of every slice and of the surface is the minimum itself
         center = landscape_2d.minimum(rows, v, 0)["train_loss"]
         at_zero = [r["loss"] for r in records.select(rows, variant=v, kind="slice", alpha=0.0)]
         at_zero += [r["loss"] for r in records.select(rows, variant=v, kind="surface", alpha=0.0, beta=0.0)]
         assert len(at_zero) == cfg.num_directions + 1
         np.testing.assert_allclose(at_zero, center, rtol=1e-5)
-    assert "noise_curvature_gap" in summary["figures"] and "batch_curvature_gap" not in summary["figures"]
+    assert "noise_gain" in summary["figures"] and "batch_gain" not in summary["figures"]
+    assert set(summary["controls"]) == {"noise"} and set(summary["power"]) == {"noise"}
 
 
 def test_curvature_at_zero_of_a_parabola():

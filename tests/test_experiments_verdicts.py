@@ -170,32 +170,6 @@ def test_wide_networks_verdict():
     assert wide_networks.summarize(few, _wn_rows(few)).supported is None
 
 
-# ---------------------------------------------------------------- swa ("equal or better" as non-inferiority)
-
-
-def _swa_rows(cfg, *, acc_shift=0.0, flatter=True):
-    rng = np.random.default_rng(0)
-    rows = []
-    for k in cfg.seeds:
-        base = 0.95 + rng.normal(0, 0.005)
-        for m in ("sgd", "swa"):
-            lam = 1.0 + 0.01 * k + (-0.1 if (m == "swa") == flatter else 0.1) * (m == "swa")
-            rows.append(dict(method=m, seed=k, kind="final", step=cfg.steps, swa_start=0, n_test=500, lambda_max=lam,
-                             hessian_trace=5 * lam, test_acc=base + (acc_shift if m == "swa" else 0.0),
-                             test_loss=0.1, train_loss=0.01))  # fmt: skip
-    return rows
-
-
-def test_swa_verdict():
-    from experiments import swa
-
-    cfg = swa.Config()
-    assert swa.summarize(cfg, _swa_rows(cfg)).supported is True  # identical accuracy: within the 1-point bound
-    assert swa.summarize(cfg, _swa_rows(cfg, acc_shift=-0.05)).supported is False  # 5 points worse
-    assert swa.summarize(cfg, _swa_rows(cfg, flatter=False)).supported is False  # sharper
-    assert swa.summarize(cfg, _swa_rows(cfg, acc_shift=-0.009)).supported is None  # the interval straddles -1 point
-
-
 # ---------------------------------------------------------------- geometry_report (orders of the remainder)
 
 
