@@ -4,7 +4,6 @@ each way of missing it (a quantity just beyond its bound, on the other side of e
 No training here: the rows are what ``run`` would return, built by hand, so every test is instant and would fail
 if an inequality in a ``summarize`` were flipped."""
 
-
 import numpy as np
 import pytest
 
