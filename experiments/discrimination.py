@@ -56,10 +56,11 @@ class Part(NamedTuple):
 
     def record(self, level: float = LEVEL) -> dict:
         """The part as ``summary.json`` stores it (``controls``): the claim's and the control's outcomes, whether
-        the control failed as it must (None when the control could not be judged), and their statistics."""
+        the control failed as it must (contradicted or within noise; None only when no control was run), and
+        their statistics."""
         out = {"control": self.description, "claim_passed": passed(self.claim, level),
                "control_passed": passed(self.control, level)}  # fmt: skip
-        out["discriminates"] = None if out["control_passed"] is None else not out["control_passed"]
+        out["discriminates"] = None if self.control is None else out["control_passed"] is not True
         for name, value in (("claim", self.claim), ("control", self.control)):
             if isinstance(value, Gain):
                 out[f"{name}_mean"], out[f"{name}_se"], out[f"{name}_margin"] = value.mean, value.se, value.margin

@@ -40,7 +40,8 @@ def test_judge_on_constructed_rows(claim, control, expected):
     assert record["control_passed"] is {1: True, -1: False, 0: None}[np.sign(control)]
     if expected is None and claim > 0:
         assert "does not discriminate" in judgement.reason and "plain GD" in judgement.reason
-    assert record["discriminates"] is (None if record["control_passed"] is None else not record["control_passed"])
+    assert record["discriminates"] is (record["control_passed"] is not True)  # within noise is a failed control
+    assert discrimination.judge({"g": Part(_gain(claim), None, "none run")}).controls["g"]["discriminates"] is None
 
 
 def test_every_part_needs_its_control_to_fail():
