@@ -8,25 +8,12 @@ import numpy as np
 import optax
 import pytest
 from conftest import (
-    ce_objective,
-    cnn_apply,
-    cnn_init,
-    dense_hessian,
-    flat,
-    image_batch,
-    mlp_apply,
-    mlp_init,
-    random_tree,
-    regression_batch,
-    sq_objective,
+    cnn_init, dense_hessian, F_CE_MLP, F_CNN, F_MLP, flat, image_batch, mlp_apply, mlp_init, random_tree,
+    regression_batch, sq_objective
 )
 from flax import nnx
 
 from lsgeo import curvature, validation
-
-F_MLP = sq_objective(mlp_apply)
-F_CE_MLP = ce_objective(mlp_apply)
-F_CNN = ce_objective(cnn_apply)
 
 
 @pytest.fixture(scope="module")

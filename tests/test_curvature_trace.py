@@ -5,23 +5,10 @@ import jax
 import numpy as np
 import pytest
 from conftest import (
-    rounding_floor,
-    ce_objective,
-    cnn_apply,
-    cnn_init,
-    dense_hessian,
-    flat,
-    image_batch,
-    mlp_apply,
-    mlp_init,
-    regression_batch,
-    sq_objective,
+    cnn_init, dense_hessian, F_CNN, F_MLP, flat, image_batch, mlp_init, regression_batch, rounding_floor
 )
 
 from lsgeo import curvature
-
-F_MLP = sq_objective(mlp_apply)
-F_CNN = ce_objective(cnn_apply)
 
 
 def test_hessian_trace_within_three_standard_errors(x64):
