@@ -192,6 +192,15 @@ F_CE_MLP = ce_objective(mlp_apply)
 F_CNN = ce_objective(cnn_apply)
 
 
+def microbatch_problem(model: str):
+    """``(f, params, batch)`` of the microbatched-equals-whole-batch curvature tests: a tanh MLP 5 -> 8 -> 8 -> 3 with
+    squared loss (``"mlp"``) or the small CNN with cross-entropy (``"cnn"``), on 21 examples (an uneven last
+    microbatch for any size that does not divide 21)."""
+    if model == "mlp":
+        return F_MLP, mlp_init(0, (5, 8, 8, 3)), regression_batch(1, 21, 5, 3)
+    return F_CNN, cnn_init(0), image_batch(1, 21)
+
+
 class NNXMLP(nnx.Module):
     """A tanh MLP ``d_in -> hidden -> d_out`` (default 4 -> 5 -> 3) as users write it in flax NNX."""
 

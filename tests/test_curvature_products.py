@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 from conftest import (
     cnn_apply, cnn_init, dense_hessian, dense_jacobian, F_CNN, F_MLP, flat, image_batch, mlp_apply, mlp_init,
-    random_tree, regression_batch
+    random_tree, regression_batch,
 )
 
 from lsgeo import Objective, curvature, losses

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import (
     cnn_init, dense_hessian, F_CE_MLP, F_CNN, F_MLP, flat, image_batch, mlp_init, regression_batch, rounding_floor,
-    sq_objective
+    sq_objective,
 )
 from flax import nnx
 from scipy.stats import norm

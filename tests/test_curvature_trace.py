@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import (
-    cnn_init, dense_hessian, F_CNN, F_MLP, flat, image_batch, mlp_init, regression_batch, rounding_floor
+    dense_hessian, F_MLP, flat, microbatch_problem, mlp_init, regression_batch, rounding_floor,
 )
 
 from lsgeo import curvature
@@ -64,10 +64,7 @@ def test_hutchpp_is_exact_when_the_sketch_spans_the_space(x64, vectors_per_pass)
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_microbatched_trace_and_diagonal_equal_single_batch(x64, model):
     """The same probes on the data-set Hessian by microbatches (n = 21, microbatches of 4: uneven last one)."""
-    if model == "mlp":
-        f, params, batch = F_MLP, mlp_init(0, (5, 8, 8, 3)), regression_batch(1, 21, 5, 3)
-    else:
-        f, params, batch = F_CNN, cnn_init(0), image_batch(1, 21)
+    f, params, batch = microbatch_problem(model)
     key = jax.random.key(5)
     for method in ("hutchinson", "hutch++"):
         one = curvature.hessian_trace(f, params, batch, key, num_probes=9, method=method)
