@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lsgeo import curvature, dataplan, losses, models
+from lsgeo import Objective, curvature, dataplan, losses, models
 
 PRESETS = {
     "cpu": {
@@ -140,7 +140,8 @@ def bench_spectrum(objective, params, batch, size, tol, probes):
     for name, fn in [
         ("top-1", lambda p, b, k: curvature.top_eigenvalues(objective, p, b, k, k=1, tol=tol, microbatch_size=size)),
         ("top-5", lambda p, b, k: curvature.top_eigenvalues(objective, p, b, k, k=5, tol=tol, microbatch_size=size)),
-        ("smallest", lambda p, b, k: curvature.min_eigenvalue(objective, p, b, k, tol=tol, microbatch_size=size)[0]),
+        ("smallest", lambda p, b, k: curvature.min_eigenvalue(Objective(objective, b, microbatch_size=size), p,
+                                                              None, k, tol=tol)[0]),
         (
             f"trace, {probes} probes",
             lambda p, b, k: curvature.hessian_trace(objective, p, b, k, num_probes=probes, microbatch_size=size),

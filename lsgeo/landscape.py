@@ -13,9 +13,11 @@ Every function that evaluates the objective takes ``f(params, batch) -> scalar``
 ``points_per_pass`` points are vmapped together, so memory is that of ``points_per_pass`` forward passes.
 Arguments are validated eagerly; the computation then runs as one ``jax.jit``-compiled program with
 ``f`` (and ``optimizer``) static, so repeated calls with the same ``f`` object and shapes reuse it.
-With ``microbatch_size`` every evaluation of ``f`` is the data-set value, the example-weighted mean over
-microbatches of the batch (and gradients likewise, for ``fit_bezier``), in the memory of one microbatch
-and sharded over ``devices`` (:mod:`lsgeo.dataplan`; ``f`` must be a mean over examples).
+``f`` may be an ``lsgeo.Objective`` (then ``batch=None``): with ``microbatch_size`` every evaluation of ``f`` is
+the data-set value, the example-weighted mean over microbatches of the batch (and gradients likewise, for
+``fit_bezier``), in the memory of one microbatch and sharded over ``devices`` (``f`` must be a mean over
+examples). ``slice_1d`` and ``slice_2d`` (shared/DESIGN.md section 3) also take ``microbatch_size=`` and
+``devices=`` and build that objective themselves.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from lsgeo import validation
-from lsgeo.objective import objective_at
+from lsgeo.objective import compiled, objective_at
 from lsgeo.validation import check_choice, check_float_params, check_positive_int
 
 PyTree = Any
@@ -148,7 +150,7 @@ def slice_1d(
     return _slice_1d(objective, params, direction, alphas, points_per_pass=_chunk(points_per_pass, alphas.shape[0]))
 
 
-@partial(jax.jit, static_argnames=("points_per_pass",))
+@compiled(static_argnames=("points_per_pass",))
 def _slice_1d(objective, params, direction, alphas, *, points_per_pass):
     f = objective.value
 
@@ -188,7 +190,7 @@ def slice_2d(
     return _slice_2d(objective, params, d1, d2, alphas, betas, points_per_pass=chunk)
 
 
-@partial(jax.jit, static_argnames=("points_per_pass",))
+@compiled(static_argnames=("points_per_pass",))
 def _slice_2d(objective, params, d1, d2, alphas, betas, *, points_per_pass):
     f = objective.value
     aa, bb = jnp.meshgrid(alphas, betas, indexing="ij")
@@ -234,13 +236,12 @@ def path_losses(
     *,
     bend: PyTree | None = None,
     points_per_pass: int = 32,
-    microbatch_size: int | None = None,
-    devices: Sequence | None = None,
 ) -> jax.Array:
     """[f(path(t), batch) for t in ts] along the line a -> b (``bend=None``) or the Bezier curve
     through ``bend``. Shape ``[len(ts)]``. Cost: len(ts) evaluations of f, ``points_per_pass`` at a time
-    (each the data-set value by microbatches with ``microbatch_size``)."""
-    objective = objective_at(f, params_a, batch, microbatch_size=microbatch_size, devices=devices, name="params_a")
+    (each the data-set value by microbatches when ``f`` is an ``lsgeo.Objective`` with ``microbatch_size``; then
+    ``batch=None``)."""
+    objective = objective_at(f, params_a, batch, name="params_a")
     params_a, params_b, bend = objective.place(params_a, params_b, bend)
     validation.check_same_structure(params_a, params_b, "params_b", "params_a")
     if bend is not None:
@@ -249,7 +250,7 @@ def path_losses(
     return _path_losses(objective, params_a, params_b, bend, ts, points_per_pass=_chunk(points_per_pass, ts.shape[0]))
 
 
-@partial(jax.jit, static_argnames=("points_per_pass",))
+@compiled(static_argnames=("points_per_pass",))
 def _path_losses(objective, params_a, params_b, bend, ts, *, points_per_pass):
     f = objective.value
     def one(t):
@@ -271,8 +272,6 @@ def barrier_height(
     num_points: int = 25,
     reference: str = "max",
     points_per_pass: int = 32,
-    microbatch_size: int | None = None,
-    devices: Sequence | None = None,
 ) -> jax.Array:
     """Height of the loss barrier on the path a -> b (line, or Bezier curve through ``bend``).
 
@@ -284,15 +283,15 @@ def barrier_height(
 
     t runs over ``num_points`` equally spaced points of [0, 1], end points included, so both forms
     are >= 0; a barrier narrower than the grid spacing can be missed.
-    Cost: ``num_points`` evaluations of f (each the data-set value with ``microbatch_size``).
+    Cost: ``num_points`` evaluations of f (each the data-set value by microbatches for an ``lsgeo.Objective`` ``f``
+    with ``microbatch_size``).
     """
     check_choice(reference, "reference", BARRIER_REFERENCES)
     check_positive_int(num_points, "num_points")
     if num_points < 2:
         raise ValueError(f"num_points must be >= 2 (the path's end points), got {num_points}")
     ts = jnp.linspace(0.0, 1.0, num_points)
-    losses = path_losses(f, params_a, params_b, batch, ts, bend=bend, points_per_pass=points_per_pass,
-                         microbatch_size=microbatch_size, devices=devices)
+    losses = path_losses(f, params_a, params_b, batch, ts, bend=bend, points_per_pass=points_per_pass)
     f_a, f_b = losses[0], losses[-1]
     if reference == "max":
         return jnp.max(losses) - jnp.maximum(f_a, f_b)
@@ -310,8 +309,6 @@ def fit_bezier(
     num_steps: int,
     init_bend: PyTree | None = None,
     num_t: int = 8,
-    microbatch_size: int | None = None,
-    devices: Sequence | None = None,
 ) -> tuple[PyTree, jax.Array]:
     """Fits the bend of a quadratic Bezier curve between two minima (Garipov et al. 2018, Section 3).
 
@@ -329,10 +326,10 @@ def fit_bezier(
     restarts in that case).
 
     Returns ``(bend, losses)`` with ``losses[s]`` the step-s estimate of l (before the update).
-    Cost: ``num_steps * num_t`` gradients of f; memory of one gradient per t (vmapped). With
-    ``microbatch_size`` each gradient is the data-set gradient, one microbatch at a time.
+    Cost: ``num_steps * num_t`` gradients of f; memory of one gradient per t (vmapped). For an ``lsgeo.Objective``
+    ``f`` with ``microbatch_size`` (``batch=None``) each gradient is the data-set gradient, one microbatch at a time.
     """
-    objective = objective_at(f, params_a, batch, microbatch_size=microbatch_size, devices=devices, name="params_a")
+    objective = objective_at(f, params_a, batch, name="params_a")
     params_a, params_b, key, init_bend = objective.place(params_a, params_b, key, init_bend)
     check_positive_int(num_steps, "num_steps")
     check_positive_int(num_t, "num_t")
@@ -347,7 +344,7 @@ def fit_bezier(
                        num_t=num_t)
 
 
-@partial(jax.jit, static_argnames=("optimizer", "num_steps", "num_t"))
+@compiled(static_argnames=("optimizer", "num_steps", "num_t"))
 def _fit_bezier(objective, params_a, params_b, key, init_bend, *, optimizer, num_steps, num_t):
     f = objective.value
     def curve_loss(bend, ts):

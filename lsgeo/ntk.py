@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from lsgeo import groups as groups_lib
 from lsgeo import dataplan, per_example
-from lsgeo.objective import Objective, Risk
+from lsgeo.objective import Objective, Risk, compiled
 from lsgeo.validation import check_batch, check_callable, check_choice, check_float_params, check_positive_int
 
 __all__ = ["empirical_ntk", "ntk_diagonal_blocks", "ntk_trace"]
@@ -193,7 +193,7 @@ def _whole(batch):
     return batch
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+@compiled(static_argnums=(1, 2, 3, 4, 5))
 def _ntk_trace(objective, predict, inputs, groups, method, examples_per_chunk, params):
     return objective.map(lambda p, mb: _per_group_trace(predict, groups, method, examples_per_chunk, p, inputs(mb)),
                          params, mean=False)

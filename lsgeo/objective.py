@@ -31,17 +31,49 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from lsgeo import dataplan, validation
 
-__all__ = ["Objective", "Risk", "DataSetObjective", "as_objective", "objective_at", "mean_risk", "check_scalar"]
+__all__ = [
+    "Objective",
+    "Risk",
+    "DataSetObjective",
+    "as_objective",
+    "objective_at",
+    "mean_risk",
+    "check_scalar",
+    "compiled",
+    "user_errors",
+    "is_source",
+    "check_not_iterator",
+]
 
 PyTree = Any
 _STATIC = {"static": True}
+
+#: whether data is a data source (a zero-argument callable returning a fresh iterator of batches)
+is_source = dataplan.is_source
+#: a ValueError naming the remedy when data is a generator / iterator (read once) where a source is meant
+check_not_iterator = dataplan.check_not_iterator
+#: ``fn`` with a data source's host-side errors re-raised as themselves (``lsgeo.dataplan.user_errors``)
+user_errors = dataplan.user_errors
+
+
+def compiled(fn: Callable | None = None, /, **jit_options) -> Callable:
+    """``jax.jit(fn, **jit_options)`` for a program that evaluates an objective on data, with the errors of a data
+    source reaching the caller as themselves: a source whose batches change between passes is the ``ValueError``
+    ``dataplan.SourceChanged``, a source that fails on a later pass raises its own ``OSError`` (JAX would report
+    either as a ``JaxRuntimeError`` of its host callback). The one wrapper every lsgeo function that evaluates on
+    data compiles through; the result is waited for (``jax.block_until_ready``) so that the error arrives at the
+    call. Used as ``@compiled`` or ``@compiled(static_argnames=...)``.
+    """
+    if fn is None:
+        return lambda f: compiled(f, **jit_options)
+    return user_errors(jax.jit(fn, **jit_options))
 
 
 def check_scalar(value, name: str, what: str) -> None:
@@ -73,6 +105,25 @@ class DataSetObjective:
     devices: Sequence | None = dataclasses.field(default=None, metadata=_STATIC)
     plan: Any = dataclasses.field(default=None, metadata=_STATIC)
     data_name: dataclasses.InitVar[str] = "data"
+
+    _functions: ClassVar[tuple] = ()  # the names of the callables the subclass holds (checked when built)
+
+    def __post_init__(self, data_name):
+        """Built once: the callables and the data validated, the plan chosen, the data laid out and placed
+        (skipped when ``plan`` is given: a copy by ``replace`` or ``tree_unflatten``)."""
+        if self.plan is not None:
+            return
+        for name in self._functions:
+            validation.check_callable(getattr(self, name), name)
+        self._check_data(data_name)
+        plan = dataplan.plan(self.data, self.microbatch_size, devices=self.devices, name=data_name)
+        object.__setattr__(self, "plan", plan)
+        object.__setattr__(self, "data", plan.layout(self.data))
+        if self.devices is not None:
+            object.__setattr__(self, "devices", tuple(self.devices))
+
+    def _check_data(self, data_name: str) -> None:
+        """The subclass's own check of ``data`` before it is planned (none by default)."""
 
     # -- primitives (traceable) ----------------------------------------------------------------------
     def value(self, params) -> jax.Array:
@@ -106,6 +157,12 @@ class DataSetObjective:
     def num_examples(self) -> int:
         return self.plan.num_examples
 
+    @property
+    def holds_batch(self) -> bool:
+        """Whether ``data`` is the batch as given (in memory or sharded): neither a data source nor cut into a
+        microbatch layout."""
+        return not isinstance(self.plan, dataplan.StreamPlan) and not isinstance(self.data, dataplan.Layout)
+
     # -- checks ----------------------------------------------------------------------------------------
     def check(self, params, name: str = "params") -> None:
         """The checks that need parameters: ``params`` floating point, the objective a mean over independent
@@ -125,17 +182,6 @@ class DataSetObjective:
 
     def __repr__(self):
         return f"{type(self).__name__}({self._name}, {self.plan.num_examples} examples, {self.plan.describe()})"
-
-
-def _build(obj, name: str) -> None:
-    """Validates the data and chooses, lays out and places its plan (once: skipped when ``plan`` is given)."""
-    if obj.plan is not None:
-        return
-    plan = dataplan.plan(obj.data, obj.microbatch_size, devices=obj.devices, name=name)
-    object.__setattr__(obj, "plan", plan)
-    object.__setattr__(obj, "data", plan.layout(obj.data))
-    if obj.devices is not None:
-        object.__setattr__(obj, "devices", tuple(obj.devices))
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -160,11 +206,7 @@ class Objective(DataSetObjective):
     data: PyTree = None
 
     _name = "f"
-
-    def __post_init__(self, data_name):
-        if self.plan is None:
-            validation.check_callable(self.f, "f")
-        _build(self, data_name)
+    _functions = ("f",)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -187,17 +229,15 @@ class Risk(DataSetObjective):
     data: PyTree = None
 
     _name = "loss(predict(...))"
+    _functions = ("predict", "loss")
 
-    def __post_init__(self, data_name):
-        if self.plan is None:
-            validation.check_callable(self.predict, "predict")
-            validation.check_callable(self.loss, "loss")
-            if not dataplan.is_source(self.data):
-                dataplan.check_not_iterator(self.data, data_name)
-                if not isinstance(self.data, (tuple, list)) or len(self.data) != 2:
-                    raise ValueError(f"{data_name} must be a pair (x, y) for a Risk, got {type(self.data).__name__}")
-                object.__setattr__(self, "data", tuple(self.data))
-        _build(self, data_name)
+    def _check_data(self, data_name: str) -> None:
+        """``data`` a pair ``(x, y)`` (or a data source of such pairs)."""
+        if not dataplan.is_source(self.data):
+            dataplan.check_not_iterator(self.data, data_name)
+            if not isinstance(self.data, (tuple, list)) or len(self.data) != 2:
+                raise ValueError(f"{data_name} must be a pair (x, y) for a Risk, got {type(self.data).__name__}")
+            object.__setattr__(self, "data", tuple(self.data))
 
     @property
     def f(self) -> Callable:

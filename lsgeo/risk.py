@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -46,7 +45,7 @@ from lsgeo import groups as groups_lib
 from lsgeo import losses as losses_lib
 from lsgeo import per_example
 from lsgeo.curvature.operators import gauss_newton_exact
-from lsgeo.objective import Risk
+from lsgeo.objective import Risk, compiled
 from lsgeo.perturbation import MODES, perturbation
 from lsgeo.validation import (
     check_callable,
@@ -115,7 +114,7 @@ def risk(predict, loss=None, params=None, batch=None, *, microbatch_size: int | 
     return _risk_jit(r, params)
 
 
-@jax.jit
+@compiled
 def _risk_jit(r, params):
     return r.map(lambda p, mb: _risk_on(r.predict, r.loss, p, mb), params)
 
@@ -158,7 +157,7 @@ def perturbed_risk(
                            sigma, key)
 
 
-@functools.partial(jax.jit, static_argnums=tuple(range(6)))
+@compiled(static_argnums=tuple(range(6)))
 def _perturbed_risk(mode, groups, scale, num_samples, num_groups, draws_per_pass, r, params, sigma, key):
     predict, loss = r.predict, r.loss
     keys = jax.random.split(key, num_samples)
@@ -215,7 +214,7 @@ def _probe_gn_on(predict, loss, num_probes, probes_per_pass, params, batch, key)
     return jnp.mean(values) / n, value
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+@compiled(static_argnums=(1, 2))
 def _probe_gn(r, num_probes, probes_per_pass, params, key):
     predict, loss = r.predict, r.loss
     return r.map(lambda ops, mb: _probe_gn_on(predict, loss, num_probes, probes_per_pass, ops[0], mb, ops[1]),

@@ -6,9 +6,11 @@ eagerly, then the computation runs as one ``jax.jit``-compiled program with ``f`
 options static: calling again with the same ``f`` object and shapes reuses the compilation (a fresh
 ``lambda`` per call recompiles). All measures can also be used inside the caller's own ``jit``/``vmap``
 (``rho``, ``sigma``, ``epsilon``, ``alpha`` may be traced; value checks then apply only to concrete
-inputs). With ``microbatch_size`` the objective is the data-set value of ``f``, the example-weighted
-mean over microbatches (values and gradients in the memory of one microbatch, sharded over ``devices``;
-:mod:`lsgeo.dataplan`): ``f`` must then be a mean over examples, BatchNorm in evaluation mode.
+inputs). ``f`` may be an ``lsgeo.Objective`` (then ``batch=None``): with ``microbatch_size`` the objective is the
+data-set value of ``f``, the example-weighted mean over microbatches (values and gradients in the memory of one
+microbatch, sharded over ``devices``): ``f`` must then be a mean over examples, BatchNorm in evaluation mode.
+``epsilon_sharpness`` and ``average_sharpness`` (shared/DESIGN.md section 3) also take ``microbatch_size=`` and
+``devices=`` and build that objective themselves.
 
   epsilon-sharpness (Keskar et al. 2017)   [max_{||delta|| <= rho} f(w + delta) - f(w)] / (1 + f(w))
   average sharpness                        E_eps[f(w + sigma eps)] - f(w),  eps ~ N(0, I)
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -38,7 +39,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from lsgeo import groups as groups_lib
-from lsgeo.objective import objective_at
+from lsgeo.objective import compiled, objective_at
 from lsgeo.validation import (
     check_choice,
     check_nonnegative_int,
@@ -187,7 +188,7 @@ def epsilon_sharpness(
     return _epsilon_sharpness(objective, params, rho, key, step_size, steps=steps, norm=norm, relative=relative)
 
 
-@partial(jax.jit, static_argnames=("steps", "norm", "relative"))
+@compiled(static_argnames=("steps", "norm", "relative"))
 def _epsilon_sharpness(objective, params, rho, key, step_size, *, steps, norm, relative):
     f = objective.value
     eta = rho if step_size is None else step_size
@@ -212,8 +213,6 @@ def adaptive_sharpness(
     norm: str = "l2",
     step_size=None,
     relative: bool = False,
-    microbatch_size: int | None = None,
-    devices: Sequence | None = None,
 ) -> jax.Array:
     """Adaptive (scale-invariant) sharpness of Kwon et al. (2021, ASAM, Definition 3).
 
@@ -229,20 +228,21 @@ def adaptive_sharpness(
     network (``alpha_scale``): f(D(w + |w| u)) = f(w + |w| u) for every u. With ``eta > 0`` the
     invariance is approximate (ASAM uses eta = 0.01 so that zero weights can move).
 
-    Args mirror ``epsilon_sharpness`` (``microbatch_size`` included); ``eta`` >= 0 is the offset in T_w.
+    Args mirror ``epsilon_sharpness`` (microbatches: ``f`` an ``lsgeo.Objective``); ``eta`` >= 0 is the offset in
+    T_w.
     ``relative=True`` divides by 1 + f(w) as Keskar does (ASAM's definition has no denominator; the
     default).
 
     Cost: ``steps`` (+1 without ``key``) gradients of f, plus two evaluations.
     """
-    objective = objective_at(f, params, batch, microbatch_size=microbatch_size, devices=devices)
+    objective = objective_at(f, params, batch)
     params, key = objective.place(params, key)
     _check_ball_args(rho, steps, norm, step_size)
     check_sigma(eta, "eta")
     return _adaptive_sharpness(objective, params, rho, key, eta, step_size, steps=steps, norm=norm, relative=relative)
 
 
-@partial(jax.jit, static_argnames=("steps", "norm", "relative"))
+@compiled(static_argnames=("steps", "norm", "relative"))
 def _adaptive_sharpness(objective, params, rho, key, eta, step_size, *, steps, norm, relative):
     f = objective.value
     step = rho if step_size is None else step_size
@@ -288,7 +288,7 @@ def average_sharpness(
     return _average_sharpness(objective, params, sigma, key, num_samples=num_samples, draws_per_pass=draws_per_pass)
 
 
-@partial(jax.jit, static_argnames=("num_samples", "draws_per_pass"))
+@compiled(static_argnames=("num_samples", "draws_per_pass"))
 def _average_sharpness(objective, params, sigma, key, *, num_samples, draws_per_pass):
     f = objective.value
     base = f(params)
@@ -330,8 +330,6 @@ def volume_flatness(
     num_grid: int = 8,
     iters: int = 20,
     directions_per_pass: int = 16,
-    microbatch_size: int | None = None,
-    devices: Sequence | None = None,
 ) -> VolumeFlatness:
     """Volume epsilon-flatness along random directions (Hochreiter & Schmidhuber 1997; Dinh et al. 2017).
 
@@ -351,9 +349,9 @@ def volume_flatness(
     Returns ``VolumeFlatness(radii [K], mean_radius, log_volume)``.
 
     Cost: K * (num_grid + iters) + 1 evaluations of f, directions ``directions_per_pass`` at a time.
-    ``microbatch_size``: the data-set objective by microbatches, as in ``epsilon_sharpness``.
+    ``f`` an ``lsgeo.Objective`` (``batch=None``): the data-set objective by microbatches, as in ``epsilon_sharpness``.
     """
-    objective = objective_at(f, params, batch, microbatch_size=microbatch_size, devices=devices)
+    objective = objective_at(f, params, batch)
     params, key = objective.place(params, key)
     check_sigma(epsilon, "epsilon")
     check_positive_int(num_directions, "num_directions")
@@ -369,7 +367,7 @@ def volume_flatness(
     )
 
 
-@partial(jax.jit, static_argnames=("num_directions", "num_grid", "iters", "directions_per_pass"))
+@compiled(static_argnames=("num_directions", "num_grid", "iters", "directions_per_pass"))
 def _volume_flatness(objective, params, epsilon, key, max_radius, *, num_directions, num_grid, iters, directions_per_pass):
     f = objective.value
     base = f(params)

@@ -125,6 +125,7 @@ import functools  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 
@@ -218,3 +219,66 @@ def dense_jacobian(predict, params, x):
     w, unravel = ravel_pytree(params)
     jac = jax.jacobian(lambda w: jnp.reshape(predict(unravel(w), x), (x.shape[0], -1)))(w)
     return jac.reshape(-1, w.shape[0])
+
+
+#: the objectives of the curvature tests, one object each (compiled programs are shared between the test files)
+F_MLP = sq_objective(mlp_apply)
+F_CE_MLP = ce_objective(mlp_apply)
+F_CNN = ce_objective(cnn_apply)
+
+
+def microbatch_problem(model: str):
+    """``(f, params, batch)`` of the microbatched-equals-whole-batch curvature tests: a tanh MLP 5 -> 8 -> 8 -> 3 with
+    squared loss (``"mlp"``) or the small CNN with cross-entropy (``"cnn"``), on 21 examples (an uneven last
+    microbatch for any size that does not divide 21)."""
+    if model == "mlp":
+        return F_MLP, mlp_init(0, (5, 8, 8, 3)), regression_batch(1, 21, 5, 3)
+    return F_CNN, cnn_init(0), image_batch(1, 21)
+
+
+class NNXMLP(nnx.Module):
+    """A tanh MLP ``d_in -> hidden -> d_out`` (default 4 -> 5 -> 3) as users write it in flax NNX."""
+
+    def __init__(self, rngs, sizes=(4, 5, 3)):
+        d_in, hidden, d_out = sizes
+        self.l1 = nnx.Linear(d_in, hidden, rngs=rngs)
+        self.l2 = nnx.Linear(hidden, d_out, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jnp.tanh(self.l1(x)))
+
+
+def noise_stream(opt, params, num_steps):
+    """xi_t and j_t for t = 1..num_steps from a ``noise_injection`` transformation itself (zero gradients)."""
+    import optax
+
+    from lsgeo.optim import perturbed_params
+
+    @jax.jit
+    def run(params):
+        state = opt.init(params)
+
+        def body(state, _):
+            _, state = opt.update(optax.tree.zeros_like(params), state, perturbed_params(params, state))
+            return state, (state.xi, state.group)
+
+        return jax.lax.scan(body, state, None, length=num_steps)[1]
+
+    return run(params)
+
+
+#: the tiny regression problem of the multi-device training scripts (run by ``run_python``): X, Y, W0 and loss
+DEVICE_TRAIN_PROBLEM = """
+import sys, jax, numpy as np, optax
+rng = np.random.default_rng(0)
+X = rng.normal(size=(16, 3)).astype(np.float32); Y = rng.normal(size=(16, 1)).astype(np.float32)
+W0 = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(4, 1)).astype(np.float32)}
+def loss(p, b):
+    x, y = b
+    return 0.5 * ((jax.numpy.tanh(x @ p["a"]) @ p["b"] - y) ** 2).mean()
+"""
+
+
+def group_leaf_params():
+    """Three groups of two zero leaves each (6 x 5 and 10), float32: the parameters of the noise-stream tests."""
+    return {f"layer{i}": {"a": np.zeros((6, 5), np.float32), "b": np.zeros(10, np.float32)} for i in range(3)}

@@ -6,24 +6,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 from conftest import (
-    ce_objective,
-    cnn_apply,
-    cnn_init,
-    dense_hessian,
-    dense_jacobian,
-    flat,
-    image_batch,
-    mlp_apply,
-    mlp_init,
-    random_tree,
-    regression_batch,
-    sq_objective,
+    cnn_apply, cnn_init, dense_hessian, dense_jacobian, F_CNN, F_MLP, flat, image_batch, mlp_apply, mlp_init,
+    random_tree, regression_batch,
 )
 
-from lsgeo import curvature, losses
-
-F_MLP = sq_objective(mlp_apply)
-F_CNN = ce_objective(cnn_apply)
+from lsgeo import Objective, curvature, losses
 
 
 def _first_output(params, x):
@@ -94,7 +81,7 @@ def test_microbatched_products_equal_single_batch(x64, model):
         ),
     ]:
         np.testing.assert_allclose(flat(many), flat(one), rtol=1e-10, atol=1e-14)
-    op = jax.jit(lambda u: curvature.hessian_operator(f, params, batch, microbatch_size=5)(u))
+    op = jax.jit(lambda u: curvature.hessian_operator(Objective(f, batch, microbatch_size=5), params)(u))
     np.testing.assert_allclose(op(flat(v)), flat(curvature.hvp(f, params, batch, v)), rtol=1e-10, atol=1e-14)
     if model == "mlp":
         np.testing.assert_allclose(

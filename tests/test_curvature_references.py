@@ -11,26 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import (
-    rounding_floor,
-    ce_objective,
-    cnn_apply,
-    cnn_init,
-    dense_hessian,
-    flat,
-    image_batch,
-    mlp_apply,
-    mlp_init,
-    regression_batch,
+    cnn_init, dense_hessian, F_CE_MLP, F_CNN, F_MLP, flat, image_batch, mlp_init, regression_batch, rounding_floor,
     sq_objective,
 )
 from flax import nnx
 from scipy.stats import norm
 
 from lsgeo import curvature
-
-F_MLP = sq_objective(mlp_apply)
-F_CE_MLP = ce_objective(mlp_apply)
-F_CNN = ce_objective(cnn_apply)
 
 
 @pytest.fixture(scope="module")

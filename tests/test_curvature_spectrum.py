@@ -8,25 +8,12 @@ import numpy as np
 import optax
 import pytest
 from conftest import (
-    ce_objective,
-    cnn_apply,
-    cnn_init,
-    dense_hessian,
-    flat,
-    image_batch,
-    mlp_apply,
-    mlp_init,
-    random_tree,
-    regression_batch,
+    dense_hessian, F_CE_MLP, F_MLP, flat, microbatch_problem, mlp_apply, mlp_init, random_tree, regression_batch,
     sq_objective,
 )
 from flax import nnx
 
 from lsgeo import curvature, validation
-
-F_MLP = sq_objective(mlp_apply)
-F_CE_MLP = ce_objective(mlp_apply)
-F_CNN = ce_objective(cnn_apply)
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +54,7 @@ def test_top_eigenvalues_5k_mlp_matches_dense_eigh(x64, mlp5k):
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_microbatched_top_eigenvalues_equal_single_batch(x64, model):
-    if model == "mlp":
-        f, params, batch = F_MLP, mlp_init(0, (5, 8, 8, 3)), regression_batch(1, 21, 5, 3)
-    else:
-        f, params, batch = F_CNN, cnn_init(0), image_batch(1, 21)
+    f, params, batch = microbatch_problem(model)
     key = jax.random.key(6)
     one = curvature.top_eigenvalues(f, params, batch, key, k=3, num_iters=12)
     many = curvature.top_eigenvalues(f, params, batch, key, k=3, num_iters=12, microbatch_size=4)

@@ -5,23 +5,10 @@ import jax
 import numpy as np
 import pytest
 from conftest import (
-    rounding_floor,
-    ce_objective,
-    cnn_apply,
-    cnn_init,
-    dense_hessian,
-    flat,
-    image_batch,
-    mlp_apply,
-    mlp_init,
-    regression_batch,
-    sq_objective,
+    dense_hessian, F_MLP, flat, microbatch_problem, mlp_init, regression_batch, rounding_floor,
 )
 
 from lsgeo import curvature
-
-F_MLP = sq_objective(mlp_apply)
-F_CNN = ce_objective(cnn_apply)
 
 
 def test_hessian_trace_within_three_standard_errors(x64):
@@ -77,10 +64,7 @@ def test_hutchpp_is_exact_when_the_sketch_spans_the_space(x64, vectors_per_pass)
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_microbatched_trace_and_diagonal_equal_single_batch(x64, model):
     """The same probes on the data-set Hessian by microbatches (n = 21, microbatches of 4: uneven last one)."""
-    if model == "mlp":
-        f, params, batch = F_MLP, mlp_init(0, (5, 8, 8, 3)), regression_batch(1, 21, 5, 3)
-    else:
-        f, params, batch = F_CNN, cnn_init(0), image_batch(1, 21)
+    f, params, batch = microbatch_problem(model)
     key = jax.random.key(5)
     for method in ("hutchinson", "hutch++"):
         one = curvature.hessian_trace(f, params, batch, key, num_probes=9, method=method)

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+import lsgeo
 from lsgeo import landscape
 
 
@@ -207,17 +208,20 @@ def test_microbatched_slices_and_paths_equal_single_batch():
     """7 examples in microbatches of 3 (the last uneven): every evaluation is the data-set mean."""
     params, batch, d1, d2 = _slice_problem()
     alphas = jnp.linspace(-1.0, 1.0, 4)
+    one, many = lsgeo.Objective(quartic, batch), lsgeo.Objective(quartic, batch, microbatch_size=3)
     checks = [
-        (landscape.slice_1d, (quartic, params, batch, d1, alphas), {}),
-        (landscape.slice_2d, (quartic, params, batch, d1, d2, alphas[:2], alphas), {}),
-        (landscape.path_losses, (quartic, params, landscape.interpolate(params, d1, 1.0), batch, alphas), {"bend": d2}),
-        (landscape.barrier_height, (quartic, params, d1, batch), {"num_points": 5}),
+        lambda f: landscape.slice_1d(f, params, None, d1, alphas),
+        lambda f: landscape.slice_2d(f, params, None, d1, d2, alphas[:2], alphas),
+        lambda f: landscape.path_losses(f, params, landscape.interpolate(params, d1, 1.0), None, alphas, bend=d2),
+        lambda f: landscape.barrier_height(f, params, d1, None, num_points=5),
     ]
-    for fn, args, kwargs in checks:
-        np.testing.assert_allclose(fn(*args, **kwargs, microbatch_size=3), fn(*args, **kwargs), rtol=1e-5, atol=1e-6)
-    fit = functools.partial(landscape.fit_bezier, quartic, params, d1, batch, jax.random.PRNGKey(0),
+    for fn in checks:
+        np.testing.assert_allclose(fn(many), fn(one), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(landscape.slice_1d(quartic, params, batch, d1, alphas, microbatch_size=3),  # positional
+                               landscape.slice_1d(one, params, None, d1, alphas), rtol=1e-5, atol=1e-6)
+    fit = functools.partial(landscape.fit_bezier, params_a=params, params_b=d1, batch=None, key=jax.random.PRNGKey(0),
                             optimizer=optax.sgd(0.01), num_steps=3, num_t=2)
-    (bend_one, losses_one), (bend_many, losses_many) = fit(), fit(microbatch_size=3)
+    (bend_one, losses_one), (bend_many, losses_many) = fit(one), fit(many)
     np.testing.assert_allclose(losses_many, losses_one, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(bend_many), jax.tree_util.tree_leaves(bend_one)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

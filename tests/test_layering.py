@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ESTIMATORS = ("krylov", "eigen", "trace", "diagonal", "density", "solve", "chunking", "track", "dense", "products")
+ESTIMATORS = ("krylov", "eigen", "trace_estimators", "diagonal", "density", "solve", "chunking", "track", "dense", "products")
 
 
 def _modules():

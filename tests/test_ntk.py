@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx
+from conftest import NNXMLP
 from jax.flatten_util import ravel_pytree
 
 from lsgeo import ntk
@@ -25,15 +26,6 @@ class LinenMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         return nn.Dense(3)(nn.tanh(nn.Dense(5)(x)))
-
-
-class NNXMLP(nnx.Module):
-    def __init__(self, rngs):
-        self.l1 = nnx.Linear(4, 5, rngs=rngs)
-        self.l2 = nnx.Linear(5, 3, rngs=rngs)
-
-    def __call__(self, x):
-        return self.l2(jnp.tanh(self.l1(x)))
 
 
 def _model(kind):

@@ -116,6 +116,57 @@ def test_data_source_errors_are_the_users():
         op @ w
 
 
+def _changing(batch, size):
+    """A source that draws another permutation on every pass (augmentation)."""
+    x, y = batch
+    passes = []
+
+    def source():
+        passes.append(None)
+        order = np.random.default_rng(len(passes)).permutation(len(y))
+        return ((x[order][i : i + size], y[order][i : i + size]) for i in range(0, len(y), size))
+
+    return source
+
+
+def _failing(batch, size, good_passes):
+    """A source whose file goes away after ``good_passes`` passes (the build; for a Risk, its label check)."""
+    x, y = batch
+    passes = []
+
+    def source():
+        passes.append(None)
+        if len(passes) > good_passes:
+            raise OSError("the data file went away")
+        return ((x[i : i + size], y[i : i + size]) for i in range(0, len(y), size))
+
+    return source
+
+
+_ON_DATA = {  # every public entry point that evaluates on data, by kind
+    "slice_1d": lambda data, w: landscape.slice_1d(_mse, w, data, w, jnp.array([0.0, 1.0, 2.0])),
+    "epsilon_sharpness": lambda data, w: sharpness.epsilon_sharpness(_mse, w, data, 0.1, steps=2),
+    "risk": lambda data, w: lsgeo.risk.risk(_predict, losses.squared_loss, w, data),
+    "tracker": lambda data, w: lsgeo.train.train(
+        _mse, __import__("optax").sgd(0.1), w, _data(8), num_steps=1,
+        measure=curvature.track.top_eigenvalue_tracker(_mse, k=1, num_iters=3), measure_data=data),
+}
+
+
+@pytest.mark.parametrize("entry", list(_ON_DATA))
+def test_every_entry_point_raises_the_sources_own_error(entry, global_x64):
+    batch, w = _data(8), np.array([0.3, -0.2, 0.5])
+    run = _ON_DATA[entry]
+    with pytest.raises(ValueError, match="iterator .* pass the generator function itself"):
+        run(_source(batch, 4)(), w)
+    with pytest.raises(dataplan.SourceChanged, match="another batch 0 than on its first pass"):
+        run(_changing(batch, 4), w)
+    with pytest.raises(OSError, match="the data file went away"):
+        run(_failing(batch, 4, good_passes=1), w)  # when the data are first read again
+    with pytest.raises(OSError, match="the data file went away"):  # a pass inside the compiled program
+        run(_failing(batch, 4, good_passes={"risk": 2, "tracker": 5}.get(entry, 1)), w)
+
+
 def test_float64_source_under_x64(global_x64):
     batch, w = _data(8), np.array([0.3, -0.2, 0.5])
     op = curvature.Hessian(_mse, w, _source(batch, 3))
@@ -229,3 +280,18 @@ def test_monte_carlo_fisher_replace_data_draws_for_the_new_examples(x64):
     op = curvature.MonteCarloFisher(_predict, losses.squared_loss, w, a, jax.random.key(0), num_samples=2)
     fresh = curvature.MonteCarloFisher(_predict, losses.squared_loss, w, b, jax.random.key(0), num_samples=2)
     np.testing.assert_allclose(op.replace(data=b).to_dense(), fresh.to_dense(), rtol=1e-12)
+
+
+def test_a_sum_over_examples_is_refused_on_a_whole_batch(x64):
+    """A summed loss used whole (no microbatches) made EmpiricalFisher n^2 too large without an error."""
+    batch, w = _data(6), np.array([0.3, -0.2, 0.5])
+    summed = lambda out, y: jnp.sum((out - y) ** 2) / 2  # noqa: E731 (a sum over examples, not a mean)
+    with pytest.raises(ValueError, match="not a mean over examples: .* a sum doubles.*jnp.mean instead of jnp.sum"):
+        curvature.EmpiricalFisher(_predict, summed, w, batch)
+    with pytest.raises(ValueError, match="not a mean over examples"):
+        curvature.Hessian(lambda p, b: jnp.sum((jnp.tanh(b[0] @ p) - b[1]) ** 2), w, batch)
+    fisher = curvature.EmpiricalFisher(_predict, losses.squared_loss, w, batch).to_dense()  # the mean passes
+    per_example = jax.vmap(jax.grad(lambda p, x, y: losses.squared_loss(_predict(p, x[None]), y[None])),
+                           in_axes=(None, 0, 0))(w, *batch)
+    np.testing.assert_allclose(fisher, per_example.T @ per_example / 6, rtol=1e-12)
+    curvature.Hessian(_coupled, w, batch)  # a batch-coupled mean, used whole: nothing to refuse

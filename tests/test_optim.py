@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import NNXMLP, group_leaf_params, noise_stream
 
 from lsgeo import groups as groups_lib
 from lsgeo import theory
@@ -167,30 +168,10 @@ def test_adamw_weight_decay_sees_clean_weights(x64):
     assert gap > 1e-3  # decaying the perturbed point instead would be visibly different
 
 
-def _noise_stream(opt, params, num_steps):
-    """xi_t and j_t for t = 1..num_steps from the transformation itself (zero gradients)."""
-
-    @jax.jit
-    def run(params):
-        state = opt.init(params)
-
-        def body(state, _):
-            _, state = opt.update(optax.tree.zeros_like(params), state, perturbed_params(params, state))
-            return state, (state.xi, state.group)
-
-        return jax.lax.scan(body, state, None, length=num_steps)[1]
-
-    return run(params)
-
-
-def _group_leaf_params():
-    return {f"layer{i}": {"a": np.zeros((6, 5), np.float32), "b": np.zeros(10, np.float32)} for i in range(3)}
-
-
 def test_layerwise_one_group_std_and_uniform_selection():
-    params = _group_leaf_params()
+    params = group_leaf_params()
     M, T, sigma = 3, 3000, 0.2
-    xi, groups = _noise_stream(noise_injection(optax.sgd(0.0), sigma, mode="layerwise", seed=0), params, T)
+    xi, groups = noise_stream(noise_injection(optax.sgd(0.0), sigma, mode="layerwise", seed=0), params, T)
     groups = np.asarray(groups)
     per_group = np.stack(
         [np.concatenate([np.asarray(v).reshape(T, -1) for v in xi[f"layer{i}"].values()], axis=1) for i in range(M)],
@@ -209,8 +190,8 @@ def test_layerwise_one_group_std_and_uniform_selection():
 
 
 def test_cyclic_order_and_unscaled():
-    params = _group_leaf_params()
-    xi, groups = _noise_stream(
+    params = group_leaf_params()
+    xi, groups = noise_stream(
         noise_injection(optax.sgd(0.0), 0.5, mode="layerwise", selection="cyclic", scale_by_num_groups=False),
         params,
         300,
@@ -221,9 +202,9 @@ def test_cyclic_order_and_unscaled():
 
 
 def test_leaf_groups_one_array_per_step():
-    params = _group_leaf_params()  # 6 leaves
+    params = group_leaf_params()  # 6 leaves
     T, sigma = 1200, 0.1
-    xi, groups = _noise_stream(noise_injection(optax.sgd(0.0), sigma, groups="leaf", seed=1), params, T)
+    xi, groups = noise_stream(noise_injection(optax.sgd(0.0), sigma, groups="leaf", seed=1), params, T)
     leaves = [np.asarray(v).reshape(T, -1) for v in jax.tree_util.tree_leaves(xi)]
     nonzero = np.stack([np.any(v != 0, axis=1) for v in leaves], axis=1)
     np.testing.assert_array_equal(nonzero.sum(axis=1), 1)
@@ -234,8 +215,8 @@ def test_leaf_groups_one_array_per_step():
 
 
 def test_full_mode_std():
-    params = _group_leaf_params()
-    xi, groups = _noise_stream(noise_injection(optax.sgd(0.0), 0.3, mode="full"), params, 200)
+    params = group_leaf_params()
+    xi, groups = noise_stream(noise_injection(optax.sgd(0.0), 0.3, mode="full"), params, 200)
     flat = np.concatenate([np.asarray(v).reshape(200, -1) for v in jax.tree_util.tree_leaves(xi)], axis=1)
     assert np.all(flat != 0)
     np.testing.assert_allclose(flat.std(), 0.3, rtol=0.02)
@@ -301,9 +282,9 @@ def test_perturbed_gradient_is_unbiased_for_exact_risk(mode):
 
 
 def test_piecewise_constant_schedule_turns_noise_off():
-    params = _group_leaf_params()
+    params = group_leaf_params()
     sched = optax.piecewise_constant_schedule(0.1, {5: 0.0})
-    xi, _ = _noise_stream(noise_injection(optax.sgd(0.0), sched, mode="full"), params, 10)  # xi_1..xi_10
+    xi, _ = noise_stream(noise_injection(optax.sgd(0.0), sched, mode="full"), params, 10)  # xi_1..xi_10
     norms = sum(np.sum(np.asarray(v).reshape(10, -1) ** 2, axis=1) for v in jax.tree_util.tree_leaves(xi))
     assert np.all(norms[:4] > 0) and np.all(norms[4:] == 0)  # sigma_t = 0 from t = 5 on
 
@@ -431,16 +412,8 @@ def test_clean_params_with_nnx_optimizer_as_users_write_it():
     clean_params(nnx.state(model, nnx.Param), optimizer.opt_state) gives w_t, as an nnx State of Params."""
     from flax import nnx
 
-    class MLP(nnx.Module):
-        def __init__(self, rngs):
-            self.l1 = nnx.Linear(3, 5, rngs=rngs)
-            self.l2 = nnx.Linear(5, 2, rngs=rngs)
-
-        def __call__(self, x):
-            return self.l2(jnp.tanh(self.l1(x)))
-
     x, y = _data(1)
-    model = MLP(nnx.Rngs(0))
+    model = NNXMLP(nnx.Rngs(0), sizes=(3, 5, 2))
     w = nnx.state(model, nnx.Param)
     lr = 0.2
     optimizer = nnx.Optimizer(model, noise_injection(optax.sgd(lr), 0.1, mode="layerwise", seed=3), wrt=nnx.Param)

@@ -6,28 +6,9 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import group_leaf_params, noise_stream
 
-from lsgeo.optim import noise_injection, perturbed_params
-
-
-def _noise_stream(opt, params, num_steps):
-    """xi_t and j_t for t = 1..num_steps from the transformation itself (zero gradients)."""
-
-    @jax.jit
-    def run(params):
-        state = opt.init(params)
-
-        def body(state, _):
-            _, state = opt.update(optax.tree.zeros_like(params), state, perturbed_params(params, state))
-            return state, (state.xi, state.group)
-
-        return jax.lax.scan(body, state, None, length=num_steps)[1]
-
-    return run(params)
-
-
-def _params():
-    return {f"layer{i}": {"a": np.zeros((6, 5), np.float32), "b": np.zeros(10, np.float32)} for i in range(3)}
+from lsgeo.optim import noise_injection
 
 
 def _check_gaussian(draws, std):
@@ -41,10 +22,10 @@ def _check_gaussian(draws, std):
 def test_layerwise_noise_std_within_four_standard_errors(selection, scale):
     """sigma sqrt(M) on the chosen group (sigma without the sqrt(M)), zero elsewhere. (Planted: sqrt(M + 0.1)
     for sqrt(M), 1.6% too large: inside the old rtol 0.03, outside 4 s.e. = 1.4% here.)"""
-    params, num_groups, steps, sigma = _params(), 3, 1000, 0.2
+    params, num_groups, steps, sigma = group_leaf_params(), 3, 1000, 0.2
     opt = noise_injection(optax.sgd(0.0), sigma, mode="layerwise", selection=selection, scale_by_num_groups=scale,
                           seed=0)
-    xi, groups = _noise_stream(opt, params, steps)
+    xi, groups = noise_stream(opt, params, steps)
     groups = np.asarray(groups)
     per_group = np.stack([np.concatenate([np.asarray(v).reshape(steps, -1) for v in xi[f"layer{j}"].values()], 1)
                           for j in range(num_groups)], axis=1)  # [T, M, 40]
@@ -57,8 +38,8 @@ def test_layerwise_noise_std_within_four_standard_errors(selection, scale):
 
 
 def test_full_noise_std_within_four_standard_errors():
-    params, steps, sigma = _params(), 300, 0.3
-    xi, _ = _noise_stream(noise_injection(optax.sgd(0.0), sigma, mode="full"), params, steps)
+    params, steps, sigma = group_leaf_params(), 300, 0.3
+    xi, _ = noise_stream(noise_injection(optax.sgd(0.0), sigma, mode="full"), params, steps)
     _check_gaussian(np.concatenate([np.asarray(v).reshape(steps, -1) for v in jax.tree_util.tree_leaves(xi)], 1),
                     sigma)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx
+from conftest import NNXMLP
 from jax.flatten_util import ravel_pytree
 
 from lsgeo import groups as groups_lib
@@ -56,15 +57,6 @@ class LinenConvNet(nn.Module):
         x = jnp.tanh(nn.Conv(2, (3, 3))(x))
         x = x.reshape(x.shape[0], -1)
         return nn.Dense(3)(jnp.tanh(nn.Dense(4)(x)))
-
-
-class NNXMLP(nnx.Module):
-    def __init__(self, rngs):
-        self.l1 = nnx.Linear(4, 5, rngs=rngs)
-        self.l2 = nnx.Linear(5, 3, rngs=rngs)
-
-    def __call__(self, x):
-        return self.l2(jnp.tanh(self.l1(x)))
 
 
 def seq_predict(params, x):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import lsgeo
 from lsgeo import sharpness
 from lsgeo.losses import squared_loss
 
@@ -287,6 +288,9 @@ def test_microbatched_measures_equal_single_batch(x64):
     ]:
         one = fn(f, params, batch, *args, **kwargs)
         np.testing.assert_allclose(fn(f, params, batch, *args, **kwargs, microbatch_size=5), one, rtol=1e-10)
+    many = lsgeo.Objective(f, batch, microbatch_size=5)  # the measures outside DESIGN section 3 take the objective
+    np.testing.assert_allclose(sharpness.adaptive_sharpness(many, params, None, 0.05, key=key, steps=3),
+                               sharpness.adaptive_sharpness(f, params, batch, 0.05, key=key, steps=3), rtol=1e-10)
 
 
 BAD_INPUTS = [

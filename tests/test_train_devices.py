@@ -4,20 +4,13 @@ test_train_loop::test_multi_device_minibatch_matches_one_device that runs in the
 
 import textwrap
 
-from conftest import run_python
+from conftest import DEVICE_TRAIN_PROBLEM, run_python
 
-_SCRIPT = textwrap.dedent(
+_SCRIPT = DEVICE_TRAIN_PROBLEM + textwrap.dedent(
     """
-    import jax, numpy as np, optax
     assert len(jax.devices()) == 4, jax.devices()
     from lsgeo.optim import noise_injection
     from lsgeo.train import train
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(16, 3)).astype(np.float32); Y = rng.normal(size=(16, 1)).astype(np.float32)
-    W0 = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(4, 1)).astype(np.float32)}
-    def loss(p, b):
-        x, y = b
-        return 0.5 * ((jax.numpy.tanh(x @ p["a"]) @ p["b"] - y) ** 2).mean()
     tx = noise_injection(optax.sgd(0.1), 0.1, seed=1)
     a = train(loss, tx, W0, (X, Y), num_steps=4, eval_every=2, batch_size=8)
     b = train(loss, tx, W0, (X, Y), num_steps=4, eval_every=2, batch_size=8, devices=[jax.devices()[0]])
@@ -36,18 +29,11 @@ def test_minibatch_training_on_four_devices_matches_one_device():
     assert "OK" in run_python("-c", _SCRIPT, devices=4, timeout=300)
 
 
-_TRACKED = textwrap.dedent(
+_TRACKED = DEVICE_TRAIN_PROBLEM + textwrap.dedent(
     """
-    import jax, numpy as np, optax
     assert len(jax.devices()) == 2, jax.devices()
     from lsgeo.curvature.track import top_eigenvalue_tracker
     from lsgeo.train import sweep, train
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(16, 3)).astype(np.float32); Y = rng.normal(size=(16, 1)).astype(np.float32)
-    W0 = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(4, 1)).astype(np.float32)}
-    def loss(p, b):
-        x, y = b
-        return 0.5 * ((jax.numpy.tanh(x @ p["a"]) @ p["b"] - y) ** 2).mean()
     cut = top_eigenvalue_tracker(loss, num_iters=12, tol=None, microbatch_size=4)  # microbatches over both devices
     whole = top_eigenvalue_tracker(loss, num_iters=12, tol=None)
     one = train(loss, optax.sgd(0.1), W0, (X, Y), num_steps=2, measure=whole, devices=[jax.devices()[0]])

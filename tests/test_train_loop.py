@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 from _train_problem import W0, X, Y, _at, _manual, _minibatches, eval_fn, loss
-from conftest import run_python
+from conftest import DEVICE_TRAIN_PROBLEM, run_python
 
 from lsgeo.optim import noise_injection
 from lsgeo.train import TrainingDiverged, init_state, sweep, train
@@ -163,18 +163,11 @@ def test_bad_arguments_raise_naming_them(call, match):
         call()
 
 
-_MULTI_DEVICE = textwrap.dedent(
+_MULTI_DEVICE = DEVICE_TRAIN_PROBLEM + textwrap.dedent(
     """
-    import sys, jax, numpy as np, optax
     assert len(jax.devices()) == 4, jax.devices()
     from lsgeo.optim import noise_injection
     from lsgeo.train import train, sweep
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(16, 3)).astype(np.float32); Y = rng.normal(size=(16, 1)).astype(np.float32)
-    W0 = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(4, 1)).astype(np.float32)}
-    def loss(p, b):
-        x, y = b
-        return 0.5 * ((jax.numpy.tanh(x @ p["a"]) @ p["b"] - y) ** 2).mean()
     make = lambda sigma, seed: noise_injection(optax.sgd(0.1), sigma, seed=seed)
     one = [jax.devices()[0]]
     bs = int(sys.argv[1]) if len(sys.argv) > 1 else None

@@ -121,8 +121,8 @@ from lsgeo.curvature.operators import (
 )
 from lsgeo.curvature.products import gauss_newton_operator, gnvp, hessian_operator, hvp
 from lsgeo.curvature.solve import SolveDidNotConverge, SolveInfo, low_rank_inverse, solve
-from lsgeo.curvature.trace import DIAGONAL_METHODS, TRACE_METHODS, hessian_diagonal, hessian_trace
-from lsgeo.dataplan import user_errors as _user_errors
+from lsgeo.curvature.trace_estimators import DIAGONAL_METHODS, TRACE_METHODS, hessian_diagonal, hessian_trace
+from lsgeo.objective import user_errors as _user_errors
 
 # Estimators on any operator are named for what they estimate: ``trace(op, key)``, ``diagonal(op, key)`` (the same
 # functions as ``hessian_trace`` / ``hessian_diagonal``, whose names stay for the Hessian function form). A data

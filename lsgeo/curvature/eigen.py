@@ -115,15 +115,10 @@ def _lanczos_pairs(op, key, num_iters, k, which, tol, with_vectors, layout=None,
     v0 = to_vector(jax.random.normal(key, (op.size,), op.dtype))
     run = dict(k=k, which=which, tol=tol, shardings=shardings, basis_memory=basis_memory,
                product_rtol=krylov.rounding_rtol(op.param_dtype))
-    if tol is None:
-        values, coefficients, basis, _, residuals = krylov.ritz_run(matvec, v0, num_iters, **run)
-        if not with_vectors:
-            return values, residuals
-        vectors = krylov.ritz_vectors(basis, coefficients, shardings=shardings, basis_memory=basis_memory)
-    else:  # an early stop: locked Ritz vectors and a deflated run check for a repeated eigenvalue
-        values, vectors, residuals, _ = locking.checked_ritz_run(matvec, v0, num_iters, start_key=key, **run)
-        if not with_vectors:
-            return values, residuals
+    # an early stop (k > 1): locked Ritz vectors and a deflated run check for a repeated eigenvalue
+    values, vectors, residuals, _ = locking.checked_ritz_run(matvec, v0, num_iters, start_key=key, **run)
+    if not with_vectors:  # the vectors are then never computed (dead code in the compiled program)
+        return values, residuals
     if layout is None:
         return values, residuals, jax.vmap(op.unravel)(vectors)  # [k, m], V^T u_j
     return values, residuals, jax.tree_util.tree_map(lambda y, p: y.astype(jnp.result_type(p)), vectors,
@@ -211,8 +206,6 @@ def eigenpairs(
     tol: float | None = None,
     return_residuals: bool = False,
     basis_memory: str = "device",
-    microbatch_size: int | None = None,
-    devices: Sequence | None = None,
 ):
     """The ``k`` extreme eigenpairs of a curvature operator (the Hessian of ``f`` by default): Lanczos
     Ritz pairs.
@@ -222,7 +215,8 @@ def eigenpairs(
     the Ritz vectors ``V^T u_j`` (unit norm, mutually orthogonal; exact eigenvectors once the
     residual ``|beta_K u_Kj|`` is small, which ``tol`` bounds relative to ``|theta_j|``). With sharded
     parameters the vectors keep the parameters' sharding (behind the leading axis k); ``basis_memory``
-    as in ``top_eigenvalues``.
+    as in ``top_eigenvalues``. Microbatches and devices: pass an operator, or ``f`` an ``lsgeo.Objective`` built
+    with them (``batch=None``).
 
     Returns:
       ``(values [k], vectors)`` with ``vectors`` a pytree shaped like the operator's parameters with a
@@ -235,8 +229,8 @@ def eigenpairs(
         ``basis_memory``.
     """
     check_choice(which, "which", WHICH)
-    op, key, num_iters, tol = _prepare("eigenpairs", f, params, batch, key, k, num_iters, tol, microbatch_size,
-                                       devices, basis_memory)
+    op, key, num_iters, tol = _prepare("eigenpairs", f, params, batch, key, k, num_iters, tol, None, None,
+                                       basis_memory)
     values, residuals, vectors = _lanczos_pairs(op, key, num_iters, k, which, tol, True, vector_layout(op),
                                                 basis_memory)
     return (values, vectors, residuals) if return_residuals else (values, vectors)
@@ -251,8 +245,6 @@ def min_eigenvalue(
     num_iters: int | None = None,
     tol: float | None = None,
     basis_memory: str = "device",
-    microbatch_size: int | None = None,
-    devices: Sequence | None = None,
 ):
     """The most negative (smallest algebraic) eigenvalue of a curvature operator (the Hessian of ``f`` by
     default) and its unit eigenvector.
@@ -268,6 +260,5 @@ def min_eigenvalue(
     """
     values, vectors = eigenpairs(
         f, params, batch, key, k=1, which="smallest", num_iters=num_iters, tol=tol, basis_memory=basis_memory,
-        microbatch_size=microbatch_size, devices=devices,
     )
     return values[0], jax.tree_util.tree_map(lambda a: a[0], vectors)

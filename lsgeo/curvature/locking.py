@@ -50,14 +50,19 @@ def _subtract(u, v):
     return jax.tree_util.tree_map(lambda a, b: a - b, u, v)
 
 
-def checked_ritz_run(matvec, v0, num_iters: int, *, k: int, which: str = "largest", tol: float, shardings=None,
-                     basis_memory: str = "device", product_rtol: float = 0.0, start_key=None):
+def checked_ritz_run(matvec, v0, num_iters: int, *, k: int, which: str = "largest", tol: float | None,
+                     shardings=None, basis_memory: str = "device", product_rtol: float = 0.0, start_key=None):
     """``krylov.ritz_run`` to ``tol`` with the multiplicity check of the module docstring.
+
+    The check runs only where a copy can be lost: with an early stop (``tol`` not None) and ``k > 1`` (with
+    ``tol=None`` every run goes to ``num_iters``; with ``k = 1`` a hidden copy does not change the one wanted
+    value), else the result is the first run's.
 
     Args:
       matvec, v0, num_iters, k, which, shardings, basis_memory, product_rtol: as in ``krylov.ritz_run`` (every
         run is capped at ``num_iters`` steps).
-      tol: the relative residual tolerance (> 0) of every run, and the margin by which a new value must enter.
+      tol: None, or the relative residual tolerance (> 0) of every run and the margin by which a new value must
+        enter.
       start_key: PRNG key of the fresh starts (default a fixed key).
 
     Returns:
@@ -68,6 +73,8 @@ def checked_ritz_run(matvec, v0, num_iters: int, *, k: int, which: str = "larges
     run = dict(k=k, which=which, tol=tol, shardings=shardings, basis_memory=basis_memory, product_rtol=product_rtol)
     values, coefficients, basis, steps, residuals = krylov.ritz_run(matvec, v0, num_iters, **run)
     vectors = krylov.ritz_vectors(basis, coefficients, shardings=shardings, basis_memory=basis_memory)
+    if tol is None or k == 1:  # no early stop to miss a copy, or one value (a copy does not change it)
+        return values, vectors, residuals, steps
     start_key = jax.random.key(0) if start_key is None else start_key
     sign = 1.0 if which == "largest" else -1.0
     leaves, treedef = jax.tree_util.tree_flatten(v0)

@@ -15,6 +15,7 @@ from typing import Any
 from lsgeo import validation
 from lsgeo.curvature.operators import GaussNewton
 from lsgeo.curvature.operators import Hessian
+from lsgeo.objective import as_objective
 
 PyTree = Any
 MatVec = Callable
@@ -86,11 +87,11 @@ def gnvp(predict, loss, params: PyTree, batch, v: PyTree, *, microbatch_size: in
     return GaussNewton(predict, loss, params, batch, microbatch_size=microbatch_size, devices=devices) @ v
 
 
-def hessian_operator(f, params: PyTree, batch, *, microbatch_size: int | None = None,
-                     devices: Sequence | None = None) -> MatVec:
+def hessian_operator(f, params: PyTree, batch=None) -> MatVec:
     """The Hessian of ``f`` at ``params`` as a flat matvec ``u [m] -> [m]`` (``Hessian(...).matvec``;
-    traceable, so it may be ``vmap``-ed and used inside ``jit``)."""
-    return Hessian(f, params, batch, microbatch_size=microbatch_size, devices=devices).matvec
+    traceable, so it may be ``vmap``-ed and used inside ``jit``). ``f`` may be an ``lsgeo.Objective`` (then
+    ``batch=None``; microbatches and devices are its own)."""
+    return Hessian(as_objective(f, batch), params).matvec
 
 
 def gauss_newton_operator(predict, loss, params: PyTree, batch, *, microbatch_size: int | None = None,

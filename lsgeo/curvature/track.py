@@ -51,7 +51,7 @@ from jax.flatten_util import ravel_pytree
 from lsgeo import validation
 from lsgeo.curvature import krylov, locking
 from lsgeo.curvature.operators import Hessian
-from lsgeo.curvature.trace import TRACE_METHODS, hessian_trace
+from lsgeo.curvature.trace_estimators import TRACE_METHODS, hessian_trace
 
 PyTree = Any
 
@@ -197,13 +197,8 @@ def top_eigenvalue_tracker(
         noise = noise / jnp.linalg.norm(noise)
         v0 = jnp.where(state.warm, warm_start + 1e-3 * noise, noise)
         steps_cap, precision = min(num_iters, op.size), krylov.rounding_rtol(op.param_dtype)
-        if tol is None or k == 1:  # no early stop to miss a copy, or one value (a copy does not change it)
-            values, coefficients, basis, steps, _ = krylov.ritz_run(op.matvec, v0, steps_cap, k=k, tol=tol,
-                                                                    product_rtol=precision)
-            vectors = jnp.matmul(coefficients.T, basis, precision=jax.lax.Precision.HIGHEST)
-        else:
-            values, vectors, _, steps = locking.checked_ritz_run(op.matvec, v0, steps_cap, k=k, tol=tol,
-                                                                 product_rtol=precision, start_key=key_now)
+        values, vectors, _, steps = locking.checked_ritz_run(op.matvec, v0, steps_cap, k=k, tol=tol,
+                                                             product_rtol=precision, start_key=key_now)
         metrics = {name: values[0]} if k == 1 else {f"{name}_{j + 1}": values[j] for j in range(k)}
         metrics[f"{name}_products"] = steps
         return metrics, TopEigenState(vectors.astype(state.vectors.dtype), key_next, jnp.asarray(True))

@@ -9,6 +9,15 @@ the shares of two devices of a sharded batch),
     f(A u B)  against  (|A| f(A) + |B| f(B)) / (|A| + |B|),
 
 three eager evaluations on at most two microbatches, tolerance ``1000 eps`` relative to the values.
+
+A batch used whole is not cut, so coupling is harmless there, but a SUM over examples (not a mean) still gives
+wrong numbers (``EmpiricalFisher`` n^2 too large, the Gauss-Newton trace and R_eff of another L). A mean is
+invariant to duplicating the examples, a sum doubles: on the first ``min(n, 32)`` examples P,
+
+    f(P)  against  f(P u P),
+
+two eager evaluations on at most 64 examples (a batch-coupled mean such as BatchNorm in training mode passes:
+the statistics of P u P are those of P). Skipped for a batch whose leaves do not share a leading example axis.
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ import numpy as np
 from lsgeo.dataplan.memory import Layout
 from lsgeo.validation import is_concrete
 
-__all__ = ["check_mean_over_examples", "probe_pieces"]
+__all__ = ["check_mean_over_examples", "probe_pieces", "duplicated_piece"]
+
+_DUPLICATE_EXAMPLES = 32  # examples of the duplication check on a whole batch
 
 _CHECKED: dict = {}  # (fn, plan) pairs already checked, oldest first (at most _MAX_CHECKED kept)
 _MAX_CHECKED = 128
@@ -42,14 +53,30 @@ def probe_pieces(batch, plan):
     return jax.tree_util.tree_map(lambda x: x[:s], batch), jax.tree_util.tree_map(lambda x: x[s : s + b], batch)
 
 
+def duplicated_piece(batch):
+    """``(P, P u P)``: the first ``min(n, 32)`` examples of ``batch`` and the same examples twice; None when the
+    leaves of ``batch`` do not share a leading example axis in this process's memory."""
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves or not all(getattr(a, "is_fully_addressable", True) and np.ndim(a) for a in leaves):
+        return None
+    sizes = {np.shape(a)[0] for a in leaves}
+    if len(sizes) != 1:
+        return None
+    m = min(sizes.pop(), _DUPLICATE_EXAMPLES)
+    piece = jax.tree_util.tree_map(lambda x: jnp.asarray(x[:m]), batch)
+    return piece, jax.tree_util.tree_map(lambda x: jnp.concatenate([x, x]), piece)
+
+
 def check_mean_over_examples(fn: Callable, params, batch, plan, *, name: str = "f") -> None:
     """Raises ValueError when the scalar ``fn(params, batch)`` is evidently not a mean over independent
-    examples (see the module docstring), once per (``fn``, plan). Nothing is checked when the plan uses the
-    batch whole or under tracing."""
+    examples (see the module docstring), once per (``fn``, plan): with a cut, by comparing two pieces with
+    their union; with the batch whole, by duplicating a piece (a sum over examples is refused). Nothing is
+    checked under tracing."""
     if not (is_concrete(params) and is_concrete(batch)):
         return
     pieces = probe_pieces(batch, plan)
-    if pieces is None:
+    duplicate = duplicated_piece(batch) if pieces is None and plan.whole and batch is not None else None
+    if pieces is None and duplicate is None:
         return
     try:
         token = (fn, plan)
@@ -57,15 +84,49 @@ def check_mean_over_examples(fn: Callable, params, batch, plan, *, name: str = "
             return
     except TypeError:  # an unhashable fn: check every time
         token = None
-    first, second = pieces
-    sizes = [jax.tree_util.tree_leaves(p)[0].shape[0] for p in pieces]
+    if duplicate is not None:
+        _check_duplicated(fn, params, *duplicate, name)
+    else:
+        _check_cut(fn, params, *pieces, plan, name)
+    if token is not None:
+        _CHECKED[token] = None
+        if len(_CHECKED) > _MAX_CHECKED:
+            del _CHECKED[next(iter(_CHECKED))]
+
+
+def _eps(params) -> float:
+    return float(jnp.finfo(jnp.result_type(*jax.tree_util.tree_leaves(params))).eps)
+
+
+def _check_duplicated(fn, params, piece, twice, name) -> None:
+    try:
+        values = [fn(params, b) for b in (piece, twice)]
+    except Exception:  # noqa: BLE001 (an f that takes only its own batch shape: its call on the data will tell)
+        return
+    if not is_concrete(values):  # called inside an outer jit: nothing to check
+        return
+    v1, v2 = (np.asarray(v, np.float64) for v in values)
+    if np.ndim(v1) or np.ndim(v2) or not (np.isfinite(v1) and np.isfinite(v2)):
+        return
+    if abs(float(v2) - float(v1)) > 1000 * _eps(params) * max(abs(float(v1)), abs(float(v2)), 1e-30):
+        m = jax.tree_util.tree_leaves(piece)[0].shape[0]
+        raise ValueError(
+            f"{name} is not a mean over examples: on {m} examples it gives {float(v1):.6g}, and {float(v2):.6g} on the "
+            f"same examples twice (a mean would not change; a sum doubles). Every lsgeo function takes the mean over "
+            f"examples (the paper's L; EmpiricalFisher, the Gauss-Newton trace and R_eff would be off by powers of "
+            f"n): divide by the number of examples (jnp.mean instead of jnp.sum over the batch)"
+        )
+
+
+def _check_cut(fn, params, first, second, plan, name) -> None:
+    sizes = [jax.tree_util.tree_leaves(p)[0].shape[0] for p in (first, second)]
     both = jax.tree_util.tree_map(lambda x, y: jnp.concatenate([jnp.asarray(x), jnp.asarray(y)]), first, second)
     values = [fn(params, b) for b in (first, second, both)]
     if not is_concrete(values):  # called inside an outer jit: nothing to check
         return
     values = [np.asarray(v, np.float64) for v in values]
     if all(np.ndim(v) == 0 and np.isfinite(v) for v in values):
-        eps = float(jnp.finfo(jnp.result_type(*jax.tree_util.tree_leaves(params))).eps)
+        eps = _eps(params)
         v1, v2, v12 = (float(v) for v in values)
         mean = (sizes[0] * v1 + sizes[1] * v2) / (sizes[0] + sizes[1])
         if abs(v12 - mean) > 1000 * eps * max(abs(v1), abs(v2), abs(v12), 1e-30):
@@ -76,7 +137,3 @@ def check_mean_over_examples(fn: Callable, params, batch, plan, *, name: str = "
                 f"A BatchNorm layer in training mode does this: bind its running statistics (evaluation mode), e.g. "
                 f"lsgeo.models.make_predict(model, model_state); or pass microbatch_size=None to use the batch whole"
             )
-    if token is not None:
-        _CHECKED[token] = None
-        if len(_CHECKED) > _MAX_CHECKED:
-            del _CHECKED[next(iter(_CHECKED))]

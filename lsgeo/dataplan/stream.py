@@ -8,8 +8,10 @@ bytes). Each later sum is one pass over the source inside the compiled program (
 body fetches batch j with ``jax.pure_callback``), and a pass whose batches differ from the first pass's
 (another count, structure or contents: augmentation, a random subset) is an error: the products of
 estimators that combine several passes would mix two data sets. The error is raised in the host
-callback; ``user_errors`` (applied by lsgeo's public functions) turns the runtime error that JAX reports
-into the ``ValueError`` it was.
+callback; ``user_errors`` (applied where lsgeo compiles a program that evaluates an objective,
+``lsgeo.objective.compiled``) turns the runtime error that JAX reports into the exception it was: the
+``SourceChanged`` (a ``ValueError``), or the source's own error on a later pass (an ``OSError`` of a file that
+went away, any exception the source raised).
 
 Device memory: one batch; host memory: what the source holds. Batches arrive through a host callback
 that XLA may run on another thread: for float64 sources set ``jax.config.update("jax_enable_x64", True)``
@@ -32,7 +34,6 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import functools
-import re
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -190,15 +191,29 @@ def stream_plan(source: Callable, *, name: str = "batch", check: Callable | None
                       tuple(checksums), (jax.devices()[0],))
 
 
+#: the exceptions the host side of a stream raised most recently (a callback's exception reaches the caller only as
+#: the text of a ``JaxRuntimeError``; ``user_errors`` finds it here and re-raises it)
+_RAISED: collections.deque = collections.deque(maxlen=16)
+
+
 class _Reader:
     """Host side of a stream: hands out batch ``j`` of the current pass, restarting the source when asked for
-    an earlier batch, and checks that each pass yields the batches of the first (count, structure, checksum)."""
+    an earlier batch, and checks that each pass yields the batches of the first (count, structure, checksum).
+    Whatever it raises (``SourceChanged``, the source's own error) is recorded for ``user_errors``."""
 
     def __init__(self, plan: StreamPlan):
         self.plan, self.iterator, self.position = plan, None, 0
 
     def __call__(self, j):
-        plan, j = self.plan, int(j)
+        try:
+            return self._batch(int(j))
+        except Exception as error:
+            self.iterator = None  # the next pass starts afresh
+            _RAISED.append(error)
+            raise
+
+    def _batch(self, j):
+        plan = self.plan
         if self.iterator is None or j < self.position:
             self.iterator, self.position = iter(plan.source()), 0
         while self.position <= j:
@@ -227,21 +242,29 @@ class _Reader:
         return tuple(np.asarray(a, dtype) for a, (_, dtype) in zip(leaves, plan.structs))
 
 
-_MARKER = re.compile(r"SourceChanged: ([^\n]*)")
-
-
 def user_errors(fn: Callable) -> Callable:
-    """``fn`` with a data source's ``SourceChanged`` (raised in a host callback, which JAX reports as a
-    ``JaxRuntimeError``) re-raised as the ``ValueError`` it is."""
+    """``fn`` with the errors of a data source's host side (``SourceChanged``, or the source's own ``OSError`` /
+    any exception on a later pass), which JAX reports as a ``JaxRuntimeError`` (or a ``ValueError``) whose text
+    names them, re-raised as themselves. The result is waited for (``jax.block_until_ready``) so that the error
+    arrives here, not at a later use of an asynchronously dispatched result."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
-        except jax.errors.JaxRuntimeError as error:
-            found = _MARKER.findall(str(error))
-            if not found:
+            return jax.block_until_ready(fn(*args, **kwargs))
+        except Exception as error:  # a JaxRuntimeError (or, from some dispatch paths, a ValueError) naming it
+            original = _original(error)
+            if original is None or original is error:
                 raise
-            raise SourceChanged(found[-1]) from error
+            raise original from error
 
     return wrapped
+
+
+def _original(error: Exception) -> BaseException | None:
+    """The recorded host-side exception whose ``"Type: message"`` the text of ``error`` holds, the latest first."""
+    text = str(error)
+    for raised in reversed(_RAISED):
+        if f"{type(raised).__name__}: {raised}" in text:
+            return raised
+    return None

@@ -8,11 +8,13 @@ prefixed ``swa_``, at the running mean (NaN until the first iterate has been ave
 ``eval_fn`` that would replace a column of the loop (``step``, ``train_loss``, ``batch_loss``, and with
 SWA any ``swa_`` name) is a ValueError naming it.
 
-``eval_data`` may be a data source (``lsgeo.dataplan.is_source``: a zero-argument callable returning a fresh
-iterator of batches, e.g. a numpy memmap read in batches): ``eval_fn`` then runs on each batch inside the
-compiled evaluation (one batch on the device at a time, fetched from the host) and each metric is the
-example-weighted mean over the batches (``StreamedEval``), exact when ``eval_fn``'s metrics are means over the
-examples of its batch (losses, accuracies).
+Both evaluate through an ``lsgeo.Objective`` (the one place data plans are built): ``train_loss`` is the value of
+``Objective(TrainingLoss(objective), data, microbatch_size=batch_size)`` at ``(w_t, model_state)``, and ``eval_data``
+may be a data source (a zero-argument callable returning a fresh iterator of batches, e.g. a numpy memmap read
+in batches): ``eval_fn`` then runs on each batch inside the compiled evaluation (one batch on the device at a
+time, fetched from the host) and each metric is the example-weighted mean over the batches (``StreamedEval``,
+``Objective.map``), exact when ``eval_fn``'s metrics are means over the examples of its batch (losses,
+accuracies).
 
 Example:
   >>> import jax.numpy as jnp, optax
@@ -32,59 +34,78 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from lsgeo import dataplan
+from lsgeo.objective import Objective, check_not_iterator, is_source
 from lsgeo.optim import clean_params
 from lsgeo.train.state import TrainState
 from lsgeo.train.step import objective_value
 
-__all__ = ["evaluate", "train_loss", "check_metric_names", "RESERVED", "StreamedEval", "stream_eval"]
+__all__ = ["evaluate", "train_loss", "TrainingLoss", "check_metric_names", "RESERVED", "StreamedEval", "stream_eval"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingLoss:
+    """The training objective as a function of ``(params, model_state)``: ``f((w, s), batch)`` is ``objective(w,
+    batch)``, or the loss of a stateful ``objective(w, s, batch) -> (loss, new_state)`` (state read, not updated).
+    Hashable (equal for equal objectives): the ``f`` of an ``Objective``."""
+
+    objective: Callable
+
+    def __call__(self, operands, batch):
+        params, model_state = operands
+        return objective_value(self.objective, params, model_state, batch)
 
 
 def train_loss(objective: Callable, params, model_state, data, batch_size: int | None) -> jax.Array:
-    """The objective at ``params`` over all of ``data``; with ``batch_size``, computed in batches of that
-    size (``lsgeo.dataplan``: the example-weighted mean, the last batch uneven), in the memory of one.
+    """The objective at ``params`` over all of ``data``: the value of ``Objective(TrainingLoss(objective), data,
+    microbatch_size=batch_size)`` (with ``batch_size``, the example-weighted mean over batches of that size, the
+    last one uneven, in the memory of one), on the device the loop evaluates on.
 
     Cost: one forward pass over the n examples.
     """
-    if batch_size is None:
-        return objective_value(objective, params, model_state, data)
-    plan = dataplan.in_memory_plan(data, batch_size, devices=jax.devices()[:1])
-    return dataplan.reduce(lambda p, b: objective_value(objective, p, model_state, b), params, data, plan)
+    loss = Objective(TrainingLoss(objective), data, microbatch_size=batch_size, devices=jax.devices()[:1])
+    return loss.value((params, model_state))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalMetrics:
+    """``eval_fn`` as the ``f`` of an objective over ``(params, model_state)``: its dict of metrics on one batch
+    (each at least float32). Hashable."""
+
+    eval_fn: Callable
+
+    def __call__(self, operands, batch):
+        params, model_state = operands
+        metrics = self.eval_fn(params, batch) if model_state is None else self.eval_fn(params, model_state, batch)
+        if not isinstance(metrics, dict):
+            raise ValueError(f"eval_fn must return a dict of scalars, got {type(metrics).__name__}")
+        return {k: jnp.asarray(v, jnp.promote_types(jnp.result_type(v), jnp.float32)) for k, v in metrics.items()}
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamedEval:
     """``eval_fn`` evaluated over a data source: the example-weighted mean of ``eval_fn(params, batch)`` (or
-    ``eval_fn(params, model_state, batch)``) over the source's batches (``lsgeo.dataplan.reduce`` on its
-    ``StreamPlan``). Hashable: a static argument of the compiled chunk; its third argument is ignored.
+    ``eval_fn(params, model_state, batch)``) over the source's batches (``Objective.map`` of an objective on the
+    source, built once). Hashable: a static argument of the compiled chunk; its eval-data argument is ignored.
 
     Cost: one pass over the source per evaluation, one compiled body for its full batches."""
 
-    eval_fn: Callable
-    plan: dataplan.StreamPlan
+    metrics: Objective
 
     def __call__(self, params, *rest):
         model_state = rest[0] if len(rest) == 2 else None
-
-        def on_batch(operands, batch):
-            p, s = operands
-            metrics = self.eval_fn(p, batch) if s is None else self.eval_fn(p, s, batch)
-            if not isinstance(metrics, dict):
-                raise ValueError(f"eval_fn must return a dict of scalars, got {type(metrics).__name__}")
-            return {k: jnp.asarray(v, jnp.promote_types(jnp.result_type(v), jnp.float32)) for k, v in metrics.items()}
-
-        return dataplan.reduce(on_batch, (params, model_state), None, self.plan)
+        return self.metrics.map(self.metrics.f, (params, model_state))
 
 
 def stream_eval(eval_fn: Callable | None, eval_data):
     """``(eval_fn, eval_data)`` for the compiled loop: unchanged for in-memory ``eval_data``; for a data source,
-    ``(StreamedEval(eval_fn, plan), None)`` with the source read once here (``dataplan.stream_plan``: its batch
+    ``(StreamedEval(Objective(EvalMetrics(eval_fn), eval_data)), None)`` with the source read once here (its batch
     sizes and shapes checked). ValueError when a source is given without an ``eval_fn``."""
-    if not dataplan.is_source(eval_data):
+    check_not_iterator(eval_data, "eval_data")
+    if not is_source(eval_data):
         return eval_fn, eval_data
     if eval_fn is None:
         raise ValueError("eval_data is a data source but eval_fn is None: give the eval_fn to run on its batches")
-    return StreamedEval(eval_fn, dataplan.stream_plan(eval_data, name="eval_data")), None
+    return StreamedEval(Objective(EvalMetrics(eval_fn), eval_data, data_name="eval_data")), None
 
 
 #: the history columns the loop writes itself; ``eval_fn`` may not return these names

@@ -45,19 +45,8 @@ from lsgeo.optim import clean_params
 from lsgeo.streams import as_key, check_seed
 from lsgeo.train.chunk import chunk_schedule, evaluate_start, measure_at, run_chunk
 from lsgeo.train.devices import data_mesh, replicate, shard_examples
-from lsgeo.train.run import (
-    RunInputs,
-    RunOptions,
-    check_finite_params,
-    initial_values,
-    measurement_rows,
-    split_init_fns,
-    stack_history,
-    to_numpy,
-    with_run_options,
-)
-from lsgeo.train.state import TrainState, init_state, with_state_views
-from lsgeo.validation import check_callable, check_float_params
+from lsgeo.train import run as run_lib
+from lsgeo.train.state import TrainState, with_state_views
 
 PyTree = Any
 
@@ -158,26 +147,19 @@ def _first_non_finite(metrics: dict, swa_started: bool) -> str | None:
     return None
 
 
-def _start(objective, optimizer, eval_fn, schedule, init_fns, params, model_state, key, data, eval_data):
-    params, model_state = initial_values(init_fns, params, model_state, key)
-    state = init_state(params, optimizer, model_state=model_state, key=key, swa=schedule.swa_start is not None,
-                       measure=schedule.measure)
-    return evaluate_start(objective, eval_fn, chunk_schedule(schedule), state, data, eval_data)
-
-
 def _resume(objective, eval_fn, schedule, state, data, eval_data):
     return evaluate_start(objective, eval_fn, schedule, state, data, eval_data)[1]
 
 
 _STATIC = ("objective", "optimizer", "eval_fn", "schedule")
-_start_jit = jax.jit(_start, static_argnames=_STATIC + ("init_fns",))
+_start_jit = jax.jit(run_lib.start_state, static_argnames=_STATIC + ("init_fns",))
 _resume_jit = jax.jit(_resume, static_argnames=("objective", "eval_fn", "schedule"))
 _chunk_jit = jax.jit(run_chunk, static_argnames=_STATIC)
 #: the measurement program (one compilation per measurement, schedule and shapes; ``chunk`` module docstring)
 _measure_jit = jax.jit(measure_at, static_argnames="schedule")
 
 
-@with_run_options
+@run_lib.with_run_options
 def train(
     objective: Callable,
     optimizer: optax.GradientTransformation,
@@ -212,15 +194,11 @@ def train(
     (objective, optimizer, eval_fn, shapes, schedule), reused across calls: reuse the same
     ``objective``/``optimizer``/``eval_fn`` objects to reuse it.
     """
-    check_callable(objective, "objective")
     if not isinstance(optimizer, optax.GradientTransformation):
         raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
-    run, n = RunOptions.of("train", options).checked(data)
+    run, n = run_lib.checked_run("train", objective, params, data, options)
     measure, model_state = run.measure, run.model_state
     resume = isinstance(params, TrainState)
-    if not resume and not callable(params):
-        check_float_params(params)
-        check_finite_params(params)
     if key is not None and not resume:
         check_seed(key, "key")
     if resume:
@@ -237,7 +215,7 @@ def train(
             params = params._replace(measure=measure.init(clean_params(params.params, params.opt_state)))
     mesh = data_mesh(run.devices)
     data, shard = shard_examples(mesh, data, n, run.batch_size)
-    inputs = RunInputs.of(run, mesh, data)
+    inputs = run_lib.RunInputs.of(run, mesh, data)
     schedule = run.schedule(mesh, shard, inputs.measure_source)
     static = dict(objective=objective, eval_fn=inputs.eval_fn, schedule=chunk_schedule(schedule))
     eval_data, measure_data = inputs.eval_data, inputs.measure_data
@@ -250,39 +228,35 @@ def train(
             params = replicate(mesh, params)
         if model_state is not None and not callable(model_state):
             model_state = replicate(mesh, model_state)
-        init_fns, params, model_state = split_init_fns(params, model_state)
+        init_fns, params, model_state = run_lib.split_init_fns(params, model_state)
         key = as_key(0 if key is None else key)  # a typed key: seeds up to 2**32 - 1 do not overflow int32 in jit
         state, metrics = _start_jit(
             optimizer=optimizer, init_fns=init_fns, params=params, model_state=model_state, key=key,
             data=data, eval_data=eval_data, **{**static, "schedule": schedule},
         )  # fmt: skip
         if init_fns[0] is not None:
-            check_finite_params(state.params, "params(init_key)")
+            run_lib.check_finite_params(state.params, "params(init_key)")
     start = int(state.step)
     history: list[dict] = []
-    not_due = measurement_rows(
+    not_due = run_lib.measurement_rows(
         measure, lambda: clean_params(state.params, state.opt_state), inputs,
         lambda: _measure_jit.eval_shape(schedule=schedule, state=state, data=measure_data)[1], metrics,
     )  # fmt: skip
 
-    def measured(state, metrics, due):
-        if due and measure is not None:
-            state, values = _measure_jit(schedule=schedule, state=state, data=measure_data)
-            return state, {**to_numpy(metrics), **to_numpy(values)}
-        return state, {**to_numpy(metrics), **not_due}
-
-    state, metrics = measured(state, metrics, not resume)
+    program = None if measure is None else lambda st: _measure_jit(schedule=schedule, state=st, data=measure_data)
+    state, metrics = run_lib.measured(program, not_due, state, metrics, not resume)
     _record(history, start, metrics, state, frozenset(not_due))
     for chunk in range(1, run.num_steps // run.eval_every + 1):
         state, metrics = _chunk_jit(optimizer=optimizer, state=state, data=data, eval_data=eval_data, **static)
         if int(state.divergence.step) >= 0:
-            raise TrainingDiverged(int(state.divergence.step), state.divergence.quantity(), stack_history(history), state)
+            raise TrainingDiverged(int(state.divergence.step), state.divergence.quantity(),
+                                   run_lib.stack_history(history), state)
         step = start + chunk * run.eval_every
-        state, metrics = measured(state, metrics, step % run.measure_every == 0)
+        state, metrics = run_lib.measured(program, not_due, state, metrics, step % run.measure_every == 0)
         _record(history, step, metrics, state, frozenset(not_due))
         if run.callback is not None:
             run.callback(step, history[-1])
-    return TrainResult(clean_params(state.params, state.opt_state), stack_history(history), state)
+    return TrainResult(clean_params(state.params, state.opt_state), run_lib.stack_history(history), state)
 
 
 def _record(history: list[dict], step: int, metrics: dict, state: TrainState, measured=frozenset()) -> None:
@@ -291,5 +265,5 @@ def _record(history: list[dict], step: int, metrics: dict, state: TrainState, me
     swa_started = state.swa is not None and int(state.swa.count) > 0
     bad = _first_non_finite({k: v for k, v in metrics.items() if k not in measured}, swa_started)
     if bad is not None:
-        raise TrainingDiverged(step, bad, stack_history(history), state)
+        raise TrainingDiverged(step, bad, run_lib.stack_history(history), state)
     history.append({"step": np.asarray(step), **metrics})

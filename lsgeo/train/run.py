@@ -21,18 +21,21 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from lsgeo import dataplan
-from lsgeo.train.chunk import Schedule
+from lsgeo.objective import check_not_iterator, is_source, user_errors
+from lsgeo.train.chunk import Schedule, chunk_schedule, evaluate_start
 from lsgeo.train.devices import replicate, to_host
 from lsgeo.train.evaluate import RESERVED, stream_eval
-from lsgeo.train.state import split_key
-from lsgeo.validation import check_batch, check_callable, check_nonnegative_int, check_positive_int
+from lsgeo.train.state import TrainState, init_state, split_key
+from lsgeo.validation import check_batch, check_callable, check_float_params, check_nonnegative_int, check_positive_int
 
 __all__ = [
     "RunOptions",
     "with_run_options",
     "RunInputs",
     "check_finite_params",
+    "checked_run",
+    "start_state",
+    "measured",
     "initial_values",
     "split_init_fns",
     "stack_history",
@@ -140,7 +143,8 @@ class RunOptions:
                 raise ValueError("measure_data needs a measure (e.g. lsgeo.curvature.track.top_eigenvalue_tracker(f)): "
                                  "it is the batch or data set the measurement runs on")
             return 1
-        if measure_data is not None and not dataplan.is_source(measure_data):
+        check_not_iterator(measure_data, "measure_data")
+        if measure_data is not None and not is_source(measure_data):
             if not any(hasattr(leaf, "shape") for leaf in jax.tree_util.tree_leaves(measure_data)):
                 raise ValueError(f"measure_data must be a pytree of arrays (a batch such as (x, y)) or a data source, "
                                  f"got {type(measure_data).__name__}")
@@ -161,16 +165,18 @@ class RunOptions:
 
 
 def with_run_options(fn: Callable) -> Callable:
-    """Sets ``fn.__signature__``: its own parameters with ``**options`` replaced by the fields of
-    :class:`RunOptions` as keywords (what ``help`` and IDEs show)."""
+    """``fn`` (``train``, ``sweep``) with its signature's ``**options`` replaced by the fields of :class:`RunOptions` as
+    keywords (what ``help`` and IDEs show), and a data source's errors (``eval_data``, ``measure_data``: one that
+    changes between passes, one that fails on a later pass) raised as themselves (``lsgeo.objective.user_errors``)."""
     own = [p for p in inspect.signature(fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     fields = [
         inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
                           **({} if f.default is dataclasses.MISSING else {"default": f.default}))
         for f in dataclasses.fields(RunOptions)
     ]
-    fn.__signature__ = inspect.signature(fn).replace(parameters=own + fields)
-    return fn
+    wrapped = user_errors(fn)
+    wrapped.__signature__ = inspect.signature(fn).replace(parameters=own + fields)
+    return wrapped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,11 +195,44 @@ class RunInputs:
     def of(cls, options: RunOptions, mesh, data) -> RunInputs:
         """``options``' data for ``data`` (already placed) on ``mesh`` (None: one device)."""
         eval_fn, eval_data = stream_eval(options.eval_fn, options.eval_data)
-        source = options.measure_data if dataplan.is_source(options.measure_data) else None
+        source = options.measure_data if is_source(options.measure_data) else None
         measure_data = None if source is not None else replicate(mesh, options.measure_data)
         name = "data (the training data: measure_data=None)" if options.measure_data is None else "measure_data"
         return cls(eval_fn, replicate(mesh, eval_data), data if options.measure_data is None else measure_data,
                    source, name)
+
+
+def checked_run(caller: str, objective: Callable, params, data, options: dict) -> tuple[RunOptions, int]:
+    """The checks ``train`` and ``sweep`` share: ``objective`` callable, the run options against ``data``
+    (``RunOptions.checked``: the options and the number of examples n) and, unless ``params`` is a callable or a
+    ``TrainState``, floating and finite initial parameters."""
+    check_callable(objective, "objective")
+    checked = RunOptions.of(caller, options).checked(data)
+    if not isinstance(params, TrainState) and not callable(params):
+        check_float_params(params)
+        check_finite_params(params)
+    return checked
+
+
+def start_state(objective, optimizer, eval_fn, schedule: Schedule, init_fns, params, model_state, key, data,
+                eval_data):
+    """``(state, metrics)`` at step 0 of a run (traceable: the first part of the compiled start of ``train`` and of
+    each member of ``sweep``): the initial values (``init_fns`` called with the init key of ``key``), the optimizer,
+    SWA and measurement states, and the evaluation at the clean w_0."""
+    params, model_state = initial_values(init_fns, params, model_state, key)
+    state = init_state(params, optimizer, model_state=model_state, key=key, swa=schedule.swa_start is not None,
+                       measure=schedule.measure)
+    return evaluate_start(objective, eval_fn, chunk_schedule(schedule), state, data, eval_data)
+
+
+def measured(measure_program: Callable, not_due: dict, state, metrics: dict, due: bool):
+    """``(state, row)``: the evaluated ``metrics`` as numpy, with the measurement's metrics from
+    ``measure_program(state) -> (state, values)`` when ``due`` (and a measurement is set: ``not_due`` non-empty or
+    the program given), else its NaN row ``not_due``."""
+    if due and measure_program is not None:
+        state, values = measure_program(state)
+        return state, {**to_numpy(metrics), **to_numpy(values)}
+    return state, {**to_numpy(metrics), **not_due}
 
 
 def check_finite_params(params, name: str = "params") -> None:
@@ -233,7 +272,7 @@ def stack_history(history: list[dict]) -> dict:
 
 
 def _describe(data) -> str:
-    if data is None or dataplan.is_source(data):
+    if data is None or is_source(data):
         return "a data source"
     leaves = jax.tree_util.tree_leaves_with_path(data)
     shapes = {jax.tree_util.keystr(path) or "(root)": tuple(np.shape(a)) for path, a in leaves}
@@ -265,6 +304,8 @@ def measurement_rows(measure, params: Callable[[], Any], inputs: RunInputs, shap
         if getattr(measure, "check", None) is not None:
             measure.check(to_host(params()), data)
         struct = shapes()
+    except OSError:  # the data's own I/O error (a source whose file went away) reaches the user as itself
+        raise
     except Exception as e:  # any failure to trace the measurement on this data (shapes, structure, dtypes)
         raise ValueError(f"the measurement cannot run on {inputs.measure_name} ({_describe(data)}): "
                          f"{type(e).__name__}: {e}") from e

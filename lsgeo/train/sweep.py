@@ -33,21 +33,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lsgeo.optim import clean_params
-from lsgeo.train.chunk import chunk_schedule, evaluate_start, measure_at, run_chunk
+from lsgeo.train.chunk import chunk_schedule, measure_at, run_chunk
 from lsgeo.train.devices import data_mesh, replicate, to_host
-from lsgeo.train.run import (
-    RunInputs,
-    RunOptions,
-    check_finite_params,
-    initial_values,
-    measurement_rows,
-    split_init_fns,
-    stack_history,
-    to_numpy,
-    with_run_options,
-)
-from lsgeo.train.state import TrainState, init_state, with_state_views
-from lsgeo.validation import check_callable, check_float_params, check_positive_int
+from lsgeo.train import run as run_lib
+from lsgeo.train.state import TrainState, with_state_views
+from lsgeo.validation import check_callable, check_positive_int
 
 PyTree = Any
 
@@ -126,11 +116,11 @@ def _make_optimizer(optimizer_fn, hyper, seed, params):
 
 
 def _member_start(objective, optimizer_fn, eval_fn, schedule, init_fns, params, model_state, hyper, seed, data, eval_data):
-    params, model_state = initial_values(init_fns, params, model_state, seed)
+    """``start_state`` of one member, its optimizer ``optimizer_fn(**hyper, seed=seed)`` made at its initial params."""
+    params, model_state = run_lib.initial_values(init_fns, params, model_state, seed)
     optimizer = _make_optimizer(optimizer_fn, hyper, seed, params)
-    state = init_state(params, optimizer, model_state=model_state, key=seed, swa=schedule.swa_start is not None,
-                       measure=schedule.measure)
-    return evaluate_start(objective, eval_fn, chunk_schedule(schedule), state, data, eval_data)
+    return run_lib.start_state(objective, optimizer, eval_fn, schedule, (None, None), params, model_state, seed, data,
+                               eval_data)  # the initial values drawn: no init_fns left
 
 
 def _over_members(fn, members, mesh):
@@ -170,7 +160,7 @@ _sweep_chunk_jit = jax.jit(_sweep_chunk, static_argnames=_STATIC)
 _sweep_measure_jit = jax.jit(_sweep_measure, static_argnames="schedule")
 
 
-@with_run_options
+@run_lib.with_run_options
 def sweep(
     objective: Callable,
     optimizer_fn: Callable,
@@ -211,7 +201,6 @@ def sweep(
     ``objective``/``optimizer_fn``/``eval_fn`` objects). Memory: every member's state, plus the
     activations of ``members_per_chunk`` runs.
     """
-    check_callable(objective, "objective")
     check_callable(optimizer_fn, "optimizer_fn")
     if isinstance(params, TrainState):
         raise ValueError(
@@ -219,12 +208,9 @@ def sweep(
             "not a TrainState: a sweep starts its runs and cannot resume one; pass result.params to start from "
             "trained parameters, or resume a run with lsgeo.train.train(..., params=state)"
         )
-    run, n = RunOptions.of("sweep", options).checked(data)
+    run, n = run_lib.checked_run("sweep", objective, params, data, options)
     measure, model_state = run.measure, run.model_state
     grid, seeds_np = _check_grid(hyperparams, seeds)
-    if not callable(params):
-        check_float_params(params)
-        check_finite_params(params)
     S, R = next(iter(grid.values())).size if grid else 1, seeds_np.size
     G = S * R
     mesh = data_mesh(run.devices)
@@ -246,39 +232,36 @@ def sweep(
         data = replicate(mesh, data)
         params = params if callable(params) else replicate(mesh, params)
         model_state = model_state if callable(model_state) or model_state is None else replicate(mesh, model_state)
-    inputs = RunInputs.of(run, mesh, data)
+    inputs = run_lib.RunInputs.of(run, mesh, data)
     schedule = run.schedule(mesh, False, inputs.measure_source)
     static = dict(objective=objective, optimizer_fn=optimizer_fn, eval_fn=inputs.eval_fn,
                   schedule=chunk_schedule(schedule))
     eval_data, measure_data = inputs.eval_data, inputs.measure_data
 
-    init_fns, params, model_state = split_init_fns(params, model_state)
+    init_fns, params, model_state = run_lib.split_init_fns(params, model_state)
     state, metrics = _sweep_start_jit(init_fns=init_fns, params=params, model_state=model_state, hyper=hyper,
                                       seeds=keys, data=data, eval_data=eval_data, **{**static, "schedule": schedule})
     def first_member():  # the clean w_0 of member (0, 0), gathered to the host
         clean = to_host(clean_params(state.params, state.opt_state))
         return jax.tree_util.tree_map(lambda a: np.asarray(a)[0, 0], clean)
 
-    not_due = measurement_rows(  # NaN where not due (shapes only: the cached trace of the measurement program)
+    not_due = run_lib.measurement_rows(  # NaN where not due (shapes only: the measurement program's cached trace)
         measure, first_member, inputs,
         lambda: _sweep_measure_jit.eval_shape(schedule=schedule, state=state, data=measure_data)[1], metrics,
     )  # fmt: skip
 
-    def measured(state, metrics, due):
-        if not due or measure is None:
-            return state, {**to_numpy(metrics), **not_due}
-        state, values = _sweep_measure_jit(schedule=schedule, state=state, data=measure_data)
-        return state, {**to_numpy(metrics), **to_numpy(values)}
+    program = None if measure is None else lambda st: _sweep_measure_jit(schedule=schedule, state=st, data=measure_data)
 
     def unflat(x):  # [C, B, ...] -> [S, R, ...]
         x = x.reshape((C * B,) + x.shape[2:])[:G]
         return x.reshape((S, R) + x.shape[1:])
 
-    state, metrics = measured(state, metrics, True)
+    state, metrics = run_lib.measured(program, not_due, state, metrics, True)
     history = [metrics]
     for chunk in range(1, run.num_steps // run.eval_every + 1):
         state, metrics = _sweep_chunk_jit(state=state, hyper=hyper, seeds=keys, data=data, eval_data=eval_data, **static)
-        state, metrics = measured(state, metrics, chunk * run.eval_every % run.measure_every == 0)
+        due = chunk * run.eval_every % run.measure_every == 0
+        state, metrics = run_lib.measured(program, not_due, state, metrics, due)
         history.append(metrics)
         if run.callback is not None:
             run.callback(chunk * run.eval_every, {k: unflat(v) for k, v in history[-1].items()})
@@ -287,7 +270,7 @@ def sweep(
     steps = np.arange(0, run.num_steps + 1, run.eval_every)
     diverged = np.asarray(unflat(state.divergence.step))
     after = (diverged[..., None] >= 0) & (steps > diverged[..., None])
-    hist = {k: np.where(after, np.nan, unflat(v)) for k, v in stack_history(history).items()}
+    hist = {k: np.where(after, np.nan, unflat(v)) for k, v in run_lib.stack_history(history).items()}
     final = jax.tree_util.tree_map(unflat, state)
     return SweepResult(
         params=clean_params(final.params, final.opt_state),

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsgeo import dataplan, validation
+from lsgeo import validation
 from lsgeo import losses as losses_lib
 from lsgeo.curvature.operators.base import operator_dataclass
 from lsgeo.curvature.operators.gauss_newton import PredictorOperator, rowwise_dot
@@ -142,7 +142,7 @@ class MonteCarloFisher(PredictorOperator):
         validation.check_positive_int(num_samples, "num_samples")
         if not isinstance(risk, Risk):
             raise ValueError(f"MonteCarloFisher is built from a Risk, got {type(risk).__name__}")
-        if isinstance(risk.plan, dataplan.StreamPlan) or isinstance(risk.data, dataplan.Layout):
+        if not risk.holds_batch:
             raise ValueError("MonteCarloFisher takes an in-memory batch (its draws are keyed by the example's index), "
                              "not a data source")
         label_sampler(risk.loss)

@@ -17,7 +17,6 @@ gradients (``examples_per_chunk``; automatic within ``lsgeo.dataplan.MEMORY_BUDG
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ from jax.flatten_util import ravel_pytree
 from lsgeo import dataplan, per_example
 from lsgeo import groups as groups_lib
 from lsgeo import losses as losses_lib
-from lsgeo.objective import check_scalar
+from lsgeo.objective import check_scalar, compiled
 
 __all__ = ["exact_trace_by_group", "exact_diagonal"]
 
@@ -56,7 +55,7 @@ def _trace_on(predict, loss, groups, method, examples_per_chunk, params, batch):
     return jnp.einsum("nkl,ngkl->g", hessians, grams) / n, value
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+@compiled(static_argnums=(1, 2, 3))
 def _trace_jit(risk, groups, method, examples_per_chunk, params):
     return risk.map(lambda p, mb: _trace_on(risk.predict, risk.loss, groups, method, examples_per_chunk, p, mb), params)
 
@@ -107,7 +106,7 @@ def _diagonal_on(predict, loss, examples_per_chunk, params, batch):
     return unravel(total / n)
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
+@compiled(static_argnums=(1,))
 def _diagonal_jit(risk, examples_per_chunk, params):
     return risk.map(lambda p, mb: _diagonal_on(risk.predict, risk.loss, examples_per_chunk, p, mb), params)
 
