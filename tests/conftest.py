@@ -15,14 +15,17 @@ by pre-filling a process's maps (scripts/xla_map_limit.py). After each test, a p
 drops JAX's compiled programs (``jax.clear_caches``), which unmaps them (test_conftest.py checks that it does).
 """
 
+import atexit
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 
 os.environ["LSGEO_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"lsgeo-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+atexit.register(shutil.rmtree, os.environ["LSGEO_CACHE_DIR"], ignore_errors=True)
 
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
