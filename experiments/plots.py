@@ -1,5 +1,6 @@
 """Figures of the experiments: matplotlib on the Agg backend (``plt``), atomic PNG files, and the plot
-helpers the experiments share (paired scatter over seeds, a sigma axis, mean curves with seed bands)."""
+helpers the experiments share (paired scatter over seeds, a sigma axis, mean curves, median curves with the
+range over seeds, per-seed points with a mean and its interval)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -48,3 +50,18 @@ def plot_curves(ax, rows: list[dict], key: str, series: Mapping[str, tuple[dict,
     for name, (fields, color) in series.items():
         steps, values = records.curve(rows, key, **fields)
         ax.plot(steps, values, color=color, label=name, **style)
+
+
+def seed_band(ax, x, values, *, color, label: str, style: str = "-") -> None:
+    """On ``ax``: the median over seeds of ``values [seeds, len(x)]`` against ``x`` (markers), and the range
+    over seeds as a band."""
+    values = np.asarray(values, dtype=float)
+    ax.plot(x, np.median(values, axis=0), style, color=color, marker="o", ms=3, label=label)
+    ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=color, alpha=0.12)
+
+
+def seed_interval(ax, position: float, values, mean: float, half_width: float, *, color="tab:blue") -> None:
+    """On ``ax`` at ``position``: one grey point per seed and the mean with its interval (``mean +- half_width``)."""
+    values = np.asarray(values, dtype=float)
+    ax.scatter(np.full(values.size, position), values, color="gray", s=12)
+    ax.errorbar(position, mean, yerr=half_width, fmt="o", capsize=4, color=color)
