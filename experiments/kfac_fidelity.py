@@ -75,7 +75,7 @@ class Config:
     rtol: float = 1e-9  # the claim's rounding allowance: err(EKFAC) <= err(KFAC) (1 + rtol)
     dense_limit: int = 6000  # above this many parameters: randomized Frobenius and trace estimates
     num_probes: int = 64  # Rademacher probes of the randomized estimates
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # paired: initialisation and training subset
+    seeds: tuple[int, ...] = (0, 1, 2)  # paired: initialisation and training subset (the claim is deterministic)
 
 
 PRESETS = {"paper": Config(n_train=1024, hidden=32, channels=8, modulus=23, d_model=16,
