@@ -249,9 +249,8 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     methods = list(dict.fromkeys(r["method"] for r in lds_rows))
     for i, method in enumerate(methods):
         values = _values(lds_rows, "lds", method=method)
-        ax1.scatter(np.full(values.size, i), values, color="gray", s=12)
         mean, se = verdicts.mean_se(values)
-        ax1.errorbar(i, mean, yerr=verdicts.t_critical(max(values.size, 2)) * se, fmt="o", capsize=4, color="tab:blue")
+        plots.seed_interval(ax1, i, values, mean, verdicts.t_critical(max(values.size, 2)) * se)
     ax1.axhline(0.0, color="k", lw=0.5)
     ax1.set(xticks=range(len(methods)), xticklabels=methods, ylabel="LDS (Spearman, mean over queries)",
             title=f"LDS on digits MLP ({cfg.num_subsets} half-subset retrains; 95% t-interval over seeds)")

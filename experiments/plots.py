@@ -1,5 +1,6 @@
 """Figures of the experiments: matplotlib on the Agg backend (``plt``), atomic PNG files, and the plot
-helpers the experiments share (paired scatter over seeds, a sigma axis, mean curves with seed bands)."""
+helpers the experiments share (paired scatter over seeds, a sigma axis, mean curves, median curves with the
+range over seeds, per-seed points with a mean and its interval)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,8 +56,6 @@ def plot_band_curves(ax, rows: list[dict], key: str, series: Mapping[str, tuple[
                      **style) -> None:
     """On ``ax``: for each ``label -> (fields, color)`` of ``series`` the mean over seeds of ``scale * key`` vs step,
     with a band from the lowest to the highest seed at each step (the seed spread)."""
-    import numpy as np
-
     for name, (fields, color) in series.items():
         sel = [r for r in records.select(rows, **fields) if key in r]
         steps = np.array(sorted({r["step"] for r in sel}))
@@ -69,8 +69,6 @@ def gain_panel(ax, gains: Mapping[str, Any], *, controls: Sequence[str] = (), sc
     """On ``ax``: each paired gain (``verdicts.Gain``) of ``gains`` as its mean with the bar mean ± margin (the
     verdict's interval: supported when the bar lies above 0); the names in ``controls`` (negative controls, which
     must not lie above 0) in grey; ``mde`` (name -> value) drawn as a diamond where given."""
-    import numpy as np
-
     names, labelled = list(gains), False
     for i, name in enumerate(names):
         g = gains[name]
@@ -86,3 +84,18 @@ def gain_panel(ax, gains: Mapping[str, Any], *, controls: Sequence[str] = (), sc
     ax.set_xticks(range(len(names)), [n + (" (control)" if n in controls else "") for n in names], rotation=30,
                   ha="right", fontsize=7)
     ax.set_ylabel(f"paired gain{f' ({unit.strip()})' if unit else ''}: mean ± margin (95% t)")
+
+
+def seed_band(ax, x, values, *, color, label: str, style: str = "-") -> None:
+    """On ``ax``: the median over seeds of ``values [seeds, len(x)]`` against ``x`` (markers), and the range
+    over seeds as a band."""
+    values = np.asarray(values, dtype=float)
+    ax.plot(x, np.median(values, axis=0), style, color=color, marker="o", ms=3, label=label)
+    ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=color, alpha=0.12)
+
+
+def seed_interval(ax, position: float, values, mean: float, half_width: float, *, color="tab:blue") -> None:
+    """On ``ax`` at ``position``: one grey point per seed and the mean with its interval (``mean +- half_width``)."""
+    values = np.asarray(values, dtype=float)
+    ax.scatter(np.full(values.size, position), values, color="gray", s=12)
+    ax.errorbar(position, mean, yerr=half_width, fmt="o", capsize=4, color=color)

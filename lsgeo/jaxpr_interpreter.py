@@ -39,6 +39,7 @@ LITERAL = getattr(_jex_core, "Literal", ())
 DROPVAR = getattr(_jex_core, "DropVar", ())
 CLOSED_JAXPR = getattr(_jex_core, "ClosedJaxpr", None)
 _JAXPR = getattr(_jex_core, "Jaxpr", None)
+_DEBUG_INFO = getattr(_jex_core, "DebugInfo", None)
 
 
 def primitives(*names: str) -> tuple:
@@ -94,6 +95,16 @@ def _last_reads(jaxpr) -> dict:
     return last
 
 
+def _segment_debug_info(num_in: int, num_out: int) -> dict:
+    """The ``debug_info`` of a segment (public ``jax.extend.core.DebugInfo``): a jaxpr built without one is
+    deprecated by JAX. Empty on a JAX without it."""
+    if _DEBUG_INFO is None:  # pragma: no cover
+        return {}
+    names = tuple(f"in{i}" for i in range(num_in)), tuple(f"out{i}" for i in range(num_out))
+    info = _DEBUG_INFO("lsgeo.jaxpr_interpreter segment", "lsgeo.jaxpr_interpreter", *names)
+    return {"debug_info": info}
+
+
 def _eval_segment(eqns: Sequence, env: dict, wanted: Callable) -> None:
     """Runs ``eqns`` as one sub-jaxpr through JAX's evaluator; writes the outputs ``wanted`` into ``env``."""
     if not eqns:
@@ -106,7 +117,7 @@ def _eval_segment(eqns: Sequence, env: dict, wanted: Callable) -> None:
         defined.update(eqn.outvars)
     outvars = [v for eqn in eqns for v in eqn.outvars if not isinstance(v, DROPVAR) and wanted(v)]
     effects = frozenset().union(*(eqn.effects for eqn in eqns))
-    sub = _JAXPR([], list(invars), outvars, list(eqns), effects)
+    sub = _JAXPR([], list(invars), outvars, list(eqns), effects, **_segment_debug_info(len(invars), len(outvars)))
     env.update(zip(outvars, _eval_closed(CLOSED_JAXPR(sub, []), [env[v] for v in invars])))
 
 

@@ -2,6 +2,7 @@
 process holds half of the data as its shard of a global jax.Array (jax.make_array_from_process_local_data);
 curvature operators and lsgeo.train use it where it lies. Prints one JSON line per process: the relative
 differences of a Hessian product, a Gauss-Newton product, the top eigenvalues, a Hutchinson trace (same key),
+KFAC and EKFAC products and damped-inverse products,
 20 steps of data-parallel training (full-batch GD and minibatch SGD: the losses along the run and the final
 parameters; lambda_max tracked on microbatches) from the single-process values (a sweep across processes: the sigma_sweep launcher test) on the whole data (computed in each process on one local device)."""
 
@@ -56,6 +57,18 @@ def training_errors(f, params, batch, whole, one):
     return errors
 
 
+def kronecker_errors(params, batch, whole, one, u):
+    """KFAC and EKFAC fitted on the process-sharded batch (microbatches of 3) against one local device on the
+    whole data: their products and their damped inverses' products."""
+    errors = {}
+    for cls in (curvature.KFAC, curvature.EKFAC):
+        op = cls(mlp_apply, losses.softmax_cross_entropy, params, batch, microbatch_size=3)
+        reference = cls(mlp_apply, losses.softmax_cross_entropy, params, whole, devices=one)
+        errors[f"{cls.__name__} product"] = relative(op @ u, reference @ u)
+        errors[f"{cls.__name__} inverse product"] = relative(op.inverse(0.1) @ u, reference.inverse(0.1) @ u)
+    return errors
+
+
 def main():
     rank, count = jax.process_index(), jax.process_count()
     rng = np.random.default_rng(0)
@@ -80,6 +93,7 @@ def main():
         "hutchinson trace": relative(curvature.hessian_trace(hessian, key, num_probes=6),
                                      curvature.hessian_trace(reference, key, num_probes=6)),
         **training_errors(f, params, batch, (x, y), one),
+        **kronecker_errors(params, batch, (x, y), one, u),
     }
     print(json.dumps({"process": rank, "processes": count, "devices": jax.device_count(),
                       "local_examples": hessian.plan.local_examples, "errors": errors}), flush=True)

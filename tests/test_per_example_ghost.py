@@ -154,3 +154,14 @@ def test_user_error_is_the_generic_paths():
         warnings.simplefilter("error", pe.FastPathFallbackWarning)
         with pytest.raises(ValueError, match="bad cotangent_fn"):
             pe.per_example_grams(predict, params, x, cotangent_fn=bad_cotangents, num_cotangents=1)
+
+
+def test_interpreter_segments_carry_a_debug_info():
+    """The sub-jaxprs the interpreter evaluates are built with a DebugInfo: JAX's deprecation warning for a jaxpr
+    without one is not raised (pyproject also turns it into an error suite-wide)."""
+    closed = jax.make_jaxpr(lambda x: jnp.sin(x) * 2.0 + 1.0)(1.0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing a DebugInfo.*")
+        (out,) = interp.evaluate(closed.jaxpr, closed.consts, [0.5], select=lambda i, e: e.primitive.name == "mul",
+                                 handle=lambda i, e, ins: [ins[0] * 3.0])
+    assert float(out) == pytest.approx(float(jnp.sin(0.5) * 3.0 + 1.0))

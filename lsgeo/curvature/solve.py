@@ -20,6 +20,7 @@ import numpy as np
 
 from lsgeo import validation
 from lsgeo.curvature.operator import CurvatureOperator
+from lsgeo.curvature.operators.base import Products
 
 PyTree = Any
 
@@ -184,12 +185,13 @@ def _check_finite(tree, name):
 
 
 def _preconditioner(preconditioner, flat: bool):
-    """The map ``v -> M^-1 v`` on vectors shaped like ``b``: lsgeo's convention for operators (``matvec`` on flat
-    vectors, ``tree_matvec`` on pytrees; a ``KFAC``/``EKFAC`` inverse) first, then ``matvec``, then the callable."""
+    """The map ``v -> M^-1 v`` on vectors shaped like ``b``: an operator's ``product(flat=...)`` (the operator
+    protocol of ``lsgeo.curvature.operators.base.Products``: a ``KFAC``/``EKFAC`` inverse, any curvature
+    operator) first, then a ``matvec`` method (flat vectors), then the callable."""
     if preconditioner is None:
         return None
-    if not flat and callable(getattr(preconditioner, "tree_matvec", None)):
-        return preconditioner.tree_matvec
+    if isinstance(preconditioner, Products):
+        return preconditioner.product(flat=flat)
     if hasattr(preconditioner, "matvec") and callable(preconditioner.matvec):
         return preconditioner.matvec
     if callable(preconditioner):

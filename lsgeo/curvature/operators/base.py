@@ -49,7 +49,7 @@ from lsgeo.objective import DataSetObjective
 
 PyTree = Any
 
-__all__ = ["CurvatureOperator", "OperatorType", "operator_dataclass", "blocks", "DEFAULT_VECTORS_PER_PASS"]
+__all__ = ["CurvatureOperator", "OperatorType", "operator_dataclass", "blocks", "Products", "DEFAULT_VECTORS_PER_PASS"]
 
 DEFAULT_VECTORS_PER_PASS = 256
 _STATIC = {"static": True}
@@ -81,8 +81,50 @@ def operator_dataclass(cls):
     return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True, repr=False)(cls))
 
 
+class Products:
+    """The product protocol of every linear operator on parameter vectors (a ``CurvatureOperator``, a
+    ``KFAC.inverse``): a subclass defines ``tree_matvec``, ``matvec``, ``matmat`` and ``dtype``, and
+    :meth:`_vector_space` (the operator whose ``variable_params``, ``size``, ``block`` and ``place`` define
+    its vectors); this gives ``op @ v`` (compiled; a pytree, a flat ``[m]`` vector or ``[p, m]``) and
+    :meth:`product` (the traceable map on one kind of vector, what ``solve`` calls for a preconditioner)."""
+
+    def _vector_space(self):
+        return self
+
+    def product(self, *, flat: bool) -> Callable:
+        """The traceable product on flat vectors (``matvec``) when ``flat``, else on pytrees (``tree_matvec``)."""
+        return self.matvec if flat else self.tree_matvec
+
+    @property
+    def variable_params(self) -> PyTree:
+        return self._vector_space().variable_params
+
+    @property
+    def size(self) -> int:
+        return self._vector_space().size
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.size, self.size)
+
+    @dataplan.user_errors
+    def __matmul__(self, v):
+        space = self._vector_space()
+        if _is_tree_like(v, space.variable_params):
+            return _apply_tree(self, *space.place(v))
+        _check_not_a_tree(space, v)
+        u = v if isinstance(v, jax.Array) else np.asarray(v)
+        m = space.size
+        if u.ndim in (1, 2) and u.shape[-1] == m and jnp.issubdtype(u.dtype, jnp.floating):
+            return _apply_flat(self, *space.place(jnp.asarray(u)))
+        raise ValueError(
+            f"v must be a pytree shaped like the operator's parameters, a flat vector [m={m}] or a matrix "
+            f"[p, m={m}] of floats; got {type(v).__name__} of shape {np.shape(v)}"
+        )
+
+
 @operator_dataclass
-class CurvatureOperator(metaclass=OperatorType):
+class CurvatureOperator(Products, metaclass=OperatorType):
     """Base class of the curvature operators: a frozen dataclass registered as a pytree (the objective's data
     and the parameters are leaves; ``block`` and the subclasses' settings static). A subclass defines
     ``_linear_map(params, mb)`` (the operator on one microbatch as a linear function of a tangent shaped like
@@ -245,21 +287,6 @@ class CurvatureOperator(metaclass=OperatorType):
         """``trees`` put where the operator's computation runs (replicated over the plan's devices; unchanged
         with one device or under tracing): vectors and keys passed to compiled estimators."""
         return self.objective.place(*trees)
-
-    @dataplan.user_errors
-    def __matmul__(self, v):
-        pv = self.variable_params
-        if _is_tree_like(v, pv):
-            return _apply_tree(self, *self.place(v))
-        _check_not_a_tree(self, v)
-        u = v if isinstance(v, jax.Array) else np.asarray(v)
-        m = self.size
-        if u.ndim in (1, 2) and u.shape[-1] == m and jnp.issubdtype(u.dtype, jnp.floating):
-            return _apply_flat(self, *self.place(jnp.asarray(u)))
-        raise ValueError(
-            f"v must be a pytree shaped like the operator's parameters, a flat vector [m={m}] or a matrix "
-            f"[p, m={m}] of floats; got {type(v).__name__} of shape {np.shape(v)}"
-        )
 
     @dataplan.user_errors
     def to_dense(self, *, vectors_per_pass: int = DEFAULT_VECTORS_PER_PASS) -> jax.Array:

@@ -93,18 +93,11 @@ class KFAC(KroneckerOperator):
         return kronecker_fit.accumulate(self, kronecker_fit.factor_statistics, self.params)
 
     def _apply(self, leaves):
-        out, sep = list(leaves), self.separate_weight_and_bias
-        for i, layer in enumerate(self.structure.layers):
-            joint = layer.bias is not None and not sep
-            a, g = self.factors["A"][i], self.factors["G"][i]
-            m = ka.layer_matrix(layer, joint, leaves)
-            ka.split_matrix(layer, joint, a.astype(m.dtype) @ m @ g.astype(m.dtype), out)
-            if layer.bias is not None and sep:
-                b = leaves[layer.bias].reshape(layer.f)
-                out[layer.bias] = (g.astype(b.dtype) @ b).reshape(layer.bias_shape)
-        for j, d in zip(self.structure.unmatched, self.factors["diag"]):
-            out[j] = d.astype(leaves[j].dtype) * leaves[j]
-        return out
+        sep = self.separate_weight_and_bias
+        pb = [g if (layer.bias is not None and sep) else None for layer, g in zip(self.structure.layers,
+                                                                                   self.factors["G"])]
+        units = ka.kronecker_units(self.factors["A"], self.factors["G"], pb, self.factors["diag"])
+        return ka.apply_units(self.structure, sep, units, leaves)
 
     def _factor_eighs(self):
         return [(jnp.linalg.eigh(a), jnp.linalg.eigh(g)) for a, g in zip(self.factors["A"], self.factors["G"])]
@@ -120,13 +113,17 @@ class KFAC(KroneckerOperator):
     def _inverse_units(self, damping, heuristic, min_damping):
         if not heuristic:
             return super()._inverse_units(damping, heuristic, min_damping)
-        eighs, sep, lam, lam_bias = self._factor_eighs(), self.separate_weight_and_bias, [], []
+        eighs, sep, pa, pg, pb = self._factor_eighs(), self.separate_weight_and_bias, [], [], []
         root = jnp.sqrt(damping)
-        for layer, ((la, _), (lg, _)) in zip(self.structure.layers, eighs):
+
+        def matrix(q, values):  # q diag(values) q^T
+            return (q * values) @ q.T
+
+        for layer, ((la, qa), (lg, qg)) in zip(self.structure.layers, eighs):
             pi = jnp.sqrt(jnp.mean(lg) / jnp.mean(la))
             d_a, d_g = jnp.maximum(root / pi, min_damping), jnp.maximum(root * pi, min_damping)
-            lam.append(1.0 / jnp.outer(la + d_a, lg + d_g))
-            lam_bias.append(1.0 / (lg + jnp.maximum(damping, min_damping)) if (layer.bias is not None and sep)
-                            else None)
-        return {"qa": tuple(ea[1] for ea, _ in eighs), "qg": tuple(eg[1] for _, eg in eighs), "lam": tuple(lam),
-                "lam_bias": tuple(lam_bias), "diag": tuple(1.0 / (d + damping) for d in self.factors["diag"])}
+            pa.append(matrix(qa, 1.0 / (la + d_a)))
+            pg.append(matrix(qg, 1.0 / (lg + d_g)))
+            pb.append(matrix(qg, 1.0 / (lg + jnp.maximum(damping, min_damping))) if (layer.bias is not None and sep)
+                      else None)
+        return ka.kronecker_units(pa, pg, pb, (1.0 / (d + damping) for d in self.factors["diag"]))

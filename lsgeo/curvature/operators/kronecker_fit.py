@@ -60,7 +60,8 @@ def _unpack(op, mb):
 
 
 def cotangent_rows(op, outputs_i, y_i, index_i):
-    """``(R [r, k], signs [r])``: the output cotangents of one example for ``op.fisher_type``."""
+    """``(R [r, k], signs [r] or None)``: the output cotangents of one example for ``op.fisher_type`` (signs None:
+    all ``+1``, known when traced, so that no product by them is computed)."""
     shape = (1,) + tuple(outputs_i.shape)
     flat = outputs_i.reshape(-1)
 
@@ -70,16 +71,16 @@ def cotangent_rows(op, outputs_i, y_i, index_i):
     if op.fisher_type == "type-2":
         b, signs = losses_lib.output_hessian_factors(op.loss, outputs_i[None], y_i[None])
         b = b[0]
-        return b.T, (jnp.ones(b.shape[1], b.dtype) if signs is None else signs[0])
+        return b.T, (None if signs is None else signs[0])
     if op.fisher_type == "empirical":
-        return jax.grad(one_loss)(flat, y_i)[None], jnp.ones(1, flat.dtype)
+        return jax.grad(one_loss)(flat, y_i)[None], None
     draw, s = label_sampler(op.loss), op.num_samples
 
     def sample(j):
         y = draw(jax.random.fold_in(jax.random.fold_in(op.key, index_i), j), outputs_i)
         return jax.grad(one_loss)(flat, y) / jnp.sqrt(jnp.asarray(s, flat.dtype))
 
-    return jax.vmap(sample)(jnp.arange(s)), jnp.ones(s, flat.dtype)
+    return jax.vmap(sample)(jnp.arange(s)), None
 
 
 def _per_example(op, params, x_i, y_i, index_i):
@@ -106,7 +107,8 @@ def _per_example(op, params, x_i, y_i, index_i):
     d_taps, d_unmatched = jax.vmap(vjp_fn)(rows)
     inputs = {p: kl.input_matrix(layer, caps[p]) for p, layer in structure.sites.items()}
     grads = {p: kl.output_matrix(layer, d_taps[p]) for p, layer in structure.sites.items()}
-    squares = [jnp.einsum("r,r...->...", signs, jnp.square(g)) for g in d_unmatched]
+    squares = [jnp.sum(jnp.square(g), axis=0) if signs is None else jnp.einsum("r,r...->...", signs, jnp.square(g))
+               for g in d_unmatched]
     return inputs, grads, squares, signs
 
 
@@ -138,7 +140,7 @@ def factor_statistics(op, params, mb):
         d = grads[layer.path]  # [n, r, T, f]
         if op.kfac_approx == "reduce":
             d = jnp.sum(d, axis=2, keepdims=True)
-        signed = d * signs[:, :, None, None]
+        signed = d if signs is None else d * signs[:, :, None, None]
         g_factors.append(signed.reshape(-1, layer.f).T @ d.reshape(-1, layer.f) / n)  # sum over (i, r, t)
     diag = () if squares is None else tuple(jnp.mean(s, axis=0) for s in squares)
     return {"A": tuple(a_factors), "G": tuple(g_factors), "diag": diag}
@@ -149,10 +151,11 @@ def correction_statistics(op, bases, mb):
     and ``[f]`` for a separate bias), given ``bases = (params, Q_A per layer, Q_G per layer)``."""
     params, qa, qg = bases
     (inputs, grads, _, signs), n = _per_microbatch(op, params, mb)
-    kernel, bias = [], []
+    kernel, bias, all_signs = [], [], signs
     for layer, q_in, q_out in zip(op.structure.layers, qa, qg):
         a = _with_ones(op, layer, inputs[layer.path]) @ q_in  # [n, T, c'] rotated
         d = grads[layer.path] @ q_out  # [n, r, T, f] rotated
+        signs = jnp.ones(d.shape[:2], d.dtype) if all_signs is None else all_signs
         if a.shape[1] == 1:
             weighted = jnp.sum(jnp.square(d[:, :, 0]) * signs[:, :, None], axis=1)  # [n, f]
             kernel.append(jnp.square(a[:, 0]).T @ weighted / n)
