@@ -74,6 +74,20 @@ def rounding_floor(scale, dtype=None, factor: float = 64.0):
     return factor * np.finfo(dtype).eps * np.abs(np.asarray(scale, np.float64))
 
 
+def _slow_test_ids() -> set[str]:
+    with open(os.path.join(TESTS, "slow_tests.txt")) as listed:
+        return {line.split()[1] for line in listed if line.strip() and not line.startswith("#")}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks ``slow`` the tests listed in tests/slow_tests.txt (measured, with their seconds): the README command
+    (``-m "not slow"``) then runs in under 10 minutes on 2 cores."""
+    slow = _slow_test_ids()
+    for item in items:
+        if item.nodeid in slow:
+            item.add_marker(pytest.mark.slow)
+
+
 def mapped_regions() -> int:
     """How many memory regions this process maps (lines of /proc/self/maps; 0 where there is no /proc)."""
     try:

@@ -70,8 +70,10 @@ def test_hessian_spectrum(tmp_path):
     summary, rows = _run(hessian_spectrum, cfg, tmp_path)
     fig = summary["figures"]
     assert fig["init_lambda_max"] > 0 and 0.0 <= fig["init_saddle_index"] <= 1.0
-    eos = [r for r in rows if r["kind"] == "eos"]
+    eos = [r for r in rows if r["kind"] == "eos" and float(r["lr"]) == 0.5]
     assert [int(r["step"]) for r in eos] == [0, 10, 20]
+    control = [r for r in rows if r["kind"] == "eos" and float(r["lr"]) == cfg.control_lr]  # run beside, same steps
+    assert [int(r["step"]) for r in control] == [0, 10, 20]
     # lambda_max tracked inside the sweep (warm-started Lanczos), with its products per measurement
     assert all(1 <= float(r["lambda_max_products"]) <= cfg.lanczos_iters for r in eos)
     assert fig["lr_0.5_lanczos_products_first"] >= 1

@@ -92,6 +92,23 @@ def test_exact_algebra_matches_the_dense_matrix(mlp_problem, separate):
     np.testing.assert_allclose(curvature.solve(op, v, damping=d, tol=1e-12), inv @ v, atol=1e-8)
 
 
+def test_inverses_at_several_dampings_share_one_eigendecomposition(mlp_problem):
+    p, x, y = mlp_problem
+    op = curvature.KFAC(ref.mlp_predict, losses.softmax_cross_entropy, p, (x, y))
+    v = jax.random.normal(jax.random.PRNGKey(5), (op.size,))
+    traced = jax.jit(lambda u: op.inverse(0.3).matvec(u))(v)  # built inside a trace: nothing may be kept
+    assert "_decomposition" not in op.__dict__
+    first = op.decomposition()
+    assert op.decomposition() is first  # kept once computed outside tracing
+    k = op.to_dense()
+    np.testing.assert_allclose(traced, np.linalg.solve(k + 0.3 * np.eye(op.size), v), atol=1e-10)
+    for d in (0.1, 1.0):
+        np.testing.assert_allclose(op.inverse(d).to_dense(), np.linalg.inv(k + d * np.eye(op.size)), atol=1e-10)
+        np.testing.assert_allclose(op.inverse(d, heuristic_damping=True) @ v,
+                                   jax.tree_util.tree_map(lambda a: a, op).inverse(d, heuristic_damping=True) @ v,
+                                   atol=1e-12)  # a copy (no decomposition kept) computes its own
+
+
 def test_heuristic_damping_is_the_damped_factors_inverse(mlp_problem):
     p, x, y = mlp_problem
     op = curvature.KFAC(ref.mlp_predict, losses.softmax_cross_entropy, p, (x, y), separate_weight_and_bias=False)

@@ -68,5 +68,5 @@ class EKFAC(KroneckerOperator):
         return {"qa": qa, "qg": qg, "lam": corrections["kernel"], "lam_bias": corrections["bias"],
                 "diag": factors["diag"]}
 
-    def eigen_units(self):
+    def eigen_units(self, decomposition=None):
         return self.factors

@@ -9,6 +9,7 @@ from lsgeo.curvature.operators import kronecker_algebra as ka
 from lsgeo.curvature.operators import kronecker_fit
 from lsgeo.curvature.operators.base import operator_dataclass
 from lsgeo.curvature.operators.kronecker_operator import KroneckerOperator
+from lsgeo.validation import is_concrete
 
 __all__ = ["KFAC"]
 
@@ -99,21 +100,32 @@ class KFAC(KroneckerOperator):
         units = ka.kronecker_units(self.factors["A"], self.factors["G"], pb, self.factors["diag"])
         return ka.apply_units(self.structure, sep, units, leaves)
 
-    def _factor_eighs(self):
-        return [(jnp.linalg.eigh(a), jnp.linalg.eigh(g)) for a, g in zip(self.factors["A"], self.factors["G"])]
+    def decomposition(self):
+        """The eigendecompositions ``[((L_A, Q_A), (L_G, Q_G)), ...]`` of every layer's factors: computed once
+        (outside tracing) and kept on the instance, shared by ``inverse(d)`` at every damping, ``logdet``,
+        ``eigenvalues``."""
+        cached = self.__dict__.get("_decomposition")
+        if cached is not None:
+            return cached
+        eighs = _factor_eighs(self.factors["A"], self.factors["G"])
+        if is_concrete(eighs):  # never a tracer: it would outlive its trace
+            object.__setattr__(self, "_decomposition", eighs)  # a frozen dataclass; not a field, not a leaf
+        return eighs
 
-    def eigen_units(self):
-        eighs, sep = self._factor_eighs(), self.separate_weight_and_bias
+    def eigen_units(self, decomposition=None):
+        eighs = self.decomposition() if decomposition is None else decomposition
+        sep = self.separate_weight_and_bias
         return {"qa": tuple(ea[1] for ea, _ in eighs), "qg": tuple(eg[1] for _, eg in eighs),
                 "lam": tuple(jnp.outer(ea[0], eg[0]) for ea, eg in eighs),
                 "lam_bias": tuple(eg[0] if (layer.bias is not None and sep) else None
                                   for layer, (_, eg) in zip(self.structure.layers, eighs)),
                 "diag": tuple(self.factors["diag"])}
 
-    def _inverse_units(self, damping, heuristic, min_damping):
+    def _inverse_units(self, damping, heuristic, min_damping, decomposition=None):
         if not heuristic:
-            return super()._inverse_units(damping, heuristic, min_damping)
-        eighs, sep, pa, pg, pb = self._factor_eighs(), self.separate_weight_and_bias, [], [], []
+            return super()._inverse_units(damping, heuristic, min_damping, decomposition)
+        eighs = self.decomposition() if decomposition is None else decomposition
+        sep, pa, pg, pb = self.separate_weight_and_bias, [], [], []
         root = jnp.sqrt(damping)
 
         def matrix(q, values):  # q diag(values) q^T
@@ -127,3 +139,8 @@ class KFAC(KroneckerOperator):
             pb.append(matrix(qg, 1.0 / (lg + jnp.maximum(damping, min_damping))) if (layer.bias is not None and sep)
                       else None)
         return ka.kronecker_units(pa, pg, pb, (1.0 / (d + damping) for d in self.factors["diag"]))
+
+
+@jax.jit
+def _factor_eighs(a_factors, g_factors):
+    return [(jnp.linalg.eigh(a), jnp.linalg.eigh(g)) for a, g in zip(a_factors, g_factors)]

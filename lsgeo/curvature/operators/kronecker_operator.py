@@ -187,10 +187,17 @@ class KroneckerOperator(PredictorOperator):
         return int(sum(np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(self.factors)))
 
     # -- the eigenbasis ------------------------------------------------------------------------------
-    def eigen_units(self):
+    def eigen_units(self, decomposition=None):
         """The operator in its eigenbasis (``kronecker_algebra``): per layer ``Q_A, Q_G`` and the eigenvalues
-        ``L [c', f]`` (separate bias: ``[f]``), and the diagonal of the leaves in no layer."""
+        ``L [c', f]`` (separate bias: ``[f]``), and the diagonal of the leaves in no layer; from
+        ``decomposition`` (what :meth:`decomposition` returns) where given."""
         raise NotImplementedError
+
+    def decomposition(self):
+        """What the eigenbasis is computed from, once per operator (KFAC: its factors' eigendecompositions,
+        kept on the instance so that ``inverse(d)`` at several dampings shares them); None where the
+        eigenbasis is stored (EKFAC)."""
+        return None
 
     def _unit_leaves(self):
         """Per unit (in ``all_eigenvalues`` order) the leaves it acts on."""
@@ -239,8 +246,8 @@ class KroneckerOperator(PredictorOperator):
         full = ka.unit_diagonal(self.structure, self.separate_weight_and_bias, self.eigen_units(), template)
         return self._to_variable(full, self.variable_params)
 
-    def _inverse_units(self, damping, heuristic, min_damping):
-        return ka.map_eigenvalues(self.eigen_units(), lambda lam: 1.0 / (lam + damping))
+    def _inverse_units(self, damping, heuristic, min_damping, decomposition=None):
+        return ka.map_eigenvalues(self.eigen_units(decomposition), lambda lam: 1.0 / (lam + damping))
 
     def inverse(self, damping, *, heuristic_damping: bool = False, min_damping: float = 1e-8) -> KroneckerInverse:
         """The damped inverse as an operator (``inv @ v``, ``inv.matvec(u)``, ``inv(v)``, ``inv.to_dense()``),
@@ -261,13 +268,14 @@ class KroneckerOperator(PredictorOperator):
         return KroneckerInverse(self, _inverse_units(self, damping, heuristic_damping, min_damping))
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _inverse_units_jit(op, damping, heuristic, min_damping):
-    return op._inverse_units(damping, heuristic, min_damping)
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _inverse_units_jit(op, decomposition, damping, heuristic, min_damping):
+    return op._inverse_units(damping, heuristic, min_damping, decomposition)
 
 
 def _inverse_units(op, damping, heuristic, min_damping):
-    return _inverse_units_jit(op, jnp.asarray(damping, op.dtype), bool(heuristic), float(min_damping))
+    return _inverse_units_jit(op, op.decomposition(), jnp.asarray(damping, op.dtype), bool(heuristic),
+                              float(min_damping))
 
 
 @jax.tree_util.register_pytree_node_class
