@@ -74,6 +74,16 @@ def rounding_floor(scale, dtype=None, factor: float = 64.0):
     return factor * np.finfo(dtype).eps * np.abs(np.asarray(scale, np.float64))
 
 
+def pytest_configure(config):
+    """JAX attributes "core.Jaxpr is missing a DebugInfo" to its own module (jax._src.linear_util), so it is matched
+    by its message: lsgeo's jaxprs carry a DebugInfo (lsgeo.jaxpr_interpreter) wherever JAX offers the public
+    ``jax.extend.core.DebugInfo`` (not jax 0.8.1, the floor), and there a jaxpr built without one fails the suite."""
+    import jax.extend.core  # noqa: PLC0415
+
+    if getattr(jax.extend.core, "DebugInfo", None) is not None:
+        config.addinivalue_line("filterwarnings", "error:core.Jaxpr is missing a DebugInfo object:DeprecationWarning")
+
+
 def _slow_test_ids() -> set[str]:
     with open(os.path.join(TESTS, "slow_tests.txt")) as listed:
         return {line.split()[1] for line in listed if line.strip() and not line.startswith("#")}

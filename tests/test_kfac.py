@@ -109,6 +109,16 @@ def test_inverses_at_several_dampings_share_one_eigendecomposition(mlp_problem):
                                    atol=1e-12)  # a copy (no decomposition kept) computes its own
 
 
+def test_damping_must_be_a_real_finite_scalar(mlp_problem):
+    """Found by scripts/hostile_objective.py: "0.1" and True were accepted, None and a vector were TypeErrors."""
+    p, x, y = mlp_problem
+    op = curvature.KFAC(ref.mlp_predict, losses.softmax_cross_entropy, p, (x, y))
+    for bad in ("0.1", True, None, jnp.array([0.1, 0.2]), -1.0, float("nan"), float("inf"), lambda: 0.1):
+        with pytest.raises(ValueError, match="damping"):
+            op.inverse(bad)
+    np.testing.assert_allclose(op.inverse(np.float32(0.5)).to_dense(), op.inverse(0.5).to_dense(), rtol=1e-6)
+
+
 def test_heuristic_damping_is_the_damped_factors_inverse(mlp_problem):
     p, x, y = mlp_problem
     op = curvature.KFAC(ref.mlp_predict, losses.softmax_cross_entropy, p, (x, y), separate_weight_and_bias=False)

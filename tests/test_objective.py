@@ -295,3 +295,25 @@ def test_a_sum_over_examples_is_refused_on_a_whole_batch(x64):
                            in_axes=(None, 0, 0))(w, *batch)
     np.testing.assert_allclose(fisher, per_example.T @ per_example / 6, rtol=1e-12)
     curvature.Hessian(_coupled, w, batch)  # a batch-coupled mean, used whole: nothing to refuse
+
+
+def test_a_sum_or_a_coupling_is_refused_without_two_in_memory_microbatches(x64):
+    """Found by scripts/hostile_objective.py: a summed objective with one microbatch holding every example
+    (microbatch_size >= n), a summed or batch-coupled objective on a data source (its batches are its
+    microbatches), and an objective that returns a vector gave numbers without an error."""
+    batch, w = _data(7), np.array([0.3, -0.2, 0.5])
+    summed = lambda p, b: jnp.sum((jnp.tanh(b[0] @ p) - b[1]) ** 2)  # noqa: E731
+    mean = lambda p, b: jnp.mean((jnp.tanh(b[0] @ p) - b[1]) ** 2)  # noqa: E731
+    for microbatch_size in (7, 8):
+        with pytest.raises(ValueError, match="not a mean over examples"):
+            curvature.Hessian(summed, w, batch, microbatch_size=microbatch_size)
+    source = lambda: iter([jax.tree_util.tree_map(lambda a: a[:4], batch),  # noqa: E731
+                           jax.tree_util.tree_map(lambda a: a[4:], batch)])
+    for f in (summed, _coupled):
+        with pytest.raises(ValueError, match="not a mean over"):
+            landscape.slice_1d(f, w, source, w, jnp.array([0.0, 1.0]))
+    np.testing.assert_allclose(curvature.Hessian(mean, w, source).to_dense(),  # control: a mean on the source passes
+                               jax.hessian(mean)(w, batch), rtol=1e-10)
+    vector = lambda p, b: (jnp.tanh(b[0] @ p) - b[1]) ** 2  # noqa: E731
+    with pytest.raises(ValueError, match="must return a scalar"):
+        landscape.slice_1d(vector, w, batch, w, jnp.array([0.0, 1.0]))

@@ -312,13 +312,14 @@ def _vector_loss(outputs, y):
     return jnp.sum((outputs - y) ** 2, axis=-1)
 
 
+LOSS_NOT_SCALAR = r"loss(\(predict\(\.\.\.\)\))? must return a scalar"
 BAD_RISK_INPUTS = [
     (lambda p, b: risk_lib.risk(None, losses.squared_loss, p, b), TypeError, "predict must be a callable"),
     (lambda p, b: risk_lib.risk(plain_predict, "mse", p, b), TypeError, "loss must be a callable"),
-    (lambda p, b: risk_lib.risk(plain_predict, _vector_loss, p, b), ValueError, "loss must return a scalar"),
-    (lambda p, b: risk_lib.gauss_newton_trace(plain_predict, _vector_loss, p, b), ValueError, "loss must return a sc"),
+    (lambda p, b: risk_lib.risk(plain_predict, _vector_loss, p, b), ValueError, LOSS_NOT_SCALAR),
+    (lambda p, b: risk_lib.gauss_newton_trace(plain_predict, _vector_loss, p, b), ValueError, LOSS_NOT_SCALAR),
     (lambda p, b: risk_lib.effective_risk(plain_predict, _vector_loss, p, b, 0.1, microbatch_size=3), ValueError,
-     "loss must return a scalar"),
+     LOSS_NOT_SCALAR),
     (lambda p, b: risk_lib.risk(plain_predict, losses.squared_loss, jax.tree_util.tree_map(jnp.int32, p), b),
      ValueError, "parameters must be floating point"),
     (lambda p, b: risk_lib.gauss_newton_diagonal(plain_predict, losses.squared_loss, p, b, examples_per_chunk=0), ValueError,

@@ -10,7 +10,10 @@ the shares of two devices of a sharded batch),
 
 three eager evaluations on at most two microbatches, tolerance ``1000 eps`` relative to the values.
 
-A batch used whole is not cut, so coupling is harmless there, but a SUM over examples (not a mean) still gives
+A data source's batches are its microbatches: its first two batches are the pieces A and B (two batches
+read from one fresh iterator, once per objective and plan).
+
+A batch used whole (or as one microbatch, or a source of one batch) is not cut, so coupling is harmless there, but a SUM over examples (not a mean) still gives
 wrong numbers (``EmpiricalFisher`` n^2 too large, the Gauss-Newton trace and R_eff of another L). A mean is
 invariant to duplicating the examples, a sum doubles: on the first ``min(n, 32)`` examples P,
 
@@ -31,7 +34,7 @@ import numpy as np
 from lsgeo.dataplan.memory import Layout
 from lsgeo.validation import is_concrete
 
-__all__ = ["check_mean_over_examples", "probe_pieces", "duplicated_piece"]
+__all__ = ["check_mean_over_examples", "probe_pieces", "source_pieces", "duplicated_piece"]
 
 _DUPLICATE_EXAMPLES = 32  # examples of the duplication check on a whole batch
 
@@ -51,6 +54,14 @@ def probe_pieces(batch, plan):
     s = plan.size
     b = min(s, plan.num_examples - s)
     return jax.tree_util.tree_map(lambda x: x[:s], batch), jax.tree_util.tree_map(lambda x: x[s : s + b], batch)
+
+
+def source_pieces(source: Callable):
+    """``(first, second)``: the first two batches of a data source (a zero-argument callable returning a fresh
+    iterator of batches), the pieces its plan evaluates separately; ``second`` None for a source of one batch."""
+    batches = iter(source())
+    first, second = next(batches, None), next(batches, None)
+    return first, second
 
 
 def duplicated_piece(batch):
@@ -74,16 +85,21 @@ def check_mean_over_examples(fn: Callable, params, batch, plan, *, name: str = "
     checked under tracing."""
     if not (is_concrete(params) and is_concrete(batch)):
         return
-    pieces = probe_pieces(batch, plan)
-    duplicate = duplicated_piece(batch) if pieces is None and plan.whole and batch is not None else None
-    if pieces is None and duplicate is None:
-        return
     try:
         token = (fn, plan)
         if token in _CHECKED:
             return
     except TypeError:  # an unhashable fn: check every time
         token = None
+    pieces = probe_pieces(batch, plan)
+    source = getattr(plan, "source", None)
+    if pieces is None and callable(source):  # a data source: its first two batches, the pieces its plan cuts
+        first, second = source_pieces(source)
+        batch, pieces = (first, None) if second is None else (batch, (first, second))
+    # not cut (a whole batch, one microbatch holding every example, a source of one batch): the sum check
+    duplicate = duplicated_piece(batch) if pieces is None and batch is not None else None
+    if pieces is None and duplicate is None:
+        return
     if duplicate is not None:
         _check_duplicated(fn, params, *duplicate, name)
     else:
@@ -92,6 +108,13 @@ def check_mean_over_examples(fn: Callable, params, batch, plan, *, name: str = "
         _CHECKED[token] = None
         if len(_CHECKED) > _MAX_CHECKED:
             del _CHECKED[next(iter(_CHECKED))]
+
+
+def _check_scalars(values, name) -> None:
+    shapes = {np.shape(v) for v in values}
+    if shapes != {()}:
+        raise ValueError(f"{name} must return a scalar (a mean over the examples of its batch), got shape "
+                         f"{next(iter(shapes - {()}))}")
 
 
 def _eps(params) -> float:
@@ -105,8 +128,9 @@ def _check_duplicated(fn, params, piece, twice, name) -> None:
         return
     if not is_concrete(values):  # called inside an outer jit: nothing to check
         return
+    _check_scalars(values, name)
     v1, v2 = (np.asarray(v, np.float64) for v in values)
-    if np.ndim(v1) or np.ndim(v2) or not (np.isfinite(v1) and np.isfinite(v2)):
+    if not (np.isfinite(v1) and np.isfinite(v2)):
         return
     if abs(float(v2) - float(v1)) > 1000 * _eps(params) * max(abs(float(v1)), abs(float(v2)), 1e-30):
         m = jax.tree_util.tree_leaves(piece)[0].shape[0]
@@ -124,8 +148,9 @@ def _check_cut(fn, params, first, second, plan, name) -> None:
     values = [fn(params, b) for b in (first, second, both)]
     if not is_concrete(values):  # called inside an outer jit: nothing to check
         return
+    _check_scalars(values, name)
     values = [np.asarray(v, np.float64) for v in values]
-    if all(np.ndim(v) == 0 and np.isfinite(v) for v in values):
+    if all(np.isfinite(v) for v in values):
         eps = _eps(params)
         v1, v2, v12 = (float(v) for v in values)
         mean = (sizes[0] * v1 + sizes[1] * v2) / (sizes[0] + sizes[1])

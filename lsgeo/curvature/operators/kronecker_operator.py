@@ -260,8 +260,9 @@ class KroneckerOperator(PredictorOperator):
         min_damping)``, ``pi = sqrt((tr G / f) / (tr A / c'))``; a separate bias gets ``(G + max(damping,
         min_damping) I)^-1``. A diagonal leaf gets ``(d + damping)^-1`` in both modes.
         """
-        if validation.is_concrete(damping) and not (np.isfinite(float(damping)) and float(damping) >= 0):
-            raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+        if callable(damping):
+            raise ValueError(f"damping must be a finite number >= 0, got the callable {damping!r}")
+        validation.check_sigma(damping, "damping")  # a real scalar, finite, >= 0 (not a bool, a string, None)
         if heuristic_damping and type(self).__name__ != "KFAC":
             raise ValueError("heuristic_damping applies to KFAC's two factors; EKFAC's inverse is exact")
         self._eigenvalue_mask()  # a block must hold whole units
