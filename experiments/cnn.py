@@ -17,11 +17,15 @@ noise of the paper's figure, not judged), 3 seeds. Recorded at the clean iterate
 validation and test accuracy and a Hutchinson estimate of the Hessian trace of the training loss
 (``lsgeo.curvature.hessian_trace``, on ``trace_examples`` training points, ``trace_probes`` probes).
 
-Verdict, per architecture (final evaluation): sigma chosen on the validation split; the test-accuracy
+Verdict, per architecture, on each run's *mean over the last ``judge_last`` of the steps* (default the last half;
+``records.judged``), not its last evaluation, so that a spike at one evaluation does not decide (loss spikes in
+that window, ``records.spikes``, and the gain at the last step alone are reported in ``summary.json`` and the
+printed reason, not decisive): sigma chosen on the validation split; the test-accuracy
 gain of SGD+noise (layer) over SGD paired over seeds (``verdicts.paired_gain``: beyond t s.e. plus one
 test example, 95% Student-t). Supported when it holds for both architectures, false when one is
 contradicted beyond noise after Holm's correction for the two (``verdicts.combine``), null otherwise, and
-null when SGD or the chosen layer-wise run ends above ``fit_loss`` (under-trained: not a test).
+null when SGD's or the chosen layer-wise run's median train loss over the window is above ``fit_loss``
+(under-trained: not a test).
 Negative control per architecture (``discrimination.judge``): the same paired test with layer-wise noise replaced
 by plain SGD from other initialisations and batch orders (``gd_control``, ``discrimination.control_seeds``), which
 must fail. Power: the minimum detectable effect in points against the source's (about) 1 point; above it, a
@@ -70,7 +74,9 @@ class Config:
     trace_examples: int = 256  # training points for the Hessian trace
     trace_probes: int = 2  # Hutchinson probes
     methods: tuple[Literal[training.METHODS], ...] = ("gd", "layer")  # add "noise" for the paper's full noise
-    fit_loss: float = 0.3  # SGD or the chosen layer-wise run ending above this train loss: under-trained (null)
+    fit_loss: float = 0.3  # SGD or the chosen layer-wise run's median train loss over the window above this: unfit
+    judge_last: float = 0.5  # the verdict uses each run's mean over its evaluations in this last fraction of the steps
+    spike_factor: float = 10.0  # a train loss above this times the run's lowest before it is a spike (reported)
     members_per_chunk: int | None = 1  # runs vmapped at once (None: all); on CPU 1, since XLA:CPU runs the
     # grouped convolutions of vmapped kernels slowly
     seeds: tuple[int, ...] = (0, 1, 2)  # initialisation, batch order and noise seeds
@@ -140,7 +146,8 @@ def comparisons(cfg: Config, rows: list[dict]) -> dict[str, tuple[float, verdict
     """{arch: (validation-best sigma, paired test-accuracy gain of SGD+noise (layer) over SGD)}."""
     if not {"gd", "layer"} <= set(cfg.methods):
         return {}
-    return {a: training.compare_to_gd(rows, "layer", cfg.sigmas, cfg.seeds, cfg.steps, arch=a) for a in cfg.archs}
+    return {a: training.compare_to_gd(rows, "layer", cfg.sigmas, cfg.seeds, cfg.steps, cfg.judge_last, arch=a)
+            for a in cfg.archs}  # fmt: skip
 
 
 SOURCE_POINTS = 1.0  # the paper's gains of layer-wise noise over SGD are 0.3-1 point (Figure 5): the largest
@@ -159,6 +166,7 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
             cfg.steps,
             minibatch=True,
             keys=("test_acc", "val_acc", "hessian_trace", "train_loss"),
+            last=cfg.judge_last,
             arch=a,
         )
     ]
@@ -178,7 +186,8 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
         )
         reasons.append(
             gain.describe(
-                f"{ARCH_NAMES[a]}: SGD+noise (layer) at sigma {best:g} (validation) minus SGD, test accuracy",
+                f"{ARCH_NAMES[a]}: SGD+noise (layer) at sigma {best:g} (validation) minus SGD, test accuracy (mean "
+                "over the judged window)",
                 scale=100,
                 unit=" points",
             )
@@ -199,26 +208,47 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
             f"{ARCH_NAMES[a]} {name}": dict(arch=a, **fields)
             for a, (best, _) in gains.items()
             for name, fields in (("SGD", dict(method="gd")), ("layer-wise", dict(method="layer", sigma=best)))
-        }, cfg.seeds, cfg.steps, cfg.fit_loss)  # fmt: skip
+        }, cfg.seeds, cfg.steps, cfg.fit_loss, cfg.judge_last)  # fmt: skip
+        reasons += [last_step_clause(cfg, rows, a, best, figures) for a, (best, _) in gains.items()]
         if fit:
             supported, reasons = None, [fit, *reasons]
     powers = {f"{a}_layer_gain": discrimination.Power(100 * discrimination.minimum_detectable_effect(g), SOURCE_POINTS,
                                                       " points", SOURCE) for a, (_, g) in gains.items()}  # fmt: skip
     supported, power_clause = discrimination.with_power(supported, powers)
     figures.update({f"mde_{name}_points": p.mde for name, p in powers.items()})
+    runs = [dict(arch=c["arch"], method=c["method"], sigma=c["sigma"], seed=c["seed"]) for c in cells(cfg)]
+    found = records.spikes(rows, runs, cfg.steps, cfg.judge_last, cfg.spike_factor)
+    figures["loss_spikes"] = len(found)
+    window = (f"judged on each run's mean over the last {100 * cfg.judge_last:g}% of the steps (evaluations at steps "
+              f">= {cfg.steps * (1 - cfg.judge_last):g})")  # fmt: skip
+    reasons = [window, records.spike_clause(found, cfg.spike_factor), *reasons]
     return experiment.Verdict(supported, figures, table, "; ".join([*reasons, power_clause]),
                               judgement.controls if judgement else {},
                               power={k: p.record() for k, p in powers.items()})  # fmt: skip
 
 
+def last_step_clause(cfg: Config, rows: list[dict], arch: str, sigma: float, figures: dict) -> str:
+    """The layer-wise gain of ``arch`` at ``sigma`` from the last evaluation alone, stored (``ARCH_gain_last_step``)
+    and said, not judged: where it differs from the window's verdict, the last step was not representative."""
+    gain = verdicts.paired_gain(
+        records.per_seed(rows, "test_acc", cfg.seeds, arch=arch, method="layer", sigma=sigma, step=cfg.steps),
+        records.per_seed(rows, "test_acc", cfg.seeds, arch=arch, method="gd", step=cfg.steps),
+        resolution=records.resolution(rows),
+    )
+    figures.update({f"{arch}_layer_gain_last_step": gain.mean, f"{arch}_layer_gain_last_step_se": gain.se})
+    return gain.describe(f"(reported, not judged) {ARCH_NAMES[arch]} at the last step alone, layer-wise at sigma "
+                         f"{sigma:g} minus SGD", scale=100, unit=" points")  # fmt: skip
+
+
 def control_gains(cfg: Config, rows: list[dict]) -> dict[str, verdicts.Gain]:
-    """{arch: the control's paired test-accuracy "gain", SGD from other initialisations minus SGD} (where run)."""
+    """{arch: the control's paired test-accuracy "gain", SGD from other initialisations minus SGD, each run's mean
+    over the judged window} (where run)."""
     out = {}
     for a in cfg.archs:
         if records.select(rows, arch=a, method=CONTROL):
-            treated = records.per_seed(rows, "test_acc", discrimination.control_seeds(cfg.seeds), arch=a,
-                                       method=CONTROL, step=cfg.steps)  # fmt: skip
-            reference = records.per_seed(rows, "test_acc", cfg.seeds, arch=a, method="gd", step=cfg.steps)
+            treated = records.judged(rows, "test_acc", discrimination.control_seeds(cfg.seeds), cfg.steps,
+                                     cfg.judge_last, arch=a, method=CONTROL)  # fmt: skip
+            reference = records.judged(rows, "test_acc", cfg.seeds, cfg.steps, cfg.judge_last, arch=a, method="gd")
             out[a] = verdicts.paired_gain(treated, reference, resolution=records.resolution(rows))
     return out
 
@@ -233,8 +263,8 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
         ax = axes[0, col]  # final test accuracy per sigma, on an axis that resolves the differences
         for i, m in enumerate(cfg.methods):
             sigmas = (0.0,) if m == "gd" else cfg.sigmas
-            ms = np.array([verdicts.mean_se(records.per_seed(rows, "test_acc", cfg.seeds, arch=a, method=m, sigma=s,
-                                                          step=cfg.steps)) for s in sigmas])  # fmt: skip
+            ms = np.array([verdicts.mean_se(records.judged(rows, "test_acc", cfg.seeds, cfg.steps, cfg.judge_last,
+                                                        arch=a, method=m, sigma=s)) for s in sigmas])  # fmt: skip
             if m == "gd":
                 ax.axhline(100 * ms[0, 0], color=training.COLORS[m], label="SGD (± s.e.)")
                 low, high = 100 * (ms[0, 0] - ms[0, 1]), 100 * (ms[0, 0] + ms[0, 1])
@@ -249,7 +279,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
                        label=f"layer-wise sigma chosen on validation ({best:g}); gain {100 * gain.mean:+.2g} "
                              f"± {100 * gain.se:.2g} points")  # fmt: skip
         plots.sigma_axis(ax, cfg.sigmas)
-        ax.set(ylabel=f"test accuracy after {cfg.steps} steps (%)",
+        ax.set(ylabel=f"test accuracy (%), mean over steps >= {cfg.steps * (1 - cfg.judge_last):g}",
                title=f"{arch} ({cfg.dataset}), {len(cfg.seeds)} seeds")
         ax.legend(fontsize=7)
         series = {}

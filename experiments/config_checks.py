@@ -41,7 +41,8 @@ _RANGES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("*_fraction", "swa_start"), "in [0, 1]"),
     (("init_scale", "rho", "rho_*", "*radius", "*gammas", "alphas", "signal", "level", "*_loss", "threshold", "near"),
      "> 0"),
-    (("peak_window", "moved", "edge_*"), "> 0"),
+    (("peak_window", "moved", "edge_*", "spike_factor"), "> 0"),
+    (("judge_last",), "in (0, 1]"),
 )
 
 
@@ -51,6 +52,7 @@ _IN_RANGE: dict[str, Callable[[float], bool]] = {
     "> 0": lambda v: v > 0,
     "in [0, 1)": lambda v: 0 <= v < 1,
     "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
     "seed": lambda v: 0 <= v < 2**31,
 }
 

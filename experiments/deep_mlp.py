@@ -149,30 +149,21 @@ def _seed(method: str, seed: int) -> int:
 
 def window(cfg: Config, rows: list[dict], width: int, method: str, seed: int) -> list[dict]:
     """The evaluations of one run in the judged window: the last ``judge_last`` fraction of the steps."""
-    start = cfg.steps * (1.0 - cfg.judge_last)
-    run = records.select(rows, width=width, method=method, seed=_seed(method, seed))
-    return sorted((r for r in run if r["step"] >= start), key=lambda r: r["step"])
+    return records.window(rows, cfg.steps, cfg.judge_last, width=width, method=method, seed=_seed(method, seed))
 
 
 def judged(cfg: Config, rows: list[dict], width: int, method: str, key: str, how=np.mean) -> np.ndarray:
     """``[seeds]``: per seed, ``how`` (mean) of ``key`` over the judged window of the run (not its last step)."""
-    return np.array([how([r[key] for r in window(cfg, rows, width, method, k)]) for k in cfg.seeds])
+    seeds = [_seed(method, k) for k in cfg.seeds]
+    return records.judged(rows, key, seeds, cfg.steps, cfg.judge_last, how, width=width, method=method)
 
 
 def spikes(cfg: Config, rows: list[dict]) -> list[dict]:
-    """The loss spikes in the judged windows: an evaluation whose train loss is above ``spike_factor`` times the
-    run's lowest train loss before it. Reported (``summary.json``), not decisive: the verdict's statistic is the
-    mean over the window and the fit check its median."""
-    out = []
-    for c in cells(cfg):
-        run = sorted(records.select(rows, width=c["width"], method=c["method"], seed=c["seed"]), key=lambda r: r["step"])
-        low = np.inf
-        for r in run:
-            if r["step"] >= cfg.steps * (1.0 - cfg.judge_last) and r["train_loss"] > cfg.spike_factor * low:
-                out.append(dict(width=c["width"], method=c["method"], seed=c["seed"], step=r["step"],
-                                train_loss=r["train_loss"], lowest_before=float(low)))  # fmt: skip
-            low = min(low, r["train_loss"])
-    return out
+    """The loss spikes in the judged windows (``records.spikes``): an evaluation whose train loss is above
+    ``spike_factor`` times the run's lowest before it. Reported (``summary.json``), not decisive: the verdict's
+    statistic is the mean over the window and the fit check its median."""
+    runs = [dict(width=c["width"], method=c["method"], seed=c["seed"]) for c in cells(cfg)]
+    return records.spikes(rows, runs, cfg.steps, cfg.judge_last, cfg.spike_factor)
 
 
 WHAT = {
@@ -268,13 +259,9 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
             table.append(entry)
     found = spikes(cfg, rows)
     figures["loss_spikes"] = len(found)
-    spike_text = (
-        f"{len(found)} loss spike(s) in the judged window (train loss > {cfg.spike_factor:g}x the run's lowest "
-        "before it; reported, not decisive: " + ", ".join(
-            f"width {s['width']} {s['method']} seed {s['seed']} step {s['step']}: {s['lowest_before']:.3g} -> "
-            f"{s['train_loss']:.3g}" for s in found) + ")"
-        if found else f"no loss spike in the judged window (> {cfg.spike_factor:g}x the run's lowest before it)"
-    )  # fmt: skip
+    spike_text = records.spike_clause(
+        found, cfg.spike_factor, lambda s: f"width {s['width']} {s['method']} seed {s['seed']}"
+    )
     supported, reason, controls, powers = None, "needs the three methods", {}, {}
     if set(training.METHODS) <= set(cfg.methods):
         supported, judged_figures, reason, controls, powers = judge(cfg, rows)

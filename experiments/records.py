@@ -74,3 +74,55 @@ def curve(rows: list[dict], key: str, **fields) -> tuple[np.ndarray, np.ndarray]
     sel = [r for r in select(rows, **fields) if key in r]
     steps = np.array(sorted({r["step"] for r in sel}))
     return steps, np.array([np.mean([r[key] for r in sel if r["step"] == t]) for t in steps])
+
+
+def window(rows: list[dict], steps: int, last: float, **fields) -> list[dict]:
+    """The evaluations of one run (the rows matching ``fields``) in its judged window, by step: the last ``last``
+    fraction of its ``steps`` steps (step >= steps (1 - last))."""
+    start = steps * (1.0 - last)
+    return sorted((r for r in select(rows, **fields) if r["step"] >= start), key=lambda r: r["step"])
+
+
+def judged(rows: list[dict], key: str, seeds: Sequence[int], steps: int, last: float | None = None, how=np.mean,
+           **fields) -> np.ndarray:  # fmt: skip
+    """``[len(seeds)]``: per seed, the value of ``key`` a verdict judges. With ``last`` (a fraction of the steps),
+    ``how`` (the mean) over the run's evaluations in its last ``last`` of the steps (``window``): a run can spike at
+    one evaluation (a full-batch train loss 0.005 -> 1.4 at the very last step), and a verdict must not hinge on
+    when a spike lands. With ``last=None``, the value at step ``steps`` (``per_seed``)."""
+    if last is None:
+        return per_seed(rows, key, seeds, step=steps, **fields)
+    out = []
+    for s in seeds:
+        run = window(rows, steps, last, seed=s, **fields)
+        if not run:
+            raise KeyError(f"no row with seed={s} and {fields} in the last {last:g} of {steps} steps")
+        out.append(how([r[key] for r in run]))
+    return np.asarray(out, dtype=float)
+
+
+def spikes(rows: list[dict], runs: Sequence[dict], steps: int, last: float, factor: float,
+           loss_key: str = "train_loss") -> list[dict]:  # fmt: skip
+    """The loss spikes in the judged windows of ``runs`` (each a dict of fields naming one run): an evaluation in
+    the last ``last`` of the steps whose ``loss_key`` is above ``factor`` times the run's lowest before it, as
+    ``{**run, step, train_loss, lowest_before}``. For a verdict to report, not to decide on (``judged``)."""
+    out = []
+    for fields in runs:
+        low = np.inf
+        for r in sorted(select(rows, **fields), key=lambda r: r["step"]):
+            if r["step"] >= steps * (1.0 - last) and r[loss_key] > factor * low:
+                out.append(dict(fields, step=r["step"], train_loss=r[loss_key], lowest_before=float(low)))
+            low = min(low, r[loss_key])
+    return out
+
+
+def spike_clause(found: list[dict], factor: float, name=None) -> str:
+    """``spikes``' findings in words for a verdict's reason; ``name(spike) -> str`` names the run (default: its
+    fields as ``key value``)."""
+    if not found:
+        return f"no loss spike in the judged window (> {factor:g}x the run's lowest before it)"
+    skip = ("step", "train_loss", "lowest_before")
+    name = name or (lambda s: " ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in s.items() if k not in skip))  # fmt: skip
+    listed = ", ".join(f"{name(s)} step {s['step']}: {s['lowest_before']:.3g} -> {s['train_loss']:.3g}" for s in found)
+    return (f"{len(found)} loss spike(s) in the judged window (train loss > {factor:g}x the run's lowest before it; "
+            f"reported, not decisive: {listed})")  # fmt: skip

@@ -21,10 +21,14 @@ and noise; the same initialisation for every method at a given seed).
 
 Verdict: sigma is chosen per method on ``n_val`` validation points carved from the training split
 (disjoint from the 1024), never on the test set; gain = test accuracy of GD+noise (layer) at that
-sigma minus GD's, paired over seeds (``verdicts.paired_gain``: supported beyond t s.e. plus one test
+sigma minus GD's, paired over seeds, each run's accuracy (validation and test) being its *mean over the last
+``judge_last`` of the steps* (``records.judged``; default the last half), not its last evaluation: a full-batch run
+can spike at one step, and a verdict must not hinge on when a spike lands. Loss spikes in that window (train loss
+above ``spike_factor`` times the run's lowest before it, ``records.spikes``) and the gain at the last step alone are
+reported in ``summary.json`` and the printed reason, not decisive (``verdicts.paired_gain``: supported beyond t s.e. plus one test
 example's worth, t the 95% Student-t critical value for the number of seeds, contradicted below minus
 that margin, null in between or with fewer than 3 seeds; null too when GD or the chosen layer-wise run
-has not fitted its data, ``fit_loss``). Negative control (``discrimination.judge``): the same paired test with
+has not fitted its data: median train loss over the window above ``fit_loss``). Negative control (``discrimination.judge``): the same paired test with
 layer-wise noise replaced by plain GD from other initialisations (``gd_control``, ``discrimination.control_seeds``),
 which must fail. Power: the rule's minimum detectable effect in points, stored beside the source's effect (Figure 3
 is a figure: the text gives no number).
@@ -67,7 +71,9 @@ class Config:
     eval_every: int = 100  # steps between evaluations (at the clean iterate)
     sigmas: tuple[float, ...] = (0.01, 0.03, 0.05, 0.1)  # noise levels of GD+noise / GD+noise (layer)
     methods: tuple[Literal[training.METHODS], ...] = training.METHODS  # among gd, noise, layer
-    fit_loss: float = 0.3  # GD or the chosen layer-wise run ending above this train loss: under-trained (null)
+    fit_loss: float = 0.3  # GD or the chosen layer-wise run's median train loss over the window above this: unfit (null)
+    judge_last: float = 0.5  # the verdict uses each run's mean over its evaluations in this last fraction of the steps
+    spike_factor: float = 10.0  # a train loss above this times the run's lowest before it is a spike (reported)
     seeds: tuple[int, ...] = (0, 1, 2)  # initialisation and noise seeds
 
 
@@ -117,11 +123,12 @@ def comparisons(cfg: Config, rows: list[dict]) -> dict[str, tuple[float, verdict
     """{noise method: (validation-best sigma, paired test-accuracy gain over GD)}."""
     if "gd" not in cfg.methods:
         return {}
-    return {m: training.compare_to_gd(rows, m, cfg.sigmas, cfg.seeds, cfg.steps) for m in cfg.methods if m != "gd"}
+    return {m: training.compare_to_gd(rows, m, cfg.sigmas, cfg.seeds, cfg.steps, cfg.judge_last)
+            for m in cfg.methods if m != "gd"}  # fmt: skip
 
 
 def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
-    table = training.method_table(rows, cfg.methods, cfg.sigmas, cfg.seeds, cfg.steps)
+    table = training.method_table(rows, cfg.methods, cfg.sigmas, cfg.seeds, cfg.steps, last=cfg.judge_last)
     grid = training.method_grid(cfg.methods, cfg.sigmas)
     figures = {f"acc_{m}_sigma={s:g}": t["test_acc"] for (m, s), t in zip(grid, table)}
     reasons, gains = [], comparisons(cfg, rows)
@@ -131,7 +138,8 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
         )
         reasons.append(
             gain.describe(
-                f"{training.label(m)} at sigma {best:g} (validation) vs GD: test accuracy", scale=100, unit=" points"
+                f"{training.label(m)} at sigma {best:g} (validation) vs GD: test accuracy (mean over the judged window)",
+                scale=100, unit=" points",
             )
         )
     gain = gains.get("layer", (None, None))[1]
@@ -154,19 +162,43 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
         figures["mde_layer_points"] = powers["layer"].mde
         reasons.append(discrimination.with_power(supported, powers)[1])
         fit = training.unfit(rows, {"GD": dict(method="gd"), "layer-wise at the chosen sigma": dict(
-            method="layer", sigma=gains["layer"][0])}, cfg.seeds, cfg.steps, cfg.fit_loss)  # fmt: skip
+            method="layer", sigma=gains["layer"][0])}, cfg.seeds, cfg.steps, cfg.fit_loss, cfg.judge_last)  # fmt: skip
+        reasons.append(last_step_clause(cfg, rows, gains["layer"][0], figures))
         if fit:
             supported, reasons = None, [fit, *reasons]
+    found = records.spikes(rows, [dict(method=c["method"], sigma=c["sigma"], seed=c["seed"]) for c in cells(cfg)],
+                           cfg.steps, cfg.judge_last, cfg.spike_factor)  # fmt: skip
+    figures["loss_spikes"] = len(found)
+    reasons = [window_clause(cfg), records.spike_clause(found, cfg.spike_factor), *reasons]
     return experiment.Verdict(supported, figures, table, "; ".join(reasons), controls,
                               {k: p.record() for k, p in powers.items()})  # fmt: skip
 
 
+def window_clause(cfg: Config) -> str:
+    return (f"judged on each run's mean over the last {100 * cfg.judge_last:g}% of the steps (evaluations at steps "
+            f">= {cfg.steps * (1 - cfg.judge_last):g})")  # fmt: skip
+
+
+def last_step_clause(cfg: Config, rows: list[dict], sigma: float, figures: dict) -> str:
+    """The layer-wise gain at ``sigma`` from the last evaluation alone, stored (``layer_gain_last_step``) and said,
+    not judged: where it differs from the window's verdict, the last step was not representative of the run."""
+    gain = verdicts.paired_gain(records.per_seed(rows, "test_acc", cfg.seeds, method="layer", sigma=sigma,
+                                                 step=cfg.steps),
+                                records.per_seed(rows, "test_acc", cfg.seeds, method="gd", step=cfg.steps),
+                                resolution=records.resolution(rows))  # fmt: skip
+    figures.update({"layer_gain_last_step": gain.mean, "layer_gain_last_step_se": gain.se})
+    return gain.describe(f"(reported, not judged) at the last step alone, layer-wise at sigma {sigma:g} minus GD",
+                         scale=100, unit=" points")  # fmt: skip
+
+
 def control_gain(cfg: Config, rows: list[dict]) -> verdicts.Gain | None:
-    """The control's paired test-accuracy "gain": GD from other initialisations minus GD (None when not run)."""
+    """The control's paired test-accuracy "gain", GD from other initialisations minus GD, each run's mean over the
+    judged window (None when not run)."""
     if not records.select(rows, method=CONTROL):
         return None
-    treated = records.per_seed(rows, "test_acc", discrimination.control_seeds(cfg.seeds), method=CONTROL, step=cfg.steps)
-    reference = records.per_seed(rows, "test_acc", cfg.seeds, method="gd", step=cfg.steps)
+    treated = records.judged(rows, "test_acc", discrimination.control_seeds(cfg.seeds), cfg.steps, cfg.judge_last,
+                             method=CONTROL)  # fmt: skip
+    reference = records.judged(rows, "test_acc", cfg.seeds, cfg.steps, cfg.judge_last, method="gd")
     return verdicts.paired_gain(treated, reference, resolution=records.resolution(rows))
 
 
@@ -176,7 +208,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     best = {m: b for m, (b, _) in comparisons(cfg, rows).items()}
     final = {  # in percent
         (m, s): tuple(100 * np.array(verdicts.mean_se(
-            records.per_seed(rows, "test_acc", cfg.seeds, method=m, sigma=s, step=cfg.steps))))
+            records.judged(rows, "test_acc", cfg.seeds, cfg.steps, cfg.judge_last, method=m, sigma=s))))
         for m, s in training.method_grid(cfg.methods, cfg.sigmas)
     }  # fmt: skip
     if "gd" in cfg.methods:
@@ -194,10 +226,10 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
             ax.plot(best[m] * dodge, mean + se + 1.0, "v", ms=8, mfc="none", mew=1.5, color=training.COLORS[m],
                     zorder=5, clip_on=False, label=f"sigma chosen on validation ({training.label(m)}: {best[m]:g})")
         if "gd" in cfg.methods:  # the paired gain the verdict uses, with its t interval
-            control = records.per_seed(rows, "test_acc", cfg.seeds, method="gd", step=cfg.steps)
+            control = records.judged(rows, "test_acc", cfg.seeds, cfg.steps, cfg.judge_last, method="gd")
             gains = [
                 verdicts.paired_gain(
-                    records.per_seed(rows, "test_acc", cfg.seeds, method=m, sigma=s, step=cfg.steps), control
+                    records.judged(rows, "test_acc", cfg.seeds, cfg.steps, cfg.judge_last, method=m, sigma=s), control
                 )
                 for s in cfg.sigmas
             ]
@@ -209,7 +241,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
         ax_g.axhspan(100 * (control.mean - control.margin), 100 * (control.mean + control.margin), color="tab:gray",
                      alpha=0.25, label="control: GD (other inits) minus GD, mean ± margin")  # fmt: skip
     plots.sigma_axis(ax, cfg.sigmas)
-    ax.set(ylabel=f"test accuracy (%) after {cfg.steps} steps (mean ± s.e.)",
+    ax.set(ylabel=f"test accuracy (%), mean over steps >= {cfg.steps * (1 - cfg.judge_last):g} (± s.e.)",
            title=f"{cfg.dataset}, width {cfg.width}, {len(cfg.seeds)} seeds")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     plots.sigma_axis(ax_g, cfg.sigmas)
@@ -225,6 +257,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
         for m in cfg.methods
     }
     plots.plot_band_curves(ax_t, rows, "test_acc", series, scale=100)
+    ax_t.axvspan(cfg.steps * (1 - cfg.judge_last), cfg.steps, color="gold", alpha=0.12, label="judged window (mean)")
     ax_t.set(xlabel="GD step", ylabel="test accuracy (%)", title="training at the chosen sigma")
     ax_t.legend(fontsize=8)
     fig.tight_layout()

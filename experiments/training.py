@@ -139,43 +139,54 @@ def train_methods(objective, init_params, data, cells, **kwargs) -> list[list[di
 
 
 def best_sigma(
-    rows: list[dict], method: str, sigmas: Sequence[float], step: int, key: str = "val_acc", **fields
+    rows: list[dict], method: str, sigmas: Sequence[float], step: int, key: str = "val_acc", last: float | None = None,
+    **fields,
 ) -> float:
-    """The sigma of ``method`` with the highest mean validation ``key`` at ``step`` (never the test set).
+    """The sigma of ``method`` with the highest mean validation ``key`` at ``step`` (never the test set); with
+    ``last``, of the runs' means over their last ``last`` of the steps (``records.judged``).
 
     A sigma at which any seed diverged (a NaN value) ranks last: it is never chosen on its survivors.
     """
 
     def score(sigma):
-        mean = np.mean([r[key] for r in records.select(rows, method=method, sigma=sigma, step=step, **fields)])
+        runs = records.select(rows, method=method, sigma=sigma, **fields)
+        mean = np.mean([r[key] for r in (records.select(runs, step=step) if last is None
+                                         else records.window(runs, step, last))])  # fmt: skip
         return mean if np.isfinite(mean) else -np.inf
 
     return max(sigmas, key=score)
 
 
 def compare_to_gd(
-    rows: list[dict], method: str, sigmas: Sequence[float], seeds: Sequence[int], step: int, **fields
-) -> tuple[float, verdicts.Gain]:
-    """``(best sigma on validation, paired test-accuracy gain of method at it over (S)GD)``."""
-    best = best_sigma(rows, method, sigmas, step, **fields)
-    treated = records.per_seed(rows, "test_acc", seeds, method=method, sigma=best, step=step, **fields)
-    control = records.per_seed(rows, "test_acc", seeds, method="gd", step=step, **fields)
+    rows: list[dict], method: str, sigmas: Sequence[float], seeds: Sequence[int], step: int,
+    last: float | None = None, **fields,
+) -> tuple[float, verdicts.Gain]:  # fmt: skip
+    """``(best sigma on validation, paired test-accuracy gain of method at it over (S)GD)``: the values at ``step``,
+    or with ``last`` each run's mean over its last ``last`` of the steps (``records.judged``: a spike at one
+    evaluation does not decide)."""
+    best = best_sigma(rows, method, sigmas, step, last=last, **fields)
+    treated = records.judged(rows, "test_acc", seeds, step, last, method=method, sigma=best, **fields)
+    control = records.judged(rows, "test_acc", seeds, step, last, method="gd", **fields)
     return best, verdicts.paired_gain(treated, control, resolution=records.resolution(rows))
 
 
-def unfit(rows: list[dict], cells: Mapping[str, dict], seeds, step: int, fit_loss: float) -> str:
+def unfit(rows: list[dict], cells: Mapping[str, dict], seeds, step: int, fit_loss: float,
+          last: float | None = None) -> str:  # fmt: skip
     """The fit check of a comparison: "" when every run named in ``cells`` (``name -> fields``, e.g.
-    ``{"GD": dict(method="gd")}``) ends (at ``step``) with a mean train loss over ``seeds`` at most ``fit_loss``,
+    ``{"GD": dict(method="gd")}``) ends (at ``step``; with ``last``, the median over its last ``last`` of the
+    steps, which one spike does not move) with a mean train loss over ``seeds`` at most ``fit_loss``,
     else a clause naming the under-trained ones: a comparison of runs that have not fit their data does not
     test a claim about trained networks (the verdict is then null)."""
     losses = {
-        name: float(np.mean(records.per_seed(rows, "train_loss", seeds, step=step, **f))) for name, f in cells.items()
+        name: float(np.mean(records.judged(rows, "train_loss", seeds, step, last, np.median, **f)))
+        for name, f in cells.items()
     }
     bad = {name: v for name, v in losses.items() if not v <= fit_loss}
     if not bad:
         return ""
     listed = ", ".join(f"{name} {v:.3g}" for name, v in bad.items())
-    return f"under-trained, cannot test the claim: final train loss above fit_loss={fit_loss:g} ({listed})"
+    where = "final train loss" if last is None else f"median train loss over the last {100 * last:g}% of the steps"
+    return f"under-trained, cannot test the claim: {where} above fit_loss={fit_loss:g} ({listed})"
 
 
 def method_table(
@@ -187,14 +198,16 @@ def method_table(
     *,
     minibatch: bool = False,
     keys=("test_acc", "val_acc", "train_loss"),
+    last: float | None = None,
     **fields,
 ) -> list[dict]:
-    """One table row per (method, sigma): the mean (and the s.e. of the first key) over seeds at ``step``."""
+    """One table row per (method, sigma): the mean (and the s.e. of the first key) over seeds at ``step``, or with
+    ``last`` of each run's mean over its last ``last`` of the steps (``records.judged``)."""
     table = []
     for m, s in method_grid(methods, sigmas):
         entry = {**fields, "method": label(m, minibatch=minibatch), "sigma": s}
         for i, k in enumerate(keys):
-            entry[k], se = verdicts.mean_se(records.per_seed(rows, k, seeds, method=m, sigma=s, step=step, **fields))
+            entry[k], se = verdicts.mean_se(records.judged(rows, k, seeds, step, last, method=m, sigma=s, **fields))
             if i == 0:
                 entry[f"{k}_se"] = se
         table.append(entry)

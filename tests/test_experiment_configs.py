@@ -53,6 +53,8 @@ BAD = [
     (deep_mlp, ["--widths", "32", "64", "128"], "--widths"),  # one lr per width
     (sigma_sweep, ["--sigmas", "0.1", "nan"], "--sigmas"),
     (sigma_sweep, ["--sigmas", "-0.1"], "--sigmas"),
+    (sigma_sweep, ["--judge-last", "0"], "--judge-last"),  # the judged window: a fraction in (0, 1]
+    (cnn, ["--judge-last", "1.5"], "--judge-last"),
     # grids: empty, repeated, unknown
     (sigma_sweep, ["--methods"], "--methods"),
     (sigma_sweep, ["--methods", "gd", "foo"], "--methods"),

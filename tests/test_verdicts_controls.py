@@ -258,6 +258,51 @@ def test_sigma_sweep_verdict_beside_its_control():
     assert {"method": "gd_control", "sigma": 0.0, "seed": 1000} in sigma_sweep.cells(cfg)
 
 
+def _windowed(cfg, rows, spike=None):
+    """``rows`` (final evaluations) spread over every evaluation of the run, the train loss falling to its final
+    value; ``spike=(method, seed)``: that run's last evaluation has its loss x50 and its accuracy 15 points lower."""
+    out = []
+    for r in rows:
+        for t in range(0, cfg.steps + 1, cfg.eval_every):
+            loss = r["train_loss"] * (1.0 + 0.5 * (cfg.steps - t) / cfg.steps)
+            row = dict(r, step=t, train_loss=loss)
+            if spike == (r["method"], r["seed"]) and t == cfg.steps:
+                row.update(train_loss=50 * loss, test_acc=r["test_acc"] - 0.15, val_acc=r["val_acc"] - 0.15)
+            out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("module", [sigma_sweep, cnn])
+def test_accuracy_verdicts_judge_the_window_and_report_a_last_step_spike(module):
+    """On rows with every evaluation: claim + failing control -> supported; control passing -> null; claim failing
+    -> contradicted; one layer-wise seed 15 points down at the very last step (a full-batch spike) is reported
+    (figures, reason) and does not flip the verdict, though the gain at the last step alone would (to null). The
+    mean over the window's k evaluations dilutes such a spike by 1/k: here k = 16 in both."""
+    cfg = module.Config(seeds=tuple(range(5)), eval_every=20 if module is cnn else 50)
+    final = _cnn_rows if module is cnn else _accuracy_rows
+
+    def rows(spike=None, **kwargs):
+        return _windowed(cfg, final(cfg, **kwargs), spike)
+
+    good = module.summarize(cfg, rows(gain=0.02, spread=0.0005))
+    assert good.supported is True and good.figures["loss_spikes"] == 0, good.reason
+    assert "mean over the last 50% of the steps" in good.reason
+    loose = module.summarize(cfg, rows(gain=0.02, spread=0.0005, control_gain=0.02))
+    assert loose.supported is None and "does not discriminate" in loose.reason
+    assert module.summarize(cfg, rows(gain=-0.02, spread=0.0005)).supported is False
+    verdict = module.summarize(cfg, rows(gain=0.05, spread=0.0005, spike=("layer", 0)))
+    assert verdict.supported is True, verdict.reason
+    last_gain = "layer_gain_last_step" if module is sigma_sweep else "toy_layer_gain_last_step"
+    assert verdict.figures[last_gain] < verdict.figures[last_gain.replace("_last_step", "")] - 0.02
+    last_step_clause = verdict.reason[verdict.reason.index("at the last step alone"):]
+    assert "within ±" in last_step_clause.split(";")[0]  # at the last step alone: null, not supported
+    n_archs = len(cfg.archs) if module is cnn else 1
+    assert verdict.figures["loss_spikes"] == n_archs * sum(
+        1 for m, s in training.method_grid(cfg.methods, cfg.sigmas) if m == "layer")
+    assert "loss spike(s) in the judged window" in verdict.reason and "reported, not decisive" in verdict.reason
+    assert "at the last step alone" in verdict.reason
+
+
 def _cnn_rows(cfg, **kwargs):
     return [r for a in cfg.archs for r in _accuracy_rows(cfg, arch=a, **kwargs)]
 
