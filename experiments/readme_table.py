@@ -4,8 +4,10 @@
 
 For every experiment (in the README's order) the newest run under ``RESULTS/NAME/`` (default
 ``results/``) whose config is the module's default config gives one row: what the experiment
-reproduces and the claim of its source (fixed text, here), the run's own numbers and verdict (from its
-``summary.json``) and its wall-clock time. An experiment without such a run gets a row that says so.
+reproduces and the claim of its source (fixed text, here), the run's own numbers, its negative controls'
+outcomes and the minimum detectable effect of its rule next to the source's effect (``control_power``, the
+same words for every experiment, from ``summary.json``'s ``controls`` and ``power``), its verdict and its
+wall-clock time. An experiment without such a run gets a row that says so.
 The Markdown table is printed, or with ``--write`` put between the lines ``<!-- experiments-table -->``
 and ``<!-- /experiments-table -->`` of the README.
 """
@@ -63,7 +65,7 @@ def _lasso(f: dict, c: dict) -> str:
     return (
         f"GD on R_eff within {max(eff):.1e} (relative L2) of scikit-learn's Lasso; noisy GD "
         f"{100 * min(noise):.1f}-{100 * max(noise):.1f}% at the end ({len(c['seeds'])} runs, needs < "
-        f"{100 * c['near']:g}%); control, plain GD: {100 * min(gd):.0f}-{100 * max(gd):.0f}% (fails, as it must)"
+        f"{100 * c['near']:g}%); control, plain GD: {100 * min(gd):.0f}-{100 * max(gd):.0f}%"
     )
 
 
@@ -72,7 +74,7 @@ def _nuclear_norm(f: dict, c: dict) -> str:
         f"layer-wise: rank {f['layer_rank_mean']:.3g} (solution {f['prox_rank']:g}), Eq. (10) "
         f"{100 * f['layer_objective_gap_max']:.2g}% above the optimum (needs < {100 * c['objective_tol']:g}%); "
         f"control, GD without noise: rank {f.get('gd_rank_mean', float('nan')):.3g}, "
-        f"{100 * f.get('gd_objective_gap_max', float('nan')):.2g}% (fails, as it must)"
+        f"{100 * f.get('gd_objective_gap_max', float('nan')):.2g}%"
     )
 
 
@@ -391,12 +393,56 @@ def cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _control_ran(record: dict) -> bool:
+    """Whether a part's control was run: it has an outcome, a statistic or a verdict on whether it discriminates."""
+    return record.get("control_passed") is not None or "control_mean" in record or record.get("discriminates") is not None
+
+
+def _controls(controls: dict) -> str:
+    """The controls of ``summary.json`` in words: how many fail as they must, and which do not, naming each."""
+    if not controls:
+        return "no control recorded"
+    ran = [p for p, r in controls.items() if _control_ran(r)]
+    loose = [p for p in ran if controls[p].get("control_passed") is True]
+    described = "; ".join(sorted({controls[p]["control"] for p in ran if p not in loose}))
+    out = [f"controls: {len(ran) - len(loose)} of {len(ran)} fail as they must" + (f" ({described})" * bool(described))]
+    out = out if ran else []
+    out += [f"{p} ({controls[p]['control']}): passes too, does not discriminate" for p in loose]
+    unrun = [p for p in controls if p not in ran]
+    if unrun:
+        out.append("no control for " + ", ".join(f"{p} ({controls[p]['control']})" for p in unrun))
+    return "; ".join(out)
+
+
+def _power(power: dict) -> str:
+    """The minimum detectable effects of ``summary.json``'s ``power`` next to the source's effects, per part."""
+    if not power:
+        return "no minimum detectable effect recorded"
+    def part(name, p):
+        unit, mde = p.get("unit", ""), p.get("mde")  # a non-finite MDE (too few seeds) is stored as null
+        text = f"{name}: MDE {mde:.3g}{unit}" if mde is not None else f"{name}: MDE infinite (too few seeds)"
+        if p.get("source_effect") is None:
+            return text + " (the source gives no number in these units)"
+        word = "can" if p.get("detectable") else "cannot"
+        return text + f" vs the source's {p['source_effect']:.3g}{unit}: {word} detect it"
+
+    return "power (80%): " + "; ".join(part(name, p) for name, p in power.items())
+
+
+def control_power(summary: dict) -> str:
+    """The row's control and power cell, the same words for every experiment, from ``summary.json``'s ``controls``
+    (``discrimination.Part.record``) and ``power`` (``discrimination.Power.record``)."""
+    if "controls" not in summary and "power" not in summary:
+        return "not recorded (a run from before controls and power were stored)"
+    return f"{_controls(summary.get('controls') or {})}; {_power(summary.get('power') or {})}"
+
+
 def _row(name: str, summary: dict | None) -> str:
     what, source, formatter = ROWS[name]
     if summary is None:
-        cells = [f"`{name}`", what, source, "no default run found", "", ""]
+        cells = [f"`{name}`", what, source, "no default run found", "", "", ""]
     else:
-        cells = [f"`{name}`", what, source, formatter(summary["figures"], summary["config"]),
+        cells = [f"`{name}`", what, source, formatter(summary["figures"], summary["config"]), control_power(summary),
                  VERDICTS[summary["supported"]], f"{summary['runtime_s']:.0f} s"]  # fmt: skip
     return "| " + " | ".join(cell(c) for c in cells) + " |"
 
@@ -419,8 +465,9 @@ def table(results: Path, machine_note: str | None = None) -> str:
         f"(devices: {', '.join(devices) or 'none'}; machine: {machine_note or machine()}; wall-clock time, "
         f"{total / 60:.0f} min in all).",
         "",
-        "| experiment | what it reproduces | paper / source | this run (default config) | verdict | time |",
-        "|---|---|---|---|---|---|",
+        "| experiment | what it reproduces | paper / source | this run (default config) | negative controls; minimum "
+        "detectable effect vs the source's | verdict | time |",
+        "|---|---|---|---|---|---|---|",
     ]
     return "\n".join(lines + [_row(name, s) for name, s in summaries.items()])
 

@@ -5,11 +5,11 @@ import json
 import pytest
 
 from experiments import readme_table
-def _summary(results, name, stamp, config, figures, supported=True, runtime=12.0):
+def _summary(results, name, stamp, config, figures, supported=True, runtime=12.0, **recorded):
     folder = results / name / stamp
     folder.mkdir(parents=True)
     summary = dict(experiment=name, config=config, claim="c.", supported=supported, reason="r", figures=figures,
-                   runtime_s=runtime, devices=["cpu:cpu"])
+                   runtime_s=runtime, devices=["cpu:cpu"], **recorded)
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
@@ -22,7 +22,8 @@ def test_table_uses_the_newest_default_run(tmp_path):
     _summary(tmp_path, "sigma_sweep", "20240103-000000", dict(default, steps=5), dict(figures, layer_gain=0.9))
     text = readme_table.table(tmp_path)
     (row,) = [line for line in text.splitlines() if line.startswith("| `sigma_sweep`")]
-    assert "GD 43.7%; layer-wise 48.9% at sigma 0.05 (validation), +5.2 ± 1.2 points | supported | 87 s |" in row
+    assert "GD 43.7%; layer-wise 48.9% at sigma 0.05 (validation), +5.2 ± 1.2 points | not recorded" in row
+    assert row.endswith("| supported | 87 s |")
     assert "| `resnet` |" in text and "no default run found" in text and "cpu:cpu" in text
 
 
@@ -58,8 +59,8 @@ def _render_rows(markdown: str) -> list[list[str]]:
     return rows
 
 
-def test_rendered_table_has_six_cells_in_every_row_and_keeps_pipes(tmp_path):
-    """A ``|`` in a cell (geometry_report's ``max|lambda|``) is escaped: rendered, every row has the header's six
+def test_rendered_table_has_seven_cells_in_every_row_and_keeps_pipes(tmp_path):
+    """A ``|`` in a cell (geometry_report's ``max|lambda|``) is escaped: rendered, every row has the header's seven
     columns and the verdict stays in its column."""
     default = readme_table.default_config("geometry_report")
     figures = {f"order_{a}_{k}{end}": 3.0 for a in default["activations"] for k in ("hessian", "gauss_newton")
@@ -69,11 +70,46 @@ def test_rendered_table_has_six_cells_in_every_row_and_keeps_pipes(tmp_path):
     text = readme_table.table(tmp_path, machine_note="test machine, load 1.0")
     rows = _render_rows(text)
     assert len(rows) == 1 + len(readme_table.ROWS)
-    assert all(len(r) == 6 for r in rows), [len(r) for r in rows]
+    assert all(len(r) == 7 for r in rows), [len(r) for r in rows]
     (row,) = [r for r in rows if r[0] == "`geometry_report`"]
-    assert "max|lambda|" in row[3] and row[4] == "supported"
+    assert "max|lambda|" in row[3] and row[5] == "supported"
     assert "test machine, load 1.0" in text
 
 
 def test_cell_escapes_pipes_and_line_breaks():
     assert readme_table.cell("a|b\nc") == "a\\|b c"
+
+
+def _part(control, passed, discriminates, **stats):
+    return dict(control=control, claim_passed=True, control_passed=passed, discriminates=discriminates, **stats)
+
+
+def _mde(mde, source_effect, unit=" points"):
+    detectable = None if source_effect is None else mde <= source_effect
+    return dict(mde=mde, source_effect=source_effect, unit=unit, source="s", detectable=detectable, power=0.8)
+
+
+def test_every_row_states_its_controls_and_power_from_the_summary(tmp_path):
+    """The control and power cell is written from ``summary.json``'s ``controls`` and ``power``, the same words for
+    every experiment: failing controls counted and named, a passing one named as not discriminating, parts without a
+    control listed, each MDE beside the source's effect (or its absence) with whether the run can detect it."""
+    default = readme_table.default_config("cnn")
+    figures = {f"test_acc_{a}_gd_sigma=0": 0.9 for a in default["archs"]}
+    figures.update({"toy_layer_gain": 0.01, "toy_layer_gain_se": 0.002, "toy_layer_best_sigma": 0.02})
+    controls = {"toy": _part("plain SGD from other inits", None, True, control_mean=0.001),  # within noise: fails
+                "wide": _part("plain SGD from other inits", True, False),  # passes too
+                "exact": _part("none: an exact check", None, None)}  # fmt: skip
+    power = {"toy_layer_gain": _mde(3.96, 1.0), "wide_layer_gain": _mde(0.5, 1.0), "other": _mde(2.0, None, "")}
+    _summary(tmp_path, "cnn", "20240101-000000", default, figures, supported=None, controls=controls, power=power)
+    (row,) = [r for r in _render_rows(readme_table.table(tmp_path)) if r[0] == "`cnn`"]
+    cell = row[4]
+    assert cell.startswith("controls: 1 of 2 fail as they must (plain SGD from other inits)")
+    assert "wide (plain SGD from other inits): passes too, does not discriminate" in cell
+    assert "no control for exact (none: an exact check)" in cell
+    assert "toy_layer_gain: MDE 3.96 points vs the source's 1 points: cannot detect it" in cell
+    assert "wide_layer_gain: MDE 0.5 points vs the source's 1 points: can detect it" in cell
+    assert "other: MDE 2 (the source gives no number in these units)" in cell and row[5] == "null"
+    bare = readme_table.control_power({"controls": {}, "power": {}})
+    assert bare == "no control recorded; no minimum detectable effect recorded"
+    assert readme_table.control_power({"power": {"a": dict(_mde(1.0, None), mde=None)}}).endswith(
+        "a: MDE infinite (too few seeds) (the source gives no number in these units)")
