@@ -57,7 +57,24 @@ CLAIM = (
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Figure 5: toy CNN and wide fully convolutional net with SGD, with and without noise."""
+    """Figure 5: toy CNN and wide fully convolutional net with SGD, with and without noise.
+
+    The default (3 seeds) cannot detect the source's effect of about 1 point: its rule's minimum detectable effect
+    (``discrimination.minimum_detectable_effect``: 80% power, 95% paired t plus one of the 497 test digits) was 3.96
+    points for the toy CNN. ``--preset cpu-long`` is the toy CNN's part at a size that can: 16 seeds, one sigma
+    (0.02, the one the default run chose on validation for the toy CNN), SGD, layer-wise noise and the SGD control.
+    Pilot (``--preset cpu-long --seeds 0 1 2 3 4``, this 2-core CPU at load average ~5): 186 s for 15 runs (12.4 s a
+    run), paired differences of the judged statistic spread by 0.92 points (s.e. 0.41 over 5 seeds), MDE 1.69 points.
+    At that spread the rule reaches 1 point with 10 seeds; 16 seeds give 0.73 points (0.90 at the 1.14-point spread
+    of the default's last-step statistic), in 16 x 3 runs x 12.4 s ~ 10 minutes. ``--preset cpu-long-wide`` is the
+    wide net's part: 9 seeds, sigma 0.05 (the default run's validation choice for it). Pilot (``--archs wide
+    --methods gd layer --sigmas 0.05 --seeds 0 1``, load average ~6): 499 s for 6 runs, ~53 s a run plus ~60 s of
+    compilation per method; the paired spread, pooled over that pilot (1.0 and 0.57 points, 1 degree of freedom
+    each) and the default's 3 seeds (0.69 points), is 0.75 points, at which 9 seeds give an MDE of 0.88 points (8:
+    0.95), in ~27 minutes (3 x (60 s + 9 x 53 s)); the spread rests on 4 degrees of freedom: at 1.0 points the MDE
+    of 9 seeds would be 1.14 (the run then says it cannot detect the effect). Both parts in one run, with the seeds
+    the toy CNN needs, would take about 50 minutes here: they are two presets.
+    """
 
     dataset: str = "digits"  # "cifar10" (paper) or any image set of lsgeo.data
     n_train: int | None = None  # training points (None: all but the validation points)
@@ -95,7 +112,11 @@ PRESETS = {
         trace_probes=32,
         members_per_chunk=None,
         seeds=(0, 1, 2),
-    )
+    ),
+    # each architecture's part at a size whose MDE is at or below the source's 1 point, under 30 minutes on a 2-core
+    # CPU (the Config docstring gives the pilots and the numbers)
+    "cpu-long": Config(archs=("toy",), sigmas=(0.02,), seeds=tuple(range(16))),
+    "cpu-long-wide": Config(archs=("wide",), sigmas=(0.05,), seeds=tuple(range(9))),
 }
 
 

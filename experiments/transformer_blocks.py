@@ -65,6 +65,7 @@ class Config:
     train_fraction: float = 0.8
     d_model: int = 16
     heads: int = 2
+    layers: int = 1  # transformer blocks (attention + MLP each; GPT2-nano: 6)
     mlp_widths: tuple[int, ...] = (32, 32, 32)  # the MLP's hidden widths (4.6k parameters at p = 23)
     steps: int = 400
     eval_every: int = 100
@@ -76,13 +77,22 @@ class Config:
 
 
 PRESETS = {
-    "paper": Config(modulus=97, d_model=128, heads=4, mlp_widths=(256, 256, 256, 256), steps=5000, eval_every=500),
+    # GPT2-nano, Zhang et al.'s smallest GPT2 (their code builds on nanoGPT; its small character-level "baby GPT"):
+    # 6 blocks of width 384 with 6 heads, 10.7M parameters here (vocabulary p + 1 = 98, 3 positions: the task is
+    # modular addition, not Shakespeare, so the context is 3, not 256); the MLP side of similar size, 4 hidden
+    # layers of width 1880 (11.2M; its control at twice the width, 43.5M). Adam at lr 1e-3 (nanoGPT's for this size).
+    # For a GPU: 100 Lanczos steps x 10 probes on each of the transformer's 38 blocks (per layer query, key, value,
+    # attention output, MLP in and out; the embedding; the head) is ~38k Hessian-vector products per seed and stage.
+    "paper": Config(modulus=97, d_model=384, heads=6, layers=6, mlp_widths=(1880,) * 4, steps=5000, eval_every=500,
+                    lr=1e-3),
 }
 
 
 def validate(cfg: Config) -> None:
     if cfg.modulus < 3:
         raise ValueError(f"--modulus must be >= 3, got {cfg.modulus}")
+    if cfg.layers < 1:
+        raise ValueError(f"--layers must be >= 1, got {cfg.layers}")
     if cfg.d_model % cfg.heads:
         raise ValueError(f"--d-model ({cfg.d_model}) must be a multiple of --heads ({cfg.heads})")
     if not 0.0 < cfg.train_fraction < 1.0:
@@ -94,30 +104,37 @@ def cells(cfg: Config) -> list[dict]:
 
 
 class TinyTransformer(nn.Module):
-    """Decoder-only, one block, pre-LN: embed + positions, causal self-attention, GELU MLP, head on the last token."""
+    """Decoder-only, pre-LN, ``layers`` blocks (GPT-2's layout): embed + positions, then per block a causal
+    self-attention and a GELU MLP (width 4 d_model), each after a layer norm and added to the residual stream; a
+    final layer norm and a head on the last token. With one block its modules are ``attention``, ``mlp_in``, ...;
+    with several, ``attention_0``, ``mlp_in_0``, ... (one block of Zhang et al. per weight tensor either way)."""
 
     vocab: int
     length: int
     d_model: int
     heads: int
     outputs: int
+    layers: int = 1
 
     @nn.compact
     def __call__(self, tokens):
         x = nn.Embed(self.vocab, self.d_model, name="embed")(tokens)
         x = x + self.param("pos_embed", nn.initializers.normal(0.02), (self.length, self.d_model))
-        h = nn.LayerNorm(name="ln_attention")(x)
-        x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attention")(
-            h, mask=nn.make_causal_mask(tokens))
-        h = nn.LayerNorm(name="ln_mlp")(x)
-        x = x + nn.Dense(self.d_model, name="mlp_out")(nn.gelu(nn.Dense(4 * self.d_model, name="mlp_in")(h)))
+        for i in range(self.layers):  # a static Python loop over the architecture's blocks, unrolled at trace time
+            end = "" if self.layers == 1 else f"_{i}"
+            h = nn.LayerNorm(name=f"ln_attention{end}")(x)
+            x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name=f"attention{end}")(
+                h, mask=nn.make_causal_mask(tokens))
+            h = nn.LayerNorm(name=f"ln_mlp{end}")(x)
+            hidden = nn.gelu(nn.Dense(4 * self.d_model, name=f"mlp_in{end}")(h))
+            x = x + nn.Dense(self.d_model, name=f"mlp_out{end}")(hidden)
         return nn.Dense(self.outputs, name="head")(nn.LayerNorm(name="ln_final")(x)[:, -1])
 
 
 def block_name(path: tuple[str, ...]) -> str:
     """Zhang et al.'s blocks: the attention's query / key / value / output apart, every other module whole; an
     MLP layer's (``Dense_i``) kernel is its block, its bias is named ``bias ...`` (``SKIPPED``)."""
-    if path[0] == "attention":
+    if path[0].startswith("attention"):
         return "/".join(path[:2])
     if path[0].startswith("Dense_"):
         return path[0] if path[-1] == "kernel" else f"bias {path[0]}"
@@ -138,7 +155,7 @@ def _networks(cfg: Config, model: str):
     every compiled function is reused across seeds and stages."""
     p = cfg.modulus
     if model == "transformer":
-        module = TinyTransformer(p + 1, 3, cfg.d_model, cfg.heads, p)
+        module = TinyTransformer(p + 1, 3, cfg.d_model, cfg.heads, p, cfg.layers)
 
         def predict(params, t):
             return module.apply({"params": params}, t)

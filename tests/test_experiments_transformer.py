@@ -1,6 +1,7 @@
 """experiments.transformer_blocks at smoke size: it runs through the runner, every block density
 integrates to 1 on its grid, and the Jensen-Shannon distance behaves as a distance."""
 
+import functools
 import json
 
 import numpy as np
@@ -62,3 +63,34 @@ def test_transformer_blocks_smoke(tmp_path):
     assert blocks == {"transformer": 8, "mlp": 3, "mlp_wide": 3}
     assert saved["controls"]["js0"]["control"].startswith("a second homogeneous net")
     assert list(run_dir.glob("*.png"))
+
+
+def test_paper_preset_is_gpt2_nano_and_its_models_run_a_forward_pass():
+    """The ``paper`` preset (for a GPU): GPT2-nano's 6 blocks of width 384 with 6 heads, its config passing every
+    check the CLI makes. The transformer, initialised at that size (~10.7M parameters, the 38 compared blocks: 6 per
+    layer, the embedding, the head), maps a tiny batch to finite logits; the two MLPs' forward passes are traced at
+    their size (shapes only: their 11M / 44M random weights would cost seconds to draw and say nothing more)."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import config_checks
+
+    cfg = transformer_blocks.PRESETS["paper"]
+    assert (cfg.layers, cfg.d_model, cfg.heads) == (6, 384, 6)
+    cells = config_checks.check_config(transformer_blocks.EXPERIMENT, cfg)
+    assert len(cells) == len(transformer_blocks.MODELS) * len(cfg.seeds)
+    tokens = jnp.asarray(transformer_blocks.prepare(cfg)["tokens"][:2])
+    for model in transformer_blocks.MODELS:
+        _, predict, _ = transformer_blocks._networks(cfg, model)
+        init = functools.partial(transformer_blocks._init, cfg, model)
+        if model != "transformer":
+            logits = jax.eval_shape(lambda key: predict(init(key), tokens), jax.random.key(0))
+            assert logits.shape == (2, cfg.modulus)
+            continue
+        params = jax.jit(init)(jax.random.key(0))
+        logits = jax.jit(predict)(params, tokens)
+        assert logits.shape == (2, cfg.modulus) and bool(jnp.all(jnp.isfinite(logits)))
+        assert 10.5e6 < sum(x.size for x in jax.tree_util.tree_leaves(params)) < 11e6  # GPT2-nano's ~10.7M
+        names = {transformer_blocks.block_name(tuple(k.key for k in path))
+                 for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}  # fmt: skip
+        assert len({n for n in names if not n.startswith(transformer_blocks.SKIPPED)}) == 6 * 6 + 2

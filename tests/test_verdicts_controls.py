@@ -320,6 +320,27 @@ def test_cnn_verdict_beside_its_control_and_power():
     assert noisy.supported is None and all(not p["detectable"] for p in noisy.power.values())
 
 
+def test_cnn_cpu_long_preset_can_detect_the_sources_effect_at_the_pilots_spread():
+    """``--preset cpu-long`` passes the CLI's checks, and on rows whose paired differences spread as its pilot's did
+    (0.92 points) its seeds give a minimum detectable effect at or below the source's 1 point, where the default's 3
+    seeds do not."""
+    from experiments import config_checks
+
+    cfg = cnn.PRESETS["cpu-long"]
+    config_checks.check_config(cnn.EXPERIMENT, cfg)
+    config_checks.check_config(cnn.EXPERIMENT, cnn.PRESETS["cpu-long-wide"])
+    for seeds, detectable in ((cfg.seeds, True), (cnn.Config().seeds, False)):
+        small = dataclasses.replace(cfg, seeds=seeds)
+        rows = _cnn_rows(small, gain=0.0, spread=0.0, n_test=497)
+        z = np.arange(len(seeds), dtype=float)
+        offset = dict(zip(seeds, 0.0092 * (z - z.mean()) / z.std(ddof=1)))  # sample spread exactly 0.92 points
+        for r in rows:
+            r["test_acc"] += offset[r["seed"]] if r["method"] == "layer" else 0.0
+        verdict = cnn.summarize(small, rows)
+        assert verdict.figures["toy_layer_gain_se"] * np.sqrt(len(seeds)) == pytest.approx(0.0092)
+        assert verdict.power["toy_layer_gain"]["detectable"] is detectable, verdict.power
+
+
 # ---------------------------------------------------------------- reparametrization (one-sided scaling, measures)
 
 
