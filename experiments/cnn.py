@@ -319,6 +319,9 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
             axes[row, col].set(ylabel=name, xlabel="SGD step", yscale="log" if key == "train_loss" else "linear")
             axes[row, col].legend(fontsize=7)
         axes[1, col].axhline(cfg.fit_loss, color="gray", ls=":", lw=1)
+        axes[1, col].axvspan(cfg.steps * (1 - cfg.judge_last), cfg.steps, color="gold", alpha=0.12,
+                             label="judged window (accuracy: mean; fit check: median)")  # fmt: skip
+        axes[1, col].legend(fontsize=7)
         if a in gains:  # the judged statistic with its interval, beside the control's, and the power
             shown = {"layer-wise minus SGD": gains[a][1]}
             if a in controls:
