@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats
 
 from lsgeo import curvature, influence, losses
 from lsgeo.influence import gradients as grads_lib
@@ -88,6 +89,8 @@ def main():
     parser.add_argument("--n-query", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=64, help="examples_per_chunk")
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--query-rank", type=int, default=32, help="query_rank of the factored low-rank runs")
+    parser.add_argument("--skip-generic", action="store_true", help="only the factored / query_rank runs")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--memory-sizes", type=str, default="1024,2048,4096,8192")
     args = parser.parse_args()
@@ -102,7 +105,8 @@ def main():
     base = timed(lambda: gradient_norms(predict, loss, args.chunk, params, *train), args.repeats)
     print(f"per-example gradients of {args.n_train} examples: {base:.2f} s")
 
-    runs = {"identity": dict(inverse="identity")}
+    runs = {"identity, generic": dict(inverse="identity", method="generic"),
+            "identity, factored": dict(inverse="identity")}
     t0 = time.perf_counter()
     op = curvature.GaussNewton(predict, loss, params, (train[0][:1024], train[1][:1024]))
     pre = influence.resolve_inverse("lowrank", predict, loss, params, None, damping=None, curvature_op=op,
@@ -110,13 +114,32 @@ def main():
     jax.block_until_ready(pre.operands)
     print(f"lowrank: rank-{args.rank} Lanczos eigenpairs of the GGN on 1024 examples + damping "
           f"{pre.damping:.3g} (Hutch++ trace): {time.perf_counter() - t0:.2f} s (once; not in the ratio)")
-    runs["lowrank"] = dict(inverse=lambda b: pre.fn(pre.operands, b)[0])
-    if hasattr(curvature, "EKFAC"):
-        runs["ekfac"] = dict(inverse=curvature.EKFAC(predict, loss, params, train), damping=1e-3)
+    lowrank = lambda b: pre.fn(pre.operands, b)[0]  # noqa: E731
+    runs["lowrank"] = dict(inverse=lowrank)
+    runs[f"lowrank, query_rank {args.query_rank}"] = dict(inverse=lowrank, query_rank=args.query_rank)
+    t0 = time.perf_counter()
+    ekfac = curvature.EKFAC(predict, loss, params, train)
+    jax.block_until_ready(ekfac.decomposition())
+    print(f"ekfac: fit on the {args.n_train} training examples: {time.perf_counter() - t0:.2f} s (once; not in the "
+          f"ratio)")
+    runs["ekfac"] = dict(inverse=ekfac, damping=1e-3)
+    runs[f"ekfac, query_rank {args.query_rank}"] = dict(inverse=ekfac, damping=1e-3, query_rank=args.query_rank)
+    scores = {}
     for name, kw in runs.items():
+        if args.skip_generic and "factored" not in name and "query_rank" not in name:
+            continue
         t = timed(lambda kw=kw: influence.pairwise_scores(predict, loss, params, train, query,
                                                           examples_per_chunk=args.chunk, **kw), args.repeats)
-        print(f"pairwise {name:9s}: {t:.2f} s = {t / base:.2f} x the per-example gradients")
+        scores[name] = influence.pairwise_scores(predict, loss, params, train, query, examples_per_chunk=args.chunk,
+                                                 **kw)
+        print(f"pairwise {name:22s}: {t:7.2f} s = {t / base:5.2f} x the per-example gradients")
+    for exact, low in (("identity, generic", "identity, factored"), ("lowrank", f"lowrank, query_rank {args.query_rank}"),
+                       ("ekfac", f"ekfac, query_rank {args.query_rank}")):
+        if exact in scores and low in scores:
+            a, b = scores[exact], scores[low]
+            rho = [stats.spearmanr(a[:, q], b[:, q]).statistic for q in range(a.shape[1])]
+            print(f"{low} vs {exact}: max |difference| / max |score| {np.abs(a - b).max() / np.abs(a).max():.2e}, "
+                  f"Spearman per query: mean {np.mean(rho):.4f}, min {np.min(rho):.4f}")
 
     print("peak resident memory (ru_maxrss of a fresh process running pairwise_scores, identity, 8 queries):")
     for n in (int(v) for v in args.memory_sizes.split(",")):

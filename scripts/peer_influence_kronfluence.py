@@ -10,7 +10,7 @@ python, ``PEER_PYTHON``, default /work/peers-venv/bin/python) copies the weights
 summed over the batch, measurement = the query's cross-entropy; the true Fisher with sampled labels, its
 default, and the empirical Fisher) and writes its scores back. Printed: the largest relative difference of the
 identity scores, and the Spearman correlation (all pairs, and per query averaged) of Kronfluence EKFAC with
-lsgeo's scores.
+lsgeo's scores; and the low-rank query gradients of both (rank ``QUERY_RANK``, Kronfluence's exact SVD).
 
 Conventions compared: both score ``g_q^T (A + d I)^-1 g_i`` with per-example loss gradients and no minus sign
 (positive = helpful); Kronfluence's scores are ``[n_query, n_train]``, lsgeo's ``[n_train, n_query]``; both
@@ -31,6 +31,7 @@ import numpy as np
 
 SIZES = (20, 32, 5)
 N_TRAIN, N_QUERY, DAMPING = 256, 16, 1e-3
+QUERY_RANK = 2  # low-rank query gradients (Kronfluence's query_gradient_low_rank, lsgeo's query_rank)
 
 
 def lsgeo_side(path: str) -> dict:
@@ -68,6 +69,8 @@ def lsgeo_side(path: str) -> dict:
     emp = curvature.EKFAC(predict, loss, params, tr, fisher_type="empirical", separate_weight_and_bias=False)
     out["lsgeo_ekfac_empirical_joint"] = influence.pairwise_scores(predict, loss, params, tr, q, inverse=emp,
                                                                    damping=DAMPING)
+    out["lsgeo_ekfac_empirical_joint_rank"] = influence.pairwise_scores(predict, loss, params, tr, q, inverse=emp,
+                                                                        damping=DAMPING, query_rank=QUERY_RANK)
     return out
 
 
@@ -122,6 +125,15 @@ def torch_side(src: str, dst: str) -> None:
                                              score_args=ScoreArguments(damping_factor=damping, **s64),
                                              overwrite_output_dir=True)
             out[f"kronfluence_{name}"] = analyzer.load_pairwise_scores(name)["all_modules"].numpy().T  # [n, Q]
+        # low-rank query gradients on the empirical-Fisher factors: the exact truncated SVD (use_full_svd)
+        low = ScoreArguments(damping_factor=DAMPING, query_gradient_low_rank=QUERY_RANK, use_full_svd=True,
+                             query_gradient_svd_dtype=torch.float64, **s64)
+        analyzer.compute_pairwise_scores("ekfac_empirical_rank", factors_name="ekfac_empirical",
+                                         query_dataset=query_set, train_dataset=train_set,
+                                         per_device_query_batch_size=N_QUERY, per_device_train_batch_size=64,
+                                         score_args=low, overwrite_output_dir=True)
+        out["kronfluence_ekfac_empirical_rank"] = analyzer.load_pairwise_scores(
+            "ekfac_empirical_rank")["all_modules"].numpy().T
     np.savez(dst, **out)
 
 
@@ -152,6 +164,13 @@ def main() -> None:
     a, b = theirs["kronfluence_ekfac_empirical"], ours["lsgeo_ekfac_empirical_joint"]
     print(f"EKFAC, empirical Fisher, joint bias, damping {DAMPING:g}: max |lsgeo - kronfluence| / max |score| = "
           f"{np.max(np.abs(a - b)) / np.max(np.abs(b)):.2e}; Spearman {spearman(a, b):.6f}")
+    a, b = theirs["kronfluence_ekfac_empirical_rank"], ours["lsgeo_ekfac_empirical_joint_rank"]
+    exact_k, exact_l = theirs["kronfluence_ekfac_empirical"], ours["lsgeo_ekfac_empirical_joint"]
+    print(f"EKFAC, empirical Fisher, query rank {QUERY_RANK}: lsgeo vs kronfluence Spearman {spearman(a, b):.6f}, "
+          f"per query {per_query(a, b):.6f}, max |difference| / max |score| {np.max(np.abs(a - b)) / np.max(np.abs(b)):.2e} "
+          f"(kronfluence truncates the [out, in + 1] matrix of weight and bias, lsgeo the [in, out] kernel and keeps "
+          f"the bias whole); each vs its own exact scores: kronfluence {spearman(a, exact_k):.6f}, "
+          f"lsgeo {spearman(b, exact_l):.6f}")
     for k_name in ("kronfluence_ekfac", "kronfluence_ekfac_empirical", "kronfluence_ekfac_heuristic"):
         for o_name in [n for n in ("lsgeo_ekfac", "lsgeo_ekfac_empirical_joint", "lsgeo_cg", "lsgeo_cg_heuristic", "lsgeo_identity") if n in ours]:
             a, b = theirs[k_name], ours[o_name]

@@ -5,6 +5,8 @@
   inverse   the inverses by name (``"ekfac"``, ``"kfac"``, ``"cg"``, ``"lowrank"``, ``"identity"``) or given, and the
             default damping ``0.1 tr(A) / m``
   gradients per-example loss gradients in chunks, the blocks a data set (or a data source) is read in
+  factored  dense kernels scored from their layer inputs and output gradients (identity exactly, any inverse with
+            ``query_rank``): the training gradients of dense layers never formed
   storage   scores in a resumable ``.npy`` memmap
   lds       the linear datamodeling score (Park et al. 2023): retraining on random subsets, one vmapped sweep
 

@@ -44,14 +44,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsgeo import validation
+from lsgeo.influence import factored
 from lsgeo.influence import gradients as grads_lib
 from lsgeo.influence.inverse import check_converged, resolve_inverse
 from lsgeo.influence.storage import open_scores
+from lsgeo.per_example import ghost
 
-__all__ = ["pairwise_scores", "self_scores", "DEFAULT_INVERSE"]
+__all__ = ["pairwise_scores", "self_scores", "DEFAULT_INVERSE", "METHODS"]
 
 #: ``"ekfac"``: the DESIGN contract and Kronfluence's default
 DEFAULT_INVERSE = "ekfac"
+#: ``"fast"``: dense kernels by their factors where exact or asked for; ``"generic"``: every gradient formed
+METHODS = ("fast", "generic")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -140,12 +144,49 @@ def _run_blocks(train_data, block_size, compute, shape_tail, dtype, names, by_gr
     return scores
 
 
+def _check_queries_match(train_data, query_data) -> None:
+    """The queries' examples must have the shapes of the training examples (ValueError naming ``query_data``)."""
+    _, xt, yt = next(grads_lib.blocks(train_data, None, "train_data"))
+    _, xq, yq = next(grads_lib.blocks(query_data, None, "query_data"))
+    shapes = lambda tree: jax.tree_util.tree_map(lambda a: tuple(np.shape(a)[1:]), tree)  # noqa: E731
+    if jax.tree_util.tree_structure((xt, yt)) != jax.tree_util.tree_structure((xq, yq)) or shapes((xt, yt)) != shapes(
+            (xq, yq)):
+        raise ValueError(f"query_data must hold examples shaped like train_data's: per-example (x, y) shapes "
+                         f"{shapes((xq, yq))} against {shapes((xt, yt))}")
+
+
+def _has_dense_kernels(predict, params, data) -> bool:
+    """Whether some leaf is a dense kernel (the factored route's gain); one trace on the first block, no FLOPs."""
+    _, x0, _ = next(grads_lib.blocks(data, None, "data"))
+    return bool(factored.plan_for(predict, params, x0).sites)
+
+
+def _factored(pre, predict, loss, params, query_data, chunk, queries_per_solve, query_rank, key, leaf_ids,
+              num_groups):
+    """``(compute, query factors)`` of the factored route, or ``(None, None)`` where the model has no dense kernel."""
+    if not _has_dense_kernels(predict, params, query_data):
+        return None, None
+    _, x0, _ = next(grads_lib.blocks(query_data, None, "query_data"))
+    if query_rank is None:
+        parts = [factored.query_factors(predict, loss, chunk, params, x, y)
+                 for _, x, y in grads_lib.blocks(query_data, None, "query_data")]
+        queries = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
+    else:
+        preconditioned = pre.apply(_query_gradients(predict, loss, params, query_data, chunk), queries_per_solve)
+        queries = factored.lowrank_query_factors(predict, int(query_rank), chunk, params, x0, preconditioned, key)
+
+    def compute(x, y):
+        return factored.block_scores(predict, loss, chunk, leaf_ids, num_groups, params, queries, x, y)
+
+    return compute, queries
+
+
 def pairwise_scores(predict: Callable, loss: Callable, params, train_data, query_data, *, inverse=DEFAULT_INVERSE,
                     damping=None, by_group: bool = False, groups=None, curvature=None, key=None, rank: int = 32,
                     num_iters: int | None = None, tol: float = 1e-6, maxiter: int | None = None, num_probes: int = 30,
                     microbatch_size: int | None = None, examples_per_chunk: int | None = 64,
-                    queries_per_solve: int | None = None, block_size: int | None = None, out=None,
-                    progress: bool = False, callback: Callable | None = None):
+                    queries_per_solve: int | None = None, query_rank: int | None = None, method: str = "fast",
+                    block_size: int | None = None, out=None, progress: bool = False, callback: Callable | None = None):
     """``[n_train, n_query]`` influence scores ``I[i, q] = g_q^T (A + damping I)^-1 g_i`` (module docstring).
 
     Args:
@@ -166,6 +207,12 @@ def pairwise_scores(predict: Callable, loss: Callable, params, train_data, query
       num_probes: products of the Hutch++ trace behind ``damping=None``.
       examples_per_chunk: training gradients formed together (vmapped); None: the whole block.
       queries_per_solve: queries preconditioned together (vmapped); None: all.
+      query_rank: keep the best rank-``query_rank`` approximation of every preconditioned query on each dense kernel
+        (Kronfluence's low-rank query gradients; randomized SVD keyed by ``key``): the training gradients of dense
+        kernels are then never formed (:mod:`lsgeo.influence.factored`). None: exact.
+      method: ``"fast"``: dense kernels by their factors (layer input x output gradient) where that is exact
+        (``inverse="identity"``) or asked for (``query_rank``), the dense contraction elsewhere; ``"generic"``:
+        every training gradient formed and contracted (the reference; same numbers up to rounding).
       block_size: examples per host-level block of in-memory data (the unit written to ``out`` and counted by
         the progress bar; default all, or 1024 with ``out``); a data source's blocks are its batches.
       out: path of a ``.npy`` file to write the scores to (memmap; resumed if interrupted; returned memory-mapped).
@@ -177,16 +224,30 @@ def pairwise_scores(predict: Callable, loss: Callable, params, train_data, query
     """
     _check_model(predict, loss, params)
     _check_chunks(examples_per_chunk, block_size)
+    validation.check_choice(method, "method", METHODS)
+    if query_rank is not None:
+        validation.check_positive_int(query_rank, "query_rank")
+    _check_queries_match(train_data, query_data)
     pre = resolve_inverse(inverse, predict, loss, params, train_data, damping=damping, curvature_op=curvature, key=key,
                           rank=rank, num_iters=num_iters, tol=tol, maxiter=maxiter, num_probes=num_probes,
                           microbatch_size=microbatch_size)
-    queries = pre.apply(_query_gradients(predict, loss, params, query_data, examples_per_chunk), queries_per_solve)
     leaf_ids, names = grads_lib.leaf_groups(params, groups)
+    key = jax.random.key(0) if key is None else key
+    compute, queries = None, None
+    if method == "fast" and (query_rank is not None or pre.name == "identity"):
+        try:
+            compute, queries = _factored(pre, predict, loss, params, query_data, examples_per_chunk,
+                                         queries_per_solve, query_rank, key, leaf_ids, len(names))
+        except Exception as err:  # noqa: BLE001 - the tracer failed where its dry run did not: the dense route
+            ghost.warn_fallback(f"{type(err).__name__}: {err}")  # (which raises a user error itself, if it is one)
+    if compute is None:
+        queries = pre.apply(_query_gradients(predict, loss, params, query_data, examples_per_chunk), queries_per_solve)
+
+        def compute(x, y):
+            return _pairwise_block(predict, loss, examples_per_chunk, leaf_ids, len(names), params, queries, x, y)
+
     num_queries = jax.tree_util.tree_leaves(queries)[0].shape[0]
     dtype = np.dtype(jnp.result_type(*jax.tree_util.tree_leaves(queries)))
-
-    def compute(x, y):
-        return _pairwise_block(predict, loss, examples_per_chunk, leaf_ids, len(names), params, queries, x, y)
 
     return _run_blocks(train_data, block_size, compute, (num_queries,), dtype, names, by_group, out, progress, callback)
 
@@ -194,12 +255,13 @@ def pairwise_scores(predict: Callable, loss: Callable, params, train_data, query
 def self_scores(predict: Callable, loss: Callable, params, train_data, *, inverse=DEFAULT_INVERSE, damping=None,
                 by_group: bool = False, groups=None, curvature=None, key=None, rank: int = 32,
                 num_iters: int | None = None, tol: float = 1e-6, maxiter: int | None = None, num_probes: int = 30,
-                microbatch_size: int | None = None, examples_per_chunk: int | None = 64,
+                microbatch_size: int | None = None, examples_per_chunk: int | None = 64, method: str = "fast",
                 block_size: int | None = None, out=None, progress: bool = False, callback: Callable | None = None):
     """``[n_train]`` self-influence ``I[i, i] = g_i^T (A + damping I)^-1 g_i``; arguments as :func:`pairwise_scores`.
 
     Cost: one backward pass and one inverse product per training example (with ``"cg"`` a CG solve each,
-    ``examples_per_chunk`` of them vmapped).
+    ``examples_per_chunk`` of them vmapped); with ``inverse="identity"`` and ``method="fast"`` the squared norms of
+    dense kernels' gradients come from their factors (ghost norms, :mod:`lsgeo.influence.factored`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -210,11 +272,17 @@ def self_scores(predict: Callable, loss: Callable, params, train_data, *, invers
     """
     _check_model(predict, loss, params)
     _check_chunks(examples_per_chunk, block_size)
+    validation.check_choice(method, "method", METHODS)
     pre = resolve_inverse(inverse, predict, loss, params, train_data, damping=damping, curvature_op=curvature, key=key,
                           rank=rank, num_iters=num_iters, tol=tol, maxiter=maxiter, num_probes=num_probes,
                           microbatch_size=microbatch_size)
     leaf_ids, names = grads_lib.leaf_groups(params, groups)
     dtype = np.dtype(jnp.promote_types(jnp.result_type(*jax.tree_util.tree_leaves(params)), jnp.float32))
+    if method == "fast" and pre.name == "identity" and _has_dense_kernels(predict, params, train_data):
+        def compute(x, y):
+            return factored.self_block_scores(predict, loss, examples_per_chunk, leaf_ids, len(names), params, x, y)
+
+        return _run_blocks(train_data, block_size, compute, (), dtype, names, by_group, out, progress, callback)
 
     def compute(x, y):
         values, ok = _self_block(predict, loss, examples_per_chunk, leaf_ids, len(names), pre.fn, pre.operands,

@@ -14,6 +14,7 @@ from lsgeo.per_example.grams import (
     per_example_grams,
     sq_grad_norms,
 )
-from lsgeo.per_example.single import single_example
+from lsgeo.per_example.single import single_example, single_example_leaves
 
-__all__ = ["METHODS", "FastPathFallbackWarning", "fast_path_plan", "gram_blocks", "per_example_grams", "sq_grad_norms", "single_example"]
+__all__ = ["METHODS", "FastPathFallbackWarning", "fast_path_plan", "gram_blocks", "per_example_grams", "sq_grad_norms", "single_example",
+           "single_example_leaves"]

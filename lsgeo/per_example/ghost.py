@@ -72,7 +72,7 @@ import numpy as np
 
 from lsgeo import jaxpr_interpreter as interp
 
-__all__ = ["FastPathFallbackWarning", "Plan", "generic_plan", "make_plan"]
+__all__ = ["FastPathFallbackWarning", "Plan", "generic_plan", "make_plan", "site_factors", "site_matrix"]
 
 
 class FastPathFallbackWarning(RuntimeWarning):
@@ -112,6 +112,7 @@ class _Alias:
 
     leaf: int
     iso: bool  # only isometries between the leaf and this variable
+    chain: tuple = dataclasses.field(default=(), compare=False)  # the view equations from the leaf to it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +125,8 @@ class _Site:
     out_shape: tuple
     out_dtype: Any
     operand_size: int  # floats of the captured operand
+    chain: tuple = dataclasses.field(default=(), compare=False)  # view equations from the leaf to the operand
+    leaf_contract: tuple = ()  # contracting dimensions of the leaf's operand, paired with ``contract``
 
 
 def _dense_site(eqn, s, ins, path, leaf_alias):
@@ -137,7 +140,7 @@ def _dense_site(eqn, s, ins, path, leaf_alias):
     other_aval = eqn.invars[1 - s].aval
     out_aval = eqn.outvars[0].aval
     return _Site(leaf_alias.leaf, s, dims[0][1 - s], tuple(out_aval.shape), out_aval.dtype,
-                 int(np.prod(other_aval.shape, dtype=np.int64)))
+                 int(np.prod(other_aval.shape, dtype=np.int64)), leaf_alias.chain, dims[0][s])
 
 
 def _analyze(jaxpr, in_infos, path, uses, top):
@@ -158,7 +161,7 @@ def _analyze(jaxpr, in_infos, path, uses, top):
         if body is not None:
             env.update(zip(eqn.outvars, _analyze(body.jaxpr, ins, p, uses, False)))
         elif prim in _VIEWS and len(eqn.invars) == 1:
-            env[eqn.outvars[0]] = _Alias(ins[0].leaf, ins[0].iso and prim in _ISOMETRIES)
+            env[eqn.outvars[0]] = _Alias(ins[0].leaf, ins[0].iso and prim in _ISOMETRIES, ins[0].chain + (eqn,))
         elif prim in _DOT:
             for s, a in enumerate(ins):
                 if a is not None:
@@ -252,12 +255,13 @@ def gram_of_rows(g, diag):
     return g @ g.T
 
 
-def _dense_gram(a, d, site, diag):
-    """Gram of the per-example gradients of a kernel used as ``out = dot_general(a, W)`` (either side).
+def site_factors(a, d, site):
+    """``(a_m [T, c], d_m [r, T, f])``: a dense site's captured operand and output cotangents as matrices, so that
+    the per-example gradient of the kernel for cotangent ``c`` is ``a_m^T d_m[c]`` in the layout of
+    :func:`site_matrix` (``T`` rows of the example, ``c`` contracted, ``f`` free entries of the kernel).
 
-    ``a``: the other operand (one example); ``d``: ``[r, *out_shape]`` cotangents of the output.
+    ``a``: the other operand of ``out = dot_general(a, W)`` (either side; one example); ``d``: ``[r, *out_shape]``.
     """
-    a_is_lhs = site.side == 1
     ca = site.contract
     fa = tuple(i for i in range(a.ndim) if i not in ca)
     r = d.shape[0]
@@ -265,11 +269,37 @@ def _dense_gram(a, d, site, diag):
     c = int(np.prod([a.shape[i] for i in ca], dtype=np.int64))
     am = jnp.transpose(a, fa + ca).reshape(t, c)
     f = int(np.prod(d.shape[1:], dtype=np.int64)) // t
-    if a_is_lhs:
+    if site.side == 1:
         dm = d.reshape(r, t, f)
     else:
         dm = jnp.swapaxes(d.reshape(r, f, t), 1, 2)
-    am = am.astype(dm.dtype)
+    return am.astype(dm.dtype), dm
+
+
+def site_matrix(site, leaf):
+    """The ``[c, f]`` matrix of a parameter-shaped tensor ``leaf`` at a dense site: the view equations from the leaf
+    to the ``dot_general`` operand applied to it, contracted dimensions first (paired with :func:`site_factors`).
+
+    The map is linear, so ``<site_matrix(site, p), a_m^T d_m> = <p, g>`` for the leaf's gradient ``g`` (the adjoint
+    of the views carries ``a_m^T d_m`` back to the leaf): an inner product with a per-example gradient taken in the
+    site's layout, without forming the gradient.
+    """
+    w = leaf
+    for eqn in site.chain:
+        (w,) = interp.apply(eqn, [w])
+    free = tuple(i for i in range(w.ndim) if i not in site.leaf_contract)
+    c = int(np.prod([w.shape[i] for i in site.leaf_contract], dtype=np.int64))
+    return jnp.transpose(w, site.leaf_contract + free).reshape(c, -1)
+
+
+def _dense_gram(a, d, site, diag):
+    """Gram of the per-example gradients of a kernel used as ``out = dot_general(a, W)`` (either side).
+
+    ``a``: the other operand (one example); ``d``: ``[r, *out_shape]`` cotangents of the output.
+    """
+    am, dm = site_factors(a, d, site)
+    r, t, f = dm.shape
+    c = am.shape[1]
     if t == 1:
         return jnp.sum(jnp.square(am)) * gram_of_rows(dm[:, 0, :], diag)
     ghost = t * t * c + (r if diag else r * r) * t * t * f

@@ -48,6 +48,7 @@ import numpy as np
 from lsgeo import groups as groups_lib
 from lsgeo.dataplan.budget import MEMORY_BUDGET_BYTES
 from lsgeo.per_example import ghost
+from lsgeo.per_example.single import single_example_leaves
 from lsgeo.validation import check_choice, check_positive_int
 
 __all__ = ["METHODS", "fast_path_plan", "gram_blocks", "per_example_grams", "sq_grad_norms"]
@@ -66,23 +67,6 @@ def _example_count(x) -> int:
         raise ValueError(f"x must have one leading example axis shared by all its leaves; got shapes "
                          f"{[np.shape(a) for a in leaves]}")
     return int(sizes.pop())
-
-
-def _one_example_fn(predict, treedef, x_def):
-    """phi_i(leaves, x_i leaves) -> [k], the predictor evaluated on one example."""
-
-    def single(p_leaves, xi_leaves):
-        p = jax.tree_util.tree_unflatten(treedef, list(p_leaves))
-        xi = jax.tree_util.tree_unflatten(x_def, [a[None] for a in xi_leaves])
-        out = predict(p, xi)
-        if not hasattr(out, "ndim") or out.ndim not in (1, 2) or out.shape[0] != 1:
-            raise ValueError(
-                f"predict must return an array of shape [n, k] or [n]; on one example it returned "
-                f"{getattr(out, 'shape', type(out))}"
-            )
-        return out.reshape(-1)
-
-    return single
 
 
 def _resolve_chunk(examples_per_chunk, n, per_example_floats):
@@ -150,7 +134,7 @@ def _grams_jit(predict, cotangent_fn, num_cotangents, diag, groups, method, exam
     n = _example_count(x)
     ids, names = groups_lib.group_ids(params, groups)
     gid = jax.tree_util.tree_leaves(ids)
-    single = _one_example_fn(predict, treedef, x_def)
+    single = single_example_leaves(predict, treedef, x_def)
     k = int(np.prod(jax.eval_shape(single, p_leaves, [a[0] for a in x_leaves]).shape))
     r = k if num_cotangents is None else int(num_cotangents)
 
@@ -308,5 +292,5 @@ def fast_path_plan(predict, params, x) -> dict[str, str]:
     p_leaves, treedef = jax.tree_util.tree_flatten(params)
     x_leaves, x_def = jax.tree_util.tree_flatten(x)
     _example_count(x)
-    plan = ghost.make_plan(_one_example_fn(predict, treedef, x_def), p_leaves, x_leaves)
+    plan = ghost.make_plan(single_example_leaves(predict, treedef, x_def), p_leaves, x_leaves)
     return {"/".join(p): s for p, s in zip(groups_lib.leaf_paths(params), plan.status)}
