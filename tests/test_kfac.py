@@ -380,6 +380,41 @@ def test_four_devices_give_the_one_device_factors():
         assert error < 1e-5, (name, error)
 
 
+@pytest.mark.slow
+def test_sharded_parameters_give_sharded_factors_and_the_unsharded_operator():
+    """Tensor parallelism over 8 forced host devices (tests/_kfac_sharded.py, float64): an MLP 4-16-2 with its
+    first kernel sharded over its outputs (P(None, "model")) and its second over its inputs (P("model", None)).
+    KFAC and EKFAC (and KFAC fitted over microbatches sharded over the same devices) equal the one-device
+    operators (factors, eigenvalues, dense matrices, products, inverse products, diagonals) to 1e-12; the factor
+    on a sharded axis is split along it (each device holds 2 of the 16 rows), the eigenvalues like the kernel,
+    the replicated axes replicated; every product comes back sharded like the parameters."""
+    result = last_json(run_python("_kfac_sharded.py", devices=8))
+    assert result["devices"] == 8
+    params = ["P()", "P(None, 'model')", "P()", "P('model', None)"]  # b, w of each layer
+    assert result["param_specs"] == params
+    rows, replicated = "P('model',)", "P()"  # [16, 16] factors split by rows: P('model', None)
+    for name, errors in result["errors"].items():
+        for what, error in errors.items():
+            assert error < 1e-12, (name, what, error)
+    for name, layouts in result["layouts"].items():
+        for what in ("op @ v", "inverse(0.1) @ v", "diagonal") + (("heuristic inverse @ v",) if "ekfac" != name else ()):
+            assert [s.replace("P('model',)", "P('model', None)") for s in layouts[what]] == params, (name, what)
+        units = layouts["inverse units"]
+        assert units["qa"] == [replicated, rows] and units["qg"] == [rows, replicated], name
+        assert units["lam"] == ["P(None, 'model')", rows] and units["lam_bias"] == [rows, replicated], name
+        if name == "ekfac":
+            assert layouts["factors"] == {"qa": units["qa"], "qg": units["qg"], "lam": units["lam"],
+                                          "lam_bias": units["lam_bias"], "diag": []}
+            assert layouts["factor_shards"]["lam"] == [[4, 2], [2, 2]]
+        else:
+            assert layouts["factors"] == {"A": [replicated, rows], "G": [rows, replicated], "diag": []}, name
+            assert layouts["factor_shards"] == {"A": [[4, 4], [2, 16]], "G": [[2, 16], [2, 2]], "diag": []}, name
+            # (lambda_A, Q_A), (lambda_G, Q_G) per layer
+            assert layouts["decomposition"] == [replicated, replicated, rows, rows, rows, rows, replicated, replicated]
+            assert layouts["heuristic inverse units"] == {"pa": [replicated, rows], "pg": [rows, replicated],
+                                                          "pb": [rows, replicated], "diag": []}, name
+
+
 def test_kfac_inverse_preconditions_cg_on_the_exact_gauss_newton():
     """solve(GaussNewton, b, preconditioner=KFAC.inverse(d)): the same x as plain CG, in fewer products (softmax
     regression with badly scaled inputs, where KFAC's A (x) G captures the input scales that slow plain CG)."""
