@@ -28,7 +28,8 @@ def rel(a, b):
 
 
 def specs(tree):
-    return [None if a is None else str(a.sharding.spec) for a in jax.tree_util.tree_leaves(tree, is_leaf=lambda a: a is None)]
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda a: a is None)
+    return [None if a is None else str(a.sharding.spec) for a in leaves]
 
 
 def shard_shapes(tree):
@@ -38,7 +39,7 @@ def shard_shapes(tree):
 def main():
     devices = jax.devices()
     mesh = Mesh(np.asarray(devices), ("model",))
-    params = mlp_init(0, (4, 16, 2))  # leaves b [16], w [4, 16] (2 columns a device), b [2], w [16, 2] (2 rows a device)
+    params = mlp_init(0, (4, 16, 2))  # b [16], w [4, 16] (2 columns a device), b [2], w [16, 2] (2 rows a device)
     spec = {"[0]['w']": P(None, "model"), "[1]['w']": P("model", None)}
 
     def layout(path, a):
@@ -56,8 +57,9 @@ def main():
         single = cls(mlp_apply, losses.softmax_cross_entropy, single_params, batch, microbatch_size=mb,
                      devices=devices[:1])
         fitted = [k for k in sharded.factors if k not in ("qa", "qg")]  # eigenvectors: signs are arbitrary
-        errors = {"factors": max(rel(a, b) for k in fitted for a, b in zip(jax.tree_util.tree_leaves(sharded.factors[k]),
-                                                                           jax.tree_util.tree_leaves(single.factors[k]))),
+        pairs = [(a, b) for k in fitted for a, b in zip(jax.tree_util.tree_leaves(sharded.factors[k]),
+                                                        jax.tree_util.tree_leaves(single.factors[k]))]
+        errors = {"factors": max(rel(a, b) for a, b in pairs),
                   "dense": rel(sharded.to_dense(), single.to_dense())}
         layouts = {"factors": {k: specs(x) for k, x in sharded.factors.items()},
                    "factor_shards": {k: shard_shapes(x) for k, x in sharded.factors.items()}}

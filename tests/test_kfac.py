@@ -397,7 +397,8 @@ def test_sharded_parameters_give_sharded_factors_and_the_unsharded_operator():
         for what, error in errors.items():
             assert error < 1e-12, (name, what, error)
     for name, layouts in result["layouts"].items():
-        for what in ("op @ v", "inverse(0.1) @ v", "diagonal") + (("heuristic inverse @ v",) if "ekfac" != name else ()):
+        products = ("op @ v", "inverse(0.1) @ v", "diagonal") + (("heuristic inverse @ v",) if name != "ekfac" else ())
+        for what in products:
             assert [s.replace("P('model',)", "P('model', None)") for s in layouts[what]] == params, (name, what)
         units = layouts["inverse units"]
         assert units["qa"] == [replicated, rows] and units["qg"] == [rows, replicated], name

@@ -51,7 +51,9 @@ class KroneckerLayout:
     leaves: tuple  # per parameter leaf a NamedSharding
 
     def _put(self, x, *spec):
-        return None if x is None else jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
+        if x is None:
+            return None
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
 
     def rows_c(self, i, x):
         return self._put(x, self.axes[i][0], None)
