@@ -416,6 +416,27 @@ def test_sharded_parameters_give_sharded_factors_and_the_unsharded_operator():
                                                           "pb": [rows, replicated], "diag": []}, name
 
 
+def test_a_merged_kernel_axis_keeps_the_sharding_of_its_first_dim_only():
+    """The layout rule of kronecker_sharding on a convolution kernel [kh, kw, c_in, c_out] = [3, 3, 8, 16], whose
+    matrix is [(c_in, kh, kw), c_out] (dims (2, 0, 1) then (3,)), on a mesh of 8 x 2 devices: c_in sharded gives
+    the input axis its mesh axis (72 rows, 9 a device); a sharded kh (not first in its group), a length that is not
+    a multiple of the mesh axes' size (a joint bias row: 73) or two sharded dims in one group give None (replicated)."""
+    from jax.sharding import AbstractMesh
+
+    from lsgeo.curvature.operators.kronecker_sharding import _group_axes
+
+    mesh = AbstractMesh((8, 2), ("model", "data"))
+    conv_in, conv_out = (2, 0, 1), (3,)
+    assert _group_axes((None, None, "model", None), conv_in, 72, mesh) == "model"
+    assert _group_axes((None, None, ("model", "data"), None), conv_in, 144, mesh) == ("model", "data")
+    assert _group_axes((None, None, None, "model"), conv_out, 16, mesh) == "model"
+    assert _group_axes((None, None, None, "model"), conv_in, 72, mesh) is None
+    assert _group_axes(("model", None, None, None), conv_in, 72, mesh) is None  # kh is not the group's first dim
+    assert _group_axes((None, "data", "model", None), conv_in, 72, mesh) is None  # two sharded dims in one group
+    assert _group_axes((None, None, "model", None), conv_in, 73, mesh) is None  # a joint bias row
+    assert _group_axes((None, None, "data"), conv_out, 16, mesh) is None  # a spec shorter than the kernel: unsharded
+
+
 def test_kfac_inverse_preconditions_cg_on_the_exact_gauss_newton():
     """solve(GaussNewton, b, preconditioner=KFAC.inverse(d)): the same x as plain CG, in fewer products (softmax
     regression with badly scaled inputs, where KFAC's A (x) G captures the input scales that slow plain CG)."""
