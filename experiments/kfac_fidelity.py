@@ -29,8 +29,9 @@ float64. Reported, per top-level module (its diagonal block) and over all parame
   (CG on the exact operator, tol 1e-10) and ``d = damping x tr G / m`` (0.1 x the mean eigenvalue);
 - the largest principal angle (degrees) between the top-``top_k`` eigenspaces of ``C`` and ``G`` (dense only).
 
-Figures: one row per model, each measure against the GD step (log scales, angles linear; step 0 drawn at 1), KFAC
-solid, EKFAC dashed, one colour per module (all parameters black), the band the range over seeds.
+Figures: one row per model, each measure against the GD step (log scales with decimal labels, angles linear; step 0
+drawn at 1), KFAC solid, EKFAC dashed, the median over seeds, one colour per module (legend right of each row), all
+parameters black with the range over seeds as a band.
 """
 
 from __future__ import annotations
@@ -315,10 +316,22 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
                               {"ekfac_frobenius_never_above_kfac": power.record()})
 
 
+def _plain_log_ticks(ax) -> None:
+    """Decimal tick labels on a log y axis (``0.6``, not ``6 x 10^-1``); minor ticks labelled within a decade."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    low, high = ax.get_ylim()
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if high / low < 10 else NullFormatter())
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
 def plot(cfg: Config, rows: list[dict]) -> dict:
     plt = plots.plt
+    from matplotlib.lines import Line2D
+
     models = list(cfg.models)
-    fig, axes = plt.subplots(len(models), len(MEASURES), figsize=(4.2 * len(MEASURES), 3.4 * len(models)),
+    fig, axes = plt.subplots(len(models), len(MEASURES), figsize=(4.0 * len(MEASURES) + 2.2, 3.3 * len(models)),
                              squeeze=False)
     labels = {"frobenius": "rel. Frobenius error ||C - G|| / ||G||", "trace_ratio": "trace ratio tr C / tr G",
               "inverse_error": "damped inverse on the gradient: rel. error",
@@ -338,15 +351,29 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
                                        for s in cfg.seeds])  # fmt: skip
                     if not np.all(np.isfinite(values)) or np.any(values <= 0):
                         continue
-                    plots.seed_band(ax, steps, values, color=colour, style=style, label=f"{method.upper()} {layer}")
-            ax.set(xscale="log", yscale="linear" if measure == "angle_deg" else "log", xlabel="GD step (0 drawn at 1)",
-                   ylabel=labels[measure])
+                    if layer == "all":  # the band (range over seeds) for all parameters only: readable
+                        plots.seed_band(ax, steps, values, color=colour, style=style, label=f"{method} {layer}")
+                    else:
+                        ax.plot(steps, np.median(values, axis=0), style, color=colour, lw=1.0, marker="o", ms=2.5,
+                                alpha=0.85)
+            ax.set(xscale="log", yscale="linear" if measure == "angle_deg" else "log",
+                   xlabel="GD step (log; 0 drawn at 1)", ylabel=labels[measure])
             ax.set_title(model, fontsize=9)
+            ax.set_xticks(steps, [str(c) for c in cfg.checkpoints])  # the checkpoints themselves (0 drawn at 1)
+            ax.xaxis.set_minor_locator(plt.NullLocator())
             if measure == "trace_ratio":
                 ax.axhline(1.0, color="gray", lw=0.5)
-        row_axes[0].legend(fontsize=6, ncol=2)
-    fig.suptitle(f"KFAC (solid) and EKFAC (dashed) vs the exact Gauss-Newton matrix, per module (all: black); median "
-                 f"and range over {len(cfg.seeds)} seeds", fontsize=10)
+            if measure != "angle_deg":
+                _plain_log_ticks(ax)
+        handles = [Line2D([], [], color="gray", ls="-", label="KFAC"),
+                   Line2D([], [], color="gray", ls="--", label="EKFAC")]
+        handles += [Line2D([], [], color=c, lw=2, label="all parameters" if name == "all" else name)
+                    for name, c in colours.items()]
+        row_axes[-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
+                            title=model, title_fontsize=8)
+    fig.suptitle(f"KFAC (solid) and EKFAC (dashed) vs the exact Gauss-Newton matrix, per module (colours; all "
+                 f"parameters black); median over {len(cfg.seeds)} seeds, band: their range (all parameters)",
+                 fontsize=10)
     fig.tight_layout()
     return {"kfac_fidelity.png": fig}
 

@@ -380,6 +380,63 @@ def test_four_devices_give_the_one_device_factors():
         assert error < 1e-5, (name, error)
 
 
+@pytest.mark.slow
+def test_sharded_parameters_give_sharded_factors_and_the_unsharded_operator():
+    """Tensor parallelism over 8 forced host devices (tests/_kfac_sharded.py, float64): an MLP 4-16-2 with its
+    first kernel sharded over its outputs (P(None, "model")) and its second over its inputs (P("model", None)).
+    KFAC and EKFAC (and KFAC fitted over microbatches sharded over the same devices) equal the one-device
+    operators (factors, eigenvalues, dense matrices, products, inverse products, diagonals) to 1e-12; the factor
+    on a sharded axis is split along it (each device holds 2 of the 16 rows), the eigenvalues like the kernel,
+    the replicated axes replicated; every product comes back sharded like the parameters."""
+    result = last_json(run_python("_kfac_sharded.py", devices=8))
+    assert result["devices"] == 8
+    params = ["P()", "P(None, 'model')", "P()", "P('model', None)"]  # b, w of each layer
+    assert result["param_specs"] == params
+    rows, replicated = "P('model',)", "P()"  # [16, 16] factors split by rows: P('model', None)
+    for name, errors in result["errors"].items():
+        for what, error in errors.items():
+            assert error < 1e-12, (name, what, error)
+    for name, layouts in result["layouts"].items():
+        products = ("op @ v", "inverse(0.1) @ v", "diagonal") + (("heuristic inverse @ v",) if name != "ekfac" else ())
+        for what in products:
+            assert [s.replace("P('model',)", "P('model', None)") for s in layouts[what]] == params, (name, what)
+        units = layouts["inverse units"]
+        assert units["qa"] == [replicated, rows] and units["qg"] == [rows, replicated], name
+        assert units["lam"] == ["P(None, 'model')", rows] and units["lam_bias"] == [rows, replicated], name
+        if name == "ekfac":
+            assert layouts["factors"] == {"qa": units["qa"], "qg": units["qg"], "lam": units["lam"],
+                                          "lam_bias": units["lam_bias"], "diag": []}
+            assert layouts["factor_shards"]["lam"] == [[4, 2], [2, 2]]
+        else:
+            assert layouts["factors"] == {"A": [replicated, rows], "G": [rows, replicated], "diag": []}, name
+            assert layouts["factor_shards"] == {"A": [[4, 4], [2, 16]], "G": [[2, 16], [2, 2]], "diag": []}, name
+            # (lambda_A, Q_A), (lambda_G, Q_G) per layer
+            assert layouts["decomposition"] == [replicated, replicated, rows, rows, rows, rows, replicated, replicated]
+            assert layouts["heuristic inverse units"] == {"pa": [replicated, rows], "pg": [rows, replicated],
+                                                          "pb": [rows, replicated], "diag": []}, name
+
+
+def test_a_merged_kernel_axis_keeps_the_sharding_of_its_first_dim_only():
+    """The layout rule of kronecker_sharding on a convolution kernel [kh, kw, c_in, c_out] = [3, 3, 8, 16], whose
+    matrix is [(c_in, kh, kw), c_out] (dims (2, 0, 1) then (3,)), on a mesh of 8 x 2 devices: c_in sharded gives
+    the input axis its mesh axis (72 rows, 9 a device); a sharded kh (not first in its group), a length that is not
+    a multiple of the mesh axes' size (a joint bias row: 73) or two sharded dims in one group give None (replicated)."""
+    from jax.sharding import AbstractMesh
+
+    from lsgeo.curvature.operators.kronecker_sharding import _group_axes
+
+    mesh = AbstractMesh((8, 2), ("model", "data"))
+    conv_in, conv_out = (2, 0, 1), (3,)
+    assert _group_axes((None, None, "model", None), conv_in, 72, mesh) == "model"
+    assert _group_axes((None, None, ("model", "data"), None), conv_in, 144, mesh) == ("model", "data")
+    assert _group_axes((None, None, None, "model"), conv_out, 16, mesh) == "model"
+    assert _group_axes((None, None, None, "model"), conv_in, 72, mesh) is None
+    assert _group_axes(("model", None, None, None), conv_in, 72, mesh) is None  # kh is not the group's first dim
+    assert _group_axes((None, "data", "model", None), conv_in, 72, mesh) is None  # two sharded dims in one group
+    assert _group_axes((None, None, "model", None), conv_in, 73, mesh) is None  # a joint bias row
+    assert _group_axes((None, None, "data"), conv_out, 16, mesh) is None  # a spec shorter than the kernel: unsharded
+
+
 def test_kfac_inverse_preconditions_cg_on_the_exact_gauss_newton():
     """solve(GaussNewton, b, preconditioner=KFAC.inverse(d)): the same x as plain CG, in fewer products (softmax
     regression with badly scaled inputs, where KFAC's A (x) G captures the input scales that slow plain CG)."""

@@ -32,7 +32,8 @@ Modules (all names are re-exported here, ``from lsgeo import curvature; curvatur
   operator          ``resolve``: the two call forms of an estimator (operator, or f, params, batch)
   kfac, ekfac       ``KFAC``, ``EKFAC`` (Kronecker-factored; ``inverse``, ``logdet``, ``eigenvalues`` exact and cheap);
                     kronecker_layers (layers found in the jaxpr), kronecker_fit (factors over the data plan),
-                    kronecker_algebra (the eigenbasis), kronecker_operator (the shared base, ``KroneckerInverse``); all under ``operators/``
+                    kronecker_algebra (the eigenbasis), kronecker_sharding (factors of sharded parameters laid out
+                    with them), kronecker_operator (the shared base, ``KroneckerInverse``); all under ``operators/``
   products          ``hvp``, ``gnvp``, ``hessian_operator``, ``gauss_newton_operator`` (one-call forms)
   dense             ``hessian`` (small models)
   trace             ``hessian_trace`` (Hutchinson, Hutch++, XTrace), ``hessian_diagonal`` (Hutchinson, XDiag)

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
 from lsgeo.curvature.operators import kronecker_fit
 from lsgeo.curvature.operators.base import operator_dataclass
-from lsgeo.curvature.operators.kronecker_operator import KroneckerOperator
+from lsgeo.curvature.operators.kronecker_operator import KroneckerOperator, factor_eighs
 
 __all__ = ["EKFAC"]
 
@@ -62,8 +59,8 @@ class EKFAC(KroneckerOperator):
             raise ValueError("EKFAC refits eigenvalues from gradients: fisher_type='forward-only' has none; "
                              "use KFAC(..., fisher_type='forward-only')")
         factors = kronecker_fit.accumulate(self, kronecker_fit.factor_statistics, self.params)
-        qa = tuple(jnp.linalg.eigh(a)[1] for a in factors["A"])
-        qg = tuple(jnp.linalg.eigh(g)[1] for g in factors["G"])
+        eighs = factor_eighs(self.layout, factors["A"], factors["G"])
+        qa, qg = tuple(ea[1] for ea, _ in eighs), tuple(eg[1] for _, eg in eighs)
         corrections = kronecker_fit.accumulate(self, kronecker_fit.correction_statistics, (self.params, qa, qg))
         return {"qa": qa, "qg": qg, "lam": corrections["kernel"], "lam_bias": corrections["bias"],
                 "diag": factors["diag"]}

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from lsgeo.curvature.operators import kronecker_algebra as ka
 from lsgeo.curvature.operators import kronecker_fit
 from lsgeo.curvature.operators.base import operator_dataclass
-from lsgeo.curvature.operators.kronecker_operator import KroneckerOperator
+from lsgeo.curvature.operators.kronecker_operator import KroneckerOperator, factor_eighs
 from lsgeo.validation import is_concrete
 
 __all__ = ["KFAC"]
@@ -107,7 +106,7 @@ class KFAC(KroneckerOperator):
         cached = self.__dict__.get("_decomposition")
         if cached is not None:
             return cached
-        eighs = _factor_eighs(self.factors["A"], self.factors["G"])
+        eighs = factor_eighs(self.layout, self.factors["A"], self.factors["G"])
         if is_concrete(eighs):  # never a tracer: it would outlive its trace
             object.__setattr__(self, "_decomposition", eighs)  # a frozen dataclass; not a field, not a leaf
         return eighs
@@ -139,8 +138,3 @@ class KFAC(KroneckerOperator):
             pb.append(matrix(qg, 1.0 / (lg + jnp.maximum(damping, min_damping))) if (layer.bias is not None and sep)
                       else None)
         return ka.kronecker_units(pa, pg, pb, (1.0 / (d + damping) for d in self.factors["diag"]))
-
-
-@jax.jit
-def _factor_eighs(a_factors, g_factors):
-    return [(jnp.linalg.eigh(a), jnp.linalg.eigh(g)) for a, g in zip(a_factors, g_factors)]

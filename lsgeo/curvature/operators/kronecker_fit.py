@@ -41,13 +41,15 @@ __all__ = ["accumulate", "factor_statistics", "correction_statistics"]
 
 def accumulate(op, fn, operands):
     """``sum_j (n_j / n) fn(op, operands, B_j)`` over the microbatches ``B_j`` of ``op``'s data plan, compiled
-    once: the one use of the data plan by the Kronecker operators (``fn`` a module-level function)."""
+    once: the one use of the data plan by the Kronecker operators (``fn`` a module-level function). The result
+    is laid out along the sharded parameters' axes (``kronecker_sharding``) where ``op.layout`` says so."""
     return _accumulate(op, operands, fn)
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _accumulate(op, operands, fn):
-    return op.objective.map(lambda ops, mb: fn(ops[0], ops[1], mb), (op.without_data(), operands))
+    total = op.objective.map(lambda ops, mb: fn(ops[0], ops[1], mb), (op.without_data(), operands))
+    return total if op.layout is None else op.layout.place_units(total, op.structure.unmatched)
 
 
 def _unpack(op, mb):

@@ -24,13 +24,14 @@ from jax.flatten_util import ravel_pytree
 from lsgeo import dataplan, validation
 from lsgeo.curvature.operators import kronecker_algebra as ka
 from lsgeo.curvature.operators import kronecker_layers as kl
+from lsgeo.curvature.operators.kronecker_sharding import kronecker_layout
 from lsgeo.curvature.operators.base import Products, operator_dataclass
 from lsgeo.curvature.operators.fisher import label_sampler
 from lsgeo.curvature.operators.gauss_newton import PredictorOperator
 from lsgeo.objective import Risk
 from lsgeo.per_example import single_example
 
-__all__ = ["KroneckerOperator", "KroneckerInverse", "FISHER_TYPES", "KFAC_APPROXIMATIONS"]
+__all__ = ["KroneckerOperator", "KroneckerInverse", "FISHER_TYPES", "KFAC_APPROXIMATIONS", "factor_eighs"]
 
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
 KFAC_APPROXIMATIONS = ("expand", "reduce")
@@ -59,7 +60,8 @@ class KroneckerOperator(PredictorOperator):
     """Base of ``KFAC`` and ``EKFAC``; see ``KFAC`` for the arguments and conventions. Built as
     ``KFAC(risk, params, *, fisher_type=..., ...)`` from an ``lsgeo.Risk`` or positionally as
     ``KFAC(predict, loss, params, batch, *, ..., microbatch_size=None, devices=None)``; the factors are fitted
-    once, then the operator keeps no data."""
+    once, then the operator keeps no data. Parameters sharded over a mesh (``NamedSharding``) get factors,
+    eigenbases and products laid out along the same axes (``kronecker_sharding``; ``op.layout``)."""
 
     key: Any = None
     factors: Any = None
@@ -70,6 +72,7 @@ class KroneckerOperator(PredictorOperator):
     structure: Any = _static(None)
     output_shape: tuple | None = _static(None)
     names: tuple | None = _static(None)
+    layout: Any = _static(None)
 
     @classmethod
     def _from_functions(cls, predict, loss, params, batch, *, microbatch_size: int | None = None,
@@ -109,9 +112,10 @@ class KroneckerOperator(PredictorOperator):
                 f"fisher_type='forward-only' has no gradient covariance, so the parameters in no dense or "
                 f"convolution layer ({', '.join(names[j] for j in structure.unmatched)}) get no curvature; use "
                 f"another fisher_type")
+        layout = kronecker_layout(structure, params, bool(separate_weight_and_bias))
         op = cls._make(objective=risk, params=params, key=key, fisher_type=fisher_type, kfac_approx=kfac_approx,
                        num_samples=int(num_samples), separate_weight_and_bias=bool(separate_weight_and_bias),
-                       structure=structure, output_shape=output_shape, names=tuple(names))
+                       structure=structure, output_shape=output_shape, names=tuple(names), layout=layout)
         return dataclasses.replace(op, factors=op._fit(), objective=risk.without_data())
 
     def _fit(self):
@@ -152,6 +156,10 @@ class KroneckerOperator(PredictorOperator):
             full[i] = a
         return full
 
+    def _placed(self, full):
+        """A full leaf list laid out like the parameters (sharded parameters; unchanged otherwise)."""
+        return full if self.layout is None else self.layout.place_leaves(full)
+
     def _to_variable(self, full, like):
         treedef = jax.tree_util.tree_structure(self.params)
         chosen = range(len(full)) if self.block is None else self.block
@@ -166,7 +174,7 @@ class KroneckerOperator(PredictorOperator):
         return ka.apply_units(self.structure, self.separate_weight_and_bias, self.eigen_units(), leaves)
 
     def tree_matvec(self, v):
-        return self._to_variable(self._apply(self._full_leaves(v)), v)
+        return self._to_variable(self._placed(self._apply(self._full_leaves(v))), v)
 
     def matvec(self, u):
         flat, unravel = self._flat()
@@ -244,7 +252,7 @@ class KroneckerOperator(PredictorOperator):
         """``diag K`` as a pytree shaped like the (variable) parameters."""
         template = jax.tree_util.tree_leaves(self.params)
         full = ka.unit_diagonal(self.structure, self.separate_weight_and_bias, self.eigen_units(), template)
-        return self._to_variable(full, self.variable_params)
+        return self._to_variable(self._placed(full), self.variable_params)
 
     def _inverse_units(self, damping, heuristic, min_damping, decomposition=None):
         return ka.map_eigenvalues(self.eigen_units(decomposition), lambda lam: 1.0 / (lam + damping))
@@ -271,7 +279,8 @@ class KroneckerOperator(PredictorOperator):
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _inverse_units_jit(op, decomposition, damping, heuristic, min_damping):
-    return op._inverse_units(damping, heuristic, min_damping, decomposition)
+    units = op._inverse_units(damping, heuristic, min_damping, decomposition)
+    return units if op.layout is None else op.layout.place_units(units, op.structure.unmatched)
 
 
 def _inverse_units(op, damping, heuristic, min_damping):
@@ -308,7 +317,7 @@ class KroneckerInverse(Products):
     def tree_matvec(self, v):
         op = self.op
         full = ka.apply_units(op.structure, op.separate_weight_and_bias, self.units, op._full_leaves(v))
-        return op._to_variable(full, v)
+        return op._to_variable(op._placed(full), v)
 
     def matvec(self, u):
         flat, unravel = self.op._flat()
@@ -323,3 +332,11 @@ class KroneckerInverse(Products):
 
     def to_dense(self) -> jax.Array:
         return self @ jnp.eye(self.size, dtype=self.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def factor_eighs(layout, a_factors, g_factors):
+    """``[((lambda_A, Q_A), (lambda_G, Q_G)), ...]``: every layer's factors' eigendecompositions, laid out by
+    ``layout`` (a ``KroneckerLayout`` or None)."""
+    eighs = [(jnp.linalg.eigh(a), jnp.linalg.eigh(g)) for a, g in zip(a_factors, g_factors)]
+    return eighs if layout is None else layout.place_decomposition(eighs)
