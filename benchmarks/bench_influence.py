@@ -6,23 +6,32 @@ peak memory against n_train.
 
 1. Time of ``pairwise_scores`` (n_train x n_query) divided by the time of computing the n_train per-example
    loss gradients once (the same chunked ``vmap`` of ``jax.grad``, each gradient reduced to its squared norm so
-   that nothing of size n m is kept: the floor any method that touches every training gradient pays), for the
-   inverses ``identity`` (gradient dot products), ``lowrank`` (rank 32; the Lanczos eigenpairs, built once,
-   timed apart) and ``ekfac`` when ``lsgeo.curvature.EKFAC`` exists. Each after a warm-up call (compilation),
-   median of ``--repeats``; ratios of timings taken in the same round.
+   that nothing of size n m is kept: what any method that forms every training gradient pays; re-timed just before
+   each method, as the shared machine's load drifts), for the inverses ``identity`` (gradient dot products),
+   ``lowrank`` (rank 32; the Lanczos eigenpairs, built once, timed apart) and ``ekfac`` (fitted once, timed apart):
+   ``method="generic"`` (every gradient formed and contracted; the reference), the default factored route with whole
+   preconditioned queries (``a_i P_q delta_i^T``, one GEMM per chunk), and ``query_rank=32`` (rank-32 query
+   gradients per kernel); then how far the rank-32 scores are from the whole ones (max difference, Spearman per
+   query). Each after a warm-up call (compilation), median of ``--repeats``.
 2. Peak memory vs n_train: the peak resident set of a fresh process that scores n_train examples against 8
    queries (identity, blocks of 1024 examples, ``examples_per_chunk`` gradients at a time): flat in n_train up
    to the inputs and the [n_train, n_query] output (CPU; the process's RSS includes XLA and the compiler).
 
 Model: ReLU MLP 784-512-512-10 (669,706 parameters), softmax cross-entropy, Gaussian inputs, float32.
 
-Measured (2 CPU cores shared with other jobs, load 9-14; not the issue's size, which is too slow there):
-  512 x 32:    gradients 2.13 s; identity 2.07x, lowrank 2.28x
-  2048 x 128:  gradients 7.81 s; identity 10.8x, lowrank 11.5x; peak RSS 1756 MiB at n_train 1024 and 4096
-The dense contraction costs 2 m Q flops per training example against about 6 m for its gradient, so at Q = 128
-the ratio is bound by the GEMM (Kronfluence's dense path pays the same); reaching <= 3 needs factored per-layer
-gradients (a_i, delta_i of each dense layer: (a_i . a_q)(delta_i . delta_q) for identity, or Kronfluence's
-low-rank query gradients), which lsgeo.per_example does not expose publicly yet.
+Measured (7 Dec 2026, 2 CPU cores shared with other jobs, load 5-8, so times drift by up to 3x between lines):
+  8192 x 128 (the issue's size; ``--repeats 1 --skip-generic``, 20:12-20:22 UTC; gradients 5.77 s at the start):
+    identity, factored 0.07x; lowrank whole 4.62x, query_rank 32 0.83x; ekfac whole 7.11x, query_rank 32 2.63x;
+    rank-32 vs whole EKFAC scores: max |difference| 7.7e-4 of the largest, Spearman per query 1.0000 (min 1.0000);
+    peak RSS 2266 MiB at n_train 1024, 2048, 4096 and 8192.
+  1024 x 128 (``--n-train 1024 --repeats 1``): identity generic 7.20x, factored 0.05x (equal to 9e-7 of the
+    largest, float32); ekfac generic 7.69x, whole (factored) 3.11x (equal to 6.5e-7), query_rank 32 3.42x (the 128
+    EKFAC inverse products and SVDs, a fixed cost, dominate at this n); an earlier 8192 run: identity generic 5.67x.
+What bounds each ratio: whole queries cost 2 Q m flops per training example against about 6 m for its gradient
+(Q = 128: 43x in flops; measured 4.6-7x because the per-example gradients run far below the GEMM's speed), so the
+<= 3 target needs the factored forms: exact for identity (a forward and backward pass, never the c x f gradient),
+and rank-r query gradients for curvature-aware inverses (Kronfluence's query_gradient_low_rank), whose cost then
+is the Q inverse products (fixed) plus Q r (c + f) per example and kernel.
 """
 
 from __future__ import annotations
@@ -90,7 +99,7 @@ def main():
     parser.add_argument("--chunk", type=int, default=64, help="examples_per_chunk")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--query-rank", type=int, default=32, help="query_rank of the factored low-rank runs")
-    parser.add_argument("--skip-generic", action="store_true", help="only the factored / query_rank runs")
+    parser.add_argument("--skip-generic", action="store_true", help="leave out the method='generic' references")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--memory-sizes", type=str, default="1024,2048,4096,8192")
     args = parser.parse_args()
@@ -122,19 +131,22 @@ def main():
     jax.block_until_ready(ekfac.decomposition())
     print(f"ekfac: fit on the {args.n_train} training examples: {time.perf_counter() - t0:.2f} s (once; not in the "
           f"ratio)")
+    runs["ekfac, generic"] = dict(inverse=ekfac, damping=1e-3, method="generic")
     runs["ekfac"] = dict(inverse=ekfac, damping=1e-3)
     runs[f"ekfac, query_rank {args.query_rank}"] = dict(inverse=ekfac, damping=1e-3, query_rank=args.query_rank)
     scores = {}
     for name, kw in runs.items():
-        if args.skip_generic and "factored" not in name and "query_rank" not in name:
+        if args.skip_generic and kw.get("method") == "generic":
             continue
-        t = timed(lambda kw=kw: influence.pairwise_scores(predict, loss, params, train, query,
+        base = timed(lambda: gradient_norms(predict, loss, args.chunk, params, *train), args.repeats)  # the load
+        t = timed(lambda kw=kw: influence.pairwise_scores(predict, loss, params, train, query,  # drifts: re-timed
                                                           examples_per_chunk=args.chunk, **kw), args.repeats)
         scores[name] = influence.pairwise_scores(predict, loss, params, train, query, examples_per_chunk=args.chunk,
                                                  **kw)
-        print(f"pairwise {name:22s}: {t:7.2f} s = {t / base:5.2f} x the per-example gradients")
-    for exact, low in (("identity, generic", "identity, factored"), ("lowrank", f"lowrank, query_rank {args.query_rank}"),
-                       ("ekfac", f"ekfac, query_rank {args.query_rank}")):
+        print(f"pairwise {name:22s}: {t:7.2f} s = {t / base:5.2f} x the per-example gradients ({base:.2f} s just "
+              f"before)")
+    for exact, low in (("identity, generic", "identity, factored"), ("ekfac, generic", "ekfac"),
+                       ("lowrank", f"lowrank, query_rank {args.query_rank}"), ("ekfac", f"ekfac, query_rank {args.query_rank}")):
         if exact in scores and low in scores:
             a, b = scores[exact], scores[low]
             rho = [stats.spearmanr(a[:, q], b[:, q]).statistic for q in range(a.shape[1])]

@@ -134,9 +134,14 @@ def main():
         exact(f"cnn {dtype.__name__}", *cnn(dtype), data((8, 8, 1), 7, dtype=dtype), data((8, 8, 1), 3, dtype=dtype),
               rtol, inverse="identity")
         for positions in (1, 2, 5):
-            exact(f"sequence T={positions} {dtype.__name__}", *sequence(dtype, positions),
-                  data((positions, 10), 7, dtype=dtype), data((positions, 10), 3, dtype=dtype), rtol,
-                  inverse="identity")
+            for inverse in ("identity", "ekfac"):
+                kw = dict(inverse=inverse) if inverse == "identity" else dict(inverse=inverse, damping=0.1)
+                exact(f"sequence T={positions} {inverse} {dtype.__name__}", *sequence(dtype, positions),
+                      data((positions, 10), 7, dtype=dtype), data((positions, 10), 3, dtype=dtype), rtol, **kw)
+        # whole preconditioned queries on the factored route (one GEMM per chunk): every inverse by name
+        for inverse in ("kfac", "ekfac", "cg", "lowrank"):
+            exact(f"mlp {dtype.__name__} {inverse} whole queries", predict, params, train, query, rtol,
+                  inverse=inverse, damping=0.1, **({"rank": 8} if inverse == "lowrank" else {}))
     # query_rank below the rank: against the numpy truncated SVD of each kernel's preconditioned query
     predict, params = mlp((24, 16, 3), jnp.float64)
     train, query = data((24,), 9), data((24,), 3, seed=5)

@@ -18,8 +18,10 @@ Q r T (c + f) multiply-adds per training example for a c x f kernel instead of t
   (Halko et al. 2011: r + 10 Gaussian test vectors, two power iterations; the exact truncation where that is not
   smaller), the rank-r part of the scores. Exact when r >= the rank of every ``P_q``.
 
-Where ``r T (c + f) >= c f`` (long sequences, small layers) the site falls back to forming ``G_i`` (T c f) and the
-dense ``[Q, c, f]`` query. Every other leaf (biases, scales, convolutions, shared weights: the ``"elementwise"`` and
+A query kept whole (no ``query_rank``, or where ``r T (c + f) >= c f``: long sequences, small layers) is the dense
+``[Q, c, f]`` matrix: for T = 1 the scores ``a_i P_q delta_i^T`` of a chunk of examples are one GEMM
+``[chunk, c] x [c, Q f]`` (the c x f gradient is never formed; the same 2 Q c f flops as the dense contraction, with
+none of its memory traffic), for T > 1 ``G_i`` is formed (T c f) and contracted. Every other leaf (biases, scales, convolutions, shared weights: the ``"elementwise"`` and
 ``"generic"`` routes of :mod:`lsgeo.per_example.ghost`) has its per-example gradient formed by the backward pass and
 contracted with its dense preconditioned query.
 
@@ -139,11 +141,12 @@ def _out_shape_of(predict, params, x):
 
 def _orthonormal(y):
     """Orthonormal columns spanning the range of ``y`` (Gram eigendecomposition, twice, as CholeskyQR2; directions
-    below ``eps`` x the largest are zeroed, so a rank-deficient ``y`` is fine). Several times faster than
+    whose squared singular value is below ``eps`` x the largest are zeroed, so a rank-deficient ``y`` is fine: what
+    is lost is below ``sqrt(eps)`` of the largest singular value). Several times faster than
     ``jnp.linalg.qr`` on XLA:CPU for the tall, thin matrices of the range finder."""
     for _ in range(2):
         w, v = jnp.linalg.eigh(y.T @ y)
-        keep = w > w[-1] * jnp.finfo(y.dtype).eps * y.shape[0]
+        keep = w > w[-1] * jnp.finfo(y.dtype).eps
         y = (y @ v) * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, w, 1)), 0)
     return y
 
@@ -168,8 +171,8 @@ def _truncated_svd(m, rank: int, key):
         v = _top_directions(m.T @ m, rank)
         return (m @ v).T, v.T
     basis = _orthonormal(m @ jax.random.normal(key, (f, width), m.dtype))
-    for _ in range(POWER_ITERATIONS):
-        basis = _orthonormal(m @ (m.T @ basis))
+    for _ in range(POWER_ITERATIONS):  # orthonormalised after every product (Alg. 4.4), never after m m^T
+        basis = _orthonormal(m @ _orthonormal(m.T @ basis))
     b = basis.T @ m
     u = _top_directions(b @ b.T, rank)
     return (basis @ u).T, (b.T @ u).T
@@ -179,7 +182,7 @@ def _truncated_svd(m, rank: int, key):
 def lowrank_query_factors(predict, rank, chunk, params, x, preconditioned, key):
     """Rank-``rank`` factors of the preconditioned query gradients (a pytree like ``params`` with a leading Q axis):
     ``(sites, direct)`` as :func:`query_factors`, each dense kernel's ``[c, f]`` matrix replaced by its truncated SVD
-    (or kept dense where that is cheaper), the direct leaves kept whole."""
+    (or kept dense where that is cheaper, and always with ``rank=None``: exact), the direct leaves kept whole."""
     single, p_leaves, x_leaves = _model(predict, params, x)
     plan = ghost.make_plan(single, p_leaves, x_leaves)
     q_leaves = jax.tree_util.tree_leaves(preconditioned)
@@ -190,7 +193,7 @@ def lowrank_query_factors(predict, rank, chunk, params, x, preconditioned, key):
             mats = jax.vmap(functools.partial(ghost.site_matrix, site))(q_leaves[site.leaf])
             _, c, f = mats.shape
             t = int(np.prod(site.out_shape, dtype=np.int64)) // f
-            if _factored_is_cheaper(rank, t, c, f):
+            if rank is not None and _factored_is_cheaper(rank, t, c, f):
                 terms.append(jax.lax.map(lambda m: _truncated_svd(m, rank, key), mats))  # one at a time: LAPACK is not batched
             else:
                 terms.append((mats,))
@@ -205,7 +208,9 @@ def _site_scores(am, dm, term):
         return jnp.sum(jnp.einsum("tc,qkc->qtk", am, u.astype(am.dtype)) * jnp.einsum("tf,qkf->qtk", dm, v.astype(dm.dtype)),
                        axis=(1, 2))
     (m,) = term
-    g = am.T @ dm
+    if am.shape[0] == 1:  # a_m P_q delta_m^T: one GEMM over the chunk, the c x f gradient never formed
+        return jnp.einsum("c,qcf,f->q", am[0], m, dm[0].astype(m.dtype))
+    g = am.T @ dm  # T > 1: forming the gradient (T c f) beats T contractions with every query (T Q c f)
     return m.reshape(m.shape[0], -1) @ g.reshape(-1).astype(m.dtype)
 
 

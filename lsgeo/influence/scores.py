@@ -163,17 +163,26 @@ def _has_dense_kernels(predict, params, data) -> bool:
 
 def _factored(pre, predict, loss, params, query_data, chunk, queries_per_solve, query_rank, key, leaf_ids,
               num_groups):
-    """``(compute, query factors)`` of the factored route, or ``(None, None)`` where the model has no dense kernel."""
+    """``(compute, query factors)`` of the factored route; ``(None, preconditioned queries or None)`` where the model
+    has no dense kernel or the tracer fails (then the dense route, with a warning)."""
     if not _has_dense_kernels(predict, params, query_data):
         return None, None
     _, x0, _ = next(grads_lib.blocks(query_data, None, "query_data"))
-    if query_rank is None:
-        parts = [factored.query_factors(predict, loss, chunk, params, x, y)
-                 for _, x, y in grads_lib.blocks(query_data, None, "query_data")]
-        queries = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
-    else:
+    exact_rows = query_rank is None and pre.name == "identity"
+    preconditioned = None
+    if not exact_rows:
         preconditioned = pre.apply(_query_gradients(predict, loss, params, query_data, chunk), queries_per_solve)
-        queries = factored.lowrank_query_factors(predict, int(query_rank), chunk, params, x0, preconditioned, key)
+    try:
+        if exact_rows:
+            parts = [factored.query_factors(predict, loss, chunk, params, x, y)
+                     for _, x, y in grads_lib.blocks(query_data, None, "query_data")]
+            queries = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
+        else:
+            rank = None if query_rank is None else int(query_rank)
+            queries = factored.lowrank_query_factors(predict, rank, chunk, params, x0, preconditioned, key)
+    except Exception as err:  # noqa: BLE001 - the tracer failed where its dry run did not: the dense route
+        ghost.warn_fallback(f"{type(err).__name__}: {err}")  # (which raises a user error itself, if it is one)
+        return None, preconditioned
 
     def compute(x, y):
         return factored.block_scores(predict, loss, chunk, leaf_ids, num_groups, params, queries, x, y)
@@ -210,9 +219,10 @@ def pairwise_scores(predict: Callable, loss: Callable, params, train_data, query
       query_rank: keep the best rank-``query_rank`` approximation of every preconditioned query on each dense kernel
         (Kronfluence's low-rank query gradients; randomized SVD keyed by ``key``): the training gradients of dense
         kernels are then never formed (:mod:`lsgeo.influence.factored`). None: exact.
-      method: ``"fast"``: dense kernels by their factors (layer input x output gradient) where that is exact
-        (``inverse="identity"``) or asked for (``query_rank``), the dense contraction elsewhere; ``"generic"``:
-        every training gradient formed and contracted (the reference; same numbers up to rounding).
+      method: ``"fast"``: dense kernels scored from their factors (layer input x output gradient,
+        :mod:`lsgeo.influence.factored`): ``a_i P_q delta_i^T`` in one GEMM per chunk, exactly, or by the query's own
+        rows (``"identity"``) or rank-``query_rank`` factors; ``"generic"``: every training gradient formed and
+        contracted (the reference; the same numbers up to rounding).
       block_size: examples per host-level block of in-memory data (the unit written to ``out`` and counted by
         the progress bar; default all, or 1024 with ``out``); a data source's blocks are its batches.
       out: path of a ``.npy`` file to write the scores to (memmap; resumed if interrupted; returned memory-mapped).
@@ -234,14 +244,13 @@ def pairwise_scores(predict: Callable, loss: Callable, params, train_data, query
     leaf_ids, names = grads_lib.leaf_groups(params, groups)
     key = jax.random.key(0) if key is None else key
     compute, queries = None, None
-    if method == "fast" and (query_rank is not None or pre.name == "identity"):
-        try:
-            compute, queries = _factored(pre, predict, loss, params, query_data, examples_per_chunk,
-                                         queries_per_solve, query_rank, key, leaf_ids, len(names))
-        except Exception as err:  # noqa: BLE001 - the tracer failed where its dry run did not: the dense route
-            ghost.warn_fallback(f"{type(err).__name__}: {err}")  # (which raises a user error itself, if it is one)
+    if method == "fast":
+        compute, queries = _factored(pre, predict, loss, params, query_data, examples_per_chunk, queries_per_solve,
+                                     query_rank, key, leaf_ids, len(names))
     if compute is None:
-        queries = pre.apply(_query_gradients(predict, loss, params, query_data, examples_per_chunk), queries_per_solve)
+        if queries is None:
+            queries = pre.apply(_query_gradients(predict, loss, params, query_data, examples_per_chunk),
+                                queries_per_solve)
 
         def compute(x, y):
             return _pairwise_block(predict, loss, examples_per_chunk, leaf_ids, len(names), params, queries, x, y)
