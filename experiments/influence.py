@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import cli, experiment, nets, plots, records, verdicts
+from experiments import cli, discrimination, experiment, nets, plots, records, verdicts
 from lsgeo import curvature, influence, losses
 
 CLAIM = (
@@ -43,6 +43,9 @@ CLAIM = (
 )
 
 METHODS = ("identity", "cg", "lowrank", "kfac", "ekfac", "random")
+LDS_SOURCE = ("Grosse et al. 2023 and Kronfluence's benchmarks rank curvature-aware attribution above gradient dot "
+              "products on other models and data, with no effect size that carries over to this MLP")
+LOO_SOURCE = "Koh & Liang 2017, Fig. 2: influence tracks leave-one-out retraining closely, no threshold given"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Config:
     steps: int = 1000  # GD steps (full model and every retrain)
     num_subsets: int = 32  # LDS retrains (random halves)
     rank: int = 32  # rank of the low-rank inverse
+    cg_tol: float = 1e-4  # CG's relative residual (float32: at damping ~1e-4 of lambda_max the true residual stalls near 1e-6, and 1e-5 failed on 1 of 32 queries of one seed)
     methods: tuple[Literal[METHODS], ...] = ("identity", "cg", "lowrank", "kfac", "ekfac", "random")
     n_loo: int = 100  # training points of the logistic regression
     n_loo_query: int = 8  # its query points
@@ -73,6 +77,8 @@ def validate(cfg: Config) -> None:
         raise ValueError("--methods must include identity and cg (the claim compares them)")
     if cfg.rank > cfg.hidden * 10:
         raise ValueError(f"--rank {cfg.rank} is too large for the model")
+    if not 0 < cfg.cg_tol < 1:
+        raise ValueError(f"--cg-tol must be in (0, 1), got {cfg.cg_tol}")
     if not 0 < cfg.loo_threshold < 1:
         raise ValueError(f"--loo-threshold must be in (0, 1), got {cfg.loo_threshold}")
 
@@ -134,7 +140,7 @@ def _lds_cell(cfg: Config, data, seed: int) -> list[dict]:
         elif method in ("kfac", "ekfac") and not hasattr(curvature, method.upper()):
             continue
         else:
-            kw = {"curvature": gn, "rank": cfg.rank} if method in ("cg", "lowrank") else {}
+            kw = {"curvature": gn, "rank": cfg.rank, "tol": cfg.cg_tol} if method in ("cg", "lowrank") else {}
             scores = influence.pairwise_scores(predict, loss, params, train_data, query_data, inverse=method, **kw)
         result = influence.lds(predict, loss, params, train_data, query_data, scores, retrains=runs)
         rows.append({"part": "lds", "seed": seed, "method": method, "lds": result.score, "lds_se": result.stderr,
@@ -219,19 +225,19 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
         figures[f"loo_corr_{name}"], figures[f"loo_corr_{name}_se"] = mean, se
         table.append({"part": "leave-one-out", "method": name, "value": mean, "se_over_seeds": se})
     figures["lds_gain_cg_over_identity"], figures["lds_gain_margin"] = gain.mean, gain.margin
-    parts = {"lds_cg_over_identity": gain, "loo_corr_above_threshold": loo_gain}
+    parts = {"lds_cg_over_identity": discrimination.Part(gain, control, "random scores in place of CG-GGN"),
+             "loo_corr_above_threshold": discrimination.Part(loo_gain, loo_control,
+                                                             "random scores in place of exact-Hessian influence")}
+    judgement = discrimination.judge(parts)
+    powers = {"lds_cg_over_identity": discrimination.Power.of(gain, None, "", LDS_SOURCE),
+              "loo_corr_above_threshold": discrimination.Power.of(loo_gain, None, "", LOO_SOURCE)}
+    supported, power_clause = discrimination.with_power(judgement.supported, powers)
     reasons = [gain.describe("LDS of CG-GGN minus gradient dot products"),
-               loo_gain.describe(f"leave-one-out correlation minus {cfg.loo_threshold:g}")]
-    supported = verdicts.combine(parts)
-    controls_fail = loo_control.supported is not True and (control is None or control.supported is not True)
-    reasons.append(("negative controls fail as they must" if controls_fail else
-                    "a negative control passed (random scores): the tests do not discriminate") +
-                   f" (random LDS gain {control.mean if control else float('nan'):+.3g}, "
-                   f"random LOO correlation {float(np.mean(loo_random)):+.3g})")
-    if supported and not controls_fail:
-        supported = None
-    reasons.append(verdicts.combine_reason(parts))
-    return experiment.Verdict(supported, figures, table, "; ".join(reasons))
+               loo_gain.describe(f"leave-one-out correlation minus {cfg.loo_threshold:g}"),
+               f"controls: random LDS gain {control.mean if control else float('nan'):+.3g}, random LOO correlation "
+               f"{float(np.mean(loo_random)):+.3g}", judgement.reason, power_clause]
+    return experiment.Verdict(supported, figures, table, "; ".join(reasons), judgement.controls,
+                              {k: p.record() for k, p in powers.items()})
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:

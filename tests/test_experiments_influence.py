@@ -30,3 +30,5 @@ def test_influence_config_checks():
         influence.validate(influence.Config(methods=("identity", "random")))
     with pytest.raises(ValueError, match="--loo-threshold"):
         influence.validate(influence.Config(loo_threshold=1.5))
+    with pytest.raises(ValueError, match="--cg-tol"):
+        influence.validate(influence.Config(cg_tol=0.0))

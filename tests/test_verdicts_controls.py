@@ -399,3 +399,36 @@ def test_regularized_loss_verdict_beside_its_controls():
     narrow_too = regularized_loss.summarize(cfg, _rl_rows(cfg, narrow_gap=4.0))  # the narrow net shows it as well
     assert narrow_too.supported is None and "does not discriminate" in narrow_too.reason
     assert regularized_loss.summarize(cfg, _rl_rows(cfg, wide_gap=0.0)).supported is False  # no gap at the wide width
+
+
+# ---------------------------------------------------------------- influence (LDS gain over identity, leave-one-out)
+
+
+def _influence_rows(cg_gain=0.15, random_gain=-0.4, loo=0.99, loo_random=0.0):
+    from experiments import influence
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for seed in range(5):
+        base = 0.4 + 0.02 * rng.normal()
+        for method, lds in (("identity", base), ("cg", base + cg_gain + 0.01 * rng.normal()),
+                            ("random", base + random_gain + 0.01 * rng.normal())):
+            rows.append({"part": "lds", "seed": seed, "method": method, "lds": lds, "lds_se": 0.02,
+                         "full_train_loss": 0.05})
+        rows.append({"part": "loo", "seed": seed, "method": "exact_hessian", "loo_corr": loo + 0.002 * rng.normal()})
+        rows.append({"part": "loo", "seed": seed, "method": "random", "loo_corr": loo_random + 0.01 * rng.normal()})
+    return influence, influence.Config(), rows
+
+
+def test_influence_verdict_on_constructed_rows():
+    influence, cfg, rows = _influence_rows()
+    verdict = influence.summarize(cfg, rows)
+    assert verdict.supported is True
+    assert set(verdict.controls) == {"lds_cg_over_identity", "loo_corr_above_threshold"}
+    assert all(c["discriminates"] for c in verdict.controls.values())
+    assert set(verdict.power) == set(verdict.controls) and verdict.power["lds_cg_over_identity"]["mde"] > 0
+    influence, cfg, rows = _influence_rows(random_gain=0.15)  # random scores gain as much: does not discriminate
+    verdict = influence.summarize(cfg, rows)
+    assert verdict.supported is None and "does not discriminate" in verdict.reason
+    influence, cfg, rows = _influence_rows(cg_gain=-0.15)  # CG below gradient dot products: contradicted
+    assert influence.summarize(cfg, rows).supported is False
