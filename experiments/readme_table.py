@@ -376,13 +376,23 @@ def default_config(name: str) -> dict:
     return json.loads(json.dumps({k: _plain(v) for k, v in dataclasses.asdict(module.Config()).items()}))
 
 
+# Config fields added to an experiment after runs were made, each with the value that reproduces the code before it
+# (read off the commit that added it): a run whose stored config lacks the field ran as if it had that value. Only
+# fields whose default leaves the computation unchanged belong here (not, e.g., sigma_sweep's judge_last, which
+# changed the verdict).
+ADDED_FIELDS: dict[str, dict] = {
+    "transformer_blocks": {"layers": 1},  # 6893b28: TinyTransformer was one block, with the same module names
+}
+
+
 def latest_default_run(results: Path, name: str) -> dict | None:
-    """The summary of the newest run of ``name`` under ``results`` with the default config, or None."""
+    """The summary of the newest run of ``name`` under ``results`` with the default config, or None. A stored config
+    that lacks a field of ``ADDED_FIELDS`` is read with that field's value from before it was added."""
     default = default_config(name)
     summaries = sorted((results / name).glob("*/summary.json"), key=lambda p: p.parent.name, reverse=True)
     for path in summaries:
         summary = json.loads(path.read_text())
-        if summary["config"] == default:
+        if {**ADDED_FIELDS.get(name, {}), **summary["config"]} == default:
             return summary
     return None
 

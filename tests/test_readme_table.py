@@ -27,6 +27,19 @@ def test_table_uses_the_newest_default_run(tmp_path):
     assert "| `resnet` |" in text and "no default run found" in text and "cpu:cpu" in text
 
 
+def test_a_run_from_before_an_added_field_counts_with_the_fields_old_value(tmp_path):
+    default = readme_table.default_config("transformer_blocks")
+    assert readme_table.ADDED_FIELDS["transformer_blocks"] == {"layers": default["layers"]}
+    older = {k: v for k, v in default.items() if k != "layers"}  # stored before the layers field existed
+    _summary(tmp_path, "transformer_blocks", "20240101-000000", older, {}, runtime=1.0)
+    assert readme_table.latest_default_run(tmp_path, "transformer_blocks")["runtime_s"] == 1.0
+    _summary(tmp_path, "transformer_blocks", "20240102-000000", dict(older, layers=6), {}, runtime=2.0)  # not default
+    assert readme_table.latest_default_run(tmp_path, "transformer_blocks")["runtime_s"] == 1.0
+    no_seeds = {k: v for k, v in default.items() if k != "seeds"}  # a missing field not in ADDED_FIELDS: not default
+    _summary(tmp_path, "transformer_blocks", "20240103-000000", no_seeds, {}, runtime=3.0)
+    assert readme_table.latest_default_run(tmp_path, "transformer_blocks")["runtime_s"] == 1.0
+
+
 def test_replace_table_between_the_markers():
     readme = f"intro\n{readme_table.BEGIN}\nold table\n{readme_table.END}\nrest\n"
     assert readme_table.replace_table(readme, "new") == f"intro\n{readme_table.BEGIN}\nnew\n{readme_table.END}\nrest\n"
