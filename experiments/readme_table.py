@@ -36,8 +36,13 @@ def _pts(mean: float, se: float) -> str:
     return f"{100 * mean:+.1f} ± {100 * se:.1f} points"
 
 
+def _window(c: dict) -> str:
+    """How the accuracies of the row were taken: each run's mean over its last ``judge_last`` of the steps."""
+    return f", test accuracy averaged over the last {100 * c['judge_last']:g}% of the steps" if "judge_last" in c else ""
+
+
 def _sigma_sweep(f: dict, c: dict) -> str:
-    out = f"{c['dataset']}, width {c['width']}: GD {_pct(f['acc_gd_sigma=0'])}"
+    out = f"{c['dataset']}, width {c['width']}{_window(c)}: GD {_pct(f['acc_gd_sigma=0'])}"
     for m, name in (("layer", "layer-wise"), ("noise", "full noise")):
         if f"{m}_best_sigma" in f:
             s = f[f"{m}_best_sigma"]
@@ -100,7 +105,7 @@ def _cnn(f: dict, c: dict) -> str:
                 f"{f[f'{a}_layer_best_sigma']:g} "
                 f"(validation) {_pts(f[f'{a}_layer_gain'], f[f'{a}_layer_gain_se'])}"
             )
-    return f"{c['dataset']}, {len(c['seeds'])} seeds: " + "; ".join(parts)
+    return f"{c['dataset']}, {len(c['seeds'])} seeds{_window(c)}: " + "; ".join(parts)
 
 
 def _resnet(f: dict, c: dict) -> str:
@@ -356,8 +361,9 @@ ROWS: dict[str, tuple[str, str, Formatter]] = {
         _influence,
     ),
     "kfac_fidelity": (
-        "KFAC and EKFAC (type-2) vs the exact Gauss-Newton matrix along GD on a digits MLP: Frobenius error, trace, "
-        "damped inverse, top-k eigenspaces",
+        "KFAC and EKFAC (type-2) vs the exact Gauss-Newton matrix along GD on a digits MLP, a digits CNN and the "
+        "one-block transformer of `transformer_blocks` (per module; randomized estimates above `--dense-limit`): "
+        "Frobenius error, trace, damped inverse, top-k eigenspaces",
         "EKFAC is the Frobenius-best diagonal in the Kronecker eigenbasis: never farther than KFAC "
         "(George et al. 2018)",
         _kfac_fidelity,
