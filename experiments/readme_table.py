@@ -38,7 +38,9 @@ def _pts(mean: float, se: float) -> str:
 
 def _window(c: dict) -> str:
     """How the accuracies of the row were taken: each run's mean over its last ``judge_last`` of the steps."""
-    return f", test accuracy averaged over the last {100 * c['judge_last']:g}% of the steps" if "judge_last" in c else ""
+    if "judge_last" not in c:
+        return ""
+    return f", test accuracy averaged over the last {100 * c['judge_last']:g}% of the steps"
 
 
 def _sigma_sweep(f: dict, c: dict) -> str:

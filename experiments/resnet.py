@@ -71,9 +71,10 @@ class Config:
     95% paired t plus one of the 497 test digits) is 6.9 points with 3 seeds and reaches 0.3 only at 384 seeds:
     384 x 3 runs (SGD, layer-wise at one sigma, the SGD control) at the default's ~3 s a run (46 s for its 15 runs
     before the control was added, 18 now) is ~58 minutes, at a size whose SGD baseline (75.5%) is far from the
-    strong one the claim is about. A larger ResNet fits better but costs far more per run (the wide conv net of ``cnn``, width 16: 0.19 s a step on this CPU), and
-    the 497 test digits bound how small the spread can get: two nets that disagree on 3% of them give a paired
-    spread of ~0.8 points (sqrt(0.03 / 497)), which needs 59 seeds for an MDE of 0.3 points.
+    strong one the claim is about. A larger ResNet fits better but costs far more per run (the wide conv net of
+    ``cnn``, width 16: 0.19 s a step on this CPU), and the 497 test digits bound how small the spread can get: two
+    nets that disagree on 3% of them give a paired spread of ~0.8 points (sqrt(0.03 / 497)), which needs 59 seeds
+    for an MDE of 0.3 points.
     """
 
     dataset: str = "digits"  # "cifar10" (paper) or any image set of lsgeo.data
