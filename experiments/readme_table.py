@@ -95,7 +95,8 @@ def _deep_mlp(f: dict, c: dict) -> str:
         traces = " / ".join(f"{f[key.format(w=w, m=m)]:.3g}" for m in ("gd", "noise", "layer"))
         at = f" at train loss {f[f'equal_train_loss_w{w}']:.2g}" if f"equal_train_loss_w{w}" in f else ""
         out.append(f"width {w}: {accs}; Gauss-Newton trace{at} {traces} (GD / full / layer)")
-    return "; ".join(out)
+    window = _window(c)
+    return (f"{window[2].upper()}{window[3:]}: " if window else "") + "; ".join(out)
 
 
 def _cnn(f: dict, c: dict) -> str:
