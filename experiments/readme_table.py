@@ -246,16 +246,24 @@ def _influence(f: dict, c: dict) -> str:
 
 def _kfac_fidelity(f: dict, c: dict) -> str:
     steps, last = c["checkpoints"], c["checkpoints"][-1]
-    errors = {m: ", ".join(f"{f[f'frobenius_{m}_step={t}']:.3g}" for t in steps) for m in ("kfac", "ekfac")}
-    at_last = {k: f"{f[f'{k}_kfac_step={last}']:.4g} / {f[f'{k}_ekfac_step={last}']:.4g}"
-               for k in ("inverse_error", "trace_ratio")}  # fmt: skip
+    models = c.get("models") or [None]  # runs from before the models field: the MLP only, keys without a model
+
+    def value(quantity: str, method: str, model: str | None, step: int, fmt: str) -> str:
+        v = f.get(f"{quantity}_{method}_{model}_step={step}" if model else f"{quantity}_{method}_step={step}")
+        return "n/a" if v is None else format(v, fmt)
+
+    parts = []
+    for model in models:
+        errors = {m: ", ".join(value("frobenius", m, model, t, ".3g") for t in steps) for m in ("kfac", "ekfac")}
+        at_last = {q: f"{value(q, 'kfac', model, last, '.4g')} / {value(q, 'ekfac', model, last, '.4g')}"
+                   for q in ("inverse_error", "trace_ratio")}  # fmt: skip
+        parts.append(f"{model or 'mlp'}: KFAC {errors['kfac']}, EKFAC {errors['ekfac']} (at step {last}, KFAC / "
+                     f"EKFAC: damped-inverse error {at_last['inverse_error']}, trace ratio {at_last['trace_ratio']})")
     return (
-        f"relative Frobenius error at steps {', '.join(map(str, steps))}: KFAC {errors['kfac']}, EKFAC "
-        f"{errors['ekfac']}; EKFAC / KFAC {f['ekfac_over_kfac_min']:.4f}-{f['ekfac_over_kfac_max']:.4f}, not above "
-        f"in {f['pairs_ekfac_not_above']:.0f} of {f['pairs']:.0f} (seed, step) pairs; control, the reversed test "
-        f"(KFAC not above EKFAC): {f['pairs_kfac_not_above']:.0f} of {f['pairs']:.0f}; at step {last} "
-        f"(KFAC / EKFAC): damped-inverse error {at_last['inverse_error']}, trace ratio "
-        f"{at_last['trace_ratio']}"
+        f"relative Frobenius error at steps {', '.join(map(str, steps))}: {'; '.join(parts)}; EKFAC / KFAC "
+        f"{f['ekfac_over_kfac_min']:.4f}-{f['ekfac_over_kfac_max']:.4f}, not above in {f['pairs_ekfac_not_above']:.0f} "
+        f"of {f['pairs']:.0f} (model, seed, step) pairs; control, the reversed test (KFAC not above EKFAC): "
+        f"{f['pairs_kfac_not_above']:.0f} of {f['pairs']:.0f}"
     )
 
 

@@ -126,3 +126,14 @@ def test_every_row_states_its_controls_and_power_from_the_summary(tmp_path):
     assert bare == "no control recorded; no minimum detectable effect recorded"
     assert readme_table.control_power({"power": {"a": dict(_mde(1.0, None), mde=None)}}).endswith(
         "a: MDE infinite (too few seeds) (the source gives no number in these units)")
+
+
+def test_kfac_fidelity_row_per_model_and_from_before_the_models_field():
+    common = dict(ekfac_over_kfac_min=0.95, ekfac_over_kfac_max=0.99, pairs=4, pairs_ekfac_not_above=4,
+                  pairs_kfac_not_above=0)  # fmt: skip
+    per_model = {f"{q}_{m}_{model}_step={t}": v for model in ("mlp", "cnn") for m, v in (("kfac", 0.7), ("ekfac", 0.6))
+                 for q in ("frobenius", "trace_ratio", "inverse_error") for t in (0, 10)}  # fmt: skip
+    text = readme_table._kfac_fidelity({**common, **per_model}, dict(checkpoints=[0, 10], models=["mlp", "cnn"]))
+    assert "mlp: KFAC 0.7, 0.7, EKFAC 0.6, 0.6" in text and "cnn: KFAC 0.7, 0.7" in text and "4 of 4" in text
+    older = {k.replace("_mlp", ""): v for k, v in per_model.items() if "_mlp_" in k}  # keys without a model
+    assert "mlp: KFAC 0.7, 0.7" in readme_table._kfac_fidelity({**common, **older}, dict(checkpoints=[0, 10]))
