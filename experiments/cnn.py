@@ -300,9 +300,12 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
                        label=f"layer-wise sigma chosen on validation ({best:g}); gain {100 * gain.mean:+.2g} "
                              f"± {100 * gain.se:.2g} points")  # fmt: skip
         plots.sigma_axis(ax, cfg.sigmas)
+        ax.set_xlim(min(cfg.sigmas) / 1.3, max(cfg.sigmas) * 1.3)  # the end points' error bars off the frame
         ax.set(ylabel=f"test accuracy (%), mean over steps >= {cfg.steps * (1 - cfg.judge_last):g}",
                title=f"{arch} ({cfg.dataset}), {len(cfg.seeds)} seeds")
-        ax.legend(fontsize=7)
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high + 0.4 * (high - low))  # headroom: the legend above the error bars, not on them
+        ax.legend(fontsize=7, loc="upper center")
         series = {}
         for m, s in training.method_grid(cfg.methods, cfg.sigmas):
             if m != "gd" and a in gains and s != gains[a][0]:

@@ -36,8 +36,15 @@ def _pts(mean: float, se: float) -> str:
     return f"{100 * mean:+.1f} ± {100 * se:.1f} points"
 
 
+def _window(c: dict) -> str:
+    """How the accuracies of the row were taken: each run's mean over its last ``judge_last`` of the steps."""
+    if "judge_last" not in c:
+        return ""
+    return f", test accuracy averaged over the last {100 * c['judge_last']:g}% of the steps"
+
+
 def _sigma_sweep(f: dict, c: dict) -> str:
-    out = f"{c['dataset']}, width {c['width']}: GD {_pct(f['acc_gd_sigma=0'])}"
+    out = f"{c['dataset']}, width {c['width']}{_window(c)}: GD {_pct(f['acc_gd_sigma=0'])}"
     for m, name in (("layer", "layer-wise"), ("noise", "full noise")):
         if f"{m}_best_sigma" in f:
             s = f[f"{m}_best_sigma"]
@@ -88,7 +95,8 @@ def _deep_mlp(f: dict, c: dict) -> str:
         traces = " / ".join(f"{f[key.format(w=w, m=m)]:.3g}" for m in ("gd", "noise", "layer"))
         at = f" at train loss {f[f'equal_train_loss_w{w}']:.2g}" if f"equal_train_loss_w{w}" in f else ""
         out.append(f"width {w}: {accs}; Gauss-Newton trace{at} {traces} (GD / full / layer)")
-    return "; ".join(out)
+    window = _window(c)
+    return (f"{window[2].upper()}{window[3:]}: " if window else "") + "; ".join(out)
 
 
 def _cnn(f: dict, c: dict) -> str:
@@ -100,7 +108,7 @@ def _cnn(f: dict, c: dict) -> str:
                 f"{f[f'{a}_layer_best_sigma']:g} "
                 f"(validation) {_pts(f[f'{a}_layer_gain'], f[f'{a}_layer_gain_se'])}"
             )
-    return f"{c['dataset']}, {len(c['seeds'])} seeds: " + "; ".join(parts)
+    return f"{c['dataset']}, {len(c['seeds'])} seeds{_window(c)}: " + "; ".join(parts)
 
 
 def _resnet(f: dict, c: dict) -> str:
@@ -238,20 +246,24 @@ def _influence(f: dict, c: dict) -> str:
 
 def _kfac_fidelity(f: dict, c: dict) -> str:
     steps, last = c["checkpoints"], c["checkpoints"][-1]
+    models = c.get("models") or [None]  # runs from before the models field: the MLP only, keys without a model
 
-    def per_model(key, model, fmt):
-        return {m: ", ".join(f"{f[f'{key}_{m}_{model}_step={t}']:{fmt}}" for t in steps) for m in ("kfac", "ekfac")}
+    def value(quantity: str, method: str, model: str | None, step: int, fmt: str) -> str:
+        v = f.get(f"{quantity}_{method}_{model}_step={step}" if model else f"{quantity}_{method}_step={step}")
+        return "n/a" if v is None else format(v, fmt)
 
-    errors = "; ".join(f"{model} KFAC {e['kfac']}, EKFAC {e['ekfac']}"
-                       for model in c["models"] for e in [per_model("frobenius", model, ".3g")])
-    at_last = "; ".join(f"{model} {f[f'inverse_error_kfac_{model}_step={last}']:.3g} / "
-                        f"{f[f'inverse_error_ekfac_{model}_step={last}']:.3g}" for model in c["models"])
+    parts = []
+    for model in models:
+        errors = {m: ", ".join(value("frobenius", m, model, t, ".3g") for t in steps) for m in ("kfac", "ekfac")}
+        at_last = {q: f"{value(q, 'kfac', model, last, '.4g')} / {value(q, 'ekfac', model, last, '.4g')}"
+                   for q in ("inverse_error", "trace_ratio")}  # fmt: skip
+        parts.append(f"{model or 'mlp'}: KFAC {errors['kfac']}, EKFAC {errors['ekfac']} (at step {last}, KFAC / "
+                     f"EKFAC: damped-inverse error {at_last['inverse_error']}, trace ratio {at_last['trace_ratio']})")
     return (
-        f"relative Frobenius error at steps {', '.join(map(str, steps))} (mean over seeds): {errors}; EKFAC / KFAC "
-        f"{f['ekfac_over_kfac_min']:.4f}-{f['ekfac_over_kfac_max']:.4f}, not above in "
-        f"{f['pairs_ekfac_not_above']:.0f} of {f['pairs']:.0f} (model, seed, step) pairs; control, the reversed test "
-        f"(KFAC not above EKFAC): {f['pairs_kfac_not_above']:.0f} of {f['pairs']:.0f}; damped-inverse error at step "
-        f"{last} (KFAC / EKFAC): {at_last}"
+        f"relative Frobenius error at steps {', '.join(map(str, steps))}: {'; '.join(parts)}; EKFAC / KFAC "
+        f"{f['ekfac_over_kfac_min']:.4f}-{f['ekfac_over_kfac_max']:.4f}, not above in {f['pairs_ekfac_not_above']:.0f} "
+        f"of {f['pairs']:.0f} (model, seed, step) pairs; control, the reversed test (KFAC not above EKFAC): "
+        f"{f['pairs_kfac_not_above']:.0f} of {f['pairs']:.0f}"
     )
 
 
@@ -381,13 +393,23 @@ def default_config(name: str) -> dict:
     return json.loads(json.dumps({k: _plain(v) for k, v in dataclasses.asdict(module.Config()).items()}))
 
 
+# Config fields added to an experiment after runs were made, each with the value that reproduces the code before it
+# (read off the commit that added it): a run whose stored config lacks the field ran as if it had that value. Only
+# fields whose default leaves the computation unchanged belong here (not, e.g., sigma_sweep's judge_last, which
+# changed the verdict).
+ADDED_FIELDS: dict[str, dict] = {
+    "transformer_blocks": {"layers": 1},  # 6893b28: TinyTransformer was one block, with the same module names
+}
+
+
 def latest_default_run(results: Path, name: str) -> dict | None:
-    """The summary of the newest run of ``name`` under ``results`` with the default config, or None."""
+    """The summary of the newest run of ``name`` under ``results`` with the default config, or None. A stored config
+    that lacks a field of ``ADDED_FIELDS`` is read with that field's value from before it was added."""
     default = default_config(name)
     summaries = sorted((results / name).glob("*/summary.json"), key=lambda p: p.parent.name, reverse=True)
     for path in summaries:
         summary = json.loads(path.read_text())
-        if summary["config"] == default:
+        if {**ADDED_FIELDS.get(name, {}), **summary["config"]} == default:
             return summary
     return None
 

@@ -33,7 +33,12 @@ Verdict (paired over seeds, ``verdicts.paired_gain``, sigma of layer-wise noise 
 part 1, SGD+noise (layer) beats SGD beyond t s.e. plus one test example (95% Student-t for the number of
 seeds); part 2, full noise at every sigma > 0.1 of the grid is below SGD beyond that margin (not tested
 without such a sigma). Supported when all hold, false when one is contradicted after Holm's correction
-for the number of parts (``verdicts.combine``), null otherwise.
+for the number of parts (``verdicts.combine``), null otherwise. Negative control of every part
+(``discrimination.judge``): the same paired test with the noisy run replaced by plain SGD from other
+initialisations and batch orders (``gd_control``, seeds ``discrimination.control_seeds``): "SGD' beats SGD" for
+part 1, "SGD' is below SGD" for part 2; each must fail (a rule that passes it reads seed-to-seed variation as an
+effect), else the verdict is null ("does not discriminate"). Power: the minimum detectable effect of part 1 in
+points against the source's +0.3; above it, a "supported" is null.
 """
 
 from __future__ import annotations
@@ -64,11 +69,12 @@ class Config:
     default run's paired layer-wise-minus-SGD differences spread by 2.1 points (s.e. 1.2 over 3 seeds); at that
     spread the verdict rule's minimum detectable effect (``discrimination.minimum_detectable_effect``, 80% power,
     95% paired t plus one of the 497 test digits) is 6.9 points with 3 seeds and reaches 0.3 only at 384 seeds:
-    384 x 3 runs (SGD, layer-wise at one sigma, the SGD control) at the default's ~3 s a run (46 s for its 15) is
-    ~58 minutes, at a size whose SGD baseline (75.5%) is far from the strong one the claim is about. A larger ResNet
-    fits better but costs far more per run (the wide conv net of ``cnn``, width 16: 0.19 s a step on this CPU), and
-    the 497 test digits bound how small the spread can get: two nets that disagree on 3% of them give a paired
-    spread of ~0.8 points (sqrt(0.03 / 497)), which needs 59 seeds for an MDE of 0.3 points.
+    384 x 3 runs (SGD, layer-wise at one sigma, the SGD control) at the default's ~3 s a run (46 s for its 15 runs
+    before the control was added, 18 now) is ~58 minutes, at a size whose SGD baseline (75.5%) is far from the
+    strong one the claim is about. A larger ResNet fits better but costs far more per run (the wide conv net of
+    ``cnn``, width 16: 0.19 s a step on this CPU), and the 497 test digits bound how small the spread can get: two
+    nets that disagree on 3% of them give a paired spread of ~0.8 points (sqrt(0.03 / 497)), which needs 59 seeds
+    for an MDE of 0.3 points.
     """
 
     dataset: str = "digits"  # "cifar10" (paper) or any image set of lsgeo.data
@@ -129,7 +135,14 @@ def validate(cfg: Config) -> None:
 
 
 def cells(cfg: Config) -> list[dict]:
-    return training.method_cells(cfg.methods, cfg.sigmas, cfg.seeds)
+    out = training.method_cells(cfg.methods, cfg.sigmas, cfg.seeds)
+    if "gd" in cfg.methods:  # the negative control: plain SGD from other initialisations, paired with seed k
+        out += [dict(method=CONTROL, sigma=0.0, seed=k) for k in discrimination.control_seeds(cfg.seeds)]
+    return out
+
+
+CONTROL = "gd_control"  # plain SGD from other initialisations (and batch orders), in place of the noisy run
+CONTROL_DESCRIPTION = "plain SGD from other initialisations in place of the noisy run"
 
 
 def prepare(cfg: Config):
@@ -164,6 +177,7 @@ def run(cfg: Config, prep, group: list[dict]) -> list[list[dict]]:
     )
     trace_batch = jax.tree_util.tree_map(lambda a: a[: cfg.trace_examples], data.train)
     augment = functools.partial(random_crop_flip, padding=cfg.augment_padding) if cfg.augment_padding else None
+    group = [dict(c, method="gd") if c["method"] == CONTROL else c for c in group]  # the control is plain SGD
     return training.train_methods(
         nets.TrainObjective(model), nets.init_fn(model, data.train[0]), data.train, group, inner=inner,
         num_steps=steps, eval_every=steps // cfg.evals, batch_size=cfg.batch_size, eval_fn=nets.Evaluate(model),
@@ -173,9 +187,14 @@ def run(cfg: Config, prep, group: list[dict]) -> list[list[dict]]:
     )  # fmt: skip
 
 
-def judge(cfg: Config, rows: list[dict], last: int) -> tuple[dict, dict, list[str]]:
-    """(parts, figures, reasons) of the two parts of the claim."""
-    parts, figures, reasons = {}, {}, []
+def judge(cfg: Config, rows: list[dict], last: int) -> tuple[dict, dict, list[str], dict]:
+    """(parts, figures, reasons, controls) of the two parts of the claim; ``controls``: {part: the same paired test
+    with the noisy run replaced by SGD from other initialisations} where the control was run."""
+    parts, figures, reasons, controls = {}, {}, [], {}
+    sgd = records.per_seed(rows, "test_acc", cfg.seeds, method="gd", step=last) if "gd" in cfg.methods else None
+    other = None
+    if sgd is not None and records.select(rows, method=CONTROL):
+        other = records.per_seed(rows, "test_acc", discrimination.control_seeds(cfg.seeds), method=CONTROL, step=last)
     if {"gd", "layer"} <= set(cfg.methods):
         best, gain = training.compare_to_gd(rows, "layer", cfg.sigmas, cfg.seeds, last)
         parts["layer_improves"] = gain
@@ -187,28 +206,34 @@ def judge(cfg: Config, rows: list[dict], last: int) -> tuple[dict, dict, list[st
                 f"SGD+noise (layer) at sigma {best:g} (validation) minus SGD, test accuracy", scale=100, unit=" points"
             )
         )
+        if other is not None:
+            controls["layer_improves"] = verdicts.paired_gain(other, sgd, resolution=records.resolution(rows))
+            figures.update(control_gain=controls["layer_improves"].mean, control_gain_se=controls["layer_improves"].se)
+            reasons.append(controls["layer_improves"].describe(f"control, {CONTROL_DESCRIPTION}: SGD' minus SGD",
+                                                               scale=100, unit=" points"))  # fmt: skip
     large = [s for s in cfg.sigmas if s > 0.1]
     if {"gd", "noise"} <= set(cfg.methods) and large:
-        control = records.per_seed(rows, "test_acc", cfg.seeds, method="gd", step=last)
         for s in large:
             treated = records.per_seed(rows, "test_acc", cfg.seeds, method="noise", sigma=s, step=last)
-            hurt = verdicts.paired_gain(control, treated, resolution=records.resolution(rows))  # > 0: noise hurts
+            hurt = verdicts.paired_gain(sgd, treated, resolution=records.resolution(rows))  # > 0: noise hurts
             parts[f"full_noise_hurts_sigma={s:g}"] = hurt
             figures[f"noise_gain_sigma={s:g}"] = -hurt.mean
             reasons.append(hurt.describe(f"SGD minus SGD+noise at sigma {s:g}", scale=100, unit=" points"))
+            if other is not None:  # the same control, in the direction of this part: SGD minus SGD'
+                controls[f"full_noise_hurts_sigma={s:g}"] = verdicts.paired_gain(
+                    sgd, other, resolution=records.resolution(rows))
     else:
         reasons.append("full noise above sigma 0.1 not tested (no such sigma in the grid)")
         parts["full_noise_hurts_above_0.1"] = None
     if len(cfg.seeds) < verdicts.MIN_SEEDS:
         reasons.insert(0, f"{len(cfg.seeds)} seed(s): a paired test needs {verdicts.MIN_SEEDS} or more, so null")
-    reasons.append(verdicts.combine_reason(parts))
     if "layer_best_sigma" in figures:
         fit = training.unfit(rows, {"SGD": dict(method="gd"), "layer-wise at the chosen sigma": dict(
             method="layer", sigma=figures["layer_best_sigma"])}, cfg.seeds, last, cfg.fit_loss)  # fmt: skip
         if fit:
             parts["fitted"] = None  # the run cannot test the claim: the verdict is null at best
             reasons.insert(0, fit)
-    return parts, figures, reasons
+    return parts, figures, reasons, controls
 
 
 SOURCE_POINTS = 0.3  # the paper's layer-wise gain over SGD (Figure 6: +0.3 points over 94.4%)
@@ -228,9 +253,19 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     )
     grid = training.method_grid(cfg.methods, cfg.sigmas)
     figures = {f"{k}_{m}_sigma={s:g}": t[k] for (m, s), t in zip(grid, table) for k in ("test_acc", "hessian_trace")}
-    parts, judged, reasons = judge(cfg, rows, last)
+    parts, judged, reasons, controls = judge(cfg, rows, last)
     figures.update(judged)
-    supported = None if "fitted" in parts else verdicts.combine(parts)  # under-trained: no test, either way
+    claims = {
+        name: discrimination.Part(claim, controls.get(name), CONTROL_DESCRIPTION if name in controls else
+                                  "not run: cannot tell")
+        for name, claim in parts.items() if name != "fitted"
+    }  # fmt: skip
+    judgement = discrimination.judge(claims)
+    reasons.append(judgement.reason)
+    supported = judgement.supported
+    if supported is True and any(isinstance(c, verdicts.Gain) and n not in controls for n, c in parts.items()):
+        supported = None  # a part without its control cannot tell whether the rule discriminates
+    supported = None if "fitted" in parts else supported  # under-trained: no test, either way
     powers = {}
     if isinstance(parts.get("layer_improves"), verdicts.Gain):
         mde = 100 * discrimination.minimum_detectable_effect(parts["layer_improves"])
@@ -238,7 +273,7 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
         figures["mde_layer_gain_points"] = mde
     supported, power_clause = discrimination.with_power(supported, powers)
     return experiment.Verdict(supported, figures, table, "; ".join([*reasons, power_clause] if powers else reasons),
-                              power={k: p.record() for k, p in powers.items()})  # fmt: skip
+                              judgement.controls, power={k: p.record() for k, p in powers.items()})  # fmt: skip
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
@@ -264,6 +299,15 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
                 continue
             ax.errorbar(cfg.sigmas, values[:, 0], yerr=values[:, 1] if bars else None, marker="o", capsize=3,
                         color=training.COLORS[m], label=name)  # fmt: skip
+    if records.select(rows, method=CONTROL):  # the negative control: SGD from other initialisations
+        ends = [min(cfg.sigmas) / 1.2, max(cfg.sigmas) * 1.2]
+        for ax, k in zip(axes, keys):
+            mean, se = verdicts.mean_se(
+                records.per_seed(rows, k, discrimination.control_seeds(cfg.seeds), method=CONTROL, step=last))
+            ax.plot(ends, [mean, mean], color="tab:gray", ls="--",
+                    label="SGD, other inits (control)" + (" (mean ± s.e.)" if bars else ""))  # fmt: skip
+            if bars:
+                ax.fill_between(ends, mean - se, mean + se, color="tab:gray", alpha=0.12)
     for ax, k in zip(axes, keys):
         plots.sigma_axis(ax, cfg.sigmas)
         ax.set(ylabel=keys[k])

@@ -215,6 +215,7 @@ def _resnet_rows(cfg, gain, spread, n_test=100_000):
                 ("noise", 0.05): base, ("noise", 0.2): base - 0.1}  # fmt: skip
         rows += [dict(method=m, sigma=s, seed=k, step=100, test_acc=a, val_acc=a, train_loss=0.01, hessian_trace=1.0,
                       n_test=n_test) for (m, s), a in accs.items()]  # fmt: skip
+        rows.append(dict(rows[-5], method="gd_control", seed=k + 1000))  # the control: SGD' = SGD, fails as it must
     return rows
 
 

@@ -27,6 +27,19 @@ def test_table_uses_the_newest_default_run(tmp_path):
     assert "| `resnet` |" in text and "no default run found" in text and "cpu:cpu" in text
 
 
+def test_a_run_from_before_an_added_field_counts_with_the_fields_old_value(tmp_path):
+    default = readme_table.default_config("transformer_blocks")
+    assert readme_table.ADDED_FIELDS["transformer_blocks"] == {"layers": default["layers"]}
+    older = {k: v for k, v in default.items() if k != "layers"}  # stored before the layers field existed
+    _summary(tmp_path, "transformer_blocks", "20240101-000000", older, {}, runtime=1.0)
+    assert readme_table.latest_default_run(tmp_path, "transformer_blocks")["runtime_s"] == 1.0
+    _summary(tmp_path, "transformer_blocks", "20240102-000000", dict(older, layers=6), {}, runtime=2.0)  # not default
+    assert readme_table.latest_default_run(tmp_path, "transformer_blocks")["runtime_s"] == 1.0
+    no_seeds = {k: v for k, v in default.items() if k != "seeds"}  # a missing field not in ADDED_FIELDS: not default
+    _summary(tmp_path, "transformer_blocks", "20240103-000000", no_seeds, {}, runtime=3.0)
+    assert readme_table.latest_default_run(tmp_path, "transformer_blocks")["runtime_s"] == 1.0
+
+
 def test_replace_table_between_the_markers():
     readme = f"intro\n{readme_table.BEGIN}\nold table\n{readme_table.END}\nrest\n"
     assert readme_table.replace_table(readme, "new") == f"intro\n{readme_table.BEGIN}\nnew\n{readme_table.END}\nrest\n"
@@ -113,3 +126,14 @@ def test_every_row_states_its_controls_and_power_from_the_summary(tmp_path):
     assert bare == "no control recorded; no minimum detectable effect recorded"
     assert readme_table.control_power({"power": {"a": dict(_mde(1.0, None), mde=None)}}).endswith(
         "a: MDE infinite (too few seeds) (the source gives no number in these units)")
+
+
+def test_kfac_fidelity_row_per_model_and_from_before_the_models_field():
+    common = dict(ekfac_over_kfac_min=0.95, ekfac_over_kfac_max=0.99, pairs=4, pairs_ekfac_not_above=4,
+                  pairs_kfac_not_above=0)  # fmt: skip
+    per_model = {f"{q}_{m}_{model}_step={t}": v for model in ("mlp", "cnn") for m, v in (("kfac", 0.7), ("ekfac", 0.6))
+                 for q in ("frobenius", "trace_ratio", "inverse_error") for t in (0, 10)}  # fmt: skip
+    text = readme_table._kfac_fidelity({**common, **per_model}, dict(checkpoints=[0, 10], models=["mlp", "cnn"]))
+    assert "mlp: KFAC 0.7, 0.7, EKFAC 0.6, 0.6" in text and "cnn: KFAC 0.7, 0.7" in text and "4 of 4" in text
+    older = {k.replace("_mlp", ""): v for k, v in per_model.items() if "_mlp_" in k}  # keys without a model
+    assert "mlp: KFAC 0.7, 0.7" in readme_table._kfac_fidelity({**common, **older}, dict(checkpoints=[0, 10]))

@@ -15,6 +15,7 @@ from experiments import (
     mode_connectivity,
     regularized_loss,
     reparametrization,
+    resnet,
     saddle_escape,
     sigma_sweep,
     training,
@@ -432,3 +433,40 @@ def test_influence_verdict_on_constructed_rows():
     assert verdict.supported is None and "does not discriminate" in verdict.reason
     influence, cfg, rows = _influence_rows(cg_gain=-0.15)  # CG below gradient dot products: contradicted
     assert influence.summarize(cfg, rows).supported is False
+
+
+# ---------------------------------------------------------------- resnet (SGD from other inits, both parts)
+
+
+def _resnet_rows(cfg, *, gain=0.02, hurt=0.1, control=0.0, spread=0.0005):
+    """Final rows of every (method, sigma, seed) and of the control: SGD at a per-seed base, layer-wise ``gain``
+    above it at every sigma, full noise ``hurt`` below it above sigma 0.1, SGD' (other inits) ``control`` above."""
+    rng = np.random.default_rng(2)
+    rows = []
+    for k in cfg.seeds:
+        base = 0.9 + rng.normal(0, 0.01)
+        runs = [(m, s, k, {"gd": 0.0, "layer": gain, "noise": -hurt if s > 0.1 else 0.0}[m])
+                for m, s in training.method_grid(cfg.methods, cfg.sigmas)]  # fmt: skip
+        runs.append((resnet.CONTROL, 0.0, discrimination.control_seeds([k])[0], control))
+        for m, s, seed, shift in runs:
+            acc = base + shift + (rng.normal(0, spread) if m != "gd" else 0.0)
+            rows.append(dict(method=m, sigma=s, seed=seed, step=100, test_acc=acc, val_acc=acc, train_loss=0.01,
+                             hessian_trace=1.0, n_test=100_000))  # fmt: skip
+    return rows
+
+
+def test_resnet_verdict_beside_its_control():
+    cfg = resnet.Config(seeds=tuple(range(5)))
+    assert {"method": resnet.CONTROL, "sigma": 0.0, "seed": 1000} in resnet.cells(cfg)
+    good = resnet.summarize(cfg, _resnet_rows(cfg))  # +2 points, full noise -10 points, SGD' = SGD
+    assert good.supported is True, good.reason
+    assert set(good.controls) == {"layer_improves", "full_noise_hurts_sigma=0.2"}
+    assert all(c["discriminates"] is True for c in good.controls.values())
+    loose = resnet.summarize(cfg, _resnet_rows(cfg, control=0.02))  # SGD' "beats" SGD as much as layer-wise does
+    assert loose.supported is None and "does not discriminate" in loose.reason
+    assert loose.controls["layer_improves"]["control_passed"] is True
+    below = resnet.summarize(cfg, _resnet_rows(cfg, control=-0.1))  # SGD' "hurt" as much as full noise does
+    assert below.supported is None and below.controls["full_noise_hurts_sigma=0.2"]["control_passed"] is True
+    assert resnet.summarize(cfg, _resnet_rows(cfg, gain=-0.02)).supported is False  # the claim fails
+    bare = [r for r in _resnet_rows(cfg) if r["method"] != resnet.CONTROL]
+    assert resnet.summarize(cfg, bare).supported is None  # no control run: cannot tell
