@@ -41,6 +41,8 @@ by up to 3x where noted):
     KFAC fit, type-2               5.56                  4.85    6.24
     KFAC fit, mc                   1.39                  1.30    3.39
     KFAC fit, empirical            1.40                  1.30    3.12
+    KFAC fit, mc, reduce           (= mc: no sharing)            2.47 (rounds 1.80, 3.15; mc expand 3.62 in the same
+                                                                 run: ``--models resnet --rounds 2``, 20:19-20:27 UTC)
     inverse product, exact         0.571                 0.385   0.100
     inverse product, heuristic     0.215                 0.193   0.034
     KFAC product                   0.153                 0.193   0.039

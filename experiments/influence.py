@@ -1,15 +1,15 @@
 """Training-data attribution checked by retraining: LDS of influence with several inverses, leave-one-out.
 
-Claims, two parts (``verdicts.combine``, Holm over the two), judged over seeds:
+Claims, two parts (three with EKFAC; ``discrimination.judge``, Holm over the parts), judged over seeds:
 
 (1) Curvature-aware attribution scores a higher linear datamodeling score than gradient dot products
     (Grosse et al. 2023; Kronfluence's benchmarks; Park et al. 2023 for the LDS): on a tanh MLP trained on
     ``digits`` with an L2 penalty, the LDS of influence with CG on the Gauss-Newton matrix (damping
     0.1 x its mean eigenvalue, Kronfluence's heuristic) exceeds that of ``identity`` (gradient dot products,
-    TracIn at the final checkpoint), paired over seeds (a seed fixes the initialisation, the retraining
-    subsets and the query set). The low-rank inverse (rank ``rank`` Lanczos; Schioppa et al. 2022) and, where
-    ``lsgeo.curvature.KFAC``/``EKFAC`` exist, those, are reported beside it. Negative control: random scores
-    must not beat gradient dot products.
+    TracIn at the final checkpoint), and so does EKFAC's (Kronfluence's default) when it is run, paired over
+    seeds (a seed fixes the initialisation, the retraining subsets and the query set). The low-rank inverse
+    (rank ``rank`` Lanczos; Schioppa et al. 2022) and KFAC are reported beside them. Negative control: random
+    scores must not beat gradient dot products.
 (2) On a strongly convex model (L2-regularised logistic regression, ``digits`` < 5 vs >= 5), influence with
     the exact Hessian predicts leave-one-out retraining (Koh & Liang 2017, Fig. 2): the Pearson correlation
     between ``I[j, q] / n`` and the actual change of the query loss when example j is removed (retrained to
@@ -39,7 +39,8 @@ from lsgeo import curvature, influence, losses
 
 CLAIM = (
     "Influence with the exact Hessian predicts leave-one-out retraining on L2-regularised logistic regression, "
-    "and curvature-aware influence (CG on the Gauss-Newton matrix) scores a higher LDS than gradient dot products."
+    "and curvature-aware influence (CG on the Gauss-Newton matrix, and EKFAC) scores a higher LDS than gradient dot "
+    "products."
 )
 
 METHODS = ("identity", "cg", "lowrank", "kfac", "ekfac", "random")
@@ -228,14 +229,20 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     parts = {"lds_cg_over_identity": discrimination.Part(gain, control, "random scores in place of CG-GGN"),
              "loo_corr_above_threshold": discrimination.Part(loo_gain, loo_control,
                                                              "random scores in place of exact-Hessian influence")}
-    judgement = discrimination.judge(parts)
     powers = {"lds_cg_over_identity": discrimination.Power.of(gain, None, "", LDS_SOURCE),
               "loo_corr_above_threshold": discrimination.Power.of(loo_gain, None, "", LOO_SOURCE)}
+    reasons = [gain.describe("LDS of CG-GGN minus gradient dot products")]
+    if "ekfac" in cfg.methods and _values(lds_rows, "lds", method="ekfac").size:  # Kronfluence's default inverse
+        ekfac_gain = verdicts.paired_gain(_values(lds_rows, "lds", method="ekfac"), identity)
+        figures["lds_gain_ekfac_over_identity"], figures["lds_gain_ekfac_margin"] = ekfac_gain.mean, ekfac_gain.margin
+        parts["lds_ekfac_over_identity"] = discrimination.Part(ekfac_gain, control, "random scores in place of EKFAC")
+        powers["lds_ekfac_over_identity"] = discrimination.Power.of(ekfac_gain, None, "", LDS_SOURCE)
+        reasons.append(ekfac_gain.describe("LDS of EKFAC minus gradient dot products"))
+    judgement = discrimination.judge(parts)
     supported, power_clause = discrimination.with_power(judgement.supported, powers)
-    reasons = [gain.describe("LDS of CG-GGN minus gradient dot products"),
-               loo_gain.describe(f"leave-one-out correlation minus {cfg.loo_threshold:g}"),
-               f"controls: random LDS gain {control.mean if control else float('nan'):+.3g}, random LOO correlation "
-               f"{float(np.mean(loo_random)):+.3g}", judgement.reason, power_clause]
+    reasons += [loo_gain.describe(f"leave-one-out correlation minus {cfg.loo_threshold:g}"),
+                f"controls: random LDS gain {control.mean if control else float('nan'):+.3g}, random LOO correlation "
+                f"{float(np.mean(loo_random)):+.3g}", judgement.reason, power_clause]
     return experiment.Verdict(supported, figures, table, "; ".join(reasons), judgement.controls,
                               {k: p.record() for k, p in powers.items()})
 

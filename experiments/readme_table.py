@@ -236,9 +236,14 @@ def _transformer_blocks(f: dict, c: dict) -> str:
 
 
 def _influence(f: dict, c: dict) -> str:
+    others = ", ".join(f"{label} {f[f'lds_{m}']:.3g}" for m, label in (("ekfac", "EKFAC"), ("kfac", "KFAC"),
+                                                                       ("lowrank", "low rank")) if f"lds_{m}" in f)
+    ekfac = (f", EKFAC gain {f['lds_gain_ekfac_over_identity']:+.3g} (margin {f['lds_gain_ekfac_margin']:.2g})"
+             if "lds_gain_ekfac_over_identity" in f else "")
     return (
         f"LDS: CG-GGN {f['lds_cg']:.3g} vs gradient dot products {f['lds_identity']:.3g}, gain "
-        f"{f['lds_gain_cg_over_identity']:+.3g} (margin {f['lds_gain_margin']:.2g}); leave-one-out correlation "
+        f"{f['lds_gain_cg_over_identity']:+.3g} (margin {f['lds_gain_margin']:.2g}){ekfac}"
+        f"{'; ' + others if others else ''}; leave-one-out correlation "
         f"{f['loo_corr_exact_hessian']:.3f} (needs > {c['loo_threshold']:g}); control, random scores: "
         f"{f['loo_corr_random']:+.2f}"
     )

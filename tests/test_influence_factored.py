@@ -106,7 +106,7 @@ def test_query_rank_equals_the_truncated_svd_of_each_kernel(x64):
     exact = influence.pairwise_scores(predict, loss, params, train, query, inverse=inverse)  # whole queries
     np.testing.assert_allclose(exact, _truncated_reference(predict, loss, params, train, query, inverse, 16, dense),
                                rtol=1e-12, atol=1e-14)
-    for rank in (1, 2, 3):
+    for rank in (1, 3):
         got = influence.pairwise_scores(predict, loss, params, train, query, inverse=inverse, query_rank=rank)
         want = _truncated_reference(predict, loss, params, train, query, inverse, rank, dense)
         full = _truncated_reference(predict, loss, params, train, query, inverse, 16, dense)

@@ -71,10 +71,19 @@ def _model(predict, params, x):
 
 
 def plan_for(predict, params, x) -> ghost.Plan:
-    """The ghost plan of ``predict`` (which leaves are dense kernels); no FLOPs. Its ``sites`` are empty when no
-    leaf is a dense kernel (then nothing is gained over the dense contraction)."""
-    single, p_leaves, x_leaves = _model(predict, params, x)
-    return ghost.make_plan(single, p_leaves, x_leaves)
+    """The ghost plan of ``predict`` (which leaves are dense kernels); no FLOPs, one trace per (predict, shapes),
+    cached. Its ``sites`` are empty when no leaf is a dense kernel (then nothing is gained over the dense
+    contraction)."""
+    spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))  # noqa: E731
+    p_leaves, treedef = jax.tree_util.tree_flatten(params)
+    x_leaves, x_def = jax.tree_util.tree_flatten(x)
+    example = lambda a: jax.ShapeDtypeStruct((1,) + tuple(np.shape(a)[1:]), jnp.result_type(a))  # noqa: E731
+    return _cached_plan(predict, treedef, tuple(map(spec, p_leaves)), x_def, tuple(map(example, x_leaves)))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_plan(predict, treedef, p_specs, x_def, x_specs):
+    return ghost.make_plan(single_example_leaves(predict, treedef, x_def), list(p_specs), list(x_specs))
 
 
 def _example_factors(plan, single, loss, p_leaves, out_shape, xi, yi):
