@@ -7,7 +7,8 @@ import pytest
 
 from experiments import influence, runner
 
-SUMMARY_KEYS = {"experiment", "config", "claim", "supported", "reason", "figures", "runtime_s", "devices"}
+SUMMARY_KEYS = {"experiment", "config", "claim", "supported", "reason", "figures", "runtime_s", "devices", "controls",
+                "power", "code_version"}
 
 
 @pytest.mark.slow  # about a minute on an idle 2-core CPU
