@@ -29,7 +29,8 @@ def rel(a, b):
 
 def specs(tree):
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda a: a is None)
-    return [None if a is None else str(a.sharding.spec) for a in leaves]
+    # repr of a PartitionSpec: "P(...)" on recent JAX, "PartitionSpec(...)" on the floor (0.8.1)
+    return [None if a is None else str(a.sharding.spec).replace("PartitionSpec(", "P(") for a in leaves]
 
 
 def shard_shapes(tree):
