@@ -21,6 +21,15 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from lsgeo import curvature  # noqa: E402
 
 
+def _name(spec) -> str:
+    """A PartitionSpec as "P(...)" (recent JAX's repr; the 0.8.1 floor writes "PartitionSpec(...)")."""
+    return str(spec).replace("PartitionSpec(", "P(")
+
+
+def _spec(array) -> str:
+    return _name(array.sharding.spec)
+
+
 def rel(a, b):
     a, b = np.ravel(np.asarray(a)), np.ravel(np.asarray(b))
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
@@ -45,7 +54,8 @@ def main():
     single = curvature.Hessian(f, single_params, batch)
     key = jax.random.key(0)
     out = {"devices": len(devices), "m": sharded.size}
-    out["vector_layout"] = [str(s.spec) for s in jax.tree_util.tree_leaves(curvature.vector_shardings(sharded.params))]
+    layout = jax.tree_util.tree_leaves(curvature.vector_shardings(sharded.params))
+    out["vector_layout"] = [_name(s.spec) for s in layout]
     assert curvature.vector_shardings(single.params) is None
 
     hessian = np.asarray(single.to_dense())
@@ -60,7 +70,7 @@ def main():
     out["host_vs_device"] = rel(top_host, top_sharded)
     out["host_vs_dense"] = rel(top_host, dense[:k])
 
-    out["ritz_vector_specs"] = [str(a.sharding.spec) for a in jax.tree_util.tree_leaves(host_vectors)]
+    out["ritz_vector_specs"] = [_spec(a) for a in jax.tree_util.tree_leaves(host_vectors)]
     host_leaves = [np.asarray(a) for a in jax.tree_util.tree_leaves(host_vectors)]
     flat_vectors = np.concatenate([a.reshape(k, -1) for a in host_leaves], axis=1)  # ravel_pytree order
     out["eigvec_residual"] = float(np.max(np.abs(flat_vectors @ hessian - np.asarray(top_host)[:, None] * flat_vectors)))
@@ -74,7 +84,7 @@ def main():
 
     start = jax.tree_util.tree_map(lambda a: jnp.ones_like(a), sharded.params)
     basis = basis_of(sharded, start)
-    out["basis_specs"] = [str(b.sharding.spec) for b in jax.tree_util.tree_leaves(basis)]
+    out["basis_specs"] = [_spec(b) for b in jax.tree_util.tree_leaves(basis)]
     out["basis_shapes"] = [list(b.shape) for b in jax.tree_util.tree_leaves(basis)]
     out["basis_shard_shapes"] = [list(b.addressable_shards[0].data.shape) for b in jax.tree_util.tree_leaves(basis)]
     flat = np.stack([np.concatenate([np.ravel(np.asarray(b)[i]) for b in jax.tree_util.tree_leaves(basis)])
