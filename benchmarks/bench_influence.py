@@ -19,7 +19,8 @@ peak memory against n_train.
 
 Model: ReLU MLP 784-512-512-10 (669,706 parameters), softmax cross-entropy, Gaussian inputs, float32.
 
-Measured (7 Dec 2026, 2 CPU cores shared with other jobs, load 5-8, so times drift by up to 3x between lines):
+Measured (7 Dec 2026, 2 CPU cores shared with other jobs, load 5-8, so times drift by up to 3x between lines; these
+runs timed the gradients once, at the start, before the re-timing per method was added):
   8192 x 128 (the issue's size; ``--repeats 1 --skip-generic``, 20:12-20:22 UTC; gradients 5.77 s at the start):
     identity, factored 0.07x; lowrank whole 4.62x, query_rank 32 0.83x; ekfac whole 7.11x, query_rank 32 2.63x;
     rank-32 vs whole EKFAC scores: max |difference| 7.7e-4 of the largest, Spearman per query 1.0000 (min 1.0000);
