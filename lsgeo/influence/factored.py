@@ -64,10 +64,10 @@ OVERSAMPLE = 10
 POWER_ITERATIONS = 2
 
 
-def _model(predict, params, x):
-    p_leaves, treedef = jax.tree_util.tree_flatten(params)
-    x_leaves, x_def = jax.tree_util.tree_flatten(x)
-    return single_example_leaves(predict, treedef, x_def), p_leaves, x_leaves
+def _traced(predict, params, x):
+    """``(plan, parameter leaves, input leaves, the one-example output shape)`` for the compiled functions below."""
+    p_leaves = jax.tree_util.tree_leaves(params)
+    return plan_for(predict, params, x), p_leaves, jax.tree_util.tree_leaves(x), _out_shape_of(predict, params, x)
 
 
 def plan_for(predict, params, x) -> ghost.Plan:
@@ -86,7 +86,7 @@ def _cached_plan(predict, treedef, p_specs, x_def, x_specs):
     return ghost.make_plan(single_example_leaves(predict, treedef, x_def), list(p_specs), list(x_specs))
 
 
-def _example_factors(plan, single, loss, p_leaves, out_shape, xi, yi):
+def _example_factors(plan, loss, p_leaves, out_shape, xi, yi):
     """``({path: ((a_m [T, c], delta_m [T, f]) per site)}, (gradient of each direct leaf))`` of one example's loss."""
     direct = plan.direct
 
@@ -127,10 +127,8 @@ def query_factors(predict, loss, chunk, params, x, y):
     """The exact factors of the query gradients g_q (for ``inverse="identity"``): ``(sites, direct)`` with
     ``sites[path][i]`` either ``(u [Q, T, c], v [Q, T, f])`` (rows of the query, ``g_q = sum_t u_t^T v_t``) or
     ``(m [Q, c, f],)`` where the dense form is cheaper, and ``direct[j]`` the gradient of direct leaf j ``[Q, ...]``."""
-    single, p_leaves, x_leaves = _model(predict, params, x)
-    plan = ghost.make_plan(single, p_leaves, x_leaves)
-    out_shape = _out_shape_of(predict, params, x)
-    one = functools.partial(_example_factors, plan, single, loss, p_leaves, out_shape)
+    plan, p_leaves, x_leaves, out_shape = _traced(predict, params, x)
+    one = functools.partial(_example_factors, plan, loss, p_leaves, out_shape)
     sites, direct = jax.lax.map(lambda ex: one(ex[0], ex[1]), (x_leaves, y), batch_size=_chunk(chunk, x_leaves))
     out = {}
     for p, pairs in sites.items():
@@ -192,8 +190,7 @@ def lowrank_query_factors(predict, rank, chunk, params, x, preconditioned, key):
     """Rank-``rank`` factors of the preconditioned query gradients (a pytree like ``params`` with a leading Q axis):
     ``(sites, direct)`` as :func:`query_factors`, each dense kernel's ``[c, f]`` matrix replaced by its truncated SVD
     (or kept dense where that is cheaper, and always with ``rank=None``: exact), the direct leaves kept whole."""
-    single, p_leaves, x_leaves = _model(predict, params, x)
-    plan = ghost.make_plan(single, p_leaves, x_leaves)
+    plan = plan_for(predict, params, x)
     q_leaves = jax.tree_util.tree_leaves(preconditioned)
     out = {}
     for p, ss in plan.sites.items():
@@ -226,9 +223,7 @@ def _site_scores(am, dm, term):
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def block_scores(predict, loss, chunk, leaf_ids, num_groups, params, queries, x, y):
     """``[b, M, Q]``: the scores of a block of training examples against the query factors, per group."""
-    single, p_leaves, x_leaves = _model(predict, params, x)
-    plan = ghost.make_plan(single, p_leaves, x_leaves)
-    out_shape = _out_shape_of(predict, params, x)
+    plan, p_leaves, x_leaves, out_shape = _traced(predict, params, x)
     q_sites, q_direct = queries
     if set(q_sites) != set(plan.sites) or len(q_direct) != len(plan.direct):
         raise ValueError("the query factors were built for another model (the dense kernels differ)")
@@ -236,7 +231,7 @@ def block_scores(predict, loss, chunk, leaf_ids, num_groups, params, queries, x,
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(queries))
 
     def one(ex):
-        sites, direct = _example_factors(plan, single, loss, p_leaves, out_shape, ex[0], ex[1])
+        sites, direct = _example_factors(plan, loss, p_leaves, out_shape, ex[0], ex[1])
         out = jnp.zeros((num_groups, num_queries), dtype)
         for p, ss in plan.sites.items():
             for site, (am, dm), term in zip(ss, sites[p], q_sites[p]):
@@ -252,13 +247,11 @@ def block_scores(predict, loss, chunk, leaf_ids, num_groups, params, queries, x,
 def self_block_scores(predict, loss, chunk, leaf_ids, num_groups, params, x, y):
     """``[b, M]``: the squared gradient norms ``||g_i||^2`` of a block of examples per group (self-influence with
     ``inverse="identity"``), dense kernels by the ghost norm ``sum_{t,t'} (a_t . a_t') (delta_t . delta_t')``."""
-    single, p_leaves, x_leaves = _model(predict, params, x)
-    plan = ghost.make_plan(single, p_leaves, x_leaves)
-    out_shape = _out_shape_of(predict, params, x)
+    plan, p_leaves, x_leaves, out_shape = _traced(predict, params, x)
     dtype = jnp.promote_types(jnp.result_type(*p_leaves), jnp.float32)
 
     def one(ex):
-        sites, direct = _example_factors(plan, single, loss, p_leaves, out_shape, ex[0], ex[1])
+        sites, direct = _example_factors(plan, loss, p_leaves, out_shape, ex[0], ex[1])
         out = jnp.zeros((num_groups,), dtype)
         for p, ss in plan.sites.items():
             for site, (am, dm) in zip(ss, sites[p]):
