@@ -10,7 +10,7 @@ microbatches, the devices), and it is laid out and placed, once; ``check(params)
 that need parameters (floating parameters, the mean-over-examples check, the label check of a ``Risk``),
 which the operators and geometry functions call when they are given an objective.
 
-An objective is a pytree (a frozen dataclass registered with ``jax.tree_util.register_dataclass``): the
+An objective is a pytree (a frozen dataclass registered with ``lsgeo.pytree_classes.register_dataclass``): the
 data is its leaf; the functions and the plan are static. It passes through ``jit``, and everything that
 evaluates on data uses its three primitives:
 
@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from lsgeo import dataplan, validation
+from lsgeo import dataplan, pytree_classes, validation
 
 __all__ = [
     "Objective",
@@ -293,5 +293,5 @@ def as_objective(f, batch=None, *, microbatch_size=None, devices=None, name: str
     return Objective(f, batch, microbatch_size=microbatch_size, devices=devices, data_name="batch")
 
 
-jax.tree_util.register_dataclass(Objective)
-jax.tree_util.register_dataclass(Risk)
+pytree_classes.register_dataclass(Objective)
+pytree_classes.register_dataclass(Risk)

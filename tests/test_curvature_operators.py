@@ -96,6 +96,24 @@ def test_operator_equals_its_dense_reference(x64, kind, model, loss_name, microb
     np.testing.assert_allclose(flat(op @ v), dense @ flat(v), rtol=1e-9, atol=1e-12)  # the pytree form
 
 
+def test_operator_classes_have_distinct_tree_structures(x64):
+    """jit keys compiled programs by the arguments' tree structure: two operator classes on one problem must never
+    compare equal, or a hash-bucket collision runs one class's program for the other (lsgeo.pytree_classes: the
+    empirical Fisher returned the Gauss-Newton matrix under jax.tree_util.register_dataclass)."""
+    predict, loss, params, batch = _problem("mlp", "squared")
+    ops = [_operator(kind, predict, loss, params, batch) for kind in ("hessian", "gauss_newton", "empirical_fisher")]
+    ops += [curvature.MonteCarloFisher(predict, loss, params, batch, key=jax.random.PRNGKey(0)),
+            curvature.GaussNewton(predict, loss, params, batch, microbatch_size=5)]
+    structures = [jax.tree_util.tree_structure(op) for op in ops]
+    for i, a in enumerate(structures):
+        assert [a == b for b in structures] == [j == i for j in range(len(structures))]
+    risk, objective = ops[1].objective, ops[0].objective  # Risk and Objective on the same data
+    assert jax.tree_util.tree_structure(risk) != jax.tree_util.tree_structure(objective)
+    leaves, structure = jax.tree_util.tree_flatten(ops[2])
+    again = jax.tree_util.tree_unflatten(structure, leaves)
+    assert type(again) is curvature.EmpiricalFisher and jax.tree_util.tree_structure(again) == structures[2]
+
+
 def test_products_in_every_form_agree(x64):
     predict, loss, params, batch = _problem("mlp", "cross_entropy")
     op = curvature.GaussNewton(predict, loss, params, batch, microbatch_size=4)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from lsgeo import dataplan, validation
+from lsgeo import dataplan, pytree_classes, validation
 from lsgeo import groups as groups_lib
 from lsgeo.objective import DataSetObjective
 
@@ -76,9 +76,9 @@ class OperatorType(type):
 
 
 def operator_dataclass(cls):
-    """``cls`` as a frozen dataclass registered as a pytree (``jax.tree_util.register_dataclass``: fields with
+    """``cls`` as a frozen dataclass registered as a pytree (``lsgeo.pytree_classes.register_dataclass``: fields with
     ``metadata={"static": True}`` are static, the others leaves): the decorator of every operator class."""
-    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True, repr=False)(cls))
+    return pytree_classes.register_dataclass(dataclasses.dataclass(frozen=True, repr=False)(cls))
 
 
 class Products:
