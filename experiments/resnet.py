@@ -277,21 +277,25 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
+    """Test accuracy (percent), the Hessian trace and the training loss at the end per sigma (mean ± s.e. over
+    seeds; the control and SGD as bands), and the judged statistic: the paired gains with their 95% margins, the
+    control's beside them, the minimum detectable effect and the source's effect."""
     plt = plots.plt
     last = max(r["step"] for r in rows)
-    keys = {"test_acc": "final test accuracy", "hessian_trace": "Hessian trace at the end (eval mode)",
+    keys = {"test_acc": "final test accuracy (%)", "hessian_trace": "Hessian trace at the end (eval mode)",
             "train_loss": "final training loss (under-training check)"}  # fmt: skip
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    scales = {"test_acc": 100.0, "hessian_trace": 1.0, "train_loss": 1.0}
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.8))
     bars = len(cfg.seeds) > 1
+    ends = [min(cfg.sigmas) / 1.2, max(cfg.sigmas) * 1.2]  # a segment, so autoscaling keeps it in view
     for m in cfg.methods:
         name = training.label(m, minibatch=True) + (" (mean ± s.e.)" if bars else " (1 seed)")
         for ax, k in zip(axes, keys):
-            values = np.array([
+            values = scales[k] * np.array([
                 verdicts.mean_se(records.per_seed(rows, k, cfg.seeds, method=m, sigma=s, step=last))
                 for s in ((0.0,) if m == "gd" else cfg.sigmas)
             ])  # fmt: skip
             if m == "gd":
-                ends = [min(cfg.sigmas) / 1.2, max(cfg.sigmas) * 1.2]  # a segment, so autoscaling keeps it in view
                 (mean, se), = values
                 ax.plot(ends, [mean, mean], color=training.COLORS[m], label=name)
                 if bars:
@@ -300,10 +304,9 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
             ax.errorbar(cfg.sigmas, values[:, 0], yerr=values[:, 1] if bars else None, marker="o", capsize=3,
                         color=training.COLORS[m], label=name)  # fmt: skip
     if records.select(rows, method=CONTROL):  # the negative control: SGD from other initialisations
-        ends = [min(cfg.sigmas) / 1.2, max(cfg.sigmas) * 1.2]
         for ax, k in zip(axes, keys):
-            mean, se = verdicts.mean_se(
-                records.per_seed(rows, k, discrimination.control_seeds(cfg.seeds), method=CONTROL, step=last))
+            mean, se = scales[k] * np.array(verdicts.mean_se(
+                records.per_seed(rows, k, discrimination.control_seeds(cfg.seeds), method=CONTROL, step=last)))
             ax.plot(ends, [mean, mean], color="tab:gray", ls="--",
                     label="SGD, other inits (control)" + (" (mean ± s.e.)" if bars else ""))  # fmt: skip
             if bars:
@@ -311,11 +314,23 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     for ax, k in zip(axes, keys):
         plots.sigma_axis(ax, cfg.sigmas)
         ax.set(ylabel=keys[k])
-        ax.legend(fontsize=8)
     axes[0].set_title(f"{title(cfg)}, {cfg.dataset}, {len(cfg.seeds)} seed(s)", fontsize=10)
     axes[2].axhline(cfg.fit_loss, color="gray", ls=":", lw=1, label=f"fit_loss {cfg.fit_loss:g} (above: under-trained)")
-    axes[2].legend(fontsize=8)
     axes[2].set_yscale("log")
+    for ax in axes[:3]:
+        ax.legend(fontsize=8)
+    parts, _, _, controls = judge(cfg, rows, last)
+    shown = {name: gain for name, gain in parts.items() if isinstance(gain, verdicts.Gain)}
+    if "layer_improves" in controls:
+        shown["SGD' minus SGD"] = controls["layer_improves"]
+    if shown:  # the judged statistic with its interval, beside the control's, and the power
+        mde = {n: discrimination.minimum_detectable_effect(g) for n, g in shown.items() if n == "layer_improves"}
+        plots.gain_panel(axes[3], shown, controls=["SGD' minus SGD"], scale=100, unit="points", mde=mde)
+        axes[3].axhline(SOURCE_POINTS, color="tab:green", ls="--", lw=1,
+                        label=f"the source's layer-wise gain ({SOURCE_POINTS:g} points)")
+        axes[3].set_title("judged: paired test-accuracy gains (full_noise_hurts: SGD minus SGD+noise)", fontsize=9)
+        axes[3].legend(fontsize=8)
+    fig.tight_layout()
     return {"resnet.png": fig}
 
 
