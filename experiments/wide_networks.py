@@ -9,15 +9,22 @@ network ends at zero training loss from (almost) every initialisation.
 Setup: N distinct inputs x_i ~ N(0, I_d) with random targets y_i ~ N(0, 1) (the theorem holds for any
 targets). Softplus MLPs
 (``lsgeo.models.MLP``, biases, LeCun init), squared loss 1/(2N) sum_i (f(x_i) - y_i)^2:
-- wide:   hidden widths ``wide``   (first layer >= N - 1, then non-increasing: pyramidal);
-- narrow: hidden widths ``narrow``, the negative control: a first layer below N - 1 but at least N
-  parameters, so it could fit (a net with fewer parameters than N cannot, whatever its width: no test).
+- wide:      hidden widths ``wide`` (first layer n_1 >= N - 1, then non-increasing: pyramidal);
+- symmetric: the negative control: the same wide net on its symmetric set, where all n_1 first-layer units
+  and their outgoing weights are equal (so rank F_1 <= 1 < N). Gradient descent keeps that set (a
+  permutation of the units leaves the loss unchanged), and a critical point of the loss restricted to it is
+  a critical point of the wide net (the gradient there is symmetric too). It is trained as the net with
+  one first-layer unit (hidden widths ``(1,) + wide[1:]``) and embedded (the unit copied n_1 times, its
+  outgoing row divided by n_1: the same function); the wide net's own gradient norm at the embedded point
+  is reported. It has more than N free parameters, so a parameter count does not rule a fit out: if the
+  rank hypothesis were not needed, it would fit like the wide net; it must not.
+- narrow:    hidden widths ``narrow`` (first layer below N - 1, at least N parameters), reported, not
+  judged: the theorem's width is sufficient, not necessary (a narrow net with enough parameters fits too).
 From ``seeds`` random initialisations each (vmapped, ``lsgeo.train.sweep``) full-batch Adam with a
 cosine-decayed step runs ``steps`` steps to a stationary point (the final gradient norm is reported).
 A run "reaches a global minimum" when its train loss is below ``threshold`` (the global minimum is 0
-for the wide net). At the end, F_k at the wide layer k (the first hidden layer of both nets) is
-examined: its singular values, numerical rank (singular values above N eps_32 s_max) and smallest
-singular value.
+for the wide net). At the end, F_1 (the first hidden layer's features) is examined: its singular values,
+numerical rank (singular values above max(N, n_1) eps_64 s_max) and smallest singular value.
 """
 
 from __future__ import annotations
@@ -36,8 +43,9 @@ from lsgeo import models, train
 CLAIM = (
     "With squared loss, an analytic increasing activation and a first hidden layer of width >= N - 1 followed "
     "by a pyramidal structure, training reaches a global minimum (zero loss) from nearly every initialisation "
-    "with a full-rank feature matrix F_k, while a narrow first layer (with enough parameters to fit) does not "
-    "(Nguyen & Hein 2017; the theorem states the sufficient condition, the narrow net is the control)."
+    "with a full-rank feature matrix F_k; the rank hypothesis is needed: the same wide net on its symmetric set "
+    "(all first-layer units equal, rank F_1 = 1 < N; more free parameters than N) stays above zero loss after the "
+    "same training (Nguyen & Hein 2017, Theorem 3.8; the control)."
 )
 
 
@@ -48,7 +56,7 @@ class Config:
     n_points: int = 48  # N
     input_dim: int = 16  # d (N > d + 1: the inputs are not linearly independent, Theorem 3.4 does not apply)
     wide: tuple[int, ...] = (48, 16)  # first hidden layer >= N - 1, then pyramidal
-    narrow: tuple[int, ...] = (8, 4)  # the control: first layer < N - 1, but 177 >= N parameters (it could fit)
+    narrow: tuple[int, ...] = (8, 4)  # reported: first layer < N - 1, 177 >= N parameters (width is not necessary)
     activation: Literal["softplus", "tanh"] = "softplus"  # analytic and strictly increasing: "softplus" or "tanh"
     seeds: tuple[int, ...] = tuple(range(32))
     steps: int = 4000
@@ -62,7 +70,8 @@ PRESETS = {
     "paper": Config(n_points=100, input_dim=16, wide=(100, 32, 8), narrow=(8, 8), seeds=tuple(range(100)), steps=20_000)
 }
 
-ARCHITECTURES = ("wide", "narrow")
+ARCHITECTURES = ("wide", "symmetric", "narrow")
+CONTROL = "the wide net on its symmetric set (all first-layer units and their outgoing weights equal: rank F_1 = 1)"
 
 
 def validate(cfg: Config) -> None:
@@ -83,8 +92,27 @@ def prepare(cfg: Config):
     return jnp.asarray(x), jnp.asarray(y)
 
 
+def widths(cfg: Config, arch: str) -> tuple[int, ...]:
+    """The hidden widths of the net ``arch`` computes with (the symmetric control: the wide net's)."""
+    return cfg.narrow if arch == "narrow" else cfg.wide
+
+
 def make_model(cfg: Config, arch: str) -> models.MLP:
-    return models.MLP(widths=getattr(cfg, arch), num_outputs=1, activation=cfg.activation)
+    """The net that is trained: the symmetric control trains the net with one first-layer unit (``embed``)."""
+    trained = (1, *cfg.wide[1:]) if arch == "symmetric" else widths(cfg, arch)
+    return models.MLP(widths=trained, num_outputs=1, activation=cfg.activation)
+
+
+def embed_symmetric(params, n_1: int):
+    """The wide net's parameters on its symmetric set from those of the net with one first-layer unit: the
+    unit's weights and bias copied ``n_1`` times, its outgoing row repeated and divided by ``n_1`` (each copy
+    carries 1/n_1 of it), so the embedded net computes the same function."""
+    first, second = params["Dense_0"], params["Dense_1"]
+    return {
+        **params,
+        "Dense_0": {"kernel": jnp.tile(first["kernel"], (1, n_1)), "bias": jnp.tile(first["bias"], (n_1,))},
+        "Dense_1": {"kernel": jnp.tile(second["kernel"] / n_1, (n_1, 1)), "bias": second["bias"]},
+    }
 
 
 def features(params, x, activation: str, k: int = 1):
@@ -131,9 +159,13 @@ def cells(cfg: Config):
 
 def run(cfg: Config, batch, group):
     arch = group[0]["arch"]
-    model = make_model(cfg, arch)
-    objective = nets.Objective(model, "squared_loss")
     params, losses = train_from_seeds(cfg, arch, batch, [c["seed"] for c in group])
+    free_params = optax.tree.size(jax.tree_util.tree_map(lambda a: a[0], params))
+    if arch == "symmetric":
+        params = jax.vmap(lambda p: embed_symmetric(p, cfg.wide[0]))(params)
+    model = models.MLP(widths=widths(cfg, arch), num_outputs=1, activation=cfg.activation)
+    objective = nets.Objective(model, "squared_loss")
+    losses = jax.vmap(lambda p: objective(p, batch))(params)  # the loss of the net itself (symmetric: the wide net)
     grad_norms = jax.vmap(lambda p: optax.tree.norm(jax.grad(objective)(p, batch)))(params)
     with jax.enable_x64(True):  # F_1 of the trained float32 weights, formed and factored in float64
         to64 = lambda a: jnp.asarray(a, jnp.float64)
@@ -145,7 +177,8 @@ def run(cfg: Config, batch, group):
         [
             dict(
                 num_params=num_params,
-                width_k=getattr(cfg, arch)[0],
+                free_params=free_params,
+                width_k=widths(cfg, arch)[0],
                 train_loss=float(losses[i]),
                 grad_norm=float(grad_norms[i]),
                 global_min=bool(losses[i] < cfg.threshold),
@@ -163,8 +196,9 @@ def _arch_summary(cfg: Config, rows, arch: str) -> dict:
     losses = np.array([r["train_loss"] for r in sel])
     return dict(
         arch=arch,
-        widths=str(getattr(cfg, arch)),
+        widths=str(widths(cfg, arch)),
         num_params=sel[0]["num_params"],
+        free_params=sel[0].get("free_params", sel[0]["num_params"]),
         runs=len(sel),
         fraction_global_min=float(np.mean([r["global_min"] for r in sel])),
         median_loss=float(np.median(losses)),
@@ -177,10 +211,12 @@ def _arch_summary(cfg: Config, rows, arch: str) -> dict:
 
 
 def summarize(cfg: Config, rows):
-    wide, narrow = (_arch_summary(cfg, rows, a) for a in ARCHITECTURES)
+    archs = [a for a in ARCHITECTURES if records.select(rows, arch=a)]
+    summaries = {a: _arch_summary(cfg, rows, a) for a in archs}
+    wide, symmetric, narrow = (summaries.get(a) for a in ARCHITECTURES)
     figures = {
         f"{s['arch']}_{k}": s[k]
-        for s in (wide, narrow)
+        for s in summaries.values()
         for k in (
             "fraction_global_min",
             "median_loss",
@@ -189,39 +225,48 @@ def summarize(cfg: Config, rows):
             "min_rank_F",
             "min_sigma_min_F",
             "num_params",
+            "free_params",
         )
     }
     figures["n_points"] = cfg.n_points
     reaches = lambda s: bool(s["fraction_global_min"] >= cfg.min_fraction)  # noqa: E731
-    part = discrimination.Part(reaches(wide) and wide["min_rank_F"] == cfg.n_points, reaches(narrow),
-                               f"a narrow first layer {cfg.narrow} with {narrow['num_params']} parameters")  # fmt: skip
+    part = discrimination.Part(reaches(wide) and wide["min_rank_F"] == cfg.n_points,
+                               reaches(symmetric) if symmetric else None, CONTROL if symmetric else "not run")
     judgement = discrimination.judge({"global_minimum": part})
-    reason = "; ".join([
-        f"wide: {wide['fraction_global_min']:.0%} of {wide['runs']} runs below {cfg.threshold:g} (needs >= "
-        f"{cfg.min_fraction:.0%}), min rank F_1 {wide['min_rank_F']} of N = {cfg.n_points}",
-        f"control, narrow ({narrow['num_params']} parameters for N = {cfg.n_points}): "
-        f"{narrow['fraction_global_min']:.0%} (must stay below {cfg.min_fraction:.0%})", judgement.reason,
-    ])  # fmt: skip
+    reasons = [f"wide: {wide['fraction_global_min']:.0%} of {wide['runs']} runs below {cfg.threshold:g} (needs >= "
+               f"{cfg.min_fraction:.0%}), min rank F_1 {wide['min_rank_F']} of N = {cfg.n_points}"]  # fmt: skip
+    if symmetric:
+        reasons.append(
+            f"control, {CONTROL}, {symmetric['free_params']} free parameters for N = {cfg.n_points}: "
+            f"{symmetric['fraction_global_min']:.0%} (must stay below {cfg.min_fraction:.0%}; median loss "
+            f"{symmetric['median_loss']:.3g}, the wide net's gradient norm there {symmetric['median_grad_norm']:.2g})")
+    if narrow:
+        reasons.append(f"reported, not judged: narrow {cfg.narrow} ({narrow['num_params']} parameters): "
+                       f"{narrow['fraction_global_min']:.0%} below {cfg.threshold:g} (the width is sufficient, "
+                       "not necessary)")  # fmt: skip
+    reason = "; ".join([*reasons, judgement.reason])
     supported = judgement.supported
     if len(cfg.seeds) < 5:
         supported, reason = None, f"too few initialisations to speak of nearly every one; {reason}"
-    return experiment.Verdict(supported, figures, [wide, narrow], reason, judgement.controls)
+    return experiment.Verdict(supported, figures, list(summaries.values()), reason, judgement.controls)
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
     fig, axes = plots.plt.subplots(1, 2, figsize=(12, 4.5))
     jitter = np.random.default_rng(0)
     floor = 1e-30  # a loss of exactly 0 is drawn here
-    losses = {a: [r["train_loss"] for r in records.select(rows, arch=a)] for a in ARCHITECTURES}
+    archs = [a for a in ARCHITECTURES if records.select(rows, arch=a)]
+    losses = {a: [r["train_loss"] for r in records.select(rows, arch=a)] for a in archs}
     logs = {a: np.log10(np.maximum(v, floor)) for a, v in losses.items()}
     bins = np.linspace(min(v.min() for v in logs.values()) - 0.5, max(v.max() for v in logs.values()) + 0.5, 40)
     ranks = {cfg.n_points}
-    for i, arch in enumerate(ARCHITECTURES):
+    for i, arch in enumerate(archs):
         rank = np.array([r["rank_F"] for r in records.select(rows, arch=arch)])
         ranks |= set(rank.tolist())
-        axes[0].hist(logs[arch], bins=bins, alpha=0.6, color=f"C{i}", label=f"{arch} {getattr(cfg, arch)}")
+        name = f"{arch} {widths(cfg, arch)}" + (" (control: units equal)" if arch == "symmetric" else "")
+        axes[0].hist(logs[arch], bins=bins, alpha=0.6, color=f"C{i}", label=name)
         axes[1].scatter(rank + jitter.uniform(-0.3, 0.3, rank.size), 10.0 ** logs[arch], color=f"C{i}", s=12,
-                        label=f"{arch} (first layer {getattr(cfg, arch)[0]})")
+                        label=name)
     axes[0].axvline(np.log10(cfg.threshold), color="k", ls=":", label="global-minimum threshold")
     axes[0].set(xlabel="log10 final train loss (float32)", ylabel="initialisations", title=f"N = {cfg.n_points} points")
     axes[1].axhline(cfg.threshold, color="k", ls=":", label="global-minimum threshold")

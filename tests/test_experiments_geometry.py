@@ -53,10 +53,11 @@ def test_wide_networks(tmp_path):
     cfg = wide_networks.Config(n_points=8, input_dim=4, wide=(8, 4), narrow=(1,), seeds=(0, 1), steps=100)
     summary, rows = _run(wide_networks, cfg, tmp_path)
     fig = summary["figures"]
-    assert fig["wide_min_rank_F"] == 8 and fig["narrow_min_rank_F"] == 1
-    assert fig["narrow_num_params"] < cfg.n_points <= fig["wide_num_params"]
+    assert fig["wide_min_rank_F"] == 8 and fig["narrow_min_rank_F"] == 1 and fig["symmetric_min_rank_F"] == 1
+    assert fig["narrow_num_params"] < cfg.n_points <= fig["wide_num_params"] == fig["symmetric_num_params"]
+    assert fig["symmetric_free_params"] < fig["wide_num_params"]
     assert summary["supported"] is None  # two initialisations are too few to judge "nearly every"
-    assert len(rows) == 4
+    assert len(rows) == 6
 
 
 def test_wide_networks_rejects_a_narrow_wide_layer():

@@ -4,6 +4,8 @@ each way of missing it (a quantity just beyond its bound, on the other side of e
 No training here: the rows are what ``run`` would return, built by hand, so every test is instant and would fail
 if an inequality in a ``summarize`` were flipped."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -144,28 +146,49 @@ def test_double_descent_verdict():
 # ---------------------------------------------------------------- wide_networks
 
 
-def _wn_rows(cfg, *, wide_hits=1.0, narrow_hits=0.0, wide_rank=None):
+def _wn_rows(cfg, *, wide_hits=1.0, symmetric_hits=0.0, wide_rank=None, narrow_hits=1.0):
     rows = []
     n = len(cfg.seeds)
-    for arch, hits in (("wide", wide_hits), ("narrow", narrow_hits)):
+    ranks = {"wide": wide_rank or cfg.n_points, "symmetric": 1, "narrow": 8}
+    for arch, hits in (("wide", wide_hits), ("symmetric", symmetric_hits), ("narrow", narrow_hits)):
         for i, k in enumerate(cfg.seeds):
             good = i < round(hits * n)
-            rank = (wide_rank or cfg.n_points) if arch == "wide" else 4
-            rows.append(dict(arch=arch, seed=k, num_params=100, train_loss=1e-7 if good else 0.3, global_min=float(good),
-                             grad_norm=1e-5, rank_F=rank, sigma_min_F=0.1))  # fmt: skip
+            rows.append(dict(arch=arch, seed=k, num_params=100, free_params=60 if arch == "symmetric" else 100,
+                             train_loss=1e-7 if good else 0.3, global_min=float(good), grad_norm=1e-5,
+                             rank_F=ranks[arch], sigma_min_F=0.1))  # fmt: skip
     return rows
 
 
 def test_wide_networks_verdict():
     cfg = wide_networks.Config(seeds=tuple(range(10)))
     assert wide_networks.summarize(cfg, _wn_rows(cfg)).supported is True
-    assert wide_networks.summarize(cfg, _wn_rows(cfg, wide_hits=0.9, narrow_hits=0.8)).supported is True  # bounds
+    assert wide_networks.summarize(cfg, _wn_rows(cfg, wide_hits=0.9, symmetric_hits=0.8)).supported is True  # bounds
     assert wide_networks.summarize(cfg, _wn_rows(cfg, wide_hits=0.8)).supported is False  # wide misses too often
-    loose = wide_networks.summarize(cfg, _wn_rows(cfg, narrow_hits=0.9))  # the control fits too
+    loose = wide_networks.summarize(cfg, _wn_rows(cfg, symmetric_hits=0.9))  # the control fits too
     assert loose.supported is None and "does not discriminate" in loose.reason
     assert wide_networks.summarize(cfg, _wn_rows(cfg, wide_rank=cfg.n_points - 2)).supported is False  # F_1 rank-deficient
+    narrow_fails = wide_networks.summarize(cfg, _wn_rows(cfg, narrow_hits=0.0))  # reported, never judged
+    assert narrow_fails.supported is True and "not judged" in narrow_fails.reason
     few = wide_networks.Config(seeds=(0, 1, 2))
     assert wide_networks.summarize(few, _wn_rows(few)).supported is None
+
+
+def test_the_symmetric_control_is_the_wide_net_on_its_symmetric_set():
+    """The embedded one-unit net computes the same function as the wide net, its first-layer features have rank 1,
+    and the wide net's gradient at it is symmetric (every first-layer unit's gradient equal)."""
+    cfg = wide_networks.Config(n_points=8, input_dim=3, wide=(8, 4))
+    x, y = wide_networks.prepare(cfg)
+    small = wide_networks.make_model(cfg, "symmetric")
+    params = small.init(jax.random.PRNGKey(0), x)["params"]
+    wide_params = wide_networks.embed_symmetric(params, 8)
+    wide = wide_networks.models.MLP(widths=cfg.wide, num_outputs=1, activation=cfg.activation)
+    np.testing.assert_allclose(wide.apply({"params": wide_params}, x), small.apply({"params": params}, x), rtol=1e-5)
+    rank, _, _ = wide_networks.feature_spectrum(wide_params, x, cfg.activation)
+    assert int(rank) == 1
+    grad = jax.grad(lambda p: jnp.mean((wide.apply({"params": p}, x) - y) ** 2))(wide_params)
+    kernel = np.asarray(grad["Dense_0"]["kernel"])
+    np.testing.assert_allclose(kernel, np.tile(kernel[:, :1], (1, 8)), rtol=1e-5, atol=1e-7)
+    assert np.abs(kernel).max() > 1e-4  # not trivially zero
 
 
 # ---------------------------------------------------------------- geometry_report (orders of the remainder)
