@@ -396,7 +396,8 @@ def test_regularized_loss_verdict_beside_its_controls():
     cfg = regularized_loss.Config(steps=100, eval_every=10)
     good = regularized_loss.summarize(cfg, _rl_rows(cfg))
     assert good.supported is True, good.reason
-    assert set(good.controls) == {"relative_gap", "gap_grows_with_width"}
+    assert set(good.controls) == {"relative_gap"}  # the growth with width is reported, not judged
+    assert "not judged" in good.reason and "gd_gap_growth" in good.figures
     narrow_too = regularized_loss.summarize(cfg, _rl_rows(cfg, narrow_gap=4.0))  # the narrow net shows it as well
     assert narrow_too.supported is None and "does not discriminate" in narrow_too.reason
     assert regularized_loss.summarize(cfg, _rl_rows(cfg, wide_gap=0.0)).supported is False  # no gap at the wide width
