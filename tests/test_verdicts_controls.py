@@ -110,9 +110,10 @@ def _se_rows(cfg, *, shifts, gd_rate_factor=1.0):
     return rows
 
 
-SE_CFG = saddle_escape.Config(methods=("gd", "noise_full", "momentum", "adam", "normalized_gd", "gd_control"),
-                              seeds=tuple(range(6)), steps=600)  # fmt: skip
-SE_GOOD = {"noise_full": 100.0, "momentum": 300.0, "adam": 300.0, "normalized_gd": 0.0, "gd_control": 0.0}
+SE_CFG = saddle_escape.Config(methods=("gd", "noise_full", "momentum", "adam", "normalized_gd", "gd_control",
+                                       "normalized_gd_control"), seeds=tuple(range(6)), steps=600)  # fmt: skip
+SE_GOOD = {"noise_full": 100.0, "momentum": 300.0, "adam": 300.0, "normalized_gd": 0.0, "gd_control": 0.0,
+           "normalized_gd_control": 0.0}
 
 
 def test_saddle_escape_matches_the_step_sizes():
@@ -132,8 +133,14 @@ def test_saddle_escape_supported_when_faster_and_every_control_fails():
     assert verdict.power["adam"]["unit"] == " steps" and np.isfinite(verdict.power["adam"]["mde"])
 
 
-def test_saddle_escape_null_when_normalised_gd_is_as_fast_as_adam():
-    loose = saddle_escape.summarize(SE_CFG, _se_rows(SE_CFG, shifts={**SE_GOOD, "normalized_gd": 300.0}))
+def test_saddle_escape_judges_adam_against_normalised_gd():
+    """Adam's part compares it with normalised GD of its step length (its baseline), not with GD: as fast as
+    normalised GD is null however far both are ahead of GD; a control that passes too does not discriminate."""
+    level = saddle_escape.summarize(SE_CFG, _se_rows(SE_CFG, shifts={**SE_GOOD, "normalized_gd": 300.0,
+                                                                     "normalized_gd_control": 300.0}))
+    assert level.supported is None and level.controls["adam"]["claim_passed"] is None  # within noise
+    assert "normalized_gd minus adam" in level.reason
+    loose = saddle_escape.summarize(SE_CFG, _se_rows(SE_CFG, shifts={**SE_GOOD, "normalized_gd_control": 300.0}))
     assert loose.supported is None and "does not discriminate" in loose.reason and "adam" in loose.reason
     assert loose.controls["adam"]["control_passed"] is True
 
