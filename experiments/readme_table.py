@@ -144,11 +144,16 @@ def _reparametrization(f: dict, c: dict) -> str:
 
 
 def _wide_networks(f: dict, c: dict) -> str:
-    return (
-        f"wide: {f['wide_fraction_global_min']:.0%} of runs reach a global minimum, rank F_1 = "
-        f"{f['wide_min_rank_F']:g} = N; control, narrow first layer with {f['narrow_num_params']:g} parameters: "
-        f"{f['narrow_fraction_global_min']:.0%}"
-    )
+    out = (f"wide: {f['wide_fraction_global_min']:.0%} of runs reach a global minimum, rank F_1 = "
+           f"{f['wide_min_rank_F']:g} = N")  # fmt: skip
+    if "symmetric_fraction_global_min" in f:
+        out += (f"; control, the wide net with equal first-layer units (rank F_1 = {f['symmetric_min_rank_F']:g}, "
+                f"{f['symmetric_free_params']:g} free parameters): {f['symmetric_fraction_global_min']:.0%}, median "
+                f"loss {f['symmetric_median_loss']:.2g}")  # fmt: skip
+    if "narrow_fraction_global_min" in f:
+        out += (f"; narrow first layer ({f['narrow_num_params']:g} parameters, not judged): "
+                f"{f['narrow_fraction_global_min']:.0%}")  # fmt: skip
+    return out
 
 
 def _hessian_spectrum(f: dict, c: dict) -> str:
@@ -321,7 +326,7 @@ ROWS: dict[str, tuple[str, str, Formatter]] = {
         _reparametrization,
     ),
     "wide_networks": (
-        "Nguyen & Hein 2017: wide first layer (>= N - 1) vs narrow, many initialisations",
+        "Nguyen & Hein 2017: wide first layer (>= N - 1), many initialisations; the same net with F_1 rank-deficient",
         "critical points with full-rank F_k are global minima",
         _wide_networks,
     ),
@@ -337,7 +342,7 @@ ROWS: dict[str, tuple[str, str, Formatter]] = {
     ),
     "saddle_escape": (
         "steps to leave a strict saddle: GD, SGD, momentum, Adam, noise (full / layer)",
-        "noise, momentum and Adam escape saddles faster than GD",
+        "noise and momentum escape saddles faster than GD, Adam faster than normalised GD of its step length",
         _saddle_escape,
     ),
     "mode_connectivity": (
