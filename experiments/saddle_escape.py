@@ -404,7 +404,8 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
                          unit="steps", mde=mde)  # fmt: skip
         axes[3].set_title("judged: escape step of the baseline minus the method's\n(supported when the bar is above "
                           "0; controls in grey must not be)", fontsize=9)  # fmt: skip
-        axes[3].legend(fontsize=7)
+        if any(np.isfinite(v) for v in mde.values()):  # the MDE diamond is its only labelled artist
+            axes[3].legend(fontsize=7)
     return {"saddle_escape.png": fig}
 
 
