@@ -140,6 +140,19 @@ def _row(name, value, t, t_warm, **extra):
     return {"name": name, "value": float(value), "time_s": t, "time_warm_s": t_warm, **extra}
 
 
+EDGE_HISTOGRAM = "eigenvalue count near the negative edge (dense)"  # figure rows, not a reported quantity
+FIGURE_ROWS = ("spectral density", EDGE_HISTOGRAM)
+
+
+def edge_histogram(eigenvalues, rtol: float, bins: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, edges) of the exact eigenvalues on the window [-3 w, 1.5 w], w = max(|lambda_min|, rtol
+    max|lambda|): the negative edge where the saddle index counts, which an SLQ density broadened by the whole
+    spectrum's width cannot resolve (it is flat there)."""
+    eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
+    width = 3.0 * max(abs(eigenvalues.min()), rtol * np.abs(eigenvalues).max())
+    return np.histogram(eigenvalues, np.linspace(-width, width / 2, bins + 1))
+
+
 def _saddle_name(cfg: Config, m: int) -> str:
     how = "exact" if m <= cfg.max_dense else f"SLQ, {cfg.slq_runs} probes"
     return f"saddle index ({how}; eigenvalues < -{cfg.saddle_rtol:g} max|lambda|)"
@@ -211,7 +224,14 @@ def run(cfg: Config, prep, group: list[dict]) -> list[list[dict]]:
                 f, params, batch, key, rtol=cfg.saddle_rtol, max_dense=cfg.max_dense, num_runs=cfg.slq_runs
             )
         )
-        return [[_row(_saddle_name(cfg, optax.tree.size(params)), value, t, tw, rtol=cfg.saddle_rtol)]]
+        out = [_row(_saddle_name(cfg, optax.tree.size(params)), value, t, tw, rtol=cfg.saddle_rtol)]
+        if seed == cfg.seeds[0] and optax.tree.size(params) <= cfg.max_dense:  # the figure's zoom: exact eigenvalues
+            eigenvalues = jax.jit(lambda p: jnp.linalg.eigvalsh(curvature.hessian(f, p, batch)))(params)
+            counts, edges = edge_histogram(eigenvalues, cfg.saddle_rtol)
+            out += [_row(EDGE_HISTOGRAM, c, 0.0, 0.0, eigenvalue=float(lo), bin_width=float(hi - lo),
+                         num_params=optax.tree.size(params))
+                    for c, lo, hi in zip(counts, edges[:-1], edges[1:])]  # fmt: skip
+        return [out]
     value, t, tw = _timed(lambda: jax.jit(ntk.ntk_trace, static_argnums=0)(predict, params, batch[0]))
     return [[_row("NTK trace", value, t, tw)]]
 
@@ -237,7 +257,7 @@ def _interval(values) -> tuple[float, float, float]:
 
 def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     report = [r for r in rows if r["quantity"] != "remainder"]
-    first = [r for r in report if r["seed"] == cfg.seeds[0] and r["name"] != "spectral density"]
+    first = [r for r in report if r["seed"] == cfg.seeds[0] and r["name"] not in FIGURE_ROWS]
     by_name = {r["name"]: r for r in first}
     figures = {"R": by_name["R"]["value"], "test_acc": by_name["R"]["test_acc"]}
     table, intervals = [], {}
@@ -301,9 +321,25 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     ax.legend(fontsize=8, loc="upper right")
     width = 3 * max(abs(lam_min), abs(threshold))  # the negative edge, where the index is counted
     ax_z.set_xlim(-width, width / 2)
-    ax_z.set_title(f"zoom on the negative edge: saddle index {index['value']:.3g}\n"
-                   f"({index['name'].split('(')[1].split(';')[0]})", fontsize=10)  # fmt: skip
-    ax_z.legend(fontsize=8, loc="lower left")
+    histogram = [r for r in first if r["name"] == EDGE_HISTOGRAM]
+    how = index["name"].split("(")[1].split(";")[0]
+    if histogram:  # the exact eigenvalues (dense Hessian): the broadened density is flat on this window
+        ax_z.clear()
+        lo = np.array([r["eigenvalue"] for r in histogram])
+        counts = np.array([r["value"] for r in histogram])
+        ax_z.bar(lo, np.maximum(counts, 0.5), width=histogram[0]["bin_width"], align="edge", color="C0", alpha=0.7,
+                 label="exact eigenvalues (dense Hessian); empty bins drawn at 0.5")  # fmt: skip
+        ax_z.axvline(lam_min, color="C2", ls="--", lw=1.5, label=f"lambda_min (Lanczos) = {lam_min:.3g}")
+        ax_z.axvline(threshold, color="C3", ls=":", lw=2, label=f"saddle threshold {threshold:.2g}")
+        ax_z.set(yscale="log", ylim=(0.4, None), xlim=(lo[0], lo[-1] + histogram[0]["bin_width"]),
+                 xlabel="Hessian eigenvalue", ylabel="eigenvalues per bin")  # fmt: skip
+        below = int(round(index["value"] * histogram[0]["num_params"]))
+        ax_z.set_title(f"the negative edge: saddle index {index['value']:.3g} ({how}; about {below} eigenvalues "
+                       f"below the threshold)", fontsize=10)  # fmt: skip
+        ax_z.legend(fontsize=8, loc="upper left")
+    else:
+        ax_z.set_title(f"zoom on the negative edge: saddle index {index['value']:.3g}\n({how})", fontsize=10)
+        ax_z.legend(fontsize=8, loc="lower left")
     sig = np.asarray(cfg.sigmas)
     styles = {"hessian": "-", "gauss_newton": "--"}
     for i, a in enumerate(cfg.activations):

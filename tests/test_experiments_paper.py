@@ -70,6 +70,22 @@ def _check_outputs(run_dir, summary, name):
     return rows
 
 
+def _check_edge_histogram(rows):
+    """The figure's exact eigenvalue counts (jnp.linalg.eigvalsh of the dense Hessian) agree with the library's
+    saddle index of the same network: the eigenvalues below the threshold lie in the bins that start below it."""
+    seed = rows[0]["seed"]
+    index = next(r for r in rows if r["name"].startswith("saddle index") and r["seed"] == seed)
+    top = max(abs(float(r["value"])) for r in rows if r["name"].startswith("Hessian eigenvalue") and r["seed"] == seed)
+    bins = [r for r in rows if r["name"] == geometry_report.EDGE_HISTOGRAM]
+    assert bins and all(r["seed"] == seed for r in bins)
+    lo = np.array([float(r["eigenvalue"]) for r in bins])
+    counts = np.array([float(r["value"]) for r in bins])
+    width = float(bins[0]["bin_width"])
+    below = float(index["value"]) * int(bins[0]["num_params"])
+    threshold = -1e-3 * top  # rtol max|lambda|, max|lambda| from Lanczos (the top eigenvalue of a trained net)
+    assert counts[lo + width <= threshold * 1.01].sum() - 0.5 <= below <= counts[lo < threshold * 0.99].sum() + 0.5
+
+
 # the CNN and deep-MLP smokes (55 s of the suite, mostly compiling) run with -m slow; the resnet and
 # regularized_loss smokes cover the same training pipelines in the README command
 SLOW_SMOKE = ("cnn", "deep_mlp")
@@ -84,6 +100,7 @@ def test_experiment_smoke(name, tmp_path):
     rows = _check_outputs(run_dir, summary, name)
     if name == "geometry_report":  # the saddle index says which tolerance it used, relative to the spectrum
         assert any(r["name"].startswith("saddle index (exact; eigenvalues < -0.001 max|lambda|)") for r in rows)
+        _check_edge_histogram(rows)
     if exp.plot is not None:
         assert list(run_dir.glob("*.png"))
     assert ("paper" in exp.presets or name == "geometry_report") and all(
