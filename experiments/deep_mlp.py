@@ -304,7 +304,8 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
                              unit="points", mde=mde)  # fmt: skip
             axes[3, col].set_title("judged: layer-wise minus GD / full (red); control: GD' (other inits) in its place",
                                    fontsize=8)  # fmt: skip
-            axes[3, col].legend(fontsize=7)
+            if axes[3, col].get_legend_handles_labels()[0]:  # the MDE diamond (none with too few seeds)
+                axes[3, col].legend(fontsize=7)
         axes[2, col].set(xscale="log", yscale="log", xlabel="train loss (seed mean; training runs left to right)",
                          ylabel="Gauss-Newton trace (seed mean)")  # fmt: skip
         axes[2, col].invert_xaxis()

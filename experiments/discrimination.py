@@ -108,12 +108,18 @@ def minimum_detectable_effect(gain: Gain, power: float = POWER) -> float:
 
 class Power(NamedTuple):
     """The minimum detectable effect of a part's rule at the run's size, next to the effect the source reports
-    (both in ``unit``, with the same sign convention: positive is the claimed direction)."""
+    (both in ``unit``, with the same sign convention: positive is the claimed direction).
+
+    ``kind``: ``"statistical"`` (a paired test over seeds: ``mde`` at 80% power, ``Power.of``), ``"tolerance"``
+    (a deterministic check, no sampling noise: the rule detects any deviation beyond ``mde``, its tolerance or
+    threshold) or ``"shown"`` (``mde`` is an effect the run's own control shows the rule rejects: an upper bound
+    on the minimum detectable effect)."""
 
     mde: float
     source_effect: float | None  # None: the source gives no effect in these units (``source`` says why)
     unit: str
     source: str  # where the source reports it, e.g. "Orvieto et al. 2023, Table 2: 0.3-1 points"
+    kind: str = "statistical"
 
     @classmethod
     def of(cls, gain: Gain, source_effect: float | None, unit: str, source: str, power: float = POWER) -> Power:
@@ -128,10 +134,14 @@ class Power(NamedTuple):
     def record(self) -> dict:
         """The entry of ``summary.json``'s ``power``."""
         return {"mde": self.mde, "source_effect": self.source_effect, "unit": self.unit, "source": self.source,
-                "detectable": self.detectable, "power": POWER}  # fmt: skip
+                "detectable": self.detectable, "power": POWER, "kind": self.kind}  # fmt: skip
 
     def describe(self) -> str:
-        mde = f"minimum detectable effect {self.mde:.3g}{self.unit} ({100 * POWER:.0f}% power)"
+        mde = {"statistical": f"minimum detectable effect {self.mde:.3g}{self.unit} ({100 * POWER:.0f}% power)",
+               "tolerance": f"tolerance {self.mde:.3g}{self.unit} (a deterministic check: any deviation beyond it "
+                            "is detected)",
+               "shown": f"detects {self.mde:.3g}{self.unit} (shown by its control: an upper bound on the minimum "
+                        "detectable effect)"}[self.kind]  # fmt: skip
         if self.source_effect is None:
             return f"{mde}; no source effect in these units ({self.source})"
         word = "can detect" if self.detectable else "cannot detect"

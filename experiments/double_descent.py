@@ -311,7 +311,15 @@ def summarize(cfg: Config, rows):
         )
         for g in cfg.gd_gammas
     ]
-    return experiment.Verdict(judgement.supported, figures, table + gd_table, reason, judgement.controls)
+    power = {
+        "variance": discrimination.Power(1.1**2 - 1.0, None, " (relative variance: the 1.1 sigma control)",
+                                         "E V = sigma^2 p / (n - p - 1), the inverse-Wishart mean: exact, no effect "
+                                         "size", "shown"),
+        "gd_is_pinv": discrimination.Power(cfg.gd_rtol, 0.0, " (relative distance to X^+ y)", "seed 000 "
+                                           "(implicit regularisation): GD from zero converges to X^+ y", "tolerance"),
+    }  # fmt: skip
+    return experiment.Verdict(judgement.supported, figures, table + gd_table, reason, judgement.controls,
+                              {n: p.record() for n, p in power.items()})  # fmt: skip
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:

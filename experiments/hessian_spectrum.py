@@ -335,7 +335,11 @@ def summarize(cfg: Config, rows):
     reason = "; ".join([reason, control_text, judgement.reason, POWER_TEXT.format(low=cfg.edge_low, high=cfg.edge_high)])
     if claim is None:
         reason = f"{len(cfg.seeds)} initialisation(s): too few to speak for GD in general (needs 3); {reason}"
-    return experiment.Verdict(supported, figures, table, reason, judgement.controls)
+    power = {"edge": discrimination.Power(
+        max(1.0 - cfg.edge_low, cfg.edge_high - 1.0), None, " (lambda_max / (2/lr) away from 1)",
+        "Cohen et al. 2021, Section 3: lambda_max hovers at or just above 2/lr (ratio about 1-1.1)", "tolerance")}
+    return experiment.Verdict(supported, figures, table, reason, judgement.controls,
+                              {n: p.record() for n, p in power.items()})  # fmt: skip
 
 
 POWER_TEXT = (

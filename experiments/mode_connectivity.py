@@ -213,7 +213,12 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
         supported, reason = None, f"no control curve in the rows: cannot tell whether the test discriminates; {reason}"
     if len(table) < verdicts.MIN_SEEDS and supported:
         supported, reason = None, f"{len(table)} pair(s) of minima: too few to speak of minima in general; {reason}"
-    return experiment.Verdict(supported, figures, table, reason, judgement.controls)
+    garipov = "Garipov et al. 2018, Figure 1 / Table 1: line barriers of order 1 in train loss, curve barriers near 0"
+    power = {"line": discrimination.Power(cfg.min_line_barrier, 1.0, " (train loss)", garipov, "tolerance"),
+             "curve": discrimination.Power(cfg.max_curve_fraction, None, " (of the line's barrier)", garipov,
+                                                   "tolerance")}  # fmt: skip
+    return experiment.Verdict(supported, figures, table, reason, judgement.controls,
+                              {n: p.record() for n, p in power.items()})  # fmt: skip
 
 
 POWER_TEXT = (

@@ -188,8 +188,16 @@ def summarize(cfg: Config, rows: list[dict]) -> experiment.Verdict:
     describe = lambda m: (f"{training.label(m)}: rank {checks[m]['ranks']} over seeds (solution {k}), Eq. (10) "
                           f"{100 * checks[m]['gap']:.2g}% above the optimum (needs < {100 * cfg.objective_tol:g}%), "
                           f"leading singular values within {100 * checks[m]['sv']:.2g}% (recorded)")  # fmt: skip
-    reason = "; ".join([describe("layer"), "control " + describe("gd"), judgement.reason])
-    return experiment.Verdict(judgement.supported, figures, table, reason, judgement.controls)
+    power = {
+        "rank": discrimination.Power(1.0, None, " (singular value above rank_tol s_1)", "Orvieto et al. 2023, Section "
+                                     "2.4: Eq. (10)'s solution has the rank of the thresholded spectrum", "tolerance"),
+        "objective": discrimination.Power(cfg.objective_tol, None, " (relative gap to the optimum)", "Orvieto et al. "
+                                          "2023, Section 2.4: an equivalence in expectation (gap 0)", "tolerance"),
+    }  # fmt: skip
+    reason = "; ".join([describe("layer"), "control " + describe("gd"), judgement.reason,
+                        *(f"{n}: {p.describe()}" for n, p in power.items())])  # fmt: skip
+    return experiment.Verdict(judgement.supported, figures, table, reason, judgement.controls,
+                              {n: p.record() for n, p in power.items()})  # fmt: skip
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:

@@ -457,13 +457,23 @@ def _power(power: dict) -> str:
         return "no minimum detectable effect recorded"
     def part(name, p):
         unit, mde = p.get("unit", ""), p.get("mde")  # a non-finite MDE (too few seeds) is stored as null
-        text = f"{name}: MDE {mde:.3g}{unit}" if mde is not None else f"{name}: MDE infinite (too few seeds)"
+        kind = p.get("kind", "statistical")  # discrimination.Power.kind
+        if mde is None:
+            text = f"{name}: MDE infinite (too few seeds)"
+        elif kind == "tolerance":
+            text = f"{name}: tolerance {mde:.3g}{unit} (deterministic)"
+        elif kind == "shown":
+            text = f"{name}: MDE <= {mde:.3g}{unit} (its control's effect, rejected)"
+        else:
+            text = f"{name}: MDE {mde:.3g}{unit}"
         if p.get("source_effect") is None:
             return text + " (the source gives no number in these units)"
         word = "can" if p.get("detectable") else "cannot"
         return text + f" vs the source's {p['source_effect']:.3g}{unit}: {word} detect it"
 
-    return "power (80%): " + "; ".join(part(name, p) for name, p in power.items())
+    statistical = all(p.get("kind", "statistical") == "statistical" for p in power.values())
+    head = "power (80%)" if statistical else "power (80% where statistical)"
+    return f"{head}: " + "; ".join(part(name, p) for name, p in power.items())
 
 
 def control_power(summary: dict) -> str:

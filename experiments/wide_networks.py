@@ -248,7 +248,12 @@ def summarize(cfg: Config, rows):
     supported = judgement.supported
     if len(cfg.seeds) < 5:
         supported, reason = None, f"too few initialisations to speak of nearly every one; {reason}"
-    return experiment.Verdict(supported, figures, list(summaries.values()), reason, judgement.controls)
+    power = {"global_minimum": discrimination.Power(
+        1.0 - cfg.min_fraction, None, " (share of initialisations that may miss)",
+        "Nguyen & Hein 2017, Theorem 3.8: every such critical point (nearly every initialisation; no rate)",
+        "tolerance")}
+    return experiment.Verdict(supported, figures, list(summaries.values()), reason, judgement.controls,
+                              {n: p.record() for n, p in power.items()})
 
 
 def plot(cfg: Config, rows: list[dict]) -> dict:
