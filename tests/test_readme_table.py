@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from experiments import readme_table
+from experiments import discrimination, readme_table
 def _summary(results, name, stamp, config, figures, supported=True, runtime=12.0, **recorded):
     folder = results / name / stamp
     folder.mkdir(parents=True)
@@ -126,6 +126,21 @@ def test_every_row_states_its_controls_and_power_from_the_summary(tmp_path):
     assert bare == "no control recorded; no minimum detectable effect recorded"
     assert readme_table.control_power({"power": {"a": dict(_mde(1.0, None), mde=None)}}).endswith(
         "a: MDE infinite (too few seeds) (the source gives no number in these units)")
+
+
+def test_deterministic_rules_state_their_tolerance_and_a_control_shown_effect():
+    """``discrimination.Power.kind``: a tolerance (deterministic check) and an effect the control shows the rule rejects
+    (an upper bound on the MDE) are printed as such, not as an 80%-power MDE."""
+    tolerance = discrimination.Power(1e-4, None, " (relative)", "s", "tolerance")
+    shown = discrimination.Power(0.21, None, " (relative variance)", "s", "shown")
+    assert tolerance.describe().startswith("tolerance 0.0001 (relative) (a deterministic check")
+    assert tolerance.detectable is None  # an exact claim: any deviation beyond the tolerance is the failure
+    barrier = discrimination.Power(0.1, 1.0, " (train loss)", "s", "tolerance")  # a threshold below the source's
+    assert barrier.detectable is True and "vs the source's 1 (train loss)" in barrier.describe()
+    assert "upper bound on the minimum detectable effect" in shown.describe()
+    cell = readme_table.control_power({"controls": {}, "power": {"f": tolerance.record(), "v": shown.record()}})
+    assert "power (80% where statistical): f: tolerance 0.0001 (relative) (deterministic)" in cell
+    assert "v: MDE <= 0.21 (relative variance) (its control's effect, rejected)" in cell
 
 
 def test_kfac_fidelity_row_per_model_and_from_before_the_models_field():
