@@ -278,7 +278,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     axes[2].set(xticks=range(len(names)), xticklabels=["log lambda_max\n(large - small)", "log eps-sharpness\n"
                 "(large - small)", "test accuracy\n(small - large)"][: len(names)],
                 ylabel="mean difference / its 95% margin (± 1 = interval)",
-                title=f"judged, paired over {len(cfg.seeds)} seeds; verdict: {verdict.supported}")  # fmt: skip
+                title=f"judged, paired over {len(cfg.seeds)} seeds; verdict: {verdict.word}")  # fmt: skip
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -76,6 +76,11 @@ class Verdict(NamedTuple):
     # the verdict rule's minimum detectable effect next to the source's effect (``verdicts.Power.record``)
     power: dict[str, dict] = {}
 
+    @property
+    def word(self) -> str:
+        """The verdict as the README table writes it: supported, contradicted or null."""
+        return {True: "supported", False: "contradicted"}.get(self.supported, "null")
+
 
 def _module_name(module) -> str:
     spec = getattr(module, "__spec__", None)

@@ -414,9 +414,8 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
                             label="mean ± t s.e. (95%)" if i == 0 and who == "claim" else None)  # fmt: skip
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(range(len(names)), [n.replace("_lr", "\nlr") for n in names], fontsize=8)
-    word = {True: "supported", False: "contradicted"}.get(verdict.supported, "null")
     ax.set(ylabel="sharper minus flatter: log curvature (roughness for smoother)",
-           title=f"judged (> 0: the claimed order); verdict: {word}")  # fmt: skip
+           title=f"judged (> 0: the claimed order); verdict: {verdict.word}")  # fmt: skip
     ax.legend(fontsize=7)
     for i, entry in enumerate(verdict.table):  # curvature per run, log axis (it spans decades)
         v, lr = entry["variant"], entry["step_size"]

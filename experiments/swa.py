@@ -338,7 +338,7 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     for ax in axes[:2]:
         ax.legend(fontsize=7)
     axes[3].legend(fontsize=7)
-    fig.suptitle(f"verdict: {verdict.supported}")
+    fig.suptitle(f"verdict: {verdict.word}")
     fig.tight_layout()
     return {"swa.png": fig}
 
