@@ -23,6 +23,8 @@ import platform
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from lsgeo.data import write_atomic
 
 BEGIN, END = "<!-- experiments-table -->", "<!-- /experiments-table -->"
@@ -176,7 +178,11 @@ def _double_descent(f: dict, c: dict) -> str:
 
 
 def _saddle_escape(f: dict, c: dict) -> str:
-    steps = ", ".join(f"{m} {f[f'{m}_median_escape_step']:g}" for m in c["methods"] if f"{m}_median_escape_step" in f)
+    def step(value):  # a run that never escapes has an infinite step, stored as null
+        return "never" if value is None or not np.isfinite(value) else f"{value:g}"
+
+    steps = ", ".join(f"{m} {step(f[f'{m}_median_escape_step'])}" for m in c["methods"]
+                      if f"{m}_median_escape_step" in f)  # fmt: skip
     out = f"median escape step: {steps}"
     if "gd_escape_rate_predicted" in f:
         out += (

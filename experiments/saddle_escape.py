@@ -31,9 +31,10 @@ adam_lr per coordinate whatever the gradient's size, so its part is judged again
 length (adam_lr sqrt(m), direction g / |g|) as its baseline, in place of GD: what remains is Adam's adaptivity, not
 its normalisation (normalised GD alone escapes ~400 steps before GD).
 
-Verdict (``discrimination.judge``): every judged method escapes in every run; GD escapes at the rate set by
-lambda_min (``escape_rate``: the growth rate of R(0) - R(w_t) in the linear phase within ``rate_rtol`` of
-2 log(1 + lr |lambda_min|) in every run); and for each of noise (full, layer-wise), momentum and Adam the escape step
+Verdict (``discrimination.judge``): every judged method escapes in every run (control: GD started exactly at the
+saddle, ``gd_at_saddle``, whose gradient is zero, must not); GD escapes at the rate set by lambda_min
+(``escape_rate``: the growth rate of R(0) - R(w_t) in the linear phase within ``rate_rtol`` of
+2 log(1 + lr |lambda_min|) in every run; control: the same test against the rate of 1.25 |lambda_min| must fail); and for each of noise (full, layer-wise), momentum and Adam the escape step
 of its baseline minus its own (GD; for Adam, normalised GD), paired over seeds (the same w_0 per seed,
 ``verdicts.paired_gain``, 95% Student-t, one evaluation interval as the resolution), exceeds its margin, beside its
 negative control, which must fail the same test: the baseline from other starting points in the method's place
@@ -60,7 +61,7 @@ from lsgeo.data import low_rank_regression
 from lsgeo.losses import squared_loss
 
 METHODS = ("gd", "sgd", "momentum", "adam", "noise_full", "noise_layerwise", "normalized_gd", "gd_control",
-           "normalized_gd_control")
+           "normalized_gd_control", "gd_at_saddle")
 FASTER = ("noise_full", "noise_layerwise", "momentum", "adam")  # the methods the claim says leave the saddle sooner
 BASELINES = {  # part -> the run it must beat: GD, or for Adam normalised GD of Adam's step length (module doc)
     "noise_full": "gd", "noise_layerwise": "gd", "momentum": "gd", "adam": "normalized_gd"}
@@ -72,6 +73,8 @@ CONTROLS = {  # part -> the run that replaces the method in its negative control
                                       "points in place of Adam"),
 }
 CONTROL_RUNS = ("gd_control", "normalized_gd_control")
+AT_SADDLE = "gd_at_saddle"  # GD started exactly at w = 0: zero gradient, it cannot move (the escape test's control)
+RATE_CONTROL_FACTOR = 1.25  # the rate test's control: the same test against the rate of 1.25 |lambda_min|
 SOURCE = "seed 001, Section 2 (qualitative: no escape times given)"
 
 CLAIM = (
@@ -145,7 +148,7 @@ def optimizer_fn(cfg: Config, method: str):
     """``(sigma, seed) -> optax transformation`` for ``lsgeo.train.sweep``."""
 
     def make(sigma, seed):
-        if method in ("gd", "sgd", "gd_control"):
+        if method in ("gd", "sgd", "gd_control", AT_SADDLE):
             return optax.sgd(cfg.lr)
         if method == "momentum":
             return optax.sgd(momentum_lr(cfg), momentum=cfg.momentum)
@@ -212,9 +215,11 @@ def run(cfg: Config, batch, group):
     model = models.LinearNet(d1=cfg.hidden, d_out=cfg.d_out)
     objective = nets.Objective(model, "squared_loss")
 
+    scale = 0.0 if method == AT_SADDLE else cfg.init_scale
+
     def init(key):  # w_0 = delta * eps, the same for every method at a given seed (gd_control: other seeds)
         w = nets.init_fn(model, batch[0])(key)
-        return optax.tree.scale(cfg.init_scale, optax.tree.random_like(key, w, jax.random.normal))
+        return optax.tree.scale(scale, optax.tree.random_like(key, w, jax.random.normal))
 
     result = train.sweep(
         objective,
@@ -300,7 +305,8 @@ def summarize(cfg: Config, rows):
             figures[f"{t['method']}_{k}"] = t[k]
     figures["saddle_lambda_min"] = float(np.mean([t["start_lambda_min"] for t in table]))
     figures["saddle_index_at_start"] = float(np.mean([t["start_saddle_index"] for t in table]))
-    rate_ok, rate_reason = None, "GD's escape rate not measured (no gd run, or no negative eigenvalue)"
+    rate_ok, rate_control = None, None
+    rate_reason = "GD's escape rate not measured (no gd run, or no negative eigenvalue)"
     if "gd" in by and figures["saddle_lambda_min"] < 0:
         # GD's linearised escape: R(0) - R(w_t) grows like (1 + lr |lambda_min|)^(2t)
         predicted = 2.0 * np.log1p(cfg.lr * abs(figures["saddle_lambda_min"]))
@@ -311,10 +317,15 @@ def summarize(cfg: Config, rows):
         err = np.abs(rates / predicted - 1.0)
         # a run whose linear phase has too few evaluations (NaN rate) cannot test the rate: null, not false
         rate_ok = bool(np.all(err <= cfg.rate_rtol)) if np.all(np.isfinite(err)) else None
+        shifted = 2.0 * np.log1p(cfg.lr * RATE_CONTROL_FACTOR * abs(figures["saddle_lambda_min"]))
+        rate_control = bool(np.all(np.abs(rates / shifted - 1.0) <= cfg.rate_rtol)) if rate_ok is not None else None
+        figures["gd_escape_rate_control_predicted"] = float(shifted)
         rate_reason = (
             f"GD's escape rate (slope of log(R(0) - R) while 1e-4 to 1e-1 of the gap is closed) "
             f"{np.min(rates):.3g}-{np.max(rates):.3g} per step over {len(rates)} seeds vs 2 log(1 + lr |lambda_min|) = "
-            f"{predicted:.3g} (needs within {100 * cfg.rate_rtol:g}% in every run)"
+            f"{predicted:.3g} (needs within {100 * cfg.rate_rtol:g}% in every run); control: against the rate of "
+            f"{RATE_CONTROL_FACTOR:g} |lambda_min|, {shifted:.3g}, the same test "
+            f"{'passes too' if rate_control else 'fails, as it must'}"
         )
     faster = [m for m in FASTER if m in by]
     if "gd" not in by or not faster:
@@ -328,13 +339,16 @@ def summarize(cfg: Config, rows):
     gains = {m: verdicts.paired_gain(steps[BASELINES[m]], steps[m], resolution=cfg.eval_every)
              for m in faster if BASELINES[m] in steps}  # fmt: skip
     # a run too short for GD (the slowest, by the claim) to escape cannot test the claim: null, not false
-    judged = [t for t in table if t["method"] in ("gd", *faster)]
+    judged = [t for t in table if t["method"] in ("gd", *faster)]  # the controls are not judged
     all_escape = all(t["escaped"] == 1.0 for t in judged) or (None if by["gd"]["escaped"] < 1.0 else False)
     too_short = f"GD did not escape within --steps {cfg.steps} in every run: too short to test the claim"
+    at_saddle = by[AT_SADDLE]["escaped"] == 1.0 if AT_SADDLE in by else None
     parts = {
-        "all_escape": discrimination.Part(all_escape, None, "none: an exact check of every run"),
-        "gd_rate": discrimination.Part(rate_ok, None, "none: an exact check of GD's linearised rate"),
-    }
+        "all_escape": discrimination.Part(all_escape, at_saddle, "GD started exactly at the saddle (zero gradient: "
+                                          "it cannot leave)" if at_saddle is not None else "not run: cannot tell"),
+        "gd_rate": discrimination.Part(rate_ok, rate_control, f"the same test against the rate of "
+                                       f"{RATE_CONTROL_FACTOR:g} |lambda_min|"),
+    }  # fmt: skip
     powers = {}
     for m, g in gains.items():
         control, description = CONTROLS[m]
@@ -354,7 +368,8 @@ def summarize(cfg: Config, rows):
                 f"{momentum_lr(cfg) / (1 - cfg.momentum):.3g} vs GD's {cfg.lr:g}), noise sigma {noise_sigma(cfg):.3g} "
                 f"(starting distance per coordinate {cfg.init_scale:g}), Adam lr {cfg.adam_lr:g} against normalised "
                 f"GD of the same step length {cfg.adam_lr * np.sqrt(num_params(cfg)):.3g}")  # fmt: skip
-    reasons = [settings, f"{sum(t['escaped'] == 1.0 for t in table)}/{len(table)} methods escaped in every run",
+    reasons = [settings, f"{sum(t['escaped'] == 1.0 for t in table)}/{len(table)} runs escaped in every seed "
+               f"({AT_SADDLE}, the escape test's control, must not)",
                rate_reason]  # fmt: skip
     reasons += [too_short] if all_escape is None else []
     for m, g in gains.items():

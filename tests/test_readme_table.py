@@ -152,3 +152,10 @@ def test_kfac_fidelity_row_per_model_and_from_before_the_models_field():
     assert "mlp: KFAC 0.7, 0.7, EKFAC 0.6, 0.6" in text and "cnn: KFAC 0.7, 0.7" in text and "4 of 4" in text
     older = {k.replace("_mlp", ""): v for k, v in per_model.items() if "_mlp_" in k}  # keys without a model
     assert "mlp: KFAC 0.7, 0.7" in readme_table._kfac_fidelity({**common, **older}, dict(checkpoints=[0, 10]))
+
+
+def test_a_run_that_never_escapes_is_written_as_never():
+    """saddle_escape's control (GD at the saddle) never escapes: its infinite step is stored as null in summary.json."""
+    figures = {"gd_median_escape_step": 410.0, "gd_at_saddle_median_escape_step": None}
+    assert readme_table._saddle_escape(figures, {"methods": ["gd", "gd_at_saddle"]}) == (
+        "median escape step: gd 410, gd_at_saddle never")

@@ -104,14 +104,15 @@ def _se_rows(cfg, *, shifts, gd_rate_factor=1.0):
             shift = -shifts.get(m, 0.0) + rng.normal(0, 5)
             for t in range(0, cfg.steps + 1, cfg.eval_every):
                 rr = rate * (gd_rate_factor if m == "gd" else 1.0)
-                closed = min(1.0, 1e-6 * np.exp(rr * (t - shift)))
+                closed = 0.0 if m == "gd_at_saddle" else min(1.0, 1e-6 * np.exp(rr * (t - shift)))
                 rows.append(dict(method=m, seed=saddle_escape.run_seed(m, k), step=t, lambda_min=lam, saddle_index=1 / 3,
                                  train_loss=r0 - closed * (r0 - r_star)))  # fmt: skip
     return rows
 
 
 SE_CFG = saddle_escape.Config(methods=("gd", "noise_full", "momentum", "adam", "normalized_gd", "gd_control",
-                                       "normalized_gd_control"), seeds=tuple(range(6)), steps=600)  # fmt: skip
+                                       "normalized_gd_control", "gd_at_saddle"), seeds=tuple(range(6)),
+                              steps=600)  # fmt: skip
 SE_GOOD = {"noise_full": 100.0, "momentum": 300.0, "adam": 300.0, "normalized_gd": 0.0, "gd_control": 0.0,
            "normalized_gd_control": 0.0}
 
@@ -129,6 +130,9 @@ def test_saddle_escape_supported_when_faster_and_every_control_fails():
     verdict = saddle_escape.summarize(SE_CFG, _se_rows(SE_CFG, shifts=SE_GOOD))
     assert verdict.supported is True, verdict.reason
     assert verdict.controls["adam"]["control_passed"] is not True and verdict.controls["momentum"]["claim_passed"]
+    assert verdict.controls["all_escape"]["control_passed"] is False  # GD at the saddle never leaves it
+    assert verdict.controls["gd_rate"]["control_passed"] is False  # 1.25 |lambda_min| is outside the 10% tolerance
+    assert all(c["discriminates"] for c in verdict.controls.values())
     assert verdict.figures["gd_escape_rate_min"] == pytest.approx(2 * np.log1p(SE_CFG.lr * 2.0), rel=1e-3)
     assert verdict.power["adam"]["unit"] == " steps" and np.isfinite(verdict.power["adam"]["mde"])
 
