@@ -356,13 +356,15 @@ def test_cnn_cpu_long_preset_can_detect_the_sources_effect_at_the_pilots_spread(
 # ---------------------------------------------------------------- reparametrization (one-sided scaling, measures)
 
 
-def _rp_rows(cfg, *, function_change=1e-7, one_sided=0.5, adaptive_drift=0.0, sharpness_power=1.0, eps_power=1.0):
+def _rp_rows(cfg, *, function_change=1e-7, one_sided=0.5, adaptive_drift=0.0, sharpness_power=1.0, eps_power=1.0,
+             one_sided_identity=0.9):
     rows = []
     for k in cfg.seeds:
         for a in cfg.alphas:
             lam = 10.0 * max(a, 1 / a) ** (2 * sharpness_power)
             rows.append(dict(seed=k, alpha=a, rel_max_diff=function_change, max_abs_diff=function_change, train_loss=0.1,
                              one_sided_rel_diff=0.0 if a == 1.0 else one_sided,
+                             one_sided_identity_rel_err=1e-6 if a == 1.0 else one_sided_identity,
                              hessian_identity_rel_err=1e-6, block_0_norm=3.0 / a**2, block_1_kernel_norm=2.0 * a**2,
                              lambda_max=lam, lambda_max_dense=lam, hessian_trace=2 * lam,
                              epsilon_sharpness=10.0 * max(a, 1 / a) ** (2 * eps_power) / 100,
@@ -375,6 +377,9 @@ def test_reparametrization_verdict_beside_its_controls():
     good = reparametrization.summarize(cfg, _rp_rows(cfg))
     assert good.supported is True, good.reason
     assert good.controls["same_function"]["control_passed"] is False
+    assert good.controls["hessian_identity"]["control_passed"] is False  # the identity fails off the symmetry
+    identity_too = reparametrization.summarize(cfg, _rp_rows(cfg, one_sided_identity=1e-6))
+    assert identity_too.supported is None and identity_too.controls["hessian_identity"]["discriminates"] is False
     loose = reparametrization.summarize(cfg, _rp_rows(cfg, one_sided=1e-6))  # the one-sided scaling keeps f too
     assert loose.supported is None and "does not discriminate" in loose.reason
     bare = [{k: v for k, v in r.items() if k != "one_sided_rel_diff"} for r in _rp_rows(cfg)]
