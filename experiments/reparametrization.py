@@ -311,8 +311,16 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
         axes[0].plot([r["alpha"] for r in moved], [r["one_sided_rel_diff"] for r in moved], "s", color="tab:gray",
                      label="control: layer 0 x alpha alone")  # fmt: skip
     axes[0].axhline(cfg.function_rtol, color="gray", ls=":", label=f"bound {cfg.function_rtol:g} (float32 rounding)")
-    axes[0].set(xscale="log", yscale="log", ylim=(1e-10, 1e4), xlabel="alpha", ylabel="relative change of the outputs",
-                title="T_alpha keeps the function")  # fmt: skip
+    # the Hessian identity D^2 R(T_alpha w) = D^-1 D^2 R(w) D^-1, judged beside the same identity at the one-sided scaling
+    axes[0].plot([r["alpha"] for r in moved], [r["hessian_identity_rel_err"] for r in moved], "^", color="tab:blue",
+                 label="Hessian identity: relative error at T_alpha")  # fmt: skip
+    if moved and "one_sided_identity_rel_err" in moved[0]:
+        axes[0].plot([r["alpha"] for r in moved], [r["one_sided_identity_rel_err"] for r in moved], "v",
+                     color="tab:cyan", label="control: the identity at layer 0 x alpha alone")  # fmt: skip
+    axes[0].axhline(cfg.hessian_rtol, color="tab:blue", ls=":", lw=1, label=f"identity bound {cfg.hessian_rtol:g}")
+    axes[0].set(xscale="log", yscale="log", ylim=(1e-10, 1e4), xlabel="alpha",
+                ylabel="relative change of the outputs / relative error",
+                title="T_alpha keeps the function and the Hessian identity")  # fmt: skip
     # 2. curvature measures, each relative to its value at alpha = 1
     for key in ("lambda_max", "hessian_trace"):
         axes[1].plot(alphas, [abs(r[key] / ref[key]) for r in rows], "o-", label=f"{key} / its value at alpha=1")
@@ -331,7 +339,8 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     axes[3].plot(alphas, alphas**2.0, "k:", lw=1, label="alpha^2")
     axes[3].set(xscale="log", yscale="log", xlabel="alpha", ylabel="block norm relative to alpha = 1",
                 title="Hessian diagonal blocks (Dinh et al.)")  # fmt: skip
-    for ax in axes:
+    axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: the points fill it
+    for ax in axes[1:]:
         ax.legend(fontsize=8)
     fig.suptitle(f"Dinh et al.'s T_alpha on a trained MLP (seed {cfg.seeds[0]})")
     fig.tight_layout()
