@@ -64,6 +64,9 @@ Cell = dict[str, Any]
 Row = dict[str, Any]
 
 
+VERDICT_WORDS = {True: "supported", False: "contradicted", None: "null"}  # ``supported`` in the README's words
+
+
 class Verdict(NamedTuple):
     """What ``summarize`` returns: the judgement of the claim from the run's own numbers."""
 
@@ -78,8 +81,8 @@ class Verdict(NamedTuple):
 
     @property
     def word(self) -> str:
-        """The verdict as the README table writes it: supported, contradicted or null."""
-        return {True: "supported", False: "contradicted"}.get(self.supported, "null")
+        """The verdict as the README table writes it (``VERDICT_WORDS``)."""
+        return VERDICT_WORDS[self.supported]
 
 
 def _module_name(module) -> str:

@@ -311,33 +311,35 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     grid = np.array([r["eigenvalue"] for r in density])
     values = np.array([max(r["value"], 1e-8) for r in density])
     index = next(r for r in first if r["name"].startswith("saddle index"))
-    for a in (ax, ax_z):
-        a.plot(grid, values, color="C0", label="SLQ density (broadened)")
-        a.axvline(lam_min, color="C2", ls="--", lw=1.5, label=f"lambda_min (Lanczos) = {lam_min:.3g}")
-        a.axvline(threshold, color="C3", ls=":", lw=2,
-                  label=f"saddle threshold -{cfg.saddle_rtol:g} lambda_max = {threshold:.2g}")  # fmt: skip
-        a.set(yscale="log", ylim=(1e-6, None), xlabel="Hessian eigenvalue", ylabel="density (SLQ, broadened)")
-    ax.set_title(f"Hessian spectrum, trained ReLU MLP (seed {cfg.seeds[0]})\nlambda_max {top:.3g}")
-    ax.legend(fontsize=8, loc="upper right")
-    width = 3 * max(abs(lam_min), abs(threshold))  # the negative edge, where the index is counted
-    ax_z.set_xlim(-width, width / 2)
     histogram = [r for r in first if r["name"] == EDGE_HISTOGRAM]
     how = index["name"].split("(")[1].split(";")[0]
-    if histogram:  # the exact eigenvalues (dense Hessian): the broadened density is flat on this window
-        ax_z.clear()
+    edge_lines = {"lambda_min": f"lambda_min (Lanczos) = {lam_min:.3g}",
+                  "threshold": f"saddle threshold -{cfg.saddle_rtol:g} lambda_max = {threshold:.2g}"}  # fmt: skip
+    # the zoom on the negative edge: the exact eigenvalues (dense Hessian) where they were computed, the broadened
+    # SLQ density (flat on this window) otherwise
+    for a in (ax,) if histogram else (ax, ax_z):
+        a.plot(grid, values, color="C0", label="SLQ density (broadened)")
+        a.set(yscale="log", ylim=(1e-6, None), xlabel="Hessian eigenvalue", ylabel="density (SLQ, broadened)")
+    for a in (ax, ax_z):
+        a.axvline(lam_min, color="C2", ls="--", lw=1.5, label=edge_lines["lambda_min"])
+        a.axvline(threshold, color="C3", ls=":", lw=2, label=edge_lines["threshold"])
+    ax.set_title(f"Hessian spectrum, trained ReLU MLP (seed {cfg.seeds[0]})\nlambda_max {top:.3g}")
+    ax.legend(fontsize=8, loc="upper right")
+    if histogram:
         lo = np.array([r["eigenvalue"] for r in histogram])
         counts = np.array([r["value"] for r in histogram])
-        ax_z.bar(lo, np.maximum(counts, 0.5), width=histogram[0]["bin_width"], align="edge", color="C0", alpha=0.7,
+        bin_width = histogram[0]["bin_width"]
+        ax_z.bar(lo, np.maximum(counts, 0.5), width=bin_width, align="edge", color="C0", alpha=0.7,
                  label="exact eigenvalues (dense Hessian); empty bins drawn at 0.5")  # fmt: skip
-        ax_z.axvline(lam_min, color="C2", ls="--", lw=1.5, label=f"lambda_min (Lanczos) = {lam_min:.3g}")
-        ax_z.axvline(threshold, color="C3", ls=":", lw=2, label=f"saddle threshold {threshold:.2g}")
-        ax_z.set(yscale="log", ylim=(0.4, None), xlim=(lo[0], lo[-1] + histogram[0]["bin_width"]),
-                 xlabel="Hessian eigenvalue", ylabel="eigenvalues per bin")  # fmt: skip
+        ax_z.set(yscale="log", ylim=(0.4, None), xlim=(lo[0], lo[-1] + bin_width), xlabel="Hessian eigenvalue",
+                 ylabel="eigenvalues per bin")  # fmt: skip
         below = int(round(index["value"] * histogram[0]["num_params"]))
         ax_z.set_title(f"the negative edge: saddle index {index['value']:.3g} ({how}; about {below} eigenvalues "
                        f"below the threshold)", fontsize=10)  # fmt: skip
         ax_z.legend(fontsize=8, loc="upper left")
     else:
+        width = 3 * max(abs(lam_min), abs(threshold))  # the negative edge, where the index is counted
+        ax_z.set_xlim(-width, width / 2)
         ax_z.set_title(f"zoom on the negative edge: saddle index {index['value']:.3g}\n({how})", fontsize=10)
         ax_z.legend(fontsize=8, loc="lower left")
     sig = np.asarray(cfg.sigmas)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.experiment import VERDICT_WORDS
 from lsgeo.data import write_atomic
 
 BEGIN, END = "<!-- experiments-table -->", "<!-- /experiments-table -->"
@@ -396,7 +397,6 @@ ROWS: dict[str, tuple[str, str, Formatter]] = {
         _kfac_fidelity,
     ),
 }
-VERDICTS = {True: "supported", False: "contradicted", None: "null"}
 
 
 def _plain(value):
@@ -496,7 +496,7 @@ def _row(name: str, summary: dict | None) -> str:
         cells = [f"`{name}`", what, source, "no default run found", "", "", ""]
     else:
         cells = [f"`{name}`", what, source, formatter(summary["figures"], summary["config"]), control_power(summary),
-                 VERDICTS[summary["supported"]], f"{summary['runtime_s']:.0f} s"]  # fmt: skip
+                 VERDICT_WORDS[summary["supported"]], f"{summary['runtime_s']:.0f} s"]  # fmt: skip
     return "| " + " | ".join(cell(c) for c in cells) + " |"
 
 

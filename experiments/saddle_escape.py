@@ -34,15 +34,15 @@ its normalisation (normalised GD alone escapes ~400 steps before GD).
 Verdict (``discrimination.judge``): every judged method escapes in every run (control: GD started exactly at the
 saddle, ``gd_at_saddle``, whose gradient is zero, must not); GD escapes at the rate set by lambda_min
 (``escape_rate``: the growth rate of R(0) - R(w_t) in the linear phase within ``rate_rtol`` of
-2 log(1 + lr |lambda_min|) in every run; control: the same test against the rate of 1.25 |lambda_min| must fail); and for each of noise (full, layer-wise), momentum and Adam the escape step
-of its baseline minus its own (GD; for Adam, normalised GD), paired over seeds (the same w_0 per seed,
-``verdicts.paired_gain``, 95% Student-t, one evaluation interval as the resolution), exceeds its margin, beside its
-negative control, which must fail the same test: the baseline from other starting points in the method's place
-(``gd_control``, ``normalized_gd_control``; ``discrimination.control_seeds``). False when a method does not escape,
-GD's rate is off,
-or a method escapes later than GD beyond the margin after Holm's correction (``verdicts.combine``); null otherwise,
-or when a control passes too ("does not discriminate"). Power: the minimum detectable effect of each comparison in
-steps (the source gives no escape times to compare with).
+2 log(1 + lr |lambda_min|) in every run; control: the same test against the rate of 1.25 |lambda_min| must fail);
+and for each of noise (full, layer-wise), momentum and Adam the escape step of its baseline minus its own (GD; for
+Adam, normalised GD), paired over seeds (the same w_0 per seed, ``verdicts.paired_gain``, 95% Student-t, one
+evaluation interval as the resolution), exceeds its margin, beside its negative control, which must fail the same
+test: the baseline from other starting points in the method's place (``gd_control``, ``normalized_gd_control``;
+``discrimination.control_seeds``). False when a method does not escape, GD's rate is off, or a method escapes
+later than its baseline beyond the margin after Holm's correction (``verdicts.combine``); null otherwise, or when a
+control passes too ("does not discriminate"). Power: the minimum detectable effect of each comparison in steps (the
+source gives no escape times to compare with).
 """
 
 from __future__ import annotations
@@ -409,14 +409,15 @@ def plot(cfg: Config, rows: list[dict]) -> dict:
     threshold = r0 - cfg.escape_fraction * (r0 - r_star)
     steps = {m: np.array([escape_step(records.select(rows, method=m, seed=run_seed(m, s)), threshold)
                           for s in cfg.seeds]) for m in cfg.methods}  # fmt: skip
-    baselines = {**BASELINES, "gd_control": "gd", "normalized_gd_control": "normalized_gd"}
-    shown = {f"{baselines[m]} minus {m}": verdicts.paired_gain(steps[baselines[m]], steps[m], resolution=cfg.eval_every)
-             for m in (*FASTER, *CONTROL_RUNS) if m in steps and baselines[m] in steps}  # fmt: skip
+    # (run, its baseline): each judged method, then each control run in place of the methods it controls
+    pairs = [(m, BASELINES[m]) for m in FASTER] + list({CONTROLS[m][0]: BASELINES[m] for m in FASTER}.items())
+    shown = {f"{b} minus {m}": verdicts.paired_gain(steps[b], steps[m], resolution=cfg.eval_every)
+             for m, b in pairs if m in steps and b in steps}  # fmt: skip
     if shown:
-        mde = {n: discrimination.minimum_detectable_effect(g) for n, g in shown.items()
-               if n.split(" minus ")[1] in FASTER}  # fmt: skip
-        plots.gain_panel(axes[3], shown, controls=[n for n in shown if n.split(" minus ")[1] in CONTROL_RUNS],
-                         unit="steps", mde=mde)  # fmt: skip
+        mde = {f"{b} minus {m}": discrimination.minimum_detectable_effect(shown[f"{b} minus {m}"])
+               for m, b in pairs if m in FASTER and f"{b} minus {m}" in shown}  # fmt: skip
+        controls = [f"{b} minus {m}" for m, b in pairs if m in CONTROL_RUNS]
+        plots.gain_panel(axes[3], shown, controls=controls, unit="steps", mde=mde)
         axes[3].set_title("judged: escape step of the baseline minus the method's\n(supported when the bar is above "
                           "0; controls in grey must not be)", fontsize=9)  # fmt: skip
         if any(np.isfinite(v) for v in mde.values()):  # the MDE diamond is its only labelled artist

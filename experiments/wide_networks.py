@@ -138,7 +138,7 @@ def feature_spectrum(params, x, activation: str):
 
 
 def train_from_seeds(cfg: Config, arch: str, batch, seeds):
-    """Trains ``arch`` from every seed (one vmapped sweep); returns the final params and train losses."""
+    """Trains ``arch`` (``make_model``) from every seed (one vmapped sweep); returns the final params, stacked."""
     model = make_model(cfg, arch)
     schedule = optax.cosine_decay_schedule(cfg.lr, cfg.steps)
     result = train.sweep(
@@ -150,7 +150,7 @@ def train_from_seeds(cfg: Config, arch: str, batch, seeds):
         list(seeds),
         num_steps=cfg.steps,
     )
-    return jax.tree_util.tree_map(lambda a: a[0], result.params), result.history["train_loss"][0, :, -1]
+    return jax.tree_util.tree_map(lambda a: a[0], result.params)
 
 
 def cells(cfg: Config):
@@ -159,14 +159,15 @@ def cells(cfg: Config):
 
 def run(cfg: Config, batch, group):
     arch = group[0]["arch"]
-    params, losses = train_from_seeds(cfg, arch, batch, [c["seed"] for c in group])
+    params = train_from_seeds(cfg, arch, batch, [c["seed"] for c in group])
     free_params = optax.tree.size(jax.tree_util.tree_map(lambda a: a[0], params))
     if arch == "symmetric":
         params = jax.vmap(lambda p: embed_symmetric(p, cfg.wide[0]))(params)
     model = models.MLP(widths=widths(cfg, arch), num_outputs=1, activation=cfg.activation)
     objective = nets.Objective(model, "squared_loss")
-    losses = jax.vmap(lambda p: objective(p, batch))(params)  # the loss of the net itself (symmetric: the wide net)
-    grad_norms = jax.vmap(lambda p: optax.tree.norm(jax.grad(objective)(p, batch)))(params)
+    # the loss and gradient of the net itself (symmetric: of the wide net, at the embedded point)
+    losses, grads = jax.vmap(lambda p: jax.value_and_grad(objective)(p, batch))(params)
+    grad_norms = jax.vmap(optax.tree.norm)(grads)
     with jax.enable_x64(True):  # F_1 of the trained float32 weights, formed and factored in float64
         to64 = lambda a: jnp.asarray(a, jnp.float64)
         rank, s_min, s_rel = jax.vmap(lambda p: feature_spectrum(p, to64(batch[0]), cfg.activation))(
@@ -198,7 +199,7 @@ def _arch_summary(cfg: Config, rows, arch: str) -> dict:
         arch=arch,
         widths=str(widths(cfg, arch)),
         num_params=sel[0]["num_params"],
-        free_params=sel[0].get("free_params", sel[0]["num_params"]),
+        free_params=sel[0]["free_params"],
         runs=len(sel),
         fraction_global_min=float(np.mean([r["global_min"] for r in sel])),
         median_loss=float(np.median(losses)),
